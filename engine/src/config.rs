@@ -1,0 +1,483 @@
+//! The plugin configuration: what operators write in the Envoy Wasm filter's
+//! `configuration` (JSON). Every key has a safe default, unknown keys are
+//! refused, and every value is range-checked so that a typo never turns into a
+//! silently different policy. Errors name the key (`rate.limits[0].requests`).
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::fmt;
+use std::net::IpAddr;
+
+/// Most route groups an operator may declare (each costs a prefix match per request).
+pub const MAX_ROUTE_GROUPS: usize = 32;
+/// Most rate limits; each one owns a window in every client record.
+pub const MAX_RATE_LIMITS: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Record, tag and count what block mode would do, but never block.
+    #[default]
+    Monitor,
+    /// Block clients whose risk reaches `risk.block_at`.
+    Block,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub mode: Mode,
+    pub client: ClientConfig,
+    pub route_groups: Vec<RouteGroup>,
+    pub rate: RateConfig,
+    pub risk: RiskConfig,
+    pub penalty: PenaltyConfig,
+    pub headers: HeadersConfig,
+    pub state: StateConfig,
+    /// One JSON log line each time a client is blocked (or would be).
+    pub log_blocks: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Monitor,
+            client: ClientConfig::default(),
+            route_groups: Vec::new(),
+            rate: RateConfig::default(),
+            risk: RiskConfig::default(),
+            penalty: PenaltyConfig::default(),
+            headers: HeadersConfig::default(),
+            state: StateConfig::default(),
+            log_blocks: true,
+        }
+    }
+}
+
+/// How a client is identified.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// CIDRs of proxies/load balancers whose `X-Forwarded-For` is believed.
+    /// Empty (the default) means XFF is never believed.
+    pub trusted_proxies: Vec<String>,
+    /// How many proxies append to XFF in front of Envoy: the client is the
+    /// `trusted_hops`-th address from the right.
+    pub trusted_hops: u32,
+    pub forwarded_for_header: String,
+    /// IPv6 clients are grouped by this prefix length (a /64 is one subscriber).
+    pub ipv6_prefix_len: u8,
+    /// Header carrying an API key, if the API uses one.
+    pub api_key_header: Option<String>,
+    /// Name of the session cookie, if the API uses one.
+    pub session_cookie: Option<String>,
+    /// Claim of the `Authorization: Bearer` JWT naming the subject (decoded, not verified).
+    pub jwt_claim: Option<String>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            trusted_proxies: Vec::new(),
+            trusted_hops: 1,
+            forwarded_for_header: "x-forwarded-for".to_string(),
+            ipv6_prefix_len: 64,
+            api_key_header: None,
+            session_cookie: None,
+            jwt_claim: None,
+        }
+    }
+}
+
+/// A named part of the API: a path prefix and optionally some methods.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteGroup {
+    pub name: String,
+    pub path_prefix: String,
+    /// Empty means every method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateConfig {
+    pub enabled: bool,
+    pub limits: Vec<RateLimit>,
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        // Generous on purpose: a NATed office of 100 people behind one
+        // address stays far below 50 requests/s on average.
+        RateConfig {
+            enabled: true,
+            limits: vec![RateLimit {
+                route_group: None,
+                requests: 3000,
+                window_s: 60,
+                weight: 100.0,
+            }],
+        }
+    }
+}
+
+/// At most `requests` per client in any sliding `window_s`, on `route_group`
+/// (all requests when absent).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    #[serde(default)]
+    pub route_group: Option<String>,
+    pub requests: u32,
+    pub window_s: u32,
+    /// Risk added for each request over the limit.
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+}
+
+fn default_weight() -> f32 {
+    100.0
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RiskConfig {
+    /// Risk at which a client is blocked (or would be, in monitor mode).
+    pub block_at: f32,
+    /// Risk at which a client's requests are tagged for the upstream.
+    pub tag_at: f32,
+    /// Risk halves every `half_life_s` seconds without new signals.
+    pub half_life_s: u32,
+}
+
+impl Default for RiskConfig {
+    fn default() -> Self {
+        RiskConfig {
+            block_at: 100.0,
+            tag_at: 30.0,
+            half_life_s: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PenaltyConfig {
+    /// How long a blocked client stays blocked.
+    pub duration_s: u32,
+}
+
+impl Default for PenaltyConfig {
+    fn default() -> Self {
+        PenaltyConfig { duration_s: 60 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadersConfig {
+    /// Add risk headers to requests forwarded upstream.
+    pub enabled: bool,
+    pub score: String,
+    pub reasons: String,
+}
+
+impl Default for HeadersConfig {
+    fn default() -> Self {
+        HeadersConfig {
+            enabled: true,
+            score: "x-abuse-score".to_string(),
+            reasons: "x-abuse-reasons".to_string(),
+        }
+    }
+}
+
+/// Size of the shared per-client state: `shards * slots_per_shard` client
+/// records, fixed at start whatever the traffic.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub shards: u32,
+    pub slots_per_shard: u32,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        // 1024 x 32 = 32768 clients; each request copies one 3 KiB shard.
+        StateConfig {
+            shards: 1024,
+            slots_per_shard: 32,
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: key `{}`: {}", self.key, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+fn check_range<T: PartialOrd + fmt::Display + Copy>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(err(key, format!("{value} is out of range [{min}, {max}]")));
+    }
+    Ok(())
+}
+
+fn check_header_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(err(
+            key,
+            format!("{name:?} is not a lowercase HTTP header name"),
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration. An empty configuration
+    /// means all defaults.
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let trimmed = std::str::from_utf8(bytes)
+            .map_err(|_| err("(root)", "configuration is not UTF-8"))?
+            .trim();
+        if trimmed.is_empty() {
+            let config = Config::default();
+            config.validate()?;
+            return Ok(config);
+        }
+        let mut de = serde_json::Deserializer::from_str(trimmed);
+        let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." { "(root)".to_string() } else { path };
+            // serde_json appends " at line L column C": keep it, it helps.
+            err(key, e.into_inner().to_string())
+        })?;
+        de.end()
+            .map_err(|e| err("(root)", format!("trailing characters: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range and consistency checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.client;
+        for (i, cidr) in c.trusted_proxies.iter().enumerate() {
+            parse_cidr(cidr).map_err(|p| err(format!("client.trusted_proxies[{i}]"), p))?;
+        }
+        check_range("client.trusted_hops", c.trusted_hops, 1, 10)?;
+        check_header_name("client.forwarded_for_header", &c.forwarded_for_header)?;
+        check_range("client.ipv6_prefix_len", c.ipv6_prefix_len, 32, 128)?;
+        if let Some(h) = &c.api_key_header {
+            check_header_name("client.api_key_header", h)?;
+        }
+        if let Some(name) = &c.session_cookie {
+            if name.is_empty() || name.len() > 128 || name.contains(['=', ';', ' ']) {
+                return Err(err("client.session_cookie", format!("{name:?} is not a cookie name")));
+            }
+        }
+        if let Some(claim) = &c.jwt_claim {
+            if claim.is_empty() || claim.len() > 128 {
+                return Err(err("client.jwt_claim", "must be 1 to 128 characters"));
+            }
+        }
+
+        if self.route_groups.len() > MAX_ROUTE_GROUPS {
+            return Err(err(
+                "route_groups",
+                format!("at most {MAX_ROUTE_GROUPS} route groups"),
+            ));
+        }
+        for (i, g) in self.route_groups.iter().enumerate() {
+            let key = format!("route_groups[{i}]");
+            if g.name.is_empty() || g.name.len() > 64 {
+                return Err(err(format!("{key}.name"), "must be 1 to 64 characters"));
+            }
+            if self.route_groups.iter().take(i).any(|o| o.name == g.name) {
+                return Err(err(format!("{key}.name"), format!("duplicate route group {:?}", g.name)));
+            }
+            if !g.path_prefix.starts_with('/') {
+                return Err(err(format!("{key}.path_prefix"), "must start with '/'"));
+            }
+            for (j, m) in g.methods.iter().enumerate() {
+                let ok = !m.is_empty() && m.len() <= 16 && m.bytes().all(|b| b.is_ascii_uppercase());
+                if !ok {
+                    return Err(err(format!("{key}.methods[{j}]"), format!("{m:?} is not an uppercase HTTP method")));
+                }
+            }
+        }
+
+        if self.rate.limits.len() > MAX_RATE_LIMITS {
+            return Err(err("rate.limits", format!("at most {MAX_RATE_LIMITS} limits")));
+        }
+        for (i, l) in self.rate.limits.iter().enumerate() {
+            let key = format!("rate.limits[{i}]");
+            if let Some(group) = &l.route_group {
+                if !self.route_groups.iter().any(|g| &g.name == group) {
+                    return Err(err(
+                        format!("{key}.route_group"),
+                        format!("no route group named {group:?} in route_groups"),
+                    ));
+                }
+            }
+            check_range(&format!("{key}.requests"), l.requests, 1, 10_000_000)?;
+            check_range(&format!("{key}.window_s"), l.window_s, 1, 86_400)?;
+            check_finite_range(&format!("{key}.weight"), l.weight, 0.0, 10_000.0)?;
+        }
+
+        let r = &self.risk;
+        check_finite_range("risk.block_at", r.block_at, 1.0, 10_000.0)?;
+        check_finite_range("risk.tag_at", r.tag_at, 0.0, 10_000.0)?;
+        if r.tag_at > r.block_at {
+            return Err(err("risk.tag_at", "must not exceed risk.block_at"));
+        }
+        check_range("risk.half_life_s", r.half_life_s, 1, 86_400)?;
+        check_range("penalty.duration_s", self.penalty.duration_s, 1, 86_400)?;
+        check_header_name("headers.score", &self.headers.score)?;
+        check_header_name("headers.reasons", &self.headers.reasons)?;
+        check_range("state.shards", self.state.shards, 1, 65_536)?;
+        check_range("state.slots_per_shard", self.state.slots_per_shard, 8, 4096)?;
+        Ok(())
+    }
+}
+
+fn check_finite_range(key: &str, value: f32, min: f32, max: f32) -> Result<(), ConfigError> {
+    if !value.is_finite() {
+        return Err(err(key, "must be a finite number"));
+    }
+    check_range(key, value, min, max)
+}
+
+/// Accepts `10.0.0.0/8`, `::1/128`, or a bare address (a single host).
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!("{text:?} is not a CIDR or IP address"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn problem(json: &str) -> ConfigError {
+        Config::from_json(json.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn empty_config_means_defaults() {
+        assert_eq!(Config::from_json(b"").unwrap(), Config::default());
+        assert_eq!(Config::from_json(b"{}").unwrap(), Config::default());
+        assert_eq!(Config::default().mode, Mode::Monitor);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = Config::from_json(
+            br#"{"mode":"block",
+                 "client":{"trusted_proxies":["127.0.0.0/8","::1"],"trusted_hops":1,
+                           "api_key_header":"x-api-key","session_cookie":"sid","jwt_claim":"sub"},
+                 "route_groups":[{"name":"login","path_prefix":"/api/login","methods":["POST"]}],
+                 "rate":{"limits":[{"route_group":"login","requests":5,"window_s":60}]},
+                 "risk":{"block_at":100,"tag_at":20,"half_life_s":60},
+                 "penalty":{"duration_s":30},
+                 "headers":{"enabled":false},
+                 "state":{"shards":16,"slots_per_shard":64}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.mode, Mode::Block);
+        assert_eq!(c.rate.limits[0].weight, 100.0);
+        assert!(!c.headers.enabled);
+        assert_eq!(c.headers.score, "x-abuse-score");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path() {
+        let e = problem(r#"{"rate":{"limitz":[]}}"#);
+        assert_eq!(e.key, "rate.limitz");
+        assert!(e.problem.contains("unknown field `limitz`"), "{e}");
+        let e = problem(r#"{"colour":"blue"}"#);
+        assert!(e.problem.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let e = problem(r#"{"rate":{"limits":[{"requests":"ten","window_s":1}]}}"#);
+        assert_eq!(e.key, "rate.limits[0].requests");
+        let e = problem(r#"{"mode":"blocc"}"#);
+        assert_eq!(e.key, "mode");
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let e = problem(r#"{"rate":{"limits":[{"requests":0,"window_s":1}]}}"#);
+        assert_eq!(e.key, "rate.limits[0].requests");
+        let e = problem(r#"{"penalty":{"duration_s":0}}"#);
+        assert_eq!(e.key, "penalty.duration_s");
+        let e = problem(r#"{"state":{"shards":0}}"#);
+        assert_eq!(e.key, "state.shards");
+        let e = problem(r#"{"risk":{"tag_at":200}}"#);
+        assert_eq!(e.key, "risk.tag_at");
+        let e = problem(r#"{"client":{"trusted_hops":0}}"#);
+        assert_eq!(e.key, "client.trusted_hops");
+        let e = problem(r#"{"client":{"ipv6_prefix_len":129}}"#);
+        assert_eq!(e.key, "client.ipv6_prefix_len");
+    }
+
+    #[test]
+    fn references_and_formats_are_checked() {
+        let e = problem(r#"{"client":{"trusted_proxies":["10.0.0.0/33"]}}"#);
+        assert_eq!(e.key, "client.trusted_proxies[0]");
+        let e = problem(r#"{"rate":{"limits":[{"route_group":"nope","requests":1,"window_s":1}]}}"#);
+        assert_eq!(e.key, "rate.limits[0].route_group");
+        let e = problem(r#"{"route_groups":[{"name":"a","path_prefix":"api"}]}"#);
+        assert_eq!(e.key, "route_groups[0].path_prefix");
+        let e = problem(r#"{"route_groups":[{"name":"a","path_prefix":"/a","methods":["get"]}]}"#);
+        assert_eq!(e.key, "route_groups[0].methods[0]");
+        let e = problem(r#"{"headers":{"score":"X Score"}}"#);
+        assert_eq!(e.key, "headers.score");
+        let e = problem("not json");
+        assert_eq!(e.key, "(root)");
+        let e = problem("{} {}");
+        assert_eq!(e.key, "(root)");
+    }
+
+    #[test]
+    fn display_names_the_key() {
+        let e = problem(r#"{"penalty":{"duration_s":0}}"#);
+        assert!(e.to_string().starts_with("invalid configuration: key `penalty.duration_s`: "));
+    }
+}

@@ -1,0 +1,118 @@
+//! Request rate per client over sliding windows, per route group.
+
+use super::Signal;
+use crate::config::{RateConfig, MAX_RATE_LIMITS};
+use crate::reason::Reason;
+use crate::record::ClientRecord;
+use crate::routes::{RouteMatch, RouteTable};
+
+#[derive(Debug, Clone, PartialEq)]
+struct Limit {
+    /// Route group index; None = every request.
+    group: Option<usize>,
+    requests: f64,
+    window_ms: u64,
+    weight: f32,
+}
+
+/// Counts each request in the window of every limit whose route group it
+/// matches, and fires `rate_limit` for each limit it goes over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestRate {
+    limits: Vec<Limit>,
+}
+
+impl RequestRate {
+    /// None when disabled or without limits. Route group names were checked
+    /// by config validation; an unknown one here disables that limit.
+    pub fn new(config: &RateConfig, routes: &RouteTable) -> Option<RequestRate> {
+        if !config.enabled {
+            return None;
+        }
+        let limits: Vec<Limit> = config
+            .limits
+            .iter()
+            .take(MAX_RATE_LIMITS)
+            .filter_map(|l| {
+                let group = match &l.route_group {
+                    Some(name) => Some(routes.index_of(name)?),
+                    None => None,
+                };
+                Some(Limit {
+                    group,
+                    requests: f64::from(l.requests),
+                    window_ms: u64::from(l.window_s).saturating_mul(1000),
+                    weight: l.weight,
+                })
+            })
+            .collect();
+        (!limits.is_empty()).then_some(RequestRate { limits })
+    }
+
+    /// Describes the limits for the shard layout fingerprint: records written
+    /// under other limits must not be read as these.
+    pub fn layout_tag(&self) -> String {
+        self.limits
+            .iter()
+            .map(|l| format!("{:?}/{}", l.group, l.window_ms))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn observe(&self, routes: RouteMatch, record: &mut ClientRecord, now_ms: u64) -> Signal {
+        let mut signal = Signal::default();
+        for (limit, window) in self.limits.iter().zip(record.rate.iter_mut()) {
+            let applies = match limit.group {
+                None => true,
+                Some(g) => routes.contains(g),
+            };
+            if !applies {
+                continue;
+            }
+            let count = window.record(now_ms, limit.window_ms);
+            if count > limit.requests {
+                signal.fire(Reason::RateLimit, limit.weight);
+            }
+        }
+        signal
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{RateLimit, RouteGroup};
+
+    #[test]
+    fn fires_only_over_the_limit_and_only_on_its_group() {
+        let routes = RouteTable::new(&[RouteGroup {
+            name: "login".into(),
+            path_prefix: "/login".into(),
+            methods: vec!["POST".into()],
+        }]);
+        let config = RateConfig {
+            enabled: true,
+            limits: vec![RateLimit { route_group: Some("login".into()), requests: 3, window_s: 60, weight: 40.0 }],
+        };
+        let rate = RequestRate::new(&config, &routes).unwrap();
+        let mut rec = ClientRecord::new(1);
+        let login = routes.matches("POST", "/login");
+        let other = routes.matches("GET", "/login");
+        for i in 0..3 {
+            assert_eq!(rate.observe(login, &mut rec, 1000 + i), Signal::default());
+        }
+        for i in 0..10 {
+            assert_eq!(rate.observe(other, &mut rec, 1000 + i), Signal::default());
+        }
+        let s = rate.observe(login, &mut rec, 2000);
+        assert_eq!(s.risk, 40.0);
+        assert_eq!(s.reasons.names(), vec!["rate_limit"]);
+    }
+
+    #[test]
+    fn disabled_means_absent() {
+        let config = RateConfig { enabled: false, ..RateConfig::default() };
+        assert!(RequestRate::new(&config, &RouteTable::new(&[])).is_none());
+    }
+}

@@ -1,0 +1,26 @@
+//! The pure engine of the abuse filter: no proxy-wasm here, so everything is
+//! unit- and property-tested natively. The host (the wasm filter, or a test)
+//! reads the request, calls [`Engine::on_request`], and acts on the
+//! [`Verdict`]; per-client state goes through the [`SharedStore`] trait.
+
+pub mod config;
+pub mod detectors;
+pub mod engine;
+pub mod hash;
+pub mod identity;
+pub mod reason;
+pub mod record;
+pub mod risk;
+pub mod routes;
+pub mod shard;
+pub mod store;
+pub mod verdict;
+pub mod window;
+
+pub use config::{Config, ConfigError, Mode};
+pub use engine::{Engine, RequestFacts, SEED_KEY, STATE_PREFIX};
+pub use hash::SEED_BYTES;
+pub use identity::{ClientAddr, IdentityInput};
+pub use reason::{Reason, ReasonSet};
+pub use store::{MemoryStore, SharedStore, StoreError};
+pub use verdict::{Action, Verdict};

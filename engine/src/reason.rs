@@ -1,0 +1,92 @@
+//! Why a client is risky: one named reason per detector. Names appear in
+//! block bodies, `x-abuse-reasons`, logs and stats, so they are stable API.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Reason {
+    /// Over a configured request rate.
+    RateLimit = 0,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 1] = [Reason::RateLimit];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::RateLimit => "rate_limit",
+        }
+    }
+
+    /// Volume reasons answer 429 (slow down); intent reasons answer 403.
+    pub fn is_volumetric(self) -> bool {
+        matches!(self, Reason::RateLimit)
+    }
+
+    fn bit(self) -> u32 {
+        1u32 << (self as u8)
+    }
+}
+
+/// A small set of reasons, stored as a bit set in client records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReasonSet(u32);
+
+impl ReasonSet {
+    pub fn from_bits(bits: u32) -> ReasonSet {
+        ReasonSet(bits)
+    }
+
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    pub fn insert(&mut self, reason: Reason) {
+        self.0 |= reason.bit();
+    }
+
+    pub fn union(self, other: ReasonSet) -> ReasonSet {
+        ReasonSet(self.0 | other.0)
+    }
+
+    pub fn contains(self, reason: Reason) -> bool {
+        self.0 & reason.bit() != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.iter().next().is_none()
+    }
+
+    /// Known reasons in a stable order (unknown bits from a newer build are skipped).
+    pub fn iter(self) -> impl Iterator<Item = Reason> {
+        Reason::ALL.into_iter().filter(move |r| self.contains(*r))
+    }
+
+    pub fn names(self) -> Vec<&'static str> {
+        self.iter().map(Reason::name).collect()
+    }
+
+    /// HTTP status for a block with these reasons.
+    pub fn block_status(self) -> u32 {
+        if !self.is_empty() && self.iter().all(Reason::is_volumetric) {
+            429
+        } else {
+            403
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_and_statuses() {
+        let mut s = ReasonSet::default();
+        assert!(s.is_empty());
+        assert_eq!(s.block_status(), 403);
+        s.insert(Reason::RateLimit);
+        assert_eq!(s.names(), vec!["rate_limit"]);
+        assert_eq!(s.block_status(), 429);
+        assert!(ReasonSet::from_bits(0x8000_0000).is_empty());
+    }
+}

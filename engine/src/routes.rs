@@ -1,0 +1,61 @@
+//! Route groups: named parts of the API (path prefix + methods) that
+//! detectors are scoped to. Matching is on the path without its query.
+
+use crate::config::RouteGroup;
+
+/// Set of matching route groups, as a bit set over their config order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RouteMatch(u64);
+
+impl RouteMatch {
+    pub fn contains(self, group: usize) -> bool {
+        group < 64 && self.0 & (1u64 << group) != 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    groups: Vec<RouteGroup>,
+}
+
+impl RouteTable {
+    pub fn new(groups: &[RouteGroup]) -> RouteTable {
+        RouteTable { groups: groups.to_vec() }
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.groups.iter().position(|g| g.name == name)
+    }
+
+    pub fn matches(&self, method: &str, path: &str) -> RouteMatch {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let mut set = 0u64;
+        for (i, g) in self.groups.iter().enumerate().take(64) {
+            let method_ok = g.methods.is_empty() || g.methods.iter().any(|m| m == method);
+            if method_ok && path.starts_with(&g.path_prefix) {
+                set |= 1u64 << i;
+            }
+        }
+        RouteMatch(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_and_method() {
+        let t = RouteTable::new(&[
+            RouteGroup { name: "login".into(), path_prefix: "/api/login".into(), methods: vec!["POST".into()] },
+            RouteGroup { name: "api".into(), path_prefix: "/api/".into(), methods: vec![] },
+        ]);
+        let m = t.matches("POST", "/api/login?x=1");
+        assert!(m.contains(0) && m.contains(1));
+        let m = t.matches("GET", "/api/login");
+        assert!(!m.contains(0) && m.contains(1));
+        assert_eq!(t.matches("GET", "/health"), RouteMatch::default());
+        assert_eq!(t.index_of("api"), Some(1));
+        assert!(!m.contains(99));
+    }
+}

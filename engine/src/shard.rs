@@ -1,0 +1,241 @@
+//! A shard: one Envoy shared-data value holding a fixed number of client
+//! records, so memory is `shards * slots * RECORD_BYTES` whatever the number
+//! of distinct clients.
+//!
+//! Value layout: a 16-byte header, then `slots` records.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `ABSH` |
+//! | 4 | 2 | record format ([`RECORD_FORMAT`]) |
+//! | 6 | 2 | reserved (0) |
+//! | 8 | 4 | layout fingerprint (changes when the config changes what records mean) |
+//! | 12 | 4 | slots |
+//!
+//! A value whose header differs (older build, other config, corrupt) is
+//! read as an empty shard, so a reload never misreads old state.
+//!
+//! Lookup is open addressing over a short probe window of [`PROBE`] slots
+//! starting at a slot chosen by the key. Records are never deleted, only
+//! replaced, so a key is always found inside its window. When the window is
+//! full the victim is, in order: an empty slot, the least recently seen
+//! client not in the penalty box, the client whose penalty ends first —
+//! so a flood of fresh addresses evicts idle clients before blocked ones.
+
+use crate::record::{ClientRecord, RECORD_BYTES, RECORD_FORMAT};
+
+pub const HEADER_BYTES: usize = 16;
+pub const PROBE: usize = 8;
+const MAGIC: &[u8; 4] = b"ABSH";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLayout {
+    pub slots: usize,
+    pub fingerprint: u32,
+}
+
+/// Where a client's record lives and what it held before this request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Slot {
+    pub index: usize,
+    pub record: ClientRecord,
+    /// Another client's record was displaced to make room.
+    pub evicted: bool,
+}
+
+impl ShardLayout {
+    pub fn value_len(&self) -> usize {
+        HEADER_BYTES.saturating_add(self.slots.saturating_mul(RECORD_BYTES))
+    }
+
+    fn header(&self) -> [u8; HEADER_BYTES] {
+        let mut h = [0u8; HEADER_BYTES];
+        let slots = u32::try_from(self.slots).unwrap_or(u32::MAX);
+        for (dst, src) in h.iter_mut().zip(
+            MAGIC
+                .iter()
+                .chain(RECORD_FORMAT.to_le_bytes().iter())
+                .chain([0u8, 0u8].iter())
+                .chain(self.fingerprint.to_le_bytes().iter())
+                .chain(slots.to_le_bytes().iter()),
+        ) {
+            *dst = *src;
+        }
+        h
+    }
+
+    pub fn empty_value(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.value_len()];
+        if let Some(dst) = v.get_mut(..HEADER_BYTES) {
+            dst.copy_from_slice(&self.header());
+        }
+        v
+    }
+
+    /// Whether `value` is a shard of this layout (else it must be treated as empty).
+    pub fn is_current(&self, value: &[u8]) -> bool {
+        value.len() == self.value_len() && value.get(..HEADER_BYTES) == Some(&self.header()[..])
+    }
+
+    /// Takes a stored value, or starts a fresh shard if it is missing or foreign.
+    pub fn adopt(&self, value: Option<Vec<u8>>) -> Vec<u8> {
+        match value {
+            Some(v) if self.is_current(&v) => v,
+            _ => self.empty_value(),
+        }
+    }
+
+    fn offset(&self, index: usize) -> usize {
+        HEADER_BYTES.saturating_add(index.saturating_mul(RECORD_BYTES))
+    }
+
+    pub fn read(&self, value: &[u8], index: usize) -> ClientRecord {
+        let start = self.offset(index);
+        let bytes: Option<&[u8; RECORD_BYTES]> = value
+            .get(start..start.saturating_add(RECORD_BYTES))
+            .and_then(|s| s.try_into().ok());
+        bytes.map(ClientRecord::decode).unwrap_or_default()
+    }
+
+    pub fn write(&self, value: &mut [u8], index: usize, record: &ClientRecord) {
+        let start = self.offset(index);
+        if let Some(dst) = value.get_mut(start..start.saturating_add(RECORD_BYTES)) {
+            dst.copy_from_slice(&record.encode());
+        }
+    }
+
+    fn probe(&self, key: u64) -> impl Iterator<Item = usize> {
+        let slots = self.slots.max(1);
+        // High bits choose the slot; low bits already chose the shard.
+        let start = usize::try_from((key >> 32) % slots as u64).unwrap_or(0);
+        let len = PROBE.min(slots);
+        (0..len).map(move |i| start.wrapping_add(i) % slots)
+    }
+
+    /// The client's record if present.
+    pub fn find(&self, value: &[u8], key: u64) -> Option<Slot> {
+        self.probe(key).find_map(|index| {
+            let record = self.read(value, index);
+            (record.key == key).then_some(Slot {
+                index,
+                record,
+                evicted: false,
+            })
+        })
+    }
+
+    /// The client's record, or a fresh one in the slot chosen for it.
+    pub fn find_or_make(&self, value: &[u8], key: u64, now_ms: u64) -> Slot {
+        if let Some(found) = self.find(value, key) {
+            return found;
+        }
+        let mut victim: Option<(usize, ClientRecord)> = None;
+        for index in self.probe(key) {
+            let record = self.read(value, index);
+            if record.is_empty() {
+                victim = Some((index, record));
+                break;
+            }
+            let better = match &victim {
+                None => true,
+                Some((_, v)) => eviction_rank(&record, now_ms) < eviction_rank(v, now_ms),
+            };
+            if better {
+                victim = Some((index, record));
+            }
+        }
+        let (index, old) = victim.unwrap_or((0, ClientRecord::default()));
+        Slot {
+            index,
+            record: ClientRecord::new(key),
+            evicted: !old.is_empty(),
+        }
+    }
+}
+
+/// Lower ranks are evicted first: idle clients by age, then penalized ones
+/// by how soon their penalty ends.
+fn eviction_rank(record: &ClientRecord, now_ms: u64) -> (bool, u64) {
+    if record.penalized_at(now_ms) {
+        (true, record.penalty_until_ms)
+    } else {
+        (false, record.last_seen_ms)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LAYOUT: ShardLayout = ShardLayout { slots: 16, fingerprint: 42 };
+
+    fn put(layout: &ShardLayout, value: &mut [u8], key: u64, now: u64) -> Slot {
+        let mut slot = layout.find_or_make(value, key, now);
+        slot.record.last_seen_ms = now;
+        layout.write(value, slot.index, &slot.record);
+        slot
+    }
+
+    #[test]
+    fn foreign_values_are_empty_shards() {
+        let fresh = LAYOUT.empty_value();
+        assert_eq!(fresh.len(), 16 + 16 * RECORD_BYTES);
+        assert!(LAYOUT.is_current(&fresh));
+        let other = ShardLayout { slots: 16, fingerprint: 43 };
+        assert!(!other.is_current(&fresh));
+        assert_eq!(other.adopt(Some(fresh.clone())), other.empty_value());
+        assert_eq!(LAYOUT.adopt(Some(b"garbage".to_vec())), fresh);
+        let mut wrong_format = fresh.clone();
+        wrong_format[4] ^= 0xff;
+        assert!(!LAYOUT.is_current(&wrong_format));
+    }
+
+    #[test]
+    fn finds_what_it_stored() {
+        let mut v = LAYOUT.empty_value();
+        for key in 1..=10u64 {
+            let s = put(&LAYOUT, &mut v, key << 32, key);
+            assert!(!s.evicted);
+        }
+        for key in 1..=10u64 {
+            let s = LAYOUT.find(&v, key << 32).unwrap();
+            assert_eq!(s.record.last_seen_ms, key);
+        }
+        assert!(LAYOUT.find(&v, 99 << 32).is_none());
+    }
+
+    #[test]
+    fn full_window_evicts_the_idlest_unpenalized_client() {
+        let mut v = LAYOUT.empty_value();
+        // Same high bits: all eight land in one probe window.
+        let keys: Vec<u64> = (1..=8u64).map(|k| (5u64 << 32) | k).collect();
+        for (t, key) in keys.iter().enumerate() {
+            put(&LAYOUT, &mut v, *key, 100 + t as u64);
+        }
+        // The oldest one is in the penalty box: it must survive.
+        let mut first = LAYOUT.find(&v, keys[0]).unwrap();
+        first.record.penalty_until_ms = 10_000;
+        LAYOUT.write(&mut v, first.index, &first.record);
+
+        let s = put(&LAYOUT, &mut v, (5u64 << 32) | 99, 200);
+        assert!(s.evicted);
+        assert!(LAYOUT.find(&v, keys[0]).is_some(), "penalized client evicted");
+        assert!(LAYOUT.find(&v, keys[1]).is_none(), "idlest client kept");
+    }
+
+    proptest! {
+        /// However many clients arrive, the value never changes size and
+        /// the most recent client is always found.
+        #[test]
+        fn bounded_and_consistent(keys in proptest::collection::vec(1u64..u64::MAX, 1..400)) {
+            let mut v = LAYOUT.empty_value();
+            for (t, key) in keys.iter().enumerate() {
+                put(&LAYOUT, &mut v, *key, t as u64 + 1);
+                prop_assert_eq!(v.len(), LAYOUT.value_len());
+                prop_assert!(LAYOUT.find(&v, *key).is_some());
+            }
+        }
+    }
+}

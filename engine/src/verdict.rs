@@ -1,0 +1,134 @@
+//! What the filter does with a request, and how it says so: the local reply
+//! body, the upstream headers, the structured log line.
+
+use crate::config::Mode;
+use crate::identity::ClientAddr;
+use crate::reason::ReasonSet;
+use crate::store::UpdateStats;
+use serde_json::json;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Forward.
+    Allow,
+    /// Forward; the client is suspicious enough to be marked in stats.
+    Tag,
+    /// Answer with a local reply; nothing reaches the upstream.
+    Block,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Tag => "tag",
+            Action::Block => "block",
+        }
+    }
+}
+
+/// The engine's answer for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub action: Action,
+    /// Block mode would have blocked this request (true for real blocks too).
+    pub would_block: bool,
+    /// Decided by the penalty box: the client was blocked earlier.
+    pub penalized: bool,
+    /// This request put the client into the penalty box (logged once).
+    pub newly_blocked: bool,
+    /// Reasons behind the client's risk (of the block, when blocked).
+    pub reasons: ReasonSet,
+    /// Detectors that fired on this very request (for per-detector stats).
+    pub fired: ReasonSet,
+    pub risk: f32,
+    pub status: u32,
+    pub retry_after_s: u64,
+    pub client: ClientAddr,
+    pub store: UpdateStats,
+    /// Shared state could not be updated; the request was let through.
+    pub store_failed: bool,
+}
+
+impl Verdict {
+    pub fn allow(client: ClientAddr) -> Verdict {
+        Verdict {
+            action: Action::Allow,
+            would_block: false,
+            penalized: false,
+            newly_blocked: false,
+            reasons: ReasonSet::default(),
+            fired: ReasonSet::default(),
+            risk: 0.0,
+            status: 0,
+            retry_after_s: 0,
+            client,
+            store: UpdateStats::default(),
+            store_failed: false,
+        }
+    }
+
+    /// `x-abuse-score` value: the risk rounded to an integer.
+    pub fn score_header(&self) -> String {
+        format!("{}", self.risk.max(0.0).round() as u64)
+    }
+
+    /// `x-abuse-reasons` value: comma-separated reason names.
+    pub fn reasons_header(&self) -> String {
+        self.reasons.names().join(",")
+    }
+
+    /// Body of the local reply: `{"error","reasons","retry_after_s"}`.
+    pub fn block_body(&self) -> String {
+        json!({
+            "error": "request blocked",
+            "reasons": self.reasons.names(),
+            "retry_after_s": self.retry_after_s,
+        })
+        .to_string()
+    }
+
+    /// One structured line for a block or a would-block.
+    pub fn log_line(&self, mode: Mode, method: &str, path: &str) -> String {
+        let path: String = path.chars().take(256).collect();
+        let method: String = method.chars().take(16).collect();
+        json!({
+            "event": if self.action == Action::Block { "block" } else { "would_block" },
+            "mode": match mode { Mode::Block => "block", Mode::Monitor => "monitor" },
+            "client": self.client.to_string(),
+            "reasons": self.reasons.names(),
+            "risk": (f64::from(self.risk) * 10.0).round() / 10.0,
+            "status": self.status,
+            "retry_after_s": self.retry_after_s,
+            "method": method,
+            "path": path,
+        })
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::reason::Reason;
+
+    #[test]
+    fn body_and_log_are_json() {
+        let mut v = Verdict::allow(ClientAddr::Ip("192.0.2.1".parse().unwrap()));
+        v.action = Action::Block;
+        v.reasons.insert(Reason::RateLimit);
+        v.retry_after_s = 30;
+        v.risk = 123.46;
+        let body: serde_json::Value = serde_json::from_str(&v.block_body()).unwrap();
+        assert_eq!(body["error"], "request blocked");
+        assert_eq!(body["reasons"][0], "rate_limit");
+        assert_eq!(body["retry_after_s"], 30);
+        let log: serde_json::Value = serde_json::from_str(&v.log_line(Mode::Block, "GET", "/x\"y")).unwrap();
+        assert_eq!(log["event"], "block");
+        assert_eq!(log["client"], "192.0.2.1");
+        assert_eq!(log["path"], "/x\"y");
+        assert_eq!(v.score_header(), "123");
+        assert_eq!(v.reasons_header(), "rate_limit");
+    }
+}

@@ -1,0 +1,414 @@
+"""Real processes for integration tests: the demo API and Envoy with the built
+filter, on free loopback ports, always stopped at the end.
+
+Also used by `make run` (python3 tests/harness.py run) so that the stack the
+tests exercise is the stack users start.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
+DEMO_API = ROOT / "examples" / "demo_api" / "server.py"
+
+
+def envoy_binary() -> str:
+    """The project-local Envoy (make deps), else one on PATH."""
+    if os.environ.get("ENVOY"):
+        return os.environ["ENVOY"]
+    local = ROOT / ".venv" / "bin" / "envoy"
+    if local.exists():
+        return str(local)
+    found = shutil.which("envoy")
+    if not found:
+        raise RuntimeError("no envoy binary: run `make deps`")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class DemoApi:
+    """The demo upstream on a free port."""
+
+    def __init__(self, port: int = 0):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(DEMO_API), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
+        try:
+            line = lines.get(timeout=15)
+        except queue.Empty:
+            line = ""
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.stop()
+            raise RuntimeError(f"demo api did not start: {line!r}")
+        self.port = int(m.group(1))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def plugin_config_value(config: dict | str) -> str:
+    return config if isinstance(config, str) else json.dumps(config)
+
+
+def envoy_config(
+    plugin_config: dict | str,
+    port: int,
+    admin_port: int,
+    upstream_port: int,
+    wasm: Path = WASM,
+    with_filter: bool = True,
+) -> dict:
+    """An Envoy bootstrap: the abuse filter in front of the demo API, plus a
+    direct-response route `/direct` (no upstream) for load tests."""
+    filters = []
+    if with_filter:
+        filters.append(
+            {
+                "name": "envoy.filters.http.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                    "config": {
+                        "name": "abuse_filter",
+                        "root_id": "abuse_filter",
+                        "failure_policy": "FAIL_RELOAD",
+                        "vm_config": {
+                            "vm_id": "abuse_filter",
+                            "runtime": "envoy.wasm.runtime.v8",
+                            "code": {"local": {"filename": str(wasm)}},
+                        },
+                        "configuration": {
+                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                            "value": plugin_config_value(plugin_config),
+                        },
+                    },
+                },
+            }
+        )
+    filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        }
+    )
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "api",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "api",
+                                        "http_protocol_options": {"accept_http_10": True},
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "api",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/direct"},
+                                                            "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+                                                        },
+                                                        {"match": {"prefix": "/"}, "route": {"cluster": "demo_api"}},
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": filters,
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "demo_api",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "demo_api",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {"address": "127.0.0.1", "port_value": upstream_port}
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+
+
+class Envoy:
+    """A real Envoy process with the given bootstrap, on free ports."""
+
+    def __init__(self, bootstrap: dict, admin_port: int, port: int, concurrency: int = 2, wait: bool = True):
+        self.port = port
+        self.admin_port = admin_port
+        self.dir = Path(tempfile.mkdtemp(prefix="abuse-envoy-"))
+        self.config_path = self.dir / "envoy.json"
+        self.config_path.write_text(json.dumps(bootstrap, indent=1))
+        self.log_path = self.dir / "envoy.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [
+                envoy_binary(),
+                "-c", str(self.config_path),
+                "--concurrency", str(concurrency),
+                "--base-id", str(port),  # lets several Envoys run side by side
+                "--log-level", "info",
+                "--disable-hot-restart",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            try:
+                wait_until(self.ready, 30, 0.1, "envoy to be ready")
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"envoy did not start:\n{self.log()[-4000:]}")
+
+    @classmethod
+    def with_filter(cls, plugin_config, upstream_port: int, concurrency: int = 2, wait: bool = True, **kw):
+        port, admin = free_port(), free_port()
+        return cls(envoy_config(plugin_config, port, admin, upstream_port, **kw), admin, port, concurrency, wait)
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+        try:
+            status, body = self.admin("/ready")
+            return status == 200 and body.strip() == "LIVE"
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def admin(self, path: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode(errors="replace")
+        finally:
+            conn.close()
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this filter, without the `wasmcustom.` prefix."""
+        _, text = self.admin("/stats?filter=abuse_filter")
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name.removeprefix("wasmcustom.")] = int(value)
+        return out
+
+    def stat(self, name: str) -> int:
+        return self.stats().get(name, 0)
+
+    def wait_stat(self, name: str, at_least: int, timeout: float = 10) -> int:
+        return wait_until(
+            lambda: (v := self.stat(name)) >= at_least and v, timeout, 0.1, f"stat {name} >= {at_least}"
+        )
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def request(port: int, method: str = "GET", path: str = "/", headers: dict | None = None, body=None,
+            conn: http.client.HTTPConnection | None = None) -> Response:
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            headers = {"content-type": "application/json", **(headers or {})}
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        if own:
+            conn.close()
+
+
+def pipelined(port: int, raw_requests: list[bytes], timeout: float = 60) -> list[int]:
+    """Sends HTTP/1.1 requests back to back on one connection and returns
+    their statuses. Only for `/direct` (fixed-length, tiny responses)."""
+    statuses: list[int] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"".join(raw_requests))
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while len(statuses) < len(raw_requests):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(statuses)}/{len(raw_requests)} responses")
+            # Parse as many whole responses as the buffer holds.
+            while True:
+                head_end = buf.find(b"\r\n\r\n")
+                if head_end < 0:
+                    break
+                head = buf[:head_end].decode("latin-1")
+                m = re.search(r"content-length:\s*(\d+)", head, re.I)
+                length = int(m.group(1)) if m else 0
+                if len(buf) < head_end + 4 + length:
+                    break
+                statuses.append(int(head.split(" ", 2)[1]))
+                buf = buf[head_end + 4 + length:]
+            if len(statuses) >= len(raw_requests):
+                break
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError(f"closed after {len(statuses)} responses")
+            buf += chunk
+    return statuses
+
+
+def run_stack(bootstrap: Path, api_port: int = 8080, port: int = 10000, admin_port: int = 9901):
+    """`make run`: the demo API and Envoy with the shipped bootstrap
+    (envoy/envoy.yaml), in the foreground until Ctrl-C."""
+    api = DemoApi(api_port)
+    log_path = ROOT / "target" / "run" / "envoy.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        envoy = subprocess.Popen(
+            [envoy_binary(), "-c", str(bootstrap), "--concurrency", "2", "--log-level", "info"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+    def envoy_ready() -> bool:
+        if envoy.poll() is not None:
+            raise RuntimeError(f"envoy exited:\n{log_path.read_text()[-4000:]}")
+        try:
+            return request(admin_port, "GET", "/ready").status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(envoy_ready, 30, 0.1, "envoy")
+        print(
+            f"""
+abuse filter demo stack is up (Ctrl-C to stop)
+  API through Envoy + filter : http://127.0.0.1:{port}  (curl -i http://127.0.0.1:{port}/api/products?page=1)
+  demo API, direct           : http://127.0.0.1:{api.port}
+  Envoy admin                : http://127.0.0.1:{admin_port}  (stats: /stats?filter=abuse_filter, /stats/prometheus)
+  Envoy bootstrap            : {bootstrap}
+  Envoy log (block lines)    : {log_path}
+""",
+            flush=True,
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        while not stop.is_set() and envoy.poll() is None and api.proc.poll() is None:
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if envoy.poll() is None:
+            envoy.terminate()
+            try:
+                envoy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                envoy.kill()
+        api.stop()
+        print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Start the demo stack.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--bootstrap", type=Path, default=ROOT / "envoy" / "envoy.yaml")
+    args = parser.parse_args()
+    run_stack(args.bootstrap)
