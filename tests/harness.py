@@ -321,36 +321,34 @@ def request(port: int, method: str = "GET", path: str = "/", headers: dict | Non
             conn.close()
 
 
-def pipelined(port: int, raw_requests: list[bytes], timeout: float = 60) -> list[int]:
-    """Sends HTTP/1.1 requests back to back on one connection and returns
-    their statuses. Only for `/direct` (fixed-length, tiny responses)."""
-    statuses: list[int] = []
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"".join(raw_requests))
-        buf = b""
-        deadline = time.monotonic() + timeout
-        while len(statuses) < len(raw_requests):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(statuses)}/{len(raw_requests)} responses")
-            # Parse as many whole responses as the buffer holds.
-            while True:
-                head_end = buf.find(b"\r\n\r\n")
-                if head_end < 0:
-                    break
-                head = buf[:head_end].decode("latin-1")
-                m = re.search(r"content-length:\s*(\d+)", head, re.I)
-                length = int(m.group(1)) if m else 0
-                if len(buf) < head_end + 4 + length:
-                    break
-                statuses.append(int(head.split(" ", 2)[1]))
-                buf = buf[head_end + 4 + length:]
-            if len(statuses) >= len(raw_requests):
-                break
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError(f"closed after {len(statuses)} responses")
-            buf += chunk
-    return statuses
+def blast(port: int, raw_requests: list[bytes], connections: int = 32, timeout: float = 300) -> list[int]:
+    """Sends many HTTP/1.1 requests over `connections` keep-alive connections
+    (one in flight per connection: Envoy does not serve pipelined requests)
+    and returns the statuses. Responses must carry a content-length."""
+    import asyncio
+
+    async def worker(chunk: list[bytes]) -> list[int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        statuses = []
+        try:
+            for raw in chunk:
+                writer.write(raw)
+                head = await reader.readuntil(b"\r\n\r\n")
+                text = head.decode("latin-1")
+                m = re.search(r"content-length:\s*(\d+)", text, re.I)
+                if m:
+                    await reader.readexactly(int(m.group(1)))
+                statuses.append(int(text.split(" ", 2)[1]))
+        finally:
+            writer.close()
+        return statuses
+
+    async def main() -> list[int]:
+        chunks = [raw_requests[i::connections] for i in range(connections)]
+        results = await asyncio.wait_for(asyncio.gather(*(worker(c) for c in chunks if c)), timeout)
+        return [s for r in results for s in r]
+
+    return asyncio.run(main())
 
 
 def run_stack(bootstrap: Path, api_port: int = 8080, port: int = 10000, admin_port: int = 9901):

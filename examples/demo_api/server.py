@@ -8,6 +8,7 @@ Endpoints (every response is JSON):
   GET  /api/products?page=N  20 per page, 500 products
   GET  /api/products/{id}
   GET  /health
+  GET  /debug/headers        echoes the request headers (shows what Envoy added)
 
 Standard library only. Usage:
   python3 examples/demo_api/server.py [--host 127.0.0.1] [--port 8080] [--users 1000] [--verbose]
@@ -128,6 +129,7 @@ class Handler(BaseHTTPRequestHandler):
     # (path regex, {method: handler name}); regex groups become handler arguments.
     ROUTES = [
         (re.compile(r"/health"), {"GET": "health"}),
+        (re.compile(r"/debug/headers"), {"GET": "echo_headers"}),
         (re.compile(r"/api/login"), {"POST": "login"}),
         (re.compile(r"/api/me"), {"GET": "me"}),
         (re.compile(r"/api/users/([^/]*)"), {"GET": "user"}),
@@ -233,6 +235,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def health(self, query, body):
         return 200, {"status": "ok"}
+
+    def echo_headers(self, query, body):
+        return 200, {"headers": {k.lower(): v for k, v in self.headers.items()}}
 
     def login(self, query, body):
         username, password = self.credentials(body)
