@@ -15,7 +15,7 @@ ENVOY ?= $(shell v=$$(envoy --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[
 	else echo $(CURDIR)/$(VENV)/bin/envoy; fi)
 export ENVOY
 
-.PHONY: all deps build run test test-unit test-integration lint clean
+.PHONY: all deps build run test test-unit test-integration lint clean bench
 
 all: build
 
@@ -57,3 +57,8 @@ test: lint test-unit test-integration
 clean:
 	cargo clean
 	rm -rf $(VENV)
+
+# Cost next to bare Envoy (not a test: it measures, asserts nothing). Needs wrk.
+bench: build
+	cargo build --release --target wasm32-wasip1 -p noop-filter
+	$(VPY) bench/run.py
