@@ -3,20 +3,24 @@
 
 use crate::metrics;
 use crate::shared_data::EnvoySharedData;
-use abuse_engine::{Action, Engine, IdentityInput, RequestFacts, Verdict};
+use abuse_engine::{Action, Engine, Exchange, IdentityInput, RequestFacts, Verdict};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action as WasmAction, MapType};
+use proxy_wasm::types::{Action as WasmAction, BufferType, MapType};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 pub struct AbuseFilterHttp {
     engine: Option<Rc<Engine>>,
+    /// What the engine needs to judge the answer.
+    exchange: Exchange,
+    /// Largest login body still worth reading (None: do not read the body).
+    body_limit: Option<usize>,
 }
 
 impl AbuseFilterHttp {
     pub fn new(engine: Option<Rc<Engine>>) -> AbuseFilterHttp {
-        AbuseFilterHttp { engine }
+        AbuseFilterHttp { engine, exchange: Exchange::default(), body_limit: None }
     }
 }
 
@@ -50,18 +54,28 @@ impl HttpContext for AbuseFilterHttp {
         };
         let path = header(":path").unwrap_or_default();
         let method = header(":method").unwrap_or_default();
+        let user_agent = if engine.reads_user_agent() { header("user-agent") } else { None };
+        let api_key = match (&policy.api_key_header, engine.reads_api_key()) {
+            (Some(name), true) => header(name),
+            _ => None,
+        };
         let path = String::from_utf8_lossy(&path);
         let method = String::from_utf8_lossy(&method);
+        let user_agent = user_agent.as_deref().map(String::from_utf8_lossy);
         let facts = RequestFacts {
             identity: IdentityInput {
                 peer: peer.as_deref(),
                 forwarded_for: forwarded_for.as_deref(),
+                api_key: api_key.as_deref(),
                 ..IdentityInput::default()
             },
             method: &method,
             path: &path,
+            user_agent: user_agent.as_deref(),
         };
-        let verdict = engine.on_request(&EnvoySharedData, &facts, now_ms());
+        let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now_ms());
+        self.body_limit = engine.wants_body(&exchange);
+        self.exchange = exchange;
         metrics::record(&verdict);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
@@ -76,6 +90,59 @@ impl HttpContext for AbuseFilterHttp {
             let reasons = verdict.reasons_header();
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.score, Some(&score));
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.reasons, Some(&reasons));
+        }
+        WasmAction::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
+        let (Some(engine), Some(limit)) = (self.engine.clone(), self.body_limit) else {
+            return WasmAction::Continue;
+        };
+        if body_size > limit {
+            // Too big for a login form: not read, never buffered further.
+            self.body_limit = None;
+            metrics::bump(metrics::Counter::BodiesSkipped, 1);
+            return WasmAction::Continue;
+        }
+        if !end_of_stream {
+            // Let Envoy buffer until the whole (small) body is there.
+            return WasmAction::Pause;
+        }
+        if let Ok(Some(body)) = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            engine.on_request_body(&mut self.exchange, &body);
+        }
+        self.body_limit = None;
+        WasmAction::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> WasmAction {
+        let Some(engine) = self.engine.clone() else {
+            return WasmAction::Continue;
+        };
+        let Some(status) = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u32>().ok()))
+        else {
+            return WasmAction::Continue;
+        };
+        let Some(verdict) = engine.on_response(&EnvoySharedData, &self.exchange, status, now_ms()) else {
+            return WasmAction::Continue;
+        };
+        metrics::record_answer(&verdict);
+        let config = engine.config();
+        if verdict.newly_blocked && config.log_blocks {
+            let path = header(":path").unwrap_or_default();
+            let method = header(":method").unwrap_or_default();
+            log::warn!(
+                "{}",
+                verdict.log_line(config.mode, &String::from_utf8_lossy(&method), &String::from_utf8_lossy(&path))
+            );
+        }
+        if verdict.action == Action::Block {
+            // The client is blocked from now on, this answer included: a
+            // login that an account takeover just won never reaches it.
+            return reply_blocked(&verdict);
         }
         WasmAction::Continue
     }

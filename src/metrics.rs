@@ -20,9 +20,11 @@ pub enum Counter {
     CasRetries,
     Evictions,
     StoreErrors,
+    Exempt,
+    BodiesSkipped,
 }
 
-const FIXED: [(Counter, &str); 9] = [
+const FIXED: [(Counter, &str); 11] = [
     (Counter::Requests, "abuse_filter.requests"),
     (Counter::Allow, "abuse_filter.decisions.allow"),
     (Counter::Tag, "abuse_filter.decisions.tag"),
@@ -32,6 +34,8 @@ const FIXED: [(Counter, &str); 9] = [
     (Counter::CasRetries, "abuse_filter.shared_data.cas_retries"),
     (Counter::Evictions, "abuse_filter.shared_data.evictions"),
     (Counter::StoreErrors, "abuse_filter.shared_data.errors"),
+    (Counter::Exempt, "abuse_filter.decisions.allowlisted"),
+    (Counter::BodiesSkipped, "abuse_filter.login_bodies_skipped"),
 ];
 
 /// Per reason: requests on which its detector fired, and requests blocked
@@ -95,9 +99,20 @@ fn reason_slot(reason: Reason, which: usize) -> usize {
     FIXED.len() + PER_REASON * (reason as usize) + which
 }
 
+/// Counts what a verdict on an answer adds (the request was counted already).
+pub fn record_answer(v: &Verdict) {
+    if v.action == Action::Block {
+        bump(Counter::Block, 1);
+    } else if v.would_block {
+        bump(Counter::WouldBlock, 1);
+    }
+    count_store_and_reasons(v);
+}
+
 /// Counts everything a verdict tells.
 pub fn record(v: &Verdict) {
     bump(Counter::Requests, 1);
+    bump(Counter::Exempt, u64::from(v.exempt));
     bump(
         match v.action {
             Action::Allow => Counter::Allow,
@@ -112,6 +127,10 @@ pub fn record(v: &Verdict) {
     if v.penalized {
         bump(Counter::PenaltyBoxHits, 1);
     }
+    count_store_and_reasons(v);
+}
+
+fn count_store_and_reasons(v: &Verdict) {
     bump(Counter::CasRetries, u64::from(v.store.cas_retries));
     bump(Counter::Evictions, u64::from(v.store.evicted));
     bump(Counter::StoreErrors, u64::from(v.store_failed));

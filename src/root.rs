@@ -49,7 +49,7 @@ impl RootContext for AbuseFilterRoot {
                 return false;
             }
         };
-        if let Err(e) = engine.table().create_shards(&EnvoySharedData) {
+        if let Err(e) = engine.create_state(&EnvoySharedData) {
             // Not fatal: shards are also created on first write.
             log::warn!("abuse_filter: creating shared-data shards failed: {e:?}");
         }
@@ -58,11 +58,11 @@ impl RootContext for AbuseFilterRoot {
             log::warn!("abuse_filter: no tick; stats will not be flushed");
         }
         log::info!(
-            "abuse_filter: configured, mode {:?}, {} shards x {} slots = {} KiB of shared data",
+            "abuse_filter: configured, mode {:?}, {} client shards x {} slots, {} KiB of shared data",
             config.mode,
             engine.table().shard_count(),
             engine.table().layout().slots,
-            engine.table().total_bytes() / 1024
+            engine.state_bytes() / 1024
         );
         self.engine = Some(Rc::new(engine));
         true

@@ -36,6 +36,12 @@ pub struct Config {
     pub state: StateConfig,
     /// One JSON log line each time a client is blocked (or would be).
     pub log_blocks: bool,
+    pub allowlist: Allowlist,
+    pub good_bots: Vec<GoodBot>,
+    pub credential_stuffing: CredentialStuffingConfig,
+    pub account_takeover: AccountTakeoverConfig,
+    pub enumeration: EnumerationConfig,
+    pub probing: ProbingConfig,
 }
 
 impl Default for Config {
@@ -50,6 +56,12 @@ impl Default for Config {
             headers: HeadersConfig::default(),
             state: StateConfig::default(),
             log_blocks: true,
+            allowlist: Allowlist::default(),
+            good_bots: Vec::new(),
+            credential_stuffing: CredentialStuffingConfig::default(),
+            account_takeover: AccountTakeoverConfig::default(),
+            enumeration: EnumerationConfig::default(),
+            probing: ProbingConfig::default(),
         }
     }
 }
@@ -213,6 +225,182 @@ impl Default for StateConfig {
     }
 }
 
+/// Clients that are never judged: no state, no detectors, no blocks.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Allowlist {
+    pub cidrs: Vec<String>,
+    pub api_keys: Vec<String>,
+}
+
+/// A declared crawler: its user agent contains `user_agent` AND it comes from
+/// one of `cidrs` (a user agent alone is forgeable). Exempt from probing and
+/// enumeration; rate limits still apply.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GoodBot {
+    pub name: String,
+    pub user_agent: String,
+    pub cidrs: Vec<String>,
+}
+
+/// A login endpoint and how to read its outcome.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRoute {
+    /// Exact path (query ignored).
+    pub path: String,
+    #[serde(default = "default_post")]
+    pub method: String,
+    /// JSON field or form field holding the username.
+    #[serde(default = "default_username_field")]
+    pub username_field: String,
+    #[serde(default = "default_failure_statuses")]
+    pub failure_statuses: Vec<u32>,
+    #[serde(default = "default_success_statuses")]
+    pub success_statuses: Vec<u32>,
+}
+
+fn default_post() -> String {
+    "POST".to_string()
+}
+fn default_username_field() -> String {
+    "username".to_string()
+}
+fn default_failure_statuses() -> Vec<u32> {
+    vec![401, 403]
+}
+fn default_success_statuses() -> Vec<u32> {
+    vec![200]
+}
+
+/// Failed logins per client, distinct usernames a client fails on
+/// (stuffing, spraying), and failures per account across all clients.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialStuffingConfig {
+    pub enabled: bool,
+    pub login_routes: Vec<LoginRoute>,
+    pub window_s: u32,
+    pub max_failures_per_client: u32,
+    pub max_usernames_per_client: u32,
+    pub max_failures_per_account: u32,
+    pub weight: f32,
+    /// Login bodies longer than this are not read (the request still passes).
+    pub max_body_bytes: u32,
+}
+
+impl Default for CredentialStuffingConfig {
+    fn default() -> Self {
+        // A user who mistypes a few times, or an office of 100 behind one
+        // address logging in each morning, stays well below these.
+        CredentialStuffingConfig {
+            enabled: true,
+            login_routes: Vec::new(),
+            window_s: 600,
+            max_failures_per_client: 10,
+            max_usernames_per_client: 4,
+            max_failures_per_account: 20,
+            weight: 100.0,
+            max_body_bytes: 8192,
+        }
+    }
+}
+
+/// A successful login to an account that just had many failures, or by a
+/// client already suspected of stuffing.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountTakeoverConfig {
+    pub enabled: bool,
+    /// Failures on the account (within the stuffing window) that make a success suspicious.
+    pub min_account_failures: u32,
+    pub weight: f32,
+}
+
+impl Default for AccountTakeoverConfig {
+    fn default() -> Self {
+        AccountTakeoverConfig { enabled: true, min_account_failures: 5, weight: 100.0 }
+    }
+}
+
+/// Iterating through object ids (BOLA, harvesting).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnumerationConfig {
+    pub enabled: bool,
+    /// Path templates whose `{...}` segment is an object id, e.g. `/api/users/{id}`.
+    pub object_routes: Vec<String>,
+    /// Also treat numeric, UUID and long hex path segments as object ids.
+    pub auto_normalize: bool,
+    pub window_s: u32,
+    pub max_distinct_ids: u32,
+    /// Consecutive ids (n, n+1, n+2, ...) in a row.
+    pub max_sequential_run: u32,
+    /// Share of 404/403 answers on object routes, once `min_requests` were made.
+    pub max_miss_ratio: f32,
+    pub min_requests: u32,
+    pub weight: f32,
+}
+
+impl Default for EnumerationConfig {
+    fn default() -> Self {
+        EnumerationConfig {
+            enabled: true,
+            object_routes: Vec::new(),
+            auto_normalize: true,
+            window_s: 60,
+            max_distinct_ids: 100,
+            max_sequential_run: 25,
+            max_miss_ratio: 0.5,
+            min_requests: 20,
+            weight: 100.0,
+        }
+    }
+}
+
+/// Forced browsing, sensitive files, scanner tools.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbingConfig {
+    pub enabled: bool,
+    pub window_s: u32,
+    /// Distinct paths answered 404 per client per window.
+    pub max_not_found_paths: u32,
+    pub weight: f32,
+    /// Case-insensitive path substrings that only probes ask for.
+    pub sensitive_paths: Vec<String>,
+    pub sensitive_weight: f32,
+    /// Case-insensitive user-agent substrings of attack tools.
+    pub scanner_user_agents: Vec<String>,
+    pub scanner_weight: f32,
+}
+
+impl Default for ProbingConfig {
+    fn default() -> Self {
+        let list = |items: &[&str]| items.iter().map(|s| s.to_string()).collect();
+        ProbingConfig {
+            enabled: true,
+            window_s: 60,
+            max_not_found_paths: 20,
+            weight: 100.0,
+            sensitive_paths: list(&[
+                "/.env", "/.git/", "/.svn/", "/.htaccess", "/.htpasswd", "/.aws/", "/.ssh/",
+                "/wp-login.php", "/wp-admin", "/xmlrpc.php", "/phpmyadmin", "/server-status",
+                "/config.php", "/web.config", "/.ds_store", "/backup.zip", "/backup.sql",
+                "/dump.sql", "/db.sql", ".bak", "/etc/passwd", "/actuator/env", "/cgi-bin/",
+            ]),
+            sensitive_weight: 50.0,
+            scanner_user_agents: list(&[
+                "sqlmap", "nikto", "hydra", "ffuf", "gobuster", "dirbuster", "wfuzz", "nmap",
+                "masscan", "zgrab", "nuclei", "acunetix", "nessus", "openvas", "w3af", "arachni",
+                "feroxbuster", "dirb/", "whatweb", "wpscan", "jaeles", "burpcollaborator",
+            ]),
+            scanner_weight: 100.0,
+        }
+    }
+}
+
 /// A configuration problem, naming the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -365,6 +553,91 @@ impl Config {
         check_header_name("headers.reasons", &self.headers.reasons)?;
         check_range("state.shards", self.state.shards, 1, 65_536)?;
         check_range("state.slots_per_shard", self.state.slots_per_shard, 8, 4096)?;
+
+        for (i, cidr) in self.allowlist.cidrs.iter().enumerate() {
+            parse_cidr(cidr).map_err(|p| err(format!("allowlist.cidrs[{i}]"), p))?;
+        }
+        for (i, key) in self.allowlist.api_keys.iter().enumerate() {
+            if key.is_empty() || key.len() > 256 {
+                return Err(err(format!("allowlist.api_keys[{i}]"), "must be 1 to 256 characters"));
+            }
+        }
+        for (i, bot) in self.good_bots.iter().enumerate() {
+            if bot.user_agent.trim().is_empty() {
+                return Err(err(format!("good_bots[{i}].user_agent"), "must not be empty"));
+            }
+            if bot.cidrs.is_empty() {
+                return Err(err(format!("good_bots[{i}].cidrs"), "list the crawler's addresses: a user agent alone is forgeable"));
+            }
+            for (j, cidr) in bot.cidrs.iter().enumerate() {
+                parse_cidr(cidr).map_err(|p| err(format!("good_bots[{i}].cidrs[{j}]"), p))?;
+            }
+        }
+
+        let cs = &self.credential_stuffing;
+        if cs.login_routes.len() > 8 {
+            return Err(err("credential_stuffing.login_routes", "at most 8 login routes"));
+        }
+        for (i, r) in cs.login_routes.iter().enumerate() {
+            let key = format!("credential_stuffing.login_routes[{i}]");
+            if !r.path.starts_with('/') {
+                return Err(err(format!("{key}.path"), "must start with '/'"));
+            }
+            if r.method.is_empty() || !r.method.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(err(format!("{key}.method"), "must be an uppercase HTTP method"));
+            }
+            if r.username_field.is_empty() || r.username_field.len() > 64 {
+                return Err(err(format!("{key}.username_field"), "must be 1 to 64 characters"));
+            }
+            for (name, list) in [("failure_statuses", &r.failure_statuses), ("success_statuses", &r.success_statuses)] {
+                for (j, status) in list.iter().enumerate() {
+                    check_range(&format!("{key}.{name}[{j}]"), *status, 100, 599)?;
+                }
+            }
+        }
+        check_range("credential_stuffing.window_s", cs.window_s, 10, 86_400)?;
+        check_range("credential_stuffing.max_failures_per_client", cs.max_failures_per_client, 1, 100_000)?;
+        check_range("credential_stuffing.max_usernames_per_client", cs.max_usernames_per_client, 1, 100)?;
+        check_range("credential_stuffing.max_failures_per_account", cs.max_failures_per_account, 1, 100_000)?;
+        check_finite_range("credential_stuffing.weight", cs.weight, 0.0, 10_000.0)?;
+        check_range("credential_stuffing.max_body_bytes", cs.max_body_bytes, 64, 1_048_576)?;
+
+        let ato = &self.account_takeover;
+        check_range("account_takeover.min_account_failures", ato.min_account_failures, 1, 100_000)?;
+        check_finite_range("account_takeover.weight", ato.weight, 0.0, 10_000.0)?;
+
+        let en = &self.enumeration;
+        if en.object_routes.len() > 32 {
+            return Err(err("enumeration.object_routes", "at most 32 object routes"));
+        }
+        for (i, t) in en.object_routes.iter().enumerate() {
+            if !t.starts_with('/') || !t.contains('{') {
+                return Err(err(format!("enumeration.object_routes[{i}]"), "must start with '/' and contain an {id} segment"));
+            }
+        }
+        check_range("enumeration.window_s", en.window_s, 1, 86_400)?;
+        check_range("enumeration.max_distinct_ids", en.max_distinct_ids, 2, 150)?;
+        check_range("enumeration.max_sequential_run", en.max_sequential_run, 2, 1_000_000)?;
+        check_finite_range("enumeration.max_miss_ratio", en.max_miss_ratio, 0.01, 1.0)?;
+        check_range("enumeration.min_requests", en.min_requests, 1, 1_000_000)?;
+        check_finite_range("enumeration.weight", en.weight, 0.0, 10_000.0)?;
+
+        let p = &self.probing;
+        check_range("probing.window_s", p.window_s, 1, 86_400)?;
+        check_range("probing.max_not_found_paths", p.max_not_found_paths, 2, 150)?;
+        check_finite_range("probing.weight", p.weight, 0.0, 10_000.0)?;
+        check_finite_range("probing.sensitive_weight", p.sensitive_weight, 0.0, 10_000.0)?;
+        check_finite_range("probing.scanner_weight", p.scanner_weight, 0.0, 10_000.0)?;
+        for (name, list) in [("sensitive_paths", &p.sensitive_paths), ("scanner_user_agents", &p.scanner_user_agents)] {
+            if list.len() > 256 {
+                return Err(err(format!("probing.{name}"), "at most 256 entries"));
+            }
+            for (i, item) in list.iter().enumerate() {
+                if item.is_empty() || item.len() > 128 {
+                    return Err(err(format!("probing.{name}[{i}]"), "must be 1 to 128 characters"));
+                }
+            }
+        }
         Ok(())
     }
 }

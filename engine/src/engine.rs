@@ -1,18 +1,24 @@
 //! The decision for one request: identify the client, enforce its penalty
-//! box, run the detectors against its record, update its risk, decide.
-//! All of it in one read-modify-write of the client's shard.
+//! box, run the detectors against its record, update its risk, decide —
+//! all in one read-modify-write of the client's shard. Answers (status of
+//! the response) feed the outcome detectors in a second, rarer update: only
+//! login routes, 404/403 answers and object routes pay for it.
 
+use crate::account::AccountRecord;
 use crate::config::{Config, ConfigError, Mode};
+use crate::detectors::enumeration::Enumeration;
+use crate::detectors::login::{LoginDetector, LoginOutcome};
+use crate::detectors::probing::Probing;
 use crate::detectors::rate::RequestRate;
 use crate::detectors::Signal;
+use crate::exemptions::Exemptions;
 use crate::hash::{KeyedHasher, SEED_BYTES};
-use crate::identity::{ClientIdentity, IdentityInput, IdentityPolicy};
-use crate::reason::ReasonSet;
+use crate::identity::{ClientAddr, ClientIdentity, IdentityInput, IdentityPolicy};
+use crate::reason::{Reason, ReasonSet};
 use crate::record::{ClientRecord, RECORD_FORMAT};
 use crate::risk;
-use crate::routes::{RouteMatch, RouteTable};
-use crate::shard::ShardLayout;
-use crate::store::{ClientTable, SharedStore};
+use crate::routes::RouteTable;
+use crate::store::{ShardedTable, SharedStore, UpdateStats};
 use crate::verdict::{Action, Verdict};
 
 /// Prefix of every shared-data key this filter owns.
@@ -20,8 +26,15 @@ pub const STATE_PREFIX: &str = "abuse_filter/v1";
 /// Shared-data key of the per-process hashing seed.
 pub const SEED_KEY: &str = "abuse_filter/v1/seed";
 
-/// Hash domain of client address keys.
+/// Hash domains: the same bytes hash differently per use.
 const DOMAIN_CLIENT: u8 = 1;
+const DOMAIN_USERNAME: u8 = 2;
+const DOMAIN_OBJECT: u8 = 3;
+const DOMAIN_PATH: u8 = 4;
+
+/// Accounts tracked: 256 shards x 64 slots of 56 bytes = 0.9 MiB.
+const ACCOUNT_SHARDS: usize = 256;
+const ACCOUNT_SLOTS: usize = 64;
 
 /// What the host read from the request.
 #[derive(Debug, Clone, Copy, Default)]
@@ -29,22 +42,42 @@ pub struct RequestFacts<'a> {
     pub identity: IdentityInput<'a>,
     pub method: &'a str,
     pub path: &'a str,
+    pub user_agent: Option<&'a str>,
+}
+
+/// What the engine remembers between a request and its answer.
+#[derive(Debug, Clone, Default)]
+pub struct Exchange {
+    client: Option<ClientAddr>,
+    client_key: u64,
+    /// False when the client is allowlisted, blocked, or state failed.
+    judged: bool,
+    good_bot: bool,
+    login_route: Option<usize>,
+    object: bool,
+    path_hash: u64,
+    username: Option<String>,
 }
 
 /// Outcome of the read-modify-write on the client's record.
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
     Penalized { reasons: ReasonSet, until_ms: u64, risk: f32 },
-    Scored { risk: f32, fired: ReasonSet, blocked_until_ms: Option<u64> },
+    Scored { risk: f32, fired: ReasonSet, reasons: ReasonSet, blocked_until_ms: Option<u64> },
 }
 
 #[derive(Debug, Clone)]
 pub struct Engine {
     config: Config,
     identity: IdentityPolicy,
+    exemptions: Exemptions,
     routes: RouteTable,
     rate: Option<RequestRate>,
-    table: ClientTable,
+    login: Option<LoginDetector>,
+    probing: Option<Probing>,
+    enumeration: Option<Enumeration>,
+    clients: ShardedTable<ClientRecord>,
+    accounts: ShardedTable<AccountRecord>,
     hasher: KeyedHasher,
     half_life_ms: u64,
     penalty_ms: u64,
@@ -56,26 +89,35 @@ impl Engine {
     pub fn new(config: &Config, seed: &[u8; SEED_BYTES]) -> Result<Engine, ConfigError> {
         config.validate()?;
         let identity = IdentityPolicy::new(&config.client)?;
+        let exemptions = Exemptions::new(config)?;
         let routes = RouteTable::new(&config.route_groups);
         let rate = RequestRate::new(&config.rate, &routes);
         let hasher = KeyedHasher::from_seed(seed);
         let layout_tag = format!(
-            "format={RECORD_FORMAT};rate={}",
+            "clients;format={RECORD_FORMAT};rate={}",
             rate.as_ref().map(RequestRate::layout_tag).unwrap_or_default()
         );
         // Truncation to 32 bits is fine: it only has to differ when layouts do.
-        let fingerprint = (hasher.key(0, layout_tag.as_bytes()) & 0xffff_ffff) as u32;
-        let layout = ShardLayout {
-            slots: usize::try_from(config.state.slots_per_shard).unwrap_or(32),
-            fingerprint,
-        };
-        let shards = usize::try_from(config.state.shards).unwrap_or(1);
+        let fingerprint = |tag: &str| (hasher.key(0, tag.as_bytes()) & 0xffff_ffff) as u32;
+        let clients = ShardedTable::new(
+            STATE_PREFIX,
+            "clients",
+            usize::try_from(config.state.shards).unwrap_or(1),
+            usize::try_from(config.state.slots_per_shard).unwrap_or(32),
+            fingerprint(&layout_tag),
+        );
+        let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;1"));
         Ok(Engine {
             config: config.clone(),
             identity,
+            exemptions,
             routes,
             rate,
-            table: ClientTable::new(STATE_PREFIX, shards, layout),
+            login: LoginDetector::new(&config.credential_stuffing, &config.account_takeover),
+            probing: Probing::new(&config.probing),
+            enumeration: Enumeration::new(&config.enumeration),
+            clients,
+            accounts,
             hasher,
             half_life_ms: u64::from(config.risk.half_life_s).saturating_mul(1000),
             penalty_ms: u64::from(config.penalty.duration_s).saturating_mul(1000),
@@ -90,34 +132,211 @@ impl Engine {
         &self.identity
     }
 
-    pub fn table(&self) -> &ClientTable {
-        &self.table
+    pub fn table(&self) -> &ShardedTable<ClientRecord> {
+        &self.clients
+    }
+
+    /// Creates every shard key (at configuration time).
+    pub fn create_state(&self, store: &dyn SharedStore) -> Result<usize, crate::store::StoreError> {
+        let mut created = self.clients.create_shards(store)?;
+        if self.login.is_some() {
+            created += self.accounts.create_shards(store)?;
+        }
+        Ok(created)
+    }
+
+    /// Bytes of shared data the state occupies, whatever the traffic.
+    pub fn state_bytes(&self) -> usize {
+        let accounts = if self.login.is_some() { self.accounts.total_bytes() } else { 0 };
+        self.clients.total_bytes().saturating_add(accounts)
+    }
+
+    /// Whether the host must read the user agent.
+    pub fn reads_user_agent(&self) -> bool {
+        self.exemptions.needs_user_agent() || self.probing.as_ref().is_some_and(Probing::needs_user_agent)
+    }
+
+    /// Whether the host must read the API key header.
+    pub fn reads_api_key(&self) -> bool {
+        self.exemptions.needs_api_key()
     }
 
     pub fn identify(&self, input: &IdentityInput<'_>) -> ClientIdentity {
         self.identity.identify(input)
     }
 
-    pub fn on_request(&self, store: &dyn SharedStore, facts: &RequestFacts<'_>, now_ms: u64) -> Verdict {
+    pub fn on_request(&self, store: &dyn SharedStore, facts: &RequestFacts<'_>, now_ms: u64) -> (Verdict, Exchange) {
         let client = self
             .identity
             .client_addr(facts.identity.peer, facts.identity.forwarded_for);
+        let mut exchange = Exchange { client: Some(client), ..Exchange::default() };
+        let api_key = facts.identity.api_key.and_then(|k| std::str::from_utf8(k).ok()).map(str::trim);
+        if self.exemptions.allowlisted(client, api_key) {
+            let mut v = Verdict::allow(client);
+            v.exempt = true;
+            return (v, exchange);
+        }
         let key = self.hasher.key(DOMAIN_CLIENT, &client.key_bytes());
+        let good_bot = self.exemptions.good_bot(client, facts.user_agent);
         let routes = self.routes.matches(facts.method, facts.path);
-        let updated = self
-            .table
-            .update(store, key, now_ms, |record| self.decide(record, routes, now_ms));
+        // Stateless signals are computed once, outside the CAS loop.
+        let probe = match &self.probing {
+            Some(p) if !good_bot => p.on_request(facts.path, facts.user_agent),
+            _ => Signal::default(),
+        };
+        let object = match &self.enumeration {
+            Some(e) if !good_bot => e.object_id(facts.path),
+            _ => None,
+        };
+        let object_hash = object.as_ref().map(|o| self.hasher.key(DOMAIN_OBJECT, o.text.as_bytes()));
+        let updated = self.clients.update(store, key, now_ms, |record| {
+            if let Some(penalized) = self.penalized(record, now_ms) {
+                return (penalized, false);
+            }
+            if record.first_seen_ms == 0 {
+                record.first_seen_ms = now_ms;
+            }
+            record.requests = record.requests.saturating_add(1);
+            let mut signal = probe;
+            if let Some(rate) = &self.rate {
+                signal.add(rate.observe(routes, record, now_ms));
+            }
+            if let (Some(e), Some(o), Some(h)) = (&self.enumeration, &object, object_hash) {
+                signal.add(e.on_request(record, o, h, now_ms));
+            }
+            (self.apply(record, signal, now_ms), true)
+        });
+        let verdict = self.verdict(client, updated, now_ms);
+        if !verdict.would_block && !verdict.store_failed {
+            exchange.judged = true;
+            exchange.client_key = key;
+            exchange.good_bot = good_bot;
+            exchange.login_route = self.login.as_ref().and_then(|l| l.route(facts.method, facts.path));
+            exchange.object = object.is_some();
+            exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
+        }
+        (verdict, exchange)
+    }
+
+    /// How much request body to read for this exchange (login routes only).
+    pub fn wants_body(&self, exchange: &Exchange) -> Option<usize> {
+        match (&self.login, exchange.login_route) {
+            (Some(login), Some(_)) if exchange.judged => Some(login.max_body_bytes()),
+            _ => None,
+        }
+    }
+
+    /// The login body, read whole (never called for an oversized body).
+    pub fn on_request_body(&self, exchange: &mut Exchange, body: &[u8]) {
+        if let (Some(login), Some(route)) = (&self.login, exchange.login_route) {
+            exchange.username = login.username(route, body);
+        }
+    }
+
+    /// The answer's status. Returns a verdict only when the answer mattered.
+    pub fn on_response(&self, store: &dyn SharedStore, exchange: &Exchange, status: u32, now_ms: u64) -> Option<Verdict> {
+        if !exchange.judged {
+            return None;
+        }
+        let client = exchange.client?;
+        let outcome = match (&self.login, exchange.login_route) {
+            (Some(login), Some(route)) => login.outcome(route, status),
+            _ => LoginOutcome::Other,
+        };
+        let not_found = status == 404 && self.probing.is_some() && !exchange.good_bot;
+        let object_answer = exchange.object && self.enumeration.is_some() && !exchange.good_bot;
+        if outcome == LoginOutcome::Other && !not_found && !object_answer {
+            return None;
+        }
+        let username_hash = exchange
+            .username
+            .as_deref()
+            .map(|u| self.hasher.key(DOMAIN_USERNAME, u.as_bytes()));
+        let account_failures = match (&self.login, username_hash, outcome) {
+            (Some(login), Some(user), LoginOutcome::Failure) => self
+                .accounts
+                .update(store, user, now_ms, |a| (login.account_failure(a, exchange.client_key, now_ms), true))
+                .map(|(f, _)| f)
+                .unwrap_or(0.0),
+            (Some(login), Some(user), LoginOutcome::Success) => self
+                .accounts
+                .peek(store, user)
+                .ok()
+                .flatten()
+                .map(|a| login.account_failures(&a, now_ms))
+                .unwrap_or(0.0),
+            _ => 0.0,
+        };
+        let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
+            if let Some(penalized) = self.penalized(record, now_ms) {
+                return (penalized, false);
+            }
+            let mut signal = Signal::default();
+            if let Some(login) = &self.login {
+                let risk_now = risk::decayed(record.risk, record.last_seen_ms, now_ms, self.half_life_ms);
+                let suspected = record.recent_reasons.contains(Reason::CredentialStuffing)
+                    || risk_now >= self.config.risk.tag_at;
+                signal.add(login.observe(record, outcome, username_hash, account_failures, suspected, now_ms));
+            }
+            if let (true, Some(p)) = (not_found, &self.probing) {
+                signal.add(p.on_not_found(record, exchange.path_hash, now_ms));
+            }
+            if let (true, Some(e)) = (object_answer, &self.enumeration) {
+                signal.add(e.on_answer(record, status, now_ms));
+            }
+            (self.apply(record, signal, now_ms), true)
+        });
+        let mut verdict = self.verdict(client, updated, now_ms);
+        verdict.on_response = true;
+        // Penalties found here were already handled by the request phase.
+        (!verdict.penalized).then_some(verdict)
+    }
+
+    fn penalized(&self, record: &ClientRecord, now_ms: u64) -> Option<Outcome> {
+        // Penalty box first: no counting, no detectors, no write.
+        record.penalized_at(now_ms).then(|| Outcome::Penalized {
+            reasons: record.penalty_reasons,
+            until_ms: record.penalty_until_ms,
+            risk: risk::decayed(record.risk, record.last_seen_ms, now_ms, self.half_life_ms),
+        })
+    }
+
+    /// Adds a signal to the record's risk and decides on a block.
+    fn apply(&self, record: &mut ClientRecord, signal: Signal, now_ms: u64) -> Outcome {
+        let decayed = risk::decayed(record.risk, record.last_seen_ms, now_ms, self.half_life_ms);
+        if decayed < 1.0 {
+            record.recent_reasons = ReasonSet::default();
+        }
+        let risk = risk::add(decayed, signal.risk);
+        record.risk = risk;
+        record.last_seen_ms = now_ms;
+        record.recent_reasons = record.recent_reasons.union(signal.reasons);
+        let mut blocked_until_ms = None;
+        if risk >= self.config.risk.block_at && !signal.reasons.is_empty() {
+            let until = now_ms.saturating_add(self.penalty_ms);
+            record.penalty_until_ms = until;
+            record.penalty_reasons = record.recent_reasons;
+            blocked_until_ms = Some(until);
+        }
+        Outcome::Scored { risk, fired: signal.reasons, reasons: record.recent_reasons, blocked_until_ms }
+    }
+
+    fn verdict(
+        &self,
+        client: ClientAddr,
+        updated: Result<(Outcome, UpdateStats), crate::store::UpdateFailed>,
+        now_ms: u64,
+    ) -> Verdict {
+        let mut v = Verdict::allow(client);
         let (outcome, stats) = match updated {
             Ok(done) => done,
             Err(failed) => {
                 // Fail open: losing a count is better than blocking a user.
-                let mut v = Verdict::allow(client);
                 v.store = failed.stats;
                 v.store_failed = true;
                 return v;
             }
         };
-        let mut v = Verdict::allow(client);
         v.store = stats;
         let blocked = match outcome {
             Outcome::Penalized { reasons, until_ms, risk } => {
@@ -126,9 +345,9 @@ impl Engine {
                 v.risk = risk;
                 Some(until_ms)
             }
-            Outcome::Scored { risk, fired, blocked_until_ms } => {
+            Outcome::Scored { risk, fired, reasons, blocked_until_ms } => {
                 v.fired = fired;
-                v.reasons = fired;
+                v.reasons = reasons;
                 v.risk = risk;
                 v.newly_blocked = blocked_until_ms.is_some();
                 if risk >= self.config.risk.tag_at {
@@ -147,45 +366,6 @@ impl Engine {
             };
         }
         v
-    }
-
-    /// The pure decision on one record; may run several times (CAS retries).
-    fn decide(&self, record: &mut ClientRecord, routes: RouteMatch, now_ms: u64) -> (Outcome, bool) {
-        if record.penalized_at(now_ms) {
-            // Penalty box first: no counting, no detectors, no write.
-            let risk = risk::decayed(record.risk, record.last_seen_ms, now_ms, self.half_life_ms);
-            let outcome = Outcome::Penalized {
-                reasons: record.penalty_reasons,
-                until_ms: record.penalty_until_ms,
-                risk,
-            };
-            return (outcome, false);
-        }
-        let mut signal = Signal::default();
-        if let Some(rate) = &self.rate {
-            let s = rate.observe(routes, record, now_ms);
-            signal.risk += s.risk;
-            signal.reasons = signal.reasons.union(s.reasons);
-        }
-        let risk = risk::add(
-            risk::decayed(record.risk, record.last_seen_ms, now_ms, self.half_life_ms),
-            signal.risk,
-        );
-        record.risk = risk;
-        record.last_seen_ms = now_ms;
-        let mut blocked_until_ms = None;
-        if risk >= self.config.risk.block_at && !signal.reasons.is_empty() {
-            let until = now_ms.saturating_add(self.penalty_ms);
-            record.penalty_until_ms = until;
-            record.penalty_reasons = signal.reasons;
-            blocked_until_ms = Some(until);
-        }
-        let outcome = Outcome::Scored {
-            risk,
-            fired: signal.reasons,
-            blocked_until_ms,
-        };
-        (outcome, true)
     }
 }
 
@@ -211,6 +391,7 @@ mod tests {
             },
             method: "GET",
             path,
+            user_agent: None,
         }
     }
 
@@ -230,20 +411,20 @@ mod tests {
             let v = e.on_request(&s, &r, T0 + i);
             assert_eq!(v.action, Action::Allow, "request {i}");
         }
-        let v = e.on_request(&s, &r, T0 + 10);
+        let v = e.on_request(&s, &r, T0 + 10).0;
         assert_eq!((v.action, v.status, v.newly_blocked), (Action::Block, 429, true));
         assert_eq!(v.retry_after_s, 30);
         assert_eq!(v.reasons_header(), "rate_limit");
         // Still blocked 29 s later, from the penalty box, without detectors.
-        let v = e.on_request(&s, &r, T0 + 29_500);
+        let v = e.on_request(&s, &r, T0 + 29_500).0;
         assert_eq!((v.action, v.penalized, v.newly_blocked), (Action::Block, true, false));
         assert_eq!(v.retry_after_s, 1);
         // After the penalty the window has moved on.
-        let v = e.on_request(&s, &r, T0 + 31_000);
+        let v = e.on_request(&s, &r, T0 + 31_000).0;
         assert_eq!(v.action, Action::Tag, "risk still above tag_at: {}", v.risk);
         assert!(!v.would_block);
         // Other routes never counted.
-        let v = e.on_request(&s, &request("192.0.2.9:5", None, "/health"), T0);
+        let v = e.on_request(&s, &request("192.0.2.9:5", None, "/health"), T0).0;
         assert_eq!(v.action, Action::Allow);
     }
 
@@ -254,10 +435,10 @@ mod tests {
         for i in 0..20 {
             e.on_request(&s, &request("127.0.0.1:1", Some("198.51.100.1"), "/api/x"), T0 + i);
         }
-        let v = e.on_request(&s, &request("127.0.0.1:1", Some("198.51.100.2"), "/api/x"), T0 + 30);
+        let v = e.on_request(&s, &request("127.0.0.1:1", Some("198.51.100.2"), "/api/x"), T0 + 30).0;
         assert_eq!(v.action, Action::Allow);
         // The proxy itself is not the client.
-        let v = e.on_request(&s, &request("127.0.0.1:1", None, "/api/x"), T0 + 30);
+        let v = e.on_request(&s, &request("127.0.0.1:1", None, "/api/x"), T0 + 30).0;
         assert_eq!(v.action, Action::Allow);
     }
 
@@ -267,7 +448,7 @@ mod tests {
         let (e, s) = (engine(&json), MemoryStore::new());
         e.table().create_shards(&s).unwrap();
         let r = request("192.0.2.1:5", None, "/api/x");
-        let verdicts: Vec<Verdict> = (0..20).map(|i| e.on_request(&s, &r, T0 + i)).collect();
+        let verdicts: Vec<Verdict> = (0..20).map(|i| e.on_request(&s, &r, T0 + i).0).collect();
         assert!(verdicts.iter().all(|v| v.action != Action::Block));
         assert_eq!(verdicts.iter().filter(|v| v.would_block).count(), 15);
         assert_eq!(verdicts.iter().filter(|v| v.newly_blocked).count(), 1);
@@ -284,7 +465,7 @@ mod tests {
                 let (e, s) = (e.clone(), s.clone());
                 std::thread::spawn(move || {
                     let verdicts: Vec<Verdict> = (0..200)
-                        .map(|_| e.on_request(&*s, &request("192.0.2.1:5", None, "/api/x"), T0))
+                        .map(|_| e.on_request(&*s, &request("192.0.2.1:5", None, "/api/x"), T0).0)
                         .collect();
                     let blocked = verdicts.iter().filter(|v| v.action == Action::Block).count();
                     let gave_up = verdicts.iter().filter(|v| v.store_failed).count();
@@ -301,9 +482,9 @@ mod tests {
         // many more fit under the limit, and not one more.
         let r = request("192.0.2.1:5", None, "/api/x");
         for _ in 0..gave_up {
-            assert_eq!(e.on_request(&*s, &r, T0).action, Action::Allow);
+            assert_eq!(e.on_request(&*s, &r, T0).0.action, Action::Allow);
         }
-        let v = e.on_request(&*s, &r, T0);
+        let v = e.on_request(&*s, &r, T0).0;
         assert_eq!(v.action, Action::Block, "the 401st request is over");
     }
 
@@ -312,7 +493,7 @@ mod tests {
         let (e, s) = (engine(BLOCK), MemoryStore::new());
         e.table().create_shards(&s).unwrap();
         *s.forced_conflicts.lock().unwrap() = 10_000;
-        let v = e.on_request(&s, &request("192.0.2.1:5", None, "/api/x"), T0);
+        let v = e.on_request(&s, &request("192.0.2.1:5", None, "/api/x"), T0).0;
         assert!(v.store_failed);
         assert_eq!(v.action, Action::Allow);
     }
@@ -327,12 +508,12 @@ mod tests {
         }
         let other = BLOCK.replace(r#""window_s":10"#, r#""window_s":20"#);
         let e2 = engine(&other);
-        let v = e2.on_request(&s, &request("192.0.2.1:5", None, "/api/x"), T0 + 100);
+        let v = e2.on_request(&s, &request("192.0.2.1:5", None, "/api/x"), T0 + 100).0;
         assert!(!v.penalized, "state of another layout was read");
         // Same config again: state is kept.
         let e3 = engine(BLOCK);
         e3.table().create_shards(&s).unwrap();
-        let v = e3.on_request(&s, &request("192.0.2.7:5", None, "/api/x"), T0 + 100);
+        let v = e3.on_request(&s, &request("192.0.2.7:5", None, "/api/x"), T0 + 100).0;
         assert!(!v.penalized);
     }
 }

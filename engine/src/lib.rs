@@ -3,9 +3,12 @@
 //! reads the request, calls [`Engine::on_request`], and acts on the
 //! [`Verdict`]; per-client state goes through the [`SharedStore`] trait.
 
+pub mod account;
+pub mod codec;
 pub mod config;
 pub mod detectors;
 pub mod engine;
+pub mod exemptions;
 pub mod hash;
 pub mod identity;
 pub mod reason;
@@ -13,12 +16,13 @@ pub mod record;
 pub mod risk;
 pub mod routes;
 pub mod shard;
+pub mod sketch;
 pub mod store;
 pub mod verdict;
 pub mod window;
 
 pub use config::{Config, ConfigError, Mode};
-pub use engine::{Engine, RequestFacts, SEED_KEY, STATE_PREFIX};
+pub use engine::{Engine, Exchange, RequestFacts, SEED_KEY, STATE_PREFIX};
 pub use hash::SEED_BYTES;
 pub use identity::{ClientAddr, IdentityInput};
 pub use reason::{Reason, ReasonSet};

@@ -6,14 +6,32 @@
 pub enum Reason {
     /// Over a configured request rate.
     RateLimit = 0,
+    /// Many failed logins, many usernames, or an account attacked from many clients.
+    CredentialStuffing = 1,
+    /// A successful login right after many failures, or by a suspected client.
+    AccountTakeover = 2,
+    /// Iterating through object ids.
+    Enumeration = 3,
+    /// Forced browsing, sensitive files, scanner tools.
+    Probing = 4,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 1] = [Reason::RateLimit];
+    pub const ALL: [Reason; 5] = [
+        Reason::RateLimit,
+        Reason::CredentialStuffing,
+        Reason::AccountTakeover,
+        Reason::Enumeration,
+        Reason::Probing,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Reason::RateLimit => "rate_limit",
+            Reason::CredentialStuffing => "credential_stuffing",
+            Reason::AccountTakeover => "account_takeover",
+            Reason::Enumeration => "enumeration",
+            Reason::Probing => "probing",
         }
     }
 
@@ -88,5 +106,8 @@ mod tests {
         assert_eq!(s.names(), vec!["rate_limit"]);
         assert_eq!(s.block_status(), 429);
         assert!(ReasonSet::from_bits(0x8000_0000).is_empty());
+        s.insert(Reason::Probing);
+        assert_eq!(s.names(), vec!["rate_limit", "probing"]);
+        assert_eq!(s.block_status(), 403);
     }
 }

@@ -1,44 +1,67 @@
 //! One client's state, as a fixed-size little-endian record inside a shard.
 //!
-//! Layout (format version [`RECORD_FORMAT`]), [`RECORD_BYTES`] bytes:
+//! Layout (format version [`RECORD_FORMAT`]), [`RECORD_BYTES`] bytes, fields
+//! in this order:
 //!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 8 | key (seeded hash of the client; 0 = empty slot) |
-//! | 8 | 8 | last_seen_ms |
-//! | 16 | 8 | penalty_until_ms |
-//! | 24 | 4 | penalty_reasons (bit set of [`Reason`](crate::reason::Reason)) |
-//! | 28 | 4 | risk (f32, as of last_seen_ms) |
-//! | 32 | 64 | rate windows, one per configured limit |
+//! | size | field |
+//! |---|---|
+//! | 8 | key (seeded hash of the client address; 0 = empty slot) |
+//! | 8 | last_seen_ms |
+//! | 8 | first_seen_ms |
+//! | 8 | penalty_until_ms |
+//! | 4 | penalty_reasons (bit set of [`Reason`](crate::reason::Reason)) |
+//! | 4 | recent_reasons (reasons that fired since the risk was last zero) |
+//! | 4 | risk (f32, as of last_seen_ms) |
+//! | 4 | requests (saturating) |
+//! | 4 × 16 | rate windows, one per configured limit |
+//! | 16 | login failures (sliding window) |
+//! | 16 | distinct usernames of failed logins (distinct window) |
+//! | 16 | 404 answers (sliding window) |
+//! | 16 | distinct paths answered 404 (distinct window) |
+//! | 16 | object requests (sliding window) |
+//! | 16 | object misses, 404/403 on object routes (sliding window) |
+//! | 16 | distinct object ids (distinct window) |
+//! | 8 | last object id |
+//! | 4 | current run of consecutive object ids |
+//! | 4 | successful logins (saturating) |
 //!
 //! Any change of this layout bumps [`RECORD_FORMAT`]; shards written with
 //! another format are treated as empty, never misread.
 
+use crate::codec::{Reader, Writer};
 use crate::config::MAX_RATE_LIMITS;
 use crate::reason::ReasonSet;
-use crate::window::{SlidingWindow, WINDOW_BYTES};
+use crate::shard::Record;
+use crate::sketch::DistinctWindow;
+use crate::window::SlidingWindow;
 
-pub const RECORD_FORMAT: u16 = 1;
-pub const RECORD_BYTES: usize = 32 + MAX_RATE_LIMITS * WINDOW_BYTES;
+pub const RECORD_FORMAT: u16 = 2;
+pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ClientRecord {
     pub key: u64,
     pub last_seen_ms: u64,
+    pub first_seen_ms: u64,
     pub penalty_until_ms: u64,
     pub penalty_reasons: ReasonSet,
+    pub recent_reasons: ReasonSet,
     pub risk: f32,
+    pub requests: u32,
     pub rate: [SlidingWindow; MAX_RATE_LIMITS],
+    pub login_failures: SlidingWindow,
+    pub failed_usernames: DistinctWindow,
+    pub not_found: SlidingWindow,
+    pub not_found_paths: DistinctWindow,
+    pub object_requests: SlidingWindow,
+    pub object_misses: SlidingWindow,
+    pub object_ids: DistinctWindow,
+    pub last_object_id: u64,
+    pub object_run: u32,
+    pub login_successes: u32,
 }
 
 impl ClientRecord {
-    pub fn new(key: u64) -> ClientRecord {
-        ClientRecord {
-            key,
-            ..ClientRecord::default()
-        }
-    }
-
     pub fn is_empty(&self) -> bool {
         self.key == 0
     }
@@ -46,77 +69,93 @@ impl ClientRecord {
     pub fn penalized_at(&self, now_ms: u64) -> bool {
         self.penalty_until_ms > now_ms
     }
+}
 
-    pub fn encode(&self) -> [u8; RECORD_BYTES] {
-        let mut out = [0u8; RECORD_BYTES];
-        let mut w = Writer { buf: &mut out, at: 0 };
-        w.put(&self.key.to_le_bytes());
-        w.put(&self.last_seen_ms.to_le_bytes());
-        w.put(&self.penalty_until_ms.to_le_bytes());
-        w.put(&self.penalty_reasons.bits().to_le_bytes());
-        w.put(&self.risk.to_le_bytes());
-        for window in &self.rate {
-            let mut buf = [0u8; WINDOW_BYTES];
-            window.encode(&mut buf);
-            w.put(&buf);
+impl Record for ClientRecord {
+    const BYTES: usize = RECORD_BYTES;
+
+    fn new(key: u64) -> ClientRecord {
+        ClientRecord {
+            key,
+            ..ClientRecord::default()
         }
-        out
     }
 
-    pub fn decode(bytes: &[u8; RECORD_BYTES]) -> ClientRecord {
-        let mut r = Reader { buf: bytes, at: 0 };
-        let key = u64::from_le_bytes(r.take());
-        let last_seen_ms = u64::from_le_bytes(r.take());
-        let penalty_until_ms = u64::from_le_bytes(r.take());
-        let penalty_reasons = ReasonSet::from_bits(u32::from_le_bytes(r.take()));
-        let risk = f32::from_le_bytes(r.take());
+    fn key(&self) -> u64 {
+        self.key
+    }
+
+    fn encode(&self, out: &mut [u8]) {
+        let mut w = Writer::new(out);
+        w.u64(self.key);
+        w.u64(self.last_seen_ms);
+        w.u64(self.first_seen_ms);
+        w.u64(self.penalty_until_ms);
+        w.u32(self.penalty_reasons.bits());
+        w.u32(self.recent_reasons.bits());
+        w.f32(self.risk);
+        w.u32(self.requests);
+        for window in &self.rate {
+            w.window(window);
+        }
+        w.window(&self.login_failures);
+        w.distinct(&self.failed_usernames);
+        w.window(&self.not_found);
+        w.distinct(&self.not_found_paths);
+        w.window(&self.object_requests);
+        w.window(&self.object_misses);
+        w.distinct(&self.object_ids);
+        w.u64(self.last_object_id);
+        w.u32(self.object_run);
+        w.u32(self.login_successes);
+    }
+
+    fn decode(bytes: &[u8]) -> ClientRecord {
+        let mut r = Reader::new(bytes);
+        let key = r.u64();
+        let last_seen_ms = r.u64();
+        let first_seen_ms = r.u64();
+        let penalty_until_ms = r.u64();
+        let penalty_reasons = ReasonSet::from_bits(r.u32());
+        let recent_reasons = ReasonSet::from_bits(r.u32());
+        let risk = r.f32();
+        let requests = r.u32();
         let mut rate = [SlidingWindow::default(); MAX_RATE_LIMITS];
         for window in &mut rate {
-            *window = SlidingWindow::decode(&r.take());
+            *window = r.window();
         }
         ClientRecord {
             key,
             last_seen_ms,
+            first_seen_ms,
             penalty_until_ms,
             penalty_reasons,
+            recent_reasons,
             // A corrupt float must not poison the score forever.
             risk: if risk.is_finite() && risk >= 0.0 { risk } else { 0.0 },
+            requests,
             rate,
+            login_failures: r.window(),
+            failed_usernames: r.distinct(),
+            not_found: r.window(),
+            not_found_paths: r.distinct(),
+            object_requests: r.window(),
+            object_misses: r.window(),
+            object_ids: r.distinct(),
+            last_object_id: r.u64(),
+            object_run: r.u32(),
+            login_successes: r.u32(),
         }
     }
-}
 
-/// Sequential writer over a fixed buffer; writes past the end are dropped
-/// (cannot happen with the constant layout, and must not panic if it did).
-struct Writer<'a> {
-    buf: &'a mut [u8],
-    at: usize,
-}
-
-impl Writer<'_> {
-    fn put(&mut self, bytes: &[u8]) {
-        let end = self.at.saturating_add(bytes.len());
-        if let Some(dst) = self.buf.get_mut(self.at..end) {
-            dst.copy_from_slice(bytes);
+    /// Idle clients go first, oldest first; clients in the penalty box last,
+    /// those whose penalty ends soonest first.
+    fn eviction_rank(&self, now_ms: u64) -> (bool, u64) {
+        if self.penalized_at(now_ms) {
+            (true, self.penalty_until_ms)
+        } else {
+            (false, self.last_seen_ms)
         }
-        self.at = end;
-    }
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-}
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        let end = self.at.saturating_add(N);
-        if let Some(src) = self.buf.get(self.at..end) {
-            out.copy_from_slice(src);
-        }
-        self.at = end;
-        out
     }
 }
 
@@ -127,45 +166,72 @@ mod tests {
     use crate::reason::Reason;
     use proptest::prelude::*;
 
+    fn round_trip(r: &ClientRecord) -> ClientRecord {
+        let mut buf = [0u8; RECORD_BYTES];
+        r.encode(&mut buf);
+        ClientRecord::decode(&buf)
+    }
+
     #[test]
     fn layout_is_what_the_docs_say() {
-        assert_eq!(RECORD_BYTES, 96);
+        assert_eq!(RECORD_BYTES, 240);
         let mut r = ClientRecord::new(0x0102_0304_0506_0708);
         r.risk = 1.5;
-        let bytes = r.encode();
+        r.login_successes = 9;
+        let mut bytes = [0u8; RECORD_BYTES];
+        r.encode(&mut bytes);
         assert_eq!(&bytes[0..8], &0x0102_0304_0506_0708u64.to_le_bytes());
-        assert_eq!(&bytes[28..32], &1.5f32.to_le_bytes());
+        assert_eq!(&bytes[40..44], &1.5f32.to_le_bytes());
+        assert_eq!(&bytes[236..240], &9u32.to_le_bytes());
     }
 
     #[test]
     fn corrupt_risk_is_reset() {
         let mut r = ClientRecord::new(1);
         r.risk = f32::NAN;
-        assert_eq!(ClientRecord::decode(&r.encode()).risk, 0.0);
+        assert_eq!(round_trip(&r).risk, 0.0);
         r.risk = -3.0;
-        assert_eq!(ClientRecord::decode(&r.encode()).risk, 0.0);
+        assert_eq!(round_trip(&r).risk, 0.0);
+    }
+
+    #[test]
+    fn short_input_decodes_to_zeros() {
+        assert_eq!(ClientRecord::decode(&[1, 2, 3]).key, 0x0003_0201);
+        assert_eq!(ClientRecord::decode(&[]), ClientRecord::default());
     }
 
     proptest! {
         #[test]
         fn codec_round_trips(key in any::<u64>(), seen in any::<u64>(), until in any::<u64>(),
                              risk in 0f32..1e6, starts in proptest::array::uniform4(any::<u64>()),
-                             counts in proptest::array::uniform4(any::<u32>())) {
+                             counts in proptest::array::uniform4(any::<u32>()), id in any::<u64>()) {
             let mut r = ClientRecord::new(key);
             r.last_seen_ms = seen;
+            r.first_seen_ms = seen / 2;
             r.penalty_until_ms = until;
             r.penalty_reasons.insert(Reason::RateLimit);
+            r.recent_reasons.insert(Reason::Probing);
             r.risk = risk;
+            r.requests = counts[0];
             for i in 0..MAX_RATE_LIMITS {
                 r.rate[i] = SlidingWindow { start_ms: starts[i], current: counts[i], previous: counts[3 - i] };
             }
-            prop_assert_eq!(ClientRecord::decode(&r.encode()), r);
+            r.login_failures = SlidingWindow { start_ms: starts[1], current: 3, previous: 4 };
+            r.failed_usernames = DistinctWindow { start_ms: starts[2], bits: id };
+            r.not_found = SlidingWindow { start_ms: 5, current: 6, previous: 7 };
+            r.not_found_paths = DistinctWindow { start_ms: 8, bits: !id };
+            r.object_requests = SlidingWindow { start_ms: 9, current: 10, previous: 11 };
+            r.object_misses = SlidingWindow { start_ms: 12, current: 13, previous: 14 };
+            r.object_ids = DistinctWindow { start_ms: 15, bits: id ^ 0xff };
+            r.last_object_id = id;
+            r.object_run = counts[1];
+            r.login_successes = counts[2];
+            prop_assert_eq!(round_trip(&r), r);
         }
 
         #[test]
-        fn any_bytes_decode_without_panic(bytes in proptest::collection::vec(any::<u8>(), RECORD_BYTES)) {
-            let arr: [u8; RECORD_BYTES] = bytes.try_into().unwrap();
-            let r = ClientRecord::decode(&arr);
+        fn any_bytes_decode_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..RECORD_BYTES + 10)) {
+            let r = ClientRecord::decode(&bytes);
             prop_assert!(r.risk.is_finite());
         }
     }

@@ -22,7 +22,21 @@
 //! client not in the penalty box, the client whose penalty ends first —
 //! so a flood of fresh addresses evicts idle clients before blocked ones.
 
-use crate::record::{ClientRecord, RECORD_BYTES, RECORD_FORMAT};
+use crate::record::RECORD_FORMAT;
+
+/// A fixed-size record kept in shards (clients, accounts, ...).
+pub trait Record: Copy + Default {
+    /// Encoded size.
+    const BYTES: usize;
+    fn new(key: u64) -> Self;
+    /// Seeded hash of what the record is about; 0 = empty slot.
+    fn key(&self) -> u64;
+    fn encode(&self, out: &mut [u8]);
+    /// Must accept any bytes without panicking.
+    fn decode(bytes: &[u8]) -> Self;
+    /// Records with lower ranks are evicted first.
+    fn eviction_rank(&self, now_ms: u64) -> (bool, u64);
+}
 
 pub const HEADER_BYTES: usize = 16;
 pub const PROBE: usize = 8;
@@ -31,21 +45,22 @@ const MAGIC: &[u8; 4] = b"ABSH";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardLayout {
     pub slots: usize,
+    pub record_bytes: usize,
     pub fingerprint: u32,
 }
 
 /// Where a client's record lives and what it held before this request.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Slot {
+pub struct Slot<R> {
     pub index: usize,
-    pub record: ClientRecord,
+    pub record: R,
     /// Another client's record was displaced to make room.
     pub evicted: bool,
 }
 
 impl ShardLayout {
     pub fn value_len(&self) -> usize {
-        HEADER_BYTES.saturating_add(self.slots.saturating_mul(RECORD_BYTES))
+        HEADER_BYTES.saturating_add(self.slots.saturating_mul(self.record_bytes))
     }
 
     fn header(&self) -> [u8; HEADER_BYTES] {
@@ -86,21 +101,21 @@ impl ShardLayout {
     }
 
     fn offset(&self, index: usize) -> usize {
-        HEADER_BYTES.saturating_add(index.saturating_mul(RECORD_BYTES))
+        HEADER_BYTES.saturating_add(index.saturating_mul(self.record_bytes))
     }
 
-    pub fn read(&self, value: &[u8], index: usize) -> ClientRecord {
+    pub fn read<R: Record>(&self, value: &[u8], index: usize) -> R {
         let start = self.offset(index);
-        let bytes: Option<&[u8; RECORD_BYTES]> = value
-            .get(start..start.saturating_add(RECORD_BYTES))
-            .and_then(|s| s.try_into().ok());
-        bytes.map(ClientRecord::decode).unwrap_or_default()
+        value
+            .get(start..start.saturating_add(R::BYTES.min(self.record_bytes)))
+            .map(R::decode)
+            .unwrap_or_default()
     }
 
-    pub fn write(&self, value: &mut [u8], index: usize, record: &ClientRecord) {
+    pub fn write<R: Record>(&self, value: &mut [u8], index: usize, record: &R) {
         let start = self.offset(index);
-        if let Some(dst) = value.get_mut(start..start.saturating_add(RECORD_BYTES)) {
-            dst.copy_from_slice(&record.encode());
+        if let Some(dst) = value.get_mut(start..start.saturating_add(R::BYTES.min(self.record_bytes))) {
+            record.encode(dst);
         }
     }
 
@@ -113,10 +128,10 @@ impl ShardLayout {
     }
 
     /// The client's record if present.
-    pub fn find(&self, value: &[u8], key: u64) -> Option<Slot> {
+    pub fn find<R: Record>(&self, value: &[u8], key: u64) -> Option<Slot<R>> {
         self.probe(key).find_map(|index| {
-            let record = self.read(value, index);
-            (record.key == key).then_some(Slot {
+            let record: R = self.read(value, index);
+            (record.key() == key).then_some(Slot {
                 index,
                 record,
                 evicted: false,
@@ -125,41 +140,31 @@ impl ShardLayout {
     }
 
     /// The client's record, or a fresh one in the slot chosen for it.
-    pub fn find_or_make(&self, value: &[u8], key: u64, now_ms: u64) -> Slot {
+    pub fn find_or_make<R: Record>(&self, value: &[u8], key: u64, now_ms: u64) -> Slot<R> {
         if let Some(found) = self.find(value, key) {
             return found;
         }
-        let mut victim: Option<(usize, ClientRecord)> = None;
+        let mut victim: Option<(usize, R)> = None;
         for index in self.probe(key) {
-            let record = self.read(value, index);
-            if record.is_empty() {
+            let record: R = self.read(value, index);
+            if record.key() == 0 {
                 victim = Some((index, record));
                 break;
             }
             let better = match &victim {
                 None => true,
-                Some((_, v)) => eviction_rank(&record, now_ms) < eviction_rank(v, now_ms),
+                Some((_, v)) => record.eviction_rank(now_ms) < v.eviction_rank(now_ms),
             };
             if better {
                 victim = Some((index, record));
             }
         }
-        let (index, old) = victim.unwrap_or((0, ClientRecord::default()));
+        let (index, old) = victim.unwrap_or((0, R::default()));
         Slot {
             index,
-            record: ClientRecord::new(key),
-            evicted: !old.is_empty(),
+            record: R::new(key),
+            evicted: old.key() != 0,
         }
-    }
-}
-
-/// Lower ranks are evicted first: idle clients by age, then penalized ones
-/// by how soon their penalty ends.
-fn eviction_rank(record: &ClientRecord, now_ms: u64) -> (bool, u64) {
-    if record.penalized_at(now_ms) {
-        (true, record.penalty_until_ms)
-    } else {
-        (false, record.last_seen_ms)
     }
 }
 
@@ -167,12 +172,13 @@ fn eviction_rank(record: &ClientRecord, now_ms: u64) -> (bool, u64) {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::record::{ClientRecord, RECORD_BYTES};
     use proptest::prelude::*;
 
-    const LAYOUT: ShardLayout = ShardLayout { slots: 16, fingerprint: 42 };
+    const LAYOUT: ShardLayout = ShardLayout { slots: 16, record_bytes: RECORD_BYTES, fingerprint: 42 };
 
-    fn put(layout: &ShardLayout, value: &mut [u8], key: u64, now: u64) -> Slot {
-        let mut slot = layout.find_or_make(value, key, now);
+    fn put(layout: &ShardLayout, value: &mut [u8], key: u64, now: u64) -> Slot<ClientRecord> {
+        let mut slot: Slot<ClientRecord> = layout.find_or_make(value, key, now);
         slot.record.last_seen_ms = now;
         layout.write(value, slot.index, &slot.record);
         slot
@@ -183,7 +189,7 @@ mod tests {
         let fresh = LAYOUT.empty_value();
         assert_eq!(fresh.len(), 16 + 16 * RECORD_BYTES);
         assert!(LAYOUT.is_current(&fresh));
-        let other = ShardLayout { slots: 16, fingerprint: 43 };
+        let other = ShardLayout { slots: 16, record_bytes: RECORD_BYTES, fingerprint: 43 };
         assert!(!other.is_current(&fresh));
         assert_eq!(other.adopt(Some(fresh.clone())), other.empty_value());
         assert_eq!(LAYOUT.adopt(Some(b"garbage".to_vec())), fresh);
@@ -200,10 +206,10 @@ mod tests {
             assert!(!s.evicted);
         }
         for key in 1..=10u64 {
-            let s = LAYOUT.find(&v, key << 32).unwrap();
+            let s: Slot<ClientRecord> = LAYOUT.find(&v, key << 32).unwrap();
             assert_eq!(s.record.last_seen_ms, key);
         }
-        assert!(LAYOUT.find(&v, 99 << 32).is_none());
+        assert!(LAYOUT.find::<ClientRecord>(&v, 99 << 32).is_none());
     }
 
     #[test]
@@ -215,14 +221,14 @@ mod tests {
             put(&LAYOUT, &mut v, *key, 100 + t as u64);
         }
         // The oldest one is in the penalty box: it must survive.
-        let mut first = LAYOUT.find(&v, keys[0]).unwrap();
+        let mut first: Slot<ClientRecord> = LAYOUT.find(&v, keys[0]).unwrap();
         first.record.penalty_until_ms = 10_000;
         LAYOUT.write(&mut v, first.index, &first.record);
 
         let s = put(&LAYOUT, &mut v, (5u64 << 32) | 99, 200);
         assert!(s.evicted);
-        assert!(LAYOUT.find(&v, keys[0]).is_some(), "penalized client evicted");
-        assert!(LAYOUT.find(&v, keys[1]).is_none(), "idlest client kept");
+        assert!(LAYOUT.find::<ClientRecord>(&v, keys[0]).is_some(), "penalized client evicted");
+        assert!(LAYOUT.find::<ClientRecord>(&v, keys[1]).is_none(), "idlest client kept");
     }
 
     proptest! {
@@ -234,7 +240,7 @@ mod tests {
             for (t, key) in keys.iter().enumerate() {
                 put(&LAYOUT, &mut v, *key, t as u64 + 1);
                 prop_assert_eq!(v.len(), LAYOUT.value_len());
-                prop_assert!(LAYOUT.find(&v, *key).is_some());
+                prop_assert!(LAYOUT.find::<ClientRecord>(&v, *key).is_some());
             }
         }
     }

@@ -7,9 +7,9 @@
 //! and counts are exact across workers. The shard keys are created once at
 //! start, because Envoy only checks a CAS token for keys that exist.
 
-use crate::record::ClientRecord;
-use crate::shard::ShardLayout;
+use crate::shard::{Record, ShardLayout};
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Mutex;
 
 /// Most read-modify-write attempts per request before giving up (fail open).
@@ -45,18 +45,21 @@ pub struct UpdateFailed {
     pub error: StoreError,
 }
 
-/// The sharded client table: which key a client lives in, and the CAS loop.
+/// A sharded table of records: which shard a key lives in, and the CAS loop.
 #[derive(Debug, Clone)]
-pub struct ClientTable {
+pub struct ShardedTable<R> {
     layout: ShardLayout,
     shard_keys: Vec<String>,
+    record: PhantomData<R>,
 }
 
-impl ClientTable {
-    pub fn new(prefix: &str, shards: usize, layout: ShardLayout) -> ClientTable {
-        ClientTable {
-            layout,
-            shard_keys: (0..shards.max(1)).map(|i| format!("{prefix}/shard/{i}")).collect(),
+impl<R: Record> ShardedTable<R> {
+    /// `name` separates tables in shared data (`<prefix>/<name>/<n>`).
+    pub fn new(prefix: &str, name: &str, shards: usize, slots: usize, fingerprint: u32) -> ShardedTable<R> {
+        ShardedTable {
+            layout: ShardLayout { slots: slots.max(1), record_bytes: R::BYTES, fingerprint },
+            shard_keys: (0..shards.max(1)).map(|i| format!("{prefix}/{name}/{i}")).collect(),
+            record: PhantomData,
         }
     }
 
@@ -99,7 +102,7 @@ impl ClientTable {
     }
 
     /// Reads a client's record without writing (None if unknown).
-    pub fn peek(&self, store: &dyn SharedStore, client_key: u64) -> Result<Option<ClientRecord>, StoreError> {
+    pub fn peek(&self, store: &dyn SharedStore, client_key: u64) -> Result<Option<R>, StoreError> {
         let (value, _) = store.get(self.shard_key(client_key))?;
         let value = value.filter(|v| self.layout.is_current(v));
         Ok(value.and_then(|v| self.layout.find(&v, client_key)).map(|s| s.record))
@@ -114,7 +117,7 @@ impl ClientTable {
         store: &dyn SharedStore,
         client_key: u64,
         now_ms: u64,
-        mut change: impl FnMut(&mut ClientRecord) -> (T, bool),
+        mut change: impl FnMut(&mut R) -> (T, bool),
     ) -> Result<(T, UpdateStats), UpdateFailed> {
         let key = self.shard_key(client_key);
         let mut stats = UpdateStats::default();
@@ -123,7 +126,7 @@ impl ClientTable {
             attempt += 1;
             let (value, cas) = store.get(key).map_err(|error| UpdateFailed { stats, error })?;
             let mut value = self.layout.adopt(value);
-            let mut slot = self.layout.find_or_make(&value, client_key, now_ms);
+            let mut slot = self.layout.find_or_make::<R>(&value, client_key, now_ms);
             let (result, write) = change(&mut slot.record);
             if !write {
                 return Ok((result, stats));
@@ -203,10 +206,13 @@ impl SharedStore for MemoryStore {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::record::ClientRecord;
     use std::sync::Arc;
 
+    type ClientTable = ShardedTable<ClientRecord>;
+
     fn table() -> ClientTable {
-        ClientTable::new("t", 4, ShardLayout { slots: 16, fingerprint: 1 })
+        ClientTable::new("t", "c", 4, 16, 1)
     }
 
     fn bump(t: &ClientTable, s: &MemoryStore, key: u64) -> UpdateStats {
@@ -225,7 +231,7 @@ mod tests {
         assert_eq!(t.create_shards(&s).unwrap(), 0);
         assert_eq!(s.key_count(), 4);
         // A new layout (config reload) recreates them.
-        let t2 = ClientTable::new("t", 4, ShardLayout { slots: 16, fingerprint: 2 });
+        let t2 = ClientTable::new("t", "c", 4, 16, 2);
         assert_eq!(t2.create_shards(&s).unwrap(), 4);
     }
 

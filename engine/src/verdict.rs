@@ -48,6 +48,10 @@ pub struct Verdict {
     pub store: UpdateStats,
     /// Shared state could not be updated; the request was let through.
     pub store_failed: bool,
+    /// Allowlisted: not judged at all.
+    pub exempt: bool,
+    /// Decided on the answer (outcome detectors), not on the request.
+    pub on_response: bool,
 }
 
 impl Verdict {
@@ -65,6 +69,8 @@ impl Verdict {
             client,
             store: UpdateStats::default(),
             store_failed: false,
+            exempt: false,
+            on_response: false,
         }
     }
 

@@ -83,6 +83,7 @@ impl RequestRate {
 mod tests {
     use super::*;
     use crate::config::{RateLimit, RouteGroup};
+    use crate::shard::Record;
 
     #[test]
     fn fires_only_over_the_limit_and_only_on_its_group() {

@@ -1,0 +1,216 @@
+//! Enumeration (BOLA, harvesting): a client walking through object ids.
+//!
+//! Object ids come from configured path templates (`/api/users/{id}`) and,
+//! with `auto_normalize`, from any numeric, UUID or long hex path segment.
+//! Signals per client and window: many distinct ids, a long run of
+//! consecutive ids (n, n+1, n+2, ...), and a high share of 404/403 answers on
+//! object routes (guessing ids that mostly do not exist).
+
+use super::Signal;
+use crate::config::EnumerationConfig;
+use crate::reason::Reason;
+use crate::record::ClientRecord;
+
+/// An object id found in a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectId<'a> {
+    /// The id segment as written.
+    pub text: &'a str,
+    /// Its value when it is a decimal number.
+    pub number: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Enumeration {
+    templates: Vec<Vec<String>>,
+    auto_normalize: bool,
+    window_ms: u64,
+    max_distinct_ids: f64,
+    max_sequential_run: u32,
+    max_miss_ratio: f64,
+    min_requests: f64,
+    weight: f32,
+}
+
+impl Enumeration {
+    pub fn new(config: &EnumerationConfig) -> Option<Enumeration> {
+        if !config.enabled || (config.object_routes.is_empty() && !config.auto_normalize) {
+            return None;
+        }
+        Some(Enumeration {
+            templates: config.object_routes.iter().map(|t| segments(t).map(str::to_string).collect()).collect(),
+            auto_normalize: config.auto_normalize,
+            window_ms: u64::from(config.window_s).saturating_mul(1000),
+            max_distinct_ids: f64::from(config.max_distinct_ids),
+            max_sequential_run: config.max_sequential_run,
+            max_miss_ratio: f64::from(config.max_miss_ratio),
+            min_requests: f64::from(config.min_requests),
+            weight: config.weight,
+        })
+    }
+
+    /// The object id of this path, if it addresses one object.
+    pub fn object_id<'a>(&self, path: &'a str) -> Option<ObjectId<'a>> {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        for template in &self.templates {
+            let mut parts = segments(path);
+            let mut id = None;
+            let mut matched = true;
+            for t in template {
+                match parts.next() {
+                    Some(p) if t.starts_with('{') && t.ends_with('}') && !p.is_empty() => id = Some(p),
+                    Some(p) if p == t => {}
+                    _ => {
+                        matched = false;
+                        break;
+                    }
+                }
+            }
+            if matched && parts.next().is_none() {
+                if let Some(text) = id {
+                    return Some(ObjectId { text, number: text.parse().ok() });
+                }
+            }
+        }
+        if self.auto_normalize {
+            let text = segments(path).filter(|s| looks_like_id(s)).last()?;
+            return Some(ObjectId { text, number: text.parse().ok() });
+        }
+        None
+    }
+
+    /// A request for an object; `id_hash` is the keyed hash of its text.
+    pub fn on_request(&self, client: &mut ClientRecord, id: &ObjectId<'_>, id_hash: u64, now_ms: u64) -> Signal {
+        let mut signal = Signal::default();
+        client.object_requests.record(now_ms, self.window_ms);
+        let distinct = client.object_ids.insert(id_hash, now_ms, self.window_ms);
+        if distinct > self.max_distinct_ids {
+            signal.fire(Reason::Enumeration, self.weight);
+        }
+        if let Some(n) = id.number {
+            let last = client.last_object_id;
+            let next = last.checked_add(1) == Some(n) || n.checked_add(1) == Some(last);
+            if next {
+                client.object_run = client.object_run.saturating_add(1);
+            } else if n != last {
+                client.object_run = 0;
+            }
+            client.last_object_id = n;
+            if client.object_run >= self.max_sequential_run {
+                signal.fire(Reason::Enumeration, self.weight);
+            }
+        }
+        signal
+    }
+
+    /// The answer to an object request: 404 and 403 are misses.
+    pub fn on_answer(&self, client: &mut ClientRecord, status: u32, now_ms: u64) -> Signal {
+        let mut signal = Signal::default();
+        if status != 404 && status != 403 {
+            return signal;
+        }
+        let misses = client.object_misses.record(now_ms, self.window_ms);
+        let requests = client.object_requests.estimate(now_ms, self.window_ms);
+        if requests >= self.min_requests && misses / requests.max(1.0) > self.max_miss_ratio {
+            signal.fire(Reason::Enumeration, self.weight);
+        }
+        signal
+    }
+}
+
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty())
+}
+
+/// Numeric, UUID, or hex of 16+ characters: names an object, not a route.
+fn looks_like_id(segment: &str) -> bool {
+    let len = segment.len();
+    let all = |f: fn(u8) -> bool| segment.bytes().all(f);
+    if len > 0 && len <= 19 && all(|b| b.is_ascii_digit()) {
+        return true;
+    }
+    if len == 36 {
+        let dashes = segment.bytes().enumerate().all(|(i, b)| {
+            if matches!(i, 8 | 13 | 18 | 23) { b == b'-' } else { b.is_ascii_hexdigit() }
+        });
+        if dashes {
+            return true;
+        }
+    }
+    (16..=64).contains(&len) && all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn detector(auto: bool) -> Enumeration {
+        Enumeration::new(&EnumerationConfig {
+            object_routes: vec!["/api/users/{id}".into(), "/shop/{sku}/reviews".into()],
+            auto_normalize: auto,
+            max_distinct_ids: 30,
+            max_sequential_run: 10,
+            min_requests: 10,
+            ..EnumerationConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn ids_from_templates_and_shapes() {
+        let d = detector(true);
+        assert_eq!(d.object_id("/api/users/42?x=1"), Some(ObjectId { text: "42", number: Some(42) }));
+        assert_eq!(d.object_id("/shop/ab-1/reviews").unwrap().text, "ab-1");
+        assert_eq!(d.object_id("/shop/ab-1/reviews/x").map(|i| i.text), None);
+        assert_eq!(d.object_id("/orders/550e8400-e29b-41d4-a716-446655440000").unwrap().number, None);
+        assert_eq!(d.object_id("/blobs/0123456789abcdef0123").unwrap().text, "0123456789abcdef0123");
+        assert_eq!(d.object_id("/api/products?page=2"), None);
+        assert_eq!(d.object_id("/api/v2/things"), None);
+        let strict = detector(false);
+        assert_eq!(strict.object_id("/orders/17"), None);
+        assert!(strict.object_id("/api/users/17").is_some());
+    }
+
+    #[test]
+    fn sequential_walk_fires() {
+        let d = detector(true);
+        let mut c = ClientRecord::default();
+        let mut fired_at = None;
+        for n in 100..130u64 {
+            let text = n.to_string();
+            let id = ObjectId { text: &text, number: Some(n) };
+            let s = d.on_request(&mut c, &id, n * 7919, 1000);
+            if !s.reasons.is_empty() && fired_at.is_none() {
+                fired_at = Some(n - 100);
+            }
+        }
+        assert_eq!(fired_at, Some(10));
+    }
+
+    #[test]
+    fn revisiting_a_few_objects_is_fine() {
+        let d = detector(true);
+        let mut c = ClientRecord::default();
+        for round in 0..20u64 {
+            for n in [5u64, 9, 13] {
+                let text = n.to_string();
+                let s = d.on_request(&mut c, &ObjectId { text: &text, number: Some(n) }, n * 31, 1000 + round);
+                assert!(s.reasons.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn mostly_missing_objects_fire() {
+        let d = detector(true);
+        let mut c = ClientRecord::default();
+        let mut fired = false;
+        for n in 0..20u64 {
+            let text = (n * 1000).to_string();
+            d.on_request(&mut c, &ObjectId { text: &text, number: Some(n * 1000) }, n, 1000);
+            fired |= !d.on_answer(&mut c, 404, 1000).reasons.is_empty();
+        }
+        assert!(fired);
+    }
+}

@@ -1,0 +1,248 @@
+//! Credential stuffing, password spraying, distributed attacks on one
+//! account, and account takeover — all judged from login outcomes.
+//!
+//! The filter reads the username from the body of configured login routes
+//! only (bounded), and the outcome from the response status:
+//! - per client: failed logins in the window, and distinct usernames the
+//!   client failed on (stuffing tries many users; spraying tries one
+//!   password on many users — both show as many usernames);
+//! - per account, across all clients: failures in the window, so an attack
+//!   on one account spread over many addresses is still seen;
+//! - a success on an account with many recent failures, or by a client
+//!   already suspected of stuffing, is `account_takeover`.
+
+use super::Signal;
+use crate::account::AccountRecord;
+use crate::config::{AccountTakeoverConfig, CredentialStuffingConfig, LoginRoute};
+use crate::reason::Reason;
+use crate::record::ClientRecord;
+
+/// Usernames longer than this are cut (after trimming and lowercasing).
+const MAX_USERNAME: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginOutcome {
+    Success,
+    Failure,
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoginDetector {
+    routes: Vec<LoginRoute>,
+    window_ms: u64,
+    config: CredentialStuffingConfig,
+    takeover: Option<AccountTakeoverConfig>,
+}
+
+impl LoginDetector {
+    pub fn new(config: &CredentialStuffingConfig, takeover: &AccountTakeoverConfig) -> Option<LoginDetector> {
+        if !config.enabled || config.login_routes.is_empty() {
+            return None;
+        }
+        Some(LoginDetector {
+            routes: config.login_routes.clone(),
+            window_ms: u64::from(config.window_s).saturating_mul(1000),
+            config: config.clone(),
+            takeover: takeover.enabled.then(|| takeover.clone()),
+        })
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        usize::try_from(self.config.max_body_bytes).unwrap_or(8192)
+    }
+
+    /// Index of the login route this request is for.
+    pub fn route(&self, method: &str, path: &str) -> Option<usize> {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        self.routes.iter().position(|r| r.method == method && r.path == path)
+    }
+
+    pub fn username(&self, route: usize, body: &[u8]) -> Option<String> {
+        let field = &self.routes.get(route)?.username_field;
+        extract_username(body, field)
+    }
+
+    pub fn outcome(&self, route: usize, status: u32) -> LoginOutcome {
+        match self.routes.get(route) {
+            Some(r) if r.failure_statuses.contains(&status) => LoginOutcome::Failure,
+            Some(r) if r.success_statuses.contains(&status) => LoginOutcome::Success,
+            _ => LoginOutcome::Other,
+        }
+    }
+
+    /// Records a failure on the account; returns the account's failures in the window.
+    pub fn account_failure(&self, account: &mut AccountRecord, client_key: u64, now_ms: u64) -> f64 {
+        account.last_seen_ms = now_ms;
+        account.last_failure_ms = now_ms;
+        account.failing_clients.insert(client_key, now_ms, self.window_ms);
+        account.failures.record(now_ms, self.window_ms)
+    }
+
+    /// Failures on the account in the window, without recording.
+    pub fn account_failures(&self, account: &AccountRecord, now_ms: u64) -> f64 {
+        account.failures.estimate(now_ms, self.window_ms)
+    }
+
+    /// Judges a login outcome for the client. `username_hash` is the keyed
+    /// hash of the username (None when it could not be read);
+    /// `account_failures` the account's failures in the window, this one included.
+    pub fn observe(
+        &self,
+        client: &mut ClientRecord,
+        outcome: LoginOutcome,
+        username_hash: Option<u64>,
+        account_failures: f64,
+        client_suspected: bool,
+        now_ms: u64,
+    ) -> Signal {
+        let mut signal = Signal::default();
+        let c = &self.config;
+        match outcome {
+            LoginOutcome::Failure => {
+                let failures = client.login_failures.record(now_ms, self.window_ms);
+                if failures > f64::from(c.max_failures_per_client) {
+                    signal.fire(Reason::CredentialStuffing, c.weight);
+                }
+                if let Some(hash) = username_hash {
+                    let usernames = client.failed_usernames.insert(hash, now_ms, self.window_ms);
+                    if usernames > f64::from(c.max_usernames_per_client) + 0.5 {
+                        signal.fire(Reason::CredentialStuffing, c.weight);
+                    }
+                    // Taking part in an attack on one account: half weight,
+                    // so a real user's single typo on an attacked account
+                    // does not block them; a second failure does.
+                    if account_failures > f64::from(c.max_failures_per_account) {
+                        signal.fire(Reason::CredentialStuffing, c.weight / 2.0);
+                    }
+                }
+            }
+            LoginOutcome::Success => {
+                client.login_successes = client.login_successes.saturating_add(1);
+                if let Some(t) = &self.takeover {
+                    let attacked = username_hash.is_some() && account_failures >= f64::from(t.min_account_failures);
+                    if attacked || client_suspected {
+                        signal.fire(Reason::AccountTakeover, t.weight);
+                    }
+                }
+            }
+            LoginOutcome::Other => {}
+        }
+        signal
+    }
+}
+
+/// The username from a JSON object field or a form field, trimmed and
+/// lowercased (so `Alice` and `alice ` count as one account).
+pub fn extract_username(body: &[u8], field: &str) -> Option<String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    let raw = if *first == b'{' {
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        match value.get(field)? {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return None,
+        }
+    } else {
+        form_urlencoded::parse(body)
+            .find(|(k, _)| k == field)
+            .map(|(_, v)| v.into_owned())?
+    };
+    let name: String = raw.trim().to_lowercase().chars().take(MAX_USERNAME).collect();
+    (!name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn detector() -> LoginDetector {
+        let config = CredentialStuffingConfig {
+            login_routes: vec![LoginRoute {
+                path: "/login".into(),
+                method: "POST".into(),
+                username_field: "user".into(),
+                failure_statuses: vec![401],
+                success_statuses: vec![200],
+            }],
+            max_failures_per_client: 3,
+            max_usernames_per_client: 2,
+            max_failures_per_account: 5,
+            ..CredentialStuffingConfig::default()
+        };
+        LoginDetector::new(&config, &AccountTakeoverConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn usernames_from_json_and_forms() {
+        assert_eq!(extract_username(br#"{"user":" Alice ","password":"x"}"#, "user"), Some("alice".into()));
+        assert_eq!(extract_username(b"user=Bob%40x.com&password=1", "user"), Some("bob@x.com".into()));
+        assert_eq!(extract_username(br#"{"user":42}"#, "user"), Some("42".into()));
+        assert_eq!(extract_username(br#"{"user":null}"#, "user"), None);
+        assert_eq!(extract_username(b"{broken", "user"), None);
+        assert_eq!(extract_username(b"", "user"), None);
+        assert_eq!(extract_username(b"\xff\xfe=\xff", "user"), None);
+        assert_eq!(extract_username(b"user=", "user"), None);
+    }
+
+    #[test]
+    fn routes_and_outcomes() {
+        let d = detector();
+        assert_eq!(d.route("POST", "/login?next=/"), Some(0));
+        assert_eq!(d.route("GET", "/login"), None);
+        assert_eq!(d.route("POST", "/login/x"), None);
+        assert_eq!(d.outcome(0, 401), LoginOutcome::Failure);
+        assert_eq!(d.outcome(0, 200), LoginOutcome::Success);
+        assert_eq!(d.outcome(0, 500), LoginOutcome::Other);
+    }
+
+    #[test]
+    fn a_few_typos_are_fine_many_failures_are_not() {
+        let d = detector();
+        let mut c = ClientRecord::default();
+        for i in 0..3 {
+            let s = d.observe(&mut c, LoginOutcome::Failure, Some(7), 1.0, false, 1000 + i);
+            assert!(s.reasons.is_empty());
+        }
+        let s = d.observe(&mut c, LoginOutcome::Failure, Some(7), 1.0, false, 2000);
+        assert!(s.reasons.contains(Reason::CredentialStuffing));
+    }
+
+    #[test]
+    fn many_usernames_is_stuffing_or_spraying() {
+        let d = detector();
+        let mut c = ClientRecord::default();
+        let mut fired = false;
+        for user in [11u64, 22, 33] {
+            fired |= !d.observe(&mut c, LoginOutcome::Failure, Some(user), 1.0, false, 1000).reasons.is_empty();
+        }
+        assert!(fired);
+    }
+
+    #[test]
+    fn success_after_account_failures_is_takeover() {
+        let d = detector();
+        let mut c = ClientRecord::default();
+        let s = d.observe(&mut c, LoginOutcome::Success, Some(1), 1.0, false, 1000);
+        assert!(s.reasons.is_empty(), "a normal login");
+        let s = d.observe(&mut c, LoginOutcome::Success, Some(1), 5.0, false, 1000);
+        assert!(s.reasons.contains(Reason::AccountTakeover));
+        let s = d.observe(&mut c, LoginOutcome::Success, Some(1), 0.0, true, 1000);
+        assert!(s.reasons.contains(Reason::AccountTakeover), "suspected client");
+        assert_eq!(c.login_successes, 3);
+    }
+
+    #[test]
+    fn account_failures_accumulate_across_clients() {
+        let d = detector();
+        let mut a = AccountRecord::default();
+        for client in 0..6u64 {
+            d.account_failure(&mut a, client, 1000 + client);
+        }
+        assert_eq!(d.account_failures(&a, 2000), 6.0);
+        let mut c = ClientRecord::default();
+        let s = d.observe(&mut c, LoginOutcome::Failure, Some(1), 6.0, false, 2000);
+        assert_eq!(s.risk, 50.0, "half weight for taking part");
+    }
+}

@@ -1,0 +1,99 @@
+//! Probing: forced browsing (many distinct paths answered 404), requests for
+//! files only attackers ask for (`/.env`, `/.git/`, backups), and the user
+//! agents of attack tools. Declared good bots are exempt (see `exemptions`).
+
+use super::Signal;
+use crate::config::ProbingConfig;
+use crate::reason::Reason;
+use crate::record::ClientRecord;
+
+#[derive(Debug, Clone)]
+pub struct Probing {
+    sensitive_paths: Vec<String>,
+    scanner_user_agents: Vec<String>,
+    window_ms: u64,
+    max_not_found_paths: f64,
+    weight: f32,
+    sensitive_weight: f32,
+    scanner_weight: f32,
+}
+
+impl Probing {
+    pub fn new(config: &ProbingConfig) -> Option<Probing> {
+        if !config.enabled {
+            return None;
+        }
+        let lower = |items: &[String]| items.iter().map(|s| s.to_lowercase()).collect();
+        Some(Probing {
+            sensitive_paths: lower(&config.sensitive_paths),
+            scanner_user_agents: lower(&config.scanner_user_agents),
+            window_ms: u64::from(config.window_s).saturating_mul(1000),
+            max_not_found_paths: f64::from(config.max_not_found_paths),
+            weight: config.weight,
+            sensitive_weight: config.sensitive_weight,
+            scanner_weight: config.scanner_weight,
+        })
+    }
+
+    pub fn needs_user_agent(&self) -> bool {
+        !self.scanner_user_agents.is_empty()
+    }
+
+    /// What the request alone gives away.
+    pub fn on_request(&self, path: &str, user_agent: Option<&str>) -> Signal {
+        let mut signal = Signal::default();
+        let path = path.split(['?', '#']).next().unwrap_or(path).to_lowercase();
+        if self.sensitive_paths.iter().any(|p| path.contains(p.as_str())) {
+            signal.fire(Reason::Probing, self.sensitive_weight);
+        }
+        if let Some(ua) = user_agent {
+            let ua = ua.to_lowercase();
+            if self.scanner_user_agents.iter().any(|s| ua.contains(s.as_str())) {
+                signal.fire(Reason::Probing, self.scanner_weight);
+            }
+        }
+        signal
+    }
+
+    /// A 404 answer to this client, for the path with keyed hash `path_hash`.
+    pub fn on_not_found(&self, client: &mut ClientRecord, path_hash: u64, now_ms: u64) -> Signal {
+        let mut signal = Signal::default();
+        client.not_found.record(now_ms, self.window_ms);
+        let distinct = client.not_found_paths.insert(path_hash, now_ms, self.window_ms);
+        if distinct > self.max_not_found_paths {
+            signal.fire(Reason::Probing, self.weight);
+        }
+        signal
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sensitive_paths_and_scanners() {
+        let p = Probing::new(&ProbingConfig::default()).unwrap();
+        assert!(p.on_request("/.env", None).reasons.contains(Reason::Probing));
+        assert!(p.on_request("/app/.GIT/config", None).reasons.contains(Reason::Probing));
+        assert!(p.on_request("/api/products?page=1", Some("Mozilla/5.0")).reasons.is_empty());
+        assert!(p.on_request("/", Some("sqlmap/1.7#stable")).reasons.contains(Reason::Probing));
+        assert!(p.on_request("/", Some("Fuzz Faster U Fool v2.1.0 (ffuf)")).reasons.contains(Reason::Probing));
+    }
+
+    #[test]
+    fn many_distinct_missing_paths() {
+        let p = Probing::new(&ProbingConfig { max_not_found_paths: 5, ..ProbingConfig::default() }).unwrap();
+        let mut c = ClientRecord::default();
+        // The same missing page again and again is a broken link, not a probe.
+        for _ in 0..50 {
+            assert!(p.on_not_found(&mut c, 0xabc, 1000).reasons.is_empty());
+        }
+        let mut fired = false;
+        for i in 0..20u64 {
+            fired |= !p.on_not_found(&mut c, i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 7, 1000).reasons.is_empty();
+        }
+        assert!(fired);
+    }
+}
