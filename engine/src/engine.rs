@@ -408,7 +408,7 @@ mod tests {
         e.table().create_shards(&s).unwrap();
         let r = request("192.0.2.1:5", None, "/api/x");
         for i in 0..5 {
-            let v = e.on_request(&s, &r, T0 + i);
+            let v = e.on_request(&s, &r, T0 + i).0;
             assert_eq!(v.action, Action::Allow, "request {i}");
         }
         let v = e.on_request(&s, &r, T0 + 10).0;
