@@ -16,11 +16,21 @@ pub struct AbuseFilterHttp {
     exchange: Exchange,
     /// Largest login body still worth reading (None: do not read the body).
     body_limit: Option<usize>,
+    /// Kept for the log line of a block decided on the answer: request
+    /// headers cannot be read in the response phase (the SDK would trap).
+    method: String,
+    path: String,
 }
 
 impl AbuseFilterHttp {
     pub fn new(engine: Option<Rc<Engine>>) -> AbuseFilterHttp {
-        AbuseFilterHttp { engine, exchange: Exchange::default(), body_limit: None }
+        AbuseFilterHttp {
+            engine,
+            exchange: Exchange::default(),
+            body_limit: None,
+            method: String::new(),
+            path: String::new(),
+        }
     }
 }
 
@@ -76,6 +86,10 @@ impl HttpContext for AbuseFilterHttp {
         let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now_ms());
         self.body_limit = engine.wants_body(&exchange);
         self.exchange = exchange;
+        if self.exchange.judged() {
+            self.method = method.chars().take(16).collect();
+            self.path = path.chars().take(256).collect();
+        }
         metrics::record(&verdict);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
@@ -132,12 +146,7 @@ impl HttpContext for AbuseFilterHttp {
         metrics::record_answer(&verdict);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
-            let path = header(":path").unwrap_or_default();
-            let method = header(":method").unwrap_or_default();
-            log::warn!(
-                "{}",
-                verdict.log_line(config.mode, &String::from_utf8_lossy(&method), &String::from_utf8_lossy(&path))
-            );
+            log::warn!("{}", verdict.log_line(config.mode, &self.method, &self.path));
         }
         if verdict.action == Action::Block {
             // The client is blocked from now on, this answer included: a

@@ -286,6 +286,8 @@ class Envoy:
             return None
 
     def stop(self):
+        """Stops Envoy; fails if the filter ever trapped (a panic is a bug
+        even when FAIL_RELOAD hides it from clients)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -293,8 +295,14 @@ class Envoy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._log.closed:
+            return
+        log = self.log()
         self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        trap = re.search(r"panicked at .*|Function: proxy_\w+ failed.*", log)
+        if trap:
+            raise AssertionError(f"the wasm filter trapped: {trap.group(0)}")
 
 
 class Response:

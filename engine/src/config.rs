@@ -390,7 +390,7 @@ impl Default for ProbingConfig {
                 "/config.php", "/web.config", "/.ds_store", "/backup.zip", "/backup.sql",
                 "/dump.sql", "/db.sql", ".bak", "/etc/passwd", "/actuator/env", "/cgi-bin/",
             ]),
-            sensitive_weight: 50.0,
+            sensitive_weight: 60.0,
             scanner_user_agents: list(&[
                 "sqlmap", "nikto", "hydra", "ffuf", "gobuster", "dirbuster", "wfuzz", "nmap",
                 "masscan", "zgrab", "nuclei", "acunetix", "nessus", "openvas", "w3af", "arachni",

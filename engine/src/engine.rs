@@ -48,6 +48,7 @@ pub struct RequestFacts<'a> {
 /// What the engine remembers between a request and its answer.
 #[derive(Debug, Clone, Default)]
 pub struct Exchange {
+    // (fields private: only the engine interprets them)
     client: Option<ClientAddr>,
     client_key: u64,
     /// False when the client is allowlisted, blocked, or state failed.
@@ -81,6 +82,13 @@ pub struct Engine {
     hasher: KeyedHasher,
     half_life_ms: u64,
     penalty_ms: u64,
+}
+
+impl Exchange {
+    /// Whether the answer to this request will be looked at.
+    pub fn judged(&self) -> bool {
+        self.judged
+    }
 }
 
 impl Engine {
