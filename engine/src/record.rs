@@ -24,6 +24,17 @@
 //! | 8 | last object id |
 //! | 4 | current run of consecutive object ids |
 //! | 4 | successful logins (saturating) |
+//! | 16 | distinct session identities used (distinct window) |
+//! | 8 | last_request_ms (for request intervals) |
+//! | 4 | mean request interval, ms (f32, exponentially weighted) |
+//! | 4 | variance of the request interval, ms² (f32, exponentially weighted) |
+//! | 4 | intervals observed (saturating) |
+//! | 4 | last page number seen |
+//! | 4 | current run of consecutive pages |
+//! | 4 | reserved |
+//! | 8 | start of the current page run, ms |
+//! | 16 | response KiB (sliding window) |
+//! | 16 | recent requests, for spike attribution (sliding window) |
 //!
 //! Any change of this layout bumps [`RECORD_FORMAT`]; shards written with
 //! another format are treated as empty, never misread.
@@ -35,8 +46,8 @@ use crate::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
-pub const RECORD_FORMAT: u16 = 2;
-pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16;
+pub const RECORD_FORMAT: u16 = 3;
+pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ClientRecord {
@@ -59,6 +70,25 @@ pub struct ClientRecord {
     pub last_object_id: u64,
     pub object_run: u32,
     pub login_successes: u32,
+    pub sessions: DistinctWindow,
+    pub last_request_ms: u64,
+    pub interval_mean_ms: f32,
+    pub interval_var: f32,
+    pub intervals: u32,
+    pub last_page: u32,
+    pub page_run: u32,
+    pub page_run_start_ms: u64,
+    pub response_kib: SlidingWindow,
+    pub recent_requests: SlidingWindow,
+}
+
+/// Corrupt or negative floats read as 0.
+fn finite(v: f32) -> f32 {
+    if v.is_finite() && v >= 0.0 {
+        v
+    } else {
+        0.0
+    }
 }
 
 impl ClientRecord {
@@ -108,6 +138,17 @@ impl Record for ClientRecord {
         w.u64(self.last_object_id);
         w.u32(self.object_run);
         w.u32(self.login_successes);
+        w.distinct(&self.sessions);
+        w.u64(self.last_request_ms);
+        w.f32(self.interval_mean_ms);
+        w.f32(self.interval_var);
+        w.u32(self.intervals);
+        w.u32(self.last_page);
+        w.u32(self.page_run);
+        w.u32(0);
+        w.u64(self.page_run_start_ms);
+        w.window(&self.response_kib);
+        w.window(&self.recent_requests);
     }
 
     fn decode(bytes: &[u8]) -> ClientRecord {
@@ -132,7 +173,7 @@ impl Record for ClientRecord {
             penalty_reasons,
             recent_reasons,
             // A corrupt float must not poison the score forever.
-            risk: if risk.is_finite() && risk >= 0.0 { risk } else { 0.0 },
+            risk: finite(risk),
             requests,
             rate,
             login_failures: r.window(),
@@ -145,6 +186,19 @@ impl Record for ClientRecord {
             last_object_id: r.u64(),
             object_run: r.u32(),
             login_successes: r.u32(),
+            sessions: r.distinct(),
+            last_request_ms: r.u64(),
+            interval_mean_ms: finite(r.f32()),
+            interval_var: finite(r.f32()),
+            intervals: r.u32(),
+            last_page: r.u32(),
+            page_run: r.u32(),
+            page_run_start_ms: {
+                let _reserved = r.u32();
+                r.u64()
+            },
+            response_kib: r.window(),
+            recent_requests: r.window(),
         }
     }
 
@@ -174,7 +228,7 @@ mod tests {
 
     #[test]
     fn layout_is_what_the_docs_say() {
-        assert_eq!(RECORD_BYTES, 240);
+        assert_eq!(RECORD_BYTES, 328);
         let mut r = ClientRecord::new(0x0102_0304_0506_0708);
         r.risk = 1.5;
         r.login_successes = 9;
@@ -226,6 +280,16 @@ mod tests {
             r.last_object_id = id;
             r.object_run = counts[1];
             r.login_successes = counts[2];
+            r.sessions = DistinctWindow { start_ms: 16, bits: id.rotate_left(3) };
+            r.last_request_ms = seen;
+            r.interval_mean_ms = risk;
+            r.interval_var = risk / 2.0;
+            r.intervals = counts[3];
+            r.last_page = counts[0];
+            r.page_run = counts[1];
+            r.page_run_start_ms = until;
+            r.response_kib = SlidingWindow { start_ms: 17, current: 18, previous: 19 };
+            r.recent_requests = SlidingWindow { start_ms: 20, current: 21, previous: 22 };
             prop_assert_eq!(round_trip(&r), r);
         }
 
