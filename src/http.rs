@@ -72,6 +72,17 @@ impl HttpContext for AbuseFilterHttp {
         let path = String::from_utf8_lossy(&path);
         let method = String::from_utf8_lossy(&method);
         let user_agent = user_agent.as_deref().map(String::from_utf8_lossy);
+        let geo = &engine.config().geo;
+        let asn = geo.asn_header.as_deref().and_then(header);
+        let asn = asn.as_deref().map(String::from_utf8_lossy);
+        // One host call for all names, on login routes only.
+        let header_names = if engine.wants_fingerprint(&method, &path) {
+            hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok().map(|pairs| {
+                pairs.iter().map(|(name, _)| name.as_str()).take(64).collect::<Vec<_>>().join(",")
+            })
+        } else {
+            None
+        };
         let facts = RequestFacts {
             identity: IdentityInput {
                 peer: peer.as_deref(),
@@ -82,6 +93,8 @@ impl HttpContext for AbuseFilterHttp {
             method: &method,
             path: &path,
             user_agent: user_agent.as_deref(),
+            header_names: header_names.as_deref(),
+            asn: asn.as_deref(),
         };
         let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now_ms());
         self.body_limit = engine.wants_body(&exchange);
@@ -93,7 +106,7 @@ impl HttpContext for AbuseFilterHttp {
         metrics::record(&verdict);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
-            log::warn!("{}", verdict.log_line(config.mode, &method, &path));
+            log::warn!("{}", verdict.log_line(&method, &path));
         }
         if verdict.action == Action::Block {
             return reply_blocked(&verdict);
@@ -146,7 +159,7 @@ impl HttpContext for AbuseFilterHttp {
         metrics::record_answer(&verdict);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
-            log::warn!("{}", verdict.log_line(config.mode, &self.method, &self.path));
+            log::warn!("{}", verdict.log_line(&self.method, &self.path));
         }
         if verdict.action == Action::Block {
             // The client is blocked from now on, this answer included: a

@@ -37,8 +37,15 @@ def envoy():
     api.stop()
 
 
-def login(envoy, client, username, password, form=False, ua="Mozilla/5.0"):
-    headers = {"x-forwarded-for": client, "user-agent": ua}
+BROWSER = {
+    "user-agent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "accept": "application/json",
+    "accept-language": "en-GB,en;q=0.5",
+}
+
+
+def login(envoy, client, username, password, form=False, ua="python-requests/2.31.0", browser=False):
+    headers = {"x-forwarded-for": client, **(BROWSER if browser else {"user-agent": ua})}
     if form:
         headers["content-type"] = "application/x-www-form-urlencoded"
         body = f"username={username}&password={password}"
@@ -84,21 +91,24 @@ def test_brute_force_on_one_account_is_blocked(envoy):
 
 def test_user_who_mistypes_twice_logs_in(envoy):
     client = "198.51.100.101"
-    assert login(envoy, client, "alice", "wonderlnd").status == 401
-    assert login(envoy, client, "Alice", "Wonderland").status == 401
-    ok = login(envoy, client, "alice", "wonderland")
+    assert login(envoy, client, "alice", "wonderlnd", browser=True).status == 401
+    assert login(envoy, client, "Alice", "Wonderland", browser=True).status == 401
+    ok = login(envoy, client, "alice", "wonderland", browser=True)
     assert ok.status == 200 and "token" in ok.json()
     assert get(envoy, client, "/api/products?page=1").status == 200
 
 
 def test_takeover_after_many_failures_on_the_account(envoy):
+    # (Its own tool fingerprint: the stuffing tests above may have put the
+    # endpoint under attack for the python-requests one.)
+    ua = "curl/8.5.0"
     # A low-and-slow attack on user0200 from many addresses, 1 try each...
     for n in range(8):
-        assert login(envoy, f"203.0.113.{150 + n}", "user0200", f"wrong{n}").status == 401
+        assert login(envoy, f"203.0.113.{150 + n}", "user0200", f"wrong{n}", ua=ua).status == 401
     # ...then the attacker, who failed on it before, gets the password right:
     attacker = "203.0.113.149"
-    assert login(envoy, attacker, "user0200", "wrong-again").status == 401
-    won = login(envoy, attacker, "user0200", "pass-0200")
+    assert login(envoy, attacker, "user0200", "wrong-again", ua=ua).status == 401
+    won = login(envoy, attacker, "user0200", "pass-0200", ua=ua)
     assert won.status == 403, "the takeover's token must not be delivered"
     assert "account_takeover" in won.json()["reasons"]
     assert "token" not in won.json()
@@ -166,5 +176,44 @@ def test_oversized_or_malformed_login_bodies_pass_unread(envoy):
     bad = request(envoy.port, "POST", "/api/login", {"x-forwarded-for": client, "content-type": "application/json"},
                   "{not json")
     assert bad.status == 400
-    assert login(envoy, client, "alice", "wonderland").status == 200
+    assert login(envoy, client, "alice", "wonderland", browser=True).status == 200
     envoy.wait_stat("abuse_filter.login_bodies_skipped", 1)
+
+
+def test_distributed_stuffing_over_rotating_addresses(api_for_distributed):
+    """250 addresses, 1-3 tries each, one tool fingerprint; a real user logs
+    in meanwhile from a browser."""
+    api = api_for_distributed
+    envoy = Envoy.with_filter(CONFIG, api.port)
+    try:
+        rng = random.Random(42)
+        outcomes = []  # (attempt number, blocked)
+        real_user_statuses = []
+        attempt = 0
+        for n in range(250):
+            client = f"100.{64 + n // 250}.{(n // 16) % 256}.{(n * 7) % 256}"
+            for _ in range(rng.randint(1, 3)):
+                r = login(envoy, client, f"user{rng.randrange(1, 1000):04d}", f"pw{rng.randrange(10**6)}")
+                assert r.status in (401, 403), r.status
+                outcomes.append((attempt, r.status == 403))
+                attempt += 1
+            if n % 25 == 0:
+                real = login(envoy, f"198.51.100.{200 + n // 25}", "bob", "hunter2", browser=True)
+                real_user_statuses.append(real.status)
+        first = next((a for a, blocked in outcomes if blocked), None)
+        assert first is not None and first < 200, f"recognised at attempt {first}"
+        later = [blocked for a, blocked in outcomes if a > first]
+        share = sum(later) / len(later)
+        print(f"distributed stuffing: {len(outcomes)} attempts, recognised at attempt {first}, "
+              f"{share:.1%} of the {len(later)} later attempts blocked")
+        assert share >= 0.95
+        assert real_user_statuses == [200] * len(real_user_statuses), real_user_statuses
+    finally:
+        envoy.stop()
+
+
+@pytest.fixture(scope="module")
+def api_for_distributed():
+    api = DemoApi()
+    yield api
+    api.stop()

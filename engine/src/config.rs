@@ -42,6 +42,9 @@ pub struct Config {
     pub account_takeover: AccountTakeoverConfig,
     pub enumeration: EnumerationConfig,
     pub probing: ProbingConfig,
+    pub geo: GeoConfig,
+    /// Per-reason action (`"anonymous_network": "tag"`); reasons not listed block.
+    pub actions: std::collections::BTreeMap<String, DetectorAction>,
 }
 
 impl Default for Config {
@@ -62,6 +65,8 @@ impl Default for Config {
             account_takeover: AccountTakeoverConfig::default(),
             enumeration: EnumerationConfig::default(),
             probing: ProbingConfig::default(),
+            geo: GeoConfig::default(),
+            actions: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -110,6 +115,10 @@ pub struct RouteGroup {
     /// Empty means every method.
     #[serde(default)]
     pub methods: Vec<String>,
+    /// Overrides the global `mode` for requests on this group (e.g. try a
+    /// stricter policy in monitor mode on one route first).
+    #[serde(default)]
+    pub mode: Option<Mode>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -288,6 +297,70 @@ pub struct CredentialStuffingConfig {
     pub weight: f32,
     /// Login bodies longer than this are not read (the request still passes).
     pub max_body_bytes: u32,
+    pub distributed: DistributedStuffingConfig,
+}
+
+/// Recognising an attack spread over many addresses from the login
+/// endpoint's failure ratio (see `detectors::distributed_stuffing`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedStuffingConfig {
+    pub enabled: bool,
+    pub window_s: u32,
+    /// Attempts in the window before the ratio is judged.
+    pub min_attempts: u32,
+    /// Failure ratio assumed before any traffic was seen.
+    pub baseline_prior: f32,
+    /// Attack when the ratio exceeds `attack_factor` x baseline...
+    pub attack_factor: f32,
+    /// ...and at least this ratio.
+    pub attack_min_ratio: f32,
+    /// How long the endpoint stays "under attack" after the last sign of it.
+    pub hold_s: u32,
+    pub fingerprint_min_failures: u32,
+    /// A client with more requests than this, or any successful login, is not "new".
+    pub new_client_max_requests: u32,
+    pub weight: f32,
+}
+
+impl Default for DistributedStuffingConfig {
+    fn default() -> Self {
+        DistributedStuffingConfig {
+            enabled: true,
+            window_s: 60,
+            min_attempts: 20,
+            baseline_prior: 0.2,
+            attack_factor: 3.0,
+            attack_min_ratio: 0.4,
+            hold_s: 300,
+            fingerprint_min_failures: 10,
+            new_client_max_requests: 5,
+            weight: 100.0,
+        }
+    }
+}
+
+/// Headers set by Envoy's GeoIP filter (`envoy.filters.http.geoip`) in
+/// front of this one; name them as in its `geo_headers_to_add`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeoConfig {
+    pub country_header: Option<String>,
+    pub asn_header: Option<String>,
+    /// Header whose value `true` marks an anonymous network (VPN, Tor, hosting, proxy).
+    pub anonymous_headers: Vec<String>,
+}
+
+/// What a detector's signal may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectorAction {
+    /// Adds its weight to the risk; can block.
+    Block,
+    /// Adds its weight but can never, alone, lift the risk to `block_at`.
+    Tag,
+    /// Counted and shown in stats and reasons; adds no risk.
+    Monitor,
 }
 
 impl Default for CredentialStuffingConfig {
@@ -303,6 +376,7 @@ impl Default for CredentialStuffingConfig {
             max_failures_per_account: 20,
             weight: 100.0,
             max_body_bytes: 8192,
+            distributed: DistributedStuffingConfig::default(),
         }
     }
 }
@@ -601,6 +675,37 @@ impl Config {
         check_range("credential_stuffing.max_failures_per_account", cs.max_failures_per_account, 1, 100_000)?;
         check_finite_range("credential_stuffing.weight", cs.weight, 0.0, 10_000.0)?;
         check_range("credential_stuffing.max_body_bytes", cs.max_body_bytes, 64, 1_048_576)?;
+
+        let d = &cs.distributed;
+        check_range("credential_stuffing.distributed.window_s", d.window_s, 5, 86_400)?;
+        check_range("credential_stuffing.distributed.min_attempts", d.min_attempts, 1, 1_000_000)?;
+        check_finite_range("credential_stuffing.distributed.baseline_prior", d.baseline_prior, 0.0, 1.0)?;
+        check_finite_range("credential_stuffing.distributed.attack_factor", d.attack_factor, 1.0, 100.0)?;
+        check_finite_range("credential_stuffing.distributed.attack_min_ratio", d.attack_min_ratio, 0.01, 1.0)?;
+        check_range("credential_stuffing.distributed.hold_s", d.hold_s, 1, 86_400)?;
+        check_range("credential_stuffing.distributed.fingerprint_min_failures", d.fingerprint_min_failures, 1, 1_000_000)?;
+        check_range("credential_stuffing.distributed.new_client_max_requests", d.new_client_max_requests, 0, 1_000_000)?;
+        check_finite_range("credential_stuffing.distributed.weight", d.weight, 0.0, 10_000.0)?;
+
+        let g = &self.geo;
+        if let Some(h) = &g.country_header {
+            check_header_name("geo.country_header", h)?;
+        }
+        if let Some(h) = &g.asn_header {
+            check_header_name("geo.asn_header", h)?;
+        }
+        for (i, h) in g.anonymous_headers.iter().enumerate().take(16) {
+            check_header_name(&format!("geo.anonymous_headers[{i}]"), h)?;
+        }
+        if g.anonymous_headers.len() > 16 {
+            return Err(err("geo.anonymous_headers", "at most 16 headers"));
+        }
+        for name in self.actions.keys() {
+            if !crate::reason::Reason::ALL.iter().any(|r| r.name() == name) {
+                let known: Vec<&str> = crate::reason::Reason::ALL.iter().map(|r| r.name()).collect();
+                return Err(err(format!("actions.{name}"), format!("unknown reason; known: {}", known.join(", "))));
+            }
+        }
 
         let ato = &self.account_takeover;
         check_range("account_takeover.min_account_failures", ato.min_account_failures, 1, 100_000)?;

@@ -5,7 +5,9 @@
 //! login routes, 404/403 answers and object routes pay for it.
 
 use crate::account::AccountRecord;
-use crate::config::{Config, ConfigError, Mode};
+use crate::config::{Config, ConfigError, DetectorAction, Mode};
+use crate::detectors::distributed_stuffing::DistributedStuffing;
+use crate::endpoint::{EndpointRecord, FingerprintRecord};
 use crate::detectors::enumeration::Enumeration;
 use crate::detectors::login::{LoginDetector, LoginOutcome};
 use crate::detectors::probing::Probing;
@@ -31,10 +33,15 @@ const DOMAIN_CLIENT: u8 = 1;
 const DOMAIN_USERNAME: u8 = 2;
 const DOMAIN_OBJECT: u8 = 3;
 const DOMAIN_PATH: u8 = 4;
+const DOMAIN_ENDPOINT: u8 = 5;
+const DOMAIN_FINGERPRINT: u8 = 6;
 
 /// Accounts tracked: 256 shards x 64 slots of 56 bytes = 0.9 MiB.
 const ACCOUNT_SHARDS: usize = 256;
 const ACCOUNT_SLOTS: usize = 64;
+/// Login fingerprints tracked: 64 x 64 slots of 48 bytes = 192 KiB.
+const FINGERPRINT_SHARDS: usize = 64;
+const FINGERPRINT_SLOTS: usize = 64;
 
 /// What the host read from the request.
 #[derive(Debug, Clone, Copy, Default)]
@@ -43,6 +50,11 @@ pub struct RequestFacts<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub user_agent: Option<&'a str>,
+    /// Request header names in order, comma-joined (login routes only, see
+    /// [`Engine::wants_fingerprint`]).
+    pub header_names: Option<&'a str>,
+    /// The client's ASN, from the GeoIP filter's header.
+    pub asn: Option<&'a str>,
 }
 
 /// What the engine remembers between a request and its answer.
@@ -58,6 +70,8 @@ pub struct Exchange {
     object: bool,
     path_hash: u64,
     username: Option<String>,
+    fingerprint: Option<u64>,
+    mode: Option<Mode>,
 }
 
 /// Outcome of the read-modify-write on the client's record.
@@ -77,8 +91,12 @@ pub struct Engine {
     login: Option<LoginDetector>,
     probing: Option<Probing>,
     enumeration: Option<Enumeration>,
+    distributed: Option<DistributedStuffing>,
+    actions: [DetectorAction; 32],
     clients: ShardedTable<ClientRecord>,
     accounts: ShardedTable<AccountRecord>,
+    endpoints: ShardedTable<EndpointRecord>,
+    fingerprints: ShardedTable<FingerprintRecord>,
     hasher: KeyedHasher,
     half_life_ms: u64,
     penalty_ms: u64,
@@ -115,17 +133,35 @@ impl Engine {
             fingerprint(&layout_tag),
         );
         let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;1"));
+        let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;1"));
+        let fingerprints =
+            ShardedTable::new(STATE_PREFIX, "fingerprints", FINGERPRINT_SHARDS, FINGERPRINT_SLOTS, fingerprint("fingerprints;1"));
+        let login = LoginDetector::new(&config.credential_stuffing, &config.account_takeover);
+        let distributed = match &login {
+            Some(_) => DistributedStuffing::new(&config.credential_stuffing.distributed),
+            None => None,
+        };
+        let mut actions = [DetectorAction::Block; 32];
+        for reason in Reason::ALL {
+            if let (Some(slot), Some(action)) = (actions.get_mut(reason as usize), config.actions.get(reason.name())) {
+                *slot = *action;
+            }
+        }
         Ok(Engine {
             config: config.clone(),
             identity,
             exemptions,
             routes,
             rate,
-            login: LoginDetector::new(&config.credential_stuffing, &config.account_takeover),
+            login,
             probing: Probing::new(&config.probing),
             enumeration: Enumeration::new(&config.enumeration),
+            distributed,
+            actions,
             clients,
             accounts,
+            endpoints,
+            fingerprints,
             hasher,
             half_life_ms: u64::from(config.risk.half_life_s).saturating_mul(1000),
             penalty_ms: u64::from(config.penalty.duration_s).saturating_mul(1000),
@@ -150,18 +186,33 @@ impl Engine {
         if self.login.is_some() {
             created += self.accounts.create_shards(store)?;
         }
+        if self.distributed.is_some() {
+            created += self.endpoints.create_shards(store)?;
+            created += self.fingerprints.create_shards(store)?;
+        }
         Ok(created)
     }
 
     /// Bytes of shared data the state occupies, whatever the traffic.
     pub fn state_bytes(&self) -> usize {
         let accounts = if self.login.is_some() { self.accounts.total_bytes() } else { 0 };
-        self.clients.total_bytes().saturating_add(accounts)
+        let distributed = if self.distributed.is_some() {
+            self.endpoints.total_bytes().saturating_add(self.fingerprints.total_bytes())
+        } else {
+            0
+        };
+        self.clients.total_bytes().saturating_add(accounts).saturating_add(distributed)
     }
 
     /// Whether the host must read the user agent.
     pub fn reads_user_agent(&self) -> bool {
         self.exemptions.needs_user_agent() || self.probing.as_ref().is_some_and(Probing::needs_user_agent)
+    }
+
+    /// Whether the host must collect the request's header names (login
+    /// routes, for the distributed-stuffing fingerprint).
+    pub fn wants_fingerprint(&self, method: &str, path: &str) -> bool {
+        self.distributed.is_some() && self.login.as_ref().is_some_and(|l| l.route(method, path).is_some())
     }
 
     /// Whether the host must read the API key header.
@@ -197,6 +248,34 @@ impl Engine {
             _ => None,
         };
         let object_hash = object.as_ref().map(|o| self.hasher.key(DOMAIN_OBJECT, o.text.as_bytes()));
+        let login_route = self.login.as_ref().and_then(|l| l.route(facts.method, facts.path));
+        let fingerprint = match (&self.distributed, login_route, facts.header_names) {
+            (Some(_), Some(_), Some(names)) => {
+                let text = format!("{names}|{}|{}", facts.user_agent.unwrap_or(""), facts.asn.unwrap_or(""));
+                Some(self.hasher.key(DOMAIN_FINGERPRINT, text.as_bytes()))
+            }
+            _ => None,
+        };
+        let distributed_suspect = match (&self.distributed, login_route, fingerprint) {
+            (Some(d), Some(route), Some(fp)) => {
+                let endpoint_key = self.hasher.key(DOMAIN_ENDPOINT, &route.to_le_bytes());
+                let attacked = self
+                    .endpoints
+                    .peek(store, endpoint_key)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|e| e.under_attack(now_ms));
+                attacked
+                    && self
+                        .fingerprints
+                        .peek(store, fp)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|f| d.fingerprint_is_attacking(&f, now_ms))
+            }
+            _ => false,
+        };
+        let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
         let updated = self.clients.update(store, key, now_ms, |record| {
             if let Some(penalized) = self.penalized(record, now_ms) {
                 return (penalized, false);
@@ -204,22 +283,27 @@ impl Engine {
             if record.first_seen_ms == 0 {
                 record.first_seen_ms = now_ms;
             }
-            record.requests = record.requests.saturating_add(1);
             let mut signal = probe;
+            if let (true, Some(d)) = (distributed_suspect, &self.distributed) {
+                signal.add(d.on_attempt(record));
+            }
             if let Some(rate) = &self.rate {
                 signal.add(rate.observe(routes, record, now_ms));
             }
             if let (Some(e), Some(o), Some(h)) = (&self.enumeration, &object, object_hash) {
                 signal.add(e.on_request(record, o, h, now_ms));
             }
+            record.requests = record.requests.saturating_add(1);
             (self.apply(record, signal, now_ms), true)
         });
-        let verdict = self.verdict(client, updated, now_ms);
+        let verdict = self.verdict(client, updated, mode, now_ms);
         if !verdict.would_block && !verdict.store_failed {
             exchange.judged = true;
             exchange.client_key = key;
             exchange.good_bot = good_bot;
-            exchange.login_route = self.login.as_ref().and_then(|l| l.route(facts.method, facts.path));
+            exchange.login_route = login_route;
+            exchange.fingerprint = fingerprint;
+            exchange.mode = Some(mode);
             exchange.object = object.is_some();
             exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
         }
@@ -275,6 +359,21 @@ impl Engine {
                 .unwrap_or(0.0),
             _ => 0.0,
         };
+        if let (Some(d), Some(route), true) = (&self.distributed, exchange.login_route, outcome != LoginOutcome::Other) {
+            let failed = outcome == LoginOutcome::Failure;
+            let endpoint_key = self.hasher.key(DOMAIN_ENDPOINT, &route.to_le_bytes());
+            // Best effort: a lost update only delays recognition.
+            let _ = self.endpoints.update(store, endpoint_key, now_ms, |e| {
+                d.on_outcome(e, failed, now_ms);
+                ((), true)
+            });
+            if let Some(fp) = exchange.fingerprint {
+                let _ = self.fingerprints.update(store, fp, now_ms, |f| {
+                    d.on_fingerprint_outcome(f, failed, now_ms);
+                    ((), true)
+                });
+            }
+        }
         let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
             if let Some(penalized) = self.penalized(record, now_ms) {
                 return (penalized, false);
@@ -294,7 +393,8 @@ impl Engine {
             }
             (self.apply(record, signal, now_ms), true)
         });
-        let mut verdict = self.verdict(client, updated, now_ms);
+        let mode = exchange.mode.unwrap_or(self.config.mode);
+        let mut verdict = self.verdict(client, updated, mode, now_ms);
         verdict.on_response = true;
         // Penalties found here were already handled by the request phase.
         (!verdict.penalized).then_some(verdict)
@@ -315,12 +415,26 @@ impl Engine {
         if decayed < 1.0 {
             record.recent_reasons = ReasonSet::default();
         }
-        let risk = risk::add(decayed, signal.risk);
+        // Each reason's share counts as its configured action says.
+        let (mut blocking, mut tagging) = (0.0f32, 0.0f32);
+        for reason in signal.reasons.iter() {
+            match self.actions.get(reason as usize).copied().unwrap_or(DetectorAction::Block) {
+                DetectorAction::Block => blocking += signal.part(reason),
+                DetectorAction::Tag => tagging += signal.part(reason),
+                DetectorAction::Monitor => {}
+            }
+        }
+        let mut risk = risk::add(decayed, blocking + tagging);
+        if blocking <= 0.0 {
+            // Tag-only signals never lift a client to block_at by themselves.
+            let ceiling = (self.config.risk.block_at - 0.01).max(decayed);
+            risk = risk.min(ceiling);
+        }
         record.risk = risk;
         record.last_seen_ms = now_ms;
         record.recent_reasons = record.recent_reasons.union(signal.reasons);
         let mut blocked_until_ms = None;
-        if risk >= self.config.risk.block_at && !signal.reasons.is_empty() {
+        if risk >= self.config.risk.block_at && blocking > 0.0 {
             let until = now_ms.saturating_add(self.penalty_ms);
             record.penalty_until_ms = until;
             record.penalty_reasons = record.recent_reasons;
@@ -333,9 +447,11 @@ impl Engine {
         &self,
         client: ClientAddr,
         updated: Result<(Outcome, UpdateStats), crate::store::UpdateFailed>,
+        mode: Mode,
         now_ms: u64,
     ) -> Verdict {
         let mut v = Verdict::allow(client);
+        v.mode = mode;
         let (outcome, stats) = match updated {
             Ok(done) => done,
             Err(failed) => {
@@ -368,7 +484,7 @@ impl Engine {
             v.would_block = true;
             v.status = v.reasons.block_status();
             v.retry_after_s = until_ms.saturating_sub(now_ms).div_ceil(1000).max(1);
-            v.action = match self.config.mode {
+            v.action = match mode {
                 Mode::Block => Action::Block,
                 Mode::Monitor => Action::Tag,
             };
@@ -399,7 +515,7 @@ mod tests {
             },
             method: "GET",
             path,
-            user_agent: None,
+            ..RequestFacts::default()
         }
     }
 

@@ -7,6 +7,7 @@ pub mod account;
 pub mod codec;
 pub mod config;
 pub mod detectors;
+pub mod endpoint;
 pub mod engine;
 pub mod exemptions;
 pub mod hash;

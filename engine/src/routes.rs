@@ -1,7 +1,7 @@
 //! Route groups: named parts of the API (path prefix + methods) that
 //! detectors are scoped to. Matching is on the path without its query.
 
-use crate::config::RouteGroup;
+use crate::config::{Mode, RouteGroup};
 
 /// Set of matching route groups, as a bit set over their config order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,6 +27,14 @@ impl RouteTable {
         self.groups.iter().position(|g| g.name == name)
     }
 
+    /// The mode of the first matching group that overrides it.
+    pub fn mode_for(&self, routes: RouteMatch) -> Option<Mode> {
+        self.groups
+            .iter()
+            .enumerate()
+            .find_map(|(i, g)| if routes.contains(i) { g.mode } else { None })
+    }
+
     pub fn matches(&self, method: &str, path: &str) -> RouteMatch {
         let path = path.split(['?', '#']).next().unwrap_or(path);
         let mut set = 0u64;
@@ -47,8 +55,8 @@ mod tests {
     #[test]
     fn prefix_and_method() {
         let t = RouteTable::new(&[
-            RouteGroup { name: "login".into(), path_prefix: "/api/login".into(), methods: vec!["POST".into()] },
-            RouteGroup { name: "api".into(), path_prefix: "/api/".into(), methods: vec![] },
+            RouteGroup { name: "login".into(), path_prefix: "/api/login".into(), methods: vec!["POST".into()], mode: None },
+            RouteGroup { name: "api".into(), path_prefix: "/api/".into(), methods: vec![], mode: None },
         ]);
         let m = t.matches("POST", "/api/login?x=1");
         assert!(m.contains(0) && m.contains(1));

@@ -52,6 +52,8 @@ pub struct Verdict {
     pub exempt: bool,
     /// Decided on the answer (outcome detectors), not on the request.
     pub on_response: bool,
+    /// The mode in force for this request (global, or its route group's).
+    pub mode: Mode,
 }
 
 impl Verdict {
@@ -71,6 +73,7 @@ impl Verdict {
             store_failed: false,
             exempt: false,
             on_response: false,
+            mode: Mode::Monitor,
         }
     }
 
@@ -95,7 +98,8 @@ impl Verdict {
     }
 
     /// One structured line for a block or a would-block.
-    pub fn log_line(&self, mode: Mode, method: &str, path: &str) -> String {
+    pub fn log_line(&self, method: &str, path: &str) -> String {
+        let mode = self.mode;
         let path: String = path.chars().take(256).collect();
         let method: String = method.chars().take(16).collect();
         json!({
@@ -123,6 +127,7 @@ mod tests {
     fn body_and_log_are_json() {
         let mut v = Verdict::allow(ClientAddr::Ip("192.0.2.1".parse().unwrap()));
         v.action = Action::Block;
+        v.mode = Mode::Block;
         v.reasons.insert(Reason::RateLimit);
         v.retry_after_s = 30;
         v.risk = 123.46;
@@ -130,7 +135,7 @@ mod tests {
         assert_eq!(body["error"], "request blocked");
         assert_eq!(body["reasons"][0], "rate_limit");
         assert_eq!(body["retry_after_s"], 30);
-        let log: serde_json::Value = serde_json::from_str(&v.log_line(Mode::Block, "GET", "/x\"y")).unwrap();
+        let log: serde_json::Value = serde_json::from_str(&v.log_line("GET", "/x\"y")).unwrap();
         assert_eq!(log["event"], "block");
         assert_eq!(log["client"], "192.0.2.1");
         assert_eq!(log["path"], "/x\"y");

@@ -1,6 +1,7 @@
 //! Detectors: each looks at one request (or its answer) in the light of the
 //! client's record and returns a [`Signal`] — risk to add and the reasons why.
 
+pub mod distributed_stuffing;
 pub mod enumeration;
 pub mod login;
 pub mod probing;
@@ -8,20 +9,38 @@ pub mod rate;
 
 use crate::reason::{Reason, ReasonSet};
 
+/// Room for every reason's share of a signal (reasons are a u32 bit set).
+const MAX_REASONS: usize = 32;
+
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Signal {
+    /// Total risk of the signal.
     pub risk: f32,
     pub reasons: ReasonSet,
+    /// Risk per reason, so that each reason's configured action applies to its share.
+    parts: [f32; MAX_REASONS],
 }
 
 impl Signal {
     pub fn fire(&mut self, reason: Reason, risk: f32) {
-        self.risk += risk.max(0.0);
+        let risk = if risk.is_finite() { risk.max(0.0) } else { 0.0 };
+        self.risk += risk;
+        if let Some(part) = self.parts.get_mut(reason as usize) {
+            *part += risk;
+        }
         self.reasons.insert(reason);
     }
 
     pub fn add(&mut self, other: Signal) {
         self.risk += other.risk;
         self.reasons = self.reasons.union(other.reasons);
+        for (mine, theirs) in self.parts.iter_mut().zip(other.parts.iter()) {
+            *mine += *theirs;
+        }
+    }
+
+    /// Risk contributed by one reason.
+    pub fn part(&self, reason: Reason) -> f32 {
+        self.parts.get(reason as usize).copied().unwrap_or(0.0)
     }
 }

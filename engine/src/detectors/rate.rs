@@ -91,6 +91,7 @@ mod tests {
             name: "login".into(),
             path_prefix: "/login".into(),
             methods: vec!["POST".into()],
+            mode: None,
         }]);
         let config = RateConfig {
             enabled: true,

@@ -1,0 +1,149 @@
+//! A login endpoint's own history, fleet-wide within this Envoy: attempts
+//! and failures over a short window, the failure ratio it normally has
+//! (learned), and whether it is under attack now.
+//!
+//! Layout, [`ENDPOINT_BYTES`] bytes: key 8 · last_seen_ms 8 · attempts
+//! (sliding window) 16 · failures (sliding window) 16 · baseline failure
+//! ratio (f32) 4 · baseline samples 4 · attack_until_ms 8.
+
+use crate::codec::{Reader, Writer};
+use crate::shard::Record;
+use crate::window::SlidingWindow;
+
+pub const ENDPOINT_BYTES: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EndpointRecord {
+    pub key: u64,
+    pub last_seen_ms: u64,
+    pub attempts: SlidingWindow,
+    pub failures: SlidingWindow,
+    pub baseline: f32,
+    pub baseline_samples: u32,
+    pub attack_until_ms: u64,
+}
+
+impl EndpointRecord {
+    pub fn under_attack(&self, now_ms: u64) -> bool {
+        self.attack_until_ms > now_ms
+    }
+}
+
+impl Record for EndpointRecord {
+    const BYTES: usize = ENDPOINT_BYTES;
+
+    fn new(key: u64) -> EndpointRecord {
+        EndpointRecord { key, ..EndpointRecord::default() }
+    }
+
+    fn key(&self) -> u64 {
+        self.key
+    }
+
+    fn encode(&self, out: &mut [u8]) {
+        let mut w = Writer::new(out);
+        w.u64(self.key);
+        w.u64(self.last_seen_ms);
+        w.window(&self.attempts);
+        w.window(&self.failures);
+        w.f32(self.baseline);
+        w.u32(self.baseline_samples);
+        w.u64(self.attack_until_ms);
+    }
+
+    fn decode(bytes: &[u8]) -> EndpointRecord {
+        let mut r = Reader::new(bytes);
+        let key = r.u64();
+        let last_seen_ms = r.u64();
+        let attempts = r.window();
+        let failures = r.window();
+        let baseline = r.f32();
+        EndpointRecord {
+            key,
+            last_seen_ms,
+            attempts,
+            failures,
+            baseline: if baseline.is_finite() { baseline.clamp(0.0, 1.0) } else { 0.0 },
+            baseline_samples: r.u32(),
+            attack_until_ms: r.u64(),
+        }
+    }
+
+    fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
+        (false, self.last_seen_ms)
+    }
+}
+
+/// A client fingerprint's login outcomes (user agent + header-name order +
+/// ASN): an attack tool rotating addresses keeps its fingerprint.
+///
+/// Layout, [`FINGERPRINT_BYTES`] bytes: key 8 · last_seen_ms 8 · failures
+/// (sliding window) 16 · successes (sliding window) 16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FingerprintRecord {
+    pub key: u64,
+    pub last_seen_ms: u64,
+    pub failures: SlidingWindow,
+    pub successes: SlidingWindow,
+}
+
+pub const FINGERPRINT_BYTES: usize = 48;
+
+impl Record for FingerprintRecord {
+    const BYTES: usize = FINGERPRINT_BYTES;
+
+    fn new(key: u64) -> FingerprintRecord {
+        FingerprintRecord { key, ..FingerprintRecord::default() }
+    }
+
+    fn key(&self) -> u64 {
+        self.key
+    }
+
+    fn encode(&self, out: &mut [u8]) {
+        let mut w = Writer::new(out);
+        w.u64(self.key);
+        w.u64(self.last_seen_ms);
+        w.window(&self.failures);
+        w.window(&self.successes);
+    }
+
+    fn decode(bytes: &[u8]) -> FingerprintRecord {
+        let mut r = Reader::new(bytes);
+        FingerprintRecord { key: r.u64(), last_seen_ms: r.u64(), failures: r.window(), successes: r.window() }
+    }
+
+    fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
+        (false, self.last_seen_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codecs_round_trip() {
+        let e = EndpointRecord {
+            key: 1,
+            last_seen_ms: 2,
+            attempts: SlidingWindow { start_ms: 3, current: 4, previous: 5 },
+            failures: SlidingWindow { start_ms: 6, current: 7, previous: 8 },
+            baseline: 0.25,
+            baseline_samples: 9,
+            attack_until_ms: 10,
+        };
+        let mut buf = [0u8; ENDPOINT_BYTES];
+        e.encode(&mut buf);
+        assert_eq!(EndpointRecord::decode(&buf), e);
+        let f = FingerprintRecord {
+            key: 1,
+            last_seen_ms: 2,
+            failures: SlidingWindow { start_ms: 3, current: 4, previous: 5 },
+            successes: SlidingWindow { start_ms: 6, current: 7, previous: 8 },
+        };
+        let mut buf = [0u8; FINGERPRINT_BYTES];
+        f.encode(&mut buf);
+        assert_eq!(FingerprintRecord::decode(&buf), f);
+    }
+}
