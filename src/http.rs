@@ -75,6 +75,14 @@ impl HttpContext for AbuseFilterHttp {
         let geo = &engine.config().geo;
         let asn = geo.asn_header.as_deref().and_then(header);
         let asn = asn.as_deref().map(String::from_utf8_lossy);
+        let country = geo.country_header.as_deref().and_then(header);
+        let country = country.as_deref().map(String::from_utf8_lossy);
+        let anonymous = geo
+            .anonymous_headers
+            .iter()
+            .any(|h| header(h).is_some_and(|v| v.eq_ignore_ascii_case(b"true")));
+        let cookie = if engine.reads_cookie() { header("cookie") } else { None };
+        let authorization = if engine.reads_authorization() { header("authorization") } else { None };
         // One host call for all names, on login routes only.
         let header_names = if engine.wants_fingerprint(&method, &path) {
             hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok().map(|pairs| {
@@ -88,13 +96,16 @@ impl HttpContext for AbuseFilterHttp {
                 peer: peer.as_deref(),
                 forwarded_for: forwarded_for.as_deref(),
                 api_key: api_key.as_deref(),
-                ..IdentityInput::default()
+                cookie: cookie.as_deref(),
+                authorization: authorization.as_deref(),
             },
             method: &method,
             path: &path,
             user_agent: user_agent.as_deref(),
             header_names: header_names.as_deref(),
             asn: asn.as_deref(),
+            country: country.as_deref(),
+            anonymous,
         };
         let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now_ms());
         self.body_limit = engine.wants_body(&exchange);

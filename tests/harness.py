@@ -25,6 +25,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
 DEMO_API = ROOT / "examples" / "demo_api" / "server.py"
+GEOIP_DIR = ROOT.parent / "shared" / "data" / "geoip"
+
+# Headers the GeoIP filter sets (as in envoy/envoy.yaml). They are stripped
+# from incoming requests first: when a lookup finds nothing the GeoIP filter
+# leaves a client-sent value in place.
+GEO_HEADERS = {
+    "country": "x-geo-country",
+    "asn": "x-geo-asn",
+    "anon_vpn": "x-geo-anon-vpn",
+    "anon_hosting": "x-geo-anon-hosting",
+    "anon_tor": "x-geo-anon-tor",
+    "anon_proxy": "x-geo-anon-proxy",
+}
+
+
+def geoip_filters(geoip_dir: Path = GEOIP_DIR) -> list[dict]:
+    """Strip client-sent geo headers, then Envoy's own GeoIP filter (MaxMind),
+    looking up the address from the last X-Forwarded-For entry."""
+    return [
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {"request_mutations": [{"remove": h} for h in GEO_HEADERS.values()]},
+            },
+        },
+        {
+            "name": "envoy.filters.http.geoip",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.geoip.v3.Geoip",
+                "xff_config": {"xff_num_trusted_hops": 0},
+                "provider": {
+                    "name": "envoy.geoip_providers.maxmind",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.geoip_providers.maxmind.v3.MaxMindConfig",
+                        "common_provider_config": {"geo_headers_to_add": GEO_HEADERS},
+                        "city_db_path": str(geoip_dir / "GeoLite2-City-Test.mmdb"),
+                        "asn_db_path": str(geoip_dir / "GeoLite2-ASN-Test.mmdb"),
+                        "anon_db_path": str(geoip_dir / "GeoIP2-Anonymous-IP-Test.mmdb"),
+                    },
+                },
+            },
+        },
+    ]
 
 
 def envoy_binary() -> str:
@@ -99,10 +143,11 @@ def envoy_config(
     upstream_port: int,
     wasm: Path = WASM,
     with_filter: bool = True,
+    geoip: bool = False,
 ) -> dict:
     """An Envoy bootstrap: the abuse filter in front of the demo API, plus a
     direct-response route `/direct` (no upstream) for load tests."""
-    filters = []
+    filters = geoip_filters() if geoip else []
     if with_filter:
         filters.append(
             {

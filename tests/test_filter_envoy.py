@@ -118,7 +118,7 @@ def test_monitor_mode_lets_everything_through_and_counts_would_blocks(envoy_fact
     # What reached the upstream was tagged with the would-be reason.
     echoed = get(envoy, "/debug/headers", client).json()["headers"]
     assert echoed["x-abuse-reasons"] == "rate_limit"
-    assert int(echoed["x-abuse-score"]) >= 100
+    assert int(echoed["x-abuse-score"]) >= 90  # block_at 100, decayed a little since
     lines = [l for l in envoy.log().splitlines() if '"event":"would_block"' in l]
     assert len(lines) == 1 and '"mode":"monitor"' in lines[0]
 

@@ -42,6 +42,7 @@ pub struct Config {
     pub account_takeover: AccountTakeoverConfig,
     pub enumeration: EnumerationConfig,
     pub probing: ProbingConfig,
+    pub sessions: SessionConfig,
     pub geo: GeoConfig,
     /// Per-reason action (`"anonymous_network": "tag"`); reasons not listed block.
     pub actions: std::collections::BTreeMap<String, DetectorAction>,
@@ -65,6 +66,7 @@ impl Default for Config {
             account_takeover: AccountTakeoverConfig::default(),
             enumeration: EnumerationConfig::default(),
             probing: ProbingConfig::default(),
+            sessions: SessionConfig::default(),
             geo: GeoConfig::default(),
             actions: std::collections::BTreeMap::new(),
         }
@@ -340,15 +342,56 @@ impl Default for DistributedStuffingConfig {
     }
 }
 
+/// Anomalous sessions (see `detectors::session`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    pub enabled: bool,
+    pub window_s: u32,
+    /// Addresses one session may use in the window (phone on Wi-Fi and LTE, laptop, ...).
+    pub max_addresses: u32,
+    pub max_user_agents: u32,
+    pub max_sessions_per_client: u32,
+    /// A session seen at home less than this long ago cannot be in another country.
+    pub min_travel_s: u32,
+    pub weight: f32,
+    pub churn_weight: f32,
+    pub travel_weight: f32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            enabled: true,
+            window_s: 600,
+            max_addresses: 4,
+            max_user_agents: 3,
+            max_sessions_per_client: 30,
+            min_travel_s: 3600,
+            weight: 100.0,
+            churn_weight: 40.0,
+            travel_weight: 100.0,
+        }
+    }
+}
+
 /// Headers set by Envoy's GeoIP filter (`envoy.filters.http.geoip`) in
 /// front of this one; name them as in its `geo_headers_to_add`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GeoConfig {
     pub country_header: Option<String>,
     pub asn_header: Option<String>,
-    /// Header whose value `true` marks an anonymous network (VPN, Tor, hosting, proxy).
+    /// Headers whose value `true` marks an anonymous network (VPN, Tor, hosting, proxy).
     pub anonymous_headers: Vec<String>,
+    /// Risk per request from an anonymous network (`anonymous_network` tags by default).
+    pub anonymous_weight: f32,
+}
+
+impl Default for GeoConfig {
+    fn default() -> Self {
+        GeoConfig { country_header: None, asn_header: None, anonymous_headers: Vec::new(), anonymous_weight: 30.0 }
+    }
 }
 
 /// What a detector's signal may do.
@@ -687,7 +730,18 @@ impl Config {
         check_range("credential_stuffing.distributed.new_client_max_requests", d.new_client_max_requests, 0, 1_000_000)?;
         check_finite_range("credential_stuffing.distributed.weight", d.weight, 0.0, 10_000.0)?;
 
+        let se = &self.sessions;
+        check_range("sessions.window_s", se.window_s, 10, 86_400)?;
+        check_range("sessions.max_addresses", se.max_addresses, 1, 100)?;
+        check_range("sessions.max_user_agents", se.max_user_agents, 1, 100)?;
+        check_range("sessions.max_sessions_per_client", se.max_sessions_per_client, 1, 100)?;
+        check_range("sessions.min_travel_s", se.min_travel_s, 60, 86_400 * 7)?;
+        check_finite_range("sessions.weight", se.weight, 0.0, 10_000.0)?;
+        check_finite_range("sessions.churn_weight", se.churn_weight, 0.0, 10_000.0)?;
+        check_finite_range("sessions.travel_weight", se.travel_weight, 0.0, 10_000.0)?;
+
         let g = &self.geo;
+        check_finite_range("geo.anonymous_weight", g.anonymous_weight, 0.0, 10_000.0)?;
         if let Some(h) = &g.country_header {
             check_header_name("geo.country_header", h)?;
         }

@@ -11,6 +11,8 @@ use crate::endpoint::{EndpointRecord, FingerprintRecord};
 use crate::detectors::enumeration::Enumeration;
 use crate::detectors::login::{LoginDetector, LoginOutcome};
 use crate::detectors::probing::Probing;
+use crate::detectors::session::{country_code, Sessions};
+use crate::session::SessionRecord;
 use crate::detectors::rate::RequestRate;
 use crate::detectors::Signal;
 use crate::exemptions::Exemptions;
@@ -35,6 +37,8 @@ const DOMAIN_OBJECT: u8 = 3;
 const DOMAIN_PATH: u8 = 4;
 const DOMAIN_ENDPOINT: u8 = 5;
 const DOMAIN_FINGERPRINT: u8 = 6;
+const DOMAIN_SESSION: u8 = 7;
+const DOMAIN_USER_AGENT: u8 = 8;
 
 /// Accounts tracked: 256 shards x 64 slots of 56 bytes = 0.9 MiB.
 const ACCOUNT_SHARDS: usize = 256;
@@ -42,6 +46,9 @@ const ACCOUNT_SLOTS: usize = 64;
 /// Login fingerprints tracked: 64 x 64 slots of 48 bytes = 192 KiB.
 const FINGERPRINT_SHARDS: usize = 64;
 const FINGERPRINT_SLOTS: usize = 64;
+/// Sessions tracked: 256 x 64 slots of 64 bytes = 1 MiB.
+const SESSION_SHARDS: usize = 256;
+const SESSION_SLOTS: usize = 64;
 
 /// What the host read from the request.
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,6 +62,10 @@ pub struct RequestFacts<'a> {
     pub header_names: Option<&'a str>,
     /// The client's ASN, from the GeoIP filter's header.
     pub asn: Option<&'a str>,
+    /// The client's country, from the GeoIP filter's header.
+    pub country: Option<&'a str>,
+    /// The GeoIP filter marked the address as VPN, Tor, hosting or proxy.
+    pub anonymous: bool,
 }
 
 /// What the engine remembers between a request and its answer.
@@ -92,11 +103,13 @@ pub struct Engine {
     probing: Option<Probing>,
     enumeration: Option<Enumeration>,
     distributed: Option<DistributedStuffing>,
+    sessions: Option<Sessions>,
     actions: [DetectorAction; 32],
     clients: ShardedTable<ClientRecord>,
     accounts: ShardedTable<AccountRecord>,
     endpoints: ShardedTable<EndpointRecord>,
     fingerprints: ShardedTable<FingerprintRecord>,
+    session_table: ShardedTable<SessionRecord>,
     hasher: KeyedHasher,
     half_life_ms: u64,
     penalty_ms: u64,
@@ -136,6 +149,8 @@ impl Engine {
         let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;1"));
         let fingerprints =
             ShardedTable::new(STATE_PREFIX, "fingerprints", FINGERPRINT_SHARDS, FINGERPRINT_SLOTS, fingerprint("fingerprints;1"));
+        let session_table =
+            ShardedTable::new(STATE_PREFIX, "sessions", SESSION_SHARDS, SESSION_SLOTS, fingerprint("sessions;1"));
         let login = LoginDetector::new(&config.credential_stuffing, &config.account_takeover);
         let distributed = match &login {
             Some(_) => DistributedStuffing::new(&config.credential_stuffing.distributed),
@@ -143,8 +158,8 @@ impl Engine {
         };
         let mut actions = [DetectorAction::Block; 32];
         for reason in Reason::ALL {
-            if let (Some(slot), Some(action)) = (actions.get_mut(reason as usize), config.actions.get(reason.name())) {
-                *slot = *action;
+            if let Some(slot) = actions.get_mut(reason as usize) {
+                *slot = config.actions.get(reason.name()).copied().unwrap_or(reason.default_action());
             }
         }
         Ok(Engine {
@@ -157,11 +172,13 @@ impl Engine {
             probing: Probing::new(&config.probing),
             enumeration: Enumeration::new(&config.enumeration),
             distributed,
+            sessions: Sessions::new(&config.sessions),
             actions,
             clients,
             accounts,
             endpoints,
             fingerprints,
+            session_table,
             hasher,
             half_life_ms: u64::from(config.risk.half_life_s).saturating_mul(1000),
             penalty_ms: u64::from(config.penalty.duration_s).saturating_mul(1000),
@@ -190,6 +207,9 @@ impl Engine {
             created += self.endpoints.create_shards(store)?;
             created += self.fingerprints.create_shards(store)?;
         }
+        if self.tracks_sessions() {
+            created += self.session_table.create_shards(store)?;
+        }
         Ok(created)
     }
 
@@ -201,12 +221,20 @@ impl Engine {
         } else {
             0
         };
-        self.clients.total_bytes().saturating_add(accounts).saturating_add(distributed)
+        let sessions = if self.tracks_sessions() { self.session_table.total_bytes() } else { 0 };
+        self.clients
+            .total_bytes()
+            .saturating_add(accounts)
+            .saturating_add(distributed)
+            .saturating_add(sessions)
     }
 
     /// Whether the host must read the user agent.
     pub fn reads_user_agent(&self) -> bool {
-        self.exemptions.needs_user_agent() || self.probing.as_ref().is_some_and(Probing::needs_user_agent)
+        self.exemptions.needs_user_agent()
+            || self.probing.as_ref().is_some_and(Probing::needs_user_agent)
+            || self.tracks_sessions()
+            || self.distributed.is_some()
     }
 
     /// Whether the host must collect the request's header names (login
@@ -217,7 +245,23 @@ impl Engine {
 
     /// Whether the host must read the API key header.
     pub fn reads_api_key(&self) -> bool {
-        self.exemptions.needs_api_key()
+        self.identity.api_key_header.is_some() && (self.exemptions.needs_api_key() || self.sessions.is_some())
+    }
+
+    /// Whether sessions are tracked (the detector is on and a session identity configured).
+    pub fn tracks_sessions(&self) -> bool {
+        let c = &self.config.client;
+        self.sessions.is_some() && (c.session_cookie.is_some() || c.api_key_header.is_some() || c.jwt_claim.is_some())
+    }
+
+    /// Whether the host must read `Cookie` (session cookie configured).
+    pub fn reads_cookie(&self) -> bool {
+        self.sessions.is_some() && self.identity.session_cookie.is_some()
+    }
+
+    /// Whether the host must read `Authorization` (JWT claim configured).
+    pub fn reads_authorization(&self) -> bool {
+        self.sessions.is_some() && self.identity.jwt_claim.is_some()
     }
 
     pub fn identify(&self, input: &IdentityInput<'_>) -> ClientIdentity {
@@ -276,6 +320,7 @@ impl Engine {
             _ => false,
         };
         let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
+        let (session_hash, session_signal) = self.observe_session(store, facts, key, now_ms);
         let updated = self.clients.update(store, key, now_ms, |record| {
             if let Some(penalized) = self.penalized(record, now_ms) {
                 return (penalized, false);
@@ -284,6 +329,13 @@ impl Engine {
                 record.first_seen_ms = now_ms;
             }
             let mut signal = probe;
+            signal.add(session_signal);
+            if let (Some(d), Some(h)) = (&self.sessions, session_hash) {
+                signal.add(d.on_client(record, h, now_ms));
+            }
+            if facts.anonymous {
+                signal.fire(Reason::AnonymousNetwork, self.config.geo.anonymous_weight);
+            }
             if let (true, Some(d)) = (distributed_suspect, &self.distributed) {
                 signal.add(d.on_attempt(record));
             }
@@ -308,6 +360,36 @@ impl Engine {
             exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
         }
         (verdict, exchange)
+    }
+
+    /// Updates the session's footprint; returns its hash and what it showed.
+    fn observe_session(
+        &self,
+        store: &dyn SharedStore,
+        facts: &RequestFacts<'_>,
+        client_key: u64,
+        now_ms: u64,
+    ) -> (Option<u64>, Signal) {
+        let Some(sessions) = &self.sessions else {
+            return (None, Signal::default());
+        };
+        let id = self.identity.identify(&facts.identity);
+        // One identity per request: the most specific one present.
+        let session = match (&id.session, &id.api_key, &id.subject) {
+            (Some(s), _, _) => format!("cookie:{s}"),
+            (None, Some(k), _) => format!("key:{k}"),
+            (None, None, Some(sub)) => format!("sub:{sub}"),
+            _ => return (None, Signal::default()),
+        };
+        let hash = self.hasher.key(DOMAIN_SESSION, session.as_bytes());
+        let ua_hash = self.hasher.key(DOMAIN_USER_AGENT, facts.user_agent.unwrap_or("").as_bytes());
+        let country = facts.country.and_then(country_code);
+        let signal = self
+            .session_table
+            .update(store, hash, now_ms, |s| (sessions.on_request(s, client_key, ua_hash, country, now_ms), true))
+            .map(|(signal, _)| signal)
+            .unwrap_or_default();
+        (Some(hash), signal)
     }
 
     /// How much request body to read for this exchange (login routes only).

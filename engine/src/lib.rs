@@ -16,6 +16,7 @@ pub mod reason;
 pub mod record;
 pub mod risk;
 pub mod routes;
+pub mod session;
 pub mod shard;
 pub mod sketch;
 pub mod store;

@@ -14,15 +14,33 @@ pub enum Reason {
     Enumeration = 3,
     /// Forced browsing, sensitive files, scanner tools.
     Probing = 4,
+    /// Harvesting: machine rhythm, deep fast pagination, abnormal volume.
+    Scraping = 5,
+    /// One session token, API key or JWT subject used from many addresses or user agents.
+    SessionSharing = 6,
+    /// One client churning through many sessions.
+    SessionChurn = 7,
+    /// A session jumping between countries faster than travel allows.
+    ImpossibleTravel = 8,
+    /// Traffic from a VPN, Tor, hosting or proxy network.
+    AnonymousNetwork = 9,
+    /// Driving a sudden rise of an endpoint's traffic over its own baseline.
+    EndpointSpike = 10,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 11] = [
         Reason::RateLimit,
         Reason::CredentialStuffing,
         Reason::AccountTakeover,
         Reason::Enumeration,
         Reason::Probing,
+        Reason::Scraping,
+        Reason::SessionSharing,
+        Reason::SessionChurn,
+        Reason::ImpossibleTravel,
+        Reason::AnonymousNetwork,
+        Reason::EndpointSpike,
     ];
 
     pub fn name(self) -> &'static str {
@@ -32,12 +50,27 @@ impl Reason {
             Reason::AccountTakeover => "account_takeover",
             Reason::Enumeration => "enumeration",
             Reason::Probing => "probing",
+            Reason::Scraping => "scraping",
+            Reason::SessionSharing => "session_sharing",
+            Reason::SessionChurn => "session_churn",
+            Reason::ImpossibleTravel => "impossible_travel",
+            Reason::AnonymousNetwork => "anonymous_network",
+            Reason::EndpointSpike => "endpoint_spike",
         }
     }
 
     /// Volume reasons answer 429 (slow down); intent reasons answer 403.
     pub fn is_volumetric(self) -> bool {
-        matches!(self, Reason::RateLimit)
+        matches!(self, Reason::RateLimit | Reason::EndpointSpike)
+    }
+
+    /// The action a reason has unless configured otherwise: weak or
+    /// collateral-prone signals only tag.
+    pub fn default_action(self) -> crate::config::DetectorAction {
+        match self {
+            Reason::SessionChurn | Reason::AnonymousNetwork => crate::config::DetectorAction::Tag,
+            _ => crate::config::DetectorAction::Block,
+        }
     }
 
     fn bit(self) -> u32 {

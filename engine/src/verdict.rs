@@ -77,9 +77,10 @@ impl Verdict {
         }
     }
 
-    /// `x-abuse-score` value: the risk rounded to an integer.
+    /// `x-abuse-score` value: the risk rounded down, so a score shown as
+    /// 100 always means "at block_at 100".
     pub fn score_header(&self) -> String {
-        format!("{}", self.risk.max(0.0).round() as u64)
+        format!("{}", self.risk.max(0.0).floor() as u64)
     }
 
     /// `x-abuse-reasons` value: comma-separated reason names.
@@ -130,7 +131,7 @@ mod tests {
         v.mode = Mode::Block;
         v.reasons.insert(Reason::RateLimit);
         v.retry_after_s = 30;
-        v.risk = 123.46;
+        v.risk = 123.96;
         let body: serde_json::Value = serde_json::from_str(&v.block_body()).unwrap();
         assert_eq!(body["error"], "request blocked");
         assert_eq!(body["reasons"][0], "rate_limit");

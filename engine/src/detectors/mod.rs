@@ -6,6 +6,7 @@ pub mod enumeration;
 pub mod login;
 pub mod probing;
 pub mod rate;
+pub mod session;
 
 use crate::reason::{Reason, ReasonSet};
 
