@@ -40,7 +40,7 @@ fn header(name: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -164,7 +164,17 @@ impl HttpContext for AbuseFilterHttp {
         else {
             return WasmAction::Continue;
         };
-        let Some(verdict) = engine.on_response(&EnvoySharedData, &self.exchange, status, now_ms()) else {
+        let kib = if engine.reads_response_size() {
+            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, "content-length")
+                .ok()
+                .flatten()
+                .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse::<u64>().ok()))
+                // Nearest KiB: small answers (< 512 B) cost no shared-data update.
+                .map(|bytes| u32::try_from(bytes.saturating_add(512) / 1024).unwrap_or(u32::MAX))
+        } else {
+            None
+        };
+        let Some(verdict) = engine.on_response(&EnvoySharedData, &self.exchange, status, kib, now_ms()) else {
             return WasmAction::Continue;
         };
         metrics::record_answer(&verdict);

@@ -69,6 +69,9 @@ impl RootContext for AbuseFilterRoot {
     }
 
     fn on_tick(&mut self) {
+        if let Some(engine) = &self.engine {
+            engine.on_tick(&EnvoySharedData, crate::http::now_ms());
+        }
         metrics::flush();
     }
 

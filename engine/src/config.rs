@@ -42,7 +42,9 @@ pub struct Config {
     pub account_takeover: AccountTakeoverConfig,
     pub enumeration: EnumerationConfig,
     pub probing: ProbingConfig,
+    pub scraping: crate::detectors::scraping::ScrapingConfig,
     pub sessions: SessionConfig,
+    pub spikes: SpikeConfig,
     pub geo: GeoConfig,
     /// Per-reason action (`"anonymous_network": "tag"`); reasons not listed block.
     pub actions: std::collections::BTreeMap<String, DetectorAction>,
@@ -66,7 +68,9 @@ impl Default for Config {
             account_takeover: AccountTakeoverConfig::default(),
             enumeration: EnumerationConfig::default(),
             probing: ProbingConfig::default(),
+            scraping: crate::detectors::scraping::ScrapingConfig::default(),
             sessions: SessionConfig::default(),
+            spikes: SpikeConfig::default(),
             geo: GeoConfig::default(),
             actions: std::collections::BTreeMap::new(),
         }
@@ -337,6 +341,38 @@ impl Default for DistributedStuffingConfig {
             hold_s: 300,
             fingerprint_min_failures: 10,
             new_client_max_requests: 5,
+            weight: 100.0,
+        }
+    }
+}
+
+/// Spikes of a route group's traffic over its own baseline (see `detectors::spike`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpikeConfig {
+    pub enabled: bool,
+    pub window_s: u32,
+    /// A spike is a rate above `factor` x the baseline...
+    pub factor: f32,
+    /// ...and above this many requests per second.
+    pub min_rps: f32,
+    pub hold_s: u32,
+    /// Share of the group's requests that makes a client a driver of the spike.
+    pub client_share: f32,
+    pub min_client_requests: u32,
+    pub weight: f32,
+}
+
+impl Default for SpikeConfig {
+    fn default() -> Self {
+        SpikeConfig {
+            enabled: true,
+            window_s: 10,
+            factor: 5.0,
+            min_rps: 20.0,
+            hold_s: 60,
+            client_share: 0.1,
+            min_client_requests: 50,
             weight: 100.0,
         }
     }
@@ -739,6 +775,16 @@ impl Config {
         check_finite_range("sessions.weight", se.weight, 0.0, 10_000.0)?;
         check_finite_range("sessions.churn_weight", se.churn_weight, 0.0, 10_000.0)?;
         check_finite_range("sessions.travel_weight", se.travel_weight, 0.0, 10_000.0)?;
+
+        self.scraping.validate()?;
+        let sp = &self.spikes;
+        check_range("spikes.window_s", sp.window_s, 1, 3600)?;
+        check_finite_range("spikes.factor", sp.factor, 1.0, 1000.0)?;
+        check_finite_range("spikes.min_rps", sp.min_rps, 0.0, 10_000_000.0)?;
+        check_range("spikes.hold_s", sp.hold_s, 1, 86_400)?;
+        check_finite_range("spikes.client_share", sp.client_share, 0.0, 1.0)?;
+        check_range("spikes.min_client_requests", sp.min_client_requests, 1, 10_000_000)?;
+        check_finite_range("spikes.weight", sp.weight, 0.0, 10_000.0)?;
 
         let g = &self.geo;
         check_finite_range("geo.anonymous_weight", g.anonymous_weight, 0.0, 10_000.0)?;

@@ -11,7 +11,10 @@ use crate::endpoint::{EndpointRecord, FingerprintRecord};
 use crate::detectors::enumeration::Enumeration;
 use crate::detectors::login::{LoginDetector, LoginOutcome};
 use crate::detectors::probing::Probing;
+use crate::detectors::scraping::Scraping;
 use crate::detectors::session::{country_code, Sessions};
+use crate::detectors::spike::{GroupState, Spikes};
+use std::sync::Mutex;
 use crate::session::SessionRecord;
 use crate::detectors::rate::RequestRate;
 use crate::detectors::Signal;
@@ -39,6 +42,7 @@ const DOMAIN_ENDPOINT: u8 = 5;
 const DOMAIN_FINGERPRINT: u8 = 6;
 const DOMAIN_SESSION: u8 = 7;
 const DOMAIN_USER_AGENT: u8 = 8;
+const DOMAIN_ROUTE: u8 = 9;
 
 /// Accounts tracked: 256 shards x 64 slots of 56 bytes = 0.9 MiB.
 const ACCOUNT_SHARDS: usize = 256;
@@ -92,7 +96,16 @@ enum Outcome {
     Scored { risk: f32, fired: ReasonSet, reasons: ReasonSet, blocked_until_ms: Option<u64> },
 }
 
-#[derive(Debug, Clone)]
+/// Per-VM view of the route groups between ticks (spike detection).
+#[derive(Debug, Default)]
+struct RouteCounters {
+    /// Requests per group since the last tick.
+    pending: Vec<u32>,
+    /// Each group's state as of the last tick.
+    state: Vec<GroupState>,
+}
+
+#[derive(Debug)]
 pub struct Engine {
     config: Config,
     identity: IdentityPolicy,
@@ -104,12 +117,16 @@ pub struct Engine {
     enumeration: Option<Enumeration>,
     distributed: Option<DistributedStuffing>,
     sessions: Option<Sessions>,
+    scraping: Option<Scraping>,
+    spikes: Option<Spikes>,
+    route_counters: Mutex<RouteCounters>,
     actions: [DetectorAction; 32],
     clients: ShardedTable<ClientRecord>,
     accounts: ShardedTable<AccountRecord>,
     endpoints: ShardedTable<EndpointRecord>,
     fingerprints: ShardedTable<FingerprintRecord>,
     session_table: ShardedTable<SessionRecord>,
+    group_table: ShardedTable<EndpointRecord>,
     hasher: KeyedHasher,
     half_life_ms: u64,
     penalty_ms: u64,
@@ -149,6 +166,12 @@ impl Engine {
         let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;1"));
         let fingerprints =
             ShardedTable::new(STATE_PREFIX, "fingerprints", FINGERPRINT_SHARDS, FINGERPRINT_SLOTS, fingerprint("fingerprints;1"));
+        let group_table = ShardedTable::new(STATE_PREFIX, "route_groups", 1, 64, fingerprint("route_groups;1"));
+        let groups = config.route_groups.len();
+        let route_counters = Mutex::new(RouteCounters {
+            pending: vec![0; groups],
+            state: vec![GroupState::default(); groups],
+        });
         let session_table =
             ShardedTable::new(STATE_PREFIX, "sessions", SESSION_SHARDS, SESSION_SLOTS, fingerprint("sessions;1"));
         let login = LoginDetector::new(&config.credential_stuffing, &config.account_takeover);
@@ -173,12 +196,16 @@ impl Engine {
             enumeration: Enumeration::new(&config.enumeration),
             distributed,
             sessions: Sessions::new(&config.sessions),
+            scraping: Scraping::new(&config.scraping),
+            spikes: if groups > 0 { Spikes::new(&config.spikes) } else { None },
+            route_counters,
             actions,
             clients,
             accounts,
             endpoints,
             fingerprints,
             session_table,
+            group_table,
             hasher,
             half_life_ms: u64::from(config.risk.half_life_s).saturating_mul(1000),
             penalty_ms: u64::from(config.penalty.duration_s).saturating_mul(1000),
@@ -209,6 +236,9 @@ impl Engine {
         }
         if self.tracks_sessions() {
             created += self.session_table.create_shards(store)?;
+        }
+        if self.spikes.is_some() {
+            created += self.group_table.create_shards(store)?;
         }
         Ok(created)
     }
@@ -321,6 +351,11 @@ impl Engine {
         };
         let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
         let (session_hash, session_signal) = self.observe_session(store, facts, key, now_ms);
+        let group_state = self.count_route_groups(routes);
+        let page = match &self.scraping {
+            Some(sc) if !good_bot => sc.page_of(facts.path),
+            _ => None,
+        };
         let updated = self.clients.update(store, key, now_ms, |record| {
             if let Some(penalized) = self.penalized(record, now_ms) {
                 return (penalized, false);
@@ -335,6 +370,12 @@ impl Engine {
             }
             if facts.anonymous {
                 signal.fire(Reason::AnonymousNetwork, self.config.geo.anonymous_weight);
+            }
+            if let Some(spikes) = &self.spikes {
+                signal.add(spikes.on_request(record, group_state, now_ms));
+            }
+            if let (Some(sc), false) = (&self.scraping, good_bot) {
+                signal.add(sc.on_request(record, page, now_ms));
             }
             if let (true, Some(d)) = (distributed_suspect, &self.distributed) {
                 signal.add(d.on_attempt(record));
@@ -360,6 +401,56 @@ impl Engine {
             exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
         }
         (verdict, exchange)
+    }
+
+    /// Counts the request for its route groups (per VM, no host call);
+    /// returns the state of a matching group that is spiking, if any.
+    fn count_route_groups(&self, routes: crate::routes::RouteMatch) -> Option<GroupState> {
+        self.spikes.as_ref()?;
+        let mut counters = self.route_counters.lock().ok()?;
+        let mut spiking = None;
+        let RouteCounters { pending, state } = &mut *counters;
+        for (i, (count, group)) in pending.iter_mut().zip(state.iter()).enumerate() {
+            if routes.contains(i) {
+                *count = count.saturating_add(1);
+                if group.spiking && spiking.is_none() {
+                    spiking = Some(*group);
+                }
+            }
+        }
+        spiking
+    }
+
+    /// Periodic work of each VM: hands its route-group counts to the shared
+    /// records and learns whether a group is spiking. Call it on every tick.
+    pub fn on_tick(&self, store: &dyn SharedStore, now_ms: u64) {
+        let Some(spikes) = &self.spikes else {
+            return;
+        };
+        let pending: Vec<u32> = match self.route_counters.lock() {
+            Ok(mut c) => c.pending.iter_mut().map(std::mem::take).collect(),
+            Err(_) => return,
+        };
+        let states: Vec<Option<GroupState>> = self
+            .config
+            .route_groups
+            .iter()
+            .zip(pending)
+            .map(|(group, added)| {
+                let key = self.hasher.key(DOMAIN_ROUTE, group.name.as_bytes());
+                self.group_table
+                    .update(store, key, now_ms, |g| (spikes.on_tick(g, added, now_ms), true))
+                    .ok()
+                    .map(|(state, _)| state)
+            })
+            .collect();
+        if let Ok(mut c) = self.route_counters.lock() {
+            for (slot, state) in c.state.iter_mut().zip(states) {
+                if let Some(state) = state {
+                    *slot = state;
+                }
+            }
+        }
     }
 
     /// Updates the session's footprint; returns its hash and what it showed.
@@ -407,8 +498,21 @@ impl Engine {
         }
     }
 
-    /// The answer's status. Returns a verdict only when the answer mattered.
-    pub fn on_response(&self, store: &dyn SharedStore, exchange: &Exchange, status: u32, now_ms: u64) -> Option<Verdict> {
+    /// Whether the host must read the answer's size (`content-length`).
+    pub fn reads_response_size(&self) -> bool {
+        self.scraping.as_ref().is_some_and(Scraping::tracks_volume)
+    }
+
+    /// The answer's status and size (KiB, when read). Returns a verdict only
+    /// when the answer mattered.
+    pub fn on_response(
+        &self,
+        store: &dyn SharedStore,
+        exchange: &Exchange,
+        status: u32,
+        response_kib: Option<u32>,
+        now_ms: u64,
+    ) -> Option<Verdict> {
         if !exchange.judged {
             return None;
         }
@@ -419,7 +523,11 @@ impl Engine {
         };
         let not_found = status == 404 && self.probing.is_some() && !exchange.good_bot;
         let object_answer = exchange.object && self.enumeration.is_some() && !exchange.good_bot;
-        if outcome == LoginOutcome::Other && !not_found && !object_answer {
+        let volume = match (&self.scraping, response_kib) {
+            (Some(sc), Some(kib)) if sc.tracks_volume() && !exchange.good_bot && kib > 0 => Some(kib),
+            _ => None,
+        };
+        if outcome == LoginOutcome::Other && !not_found && !object_answer && volume.is_none() {
             return None;
         }
         let username_hash = exchange
@@ -472,6 +580,9 @@ impl Engine {
             }
             if let (true, Some(e)) = (object_answer, &self.enumeration) {
                 signal.add(e.on_answer(record, status, now_ms));
+            }
+            if let (Some(kib), Some(sc)) = (volume, &self.scraping) {
+                signal.add(sc.on_response(record, kib, now_ms));
             }
             (self.apply(record, signal, now_ms), true)
         });

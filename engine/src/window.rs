@@ -70,8 +70,13 @@ impl SlidingWindow {
 
     /// Counts one event at `now_ms` and returns the new estimate.
     pub fn record(&mut self, now_ms: u64, window_ms: u64) -> f64 {
+        self.record_n(1, now_ms, window_ms)
+    }
+
+    /// Counts `n` events at `now_ms` and returns the new estimate.
+    pub fn record_n(&mut self, n: u32, now_ms: u64, window_ms: u64) -> f64 {
         self.roll(now_ms, window_ms);
-        self.current = self.current.saturating_add(1);
+        self.current = self.current.saturating_add(n);
         self.estimate(now_ms, window_ms)
     }
 

@@ -6,7 +6,9 @@ pub mod enumeration;
 pub mod login;
 pub mod probing;
 pub mod rate;
+pub mod scraping;
 pub mod session;
+pub mod spike;
 
 use crate::reason::{Reason, ReasonSet};
 

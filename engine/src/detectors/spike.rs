@@ -1,0 +1,143 @@
+//! Volumetric spikes per endpoint: a sudden rise of one route group's
+//! request rate over its own moving baseline, attributed to the clients that
+//! cause it.
+//!
+//! Counting is cheap on purpose: requests only bump per-VM counters; each
+//! VM's tick (twice a second) adds them to the group's shared record, a
+//! sliding window of `window_s`. The group's rate `r` (requests/s over the
+//! window) is compared with its baseline `b`: a spike while
+//! `r > factor · b` and `r > min_rps`, held for `hold_s`. Outside spikes `b`
+//! follows `r` as an exponential average in time (τ = [`BASELINE_TAU_MS`],
+//! ten minutes). Warm-up: the first [`WARM_UP`] ticks only fill the window,
+//! the next [`WARM_UP`] take a plain running mean; nothing is judged before. During a spike, a client whose own requests in
+//! the window are at least `client_share` of the group's (and at least
+//! `min_client_requests`) is charged `endpoint_spike`: the few clients that
+//! make a spike, not everyone who happens to call the endpoint then.
+
+use super::Signal;
+use crate::config::SpikeConfig;
+use crate::endpoint::EndpointRecord;
+use crate::reason::Reason;
+use crate::record::ClientRecord;
+
+pub const BASELINE_TAU_MS: f64 = 600_000.0;
+pub const WARM_UP: u32 = 20;
+
+#[derive(Debug, Clone)]
+pub struct Spikes {
+    config: SpikeConfig,
+    window_ms: u64,
+    hold_ms: u64,
+}
+
+/// What a VM knows about one group between ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GroupState {
+    pub spiking: bool,
+    /// The group's requests in the window, as of the last tick.
+    pub window_requests: f64,
+}
+
+impl Spikes {
+    pub fn new(config: &SpikeConfig) -> Option<Spikes> {
+        config.enabled.then(|| Spikes {
+            config: config.clone(),
+            window_ms: u64::from(config.window_s).saturating_mul(1000),
+            hold_ms: u64::from(config.hold_s).saturating_mul(1000),
+        })
+    }
+
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
+    /// Adds a VM's counts to the group record and judges the rate.
+    pub fn on_tick(&self, group: &mut EndpointRecord, added: u32, now_ms: u64) -> GroupState {
+        let since_ms = now_ms.saturating_sub(group.last_seen_ms) as f64;
+        group.last_seen_ms = now_ms;
+        let in_window = group.attempts.record_n(added, now_ms, self.window_ms);
+        let rate = (in_window / (self.window_ms.max(1) as f64 / 1000.0)) as f32;
+        let spike = group.baseline_samples >= 2 * WARM_UP
+            && rate > group.baseline * self.config.factor
+            && rate > self.config.min_rps;
+        if spike {
+            group.attack_until_ms = now_ms.saturating_add(self.hold_ms);
+        } else if !group.under_attack(now_ms) {
+            group.baseline_samples = group.baseline_samples.saturating_add(1);
+            let n = group.baseline_samples;
+            let alpha = if n <= WARM_UP {
+                0.0
+            } else if n <= 2 * WARM_UP {
+                1.0 / (n - WARM_UP) as f32
+            } else {
+                (1.0 - (-since_ms / BASELINE_TAU_MS).exp()) as f32
+            };
+            group.baseline += alpha.clamp(0.0, 1.0) * (rate - group.baseline);
+        }
+        GroupState { spiking: group.under_attack(now_ms), window_requests: in_window }
+    }
+
+    /// Counts the client's request; charges it when it drives a spike.
+    pub fn on_request(&self, client: &mut ClientRecord, group: Option<GroupState>, now_ms: u64) -> Signal {
+        let mut signal = Signal::default();
+        let own = client.recent_requests.record(now_ms, self.window_ms);
+        if let Some(g) = group.filter(|g| g.spiking) {
+            let share = f64::from(self.config.client_share) * g.window_requests;
+            if own >= f64::from(self.config.min_client_requests) && own >= share {
+                signal.fire(Reason::EndpointSpike, self.config.weight);
+            }
+        }
+        signal
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn spikes() -> Spikes {
+        Spikes::new(&SpikeConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn steady_traffic_never_spikes_and_a_surge_does() {
+        let s = spikes();
+        let mut g = EndpointRecord::default();
+        let mut t = 1_000_000u64;
+        // 30 requests/s, ticks every 500 ms, for five minutes.
+        for _ in 0..600 {
+            t += 500;
+            assert!(!s.on_tick(&mut g, 15, t).spiking);
+        }
+        assert!((g.baseline - 30.0).abs() < 3.0, "{}", g.baseline);
+        // Ten times that.
+        let mut spiking_at = None;
+        for i in 0..20 {
+            t += 500;
+            if s.on_tick(&mut g, 150, t).spiking && spiking_at.is_none() {
+                spiking_at = Some(i);
+            }
+        }
+        assert!(spiking_at.unwrap() < 10);
+        assert!(g.baseline < 40.0, "the surge must not become normal: {}", g.baseline);
+    }
+
+    #[test]
+    fn clients_are_charged_by_their_share() {
+        let s = spikes();
+        let state = Some(GroupState { spiking: true, window_requests: 1000.0 });
+        let mut heavy = ClientRecord::default();
+        let mut fired = false;
+        for i in 0..200 {
+            fired |= !s.on_request(&mut heavy, state, 1000 + i).reasons.is_empty();
+        }
+        assert!(fired);
+        let mut light = ClientRecord::default();
+        for i in 0..20 {
+            assert!(s.on_request(&mut light, state, 1000 + i).reasons.is_empty());
+        }
+        let calm = Some(GroupState { spiking: false, window_requests: 1000.0 });
+        assert!(s.on_request(&mut heavy, calm, 2000).reasons.is_empty());
+    }
+}

@@ -1,0 +1,104 @@
+"""Scraping (pagination, rhythm, volume) and endpoint spikes, end to end."""
+
+import concurrent.futures
+import time
+
+import pytest
+
+from harness import DemoApi, Envoy, request
+
+SCRAPING = {
+    "mode": "block",
+    "client": {"trusted_proxies": ["127.0.0.0/8"]},
+    "scraping": {"max_page_run": 10, "max_page_interval_ms": 200, "max_kib_per_window": 50, "window_s": 60},
+}
+
+
+@pytest.fixture(scope="module")
+def api():
+    server = DemoApi()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def envoy(api):
+    e = Envoy.with_filter(SCRAPING, api.port)
+    yield e
+    e.stop()
+
+
+def get(envoy, client, path):
+    return request(envoy.port, "GET", path, {"x-forwarded-for": client, "user-agent": "harvester/1.0"})
+
+
+def test_fast_deep_pagination_is_blocked(envoy):
+    responses = [get(envoy, "203.0.113.201", f"/api/products?page={p}") for p in range(1, 25)]
+    statuses = [r.status for r in responses]
+    assert 403 in statuses, statuses
+    first = statuses.index(403)
+    assert 9 <= first <= 12, statuses
+    assert responses[first].json()["reasons"] == ["scraping"]
+
+
+def test_partner_paging_an_export_slowly_is_fine(envoy):
+    for p in range(1, 16):
+        assert get(envoy, "198.51.100.201", f"/api/products?page={p}").status == 200
+        time.sleep(0.3)
+
+
+def test_machine_rhythm_is_tagged_not_blocked(envoy):
+    client = "203.0.113.202"
+    last = None
+    for _ in range(60):
+        last = get(envoy, client, "/debug/headers")
+        assert last.status == 200
+        time.sleep(0.05)
+    headers = last.json()["headers"]
+    assert "scraping" in headers["x-abuse-reasons"], headers
+    assert 30 <= int(headers["x-abuse-score"]) < 100
+
+
+def test_abnormal_response_volume_is_blocked(envoy):
+    # The same page (no pagination run), ~2 KiB each, 50 KiB allowed per minute.
+    statuses = [get(envoy, "203.0.113.203", "/api/products?page=3").status for _ in range(40)]
+    assert 403 in statuses, statuses
+    assert statuses.index(403) >= 20, "blocked before it used its volume"
+    # A normal reader of a few pages is fine.
+    assert all(get(envoy, "198.51.100.202", "/api/products?page=3").status == 200 for _ in range(10))
+
+
+SPIKES = {
+    "mode": "block",
+    "client": {"trusted_proxies": ["127.0.0.0/8"]},
+    "route_groups": [{"name": "users", "path_prefix": "/api/users/"}],
+    "enumeration": {"enabled": False},
+    "spikes": {"window_s": 5, "factor": 4, "min_rps": 20, "min_client_requests": 40, "client_share": 0.2},
+}
+
+
+def test_endpoint_spike_is_charged_to_the_clients_driving_it(api):
+    envoy = Envoy.with_filter(SPIKES, api.port)
+    try:
+        # Learn the normal rate: ~8 requests/s from ten regular clients, 12 s
+        # (both workers tick twice a second: 40+ baseline samples).
+        deadline = time.monotonic() + 12
+        n = 0
+        while time.monotonic() < deadline:
+            assert get(envoy, f"198.51.100.{10 + n % 10}", f"/api/users/{1 + n % 50}").status == 200
+            n += 1
+            time.sleep(0.12)
+
+        def flood(i):
+            return get(envoy, "203.0.113.250", f"/api/users/{1 + i % 50}").status
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = list(pool.map(flood, range(600)))
+        assert 429 in statuses, statuses[-20:]
+        blocked = get(envoy, "203.0.113.250", "/api/users/1")
+        assert blocked.status == 429 and blocked.json()["reasons"] == ["endpoint_spike"]
+        # A regular client calling the endpoint during the spike is not charged.
+        assert get(envoy, "198.51.100.10", "/api/users/2").status == 200
+        envoy.wait_stat("abuse_filter.detector.endpoint_spike.fired", 1)
+    finally:
+        envoy.stop()
