@@ -74,6 +74,8 @@ SPIKES = {
     "route_groups": [{"name": "users", "path_prefix": "/api/users/"}],
     "enumeration": {"enabled": False},
     "spikes": {"window_s": 5, "factor": 4, "min_rps": 20, "min_client_requests": 40, "client_share": 0.2},
+    # Spikes only tag by default (a partner ramping up is a spike too).
+    "actions": {"endpoint_spike": "block"},
 }
 
 

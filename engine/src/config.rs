@@ -137,12 +137,12 @@ pub struct RateConfig {
 impl Default for RateConfig {
     fn default() -> Self {
         // Generous on purpose: a NATed office of 100 people behind one
-        // address stays far below 50 requests/s on average.
+        // address, or a partner at 50 requests/s, stays below 100/s.
         RateConfig {
             enabled: true,
             limits: vec![RateLimit {
                 route_group: None,
-                requests: 3000,
+                requests: 6000,
                 window_s: 60,
                 weight: 100.0,
             }],
@@ -451,7 +451,7 @@ impl Default for CredentialStuffingConfig {
             login_routes: Vec::new(),
             window_s: 600,
             max_failures_per_client: 10,
-            max_usernames_per_client: 4,
+            max_usernames_per_client: 5,
             max_failures_per_account: 20,
             weight: 100.0,
             max_body_bytes: 8192,

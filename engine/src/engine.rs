@@ -384,7 +384,9 @@ impl Engine {
                 signal.add(rate.observe(routes, record, now_ms));
             }
             if let (Some(e), Some(o), Some(h)) = (&self.enumeration, &object, object_hash) {
-                signal.add(e.on_request(record, o, h, now_ms));
+                let session = session_hash.map(|h| (h & 0xffff_ffff) as u32).unwrap_or(0);
+                let sessions = record.sessions.estimate();
+                signal.add(e.on_request(record, o, h, session, sessions, now_ms));
             }
             record.requests = record.requests.saturating_add(1);
             (self.apply(record, signal, now_ms), true)
@@ -570,9 +572,9 @@ impl Engine {
             }
             let mut signal = Signal::default();
             if let Some(login) = &self.login {
-                let risk_now = risk::decayed(record.risk, record.last_seen_ms, now_ms, self.half_life_ms);
-                let suspected = record.recent_reasons.contains(Reason::CredentialStuffing)
-                    || risk_now >= self.config.risk.tag_at;
+                // Suspected of stuffing, not merely risky: an office address
+                // tagged for session churn still logs its people in.
+                let suspected = record.recent_reasons.contains(Reason::CredentialStuffing);
                 signal.add(login.observe(record, outcome, username_hash, account_failures, suspected, now_ms));
             }
             if let (true, Some(p)) = (not_found, &self.probing) {

@@ -68,7 +68,11 @@ impl Reason {
     /// collateral-prone signals only tag.
     pub fn default_action(self) -> crate::config::DetectorAction {
         match self {
-            Reason::SessionChurn | Reason::AnonymousNetwork => crate::config::DetectorAction::Tag,
+            // A partner ramping up is a spike too: its drivers are marked;
+            // rate limits (or `"endpoint_spike": "block"`) stop floods.
+            Reason::SessionChurn | Reason::AnonymousNetwork | Reason::EndpointSpike => {
+                crate::config::DetectorAction::Tag
+            }
             _ => crate::config::DetectorAction::Block,
         }
     }

@@ -31,7 +31,7 @@
 //! | 4 | intervals observed (saturating) |
 //! | 4 | last page number seen |
 //! | 4 | current run of consecutive pages |
-//! | 4 | reserved |
+//! | 4 | session of the last object request (low 32 bits of its hash; 0 = none) |
 //! | 8 | start of the current page run, ms |
 //! | 16 | response KiB (sliding window) |
 //! | 16 | recent requests, for spike attribution (sliding window) |
@@ -46,7 +46,7 @@ use crate::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
-pub const RECORD_FORMAT: u16 = 3;
+pub const RECORD_FORMAT: u16 = 4;
 pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -77,6 +77,7 @@ pub struct ClientRecord {
     pub intervals: u32,
     pub last_page: u32,
     pub page_run: u32,
+    pub object_session: u32,
     pub page_run_start_ms: u64,
     pub response_kib: SlidingWindow,
     pub recent_requests: SlidingWindow,
@@ -145,7 +146,7 @@ impl Record for ClientRecord {
         w.u32(self.intervals);
         w.u32(self.last_page);
         w.u32(self.page_run);
-        w.u32(0);
+        w.u32(self.object_session);
         w.u64(self.page_run_start_ms);
         w.window(&self.response_kib);
         w.window(&self.recent_requests);
@@ -193,10 +194,8 @@ impl Record for ClientRecord {
             intervals: r.u32(),
             last_page: r.u32(),
             page_run: r.u32(),
-            page_run_start_ms: {
-                let _reserved = r.u32();
-                r.u64()
-            },
+            object_session: r.u32(),
+            page_run_start_ms: r.u64(),
             response_kib: r.window(),
             recent_requests: r.window(),
         }
@@ -287,6 +286,7 @@ mod tests {
             r.intervals = counts[3];
             r.last_page = counts[0];
             r.page_run = counts[1];
+            r.object_session = counts[2];
             r.page_run_start_ms = until;
             r.response_kib = SlidingWindow { start_ms: 17, current: 18, previous: 19 };
             r.recent_requests = SlidingWindow { start_ms: 20, current: 21, previous: 22 };

@@ -5,6 +5,11 @@
 //! Signals per client and window: many distinct ids, a long run of
 //! consecutive ids (n, n+1, n+2, ...), and a high share of 404/403 answers on
 //! object routes (guessing ids that mostly do not exist).
+//!
+//! Many people behind one address (an office NAT) must not add up to one
+//! harvester: a run of consecutive ids only continues within one session
+//! (cookie, API key or JWT subject; none counts as one), and the distinct-id
+//! limit scales with the number of sessions the address holds.
 
 use super::Signal;
 use crate::config::EnumerationConfig;
@@ -79,17 +84,29 @@ impl Enumeration {
         None
     }
 
-    /// A request for an object; `id_hash` is the keyed hash of its text.
-    pub fn on_request(&self, client: &mut ClientRecord, id: &ObjectId<'_>, id_hash: u64, now_ms: u64) -> Signal {
+    /// A request for an object; `id_hash` is the keyed hash of its text;
+    /// `session` the low 32 bits of the request's session hash (0 = none)
+    /// and `sessions` the client's distinct sessions in the window.
+    pub fn on_request(
+        &self,
+        client: &mut ClientRecord,
+        id: &ObjectId<'_>,
+        id_hash: u64,
+        session: u32,
+        sessions: f64,
+        now_ms: u64,
+    ) -> Signal {
         let mut signal = Signal::default();
         client.object_requests.record(now_ms, self.window_ms);
         let distinct = client.object_ids.insert(id_hash, now_ms, self.window_ms);
-        if distinct > self.max_distinct_ids {
+        if distinct > self.max_distinct_ids * sessions.max(1.0) {
             signal.fire(Reason::Enumeration, self.weight);
         }
+        let same_session = client.object_session == session;
+        client.object_session = session;
         if let Some(n) = id.number {
             let last = client.last_object_id;
-            let next = last.checked_add(1) == Some(n) || n.checked_add(1) == Some(last);
+            let next = same_session && (last.checked_add(1) == Some(n) || n.checked_add(1) == Some(last));
             if next {
                 client.object_run = client.object_run.saturating_add(1);
             } else if n != last {
@@ -180,12 +197,24 @@ mod tests {
         for n in 100..130u64 {
             let text = n.to_string();
             let id = ObjectId { text: &text, number: Some(n) };
-            let s = d.on_request(&mut c, &id, n * 7919, 1000);
+            let s = d.on_request(&mut c, &id, n * 7919, 0, 1.0, 1000);
             if !s.reasons.is_empty() && fired_at.is_none() {
                 fired_at = Some(n - 100);
             }
         }
         assert_eq!(fired_at, Some(10));
+    }
+
+    #[test]
+    fn an_office_of_sessions_walking_ids_together_is_not_one_walker() {
+        let d = detector(true);
+        let mut c = ClientRecord::default();
+        for n in 1..=100u64 {
+            let text = n.to_string();
+            // Each id asked by another person (session) behind the same address.
+            let s = d.on_request(&mut c, &ObjectId { text: &text, number: Some(n) }, n * 7919, n as u32, n as f64, 1000);
+            assert!(s.reasons.is_empty(), "{n}");
+        }
     }
 
     #[test]
@@ -195,7 +224,7 @@ mod tests {
         for round in 0..20u64 {
             for n in [5u64, 9, 13] {
                 let text = n.to_string();
-                let s = d.on_request(&mut c, &ObjectId { text: &text, number: Some(n) }, n * 31, 1000 + round);
+                let s = d.on_request(&mut c, &ObjectId { text: &text, number: Some(n) }, n * 31, 0, 1.0, 1000 + round);
                 assert!(s.reasons.is_empty());
             }
         }
@@ -208,7 +237,7 @@ mod tests {
         let mut fired = false;
         for n in 0..20u64 {
             let text = (n * 1000).to_string();
-            d.on_request(&mut c, &ObjectId { text: &text, number: Some(n * 1000) }, n, 1000);
+            d.on_request(&mut c, &ObjectId { text: &text, number: Some(n * 1000) }, n, 0, 1.0, 1000);
             fired |= !d.on_answer(&mut c, 404, 1000).reasons.is_empty();
         }
         assert!(fired);

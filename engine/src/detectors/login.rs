@@ -101,12 +101,15 @@ impl LoginDetector {
         match outcome {
             LoginOutcome::Failure => {
                 let failures = client.login_failures.record(now_ms, self.window_ms);
-                if failures > f64::from(c.max_failures_per_client) {
+                // An office behind one address fails now and then but mostly
+                // succeeds; a stuffer almost never does.
+                let mostly_failing = f64::from(client.login_successes) * 2.0 < failures;
+                if failures > f64::from(c.max_failures_per_client) && mostly_failing {
                     signal.fire(Reason::CredentialStuffing, c.weight);
                 }
                 if let Some(hash) = username_hash {
                     let usernames = client.failed_usernames.insert(hash, now_ms, self.window_ms);
-                    if usernames > f64::from(c.max_usernames_per_client) + 0.5 {
+                    if usernames > f64::from(c.max_usernames_per_client) + 0.5 && mostly_failing {
                         signal.fire(Reason::CredentialStuffing, c.weight);
                     }
                     // Taking part in an attack on one account: half weight,
@@ -207,6 +210,19 @@ mod tests {
         }
         let s = d.observe(&mut c, LoginOutcome::Failure, Some(7), 1.0, false, 2000);
         assert!(s.reasons.contains(Reason::CredentialStuffing));
+    }
+
+    #[test]
+    fn an_office_that_mostly_succeeds_is_not_stuffing() {
+        let d = detector();
+        let mut c = ClientRecord::default();
+        for user in 0..40u64 {
+            d.observe(&mut c, LoginOutcome::Success, Some(user), 0.0, false, 1000);
+            if user % 5 == 0 {
+                let s = d.observe(&mut c, LoginOutcome::Failure, Some(user), 1.0, false, 1000);
+                assert!(s.reasons.is_empty(), "user {user}");
+            }
+        }
     }
 
     #[test]
