@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
 DEMO_API = ROOT / "examples" / "demo_api" / "server.py"
-GEOIP_DIR = ROOT.parent / "shared" / "data" / "geoip"
+GEOIP_DIR = ROOT / "tests" / "data" / "geoip"
 
 # Headers the GeoIP filter sets (as in envoy/envoy.yaml). They are stripped
 # from incoming requests first: when a lookup finds nothing the GeoIP filter

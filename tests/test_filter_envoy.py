@@ -221,3 +221,37 @@ def test_shipped_bootstrap_is_valid():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL_RELOAD" in (ROOT / "envoy" / "envoy.yaml").read_text()
+
+
+def shipped_plugin_config() -> dict:
+    """The filter configuration inside envoy/envoy.yaml (the JSON block)."""
+    import json
+    import textwrap
+
+    text = (ROOT / "envoy" / "envoy.yaml").read_text()
+    block = text.split("value: |\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line.strip().startswith("- name:"):
+            break
+        lines.append(line)
+    return json.loads(textwrap.dedent("\n".join(lines)))
+
+
+def test_shipped_demo_config_stops_a_stuffing_attack(api):
+    config = shipped_plugin_config()
+    assert config["mode"] == "block"
+    envoy = Envoy.with_filter(config, api.port, geoip=True)
+    try:
+        statuses = []
+        for n in range(1, 15):
+            r = request(envoy.port, "POST", "/api/login",
+                        {"x-forwarded-for": "203.0.113.77", "content-type": "application/json"},
+                        f'{{"username":"user{n:04d}","password":"x"}}')
+            statuses.append(r.status)
+        assert 403 in statuses[:8], statuses
+        ok = request(envoy.port, "POST", "/api/login", {"x-forwarded-for": "198.51.100.77", "content-type": "application/json"},
+                     '{"username":"alice","password":"wonderland"}')
+        assert ok.status == 200
+    finally:
+        envoy.stop()
