@@ -183,7 +183,7 @@ def test_100k_distinct_clients_leave_memory_bounded(envoy_factory):
     after_second = envoy.rss_kib()
     envoy.wait_stat("abuse_filter.requests", 210_000)
     stats = envoy.stats()
-    # The table holds 1024 x 32 = 32768 clients: most of 200k were evicted.
+    # The table holds 2048 x 16 = 32768 clients: most of 200k were evicted.
     assert stats["abuse_filter.shared_data.evictions"] > 150_000
     assert stats["abuse_filter.shared_data.errors"] == 0
     print(f"RSS KiB: baseline {baseline}, +100k clients {after_first}, +200k clients {after_second}")

@@ -232,10 +232,10 @@ pub struct StateConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        // 1024 x 32 = 32768 clients; each request copies one 3 KiB shard.
+        // 2048 x 16 = 32768 clients; each request copies one 5 KiB shard.
         StateConfig {
-            shards: 1024,
-            slots_per_shard: 32,
+            shards: 2048,
+            slots_per_shard: 16,
         }
     }
 }
