@@ -22,6 +22,7 @@ pub mod sketch;
 pub mod store;
 pub mod verdict;
 pub mod window;
+pub mod wire;
 
 pub use config::{Config, ConfigError, Mode};
 pub use engine::{Engine, Exchange, RequestFacts, SEED_KEY, STATE_PREFIX};

@@ -1,0 +1,185 @@
+//! The filter ↔ scorer wire format, one definition for both sides.
+//!
+//! `POST /v1/score` takes a [`ScoreRequest`] (a borderline client's feature
+//! summary) and answers a [`ScoreResponse`]; `GET /v1/verdicts?since=N`
+//! answers [`FleetVerdicts`], the blocks decided anywhere in the fleet since
+//! cursor `N`. Both carry [`WIRE_VERSION`]; a peer refuses other versions.
+//! Calls carry the shared secret in [`SECRET_HEADER`].
+
+use serde::{Deserialize, Serialize};
+
+pub const WIRE_VERSION: u32 = 1;
+pub const SCORE_PATH: &str = "/v1/score";
+pub const VERDICTS_PATH: &str = "/v1/verdicts";
+pub const SECRET_HEADER: &str = "x-abuse-scorer-secret";
+/// Largest request body the scorer accepts.
+pub const MAX_SCORE_REQUEST_BYTES: usize = 16 * 1024;
+
+/// The model's features, in vector order (see [`Features::to_vector`]).
+pub const FEATURE_NAMES: [&str; 18] = [
+    "risk",
+    "requests",
+    "recent_requests",
+    "login_failures",
+    "failed_usernames",
+    "login_successes",
+    "not_found",
+    "not_found_paths",
+    "object_requests",
+    "object_miss_ratio",
+    "distinct_object_ids",
+    "sequential_object_run",
+    "page_run",
+    "interval_mean_ms",
+    "interval_cv",
+    "sessions",
+    "response_kib",
+    "anonymous_network",
+];
+
+/// A client's behaviour as the filter's record sees it (windowed estimates).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Features {
+    pub risk: f32,
+    pub requests: f32,
+    pub recent_requests: f32,
+    pub login_failures: f32,
+    pub failed_usernames: f32,
+    pub login_successes: f32,
+    pub not_found: f32,
+    pub not_found_paths: f32,
+    pub object_requests: f32,
+    pub object_miss_ratio: f32,
+    pub distinct_object_ids: f32,
+    pub sequential_object_run: f32,
+    pub page_run: f32,
+    pub interval_mean_ms: f32,
+    pub interval_cv: f32,
+    pub sessions: f32,
+    pub response_kib: f32,
+    pub anonymous_network: f32,
+}
+
+impl Features {
+    /// The features in [`FEATURE_NAMES`] order; non-finite values read as 0.
+    pub fn to_vector(&self) -> [f32; 18] {
+        let v = [
+            self.risk,
+            self.requests,
+            self.recent_requests,
+            self.login_failures,
+            self.failed_usernames,
+            self.login_successes,
+            self.not_found,
+            self.not_found_paths,
+            self.object_requests,
+            self.object_miss_ratio,
+            self.distinct_object_ids,
+            self.sequential_object_run,
+            self.page_run,
+            self.interval_mean_ms,
+            self.interval_cv,
+            self.sessions,
+            self.response_kib,
+            self.anonymous_network,
+        ];
+        v.map(|x| if x.is_finite() { x } else { 0.0 })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoreRequest {
+    pub version: u32,
+    /// The client address (as the filter identified it).
+    pub client: String,
+    /// Route group matched first, if any.
+    pub route_group: Option<String>,
+    pub method: String,
+    /// Path without query, at most 256 characters.
+    pub path: String,
+    /// Reasons behind the client's current risk.
+    pub reasons: Vec<String>,
+    pub features: Features,
+    /// Username of this login attempt (login routes only).
+    pub username: Option<String>,
+    /// Keyed hash (hex) of the session identity, never the raw token.
+    pub session: Option<String>,
+    pub subject: Option<String>,
+    pub user_agent: Option<String>,
+    pub country: Option<String>,
+    pub asn: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreAction {
+    Allow,
+    Tag,
+    Block,
+}
+
+/// One feature's share in making a client abnormal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contribution {
+    pub feature: String,
+    pub weight: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreResponse {
+    pub version: u32,
+    /// Final risk, on the filter's scale (block at the filter's `block_at`).
+    pub score: f32,
+    pub action: ScoreAction,
+    pub reasons: Vec<String>,
+    /// How long the filter may reuse this verdict for the client.
+    pub ttl_s: u32,
+    /// Model anomaly in [0, 1] (0.5 = ordinary), when the model is warm.
+    #[serde(default)]
+    pub anomaly: Option<f32>,
+    #[serde(default)]
+    pub explanation: Vec<Contribution>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetVerdict {
+    pub client: String,
+    pub reasons: Vec<String>,
+    /// Blocked until (ms since the epoch).
+    pub until_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetVerdicts {
+    pub version: u32,
+    /// Cursor to pass as `since` next time.
+    pub next: u64,
+    pub verdicts: Vec<FleetVerdict>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_refuses_unknown_fields() {
+        let r = ScoreRequest { version: WIRE_VERSION, client: "1.2.3.4".into(), ..ScoreRequest::default() };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<ScoreRequest>(&json).unwrap(), r);
+        assert!(serde_json::from_str::<ScoreRequest>(r#"{"version":1,"nope":1}"#).is_err());
+        let a: ScoreResponse = serde_json::from_str(
+            r#"{"version":1,"score":120.5,"action":"block","reasons":["credential_stuffing"],"ttl_s":30}"#,
+        )
+        .unwrap();
+        assert_eq!(a.action, ScoreAction::Block);
+        assert_eq!(Features { risk: f32::NAN, ..Features::default() }.to_vector()[0], 0.0);
+        assert_eq!(FEATURE_NAMES.len(), Features::default().to_vector().len());
+    }
+}
