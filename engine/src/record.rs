@@ -210,6 +210,17 @@ impl Record for ClientRecord {
             (false, self.last_seen_ms)
         }
     }
+
+    fn rank_of(bytes: &[u8], now_ms: u64) -> (bool, u64) {
+        // key, last_seen_ms, first_seen_ms, penalty_until_ms: the first 32 bytes.
+        let mut r = Reader::new(bytes);
+        let (_key, last_seen_ms, _first, penalty_until_ms) = (r.u64(), r.u64(), r.u64(), r.u64());
+        if penalty_until_ms > now_ms {
+            (true, penalty_until_ms)
+        } else {
+            (false, last_seen_ms)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,18 @@ pub trait Record: Copy + Default {
     fn decode(bytes: &[u8]) -> Self;
     /// Records with lower ranks are evicted first.
     fn eviction_rank(&self, now_ms: u64) -> (bool, u64);
+
+    /// The key of an encoded record, without decoding the rest: probing a
+    /// window must not decode eight whole records. Every layout starts
+    /// with the key.
+    fn key_of(bytes: &[u8]) -> u64 {
+        crate::codec::Reader::new(bytes).u64()
+    }
+
+    /// The eviction rank of an encoded record (decodes it unless overridden).
+    fn rank_of(bytes: &[u8], now_ms: u64) -> (bool, u64) {
+        Self::decode(bytes).eviction_rank(now_ms)
+    }
 }
 
 pub const HEADER_BYTES: usize = 16;
@@ -104,12 +116,13 @@ impl ShardLayout {
         HEADER_BYTES.saturating_add(index.saturating_mul(self.record_bytes))
     }
 
-    pub fn read<R: Record>(&self, value: &[u8], index: usize) -> R {
+    fn slot_bytes<'a, R: Record>(&self, value: &'a [u8], index: usize) -> &'a [u8] {
         let start = self.offset(index);
-        value
-            .get(start..start.saturating_add(R::BYTES.min(self.record_bytes)))
-            .map(R::decode)
-            .unwrap_or_default()
+        value.get(start..start.saturating_add(R::BYTES.min(self.record_bytes))).unwrap_or(&[])
+    }
+
+    pub fn read<R: Record>(&self, value: &[u8], index: usize) -> R {
+        R::decode(self.slot_bytes::<R>(value, index))
     }
 
     pub fn write<R: Record>(&self, value: &mut [u8], index: usize, record: &R) {
@@ -129,14 +142,8 @@ impl ShardLayout {
 
     /// The client's record if present.
     pub fn find<R: Record>(&self, value: &[u8], key: u64) -> Option<Slot<R>> {
-        self.probe(key).find_map(|index| {
-            let record: R = self.read(value, index);
-            (record.key() == key).then_some(Slot {
-                index,
-                record,
-                evicted: false,
-            })
-        })
+        let index = self.probe(key).find(|&i| R::key_of(self.slot_bytes::<R>(value, i)) == key)?;
+        Some(Slot { index, record: self.read(value, index), evicted: false })
     }
 
     /// The client's record, or a fresh one in the slot chosen for it.
@@ -144,26 +151,24 @@ impl ShardLayout {
         if let Some(found) = self.find(value, key) {
             return found;
         }
-        let mut victim: Option<(usize, R)> = None;
+        // (index, rank, empty)
+        let mut victim: Option<(usize, (bool, u64), bool)> = None;
         for index in self.probe(key) {
-            let record: R = self.read(value, index);
-            if record.key() == 0 {
-                victim = Some((index, record));
+            let bytes = self.slot_bytes::<R>(value, index);
+            if R::key_of(bytes) == 0 {
+                victim = Some((index, (false, 0), true));
                 break;
             }
-            let better = match &victim {
-                None => true,
-                Some((_, v)) => record.eviction_rank(now_ms) < v.eviction_rank(now_ms),
-            };
-            if better {
-                victim = Some((index, record));
+            let rank = R::rank_of(bytes, now_ms);
+            if victim.is_none_or(|(_, best, _)| rank < best) {
+                victim = Some((index, rank, false));
             }
         }
-        let (index, old) = victim.unwrap_or((0, R::default()));
+        let (index, _, empty) = victim.unwrap_or((0, (false, 0), true));
         Slot {
             index,
             record: R::new(key),
-            evicted: old.key() != 0,
+            evicted: !empty,
         }
     }
 }
