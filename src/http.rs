@@ -3,7 +3,10 @@
 
 use crate::metrics;
 use crate::shared_data::EnvoySharedData;
+use abuse_engine::callout::{parse_answer, CalloutFailure};
+use abuse_engine::wire::{SCORE_PATH, SECRET_HEADER};
 use abuse_engine::{Action, Engine, Exchange, IdentityInput, RequestFacts, Verdict};
+use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action as WasmAction, BufferType, MapType};
@@ -20,6 +23,10 @@ pub struct AbuseFilterHttp {
     /// headers cannot be read in the response phase (the SDK would trap).
     method: String,
     path: String,
+    /// When the scorer callout went out (ms), while one is in flight.
+    callout_started_ms: Option<u64>,
+    /// The login body must be read before asking the scorer.
+    ask_after_body: bool,
 }
 
 impl AbuseFilterHttp {
@@ -30,6 +37,8 @@ impl AbuseFilterHttp {
             body_limit: None,
             method: String::new(),
             path: String::new(),
+            callout_started_ms: None,
+            ask_after_body: false,
         }
     }
 }
@@ -48,10 +57,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-impl Context for AbuseFilterHttp {}
-
 impl HttpContext for AbuseFilterHttp {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> WasmAction {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> WasmAction {
         let Some(engine) = self.engine.clone() else {
             return WasmAction::Continue;
         };
@@ -122,18 +129,143 @@ impl HttpContext for AbuseFilterHttp {
         if verdict.action == Action::Block {
             return reply_blocked(&verdict);
         }
-        if config.headers.enabled {
+        if self.exchange.asks_scorer() {
+            if !end_of_stream && self.body_limit.is_some() {
+                // Ask once the login body gave the username; hold the request.
+                self.ask_after_body = true;
+                return WasmAction::Pause;
+            }
+            return self.ask_scorer(&engine);
+        }
+        set_risk_headers(&engine, &verdict);
+        WasmAction::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
+        let Some(engine) = self.engine.clone() else {
+            return WasmAction::Continue;
+        };
+        let action = self.read_login_body(&engine, body_size, end_of_stream);
+        if self.ask_after_body && (end_of_stream || self.body_limit.is_none()) {
+            self.ask_after_body = false;
+            return self.ask_scorer(&engine);
+        }
+        if self.ask_after_body {
+            return WasmAction::Pause;
+        }
+        action
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> WasmAction {
+        self.judge_answer()
+    }
+}
+
+impl Context for AbuseFilterHttp {
+    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        let Some(engine) = self.engine.clone() else {
+            return;
+        };
+        let now = now_ms();
+        let started = self.callout_started_ms.take().unwrap_or(now);
+        let status = if num_headers == 0 {
+            None
+        } else {
+            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+                .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u32>().ok()))
+        };
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(64 * 1024))
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let answer = parse_answer(status, &body).map_err(|failure| {
+            let timeout = engine.callouts().map(|c| c.timeout_ms()).unwrap_or(0);
+            if failure == CalloutFailure::Reset && now.saturating_sub(started) >= timeout {
+                CalloutFailure::TimedOut
+            } else {
+                failure
+            }
+        });
+        let verdict = engine.on_score_answer(&EnvoySharedData, &self.exchange, answer, now);
+        self.finish_callout(&engine, verdict);
+    }
+}
+
+impl AbuseFilterHttp {
+    /// Sends the scorer the question and holds the request until it answers.
+    fn ask_scorer(&mut self, engine: &Rc<Engine>) -> WasmAction {
+        let (Some(callouts), Some(body)) = (engine.callouts(), engine.score_request_body(&self.exchange)) else {
+            return WasmAction::Continue;
+        };
+        let c = &callouts.config;
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", SCORE_PATH),
+            (":authority", c.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        if let Some(secret) = &callouts.secret {
+            headers.push((SECRET_HEADER, secret.as_str()));
+        }
+        let timeout = Duration::from_millis(callouts.timeout_ms());
+        match hostcalls::dispatch_http_call(&c.cluster, headers, Some(&body), vec![], timeout) {
+            Ok(_token) => {
+                metrics::bump(metrics::Counter::CalloutsSent, 1);
+                self.callout_started_ms = Some(now_ms());
+                WasmAction::Pause
+            }
+            Err(_) => {
+                // No such cluster, or Envoy refused: a failure like any other.
+                let verdict =
+                    engine.on_score_answer(&EnvoySharedData, &self.exchange, Err(CalloutFailure::Dispatch), now_ms());
+                metrics::record_callout(&verdict);
+                if verdict.action == Action::Block {
+                    return reply_blocked(&verdict);
+                }
+                set_risk_headers(engine, &verdict);
+                WasmAction::Continue
+            }
+        }
+    }
+
+    /// Acts on the scorer's verdict for the held request.
+    fn finish_callout(&mut self, engine: &Rc<Engine>, verdict: Verdict) {
+        metrics::record_callout(&verdict);
+        if let Some(b) = engine.callouts() {
+            metrics::breaker_open(b.breaker.position(now_ms()) != abuse_engine::callout::BreakerPosition::Closed);
+        }
+        let config = engine.config();
+        if verdict.newly_blocked && config.log_blocks {
+            log::warn!("{}", verdict.log_line(&self.method, &self.path));
+        }
+        if verdict.action == Action::Block {
+            reply_blocked(&verdict);
+            return;
+        }
+        set_risk_headers(engine, &verdict);
+        let _ = hostcalls::resume_http_request();
+    }
+}
+
+/// Risk headers for the upstream (set, not added: a client must not smuggle
+/// its own score upstream).
+fn set_risk_headers(engine: &Engine, verdict: &Verdict) {
+    let config = engine.config();
+    if config.headers.enabled {
             // Set, not add: a client must not smuggle its own score upstream.
             let score = verdict.score_header();
             let reasons = verdict.reasons_header();
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.score, Some(&score));
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.reasons, Some(&reasons));
-        }
-        WasmAction::Continue
     }
+}
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
-        let (Some(engine), Some(limit)) = (self.engine.clone(), self.body_limit) else {
+impl AbuseFilterHttp {
+    /// Buffers and reads the login body (bounded); returns what to tell Envoy.
+    fn read_login_body(&mut self, engine: &Rc<Engine>, body_size: usize, end_of_stream: bool) -> WasmAction {
+        let Some(limit) = self.body_limit else {
             return WasmAction::Continue;
         };
         if body_size > limit {
@@ -153,7 +285,7 @@ impl HttpContext for AbuseFilterHttp {
         WasmAction::Continue
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> WasmAction {
+    fn judge_answer(&mut self) -> WasmAction {
         let Some(engine) = self.engine.clone() else {
             return WasmAction::Continue;
         };

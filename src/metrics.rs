@@ -4,7 +4,7 @@
 //! Every host call costs about half a microsecond, so requests only bump
 //! plain per-VM counters; `flush` (on each tick) hands the deltas to Envoy.
 
-use abuse_engine::{Action, Reason, Verdict};
+use abuse_engine::{Action, CalloutPlan, Reason, Verdict};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use std::cell::RefCell;
@@ -22,9 +22,18 @@ pub enum Counter {
     StoreErrors,
     Exempt,
     BodiesSkipped,
+    CalloutsSent,
+    CalloutsAnswered,
+    CalloutsFailed,
+    CalloutsTimedOut,
+    CalloutCacheHits,
+    CalloutsCoalesced,
+    CalloutsSkippedBreakerOpen,
+    FleetPolls,
+    FleetVerdictsApplied,
 }
 
-const FIXED: [(Counter, &str); 11] = [
+const FIXED: [(Counter, &str); 20] = [
     (Counter::Requests, "abuse_filter.requests"),
     (Counter::Allow, "abuse_filter.decisions.allow"),
     (Counter::Tag, "abuse_filter.decisions.tag"),
@@ -36,6 +45,15 @@ const FIXED: [(Counter, &str); 11] = [
     (Counter::StoreErrors, "abuse_filter.shared_data.errors"),
     (Counter::Exempt, "abuse_filter.decisions.allowlisted"),
     (Counter::BodiesSkipped, "abuse_filter.login_bodies_skipped"),
+    (Counter::CalloutsSent, "abuse_filter.scorer.callouts_sent"),
+    (Counter::CalloutsAnswered, "abuse_filter.scorer.answered"),
+    (Counter::CalloutsFailed, "abuse_filter.scorer.failed"),
+    (Counter::CalloutsTimedOut, "abuse_filter.scorer.timed_out"),
+    (Counter::CalloutCacheHits, "abuse_filter.scorer.cache_hits"),
+    (Counter::CalloutsCoalesced, "abuse_filter.scorer.coalesced"),
+    (Counter::CalloutsSkippedBreakerOpen, "abuse_filter.scorer.skipped_breaker_open"),
+    (Counter::FleetPolls, "abuse_filter.scorer.fleet_polls"),
+    (Counter::FleetVerdictsApplied, "abuse_filter.scorer.fleet_verdicts_applied"),
 ];
 
 /// Per reason: requests on which its detector fired, and requests blocked
@@ -130,7 +148,41 @@ pub fn record(v: &Verdict) {
     count_store_and_reasons(v);
 }
 
+fn count_callout(v: &Verdict) {
+    let counter = match v.callout {
+        CalloutPlan::NotAsked | CalloutPlan::Ask => return,
+        CalloutPlan::CacheHit => Counter::CalloutCacheHits,
+        CalloutPlan::InFlight => Counter::CalloutsCoalesced,
+        CalloutPlan::BreakerOpen => Counter::CalloutsSkippedBreakerOpen,
+        CalloutPlan::Answered => Counter::CalloutsAnswered,
+        CalloutPlan::Failed => Counter::CalloutsFailed,
+        CalloutPlan::TimedOut => Counter::CalloutsTimedOut,
+    };
+    bump(counter, 1);
+}
+
+/// Counts the outcome of a callout (the request was counted already).
+pub fn record_callout(v: &Verdict) {
+    count_callout(v);
+    if v.action == Action::Block {
+        bump(Counter::Block, 1);
+    } else if v.would_block {
+        bump(Counter::WouldBlock, 1);
+    }
+}
+
+static BREAKER_GAUGE: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+
+/// `abuse_filter.scorer.breaker_open`: 1 while this worker's breaker is open.
+pub fn breaker_open(open: bool) {
+    let id = BREAKER_GAUGE.get_or_init(|| hostcalls::define_metric(MetricType::Gauge, "abuse_filter.scorer.breaker_open").ok());
+    if let Some(id) = id {
+        let _ = hostcalls::record_metric(*id, u64::from(open));
+    }
+}
+
 fn count_store_and_reasons(v: &Verdict) {
+    count_callout(v);
     bump(Counter::CasRetries, u64::from(v.store.cas_retries));
     bump(Counter::Evictions, u64::from(v.store.evicted));
     bump(Counter::StoreErrors, u64::from(v.store_failed));

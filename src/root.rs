@@ -8,7 +8,8 @@ use crate::shared_data::EnvoySharedData;
 use abuse_engine::{Config, Engine, SharedStore, SEED_BYTES, SEED_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType};
+use abuse_engine::wire::{SECRET_HEADER, VERDICTS_PATH};
+use proxy_wasm::types::{BufferType, ContextType, MapType};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -18,9 +19,51 @@ const TICK: Duration = Duration::from_millis(500);
 #[derive(Default)]
 pub struct AbuseFilterRoot {
     engine: Option<Rc<Engine>>,
+    /// A fleet-verdict poll from this VM is in flight until then.
+    fleet_poll_in_flight_until: u64,
 }
 
-impl Context for AbuseFilterRoot {}
+impl Context for AbuseFilterRoot {
+    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        self.fleet_poll_in_flight_until = 0;
+        let Some(engine) = self.engine.clone() else {
+            return;
+        };
+        let ok = num_headers > 0
+            && hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.as_slice() == b"200");
+        if !ok {
+            return;
+        }
+        // Bounded: at most 1 MiB of verdicts per poll.
+        if let Ok(Some(body)) = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(1 << 20)) {
+            let applied = engine.apply_fleet_verdicts(&EnvoySharedData, &body, crate::http::now_ms());
+            metrics::bump(metrics::Counter::FleetVerdictsApplied, applied as u64);
+        }
+    }
+}
+
+impl AbuseFilterRoot {
+    /// Asks the scorer for blocks decided anywhere in the fleet since `cursor`.
+    fn poll_fleet(&mut self, engine: &Engine, cursor: u64, now: u64) {
+        let Some(callouts) = engine.callouts() else {
+            return;
+        };
+        let c = &callouts.config;
+        let path = format!("{VERDICTS_PATH}?since={cursor}");
+        let mut headers = vec![(":method", "GET"), (":path", path.as_str()), (":authority", c.authority.as_str())];
+        if let Some(secret) = &callouts.secret {
+            headers.push((SECRET_HEADER, secret.as_str()));
+        }
+        let timeout = Duration::from_millis(1000);
+        if hostcalls::dispatch_http_call(&c.cluster, headers, None, vec![], timeout).is_ok() {
+            metrics::bump(metrics::Counter::FleetPolls, 1);
+            self.fleet_poll_in_flight_until = now.saturating_add(1500);
+        }
+    }
+}
 
 impl RootContext for AbuseFilterRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -69,8 +112,14 @@ impl RootContext for AbuseFilterRoot {
     }
 
     fn on_tick(&mut self) {
-        if let Some(engine) = &self.engine {
-            engine.on_tick(&EnvoySharedData, crate::http::now_ms());
+        if let Some(engine) = self.engine.clone() {
+            let now = crate::http::now_ms();
+            engine.on_tick(&EnvoySharedData, now);
+            if self.fleet_poll_in_flight_until < now {
+                if let Some(cursor) = engine.claim_fleet_poll(&EnvoySharedData, now) {
+                    self.poll_fleet(&engine, cursor, now);
+                }
+            }
         }
         metrics::flush();
     }

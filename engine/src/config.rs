@@ -45,6 +45,7 @@ pub struct Config {
     pub scraping: crate::detectors::scraping::ScrapingConfig,
     pub sessions: SessionConfig,
     pub spikes: SpikeConfig,
+    pub scorer: ScorerConfig,
     pub geo: GeoConfig,
     /// Per-reason action (`"anonymous_network": "tag"`); reasons not listed block.
     pub actions: std::collections::BTreeMap<String, DetectorAction>,
@@ -71,6 +72,7 @@ impl Default for Config {
             scraping: crate::detectors::scraping::ScrapingConfig::default(),
             sessions: SessionConfig::default(),
             spikes: SpikeConfig::default(),
+            scorer: ScorerConfig::default(),
             geo: GeoConfig::default(),
             actions: std::collections::BTreeMap::new(),
         }
@@ -374,6 +376,64 @@ impl Default for SpikeConfig {
             client_share: 0.1,
             min_client_requests: 50,
             weight: 100.0,
+        }
+    }
+}
+
+/// What to do when the scorer cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Let the request through on the filter's own decision.
+    #[default]
+    FailOpen,
+    /// Block the borderline request.
+    FailClosed,
+}
+
+/// The scoring service for borderline clients (see `callout`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScorerConfig {
+    pub enabled: bool,
+    /// Envoy cluster of the scorer.
+    pub cluster: String,
+    pub authority: String,
+    /// Borderline band: `[ask_at, risk.block_at)`.
+    pub ask_at: f32,
+    pub timeout_ms: u32,
+    pub failure_mode: FailureMode,
+    /// Shared secret sent in `x-abuse-scorer-secret`...
+    pub secret: Option<String>,
+    /// ...or the environment variable holding it (expose it to the VM with
+    /// `vm_config.environment_variables.host_env_keys`).
+    pub secret_env: Option<String>,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    pub breaker_cooldown_s: u32,
+    /// Longest a scorer verdict is cached, whatever TTL it asks for.
+    pub max_ttl_s: u32,
+    /// Pull blocks decided anywhere in the fleet, every `fleet_poll_s`.
+    pub fleet_verdicts: bool,
+    pub fleet_poll_s: u32,
+}
+
+impl Default for ScorerConfig {
+    fn default() -> Self {
+        ScorerConfig {
+            enabled: false,
+            cluster: "abuse_scorer".to_string(),
+            authority: "abuse-scorer".to_string(),
+            ask_at: 50.0,
+            timeout_ms: 50,
+            failure_mode: FailureMode::FailOpen,
+            secret: None,
+            secret_env: None,
+            breaker_failures: 5,
+            breaker_cooldown_s: 10,
+            max_ttl_s: 300,
+            fleet_verdicts: true,
+            fleet_poll_s: 2,
         }
     }
 }
@@ -785,6 +845,23 @@ impl Config {
         check_finite_range("spikes.client_share", sp.client_share, 0.0, 1.0)?;
         check_range("spikes.min_client_requests", sp.min_client_requests, 1, 10_000_000)?;
         check_finite_range("spikes.weight", sp.weight, 0.0, 10_000.0)?;
+
+        let sc = &self.scorer;
+        if sc.cluster.is_empty() || sc.cluster.len() > 128 {
+            return Err(err("scorer.cluster", "must be 1 to 128 characters"));
+        }
+        if sc.authority.is_empty() || sc.authority.len() > 256 {
+            return Err(err("scorer.authority", "must be 1 to 256 characters"));
+        }
+        check_finite_range("scorer.ask_at", sc.ask_at, 0.0, 10_000.0)?;
+        if sc.enabled && sc.ask_at >= self.risk.block_at {
+            return Err(err("scorer.ask_at", "must be below risk.block_at (the band is [ask_at, block_at))"));
+        }
+        check_range("scorer.timeout_ms", sc.timeout_ms, 1, 10_000)?;
+        check_range("scorer.breaker_failures", sc.breaker_failures, 1, 1000)?;
+        check_range("scorer.breaker_cooldown_s", sc.breaker_cooldown_s, 1, 3600)?;
+        check_range("scorer.max_ttl_s", sc.max_ttl_s, 1, 86_400)?;
+        check_range("scorer.fleet_poll_s", sc.fleet_poll_s, 1, 3600)?;
 
         let g = &self.geo;
         check_finite_range("geo.anonymous_weight", g.anonymous_weight, 0.0, 10_000.0)?;

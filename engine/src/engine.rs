@@ -5,6 +5,8 @@
 //! login routes, 404/403 answers and object routes pay for it.
 
 use crate::account::AccountRecord;
+use crate::callout::{reasons_from_names, CacheLookup, CalloutFailure, Callouts, VerdictRecord};
+use crate::wire::{FleetVerdicts, Features, ScoreAction, ScoreRequest, ScoreResponse, WIRE_VERSION};
 use crate::config::{Config, ConfigError, DetectorAction, Mode};
 use crate::detectors::distributed_stuffing::DistributedStuffing;
 use crate::endpoint::{EndpointRecord, FingerprintRecord};
@@ -26,7 +28,7 @@ use crate::record::{ClientRecord, RECORD_FORMAT};
 use crate::risk;
 use crate::routes::RouteTable;
 use crate::store::{ShardedTable, SharedStore, UpdateStats};
-use crate::verdict::{Action, Verdict};
+use crate::verdict::{Action, CalloutPlan, Verdict};
 
 /// Prefix of every shared-data key this filter owns.
 pub const STATE_PREFIX: &str = "abuse_filter/v1";
@@ -50,6 +52,12 @@ const ACCOUNT_SLOTS: usize = 64;
 /// Login fingerprints tracked: 64 x 64 slots of 48 bytes = 192 KiB.
 const FINGERPRINT_SHARDS: usize = 64;
 const FINGERPRINT_SLOTS: usize = 64;
+/// Cached scorer verdicts: 256 x 64 slots of 48 bytes = 0.75 MiB.
+const VERDICT_SHARDS: usize = 256;
+const VERDICT_SLOTS: usize = 64;
+/// Shared-data key of the fleet-verdict poll lease: `[lease_until_ms u64][cursor u64]`.
+pub const FLEET_LEASE_KEY: &str = "abuse_filter/v1/fleet_lease";
+
 /// Sessions tracked: 256 x 64 slots of 64 bytes = 1 MiB.
 const SESSION_SHARDS: usize = 256;
 const SESSION_SLOTS: usize = 64;
@@ -87,6 +95,11 @@ pub struct Exchange {
     username: Option<String>,
     fingerprint: Option<u64>,
     mode: Option<Mode>,
+    /// The question for the scorer, when this request must ask it.
+    score_request: Option<ScoreRequest>,
+    /// The filter's own decision while the scorer is asked.
+    risk: f32,
+    reasons: ReasonSet,
 }
 
 /// Outcome of the read-modify-write on the client's record.
@@ -119,6 +132,7 @@ pub struct Engine {
     sessions: Option<Sessions>,
     scraping: Option<Scraping>,
     spikes: Option<Spikes>,
+    callouts: Option<Callouts>,
     route_counters: Mutex<RouteCounters>,
     actions: [DetectorAction; 32],
     clients: ShardedTable<ClientRecord>,
@@ -127,6 +141,7 @@ pub struct Engine {
     fingerprints: ShardedTable<FingerprintRecord>,
     session_table: ShardedTable<SessionRecord>,
     group_table: ShardedTable<EndpointRecord>,
+    verdict_table: ShardedTable<VerdictRecord>,
     hasher: KeyedHasher,
     half_life_ms: u64,
     penalty_ms: u64,
@@ -136,6 +151,11 @@ impl Exchange {
     /// Whether the answer to this request will be looked at.
     pub fn judged(&self) -> bool {
         self.judged
+    }
+
+    /// Whether the scorer must be asked before this request goes on.
+    pub fn asks_scorer(&self) -> bool {
+        self.score_request.is_some()
     }
 }
 
@@ -172,6 +192,8 @@ impl Engine {
             pending: vec![0; groups],
             state: vec![GroupState::default(); groups],
         });
+        let verdict_table =
+            ShardedTable::new(STATE_PREFIX, "verdicts", VERDICT_SHARDS, VERDICT_SLOTS, fingerprint("verdicts;1"));
         let session_table =
             ShardedTable::new(STATE_PREFIX, "sessions", SESSION_SHARDS, SESSION_SLOTS, fingerprint("sessions;1"));
         let login = LoginDetector::new(&config.credential_stuffing, &config.account_takeover);
@@ -198,6 +220,7 @@ impl Engine {
             sessions: Sessions::new(&config.sessions),
             scraping: Scraping::new(&config.scraping),
             spikes: if groups > 0 { Spikes::new(&config.spikes) } else { None },
+            callouts: Callouts::new(&config.scorer),
             route_counters,
             actions,
             clients,
@@ -206,6 +229,7 @@ impl Engine {
             fingerprints,
             session_table,
             group_table,
+            verdict_table,
             hasher,
             half_life_ms: u64::from(config.risk.half_life_s).saturating_mul(1000),
             penalty_ms: u64::from(config.penalty.duration_s).saturating_mul(1000),
@@ -239,6 +263,9 @@ impl Engine {
         }
         if self.spikes.is_some() {
             created += self.group_table.create_shards(store)?;
+        }
+        if self.callouts.is_some() {
+            created += self.verdict_table.create_shards(store)?;
         }
         Ok(created)
     }
@@ -352,6 +379,7 @@ impl Engine {
         let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
         let (session_hash, session_signal) = self.observe_session(store, facts, key, now_ms);
         let group_state = self.count_route_groups(routes);
+        let mut snapshot: Option<ClientRecord> = None;
         let page = match &self.scraping {
             Some(sc) if !good_bot => sc.page_of(facts.path),
             _ => None,
@@ -389,9 +417,13 @@ impl Engine {
                 signal.add(e.on_request(record, o, h, session, sessions, now_ms));
             }
             record.requests = record.requests.saturating_add(1);
-            (self.apply(record, signal, now_ms), true)
+            let outcome = self.apply(record, signal, now_ms);
+            if self.callouts.is_some() {
+                snapshot = Some(*record);
+            }
+            (outcome, true)
         });
-        let verdict = self.verdict(client, updated, mode, now_ms);
+        let mut verdict = self.verdict(client, updated, mode, now_ms);
         if !verdict.would_block && !verdict.store_failed {
             exchange.judged = true;
             exchange.client_key = key;
@@ -401,8 +433,285 @@ impl Engine {
             exchange.mode = Some(mode);
             exchange.object = object.is_some();
             exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
+            if let Some(record) = snapshot {
+                self.consult_scorer(store, facts, record, routes, session_hash, &mut verdict, &mut exchange, now_ms);
+            }
         }
         (verdict, exchange)
+    }
+
+    /// For a borderline client: use the cached scorer verdict, or claim the
+    /// callout and prepare the question (single flight per client).
+    #[allow(clippy::too_many_arguments)]
+    fn consult_scorer(
+        &self,
+        store: &dyn SharedStore,
+        facts: &RequestFacts<'_>,
+        record: ClientRecord,
+        routes: crate::routes::RouteMatch,
+        session_hash: Option<u64>,
+        verdict: &mut Verdict,
+        exchange: &mut Exchange,
+        now_ms: u64,
+    ) {
+        let Some(callouts) = &self.callouts else {
+            return;
+        };
+        if !callouts.borderline(verdict.risk, self.config.risk.block_at) {
+            return;
+        }
+        let looked_up = self
+            .verdict_table
+            .update(store, exchange.client_key, now_ms, |v| callouts.lookup(v, now_ms));
+        let Ok((lookup, _)) = looked_up else {
+            return;
+        };
+        match lookup {
+            CacheLookup::Hit { action, score, reasons, until_ms } => {
+                verdict.callout = CalloutPlan::CacheHit;
+                self.apply_answer(verdict, action, score, reasons, until_ms, now_ms);
+            }
+            CacheLookup::InFlight => verdict.callout = CalloutPlan::InFlight,
+            CacheLookup::Ask if !callouts.breaker.allow(now_ms) => {
+                verdict.callout = CalloutPlan::BreakerOpen;
+                let _ = self.verdict_table.update(store, exchange.client_key, now_ms, |v| {
+                    callouts.release(v, now_ms);
+                    ((), true)
+                });
+                if callouts.fail_closed() {
+                    self.fail_closed(verdict, now_ms);
+                }
+            }
+            CacheLookup::Ask => {
+                verdict.callout = CalloutPlan::Ask;
+                exchange.risk = verdict.risk;
+                exchange.reasons = verdict.reasons;
+                exchange.score_request = Some(self.score_request(facts, &record, routes, session_hash, verdict, now_ms));
+            }
+        }
+    }
+
+    /// Applies a scorer verdict (fresh or cached) to the filter's verdict.
+    fn apply_answer(&self, v: &mut Verdict, action: ScoreAction, score: f32, reasons: ReasonSet, until_ms: u64, now_ms: u64) {
+        v.risk = score;
+        v.reasons = v.reasons.union(reasons);
+        match action {
+            ScoreAction::Block => {
+                v.would_block = true;
+                v.status = 403;
+                v.retry_after_s = until_ms.saturating_sub(now_ms).div_ceil(1000).max(1);
+                v.action = match v.mode {
+                    Mode::Block => Action::Block,
+                    Mode::Monitor => Action::Tag,
+                };
+            }
+            ScoreAction::Tag => v.action = Action::Tag,
+            ScoreAction::Allow => {}
+        }
+    }
+
+    fn fail_closed(&self, v: &mut Verdict, _now_ms: u64) {
+        v.would_block = true;
+        v.status = 403;
+        v.retry_after_s = 1;
+        v.action = match v.mode {
+            Mode::Block => Action::Block,
+            Mode::Monitor => Action::Tag,
+        };
+    }
+
+    /// The feature summary the scorer judges.
+    fn score_request(
+        &self,
+        facts: &RequestFacts<'_>,
+        r: &ClientRecord,
+        routes: crate::routes::RouteMatch,
+        session_hash: Option<u64>,
+        verdict: &Verdict,
+        now_ms: u64,
+    ) -> ScoreRequest {
+        let c = &self.config;
+        let w = |s: u32| u64::from(s).saturating_mul(1000);
+        let (login_w, probe_w, enum_w, scrape_w) =
+            (w(c.credential_stuffing.window_s), w(c.probing.window_s), w(c.enumeration.window_s), w(c.scraping.window_s));
+        let object_requests = r.object_requests.estimate(now_ms, enum_w) as f32;
+        let cv = if r.interval_mean_ms > 0.0 { r.interval_var.max(0.0).sqrt() / r.interval_mean_ms } else { 0.0 };
+        let features = Features {
+            risk: verdict.risk,
+            requests: r.requests as f32,
+            recent_requests: r.recent_requests.estimate(now_ms, w(c.spikes.window_s)) as f32,
+            login_failures: r.login_failures.estimate(now_ms, login_w) as f32,
+            failed_usernames: r.failed_usernames.estimate() as f32,
+            login_successes: r.login_successes as f32,
+            not_found: r.not_found.estimate(now_ms, probe_w) as f32,
+            not_found_paths: r.not_found_paths.estimate() as f32,
+            object_requests,
+            object_miss_ratio: (r.object_misses.estimate(now_ms, enum_w) as f32) / object_requests.max(1.0),
+            distinct_object_ids: r.object_ids.estimate() as f32,
+            sequential_object_run: r.object_run as f32,
+            page_run: r.page_run as f32,
+            interval_mean_ms: r.interval_mean_ms,
+            interval_cv: cv,
+            sessions: r.sessions.estimate() as f32,
+            response_kib: r.response_kib.estimate(now_ms, scrape_w) as f32,
+            anonymous_network: if facts.anonymous { 1.0 } else { 0.0 },
+        };
+        let route_group = c
+            .route_groups
+            .iter()
+            .enumerate()
+            .find(|(i, _)| routes.contains(*i))
+            .map(|(_, g)| g.name.clone());
+        let id = self.identity.identify(&facts.identity);
+        let short = |s: &str, n: usize| s.chars().take(n).collect::<String>();
+        ScoreRequest {
+            version: WIRE_VERSION,
+            client: verdict.client.to_string(),
+            route_group,
+            method: short(facts.method, 16),
+            path: short(facts.path.split('?').next().unwrap_or(""), 256),
+            reasons: verdict.reasons.names().into_iter().map(String::from).collect(),
+            features,
+            username: None,
+            session: session_hash.map(|h| format!("{h:016x}")),
+            subject: id.subject.map(|s| short(&s, 128)),
+            user_agent: facts.user_agent.map(|u| short(u, 256)),
+            country: facts.country.map(|c| short(c, 8)),
+            asn: facts.asn.map(|a| short(a, 16)),
+        }
+    }
+
+    /// The scorer question as JSON, once everything it needs is known
+    /// (for login routes: after the body gave the username).
+    pub fn score_request_body(&self, exchange: &Exchange) -> Option<Vec<u8>> {
+        exchange.score_request.as_ref().and_then(|r| serde_json::to_vec(r).ok())
+    }
+
+    /// The scorer answered (or failed): caches the answer, moves the breaker,
+    /// and returns the final verdict for the paused request.
+    pub fn on_score_answer(
+        &self,
+        store: &dyn SharedStore,
+        exchange: &Exchange,
+        answer: Result<ScoreResponse, CalloutFailure>,
+        now_ms: u64,
+    ) -> Verdict {
+        let mut v = Verdict::allow(exchange.client.unwrap_or(ClientAddr::Unknown));
+        v.mode = exchange.mode.unwrap_or(self.config.mode);
+        v.risk = exchange.risk;
+        v.reasons = exchange.reasons;
+        if v.risk >= self.config.risk.tag_at {
+            v.action = Action::Tag;
+        }
+        let Some(callouts) = &self.callouts else {
+            return v;
+        };
+        let key = exchange.client_key;
+        match answer {
+            Ok(answer) => {
+                v.callout = CalloutPlan::Answered;
+                callouts.breaker.success();
+                let cached = self.verdict_table.update(store, key, now_ms, |r| {
+                    callouts.store_answer(r, &answer, now_ms);
+                    (r.valid_until_ms, true)
+                });
+                let until_ms = cached.map(|(u, _)| u).unwrap_or(now_ms.saturating_add(1000));
+                let reasons = reasons_from_names(&answer.reasons);
+                self.apply_answer(&mut v, answer.action, answer.score, reasons, until_ms, now_ms);
+                if answer.action == ScoreAction::Block {
+                    // Into the penalty box, like any block: later requests
+                    // are refused before any other work.
+                    let penalty = v.reasons;
+                    let _ = self.clients.update(store, key, now_ms, |r| {
+                        r.penalty_until_ms = until_ms;
+                        r.penalty_reasons = penalty;
+                        r.risk = r.risk.max(answer.score.min(risk::MAX_RISK));
+                        ((), true)
+                    });
+                    v.newly_blocked = true;
+                }
+            }
+            Err(failure) => {
+                v.callout = if failure.is_timeout() { CalloutPlan::TimedOut } else { CalloutPlan::Failed };
+                callouts.breaker.failure(
+                    now_ms,
+                    callouts.config.breaker_failures,
+                    u64::from(callouts.config.breaker_cooldown_s).saturating_mul(1000),
+                );
+                let _ = self.verdict_table.update(store, key, now_ms, |r| {
+                    callouts.release(r, now_ms);
+                    ((), true)
+                });
+                if callouts.fail_closed() {
+                    self.fail_closed(&mut v, now_ms);
+                }
+            }
+        }
+        v
+    }
+
+    /// The scorer policy, when enabled.
+    pub fn callouts(&self) -> Option<&Callouts> {
+        self.callouts.as_ref()
+    }
+
+    /// Claims this process's fleet-verdict poll when due (a lease in shared
+    /// data: one worker per Envoy process polls); returns the cursor to poll from.
+    pub fn claim_fleet_poll(&self, store: &dyn SharedStore, now_ms: u64) -> Option<u64> {
+        let callouts = self.callouts.as_ref().filter(|c| c.config.fleet_verdicts)?;
+        let (value, cas) = store.get(FLEET_LEASE_KEY).ok()?;
+        let (lease_until, cursor) = decode_lease(value.as_deref());
+        if lease_until > now_ms {
+            return None;
+        }
+        let period = u64::from(callouts.config.fleet_poll_s).saturating_mul(1000);
+        let lease = encode_lease(now_ms.saturating_add(period), cursor);
+        store.set(FLEET_LEASE_KEY, &lease, cas).ok()?;
+        Some(cursor)
+    }
+
+    /// Applies the fleet's verdicts: each blocked client goes into this
+    /// Envoy's penalty box. Returns how many were applied.
+    pub fn apply_fleet_verdicts(&self, store: &dyn SharedStore, body: &[u8], now_ms: u64) -> usize {
+        let Ok(fleet) = serde_json::from_slice::<FleetVerdicts>(body) else {
+            return 0;
+        };
+        if fleet.version != WIRE_VERSION {
+            return 0;
+        }
+        let mut applied = 0;
+        for v in fleet.verdicts.iter().take(10_000) {
+            if v.until_ms <= now_ms {
+                continue;
+            }
+            let client = self.identity.client_addr(Some(v.client.as_bytes()), None);
+            if client == ClientAddr::Unknown {
+                continue;
+            }
+            let key = self.hasher.key(DOMAIN_CLIENT, &client.key_bytes());
+            let reasons = reasons_from_names(&v.reasons);
+            let until = v.until_ms.min(now_ms.saturating_add(86_400_000));
+            let done = self.clients.update(store, key, now_ms, |r| {
+                if r.penalty_until_ms >= until {
+                    return ((), false);
+                }
+                r.penalty_until_ms = until;
+                r.penalty_reasons = if reasons.is_empty() { r.recent_reasons } else { reasons };
+                ((), true)
+            });
+            if done.is_ok() {
+                applied += 1;
+            }
+        }
+        // Remember where we are, for whichever worker polls next.
+        for _ in 0..8 {
+            let Ok((value, cas)) = store.get(FLEET_LEASE_KEY) else { break };
+            let (lease_until, _) = decode_lease(value.as_deref());
+            if store.set(FLEET_LEASE_KEY, &encode_lease(lease_until, fleet.next), cas).is_ok() {
+                break;
+            }
+        }
+        applied
     }
 
     /// Counts the request for its route groups (per VM, no host call);
@@ -497,6 +806,9 @@ impl Engine {
     pub fn on_request_body(&self, exchange: &mut Exchange, body: &[u8]) {
         if let (Some(login), Some(route)) = (&self.login, exchange.login_route) {
             exchange.username = login.username(route, body);
+            if let Some(q) = exchange.score_request.as_mut() {
+                q.username = exchange.username.clone();
+            }
         }
     }
 
@@ -686,6 +998,19 @@ impl Engine {
         }
         v
     }
+}
+
+fn decode_lease(value: Option<&[u8]>) -> (u64, u64) {
+    let mut r = crate::codec::Reader::new(value.unwrap_or(&[]));
+    (r.u64(), r.u64())
+}
+
+fn encode_lease(until_ms: u64, cursor: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut w = crate::codec::Writer::new(&mut out);
+    w.u64(until_ms);
+    w.u64(cursor);
+    out
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! [`Verdict`]; per-client state goes through the [`SharedStore`] trait.
 
 pub mod account;
+pub mod callout;
 pub mod codec;
 pub mod config;
 pub mod detectors;
@@ -30,4 +31,4 @@ pub use hash::SEED_BYTES;
 pub use identity::{ClientAddr, IdentityInput};
 pub use reason::{Reason, ReasonSet};
 pub use store::{MemoryStore, SharedStore, StoreError};
-pub use verdict::{Action, Verdict};
+pub use verdict::{Action, CalloutPlan, Verdict};

@@ -27,6 +27,24 @@ impl Action {
     }
 }
 
+/// What the scorer had to do with this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalloutPlan {
+    /// Not borderline, or no scorer configured.
+    NotAsked,
+    /// A cached scorer verdict decided.
+    CacheHit,
+    /// Another request of the client is asking; this one proceeds.
+    InFlight,
+    /// The breaker is open: the failure mode decided.
+    BreakerOpen,
+    /// Pause the request and ask the scorer.
+    Ask,
+    Answered,
+    Failed,
+    TimedOut,
+}
+
 /// The engine's answer for one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
@@ -54,6 +72,7 @@ pub struct Verdict {
     pub on_response: bool,
     /// The mode in force for this request (global, or its route group's).
     pub mode: Mode,
+    pub callout: CalloutPlan,
 }
 
 impl Verdict {
@@ -74,6 +93,7 @@ impl Verdict {
             exempt: false,
             on_response: false,
             mode: Mode::Monitor,
+            callout: CalloutPlan::NotAsked,
         }
     }
 
