@@ -15,7 +15,7 @@ ENVOY ?= $(shell v=$$(envoy --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[
 	else echo $(CURDIR)/$(VENV)/bin/envoy; fi)
 export ENVOY
 
-.PHONY: all deps build run test test-unit test-integration lint clean bench
+.PHONY: all deps test-deps build run test test-unit test-integration lint clean bench bench-scorer
 
 all: build
 
@@ -31,25 +31,39 @@ $(VENV)/.deps: $(VPY)
 	fi
 	touch $@
 
+# Servers and tools the integration tests run for real (Debian packages).
+SYSTEM_TOOLS := redis-server:redis-server chromium:chromium wrk:wrk
+
 deps: $(VENV)/.deps
 	@rustup target list --installed 2>/dev/null | grep -q wasm32-wasip1 || rustup target add wasm32-wasip1
 	@echo "envoy: $(ENVOY) ($$($(ENVOY) --version | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1))"
 
+test-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing$$missing"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing \
+			|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; }; \
+		else echo "please install:$$missing (Debian packages)"; exit 1; fi; \
+	fi
+
 build: deps
 	cargo build --release --target wasm32-wasip1 -p abuse-filter
-	@ls -l $(WASM)
+	cargo build --release -p abuse-scorer
+	@ls -l $(WASM) target/release/abuse-scorer
 
 run: build
 	$(VPY) tests/harness.py run
 
 lint: deps
 	cargo clippy --release --target wasm32-wasip1 -p abuse-filter -- -D warnings
-	cargo clippy -p abuse-engine --all-targets -- -D warnings
+	cargo clippy -p abuse-engine -p abuse-scorer --all-targets -- -D warnings
 
-test-unit:
+test-unit: build
 	cargo test -p abuse-engine
+	cargo test --release -p abuse-scorer
 
-test-integration: build
+test-integration: build test-deps
 	$(VPY) -m pytest -q tests
 
 test: lint test-unit test-integration
@@ -57,6 +71,10 @@ test: lint test-unit test-integration
 clean:
 	cargo clean
 	rm -rf $(VENV)
+
+# Scoring service throughput and latency, in memory and with Redis. Needs wrk, redis-server.
+bench-scorer: build
+	$(VPY) bench/scorer.py
 
 # Cost next to bare Envoy (not a test: it measures, asserts nothing). Needs wrk.
 bench: build

@@ -27,6 +27,9 @@ pub struct AbuseFilterHttp {
     callout_started_ms: Option<u64>,
     /// The login body must be read before asking the scorer.
     ask_after_body: bool,
+    /// The request headers already went upstream: they can no longer be
+    /// changed (Envoy refuses, and the SDK would trap).
+    headers_sent: bool,
 }
 
 impl AbuseFilterHttp {
@@ -39,6 +42,7 @@ impl AbuseFilterHttp {
             path: String::new(),
             callout_started_ms: None,
             ask_after_body: false,
+            headers_sent: false,
         }
     }
 }
@@ -131,9 +135,13 @@ impl HttpContext for AbuseFilterHttp {
         }
         if self.exchange.asks_scorer() {
             if !end_of_stream && self.body_limit.is_some() {
-                // Ask once the login body gave the username; hold the request.
+                // Ask once the login body gave the username. The headers go
+                // on (Envoy would not deliver the body to a filter holding
+                // them); the body is held until the scorer answers.
                 self.ask_after_body = true;
-                return WasmAction::Pause;
+                self.headers_sent = true;
+                set_risk_headers(&engine, &verdict);
+                return WasmAction::Continue;
             }
             return self.ask_scorer(&engine);
         }
@@ -224,7 +232,9 @@ impl AbuseFilterHttp {
                 if verdict.action == Action::Block {
                     return reply_blocked(&verdict);
                 }
-                set_risk_headers(engine, &verdict);
+                if !self.headers_sent {
+                    set_risk_headers(engine, &verdict);
+                }
                 WasmAction::Continue
             }
         }
@@ -244,7 +254,9 @@ impl AbuseFilterHttp {
             reply_blocked(&verdict);
             return;
         }
-        set_risk_headers(engine, &verdict);
+        if !self.headers_sent {
+            set_risk_headers(engine, &verdict);
+        }
         let _ = hostcalls::resume_http_request();
     }
 }

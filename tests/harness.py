@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
+SCORER = ROOT / "target" / "release" / "abuse-scorer"
 DEMO_API = ROOT / "examples" / "demo_api" / "server.py"
 GEOIP_DIR = ROOT / "tests" / "data" / "geoip"
 
@@ -144,6 +145,8 @@ def envoy_config(
     wasm: Path = WASM,
     with_filter: bool = True,
     geoip: bool = False,
+    scorer_port: int | None = None,
+    env_keys: list[str] | None = None,
 ) -> dict:
     """An Envoy bootstrap: the abuse filter in front of the demo API, plus a
     direct-response route `/direct` (no upstream) for load tests."""
@@ -162,6 +165,7 @@ def envoy_config(
                             "vm_id": "abuse_filter",
                             "runtime": "envoy.wasm.runtime.v8",
                             "code": {"local": {"filename": str(wasm)}},
+                            **({"environment_variables": {"host_env_keys": env_keys}} if env_keys else {}),
                         },
                         "configuration": {
                             "@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -216,7 +220,7 @@ def envoy_config(
                     ],
                 }
             ],
-            "clusters": [
+            "clusters": ([scorer_cluster(scorer_port)] if scorer_port else []) + [
                 {
                     "name": "demo_api",
                     "type": "STATIC",
@@ -241,6 +245,108 @@ def envoy_config(
             ],
         },
     }
+
+
+def scorer_cluster(port: int) -> dict:
+    return {
+        "name": "abuse_scorer",
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {
+            "cluster_name": "abuse_scorer",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}],
+        },
+    }
+
+
+class Scorer:
+    """The scoring service binary on a free port (memory store unless redis_url)."""
+
+    def __init__(self, *args: str, port: int = 0, redis_url: str | None = None, secret: str | None = None,
+                 state_dir: Path | None = None, env: dict | None = None):
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="abuse-scorer-"))
+        cmd = [str(SCORER), "--listen", f"127.0.0.1:{port}", "--state-dir", str(self.state_dir), *args]
+        if redis_url:
+            cmd += ["--redis-url", redis_url]
+        full_env = dict(os.environ, **(env or {}))
+        full_env.pop("ABUSE_SCORER_SECRET", None)
+        if secret:
+            full_env["ABUSE_SCORER_SECRET"] = secret
+        self.log_path = self.state_dir / "scorer.log"
+        self._log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=full_env)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
+        try:
+            line = lines.get(timeout=15)
+        except queue.Empty:
+            line = ""
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.stop()
+            raise RuntimeError(f"scorer did not start: {line!r} {self.log()[-2000:]}")
+        self.port = int(m.group(1))
+        # Keep draining stdout so the scorer never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        return request(self.port, "GET", "/metrics").body.decode()
+
+    def metric(self, name: str, **labels) -> float:
+        """Sum of a Prometheus metric's samples whose labels include `labels`."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric, _, label_text = head.partition("{")
+            if metric != name:
+                continue
+            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class Redis:
+    """A real redis-server on a free loopback port, no persistence."""
+
+    def __init__(self):
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise RuntimeError("redis-server is needed (Debian: apt-get install redis-server)")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        def up():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+        wait_until(up, 10, 0.05, "redis")
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
 
 
 class Envoy:
@@ -407,7 +513,14 @@ def blast(port: int, raw_requests: list[bytes], connections: int = 32, timeout: 
 def run_stack(bootstrap: Path, api_port: int = 8080, port: int = 10000, admin_port: int = 9901):
     """`make run`: the demo API and Envoy with the shipped bootstrap
     (envoy/envoy.yaml), in the foreground until Ctrl-C."""
+    os.environ.setdefault("ABUSE_SCORER_SECRET", "demo-secret")
     api = DemoApi(api_port)
+    try:
+        scorer = Scorer(port=8081, redis_url=os.environ.get("REDIS_URL"), secret=os.environ["ABUSE_SCORER_SECRET"],
+                        state_dir=ROOT / "target" / "scorer")
+    except Exception:
+        api.stop()
+        raise
     log_path = ROOT / "target" / "run" / "envoy.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -431,6 +544,7 @@ def run_stack(bootstrap: Path, api_port: int = 8080, port: int = 10000, admin_po
 abuse filter demo stack is up (Ctrl-C to stop)
   API through Envoy + filter : http://127.0.0.1:{port}  (curl -i http://127.0.0.1:{port}/api/products?page=1)
   demo API, direct           : http://127.0.0.1:{api.port}
+  scorer + dashboard         : http://127.0.0.1:{scorer.port}/  ({'Redis ' + os.environ['REDIS_URL'] if os.environ.get('REDIS_URL') else 'in memory; REDIS_URL=... to use Redis'})
   Envoy admin                : http://127.0.0.1:{admin_port}  (stats: /stats?filter=abuse_filter, /stats/prometheus)
   Envoy bootstrap            : {bootstrap}
   Envoy log (block lines)    : {log_path}
@@ -439,7 +553,7 @@ abuse filter demo stack is up (Ctrl-C to stop)
         )
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        while not stop.is_set() and envoy.poll() is None and api.proc.poll() is None:
+        while not stop.is_set() and envoy.poll() is None and api.proc.poll() is None and scorer.proc.poll() is None:
             stop.wait(0.5)
     except KeyboardInterrupt:
         pass
@@ -450,6 +564,7 @@ abuse filter demo stack is up (Ctrl-C to stop)
                 envoy.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 envoy.kill()
+        scorer.stop()
         api.stop()
         print("stopped", flush=True)
 

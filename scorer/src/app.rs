@@ -1,0 +1,407 @@
+//! The HTTP service: shared state and the routes.
+//!
+//! Every failure is a JSON body `{"error": "..."}` naming the problem with
+//! its status (401 secret, 413 size, 400 shape/version/values), counted in
+//! `abuse_scorer_errors_total{kind}`. Nothing a caller sends can panic a
+//! handler: bodies are read with a size limit, parsed with serde into the
+//! strict wire types, bounded by `validate`, and the store falls back to
+//! memory instead of failing.
+
+use crate::clock::now_ms;
+use crate::dashboard::{self, Dashboard, ModelView, StoreView};
+use crate::metrics::{action_name, reason_label, Metrics};
+use crate::model::Model;
+use crate::scoring::{self, FleetSignals, Policy};
+use crate::store::Fleet;
+use crate::validate;
+use abuse_engine::hash::KeyedHasher;
+use abuse_engine::wire::{
+    ScoreRequest, ScoreResponse, MAX_SCORE_REQUEST_BYTES, SCORE_PATH, SECRET_HEADER, VERDICTS_PATH,
+};
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+pub struct App {
+    secret: Option<String>,
+    policy: Policy,
+    model: Mutex<Model>,
+    pub fleet: Fleet,
+    pub metrics: Metrics,
+    dashboard: Mutex<Dashboard>,
+    usernames: KeyedHasher,
+    pub state_dir: PathBuf,
+    /// `trained` of the model on disk (see `snapshot::save`).
+    snapshot_written: Mutex<u64>,
+}
+
+/// The key usernames are hashed with before they reach any store. Derived
+/// from the secret so that every scorer of a fleet (same secret) makes the
+/// same Redis keys, while whoever reads Redis without the secret cannot
+/// test username guesses against them.
+fn username_hasher(secret: Option<&str>) -> KeyedHasher {
+    let base = KeyedHasher::from_seed(b"abuse-scorer-v1!");
+    let s = secret.unwrap_or("").as_bytes();
+    let mut seed = [0u8; 16];
+    let (k0, k1) = seed.split_at_mut(8);
+    k0.copy_from_slice(&base.key(1, s).to_le_bytes());
+    k1.copy_from_slice(&base.key(2, s).to_le_bytes());
+    KeyedHasher::from_seed(&seed)
+}
+
+/// Compares without an early exit, so response time says nothing about how
+/// much of a guessed secret was right.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, e) in expected.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ e);
+    }
+    diff == 0
+}
+
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn unauthorized() -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "unauthorized",
+            message: format!("missing or wrong {SECRET_HEADER}"),
+        }
+    }
+    fn too_large() -> Self {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            kind: "too_large",
+            message: format!("body larger than {MAX_SCORE_REQUEST_BYTES} bytes"),
+        }
+    }
+    fn bad_request(message: String) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "bad_request",
+            message,
+        }
+    }
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+impl App {
+    pub fn new(
+        secret: Option<&str>,
+        policy: Policy,
+        model: Model,
+        fleet: Fleet,
+        metrics: Metrics,
+        state_dir: PathBuf,
+    ) -> App {
+        metrics
+            .model_samples
+            .set(i64::try_from(model.trained()).unwrap_or(i64::MAX));
+        metrics.model_warm.set(i64::from(model.is_warm()));
+        App {
+            secret: secret.map(str::to_string),
+            policy,
+            snapshot_written: Mutex::new(model.trained()),
+            model: Mutex::new(model),
+            fleet,
+            metrics,
+            dashboard: Mutex::new(Dashboard::new(now_ms())),
+            usernames: username_hasher(secret),
+            state_dir,
+        }
+    }
+
+    /// The model is only ever touched for microseconds, and a panic while
+    /// holding it cannot leave it unusable, so a poisoned lock is used as is.
+    pub fn model(&self) -> MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn snapshot_written(&self) -> MutexGuard<'_, u64> {
+        self.snapshot_written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn dashboard(&self) -> MutexGuard<'_, Dashboard> {
+        self.dashboard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(expected) = &self.secret else {
+            return Ok(());
+        };
+        match headers.get(SECRET_HEADER) {
+            Some(given) if same_secret(given.as_bytes(), expected.as_bytes()) => Ok(()),
+            _ => Err(ApiError::unauthorized()),
+        }
+    }
+
+    async fn read_request(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<ScoreRequest, ApiError> {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_SCORE_REQUEST_BYTES as u64) {
+            return Err(ApiError::too_large());
+        }
+        let bytes = axum::body::to_bytes(body, MAX_SCORE_REQUEST_BYTES)
+            .await
+            .map_err(|e| {
+                if is_length_limit(&e) {
+                    ApiError::too_large()
+                } else {
+                    ApiError::bad_request(format!("could not read the body: {e}"))
+                }
+            })?;
+        // serde would also read a struct from a JSON array, by position:
+        // the wire format is objects only.
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ApiError::bad_request(
+                "invalid score request: the body must be a JSON object".into(),
+            ));
+        }
+        let req: ScoreRequest = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("invalid score request: {e}")))?;
+        validate::check(&req).map_err(ApiError::bad_request)?;
+        Ok(req)
+    }
+
+    fn username_key(&self, username: &str) -> Option<String> {
+        // Case and surrounding blanks do not make another account.
+        let normalised = username.trim().to_lowercase();
+        (!normalised.is_empty())
+            .then(|| format!("{:016x}", self.usernames.key(1, normalised.as_bytes())))
+    }
+
+    async fn score(&self, headers: &HeaderMap, body: Body) -> Result<ScoreResponse, ApiError> {
+        self.authorize(headers)?;
+        let req = self.read_request(headers, body).await?;
+        let now = now_ms();
+
+        let username = req.username.as_deref().and_then(|u| self.username_key(u));
+        let attempts = async {
+            match &username {
+                Some(key) => self.fleet.username_attempt(key, now).await,
+                None => 0.0,
+            }
+        };
+        let addresses = async {
+            match &req.session {
+                Some(session) => self.fleet.session_seen(session, &req.client, now).await,
+                None => 0,
+            }
+        };
+        let (username_attempts, session_addresses, blocked) =
+            tokio::join!(attempts, addresses, self.fleet.blocked(&req.client, now));
+        let fleet = FleetSignals {
+            username_attempts,
+            session_addresses,
+            blocked,
+        };
+
+        let assessment = {
+            let mut model = self.model();
+            let a = model.score_and_learn(&req.features.to_vector());
+            self.metrics
+                .model_samples
+                .set(i64::try_from(model.trained()).unwrap_or(i64::MAX));
+            self.metrics.model_warm.set(i64::from(model.is_warm()));
+            a
+        };
+
+        let decision = scoring::combine(&self.policy, &req, assessment.as_ref(), &fleet, now);
+        if let Some(verdict) = &decision.new_verdict {
+            self.fleet.record_verdict(verdict, now).await;
+            self.metrics.fleet_verdicts.inc();
+            tracing::info!(client = %verdict.client, reasons = ?verdict.reasons, until_ms = verdict.until_ms, "fleet block");
+        }
+        let answer = decision.response;
+        self.metrics
+            .score_requests
+            .with_label_values(&[action_name(answer.action)])
+            .inc();
+        for r in &answer.reasons {
+            self.metrics
+                .detections
+                .with_label_values(&[reason_label(r)])
+                .inc();
+        }
+        self.dashboard().record(now, &req.client, &answer);
+        Ok(answer)
+    }
+
+    fn refuse(&self, e: ApiError) -> Response {
+        self.metrics.error(e.kind);
+        error_response(e.status, &e.message)
+    }
+}
+
+/// Whether reading the body failed on the size limit (rather than, say, a
+/// connection reset).
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(SCORE_PATH, post(score))
+        .route(VERDICTS_PATH, get(verdicts))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/", get(|| async { Html(dashboard::HTML) }))
+        .route("/v1/dashboard", get(dashboard_data))
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(app)
+}
+
+async fn score(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let response = match app.score(&headers, body).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => app.refuse(e),
+    };
+    app.metrics
+        .latency
+        .with_label_values(&["score"])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerdictsQuery {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn verdicts(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    query: Result<Query<VerdictsQuery>, QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let response = match (app.authorize(&headers), query) {
+        (Err(e), _) => app.refuse(e),
+        (Ok(()), Err(e)) => app.refuse(ApiError::bad_request(format!(
+            "invalid query: {}",
+            e.body_text()
+        ))),
+        (Ok(()), Ok(Query(q))) => {
+            Json(app.fleet.verdicts_since(q.since, now_ms()).await).into_response()
+        }
+    };
+    app.metrics
+        .latency
+        .with_label_values(&["verdicts"])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /healthz`, fields in the documented order.
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    store: &'static str,
+    redis_ok: bool,
+    model: HealthModel,
+}
+
+#[derive(Serialize)]
+struct HealthModel {
+    trained: u64,
+    warm: bool,
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let redis_ok = app.fleet.check_redis(now_ms()).await;
+    let (trained, warm) = {
+        let m = app.model();
+        (m.trained(), m.is_warm())
+    };
+    Json(Health {
+        status: "ok",
+        store: app.fleet.kind(),
+        redis_ok,
+        model: HealthModel { trained, warm },
+    })
+    .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn dashboard_data(State(app): State<Arc<App>>) -> Response {
+    let model = {
+        let m = app.model();
+        ModelView {
+            trained: m.trained(),
+            warm: m.is_warm(),
+            warm_up: m.warm_up(),
+        }
+    };
+    let store = StoreView {
+        kind: app.fleet.kind(),
+        redis_ok: app.fleet.redis_ok(),
+    };
+    let data = app.dashboard().data(now_ms(), model, store);
+    Json(data).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3cretX", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+        assert!(!same_secret(b"S3cret", b"s3cret"));
+    }
+
+    #[test]
+    fn usernames_are_keyed_by_the_secret() {
+        let a = username_hasher(Some("one")).key(1, b"alice");
+        assert_eq!(a, username_hasher(Some("one")).key(1, b"alice"));
+        assert_ne!(a, username_hasher(Some("two")).key(1, b"alice"));
+    }
+}

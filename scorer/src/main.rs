@@ -1,0 +1,276 @@
+//! # abuse-scorer
+//!
+//! A small native service the Envoy filter calls for **borderline** clients
+//! (risk high enough to look at, not high enough to block on the rules
+//! alone). It adds what one filter cannot know by itself: a learned model of
+//! what ordinary traffic looks like, and fleet state shared by every scorer
+//! through Redis. It speaks the wire format of `abuse_engine::wire`.
+//!
+//! ```sh
+//! cargo build -p abuse-scorer
+//! target/debug/abuse-scorer --listen 127.0.0.1:8081 \
+//!     [--redis-url redis://127.0.0.1:6379] [--secret S] \
+//!     [--state-dir ./target/scorer] [--warm-up 200] [--block-at 100] [--ttl-s 30]
+//! # abuse-scorer listening on http://127.0.0.1:8081
+//! ```
+//!
+//! | flag | env | default | meaning |
+//! |---|---|---|---|
+//! | `--listen` | `LISTEN` | `127.0.0.1:8081` | address; port 0 picks a free one, printed in the banner |
+//! | `--redis-url` | `REDIS_URL` | none | share fleet state through Redis; without it, state is per process |
+//! | `--secret` | `ABUSE_SCORER_SECRET` | none | required in `x-abuse-scorer-secret` on `/v1/score` and `/v1/verdicts` |
+//! | `--state-dir` | `STATE_DIR` | `./target/scorer` | where `model.json` (the model snapshot) is kept |
+//! | `--warm-up` | `WARM_UP` | 200 | vectors learned before the model scores |
+//! | `--block-at` | `BLOCK_AT` | 100 | score that blocks (match the filter's `risk.block_at`) |
+//! | `--ttl-s` | `TTL_S` | 30 | how long the filter may reuse an answer; blocks go to the fleet for 4× (≥ 60 s) |
+//!
+//! Logs go to stderr (`RUST_LOG`, default `info`). SIGTERM or SIGINT stop
+//! it gracefully (in-flight requests finish, up to 5 s) and save the model.
+//!
+//! ## Endpoints
+//!
+//! | endpoint | secret | answer |
+//! |---|---|---|
+//! | `POST /v1/score` | yes | `ScoreRequest` → `ScoreResponse`; 401 bad secret, 413 body > 16 KiB, 400 bad JSON, unknown field, wrong `version` or out-of-range values, each as `{"error": "..."}` |
+//! | `GET /v1/verdicts?since=N` | yes | `FleetVerdicts`: live blocks decided by any scorer after cursor N, at most 1,000; pass `next` back as `since` |
+//! | `GET /healthz` | no | `{"status":"ok","store":"memory"\|"redis","redis_ok":bool,"model":{"trained":n,"warm":bool}}` |
+//! | `GET /metrics` | no | Prometheus text (below) |
+//! | `GET /` | no | the dashboard |
+//! | `GET /v1/dashboard` | no | the dashboard's data: client addresses, scores, reasons and counts only |
+//!
+//! Metrics: `abuse_scorer_score_requests_total{action}`,
+//! `abuse_scorer_errors_total{kind=unauthorized|too_large|bad_request}`,
+//! `abuse_scorer_request_duration_seconds{route}` (histogram),
+//! `abuse_scorer_model_samples`, `abuse_scorer_model_warm`,
+//! `abuse_scorer_store_errors_total`, `abuse_scorer_store_fallbacks_total`,
+//! `abuse_scorer_redis_up`, `abuse_scorer_fleet_verdicts_total`,
+//! `abuse_scorer_detections_total{reason}` (one per reason per answer).
+//!
+//! ## Scoring
+//!
+//! `score = risk + 60·max(0, anomaly − 0.5)·2 + 50·[username tried ≥ 20 times
+//! fleet-wide in 10 min] + 50·[session used from ≥ 5 addresses in 10 min]`;
+//! block at `block_at` (or when the client is already blocked fleet-wide),
+//! tag at half of it. Reasons are the request's, plus `credential_stuffing`,
+//! `session_sharing`, and `anomaly` when the model added to the score. A
+//! new block is published to the fleet for `4 · ttl_s` (at least 60 s). The
+//! model alone (at most +60) never blocks a client the rules scored 0. See
+//! `scoring.rs`.
+//!
+//! ## The model
+//!
+//! Unsupervised streaming **Half-Space Trees** (Tan, Ting & Liu 2011): 25
+//! trees of depth 10, reference/latest mass windows of 250 vectors, built
+//! from a fixed seed (every scorer has the same trees). Features are the 18
+//! of `Features::to_vector()`, each `ln(1 + max(x, 0))`, scaled by the
+//! minimum and maximum seen during warm-up to [0.3, 0.7] (the margin lets
+//! the trees cut off what lies just outside ordinary traffic). For the
+//! first `--warm-up` vectors it only learns and answers no anomaly; after,
+//! it scores every request and learns from it (ordinary traffic dominates).
+//! Anomaly = `1 / (1 + 2^(L − L10))`, where `L` is the mean over trees of
+//! `log2(1 + mass · 2^depth)` at the node where the walk stops (reference
+//! mass below a tenth of the window) and `L10` the 10th percentile of `L`
+//! over the last window of traffic: 0.5 = as sparse as the sparsest tenth of
+//! recent traffic, → 1 for a point alone in its region. **Explanation**:
+//! every split on the way down is charged the bits of mass it removed
+//! beyond the one bit an ordinary point loses, to the split's feature;
+//! summed over trees and normalised, the top three features are returned
+//! with their share (`explanation` in the answer). The model is saved to
+//! `STATE_DIR/model.json` every 30 s and at shutdown (temp file + rename)
+//! and loaded at start (a corrupt file is logged and ignored). See
+//! `model.rs`.
+//!
+//! ## Dashboard
+//!
+//! `GET /` is a self-contained page (no CDN, no fonts) polling
+//! `GET /v1/dashboard` every 2 s: top 20 risky clients of the last 10
+//! minutes (`#top-clients`, one `<tr data-client="ADDR">` each), detections
+//! per reason in 10 s buckets over 10 minutes drawn as SVG lines
+//! (`#detections-chart`), score requests per second by action over the last
+//! minute (`#callout-rate`), and model and store state (`#model-state`).
+//! The JSON:
+//!
+//! ```json
+//! {"now_ms": 1795750311361,
+//!  "top_clients": [{"client": "203.0.113.7", "score": 155.0, "action": "block",
+//!                   "reasons": ["credential_stuffing", "anomaly"], "anomaly": 0.93,
+//!                   "last_seen_ms": 1795750311310, "requests": 3}],
+//!  "detections": {"start_ms": 1795749720000, "bucket_s": 10,
+//!                 "series": {"credential_stuffing": [0, 0, "… 60 counts, oldest first …", 3]}},
+//!  "callouts": {"window_s": 60.0, "per_s": {"allow": 0.5, "tag": 0.02, "block": 0.05},
+//!               "total": {"allow": 120, "tag": 4, "block": 9}},
+//!  "model": {"trained": 1234, "warm": true, "warm_up": 200},
+//!  "store": {"kind": "redis", "redis_ok": true}}
+//! ```
+//!
+//! Only addresses, scores, reasons and counts: the endpoint has no secret.
+//! Its history is bounded (1,000 clients, 60 buckets).
+//!
+//! ## Fleet state
+//!
+//! Per 10-minute sliding window: attempts per username (hashed with a key
+//! derived from the secret, never stored in clear), distinct addresses per
+//! session hash, live blocks, and the verdict log with its cursor (last
+//! 10,000). In memory every map is capped (100,000 entries, CLOCK-style
+//! eviction); in Redis keys expire with their window. If a Redis call fails
+//! or takes over 250 ms the in-process store answers (it mirrors every
+//! write), a warning is logged at most every 10 s, and
+//! `abuse_scorer_store_fallbacks_total` counts it: never a 500. See
+//! `store/`.
+
+mod app;
+mod bounded;
+mod clock;
+mod config;
+mod dashboard;
+mod metrics;
+mod model;
+mod scoring;
+mod snapshot;
+mod store;
+mod validate;
+
+use clap::Parser;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// How long in-flight requests get to finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(5);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = config::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("abuse-scorer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: config::Cli) -> Result<(), String> {
+    let metrics = metrics::Metrics::new().map_err(|e| format!("metrics: {e}"))?;
+    let params = model::Params {
+        warm_up: cli.warm_up,
+        ..model::Params::default()
+    };
+    let model = snapshot::load_or_new(&cli.state_dir, params);
+    let fleet = match &cli.redis_url {
+        Some(url) => store::Fleet::redis(
+            url,
+            store::FleetMetrics {
+                errors: metrics.store_errors.clone(),
+                fallbacks: metrics.store_fallbacks.clone(),
+                redis_up: metrics.redis_up.clone(),
+            },
+        )
+        .map_err(|e| e.to_string())?,
+        None => store::Fleet::memory(),
+    };
+    if cli.secret().is_none() {
+        tracing::warn!(
+            "no secret configured: anyone who can reach the port can score and read verdicts"
+        );
+    }
+    let policy = scoring::Policy::new(cli.block_at, cli.ttl_s);
+    let app = Arc::new(app::App::new(
+        cli.secret(),
+        policy,
+        model,
+        fleet,
+        metrics,
+        cli.state_dir.clone(),
+    ));
+
+    let signals = shutdown_signals();
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    // The one line on stdout: scripts and tests read the address from it.
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "abuse-scorer listening on http://{addr}");
+    let _ = out.flush();
+    tracing::info!(%addr, store = app.fleet.kind(), "serving");
+
+    let saver = tokio::spawn(snapshot::every(app.clone()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server =
+        axum::serve(listener, app::router(app.clone())).with_graceful_shutdown(async move {
+            let _ = stopped.await;
+        });
+    let mut serving = tokio::spawn(async move { server.await });
+
+    tokio::select! {
+        ended = &mut serving => {
+            // Only an accept-loop error ends the server before a signal.
+            saver.abort();
+            save_now(&app).await;
+            return match ended {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("server: {e}")),
+                Err(e) => Err(format!("server task: {e}")),
+            };
+        }
+        () = shutdown_signal(signals) => {}
+    }
+    tracing::info!("shutting down");
+    let _ = stop.send(());
+    if tokio::time::timeout(DRAIN, &mut serving).await.is_err() {
+        tracing::warn!(
+            "requests still open after {} s; closing them",
+            DRAIN.as_secs()
+        );
+        serving.abort();
+    }
+    saver.abort();
+    save_now(&app).await;
+    Ok(())
+}
+
+async fn save_now(app: &Arc<app::App>) {
+    match snapshot::save(app).await {
+        Ok(true) => tracing::info!(trained = app.model().trained(), "saved the model snapshot"),
+        Ok(false) => tracing::info!("model unchanged since the last snapshot"),
+        Err(e) => tracing::warn!(error = %e, "saving the model snapshot failed"),
+    }
+}
+
+/// SIGTERM (orchestrators) and SIGINT (Ctrl-C) handlers. Installed before
+/// the banner is printed: whoever reads the banner may signal at once, and
+/// a signal that arrived before its handler would kill the process without
+/// saving the model. If one cannot be installed the other still works.
+fn shutdown_signals() -> [Option<Signal>; 2] {
+    [SignalKind::terminate(), SignalKind::interrupt()].map(|kind| {
+        signal(kind)
+            .map_err(|e| tracing::warn!(error = %e, ?kind, "cannot listen for a shutdown signal"))
+            .ok()
+    })
+}
+
+/// The first of the installed signals to arrive.
+async fn shutdown_signal([mut term, mut int]: [Option<Signal>; 2]) {
+    async fn recv(s: &mut Option<Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    tokio::select! {
+        () = recv(&mut term) => {}
+        () = recv(&mut int) => {}
+    }
+}

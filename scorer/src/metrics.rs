@@ -1,0 +1,192 @@
+//! Prometheus metrics, served as text on `GET /metrics`.
+//!
+//! Every label takes values from a fixed set — actions, error kinds, route
+//! names, and the reasons this project defines (anything else a request
+//! names counts as `other`) — so no caller can grow the series count.
+
+use crate::scoring::{REASON_ANOMALY, REASON_SHARING, REASON_STUFFING};
+use abuse_engine::wire::ScoreAction;
+use abuse_engine::Reason;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub const ERROR_KINDS: [&str; 3] = ["unauthorized", "too_large", "bad_request"];
+pub const ROUTES: [&str; 2] = ["score", "verdicts"];
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub score_requests: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub latency: HistogramVec,
+    pub model_samples: IntGauge,
+    pub model_warm: IntGauge,
+    pub store_errors: IntCounter,
+    pub store_fallbacks: IntCounter,
+    pub redis_up: IntGauge,
+    pub fleet_verdicts: IntCounter,
+    pub detections: IntCounterVec,
+}
+
+pub fn action_name(a: ScoreAction) -> &'static str {
+    match a {
+        ScoreAction::Allow => "allow",
+        ScoreAction::Tag => "tag",
+        ScoreAction::Block => "block",
+    }
+}
+
+/// The label a reason is counted under.
+pub fn reason_label(reason: &str) -> &'static str {
+    Reason::ALL
+        .iter()
+        .map(|r| r.name())
+        .chain([REASON_ANOMALY, REASON_STUFFING, REASON_SHARING])
+        .find(|known| *known == reason)
+        .unwrap_or("other")
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let score_requests = IntCounterVec::new(
+            Opts::new(
+                "abuse_scorer_score_requests_total",
+                "Score requests answered, by resulting action",
+            ),
+            &["action"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "abuse_scorer_errors_total",
+                "Requests refused, by kind (unauthorized, too_large, bad_request)",
+            ),
+            &["kind"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "abuse_scorer_request_duration_seconds",
+                "Time to answer, by route",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ]),
+            &["route"],
+        )?;
+        let model_samples = IntGauge::new(
+            "abuse_scorer_model_samples",
+            "Vectors the model has learned",
+        )?;
+        let model_warm = IntGauge::new(
+            "abuse_scorer_model_warm",
+            "1 once the model is past warm-up and scores",
+        )?;
+        let store_errors =
+            IntCounter::new("abuse_scorer_store_errors_total", "Failed Redis calls")?;
+        let store_fallbacks = IntCounter::new(
+            "abuse_scorer_store_fallbacks_total",
+            "Store calls answered by the local memory store because Redis failed",
+        )?;
+        let redis_up = IntGauge::new(
+            "abuse_scorer_redis_up",
+            "1 while the last Redis call worked (0 without Redis)",
+        )?;
+        let fleet_verdicts = IntCounter::new(
+            "abuse_scorer_fleet_verdicts_total",
+            "Blocks published to the fleet",
+        )?;
+        let detections = IntCounterVec::new(
+            Opts::new(
+                "abuse_scorer_detections_total",
+                "Reasons in score answers, one count per reason per answer",
+            ),
+            &["reason"],
+        )?;
+        for c in [
+            Box::new(score_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(latency.clone()),
+            Box::new(model_samples.clone()),
+            Box::new(model_warm.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(store_fallbacks.clone()),
+            Box::new(redis_up.clone()),
+            Box::new(fleet_verdicts.clone()),
+            Box::new(detections.clone()),
+        ] {
+            registry.register(c)?;
+        }
+        // Every series exists from the start, at 0: a dashboard or alert on
+        // `rate(...)` should not have to wait for the first event.
+        for a in ["allow", "tag", "block"] {
+            score_requests.with_label_values(&[a]);
+        }
+        for k in ERROR_KINDS {
+            errors.with_label_values(&[k]);
+        }
+        for r in ROUTES {
+            latency.with_label_values(&[r]);
+        }
+        Ok(Metrics {
+            registry,
+            score_requests,
+            errors,
+            latency,
+            model_samples,
+            model_warm,
+            store_errors,
+            store_fallbacks,
+            redis_up,
+            fleet_verdicts,
+            detections,
+        })
+    }
+
+    pub fn error(&self, kind: &'static str) {
+        self.errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series_and_bounds_reason_labels() {
+        let m = Metrics::new().unwrap();
+        m.detections
+            .with_label_values(&[reason_label("credential_stuffing")])
+            .inc();
+        m.detections
+            .with_label_values(&[reason_label("made_up_by_a_caller")])
+            .inc();
+        m.error("too_large");
+        let text = m.render();
+        for needle in [
+            "abuse_scorer_score_requests_total{action=\"block\"} 0",
+            "abuse_scorer_errors_total{kind=\"too_large\"} 1",
+            "abuse_scorer_request_duration_seconds_bucket",
+            "abuse_scorer_model_warm 0",
+            "abuse_scorer_store_fallbacks_total 0",
+            "abuse_scorer_fleet_verdicts_total 0",
+            "abuse_scorer_detections_total{reason=\"credential_stuffing\"} 1",
+            "abuse_scorer_detections_total{reason=\"other\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        assert_eq!(reason_label("anomaly"), "anomaly");
+        assert_eq!(reason_label("rate_limit"), "rate_limit");
+    }
+}

@@ -1,0 +1,357 @@
+//! Fleet state: what one scorer must know about the others' traffic.
+//!
+//! Envoy runs many proxies, each asking its nearest scorer; an attack spread
+//! over them (one account tried from hundreds of addresses, one session
+//! token used from many places) is only visible in aggregate. The
+//! [`FleetStore`] trait holds those aggregates:
+//!
+//! * attempts per username, over a sliding 10-minute window (two
+//!   10-minute buckets, the older weighted by how much of it still lies in
+//!   the window — as the filter's rate windows do);
+//! * distinct client addresses per session hash, over the last 10 minutes;
+//! * blocked clients (until when), and the log of those block decisions
+//!   with a monotonically increasing cursor, the last 10,000 kept, which the
+//!   filters poll through `GET /v1/verdicts?since=N`.
+//!
+//! [`memory::MemoryStore`] keeps them in this process (one scorer, or a
+//! fallback); [`redis::RedisStore`] keeps them in Redis, shared by every
+//! scorer. [`Fleet`] is what the service uses: with Redis it writes every
+//! update to both, reads Redis, and when a Redis call fails answers from the
+//! memory store — never an error to the caller — with a rate-limited
+//! warning and the `store_fallbacks` counter.
+
+pub mod memory;
+pub mod redis;
+
+use abuse_engine::wire::{FleetVerdict, FleetVerdicts};
+use prometheus::{IntCounter, IntGauge};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Length of every fleet window.
+pub const WINDOW_MS: u64 = 10 * 60 * 1000;
+/// Block decisions kept for `GET /v1/verdicts`.
+pub const VERDICT_LOG_CAP: usize = 10_000;
+/// Most verdicts answered per poll; the cursor pages through the rest.
+pub const VERDICTS_PAGE: usize = 1_000;
+/// Addresses remembered per session: enough to see sharing (5), bounded.
+pub const SESSION_ADDRESS_CAP: usize = 32;
+/// At most one "Redis failed" warning per this many ms (the rest are counted).
+const WARN_EVERY_MS: u64 = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Sliding-window estimate from two fixed buckets: the current one plus the
+/// share of the previous one that still lies within the window.
+pub fn sliding_estimate(current: u64, previous: u64, now_ms: u64) -> f64 {
+    let elapsed = (now_ms % WINDOW_MS) as f64 / WINDOW_MS as f64;
+    current as f64 + previous as f64 * (1.0 - elapsed)
+}
+
+/// Keys are made by the caller from what clients send; usernames arrive
+/// already hashed (see `app`), so no store ever holds one in clear.
+pub trait FleetStore: Send + Sync {
+    /// Counts one attempt on `user`; the attempts in the window, this one included.
+    fn username_attempt(
+        &self,
+        user: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<f64, StoreError>> + Send;
+    /// Notes `client` using `session`; distinct addresses in the window.
+    fn session_seen(
+        &self,
+        session: &str,
+        client: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// The live block on `client`, if any.
+    fn blocked(
+        &self,
+        client: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Option<FleetVerdict>, StoreError>> + Send;
+    /// Blocks `verdict.client` until `verdict.until_ms` and logs it; its cursor.
+    fn record_verdict(
+        &self,
+        verdict: &FleetVerdict,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Live verdicts logged after cursor `since` (at most [`VERDICTS_PAGE`]).
+    /// A `since` ahead of the log (a store that was reset) reads as 0.
+    fn verdicts_since(
+        &self,
+        since: u64,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<FleetVerdicts, StoreError>> + Send;
+}
+
+/// The store the service uses (see module doc).
+pub enum Fleet {
+    Memory(memory::MemoryStore),
+    Redis(RedisFleet),
+}
+
+pub struct RedisFleet {
+    redis: redis::RedisStore,
+    local: memory::MemoryStore,
+    errors: IntCounter,
+    fallbacks: IntCounter,
+    redis_up: IntGauge,
+    redis_ok: AtomicBool,
+    last_warn_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+/// Counters the fleet reports into (see `metrics`).
+pub struct FleetMetrics {
+    pub errors: IntCounter,
+    pub fallbacks: IntCounter,
+    pub redis_up: IntGauge,
+}
+
+impl Fleet {
+    pub fn memory() -> Fleet {
+        Fleet::Memory(memory::MemoryStore::new())
+    }
+
+    pub fn redis(url: &str, metrics: FleetMetrics) -> Result<Fleet, StoreError> {
+        let redis = redis::RedisStore::connect_lazy(url)?;
+        metrics.redis_up.set(1);
+        Ok(Fleet::Redis(RedisFleet {
+            redis,
+            local: memory::MemoryStore::new(),
+            errors: metrics.errors,
+            fallbacks: metrics.fallbacks,
+            redis_up: metrics.redis_up,
+            redis_ok: AtomicBool::new(true),
+            last_warn_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fleet::Memory(_) => "memory",
+            Fleet::Redis(_) => "redis",
+        }
+    }
+
+    /// Whether the last Redis call worked (false without Redis).
+    pub fn redis_ok(&self) -> bool {
+        match self {
+            Fleet::Memory(_) => false,
+            Fleet::Redis(r) => r.redis_ok.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Pings Redis (health checks); false without Redis.
+    pub async fn check_redis(&self, now_ms: u64) -> bool {
+        match self {
+            Fleet::Memory(_) => false,
+            Fleet::Redis(r) => match r.redis.ping().await {
+                Ok(()) => {
+                    r.succeeded();
+                    true
+                }
+                Err(e) => {
+                    r.failed("ping", &e, now_ms, false);
+                    false
+                }
+            },
+        }
+    }
+
+    pub async fn username_attempt(&self, user: &str, now_ms: u64) -> f64 {
+        match self {
+            Fleet::Memory(m) => m.attempt(user, now_ms),
+            Fleet::Redis(r) => {
+                let local = r.local.attempt(user, now_ms);
+                r.or_local(
+                    "username_attempt",
+                    r.redis.username_attempt(user, now_ms).await,
+                    local,
+                    now_ms,
+                )
+            }
+        }
+    }
+
+    pub async fn session_seen(&self, session: &str, client: &str, now_ms: u64) -> u64 {
+        match self {
+            Fleet::Memory(m) => m.session(session, client, now_ms),
+            Fleet::Redis(r) => {
+                let local = r.local.session(session, client, now_ms);
+                r.or_local(
+                    "session_seen",
+                    r.redis.session_seen(session, client, now_ms).await,
+                    local,
+                    now_ms,
+                )
+            }
+        }
+    }
+
+    pub async fn blocked(&self, client: &str, now_ms: u64) -> Option<FleetVerdict> {
+        match self {
+            Fleet::Memory(m) => m.block_of(client, now_ms),
+            Fleet::Redis(r) => {
+                // A block decided here during an outage lives only locally:
+                // honour it even when Redis is back and does not know it.
+                let local = r.local.block_of(client, now_ms);
+                let remote = r.or_local(
+                    "blocked",
+                    r.redis.blocked(client, now_ms).await,
+                    None,
+                    now_ms,
+                );
+                remote.or(local)
+            }
+        }
+    }
+
+    pub async fn record_verdict(&self, verdict: &FleetVerdict, now_ms: u64) -> u64 {
+        match self {
+            Fleet::Memory(m) => m.push_verdict(verdict),
+            Fleet::Redis(r) => {
+                let local = r.local.push_verdict(verdict);
+                r.or_local(
+                    "record_verdict",
+                    r.redis.record_verdict(verdict, now_ms).await,
+                    local,
+                    now_ms,
+                )
+            }
+        }
+    }
+
+    pub async fn verdicts_since(&self, since: u64, now_ms: u64) -> FleetVerdicts {
+        match self {
+            Fleet::Memory(m) => m.verdicts_after(since, now_ms),
+            Fleet::Redis(r) => match r.redis.verdicts_since(since, now_ms).await {
+                Ok(v) => {
+                    r.succeeded();
+                    v
+                }
+                Err(e) => {
+                    r.failed("verdicts_since", &e, now_ms, true);
+                    r.local.verdicts_after(since, now_ms)
+                }
+            },
+        }
+    }
+}
+
+impl RedisFleet {
+    fn or_local<T>(
+        &self,
+        op: &'static str,
+        remote: Result<T, StoreError>,
+        local: T,
+        now_ms: u64,
+    ) -> T {
+        match remote {
+            Ok(v) => {
+                self.succeeded();
+                v
+            }
+            Err(e) => {
+                self.failed(op, &e, now_ms, true);
+                local
+            }
+        }
+    }
+
+    fn succeeded(&self) {
+        if !self.redis_ok.swap(true, Ordering::Relaxed) {
+            tracing::info!("redis answers again; fleet state is shared again");
+            self.redis_up.set(1);
+        }
+    }
+
+    /// Counts the failure and warns — at most once per `WARN_EVERY_MS`,
+    /// since during an outage every request would otherwise log.
+    fn failed(&self, op: &'static str, error: &StoreError, now_ms: u64, fell_back: bool) {
+        self.errors.inc();
+        if fell_back {
+            self.fallbacks.inc();
+        }
+        self.redis_ok.store(false, Ordering::Relaxed);
+        self.redis_up.set(0);
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= WARN_EVERY_MS;
+        if due
+            && self
+                .last_warn_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                op,
+                %error,
+                suppressed,
+                "redis call failed; falling back to the local memory store (fleet state is local until redis answers)"
+            );
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn fleet_metrics() -> FleetMetrics {
+        FleetMetrics {
+            errors: IntCounter::new("e", "e").unwrap(),
+            fallbacks: IntCounter::new("f", "f").unwrap(),
+            redis_up: IntGauge::new("u", "u").unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_redis_that_is_down_from_the_start_means_memory_answers() {
+        // A port nobody listens on: Redis "down" before the first call.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let metrics = fleet_metrics();
+            let fallbacks = metrics.fallbacks.clone();
+            let fleet = Fleet::redis(&format!("redis://127.0.0.1:{port}"), metrics).unwrap();
+            let t = 1_700_000_000_000;
+            assert_eq!(fleet.username_attempt("u", t).await, 1.0);
+            assert_eq!(
+                fleet.username_attempt("u", t + 1).await,
+                2.0,
+                "counted locally"
+            );
+            let v = FleetVerdict {
+                client: "c".into(),
+                reasons: vec![],
+                until_ms: t + 60_000,
+            };
+            assert_eq!(fleet.record_verdict(&v, t).await, 1);
+            assert_eq!(fleet.blocked("c", t).await, Some(v.clone()));
+            assert_eq!(fleet.verdicts_since(0, t).await.verdicts, vec![v]);
+            assert!(!fleet.redis_ok());
+            assert!(!fleet.check_redis(t).await);
+            assert_eq!(fallbacks.get(), 5);
+        });
+    }
+}

@@ -1,0 +1,640 @@
+//! End-to-end tests of the real binary over HTTP: each test starts its own
+//! scorer(s) on 127.0.0.1:0 with a temporary state directory, reads the port
+//! from the banner, and kills every process it started when it ends (Drop).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "test-secret";
+/// Variables the binary reads; the tests must not inherit them.
+const SCORER_ENV: [&str; 7] = [
+    "LISTEN",
+    "REDIS_URL",
+    "ABUSE_SCORER_SECRET",
+    "STATE_DIR",
+    "WARM_UP",
+    "BLOCK_AT",
+    "TTL_S",
+];
+
+/// One running scorer, killed on drop.
+struct Scorer {
+    child: Child,
+    base: String,
+    log: PathBuf,
+}
+
+impl Scorer {
+    fn start(state_dir: &Path, extra: &[&str]) -> Scorer {
+        std::fs::create_dir_all(state_dir).unwrap();
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let log = state_dir.join(format!(
+            "scorer-{}.log",
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_abuse-scorer"));
+        for var in SCORER_ENV {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .args(["--secret", SECRET])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start abuse-scorer");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {} // drain until the process exits
+        });
+        let banner = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no banner; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let base = banner
+            .strip_prefix("abuse-scorer listening on ")
+            .unwrap_or_else(|| panic!("unexpected banner {banner:?}"))
+            .to_string();
+        assert!(
+            !base.ends_with(":0"),
+            "the banner shows the real port: {base}"
+        );
+        Scorer { child, base, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for the exit.
+    fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "scorer did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Scorer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// (status, body) of a POST.
+fn post(url: &str, secret: Option<&str>, body: &str) -> (u16, String) {
+    let mut req = agent().post(url).content_type("application/json");
+    if let Some(s) = secret {
+        req = req.header("x-abuse-scorer-secret", s);
+    }
+    let mut resp = req.send(body).unwrap();
+    (
+        resp.status().as_u16(),
+        resp.body_mut().read_to_string().unwrap(),
+    )
+}
+
+fn get(url: &str, secret: Option<&str>) -> (u16, String) {
+    let mut req = agent().get(url);
+    if let Some(s) = secret {
+        req = req.header("x-abuse-scorer-secret", s);
+    }
+    let mut resp = req.call().unwrap();
+    (
+        resp.status().as_u16(),
+        resp.body_mut().read_to_string().unwrap(),
+    )
+}
+
+fn get_json(url: &str, secret: Option<&str>) -> Value {
+    let (status, body) = get(url, secret);
+    assert_eq!(status, 200, "{url}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn request(client: &str, risk: f32, reasons: &[&str]) -> Value {
+    json!({
+        "version": 1,
+        "client": client,
+        "method": "POST",
+        "path": "/api/login",
+        "reasons": reasons,
+        "features": { "risk": risk, "requests": 12, "recent_requests": 3, "login_failures": 1 },
+    })
+}
+
+/// Scores and returns the answer, which must be a 200.
+fn score(s: &Scorer, body: &Value) -> Value {
+    let (status, text) = post(&s.url("/v1/score"), Some(SECRET), &body.to_string());
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn error_of(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {body}"))
+        .to_string()
+}
+
+#[test]
+fn refuses_bad_requests_with_json_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Scorer::start(dir.path(), &[]);
+    let url = s.url("/v1/score");
+    let valid = request("203.0.113.9", 20.0, &["probing"]).to_string();
+
+    let (status, body) = post(&url, None, &valid);
+    assert_eq!(status, 401);
+    assert!(error_of(&body).contains("x-abuse-scorer-secret"));
+    let (status, body) = post(&url, Some("wrong"), &valid);
+    assert_eq!((status, error_of(&body).is_empty()), (401, false));
+    let (status, _) = get(&s.url("/v1/verdicts?since=0"), Some("nope"));
+    assert_eq!(status, 401);
+
+    let big = format!("{{\"version\":1,\"client\":\"{}\"}}", "a".repeat(20_000));
+    let (status, body) = post(&url, Some(SECRET), &big);
+    assert_eq!(status, 413);
+    assert!(error_of(&body).contains("16384"));
+
+    for (bad, needle) in [
+        ("{not json", "invalid score request"),
+        (
+            "{\"version\":1,\"client\":\"1.2.3.4\",\"nope\":1}",
+            "unknown field `nope`",
+        ),
+        ("{\"version\":2,\"client\":\"1.2.3.4\"}", "wire version 2"),
+        ("{\"client\":\"1.2.3.4\"}", "wire version 0"),
+        ("{\"version\":1,\"client\":\"\"}", "`client`"),
+        (
+            "{\"version\":1,\"client\":\"1.2.3.4\",\"features\":{\"risk\":\"high\"}}",
+            "invalid type",
+        ),
+        ("[1, \"1.2.3.4\"]", "must be a JSON object"),
+        ("", "must be a JSON object"),
+    ] {
+        let (status, body) = post(&url, Some(SECRET), bad);
+        assert_eq!(status, 400, "{bad}: {body}");
+        let error = error_of(&body);
+        assert!(error.contains(needle), "{bad}: {error}");
+    }
+    let (status, body) = get(&s.url("/v1/verdicts?since=-1"), Some(SECRET));
+    assert_eq!((status, error_of(&body).contains("since")), (400, true));
+
+    let (status, body) = post(&url, Some(SECRET), &valid);
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["version"], 1);
+    assert_eq!(answer["action"], "allow");
+    assert_eq!(answer["reasons"], json!(["probing"]));
+    assert_eq!(answer["ttl_s"], 30);
+
+    let metrics = get(&s.url("/metrics"), None).1;
+    for needle in [
+        "abuse_scorer_errors_total{kind=\"unauthorized\"} 3",
+        "abuse_scorer_errors_total{kind=\"too_large\"} 1",
+        "abuse_scorer_errors_total{kind=\"bad_request\"} 9",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle}");
+    }
+}
+
+#[test]
+fn health_metrics_dashboard_and_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Scorer::start(dir.path(), &["--block-at", "100", "--ttl-s", "20"]);
+
+    let health = get_json(&s.url("/healthz"), None);
+    assert_eq!(
+        health,
+        json!({"status": "ok", "store": "memory", "redis_ok": false, "model": {"trained": 0, "warm": false}})
+    );
+
+    let tagged = score(&s, &request("198.51.100.20", 60.0, &["scraping"]));
+    assert_eq!(
+        (tagged["action"].as_str(), tagged["score"].as_f64()),
+        (Some("tag"), Some(60.0))
+    );
+    let blocked = score(
+        &s,
+        &request("198.51.100.21", 140.0, &["credential_stuffing"]),
+    );
+    assert_eq!(blocked["action"], "block");
+    let before = Instant::now();
+    let verdicts = get_json(&s.url("/v1/verdicts?since=0"), Some(SECRET));
+    assert_eq!(verdicts["version"], 1);
+    assert_eq!(verdicts["next"], 1);
+    let v = &verdicts["verdicts"][0];
+    assert_eq!(
+        (v["client"].as_str(), v["reasons"].clone()),
+        (Some("198.51.100.21"), json!(["credential_stuffing"]))
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let until = v["until_ms"].as_u64().unwrap();
+    assert!(
+        until > now_ms + 70_000 && until <= now_ms + 80_000 + before.elapsed().as_millis() as u64,
+        "4 × ttl_s"
+    );
+    assert_eq!(
+        get_json(&s.url("/v1/verdicts?since=1"), Some(SECRET))["verdicts"],
+        json!([])
+    );
+    // The block is fleet state now: the same client is blocked at risk 0.
+    let again = score(&s, &request("198.51.100.21", 0.0, &[]));
+    assert_eq!(
+        (again["action"].as_str(), again["reasons"].clone()),
+        (Some("block"), json!(["credential_stuffing"]))
+    );
+
+    let health = get_json(&s.url("/healthz"), None);
+    assert_eq!(health["model"]["trained"], 3);
+
+    let (status, metrics) = get(&s.url("/metrics"), None);
+    assert_eq!(status, 200);
+    for needle in [
+        "abuse_scorer_score_requests_total{action=\"tag\"} 1",
+        "abuse_scorer_score_requests_total{action=\"block\"} 2",
+        "abuse_scorer_score_requests_total{action=\"allow\"} 0",
+        "abuse_scorer_detections_total{reason=\"credential_stuffing\"} 2",
+        "abuse_scorer_detections_total{reason=\"scraping\"} 1",
+        "abuse_scorer_fleet_verdicts_total 1",
+        "abuse_scorer_model_samples 3",
+        "abuse_scorer_model_warm 0",
+        "abuse_scorer_store_errors_total 0",
+        "abuse_scorer_store_fallbacks_total 0",
+        "abuse_scorer_request_duration_seconds_bucket{route=\"score\"",
+        "abuse_scorer_errors_total{kind=\"bad_request\"} 0",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+
+    let data = get_json(&s.url("/v1/dashboard"), None);
+    let top = data["top_clients"].as_array().unwrap();
+    assert_eq!(top[0]["client"], "198.51.100.21");
+    assert_eq!(top[0]["requests"], 2);
+    let scraper = top
+        .iter()
+        .find(|c| c["client"] == "198.51.100.20")
+        .expect("scored client is listed");
+    assert_eq!(scraper["reasons"], json!(["scraping"]));
+    assert_eq!(scraper["action"], "tag");
+    assert_eq!(
+        data["detections"]["series"]["credential_stuffing"]
+            .as_array()
+            .unwrap()
+            .len(),
+        60
+    );
+    assert_eq!(
+        data["callouts"]["total"],
+        json!({"allow": 0, "tag": 1, "block": 2})
+    );
+    assert_eq!(
+        data["model"],
+        json!({"trained": 3, "warm": false, "warm_up": 200})
+    );
+    assert_eq!(data["store"], json!({"kind": "memory", "redis_ok": false}));
+
+    let (status, page) = get(&s.url("/"), None);
+    assert_eq!(status, 200);
+    for id in [
+        "id=\"top-clients\"",
+        "id=\"detections-chart\"",
+        "id=\"callout-rate\"",
+        "id=\"model-state\"",
+        "data-client",
+        "/v1/dashboard",
+    ] {
+        assert!(page.contains(id), "dashboard lacks {id}");
+    }
+    for external in ["<script src", "<link", "@import", "url("] {
+        assert!(
+            !page.contains(external),
+            "the dashboard loads nothing from elsewhere: {external}"
+        );
+    }
+    assert_eq!(get(&s.url("/nope"), None).0, 404);
+}
+
+#[test]
+fn model_snapshot_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Scorer::start(dir.path(), &["--warm-up", "20"]);
+    for i in 0..30 {
+        let answer = score(&s, &request(&format!("192.0.2.{i}"), (i % 7) as f32, &[]));
+        assert_eq!(answer["anomaly"].is_null(), i < 20, "request {i}: {answer}");
+    }
+    let warm = score(&s, &request("192.0.2.200", 3.0, &[]));
+    assert!(warm["anomaly"].as_f64().unwrap() >= 0.0);
+    let status = s.terminate();
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status:?}\n{}",
+        s.log()
+    );
+    assert!(s.log().contains("saved the model snapshot"), "{}", s.log());
+    assert!(dir.path().join("model.json").is_file());
+
+    let s = Scorer::start(dir.path(), &["--warm-up", "20"]);
+    let health = get_json(&s.url("/healthz"), None);
+    assert_eq!(health["model"], json!({"trained": 31, "warm": true}));
+    let again = score(&s, &request("192.0.2.201", 3.0, &[]));
+    assert!(
+        again["anomaly"].is_f64(),
+        "warm at once, no second warm-up: {again}"
+    );
+
+    // A corrupt snapshot is logged and ignored.
+    drop(s);
+    std::fs::write(dir.path().join("model.json"), "{\"format\":1,").unwrap();
+    let s = Scorer::start(dir.path(), &[]);
+    assert_eq!(get_json(&s.url("/healthz"), None)["model"]["trained"], 0);
+    assert!(s.log().contains("ignoring the model snapshot"));
+}
+
+/// A throwaway redis-server, killed on drop.
+struct Redis {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> Option<Redis> {
+    if Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return None;
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let redis = Redis {
+        child,
+        url: format!("redis://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(redis)
+}
+
+fn has_reason(answer: &Value, reason: &str) -> bool {
+    answer["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r == reason)
+}
+
+#[test]
+fn two_scorers_share_fleet_state_through_redis_and_survive_its_loss() {
+    let Some(redis) = start_redis() else {
+        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server); the Redis fleet test did not run");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Scorer::start(&dir.path().join("a"), &["--redis-url", &redis.url]);
+    let b = Scorer::start(&dir.path().join("b"), &["--redis-url", &redis.url]);
+    assert_eq!(get_json(&a.url("/healthz"), None)["redis_ok"], true);
+    assert_eq!(get_json(&b.url("/healthz"), None)["store"], "redis");
+
+    // One account tried from many addresses, through two scorers: 12 via A,
+    // then B sees the fleet-wide count pass 20.
+    let attempt = |s: &Scorer, i: usize| {
+        let mut body = request(&format!("203.0.113.{i}"), 10.0, &[]);
+        body["username"] = json!(if i.is_multiple_of(2) {
+            "Victim"
+        } else {
+            " victim "
+        });
+        score(s, &body)
+    };
+    for i in 0..12 {
+        assert!(
+            !has_reason(&attempt(&a, i), "credential_stuffing"),
+            "attempt {i} via A"
+        );
+    }
+    let via_b: Vec<Value> = (12..22).map(|i| attempt(&b, i)).collect();
+    for (n, answer) in via_b.iter().enumerate().take(6) {
+        assert!(
+            !has_reason(answer, "credential_stuffing"),
+            "attempt {} overall",
+            13 + n
+        );
+    }
+    let last = via_b.last().unwrap();
+    assert!(
+        has_reason(last, "credential_stuffing"),
+        "22 attempts fleet-wide: {last}"
+    );
+    assert!(last["score"].as_f64().unwrap() >= 60.0);
+
+    // A verdict issued by A shows in B's verdict feed and blocks there.
+    let cursor = get_json(&b.url("/v1/verdicts?since=0"), Some(SECRET))["next"]
+        .as_u64()
+        .unwrap();
+    let blocked = score(&a, &request("198.51.100.99", 150.0, &["probing"]));
+    assert_eq!(blocked["action"], "block");
+    let feed = get_json(
+        &b.url(&format!("/v1/verdicts?since={cursor}")),
+        Some(SECRET),
+    );
+    let clients: Vec<&str> = feed["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["client"].as_str().unwrap())
+        .collect();
+    assert_eq!(clients, ["198.51.100.99"], "{feed}");
+    assert!(feed["next"].as_u64().unwrap() > cursor);
+    assert_eq!(
+        score(&b, &request("198.51.100.99", 0.0, &[]))["action"],
+        "block"
+    );
+
+    // Redis goes away: still 200s, from the local store, with a warning.
+    drop(redis);
+    for i in 0..5 {
+        let mut body = request(&format!("192.0.2.{i}"), 10.0, &[]);
+        body["username"] = json!("someone");
+        let started = Instant::now();
+        score(&a, &body);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "fallback is quick"
+        );
+    }
+    assert_eq!(
+        get_json(&a.url("/v1/verdicts?since=0"), Some(SECRET))["version"],
+        1
+    );
+    let health = get_json(&a.url("/healthz"), None);
+    assert_eq!(
+        (health["status"].as_str(), health["redis_ok"].as_bool()),
+        (Some("ok"), Some(false))
+    );
+    let log = a.log();
+    assert!(
+        log.contains("WARN") && log.contains("falling back to the local memory store"),
+        "{log}"
+    );
+    let metrics = get(&a.url("/metrics"), None).1;
+    let fallbacks: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("abuse_scorer_store_fallbacks_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(fallbacks >= 5.0, "{metrics}");
+    assert!(metrics.contains("abuse_scorer_redis_up 0"));
+    // The block A decided before the outage is still honoured from its mirror.
+    assert_eq!(
+        score(&a, &request("198.51.100.99", 0.0, &[]))["action"],
+        "block"
+    );
+}
+
+/// Mangled bodies (cut, flipped bytes, extreme numbers, deep nesting) get a
+/// 200 or a 4xx, and the scorer keeps answering.
+#[test]
+fn never_breaks_on_mangled_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Scorer::start(dir.path(), &["--warm-up", "10"]);
+    let url = s.url("/v1/score");
+    let mut valid = request("203.0.113.50", 30.0, &["probing"]);
+    valid["username"] = json!("bob");
+    valid["session"] = json!("a1b2c3");
+    let valid = valid.to_string();
+    let mut bodies: Vec<String> = vec![
+        valid.replace("30.0", "1e39"),
+        valid.replace("30.0", "1e309"),
+        valid.replace("30.0", "-1e38"),
+        valid.replace("30.0", "NaN"),
+        valid.replace("\"bob\"", "\"\""),
+        valid.replace("\"bob\"", "null"),
+        valid.replace("\"bob\"", &format!("\"{}\"", "\\u0000".repeat(50))),
+        valid.replace("\"a1b2c3\"", "\"\""),
+        format!("{}{}", "{\"a\":".repeat(200), "}".repeat(200)),
+        format!(
+            "{{\"version\":1,\"client\":\"x\",\"reasons\":[{}]}}",
+            vec!["\"a\""; 2000].join(",")
+        ),
+        "{\"version\":18446744073709551616}".into(),
+        "{\"version\":1,\"client\":\"x\"}\u{0}".into(),
+        "\u{feff}{}".into(),
+    ];
+    // Deterministic byte-level mangling of the valid body.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let bytes = valid.as_bytes();
+    for _ in 0..150 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut b = bytes.to_vec();
+        let i = (seed % b.len() as u64) as usize;
+        match seed % 3 {
+            0 => b.truncate(i),
+            1 => b[i] = (seed >> 8) as u8,
+            _ => b.insert(i, b"{[\",:0-e9"[(seed >> 16) as usize % 9]),
+        }
+        bodies.push(String::from_utf8_lossy(&b).into_owned());
+    }
+    let mut ok = 0;
+    for body in &bodies {
+        let (status, text) = post(&url, Some(SECRET), body);
+        assert!(
+            status == 200 || status == 400,
+            "{status} for {body:?}: {text}"
+        );
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("JSON answer for {body:?}: {text}"));
+        if status == 200 {
+            ok += 1;
+            assert!(v["score"].as_f64().unwrap().is_finite());
+        }
+    }
+    assert!(ok > 0, "some mangled bodies are still valid requests");
+    assert_eq!(get_json(&s.url("/healthz"), None)["status"], "ok");
+    assert!(!s.log().contains("panicked"), "{}", s.log());
+}

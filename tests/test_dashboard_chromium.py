@@ -1,0 +1,68 @@
+"""The scorer's dashboard in a real headless Chromium (Debian's package):
+the page loads, runs its script, and shows a detection this test caused
+through real Envoy."""
+
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from harness import DemoApi, Envoy, Scorer, request, wait_until
+
+SECRET = "dashboard-test-secret"
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.fail("chromium is needed (Debian: apt-get install chromium)")
+
+
+def rendered_dom(url: str) -> str:
+    """The DOM after the page's scripts ran (fetches included)."""
+    profile = tempfile.mkdtemp(prefix="abuse-chromium-")
+    try:
+        out = subprocess.run(
+            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=8000", "--dump-dom", url],
+            capture_output=True, text=True, timeout=90,
+        )
+        return out.stdout
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_dashboard_shows_a_detection_caused_through_envoy(monkeypatch):
+    monkeypatch.setenv("ABUSE_SCORER_SECRET", SECRET)
+    api = DemoApi()
+    scorer = Scorer(secret=SECRET)
+    envoy = Envoy.with_filter(
+        {
+            "mode": "block",
+            "client": {"trusted_proxies": ["127.0.0.0/8"]},
+            "scorer": {"enabled": True, "ask_at": 50, "timeout_ms": 500, "secret_env": "ABUSE_SCORER_SECRET"},
+        },
+        api.port, scorer_port=scorer.port, env_keys=["ABUSE_SCORER_SECRET"],
+    )
+    try:
+        client = "203.0.113.99"
+        # One request for /.env: probing makes the client borderline, the
+        # filter asks the scorer, the scorer records the detection.
+        request(envoy.port, "GET", "/.env", {"x-forwarded-for": client})
+        envoy.wait_stat("abuse_filter.scorer.answered", 1)
+        wait_until(lambda: client in request(scorer.port, "GET", "/v1/dashboard").body.decode(), 10, 0.2,
+                   "the dashboard data")
+
+        dom = rendered_dom(f"http://127.0.0.1:{scorer.port}/")
+        assert 'id="top-clients"' in dom, dom[:2000]
+        assert f'data-client="{client}"' in dom, "the scored client is listed"
+        assert "probing" in dom, "with its reason"
+        assert 'id="detections-chart"' in dom and 'id="model-state"' in dom and 'id="callout-rate"' in dom
+    finally:
+        envoy.stop()
+        scorer.stop()
+        api.stop()
