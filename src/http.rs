@@ -15,6 +15,7 @@ use std::time::UNIX_EPOCH;
 
 pub struct AbuseFilterHttp {
     engine: Option<Rc<Engine>>,
+    context_id: u32,
     /// What the engine needs to judge the answer.
     exchange: Exchange,
     /// Largest login body still worth reading (None: do not read the body).
@@ -33,9 +34,10 @@ pub struct AbuseFilterHttp {
 }
 
 impl AbuseFilterHttp {
-    pub fn new(engine: Option<Rc<Engine>>) -> AbuseFilterHttp {
+    pub fn new(engine: Option<Rc<Engine>>, context_id: u32) -> AbuseFilterHttp {
         AbuseFilterHttp {
             engine,
+            context_id,
             exchange: Exchange::default(),
             body_limit: None,
             method: String::new(),
@@ -132,6 +134,16 @@ impl HttpContext for AbuseFilterHttp {
         }
         if verdict.action == Action::Block {
             return reply_blocked(&verdict);
+        }
+        let waits = engine
+            .callouts()
+            .is_some_and(|c| c.config.concurrent == abuse_engine::config::Concurrent::Wait);
+        if verdict.callout == abuse_engine::CalloutPlan::InFlight && waits {
+            let deadline_ms = now_ms().saturating_add(engine.callouts().map(|c| c.timeout_ms()).unwrap_or(0) + 100);
+            let waiter = crate::waiters::Waiter { context_id: self.context_id, deadline_ms, exchange: self.exchange.clone() };
+            if crate::waiters::park(waiter) {
+                return WasmAction::Pause;
+            }
         }
         if self.exchange.asks_scorer() {
             if !end_of_stream && self.body_limit.is_some() {
@@ -252,18 +264,21 @@ impl AbuseFilterHttp {
         }
         if verdict.action == Action::Block {
             reply_blocked(&verdict);
+            crate::waiters::resume_ready(engine, now_ms(), Some(Engine::client_key_of(&self.exchange)));
             return;
         }
         if !self.headers_sent {
             set_risk_headers(engine, &verdict);
         }
         let _ = hostcalls::resume_http_request();
+        // Requests of the same client waiting on this worker share the answer.
+        crate::waiters::resume_ready(engine, now_ms(), Some(Engine::client_key_of(&self.exchange)));
     }
 }
 
 /// Risk headers for the upstream (set, not added: a client must not smuggle
 /// its own score upstream).
-fn set_risk_headers(engine: &Engine, verdict: &Verdict) {
+pub fn set_risk_headers(engine: &Engine, verdict: &Verdict) {
     let config = engine.config();
     if config.headers.enabled {
             // Set, not add: a client must not smuggle its own score upstream.
@@ -335,7 +350,7 @@ impl AbuseFilterHttp {
     }
 }
 
-fn reply_blocked(verdict: &Verdict) -> WasmAction {
+pub fn reply_blocked(verdict: &Verdict) -> WasmAction {
     let body = verdict.block_body();
     let retry_after = verdict.retry_after_s.to_string();
     let headers = vec![("content-type", "application/json"), ("retry-after", retry_after.as_str())];

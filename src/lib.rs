@@ -10,6 +10,7 @@ mod http;
 mod metrics;
 mod root;
 mod shared_data;
+mod waiters;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);

@@ -115,6 +115,7 @@ impl RootContext for AbuseFilterRoot {
         if let Some(engine) = self.engine.clone() {
             let now = crate::http::now_ms();
             engine.on_tick(&EnvoySharedData, now);
+            crate::waiters::resume_ready(&engine, now, None);
             if self.fleet_poll_in_flight_until < now {
                 if let Some(cursor) = engine.claim_fleet_poll(&EnvoySharedData, now) {
                     self.poll_fleet(&engine, cursor, now);
@@ -125,7 +126,7 @@ impl RootContext for AbuseFilterRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(AbuseFilterHttp::new(self.engine.clone())))
+        Some(Box::new(AbuseFilterHttp::new(self.engine.clone(), _context_id)))
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -185,3 +185,52 @@ def test_fleet_shares_one_picture_through_redis(api, monkeypatch):
         for p in procs:
             p.stop()
         redis.stop()
+
+
+def test_concurrent_requests_wait_for_the_one_callout(stack):
+    """`concurrent: "wait"`: while one request of a client asks the scorer,
+    the client's other requests wait for that answer instead of asking again
+    or going on. A scorer whose Redis never answers (each call hits its
+    250 ms limit) keeps the callout in flight long enough to see it."""
+    import socket
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(64)
+    held = []
+    stop = threading.Event()
+
+    def swallow():
+        blackhole.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(blackhole.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=swallow, daemon=True).start()
+    try:
+        slow = Scorer("--block-at", "50", secret=SECRET, redis_url=f"redis://127.0.0.1:{blackhole.getsockname()[1]}")
+        envoy, _ = stack(scorer=slow, concurrent="wait", timeout_ms=3000)
+        client = "203.0.113.66"
+        start = time.monotonic()
+        first = request(envoy.port, "GET", "/health", {"x-forwarded-for": "198.51.100.66"})
+        assert first.status == 200 and slow.metric("abuse_scorer_score_requests_total") == 0
+
+        def one(path_delay):
+            path, delay = path_delay
+            time.sleep(delay)
+            return get(envoy, client, path).status
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            statuses = list(pool.map(one, [("/.env", 0), ("/api/products?page=1", 0.1), ("/api/users/1", 0.15)]))
+        assert statuses == [403, 403, 403], statuses
+        assert slow.metric("abuse_scorer_score_requests_total") == 1, "one callout for the three requests"
+        assert time.monotonic() - start < 5
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        blackhole.close()

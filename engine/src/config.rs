@@ -391,6 +391,17 @@ pub enum FailureMode {
     FailClosed,
 }
 
+/// What a client's other requests do while its callout is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Concurrent {
+    /// Go on with the filter's own decision.
+    #[default]
+    Proceed,
+    /// Wait (up to the timeout) for the answer and share it.
+    Wait,
+}
+
 /// The scoring service for borderline clients (see `callout`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -403,6 +414,7 @@ pub struct ScorerConfig {
     pub ask_at: f32,
     pub timeout_ms: u32,
     pub failure_mode: FailureMode,
+    pub concurrent: Concurrent,
     /// Shared secret sent in `x-abuse-scorer-secret`...
     pub secret: Option<String>,
     /// ...or the environment variable holding it (expose it to the VM with
@@ -427,6 +439,7 @@ impl Default for ScorerConfig {
             ask_at: 50.0,
             timeout_ms: 50,
             failure_mode: FailureMode::FailOpen,
+            concurrent: Concurrent::Proceed,
             secret: None,
             secret_env: None,
             breaker_failures: 5,

@@ -471,7 +471,11 @@ impl Engine {
                 verdict.callout = CalloutPlan::CacheHit;
                 self.apply_answer(verdict, action, score, reasons, until_ms, now_ms);
             }
-            CacheLookup::InFlight => verdict.callout = CalloutPlan::InFlight,
+            CacheLookup::InFlight => {
+                verdict.callout = CalloutPlan::InFlight;
+                exchange.risk = verdict.risk;
+                exchange.reasons = verdict.reasons;
+            }
             CacheLookup::Ask if !callouts.breaker.allow(now_ms) => {
                 verdict.callout = CalloutPlan::BreakerOpen;
                 let _ = self.verdict_table.update(store, exchange.client_key, now_ms, |v| {
@@ -648,6 +652,47 @@ impl Engine {
             }
         }
         v
+    }
+
+    /// For a request that waited while another asked about its client: the
+    /// cached answer once there, the failure mode once `deadline_ms` passed,
+    /// else None (keep waiting).
+    pub fn waiting_verdict(&self, store: &dyn SharedStore, exchange: &Exchange, deadline_ms: u64, now_ms: u64) -> Option<Verdict> {
+        let callouts = self.callouts.as_ref()?;
+        let cached = self
+            .verdict_table
+            .peek(store, exchange.client_key)
+            .ok()
+            .flatten()
+            .filter(|r| r.valid_until_ms > now_ms);
+        let mut v = Verdict::allow(exchange.client.unwrap_or(ClientAddr::Unknown));
+        v.mode = exchange.mode.unwrap_or(self.config.mode);
+        v.risk = exchange.risk;
+        v.reasons = exchange.reasons;
+        if v.risk >= self.config.risk.tag_at {
+            v.action = Action::Tag;
+        }
+        match cached {
+            Some(r) => {
+                v.callout = CalloutPlan::CacheHit;
+                let action = crate::callout::action_of(r.action);
+                self.apply_answer(&mut v, action, r.score, r.reasons, r.valid_until_ms, now_ms);
+                Some(v)
+            }
+            None if now_ms >= deadline_ms => {
+                v.callout = CalloutPlan::TimedOut;
+                if callouts.fail_closed() {
+                    self.fail_closed(&mut v, now_ms);
+                }
+                Some(v)
+            }
+            None => None,
+        }
+    }
+
+    /// The client key of an exchange (to match waiters with their callout).
+    pub fn client_key_of(exchange: &Exchange) -> u64 {
+        exchange.client_key
     }
 
     /// The scorer policy, when enabled.
