@@ -347,8 +347,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"demo-api listening on http://{host}:{httpd.server_address[1]}", flush=True)
     try:
+        # Announced inside the try: a signal right after the banner must
+        # still end in a clean exit.
+        print(f"demo-api listening on http://{host}:{httpd.server_address[1]}", flush=True)
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
