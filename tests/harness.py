@@ -265,6 +265,7 @@ class Scorer:
     def __init__(self, *args: str, port: int = 0, redis_url: str | None = None, secret: str | None = None,
                  state_dir: Path | None = None, env: dict | None = None):
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="abuse-scorer-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         cmd = [str(SCORER), "--listen", f"127.0.0.1:{port}", "--state-dir", str(self.state_dir), *args]
         if redis_url:
             cmd += ["--redis-url", redis_url]
