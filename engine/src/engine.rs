@@ -1205,4 +1205,59 @@ mod tests {
         let v = e3.on_request(&s, &request("192.0.2.7:5", None, "/api/x"), T0 + 100).0;
         assert!(!v.penalized);
     }
+
+    proptest::proptest! {
+        /// Whatever a client sends, every phase of the engine answers
+        /// without panicking and keeps the risk finite.
+        #[test]
+        fn arbitrary_requests_never_panic(
+            peer in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60),
+            xff in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            path in ".{0,120}",
+            ua in ".{0,80}",
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            status in 0u32..1000,
+            cookie in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+            auth in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+        ) {
+            let config = r#"{"mode":"block","client":{"trusted_proxies":["0.0.0.0/0","::/0"],
+                "session_cookie":"s","jwt_claim":"sub","api_key_header":"x-api-key"},
+                "route_groups":[{"name":"all","path_prefix":"/"}],
+                "credential_stuffing":{"login_routes":[{"path":"/login"}]},
+                "scraping":{"max_kib_per_window":1},
+                "scorer":{"enabled":true},
+                "state":{"shards":2,"slots_per_shard":8}}"#;
+            let e = engine(config);
+            let s = MemoryStore::new();
+            e.create_state(&s).unwrap();
+            for (i, method) in ["GET", "POST"].iter().enumerate() {
+                let path = if i == 1 { "/login" } else { path.as_str() };
+                let facts = RequestFacts {
+                    identity: IdentityInput {
+                        peer: Some(&peer),
+                        forwarded_for: Some(&xff),
+                        api_key: Some(&cookie),
+                        cookie: Some(&cookie),
+                        authorization: Some(&auth),
+                    },
+                    method,
+                    path,
+                    user_agent: Some(ua.as_str()),
+                    header_names: Some(ua.as_str()),
+                    asn: Some(ua.as_str()),
+                    country: Some(ua.as_str()),
+                    anonymous: i == 0,
+                };
+                let (v, mut ex) = e.on_request(&s, &facts, T0 + i as u64);
+                proptest::prop_assert!(v.risk.is_finite());
+                e.on_request_body(&mut ex, &body);
+                let _ = e.score_request_body(&ex);
+                let _ = e.on_response(&s, &ex, status, Some(status), T0 + 5);
+                let _ = e.on_score_answer(&s, &ex, crate::callout::parse_answer(Some(status), &body), T0 + 6);
+                let _ = e.waiting_verdict(&s, &ex, T0, T0 + 7);
+                let _ = e.apply_fleet_verdicts(&s, &body, T0 + 8);
+                e.on_tick(&s, T0 + 9);
+            }
+        }
+    }
 }
