@@ -483,7 +483,7 @@ impl Engine {
                     ((), true)
                 });
                 if callouts.fail_closed() {
-                    self.fail_closed(verdict, now_ms);
+                    verdict.block(403, 1);
                 }
             }
             CacheLookup::Ask => {
@@ -500,28 +500,10 @@ impl Engine {
         v.risk = score;
         v.reasons = v.reasons.union(reasons);
         match action {
-            ScoreAction::Block => {
-                v.would_block = true;
-                v.status = 403;
-                v.retry_after_s = until_ms.saturating_sub(now_ms).div_ceil(1000).max(1);
-                v.action = match v.mode {
-                    Mode::Block => Action::Block,
-                    Mode::Monitor => Action::Tag,
-                };
-            }
+            ScoreAction::Block => v.block(403, until_ms.saturating_sub(now_ms).div_ceil(1000)),
             ScoreAction::Tag => v.action = Action::Tag,
             ScoreAction::Allow => {}
         }
-    }
-
-    fn fail_closed(&self, v: &mut Verdict, _now_ms: u64) {
-        v.would_block = true;
-        v.status = 403;
-        v.retry_after_s = 1;
-        v.action = match v.mode {
-            Mode::Block => Action::Block,
-            Mode::Monitor => Action::Tag,
-        };
     }
 
     /// The feature summary the scorer judges.
@@ -600,13 +582,7 @@ impl Engine {
         answer: Result<ScoreResponse, CalloutFailure>,
         now_ms: u64,
     ) -> Verdict {
-        let mut v = Verdict::allow(exchange.client.unwrap_or(ClientAddr::Unknown));
-        v.mode = exchange.mode.unwrap_or(self.config.mode);
-        v.risk = exchange.risk;
-        v.reasons = exchange.reasons;
-        if v.risk >= self.config.risk.tag_at {
-            v.action = Action::Tag;
-        }
+        let mut v = self.held_verdict(exchange);
         let Some(callouts) = &self.callouts else {
             return v;
         };
@@ -647,7 +623,7 @@ impl Engine {
                     ((), true)
                 });
                 if callouts.fail_closed() {
-                    self.fail_closed(&mut v, now_ms);
+                    v.block(403, 1);
                 }
             }
         }
@@ -665,13 +641,7 @@ impl Engine {
             .ok()
             .flatten()
             .filter(|r| r.valid_until_ms > now_ms);
-        let mut v = Verdict::allow(exchange.client.unwrap_or(ClientAddr::Unknown));
-        v.mode = exchange.mode.unwrap_or(self.config.mode);
-        v.risk = exchange.risk;
-        v.reasons = exchange.reasons;
-        if v.risk >= self.config.risk.tag_at {
-            v.action = Action::Tag;
-        }
+        let mut v = self.held_verdict(exchange);
         match cached {
             Some(r) => {
                 v.callout = CalloutPlan::CacheHit;
@@ -682,7 +652,7 @@ impl Engine {
             None if now_ms >= deadline_ms => {
                 v.callout = CalloutPlan::TimedOut;
                 if callouts.fail_closed() {
-                    self.fail_closed(&mut v, now_ms);
+                    v.block(403, 1);
                 }
                 Some(v)
             }
@@ -693,6 +663,18 @@ impl Engine {
     /// The client key of an exchange (to match waiters with their callout).
     pub fn client_key_of(exchange: &Exchange) -> u64 {
         exchange.client_key
+    }
+
+    /// The filter's own decision for a request held while the scorer is asked.
+    fn held_verdict(&self, exchange: &Exchange) -> Verdict {
+        let mut v = Verdict::allow(exchange.client.unwrap_or(ClientAddr::Unknown));
+        v.mode = exchange.mode.unwrap_or(self.config.mode);
+        v.risk = exchange.risk;
+        v.reasons = exchange.reasons;
+        if v.risk >= self.config.risk.tag_at {
+            v.action = Action::Tag;
+        }
+        v
     }
 
     /// The scorer policy, when enabled.
@@ -1033,13 +1015,7 @@ impl Engine {
             }
         };
         if let Some(until_ms) = blocked {
-            v.would_block = true;
-            v.status = v.reasons.block_status();
-            v.retry_after_s = until_ms.saturating_sub(now_ms).div_ceil(1000).max(1);
-            v.action = match mode {
-                Mode::Block => Action::Block,
-                Mode::Monitor => Action::Tag,
-            };
+            v.block(v.reasons.block_status(), until_ms.saturating_sub(now_ms).div_ceil(1000));
         }
         v
     }

@@ -97,6 +97,17 @@ impl Verdict {
         }
     }
 
+    /// Blocks (or, in monitor mode, would block and tags) with `status`.
+    pub fn block(&mut self, status: u32, retry_after_s: u64) {
+        self.would_block = true;
+        self.status = status;
+        self.retry_after_s = retry_after_s.max(1);
+        self.action = match self.mode {
+            Mode::Block => Action::Block,
+            Mode::Monitor => Action::Tag,
+        };
+    }
+
     /// `x-abuse-score` value: the risk rounded down, so a score shown as
     /// 100 always means "at block_at 100".
     pub fn score_header(&self) -> String {
