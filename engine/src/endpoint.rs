@@ -27,6 +27,24 @@ impl EndpointRecord {
     pub fn under_attack(&self, now_ms: u64) -> bool {
         self.attack_until_ms > now_ms
     }
+
+    /// Folds one observation into the learned baseline: the first `skip`
+    /// samples are only counted (while windows fill), the next `warm_up` make
+    /// a running mean, and after that the baseline is an exponential average
+    /// in time, `b ← b + α (value − b)` with `α = 1 − e^(−since/τ)`, so a
+    /// burst of seconds cannot drag a baseline learned over `τ`.
+    pub fn learn(&mut self, value: f32, since_ms: f64, tau_ms: f64, skip: u32, warm_up: u32) {
+        self.baseline_samples = self.baseline_samples.saturating_add(1);
+        let n = self.baseline_samples;
+        let alpha = if n <= skip {
+            0.0
+        } else if n <= skip.saturating_add(warm_up) {
+            1.0 / n.saturating_sub(skip) as f32
+        } else {
+            (1.0 - (-since_ms / tau_ms.max(1.0)).exp()) as f32
+        };
+        self.baseline += alpha.clamp(0.0, 1.0) * (value - self.baseline);
+    }
 }
 
 impl Record for EndpointRecord {

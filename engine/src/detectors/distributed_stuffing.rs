@@ -70,13 +70,7 @@ impl DistributedStuffing {
         if ratio > threshold {
             endpoint.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !endpoint.under_attack(now_ms) {
-            endpoint.baseline_samples = endpoint.baseline_samples.saturating_add(1);
-            let alpha = if endpoint.baseline_samples <= WARM_UP {
-                1.0 / endpoint.baseline_samples as f32
-            } else {
-                (1.0 - (-since_ms / BASELINE_TAU_MS).exp()) as f32
-            };
-            endpoint.baseline += alpha.clamp(0.0, 1.0) * (ratio - endpoint.baseline);
+            endpoint.learn(ratio, since_ms, BASELINE_TAU_MS, 0, WARM_UP);
         }
     }
 

@@ -63,16 +63,7 @@ impl Spikes {
         if spike {
             group.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !group.under_attack(now_ms) {
-            group.baseline_samples = group.baseline_samples.saturating_add(1);
-            let n = group.baseline_samples;
-            let alpha = if n <= WARM_UP {
-                0.0
-            } else if n <= 2 * WARM_UP {
-                1.0 / (n - WARM_UP) as f32
-            } else {
-                (1.0 - (-since_ms / BASELINE_TAU_MS).exp()) as f32
-            };
-            group.baseline += alpha.clamp(0.0, 1.0) * (rate - group.baseline);
+            group.learn(rate, since_ms, BASELINE_TAU_MS, WARM_UP, WARM_UP);
         }
         GroupState { spiking: group.under_attack(now_ms), window_requests: in_window }
     }
