@@ -55,6 +55,12 @@ fn header(name: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// The `:status` of a response (or callout response) header map.
+pub fn status_of(map: MapType) -> Option<u32> {
+    let value = hostcalls::get_map_value_bytes(map, ":status").ok().flatten()?;
+    std::str::from_utf8(&value).ok()?.parse().ok()
+}
+
 pub fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -188,14 +194,8 @@ impl Context for AbuseFilterHttp {
         };
         let now = now_ms();
         let started = self.callout_started_ms.take().unwrap_or(now);
-        let status = if num_headers == 0 {
-            None
-        } else {
-            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-                .ok()
-                .flatten()
-                .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u32>().ok()))
-        };
+        // No headers at all: the callout was reset or timed out.
+        let status = if num_headers == 0 { None } else { status_of(MapType::HttpCallResponseHeaders) };
         let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(64 * 1024))
             .ok()
             .flatten()
@@ -316,11 +316,7 @@ impl AbuseFilterHttp {
         let Some(engine) = self.engine.clone() else {
             return WasmAction::Continue;
         };
-        let Some(status) = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u32>().ok()))
-        else {
+        let Some(status) = status_of(MapType::HttpResponseHeaders) else {
             return WasmAction::Continue;
         };
         let kib = if engine.reads_response_size() {

@@ -29,11 +29,7 @@ impl Context for AbuseFilterRoot {
         let Some(engine) = self.engine.clone() else {
             return;
         };
-        let ok = num_headers > 0
-            && hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.as_slice() == b"200");
+        let ok = num_headers > 0 && crate::http::status_of(MapType::HttpCallResponseHeaders) == Some(200);
         if !ok {
             return;
         }
