@@ -102,6 +102,19 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
         time.sleep(interval)
 
 
+def read_port_banner(proc: subprocess.Popen, timeout: float = 15) -> tuple[int | None, str]:
+    """The port from a server's first stdout line, `... listening on
+    http://127.0.0.1:PORT` (None if it did not come in time)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        line = ""
+    m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+    return (int(m.group(1)) if m else None), line
+
+
 class DemoApi:
     """The demo upstream on a free port."""
 
@@ -111,17 +124,11 @@ class DemoApi:
             stdout=subprocess.PIPE,
             text=True,
         )
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
-        try:
-            line = lines.get(timeout=15)
-        except queue.Empty:
-            line = ""
-        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-        if not m:
+        port, line = read_port_banner(self.proc)
+        if port is None:
             self.stop()
             raise RuntimeError(f"demo api did not start: {line!r}")
-        self.port = int(m.group(1))
+        self.port = port
 
     def stop(self):
         if self.proc.poll() is None:
@@ -276,17 +283,11 @@ class Scorer:
         self.log_path = self.state_dir / "scorer.log"
         self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=full_env)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
-        try:
-            line = lines.get(timeout=15)
-        except queue.Empty:
-            line = ""
-        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-        if not m:
+        port, line = read_port_banner(self.proc)
+        if port is None:
             self.stop()
             raise RuntimeError(f"scorer did not start: {line!r} {self.log()[-2000:]}")
-        self.port = int(m.group(1))
+        self.port = port
         # Keep draining stdout so the scorer never blocks on a full pipe.
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
