@@ -7,6 +7,7 @@ tests exercise is the stack users start.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -410,13 +411,7 @@ class Envoy:
 
     def stats(self) -> dict[str, int]:
         """Counters of this filter, without the `wasmcustom.` prefix."""
-        _, text = self.admin("/stats?filter=abuse_filter")
-        out = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().isdigit():
-                out[name.removeprefix("wasmcustom.")] = int(value)
-        return out
+        return filter_stats(self.admin_port)
 
     def stat(self, name: str) -> int:
         return self.stats().get(name, 0)
@@ -456,6 +451,18 @@ class Envoy:
         trap = re.search(r"panicked at .*|Function: proxy_\w+ failed.*", log)
         if trap:
             raise AssertionError(f"the wasm filter trapped: {trap.group(0)}")
+
+
+def filter_stats(admin_port: int) -> dict[str, int]:
+    """The abuse filter's counters from an Envoy admin, without the
+    `wasmcustom.` prefix."""
+    text = request(admin_port, "GET", "/stats?filter=abuse_filter").body.decode(errors="replace")
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[name.removeprefix("wasmcustom.")] = int(value)
+    return out
 
 
 class Response:
@@ -512,63 +519,95 @@ def blast(port: int, raw_requests: list[bytes], connections: int = 32, timeout: 
     return asyncio.run(main())
 
 
-def run_stack(bootstrap: Path, api_port: int = 8080, port: int = 10000, admin_port: int = 9901):
-    """`make run`: the demo API and Envoy with the shipped bootstrap
-    (envoy/envoy.yaml), in the foreground until Ctrl-C."""
+class DemoStack:
+    """The running `make run` stack: demo API, scorer and Envoy (a process
+    started with a bootstrap file)."""
+
+    def __init__(self, api: DemoApi, scorer: Scorer, envoy: subprocess.Popen, port: int, admin_port: int,
+                 bootstrap: Path, log_path: Path):
+        self.api, self.scorer, self.envoy = api, scorer, envoy
+        self.port, self.admin_port, self.bootstrap, self.log_path = port, admin_port, bootstrap, log_path
+
+    def running(self) -> bool:
+        return self.envoy.poll() is None and self.api.proc.poll() is None and self.scorer.proc.poll() is None
+
+    def stats(self) -> dict[str, int]:
+        return filter_stats(self.admin_port)
+
+
+@contextlib.contextmanager
+def demo_stack(bootstrap, api_port: int = 8080, scorer_port: int = 8081, port: int = 10000, admin_port: int = 9901,
+               log_path: Path = ROOT / "target" / "run" / "envoy.log",
+               scorer_state_dir: Path = ROOT / "target" / "scorer", concurrency: int = 2):
+    """Starts the `make run` stack and stops it on exit: the demo API, the
+    scoring service (Redis when REDIS_URL is set) and Envoy with `bootstrap`,
+    run from the repository root (its paths are relative to it).
+
+    `bootstrap` is a path, or a function (api_port, scorer_port) -> path for
+    when the servers pick free ports (api_port/scorer_port 0); `port` and
+    `admin_port` must be the ones the bootstrap uses."""
     os.environ.setdefault("ABUSE_SCORER_SECRET", "demo-secret")
     api = DemoApi(api_port)
+    scorer = envoy = None
     try:
-        scorer = Scorer(port=8081, redis_url=os.environ.get("REDIS_URL"), secret=os.environ["ABUSE_SCORER_SECRET"],
-                        state_dir=ROOT / "target" / "scorer")
-    except Exception:
-        api.stop()
-        raise
-    log_path = ROOT / "target" / "run" / "envoy.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        envoy = subprocess.Popen(
-            [envoy_binary(), "-c", str(bootstrap), "--concurrency", "2", "--log-level", "info"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )
+        scorer = Scorer(port=scorer_port, redis_url=os.environ.get("REDIS_URL"),
+                        secret=os.environ["ABUSE_SCORER_SECRET"], state_dir=scorer_state_dir)
+        path = Path(bootstrap(api.port, scorer.port) if callable(bootstrap) else bootstrap)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            envoy = subprocess.Popen(
+                [envoy_binary(), "-c", str(path), "--concurrency", str(concurrency), "--log-level", "info",
+                 "--base-id", str(admin_port), "--disable-hot-restart"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            )
 
-    def envoy_ready() -> bool:
-        if envoy.poll() is not None:
-            raise RuntimeError(f"envoy exited:\n{log_path.read_text()[-4000:]}")
-        try:
-            return request(admin_port, "GET", "/ready").status == 200
-        except OSError:
-            return False
+        def envoy_ready() -> bool:
+            if envoy.poll() is not None:
+                raise RuntimeError(f"envoy exited:\n{log_path.read_text()[-4000:]}")
+            try:
+                return request(admin_port, "GET", "/ready").status == 200
+            except OSError:
+                return False
 
-    try:
         wait_until(envoy_ready, 30, 0.1, "envoy")
-        print(
-            f"""
-abuse filter demo stack is up (Ctrl-C to stop)
-  API through Envoy + filter : http://127.0.0.1:{port}  (curl -i http://127.0.0.1:{port}/api/products?page=1)
-  demo API, direct           : http://127.0.0.1:{api.port}
-  scorer + dashboard         : http://127.0.0.1:{scorer.port}/  ({'Redis ' + os.environ['REDIS_URL'] if os.environ.get('REDIS_URL') else 'in memory; REDIS_URL=... to use Redis'})
-  Envoy admin                : http://127.0.0.1:{admin_port}  (stats: /stats?filter=abuse_filter, /stats/prometheus)
-  Envoy bootstrap            : {bootstrap}
-  Envoy log (block lines)    : {log_path}
-""",
-            flush=True,
-        )
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        while not stop.is_set() and envoy.poll() is None and api.proc.poll() is None and scorer.proc.poll() is None:
-            stop.wait(0.5)
-    except KeyboardInterrupt:
-        pass
+        yield DemoStack(api, scorer, envoy, port, admin_port, path, log_path)
     finally:
-        if envoy.poll() is None:
+        if envoy is not None and envoy.poll() is None:
             envoy.terminate()
             try:
                 envoy.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 envoy.kill()
-        scorer.stop()
+                envoy.wait()
+        if scorer is not None:
+            scorer.stop()
         api.stop()
-        print("stopped", flush=True)
+
+
+def run_stack(bootstrap: Path, api_port: int = 8080, port: int = 10000, admin_port: int = 9901):
+    """`make run`: the demo API and Envoy with the shipped bootstrap
+    (envoy/envoy.yaml), in the foreground until Ctrl-C."""
+    try:
+        with demo_stack(bootstrap, api_port=api_port, port=port, admin_port=admin_port) as stack:
+            print(
+                f"""
+abuse filter demo stack is up (Ctrl-C to stop)
+  API through Envoy + filter : http://127.0.0.1:{port}  (curl -i http://127.0.0.1:{port}/api/products?page=1)
+  demo API, direct           : http://127.0.0.1:{stack.api.port}
+  scorer + dashboard         : http://127.0.0.1:{stack.scorer.port}/  ({'Redis ' + os.environ['REDIS_URL'] if os.environ.get('REDIS_URL') else 'in memory; REDIS_URL=... to use Redis'})
+  Envoy admin                : http://127.0.0.1:{admin_port}  (stats: /stats?filter=abuse_filter, /stats/prometheus)
+  Envoy bootstrap            : {bootstrap}
+  Envoy log (block lines)    : {stack.log_path}
+""",
+                flush=True,
+            )
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            while not stop.is_set() and stack.running():
+                stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("stopped", flush=True)
 
 
 if __name__ == "__main__":
