@@ -1,0 +1,157 @@
+"""Attacks driven by the generator (the ones a stock tool cannot express:
+hundreds of rotating addresses, random ids, a stolen token used abroad, a
+slow cadence). The tool-driven attacks are in tools.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conn import Client
+from scenario import Ctx, Scenario, gather_bounded
+
+# One tool fingerprint for every distributed-stuffing address: same user
+# agent, same header names in the same order.
+STUFFER_HEADERS = [("user-agent", "python-requests/2.31.0"), ("accept-encoding", "gzip, deflate"),
+                   ("accept", "*/*"), ("connection", "keep-alive")]
+
+# The stolen token, used from abroad (MaxMind test City database).
+THIEF_ADDRESSES = {"CN": "175.16.199.1", "US": "216.160.83.56", "SE": "89.160.20.112", "PH": "202.196.224.1"}
+
+SCRAPER_ADDRESS = "203.0.113.40"
+BOLA_RANDOM_ADDRESS = "203.0.113.32"
+SLOW_ADDRESS = "203.0.113.50"
+SLOW_TARGET = "user0999"
+
+
+def combo_list(rng, n: int) -> list[tuple[str, str]]:
+    """A leaked combo list: each credential once, real and unknown usernames mixed."""
+    names = [f"user{i:04d}" for i in rng.sample(range(1, 1001), min(n, 600))]
+    first = ["james", "mary", "john", "linda", "wei", "olga", "ahmed", "sofia", "raj", "emma", "noah", "yuki"]
+    while len(names) < n:
+        names.append(f"{rng.choice(first)}.{rng.choice(first)}{rng.randint(1, 9999)}@mail.example")
+    rng.shuffle(names)
+    return [(u, f"{rng.choice(['Summer', 'Qwerty', 'Dragon', 'Monkey', 'Welcome'])}{rng.randint(1, 9999)}!")
+            for u in names[:n]]
+
+
+async def distributed_stuffing(ctx: Ctx):
+    """Credential stuffing over rotating addresses (198.18.0.0/15), 1-3 tries
+    each, one fingerprint, spread over the attack window by 16 workers."""
+    rng = ctx.rng("distributed")
+    n_addr = ctx.profile.distributed_addresses
+    plan = [(f"198.18.{k // 250}.{k % 250 + 1}", rng.randint(1, 3)) for k in range(n_addr)]
+    combos = iter(combo_list(rng, sum(t for _, t in plan)))
+    start, end = ctx.attack_start, ctx.duration - 2
+    per_addr = (end - start) / n_addr
+    queue: asyncio.Queue = asyncio.Queue()
+    for k, item in enumerate(plan):
+        queue.put_nowait((k, item))
+
+    async def worker():
+        while not queue.empty():
+            k, (address, tries) = queue.get_nowait()
+            await ctx.at(start + k * per_addr)
+            if ctx.left() < 1:
+                return
+            c = Client(ctx.port, "distributed_stuffing", address, address, STUFFER_HEADERS)
+            try:
+                for _ in range(tries):
+                    user, password = next(combos)
+                    await c.request("POST", "/api/login", {"username": user, "password": password})
+                    await asyncio.sleep(rng.uniform(0.05, 0.3))
+            finally:
+                await c.close()
+
+    await gather_bounded(ctx, [worker() for _ in range(16)])
+
+
+async def bola_random(ctx: Ctx):
+    """BOLA: random user ids (most do not exist) from one address, 5/s."""
+    rng = ctx.rng("bola_random")
+    c = Client(ctx.port, "bola_random_ids", "enum-1", BOLA_RANDOM_ADDRESS,
+               [("user-agent", "Go-http-client/1.1"), ("accept-encoding", "gzip")])
+    try:
+        await ctx.at(ctx.attack_start + 8)
+        while ctx.left() > 1:
+            await c.request("GET", f"/api/users/{rng.randint(1, 5000)}")
+            await asyncio.sleep(0.2)
+    finally:
+        await c.close()
+
+
+async def scraping(ctx: Ctx):
+    """Scraping by pagination: /api/products?page=1..N, 4 pages a second."""
+    c = Client(ctx.port, "scraping_pagination", "scraper-1", SCRAPER_ADDRESS,
+               [("user-agent", "Mozilla/5.0 (compatible; DataHarvester/1.4)"), ("accept", "*/*")])
+    try:
+        await ctx.at(ctx.attack_start + 10)
+        page = 1
+        while ctx.left() > 1:
+            await c.request("GET", f"/api/products?page={page}")
+            page += 1
+            await asyncio.sleep(0.25)
+    finally:
+        await c.close()
+
+
+async def stolen_token(ctx: Ctx):
+    """A real user's JWT (obtained by logging in as them from GB, see
+    token_owner) used from CN, US, SE and PH."""
+    rng = ctx.rng("stolen_token")
+    token = await ctx.future("stolen_token")
+    if not token:
+        ctx.notes["stolen_token"] = "the owner's login failed: no token to steal"
+        return
+    await ctx.at(ctx.attack_start + 5)
+    thieves = {cc: Client(ctx.port, "stolen_token", f"thief-{cc}", addr,
+                          [("user-agent", "python-requests/2.31.0"), ("accept", "*/*")])
+               for cc, addr in THIEF_ADDRESSES.items()}
+    auth = [("authorization", f"Bearer {token}")]
+    try:
+        for _round in range(6):
+            for c in thieves.values():
+                if ctx.left() < 1:
+                    return
+                await c.request("GET", rng.choice(["/api/me", "/api/users/900", "/api/products?page=1"]), headers=auth)
+                await asyncio.sleep(rng.uniform(0.5, 1.5))
+    finally:
+        for c in thieves.values():
+            await c.close()
+
+
+async def low_and_slow(ctx: Ctx):
+    """Brute force on one account from one address, one guess every 2.2 s:
+    under every per-client rate limit (login: 30/min)."""
+    rng = ctx.rng("low_and_slow")
+    c = Client(ctx.port, "low_and_slow", "slow-1", SLOW_ADDRESS,
+               [("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
+                ("accept", "application/json")])
+    try:
+        await ctx.at(2.0)
+        n = 0
+        while ctx.left() > 1:
+            n += 1
+            await c.request("POST", "/api/login", {"username": SLOW_TARGET, "password": f"guess-{n}-{rng.randint(0, 99)}"})
+            await asyncio.sleep(2.2)
+    finally:
+        await c.close()
+
+
+SCENARIOS = [
+    Scenario("distributed_stuffing", "attack", "generator",
+             "credential stuffing over rotating addresses (198.18.0.0/15), 1-3 tries each from a combo list, "
+             "one tool fingerprint (python-requests UA and header order)",
+             distributed_stuffing, planned_clients=lambda p: p.distributed_addresses),
+    Scenario("bola_random_ids", "attack", "generator",
+             "BOLA enumeration of random ids 1..5000 on /api/users/{id}, 5/s, one address",
+             bola_random, single_source=True),
+    Scenario("scraping_pagination", "attack", "generator",
+             "scraping by pagination: /api/products?page=1,2,3,... 4 pages/s, one address",
+             scraping, single_source=True),
+    Scenario("stolen_token", "attack", "generator",
+             "token_owner's JWT used from CN, US, SE and PH addresses (one client per country)",
+             stolen_token, planned_clients=lambda p: len(THIEF_ADDRESSES)),
+    Scenario("low_and_slow", "attack", "generator",
+             f"brute force on {SLOW_TARGET} from one address, one guess every 2.2 s (under the 30/min login limit)",
+             low_and_slow, single_source=True),
+]

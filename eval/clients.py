@@ -1,0 +1,224 @@
+"""Benign traffic: people and well-behaved machines. Every simulated client
+has its own address unless the scenario is about sharing one (the office).
+The declared search crawler is driven by wget (tools.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conn import Client
+from scenario import Ctx, Scenario, gather_bounded
+
+BROWSER_UAS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Safari/605.1.15",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:127.0) Gecko/20100101 Firefox/127.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/125.0.0.0 Safari/537.36 Edg/125.0.0.0",
+]
+
+# GB addresses known to the MaxMind test City database (tests/data/geoip).
+GB_ADDRESSES = ["2.125.160.216", "2.125.160.217", "2.125.160.218", "2.125.160.219", "2.125.160.220",
+                "2.125.160.221", "2.125.160.222", "2.125.160.223"]
+TOKEN_OWNER_ADDRESS = GB_ADDRESSES[0]
+OFFICE_ADDRESS = "198.51.100.10"
+PARTNER_ADDRESS = "198.51.100.20"
+
+
+def browser_headers(rng) -> list[tuple[str, str]]:
+    return [
+        ("user-agent", rng.choice(BROWSER_UAS)),
+        ("accept", "application/json, text/plain, */*"),
+        ("accept-language", rng.choice(["en-GB,en;q=0.9", "en-US,en;q=0.8", "de-DE,de;q=0.9,en;q=0.5", "fr-FR,fr;q=0.9"])),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("referer", "https://shop.example.com/"),
+        ("sec-fetch-mode", "cors"),
+    ]
+
+
+def numbered_address(prefix: str, n: int) -> str:
+    """n-th address under a /16 prefix such as "100.64", skipping .0 and .255."""
+    return f"{prefix}.{n // 254 % 256}.{n % 254 + 1}"
+
+
+async def login(c: Client, rng, uid: int, typo_chance: float = 0.1) -> str:
+    """Logs user `uid` in, sometimes after a mistyped password; returns the token ('' if refused)."""
+    username, password = f"user{uid:04d}", f"pass-{uid:04d}"
+    if rng.random() < typo_chance:
+        await c.request("POST", "/api/login", {"username": username, "password": password[:-1] + "x"})
+        await asyncio.sleep(rng.uniform(1.0, 3.0))
+    r = await c.request("POST", "/api/login", {"username": username, "password": password})
+    return r.json().get("token", "") if r is not None and r.status == 200 else ""
+
+
+def browse_path(rng, uid: int) -> str:
+    return rng.choice([
+        "/api/me", "/api/me",
+        f"/api/products?page={rng.randint(1, 3)}", f"/api/products?page={rng.randint(1, 3)}",
+        f"/api/products/{rng.randint(1, 500)}", f"/api/products/{rng.randint(1, 500)}",
+        f"/api/users/{uid}",
+    ])
+
+
+async def app_user(ctx: Ctx, n: int):
+    rng = ctx.rng(f"app_users/{n}")
+    c = Client(ctx.port, "app_users", f"u{n:04d}", numbered_address("100.64", n), browser_headers(rng))
+    try:
+        await ctx.at(rng.uniform(0, ctx.duration * 0.5))
+        uid = n + 1
+        token = await login(c, rng, uid)
+        while ctx.left() > 1:
+            await asyncio.sleep(rng.uniform(0.5, 5.0))
+            r = await c.request("GET", browse_path(rng, uid), headers=[("authorization", f"Bearer {token}")])
+            if r is not None and r.status == 401 and ctx.left() > 3:
+                token = await login(c, rng, uid, typo_chance=0)
+    finally:
+        await c.close()
+
+
+async def app_users(ctx: Ctx):
+    await gather_bounded(ctx, [app_user(ctx, n) for n in range(ctx.profile.app_users)])
+
+
+async def office_user(ctx: Ctx, n: int):
+    """One of the office's people behind its NAT: log in (one in ten after a
+    typo), then a few pages at human pace, as in test_defaults_safe_envoy."""
+    rng = ctx.rng(f"office/{n}")
+    c = Client(ctx.port, "office_nat", f"o{n:03d}", OFFICE_ADDRESS, browser_headers(rng))
+    try:
+        await ctx.at(rng.uniform(0, max(1.0, ctx.duration - 20)))
+        uid = 501 + n
+        token = await login(c, rng, uid, typo_chance=0.1 if n % 10 == 0 else 0.0)
+        for _ in range(5):
+            if ctx.left() < 1:
+                break
+            await asyncio.sleep(rng.uniform(0.5, 5.0))
+            await c.request("GET", browse_path(rng, uid), headers=[("authorization", f"Bearer {token}")])
+    finally:
+        await c.close()
+
+
+async def office(ctx: Ctx):
+    await gather_bounded(ctx, [office_user(ctx, n) for n in range(ctx.profile.office_users)])
+
+
+async def mobile_device(ctx: Ctx, n: int):
+    """The mobile app: log in, then poll every 30 s with its Bearer token."""
+    rng = ctx.rng(f"mobile/{n}")
+    ua = rng.choice(["AcmeShop/5.2.1 (iPhone; iOS 17.5; Scale/3.00)", "AcmeShop/5.2.0 (Android 14; Pixel 7) okhttp/4.12.0"])
+    c = Client(ctx.port, "mobile_app", f"d{n:03d}", numbered_address("100.96", n),
+               [("user-agent", ua), ("accept", "application/json"), ("x-app-version", "5.2")])
+    try:
+        start = rng.uniform(0, 30)
+        await ctx.at(start)
+        uid = 601 + n % 200
+        token = await login(c, rng, uid, typo_chance=0.0)
+        auth = [("authorization", f"Bearer {token}")]
+        t = start
+        while ctx.left() > 1:
+            await c.request("GET", "/api/me", headers=auth)
+            await c.request("GET", "/api/products?page=1", headers=auth)
+            t += 30
+            if t > ctx.duration - 1:
+                break
+            await ctx.at(t + rng.uniform(-0.3, 0.3))
+    finally:
+        await c.close()
+
+
+async def mobile(ctx: Ctx):
+    await gather_bounded(ctx, [mobile_device(ctx, n) for n in range(ctx.profile.mobile_devices)])
+
+
+async def partner(ctx: Ctx):
+    """A partner integration: steady well-formed calls at partner_rps from one
+    address with its API key (two keep-alive connections)."""
+    rps = ctx.profile.partner_rps
+    headers = [("user-agent", "acme-sync/3.2"), ("accept", "application/json"), ("x-api-key", "partner-key-1")]
+    conns = [Client(ctx.port, "partner_api", "acme", PARTNER_ADDRESS, headers) for _ in range(2)]
+
+    async def lane(k: int, c: Client):
+        i = k
+        try:
+            while True:
+                t = 1.0 + i / rps
+                if t > ctx.duration - 1:
+                    break
+                await ctx.at(t)
+                path = f"/api/products?page={1 + i % 5}" if i % 2 else f"/api/products/{1 + i % 40}"
+                await c.request("GET", path)
+                i += len(conns)
+        finally:
+            await c.close()
+
+    await gather_bounded(ctx, [lane(k, c) for k, c in enumerate(conns)])
+
+
+async def roaming_user(ctx: Ctx, n: int):
+    """A user whose phone moves between networks inside GB (Wi-Fi, LTE):
+    one session token, addresses changing between GB addresses."""
+    rng = ctx.rng(f"roaming/{n}")
+    home, away = GB_ADDRESSES[1 + n % 7], GB_ADDRESSES[1 + (n + 3) % 7]
+    c = Client(ctx.port, "gb_roaming", f"r{n:02d}", home, browser_headers(rng))
+    try:
+        await ctx.at(rng.uniform(0, 10))
+        uid = 801 + n
+        token = await login(c, rng, uid, typo_chance=0.0)
+        auth = [("authorization", f"Bearer {token}")]
+        where = home
+        while ctx.left() > 1:
+            await asyncio.sleep(rng.uniform(1.0, 5.0))
+            if rng.random() < 0.3:
+                where = away if where == home else home
+            await c.request("GET", browse_path(rng, uid), headers=auth, address=where)
+    finally:
+        await c.close()
+
+
+async def roaming(ctx: Ctx):
+    await gather_bounded(ctx, [roaming_user(ctx, n) for n in range(ctx.profile.roaming_users)])
+
+
+async def token_owner(ctx: Ctx):
+    """The victim of the stolen-token attack: logs in at home in GB and keeps
+    using the app from there. Its token is handed to the thief (attacks.py)."""
+    rng = ctx.rng("token_owner")
+    c = Client(ctx.port, "token_owner", "user0900", TOKEN_OWNER_ADDRESS, browser_headers(rng))
+    stolen = ctx.future("stolen_token")
+    try:
+        await ctx.at(1.0)
+        token = await login(c, rng, 900, typo_chance=0.0)
+        stolen.set_result(token)
+        auth = [("authorization", f"Bearer {token}")]
+        while ctx.left() > 1:
+            await c.request("GET", rng.choice(["/api/me", "/api/products?page=1", "/api/users/900"]), headers=auth)
+            await asyncio.sleep(rng.uniform(2.0, 6.0))
+    finally:
+        if not stolen.done():
+            stolen.set_result("")
+        await c.close()
+
+
+SCENARIOS = [
+    Scenario("app_users", "benign", "generator",
+             "app users, each its own address and browser: log in (1 in 10 after a typo), then /api/me, "
+             "/api/products?page=1..3, /api/products/{id}, their own /api/users/{id} every 0.5-5 s",
+             app_users, planned_clients=lambda p: p.app_users),
+    Scenario("office_nat", "benign", "generator",
+             "a NATed office: 100 people behind ONE address, each logs in (one in ten after a typo) and opens 5 pages",
+             office, planned_clients=lambda p: p.office_users),
+    Scenario("mobile_app", "benign", "generator",
+             "mobile app devices, each its own address: log in, then poll /api/me and products every 30 s with a Bearer token",
+             mobile, planned_clients=lambda p: p.mobile_devices),
+    Scenario("partner_api", "benign", "generator",
+             "a partner integration: 50 well-formed requests/s with x-api-key from one address, all run long",
+             partner),
+    Scenario("gb_roaming", "benign", "generator",
+             "users whose phones move between GB networks: one session token, two GB addresses",
+             roaming, planned_clients=lambda p: p.roaming_users),
+    Scenario("token_owner", "benign", "generator",
+             "the owner of the token stolen below: logs in at home in GB and keeps using it there",
+             token_owner),
+]

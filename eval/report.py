@@ -1,0 +1,328 @@
+"""From Envoy's JSON access log (the ground truth for every request, the
+tools' included) to per-scenario metrics, the targets, a text table, JSON
+and an SVG chart of blocks over time."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# Targets (issue 5).
+SINGLE_SOURCE_MAX_REQUESTS = 20
+DISTRIBUTED_MAX_ATTEMPTS = 200
+DISTRIBUTED_MIN_LATER_SHARE = 0.95
+MIN_RECALL_AFTER = 0.95
+
+
+@dataclass
+class Req:
+    t: float
+    scenario: str
+    client: str
+    status: int
+    upstream: bool
+    blocked: bool
+    xff: str
+    method: str
+    path: str
+
+
+def _missing(v) -> bool:
+    return v in (None, "", "-")
+
+
+def filter_blocked(rec: dict) -> bool:
+    """The filter answered this request. Envoy logs no response-code details
+    for a proxy-wasm local reply (send_http_response passes none), while an
+    upstream answer is `via_upstream` and Envoy's own replies name their cause
+    (`route_not_found`, `upstream_reset_...`). The filter's replies carry
+    `retry-after` and are 403 or 429; this holds both for requests refused
+    before the upstream and for upstream answers the filter replaced (a
+    takeover's 200, a stuffer's 401 - the upstream was reached, details are
+    empty, the upstream never sends retry-after)."""
+    status = int(rec.get("status") or 0)
+    return status in (403, 429) and _missing(rec.get("details")) and not _missing(rec.get("retry_after"))
+
+
+def load_requests(path: Path) -> list[Req]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        label = rec.get("label")
+        if _missing(label) or "/" not in label:
+            continue
+        scenario, _, client = label.partition("/")
+        out.append(Req(float(rec["t"]), scenario, label, int(rec.get("status") or 0), not _missing(rec.get("upstream")),
+                       filter_blocked(rec), rec.get("xff") or "", rec.get("method") or "", rec.get("path") or ""))
+    out.sort(key=lambda r: r.t)
+    return out
+
+
+def block_reasons(envoy_log: Path) -> dict[str, dict[str, int]]:
+    """Block decisions per client address from the filter's log lines:
+    {address: {reason: count}}."""
+    out: dict[str, dict[str, int]] = {}
+    if not envoy_log.exists():
+        return out
+    for line in envoy_log.read_text(errors="replace").splitlines():
+        m = re.search(r'(\{"client".*"event":"block".*\})', line)
+        if not m:
+            continue
+        try:
+            ev = json.loads(m.group(1))
+        except ValueError:
+            continue
+        reasons = out.setdefault(ev.get("client", ""), {})
+        for r in ev.get("reasons", []):
+            reasons[r] = reasons.get(r, 0) + 1
+    return out
+
+
+def scenario_metrics(reqs: list[Req], kind: str, t_start: float, reasons_by_addr: dict) -> dict:
+    n = len(reqs)
+    blocked = [r for r in reqs if r.blocked]
+    clients = {r.client for r in reqs}
+    addresses = sorted({r.xff for r in reqs if r.xff})
+    first = next((i for i, r in enumerate(reqs) if r.blocked), None)
+    after = reqs[first + 1:] if first is not None else []
+    reasons: dict[str, int] = {}
+    for a in addresses:
+        for k, v in reasons_by_addr.get(a, {}).items():
+            reasons[k] = reasons.get(k, 0) + v
+    statuses: dict[str, int] = {}
+    for r in reqs:
+        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    return {
+        "kind": kind,
+        "clients": len(clients),
+        "addresses": len(addresses),
+        "requests": n,
+        "reached_upstream": sum(r.upstream for r in reqs),
+        "blocked": len(blocked),
+        "first_block_request": None if first is None else first + 1,
+        "first_block_s": None if first is None else round(reqs[first].t - reqs[0].t, 2),
+        "first_block_at_s": None if first is None else round(reqs[first].t - t_start, 2),
+        "started_at_s": round(reqs[0].t - t_start, 2) if reqs else None,
+        "after_first_block": len(after),
+        "blocked_after_first_block": sum(r.blocked for r in after),
+        "share_blocked_after_first": (sum(r.blocked for r in after) / len(after)) if after else None,
+        "clients_blocked": len({r.client for r in blocked}),
+        "blocked_clients": sorted({r.client for r in blocked})[:20],
+        "statuses": dict(sorted(statuses.items())),
+        "block_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def analyse(access_json: Path, envoy_log: Path, scenarios: dict[str, dict], stats: dict, t_start: float) -> dict:
+    """scenarios: name -> {kind, tool, what, single_source}."""
+    reqs = load_requests(access_json)
+    by: dict[str, list[Req]] = {name: [] for name in scenarios}
+    unknown = 0
+    for r in reqs:
+        if r.scenario in by:
+            by[r.scenario].append(r)
+        else:
+            unknown += 1
+    reasons_by_addr = block_reasons(envoy_log)
+    rows = {}
+    for name, meta in scenarios.items():
+        m = scenario_metrics(by[name], meta["kind"], t_start, reasons_by_addr)
+        rows[name] = {**meta, **m}
+
+    attack = [n for n, r in rows.items() if r["kind"] == "attack"]
+    benign = [n for n, r in rows.items() if r["kind"] == "benign"]
+    blocked_attack = sum(rows[n]["blocked"] for n in attack)
+    blocked_all = sum(r["blocked"] for r in rows.values())
+    after = sum(rows[n]["after_first_block"] for n in attack)
+    after_blocked = sum(rows[n]["blocked_after_first_block"] for n in attack)
+    attack_requests = sum(rows[n]["requests"] for n in attack)
+    benign_requests = sum(rows[n]["requests"] for n in benign)
+    callouts = stats.get("abuse_filter.scorer.callouts_sent", 0)
+    overall = {
+        "requests": len(reqs),
+        "unlabelled_or_unknown": unknown,
+        "attack_requests": attack_requests,
+        "benign_requests": benign_requests,
+        "blocked": blocked_all,
+        "blocked_attack": blocked_attack,
+        "precision": blocked_attack / blocked_all if blocked_all else None,
+        "recall_after_recognition": after_blocked / after if after else None,
+        "recall_after_recognition_counts": [after_blocked, after],
+        "recall_all_attack_requests": blocked_attack / attack_requests if attack_requests else None,
+        "attack_scenarios_never_blocked": [n for n in attack if rows[n]["requests"] and rows[n]["blocked"] == 0],
+        "benign_clients": sum(rows[n]["clients"] for n in benign),
+        "benign_clients_blocked": sum(rows[n]["clients_blocked"] for n in benign),
+        "scorer_callouts": callouts,
+        "scorer_callouts_per_benign_request": callouts / benign_requests if benign_requests else None,
+        "scorer": {k.removeprefix("abuse_filter.scorer."): v for k, v in stats.items() if k.startswith("abuse_filter.scorer.")},
+    }
+    targets = check_targets(rows, overall)
+    series = {name: [round(r.t - t_start, 3) for r in by[name] if r.blocked] for name in scenarios}
+    return {"scenarios": rows, "overall": overall, "targets": targets, "filter_stats": stats, "block_series": series}
+
+
+def check_targets(rows: dict, overall: dict) -> list[dict]:
+    targets = []
+    benign_blocked = {n: r["blocked_clients"] for n, r in rows.items() if r["kind"] == "benign" and r["clients_blocked"]}
+    targets.append({
+        "target": "no benign client blocked",
+        "pass": not benign_blocked and overall["benign_clients"] > 0,
+        "detail": "; ".join(f"{n}: {rows[n]['clients_blocked']}/{rows[n]['clients']} clients, {rows[n]['blocked']} requests "
+                            f"(reasons {rows[n]['block_reasons'] or '?'})" for n in benign_blocked) or
+                  f"0 of {overall['benign_clients']} benign clients",
+    })
+    for n, r in rows.items():
+        if r["kind"] != "attack" or not r.get("single_source"):
+            continue
+        fb = r["first_block_request"]
+        ok = fb is not None and fb <= SINGLE_SOURCE_MAX_REQUESTS
+        detail = (f"never blocked in {r['requests']} requests" if fb is None else
+                  f"first block at request {fb} after {r['first_block_s']} s ({', '.join(r['block_reasons']) or '?'})")
+        if n == "low_and_slow":
+            detail += (f"; {r['requests']} attempts, {r['reached_upstream']} reached the upstream, "
+                       f"statuses {r['statuses']}")
+        targets.append({"target": f"{n}: blocked within {SINGLE_SOURCE_MAX_REQUESTS} requests", "pass": ok, "detail": detail})
+    d = rows.get("distributed_stuffing")
+    if d and d["requests"]:
+        fb, share = d["first_block_request"], d["share_blocked_after_first"]
+        targets.append({
+            "target": f"distributed_stuffing: recognised within {DISTRIBUTED_MAX_ATTEMPTS} attempts",
+            "pass": fb is not None and fb <= DISTRIBUTED_MAX_ATTEMPTS,
+            "detail": f"first block at attempt {fb} of {d['requests']}" if fb else f"never blocked in {d['requests']} attempts",
+        })
+        targets.append({
+            "target": f"distributed_stuffing: >= {DISTRIBUTED_MIN_LATER_SHARE:.0%} of later attempts blocked",
+            "pass": share is not None and share >= DISTRIBUTED_MIN_LATER_SHARE,
+            "detail": "n/a" if share is None else f"{d['blocked_after_first_block']}/{d['after_first_block']} = {share:.1%}",
+        })
+    if not any(r["kind"] == "attack" for r in rows.values()):
+        return targets
+    rec = overall["recall_after_recognition"]
+    a, b = overall["recall_after_recognition_counts"]
+    targets.append({
+        "target": f"overall recall after recognition >= {MIN_RECALL_AFTER:.0%}",
+        "pass": rec is not None and rec >= MIN_RECALL_AFTER and not overall["attack_scenarios_never_blocked"],
+        "detail": ("n/a" if rec is None else f"{a}/{b} = {rec:.1%}") +
+                  (f"; never blocked: {', '.join(overall['attack_scenarios_never_blocked'])}"
+                   if overall["attack_scenarios_never_blocked"] else ""),
+    })
+    return targets
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "-"
+    if pct:
+        return f"{v:.1%}"
+    return str(v)
+
+
+def table(report: dict) -> str:
+    cs = report.get("crowdsec", {})
+    cols = ["scenario", "kind", "tool", "clients", "requests", "upstream", "blocked", "1st blk req", "1st blk s",
+            "blk after 1st", "clients blk", "crowdsec", "reasons"]
+    lines = []
+    for name, r in report["scenarios"].items():
+        crowd = "n/a"
+        if cs.get("available"):
+            f = cs.get("per_scenario", {}).get(name, {})
+            crowd = f"{f.get('flagged', 0)}/{f.get('addresses', 0)}"
+        lines.append([name, r["kind"], r["tool"], str(r["clients"]), str(r["requests"]), str(r["reached_upstream"]),
+                      str(r["blocked"]), _fmt(r["first_block_request"]), _fmt(r["first_block_s"]),
+                      _fmt(r["share_blocked_after_first"], pct=True), f"{r['clients_blocked']}/{r['clients']}", crowd,
+                      ",".join(r["block_reasons"]) or "-"])
+    widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
+    fmt = lambda row: "  ".join(v.ljust(w) if i in (0, 1, 2, 12) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+    out = [fmt(cols), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines]
+    o = report["overall"]
+    out.append("")
+    out.append(f"requests {o['requests']} (attack {o['attack_requests']}, benign {o['benign_requests']}); "
+               f"blocked {o['blocked']} (attack {o['blocked_attack']})")
+    out.append(f"precision {_fmt(o['precision'], True)}   recall after recognition {_fmt(o['recall_after_recognition'], True)} "
+               f"({o['recall_after_recognition_counts'][0]}/{o['recall_after_recognition_counts'][1]})   "
+               f"recall on all attack requests {_fmt(o['recall_all_attack_requests'], True)}")
+    cpr = o["scorer_callouts_per_benign_request"]
+    out.append(f"scorer callouts {o['scorer_callouts']} ({'-' if cpr is None else f'{cpr:.4f}'} per benign request); "
+               + ", ".join(f"{k} {v}" for k, v in o["scorer"].items() if k in ("answered", "failed", "timed_out", "cache_hits", "coalesced")))
+    if not cs.get("available"):
+        out.append(f"crowdsec: not available ({cs.get('reason', 'not run')})")
+    else:
+        per = cs.get("per_scenario", {})
+        kinds = {n: r["kind"] for n, r in report["scenarios"].items()}
+        benign = [f"{n} {v['flagged']}/{v['addresses']}" for n, v in per.items() if kinds.get(n) == "benign" and v["flagged"]]
+        out.append(f"crowdsec: {cs.get('alerts', 0)} alerts on {len(cs.get('flagged', {}))} addresses "
+                   f"({cs.get('version', '')}, stock nginx parser + base HTTP scenarios, {cs.get('elapsed_s', '?')} s replay); "
+                   f"benign addresses flagged: {', '.join(benign) or 'none'}")
+    out.append("")
+    for t in report["targets"]:
+        out.append(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['detail']}")
+    return "\n".join(out)
+
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d"]
+
+
+def svg(report: dict, duration: float) -> str:
+    """Cumulative blocked requests over time, one line per scenario with
+    blocks (log scale on y: floods and single probes on one chart)."""
+    import math
+    series = {n: s for n, s in report["block_series"].items() if s}
+    W, H, L, R, T, B = 900, 480, 60, 250, 30, 45
+    pw, ph = W - L - R, H - T - B
+    ymax = max([len(s) for s in series.values()] + [1])
+    ytop = math.log10(ymax + 1)
+    xmax = max([duration] + [s[-1] for s in series.values()])
+    x = lambda t: L + pw * max(0.0, t) / xmax
+    y = lambda n: T + ph - ph * math.log10(n + 1) / ytop
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{W}" height="{H}" fill="white"/>',
+             f'<text x="{L}" y="18" font-size="13">Cumulative requests blocked by the filter, per scenario</text>',
+             f'<line x1="{L}" y1="{T + ph}" x2="{L + pw}" y2="{T + ph}" stroke="black"/>',
+             f'<line x1="{L}" y1="{T}" x2="{L}" y2="{T + ph}" stroke="black"/>']
+    step = 10 if xmax <= 60 else 20
+    for t in range(0, int(xmax) + 1, step):
+        parts.append(f'<line x1="{x(t):.1f}" y1="{T + ph}" x2="{x(t):.1f}" y2="{T + ph + 4}" stroke="black"/>'
+                     f'<text x="{x(t):.1f}" y="{T + ph + 16}" text-anchor="middle">{t}</text>')
+    parts.append(f'<text x="{L + pw / 2}" y="{H - 8}" text-anchor="middle">seconds since the start of the run</text>')
+    k = 0
+    while 10 ** k <= ymax * 10:
+        v = 10 ** k
+        if v <= ymax * 1.01 or k == 0:
+            parts.append(f'<line x1="{L - 4}" y1="{y(v):.1f}" x2="{L + pw}" y2="{y(v):.1f}" stroke="#ddd"/>'
+                         f'<text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v}</text>')
+        k += 1
+    parts.append(f'<text x="14" y="{T + ph / 2}" transform="rotate(-90 14 {T + ph / 2})" text-anchor="middle">'
+                 f'blocked requests (cumulative, log)</text>')
+    for i, (name, times) in enumerate(sorted(series.items())):
+        color = COLORS[i % len(COLORS)]
+        kind = report["scenarios"][name]["kind"]
+        pts = [(x(times[0]), y(0))]
+        for n, t in enumerate(times, 1):
+            pts.append((x(t), y(n - 1)))
+            pts.append((x(t), y(n)))
+        pts.append((x(xmax), y(len(times))))
+        # Thin out very long series (a flood) for a small file.
+        if len(pts) > 2000:
+            stride = len(pts) // 1000
+            pts = pts[::stride] + [pts[-1]]
+        dash = ' stroke-dasharray="5,3"' if kind == "benign" else ""
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6"{dash} points="'
+                     + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
+        ly = T + 14 * i + 8
+        parts.append(f'<line x1="{L + pw + 12}" y1="{ly}" x2="{L + pw + 32}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>'
+                     f'<text x="{L + pw + 36}" y="{ly + 4}">{name} ({kind}, {len(times)})</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def write(report: dict, out_dir: Path, duration: float):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "blocks.svg").write_text(svg(report, duration))
+    (out_dir / "table.txt").write_text(table(report) + "\n")
