@@ -15,7 +15,7 @@ ENVOY ?= $(shell v=$$(envoy --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[
 	else echo $(CURDIR)/$(VENV)/bin/envoy; fi)
 export ENVOY
 
-.PHONY: all deps test-deps build run test test-unit test-integration lint clean bench bench-scorer
+.PHONY: all deps test-deps eval-deps build run test test-unit test-integration lint clean bench bench-scorer eval crowdsec-offline
 
 all: build
 
@@ -38,14 +38,29 @@ deps: $(VENV)/.deps
 	@rustup target list --installed 2>/dev/null | grep -q wasm32-wasip1 || rustup target add wasm32-wasip1
 	@echo "envoy: $(ENVOY) ($$($(ENVOY) --version | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1))"
 
-test-deps:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
+# $(call apt_install,command:package ...): installs the missing ones (root + apt-get), else names them.
+define apt_install
+	@missing=""; for t in $(1); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing$$missing"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing \
 			|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; }; \
 		else echo "please install:$$missing (Debian packages)"; exit 1; fi; \
 	fi
+endef
+
+test-deps:
+	$(call apt_install,$(SYSTEM_TOOLS))
+
+# make eval: the attack tools it drives, and PyYAML (it reads envoy/envoy.yaml).
+EVAL_TOOLS := hydra:hydra ffuf:ffuf wget:wget
+
+$(VENV)/.eval-deps: $(VPY)
+	$(VPY) -m pip install --quiet --disable-pip-version-check pyyaml
+	touch $@
+
+eval-deps: $(VENV)/.eval-deps
+	$(call apt_install,$(EVAL_TOOLS))
 
 build: deps
 	cargo build --release --target wasm32-wasip1 -p abuse-filter
@@ -63,7 +78,7 @@ test-unit: build
 	cargo test -p abuse-engine
 	cargo test --release -p abuse-scorer
 
-test-integration: build test-deps
+test-integration: build test-deps eval-deps
 	$(VPY) -m pytest -q tests
 
 test: lint test-unit test-integration
@@ -80,3 +95,17 @@ bench-scorer: build
 bench: build
 	cargo build --release --target wasm32-wasip1 -p noop-filter
 	$(VPY) bench/run.py
+
+# Detection quality on labelled traffic through the `make run` stack (see
+# eval/README.md): a table per scenario, target/eval/report.json and
+# blocks.svg; fails when a target is missed. EVAL_FLAGS="--quick --no-fail" etc.
+eval: build test-deps eval-deps
+	$(VPY) eval/run.py $(EVAL_FLAGS)
+
+# Optional peer for make eval: CrowdSec from Debian, installed offline (no
+# Central API registration; the package's offline hub has the nginx parser
+# and the base HTTP scenarios).
+crowdsec-offline:
+	@command -v crowdsec >/dev/null || { mkdir -p /etc/crowdsec; \
+		[ -s /etc/crowdsec/online_api_credentials.yaml ] || echo "# offline: no Central API" > /etc/crowdsec/online_api_credentials.yaml; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends crowdsec; }
