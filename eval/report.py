@@ -204,12 +204,17 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
         return targets
     rec = overall["recall_after_recognition"]
     a, b = overall["recall_after_recognition_counts"]
+    never = overall["attack_scenarios_never_blocked"]
+    targets.append({
+        "target": "every attack scenario blocked at least once",
+        "pass": not never,
+        "detail": f"never blocked: {', '.join(never)}" if never else "all were",
+    })
     targets.append({
         "target": f"overall recall after recognition >= {MIN_RECALL_AFTER:.0%}",
-        "pass": rec is not None and rec >= MIN_RECALL_AFTER and not overall["attack_scenarios_never_blocked"],
+        "pass": rec is not None and rec >= MIN_RECALL_AFTER,
         "detail": ("n/a" if rec is None else f"{a}/{b} = {rec:.1%}") +
-                  (f"; never blocked: {', '.join(overall['attack_scenarios_never_blocked'])}"
-                   if overall["attack_scenarios_never_blocked"] else ""),
+                  f"; recall on all attack requests {overall['recall_all_attack_requests']:.1%}",
     })
     return targets
 

@@ -65,6 +65,12 @@ async def drive(ctx: Ctx, scenarios) -> dict[str, str]:
     return errors
 
 
+def wasm_sha256() -> str:
+    import hashlib
+    from harness import WASM
+    return hashlib.sha256(WASM.read_bytes()).hexdigest() if WASM.exists() else "missing"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the short profile (~35 s, fewer clients) used by the tests")
@@ -110,6 +116,7 @@ def main(argv=None) -> int:
                      "planned_clients": s.planned_clients(profile)} for s in scenarios}
     result = report.analyse(out / "access.json", out / "envoy.log", meta, stats, t_start)
     result["run"] = {"profile": profile.name, "duration_s": duration, "seed": args.seed, "bootstrap": str(args.bootstrap),
+                     "started_at": t_start, "envoy_port": port, "admin_port": admin, "wasm_sha256": wasm_sha256(),
                      "skipped": skipped, "errors": errors, "notes": ctx.notes,
                      "trap": "panicked at" in (out / "envoy.log").read_text(errors="replace")}
     if args.no_crowdsec:

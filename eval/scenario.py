@@ -29,7 +29,7 @@ PROFILES = {
     "default": Profile("default", 120, app_users=500, office_users=100, mobile_devices=150, roaming_users=20,
                        partner_rps=50, distributed_addresses=600, attack_start=20, flood_s=10),
     "quick": Profile("quick", 35, app_users=80, office_users=100, mobile_devices=30, roaming_users=6,
-                     partner_rps=50, distributed_addresses=300, attack_start=8, flood_s=6),
+                     partner_rps=50, distributed_addresses=300, attack_start=8, flood_s=10),
 }
 
 

@@ -181,7 +181,7 @@ SCENARIOS = [
              "scanning for sensitive files and admin paths (56 words), ffuf's own user agent",
              ffuf_scan, single_source=True),
     Scenario("l7_flood", "attack", "wrk",
-             "L7 flood on /api/products?page=1: wrk, 4 connections, for 10 s (6 s quick)",
+             "L7 flood on /api/products?page=1: wrk, 1 thread, 4 connections, for 10 s",
              wrk_flood, single_source=True),
 ]
 

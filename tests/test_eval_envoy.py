@@ -60,7 +60,10 @@ def test_distributed_stuffing_is_recognised_and_then_blocked(report):
     assert d["share_blocked_after_first"] >= 0.95, d
 
 
+def test_every_attack_is_recognised(report):
+    assert not report["overall"]["attack_scenarios_never_blocked"], report["overall"]["attack_scenarios_never_blocked"]
+
+
 def test_recall_after_recognition(report):
     o = report["overall"]
     assert o["recall_after_recognition"] >= 0.95, o
-    assert not o["attack_scenarios_never_blocked"], o["attack_scenarios_never_blocked"]
