@@ -243,7 +243,7 @@ def table(report: dict) -> str:
                       ",".join(r["block_reasons"]) or "-"])
     widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
     fmt = lambda row: "  ".join(v.ljust(w) if i in (0, 1, 2, 12) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
-    out = [fmt(cols), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines]
+    out = [fmt(l).rstrip() for l in [cols, ["-" * w for w in widths], *lines]]
     o = report["overall"]
     out.append("")
     out.append(f"requests {o['requests']} (attack {o['attack_requests']}, benign {o['benign_requests']}); "
