@@ -31,6 +31,8 @@ pub struct AbuseFilterHttp {
     /// The request headers already went upstream: they can no longer be
     /// changed (Envoy refuses, and the SDK would trap).
     headers_sent: bool,
+    /// The client sent its own risk headers: they must be overwritten.
+    forged_risk_headers: bool,
 }
 
 impl AbuseFilterHttp {
@@ -45,14 +47,28 @@ impl AbuseFilterHttp {
             callout_started_ms: None,
             ask_after_body: false,
             headers_sent: false,
+            forged_risk_headers: false,
         }
     }
 }
 
-fn header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
+/// The request headers, read from Envoy in one host call.
+struct RequestHeaders(Vec<(String, Vec<u8>)>);
+
+impl RequestHeaders {
+    fn read() -> RequestHeaders {
+        RequestHeaders(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default())
+    }
+
+    /// The first value of a header (names are case-insensitive).
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.0.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+    }
+
+    /// The first `limit` header names, comma-separated, in the client's order.
+    fn names(&self, limit: usize) -> String {
+        self.0.iter().map(|(name, _)| name.as_str()).take(limit).collect::<Vec<_>>().join(",")
+    }
 }
 
 /// The `:status` of a response (or callout response) header map.
@@ -75,48 +91,40 @@ impl HttpContext for AbuseFilterHttp {
             return WasmAction::Continue;
         };
         let policy = engine.identity_policy();
+        // Every host call costs about a microsecond on V8: the peer address
+        // and all request headers come in two calls, not one per header.
         let peer = hostcalls::get_property(vec!["source", "address"]).ok().flatten();
-        let forwarded_for = if policy.reads_forwarded_for() {
-            header(&policy.forwarded_for_header)
-        } else {
-            None
-        };
-        let path = header(":path").unwrap_or_default();
-        let method = header(":method").unwrap_or_default();
-        let user_agent = if engine.reads_user_agent() { header("user-agent") } else { None };
+        let headers = RequestHeaders::read();
+        let forwarded_for = if policy.reads_forwarded_for() { headers.get(&policy.forwarded_for_header) } else { None };
+        let path = String::from_utf8_lossy(headers.get(":path").unwrap_or_default());
+        let method = String::from_utf8_lossy(headers.get(":method").unwrap_or_default());
+        let user_agent = if engine.reads_user_agent() { headers.get("user-agent") } else { None };
         let api_key = match (&policy.api_key_header, engine.reads_api_key()) {
-            (Some(name), true) => header(name),
+            (Some(name), true) => headers.get(name),
             _ => None,
         };
-        let path = String::from_utf8_lossy(&path);
-        let method = String::from_utf8_lossy(&method);
-        let user_agent = user_agent.as_deref().map(String::from_utf8_lossy);
+        let user_agent = user_agent.map(String::from_utf8_lossy);
         let geo = &engine.config().geo;
-        let asn = geo.asn_header.as_deref().and_then(header);
-        let asn = asn.as_deref().map(String::from_utf8_lossy);
-        let country = geo.country_header.as_deref().and_then(header);
-        let country = country.as_deref().map(String::from_utf8_lossy);
+        let asn = geo.asn_header.as_deref().and_then(|h| headers.get(h)).map(String::from_utf8_lossy);
+        let country = geo.country_header.as_deref().and_then(|h| headers.get(h)).map(String::from_utf8_lossy);
         let anonymous = geo
             .anonymous_headers
             .iter()
-            .any(|h| header(h).is_some_and(|v| v.eq_ignore_ascii_case(b"true")));
-        let cookie = if engine.reads_cookie() { header("cookie") } else { None };
-        let authorization = if engine.reads_authorization() { header("authorization") } else { None };
-        // One host call for all names, on login routes only.
-        let header_names = if engine.wants_fingerprint(&method, &path) {
-            hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok().map(|pairs| {
-                pairs.iter().map(|(name, _)| name.as_str()).take(64).collect::<Vec<_>>().join(",")
-            })
-        } else {
-            None
-        };
+            .any(|h| headers.get(h).is_some_and(|v| v.eq_ignore_ascii_case(b"true")));
+        let cookie = if engine.reads_cookie() { headers.get("cookie") } else { None };
+        let authorization = if engine.reads_authorization() { headers.get("authorization") } else { None };
+        // Header names in the client's order, on login routes only.
+        let header_names = engine.wants_fingerprint(&method, &path).then(|| headers.names(64));
+        self.forged_risk_headers = engine.config().headers.enabled
+            && (headers.get(&engine.config().headers.score).is_some()
+                || headers.get(&engine.config().headers.reasons).is_some());
         let facts = RequestFacts {
             identity: IdentityInput {
                 peer: peer.as_deref(),
-                forwarded_for: forwarded_for.as_deref(),
-                api_key: api_key.as_deref(),
-                cookie: cookie.as_deref(),
-                authorization: authorization.as_deref(),
+                forwarded_for,
+                api_key,
+                cookie,
+                authorization,
             },
             method: &method,
             path: &path,
@@ -158,12 +166,12 @@ impl HttpContext for AbuseFilterHttp {
                 // them); the body is held until the scorer answers.
                 self.ask_after_body = true;
                 self.headers_sent = true;
-                set_risk_headers(&engine, &verdict);
+                set_risk_headers(&engine, &verdict, self.forged_risk_headers);
                 return WasmAction::Continue;
             }
             return self.ask_scorer(&engine);
         }
-        set_risk_headers(&engine, &verdict);
+        set_risk_headers(&engine, &verdict, self.forged_risk_headers);
         WasmAction::Continue
     }
 
@@ -245,7 +253,7 @@ impl AbuseFilterHttp {
                     return reply_blocked(&verdict);
                 }
                 if !self.headers_sent {
-                    set_risk_headers(engine, &verdict);
+                    set_risk_headers(engine, &verdict, self.forged_risk_headers);
                 }
                 WasmAction::Continue
             }
@@ -268,7 +276,7 @@ impl AbuseFilterHttp {
             return;
         }
         if !self.headers_sent {
-            set_risk_headers(engine, &verdict);
+            set_risk_headers(engine, &verdict, self.forged_risk_headers);
         }
         let _ = hostcalls::resume_http_request();
         // Requests of the same client waiting on this worker share the answer.
@@ -276,16 +284,18 @@ impl AbuseFilterHttp {
     }
 }
 
-/// Risk headers for the upstream (set, not added: a client must not smuggle
-/// its own score upstream).
-pub fn set_risk_headers(engine: &Engine, verdict: &Verdict) {
+/// Risk headers for the upstream: set when the client has a score or a
+/// reason, or when it sent its own (`overwrite`): set, not added, so a client
+/// cannot smuggle its own score upstream. No header means score 0 — the
+/// common case costs no host call.
+pub fn set_risk_headers(engine: &Engine, verdict: &Verdict, overwrite: bool) {
     let config = engine.config();
-    if config.headers.enabled {
-            // Set, not add: a client must not smuggle its own score upstream.
-            let score = verdict.score_header();
-            let reasons = verdict.reasons_header();
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.score, Some(&score));
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.reasons, Some(&reasons));
+    let clean = verdict.risk < 1.0 && verdict.reasons.is_empty();
+    if config.headers.enabled && (overwrite || !clean) {
+        let score = verdict.score_header();
+        let reasons = verdict.reasons_header();
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.score, Some(&score));
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.reasons, Some(&reasons));
     }
 }
 
@@ -316,9 +326,15 @@ impl AbuseFilterHttp {
         let Some(engine) = self.engine.clone() else {
             return WasmAction::Continue;
         };
+        if !self.exchange.judged() {
+            return WasmAction::Continue;
+        }
         let Some(status) = status_of(MapType::HttpResponseHeaders) else {
             return WasmAction::Continue;
         };
+        if !engine.answer_matters(&self.exchange, status) {
+            return WasmAction::Continue;
+        }
         let kib = if engine.reads_response_size() {
             hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, "content-length")
                 .ok()

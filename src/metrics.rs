@@ -212,3 +212,11 @@ pub fn flush() {
         }
     });
 }
+
+/// `abuse_filter.shared_data.bytes`: the fixed size of the filter's shared
+/// data (all tables), set once at configuration; it never grows with traffic.
+pub fn shared_data_bytes(bytes: usize) {
+    if let Ok(id) = hostcalls::define_metric(MetricType::Gauge, "abuse_filter.shared_data.bytes") {
+        let _ = hostcalls::record_metric(id, u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+}

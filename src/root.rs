@@ -93,6 +93,7 @@ impl RootContext for AbuseFilterRoot {
             log::warn!("abuse_filter: creating shared-data shards failed: {e:?}");
         }
         metrics::define();
+        metrics::shared_data_bytes(engine.state_bytes());
         if hostcalls::set_tick_period(TICK).is_err() {
             log::warn!("abuse_filter: no tick; stats will not be flushed");
         }

@@ -67,7 +67,8 @@ pub fn resume_ready(engine: &Engine, now_ms: u64, client_key: Option<u64>) {
         if verdict.action == Action::Block {
             reply_blocked(&verdict);
         } else {
-            set_risk_headers(engine, &verdict);
+            // Whether the client sent its own is unknown here: always overwrite.
+            set_risk_headers(engine, &verdict, true);
             let _ = hostcalls::resume_http_request();
         }
     }

@@ -844,6 +844,19 @@ impl Engine {
         self.scraping.as_ref().is_some_and(Scraping::tracks_volume)
     }
 
+    /// Whether an answer with this status can change anything: lets the host
+    /// skip reading the clock and the size for the common answer.
+    pub fn answer_matters(&self, exchange: &Exchange, status: u32) -> bool {
+        if !exchange.judged {
+            return false;
+        }
+        let login = self.login.is_some() && exchange.login_route.is_some();
+        let not_found = status == 404 && self.probing.is_some() && !exchange.good_bot;
+        let object_answer = exchange.object && self.enumeration.is_some() && !exchange.good_bot;
+        let volume = self.reads_response_size() && !exchange.good_bot;
+        login || not_found || object_answer || volume
+    }
+
     /// The answer's status and size (KiB, when read). Returns a verdict only
     /// when the answer mattered.
     pub fn on_response(
@@ -854,7 +867,7 @@ impl Engine {
         response_kib: Option<u32>,
         now_ms: u64,
     ) -> Option<Verdict> {
-        if !exchange.judged {
+        if !self.answer_matters(exchange, status) {
             return None;
         }
         let client = exchange.client?;
