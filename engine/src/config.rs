@@ -147,6 +147,7 @@ impl Default for RateConfig {
                 requests: 6000,
                 window_s: 60,
                 weight: 100.0,
+                anonymous_only: false,
             }],
         }
     }
@@ -164,6 +165,11 @@ pub struct RateLimit {
     /// Risk added for each request over the limit.
     #[serde(default = "default_weight")]
     pub weight: f32,
+    /// Count only requests without credentials (no `Authorization`, no API
+    /// key header, no session cookie): a tight limit for anonymous floods
+    /// that logged-in users behind one NAT address never share.
+    #[serde(default)]
+    pub anonymous_only: bool,
 }
 
 fn default_weight() -> f32 {
@@ -338,8 +344,8 @@ impl Default for DistributedStuffingConfig {
             window_s: 60,
             min_attempts: 20,
             baseline_prior: 0.2,
-            attack_factor: 3.0,
-            attack_min_ratio: 0.4,
+            attack_factor: 2.5,
+            attack_min_ratio: 0.25,
             hold_s: 300,
             fingerprint_min_failures: 10,
             new_client_max_requests: 5,
@@ -577,9 +583,9 @@ impl Default for EnumerationConfig {
             auto_normalize: true,
             window_s: 60,
             max_distinct_ids: 100,
-            max_sequential_run: 25,
+            max_sequential_run: 15,
             max_miss_ratio: 0.5,
-            min_requests: 20,
+            min_requests: 10,
             weight: 100.0,
         }
     }

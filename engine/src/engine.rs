@@ -302,7 +302,22 @@ impl Engine {
 
     /// Whether the host must read the API key header.
     pub fn reads_api_key(&self) -> bool {
-        self.identity.api_key_header.is_some() && (self.exemptions.needs_api_key() || self.sessions.is_some())
+        self.identity.api_key_header.is_some()
+            && (self.exemptions.needs_api_key() || self.sessions.is_some() || self.has_anonymous_limits())
+    }
+
+    fn has_anonymous_limits(&self) -> bool {
+        self.rate.as_ref().is_some_and(RequestRate::has_anonymous_limits)
+    }
+
+    /// A request without credentials: no `Authorization`, no API key, no
+    /// session cookie (for `anonymous_only` rate limits).
+    fn is_anonymous(&self, input: &IdentityInput<'_>) -> bool {
+        let session_cookie = match (input.cookie, &self.identity.session_cookie) {
+            (Some(cookie), Some(name)) => crate::identity::cookie_value(cookie, name).is_some(),
+            _ => false,
+        };
+        input.authorization.is_none() && input.api_key.is_none() && !session_cookie
     }
 
     /// Whether sessions are tracked (the detector is on and a session identity configured).
@@ -313,12 +328,12 @@ impl Engine {
 
     /// Whether the host must read `Cookie` (session cookie configured).
     pub fn reads_cookie(&self) -> bool {
-        self.sessions.is_some() && self.identity.session_cookie.is_some()
+        (self.sessions.is_some() || self.has_anonymous_limits()) && self.identity.session_cookie.is_some()
     }
 
     /// Whether the host must read `Authorization` (JWT claim configured).
     pub fn reads_authorization(&self) -> bool {
-        self.sessions.is_some() && self.identity.jwt_claim.is_some()
+        (self.sessions.is_some() && self.identity.jwt_claim.is_some()) || self.has_anonymous_limits()
     }
 
     pub fn identify(&self, input: &IdentityInput<'_>) -> ClientIdentity {
@@ -377,6 +392,7 @@ impl Engine {
             _ => false,
         };
         let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
+        let anonymous = self.is_anonymous(&facts.identity);
         let (session_hash, session_signal) = self.observe_session(store, facts, key, now_ms);
         let group_state = self.count_route_groups(routes);
         let mut snapshot: Option<ClientRecord> = None;
@@ -409,7 +425,7 @@ impl Engine {
                 signal.add(d.on_attempt(record));
             }
             if let Some(rate) = &self.rate {
-                signal.add(rate.observe(routes, record, now_ms));
+                signal.add(rate.observe(routes, anonymous, record, now_ms));
             }
             if let (Some(e), Some(o), Some(h)) = (&self.enumeration, &object, object_hash) {
                 let session = session_hash.map(|h| (h & 0xffff_ffff) as u32).unwrap_or(0);

@@ -123,6 +123,9 @@ class Store:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every response carries Content-Length
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle
+    # and the peer's delayed ACK hold every keep-alive answer for ~40 ms.
+    disable_nagle_algorithm = True
     server_version = "demo-api/1.0"
     timeout = 60  # drop idle keep-alive connections
 

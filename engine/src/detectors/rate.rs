@@ -13,6 +13,7 @@ struct Limit {
     requests: f64,
     window_ms: u64,
     weight: f32,
+    anonymous_only: bool,
 }
 
 /// Counts each request in the window of every limit whose route group it
@@ -43,6 +44,7 @@ impl RequestRate {
                     requests: f64::from(l.requests),
                     window_ms: u64::from(l.window_s).saturating_mul(1000),
                     weight: l.weight,
+                    anonymous_only: l.anonymous_only,
                 })
             })
             .collect();
@@ -59,13 +61,20 @@ impl RequestRate {
             .join(",")
     }
 
-    pub fn observe(&self, routes: RouteMatch, record: &mut ClientRecord, now_ms: u64) -> Signal {
+    /// Whether some limit counts only anonymous requests (the host must then
+    /// read the credential headers).
+    pub fn has_anonymous_limits(&self) -> bool {
+        self.limits.iter().any(|l| l.anonymous_only)
+    }
+
+    /// Counts one request (`anonymous`: it carried no credentials).
+    pub fn observe(&self, routes: RouteMatch, anonymous: bool, record: &mut ClientRecord, now_ms: u64) -> Signal {
         let mut signal = Signal::default();
         for (limit, window) in self.limits.iter().zip(record.rate.iter_mut()) {
             let applies = match limit.group {
                 None => true,
                 Some(g) => routes.contains(g),
-            };
+            } && (anonymous || !limit.anonymous_only);
             if !applies {
                 continue;
             }
@@ -95,21 +104,39 @@ mod tests {
         }]);
         let config = RateConfig {
             enabled: true,
-            limits: vec![RateLimit { route_group: Some("login".into()), requests: 3, window_s: 60, weight: 40.0 }],
+            limits: vec![RateLimit { route_group: Some("login".into()), requests: 3, window_s: 60, weight: 40.0, anonymous_only: false }],
         };
         let rate = RequestRate::new(&config, &routes).unwrap();
         let mut rec = ClientRecord::new(1);
         let login = routes.matches("POST", "/login");
         let other = routes.matches("GET", "/login");
         for i in 0..3 {
-            assert_eq!(rate.observe(login, &mut rec, 1000 + i), Signal::default());
+            assert_eq!(rate.observe(login, true, &mut rec, 1000 + i), Signal::default());
         }
         for i in 0..10 {
-            assert_eq!(rate.observe(other, &mut rec, 1000 + i), Signal::default());
+            assert_eq!(rate.observe(other, true, &mut rec, 1000 + i), Signal::default());
         }
-        let s = rate.observe(login, &mut rec, 2000);
+        let s = rate.observe(login, true, &mut rec, 2000);
         assert_eq!(s.risk, 40.0);
         assert_eq!(s.reasons.names(), vec!["rate_limit"]);
+    }
+
+    #[test]
+    fn anonymous_limits_count_only_requests_without_credentials() {
+        let config = RateConfig {
+            enabled: true,
+            limits: vec![RateLimit { route_group: None, requests: 2, window_s: 1, weight: 100.0, anonymous_only: true }],
+        };
+        let rate = RequestRate::new(&config, &RouteTable::new(&[])).unwrap();
+        assert!(rate.has_anonymous_limits());
+        let mut rec = ClientRecord::new(1);
+        let any = RouteTable::new(&[]).matches("GET", "/");
+        for i in 0..10 {
+            assert_eq!(rate.observe(any, false, &mut rec, 1000 + i), Signal::default(), "logged-in request {i}");
+        }
+        assert_eq!(rate.observe(any, true, &mut rec, 1100), Signal::default());
+        assert_eq!(rate.observe(any, true, &mut rec, 1101), Signal::default());
+        assert_eq!(rate.observe(any, true, &mut rec, 1102).reasons.names(), vec!["rate_limit"]);
     }
 
     #[test]

@@ -134,7 +134,7 @@ impl Default for ScrapingConfig {
         ScrapingConfig {
             enabled: true,
             page_params: vec!["page".to_string(), "offset".to_string(), "cursor_page".to_string()],
-            max_page_run: 30,
+            max_page_run: 15,
             max_page_interval_ms: 1000,
             rhythm_min_requests: 50,
             rhythm_max_cv: 0.1,
@@ -548,12 +548,12 @@ mod tests {
         let d = detector();
         let mut c = ClientRecord::default();
         let fires = run(&d, &mut c, &pages(1..=40, 100));
-        // Page 1 starts the run; page 31 is the 30th consecutive step.
+        // Page 1 starts the run; page 16 is the 15th consecutive step.
         let (first, signal) = fires.first().copied().unwrap();
-        assert_eq!(first, 30);
+        assert_eq!(first, 15);
         assert_eq!(signal.risk, 100.0);
         assert_eq!(signal.part(Reason::Scraping), 100.0);
-        assert_eq!(fires.len(), 10, "fires on every page past the limit");
+        assert_eq!(fires.len(), 25, "fires on every page past the limit");
         assert_eq!(c.page_run, 39);
         assert_eq!(c.page_run_start_ms, T0);
     }
@@ -589,7 +589,7 @@ mod tests {
         let d = detector();
         let mut c = ClientRecord::default();
         let fires = run(&d, &mut c, &pages((0..40).map(|i| i * 20), 100));
-        assert_eq!(fires.first().map(|f| f.0), Some(30));
+        assert_eq!(fires.first().map(|f| f.0), Some(15));
         let mut c = ClientRecord::default();
         let fires = run(&d, &mut c, &pages((0..40).map(|i| i * 25 + 10), 100));
         assert!(fires.is_empty(), "offsets off the page grid are a documented miss");

@@ -2,7 +2,8 @@
 //! one person or one integration:
 //! - used from more than `max_addresses` addresses or `max_user_agents`
 //!   user agents within the window, it is shared or hijacked
-//!   (`session_sharing`, charged to the client that goes over);
+//!   (`session_sharing`, charged to each address or user agent that joins
+//!   beyond the limit, never to those that used the session before);
 //! - a client that cycles through more than `max_sessions_per_client`
 //!   sessions in the window is churning (`session_churn`, tags by default:
 //!   an office behind one address legitimately holds many sessions);
@@ -58,9 +59,12 @@ impl Sessions {
         let mut signal = Signal::default();
         let c = &self.config;
         session.last_seen_ms = now_ms;
+        // Charged to newcomers only: whoever held the session before (its
+        // owner) keeps using it while the thief's addresses are refused.
+        let known = session.clients.contains(client_key) && session.user_agents.contains(user_agent_hash);
         let addresses = session.clients.insert(client_key, now_ms, self.window_ms);
         let agents = session.user_agents.insert(user_agent_hash, now_ms, self.window_ms);
-        if addresses > f64::from(c.max_addresses) + 0.5 || agents > f64::from(c.max_user_agents) + 0.5 {
+        if !known && (addresses > f64::from(c.max_addresses) + 0.5 || agents > f64::from(c.max_user_agents) + 0.5) {
             signal.fire(Reason::SessionSharing, c.weight);
         }
         if let Some(country) = country {
@@ -135,6 +139,9 @@ mod tests {
             .map(|c| !d.on_request(&mut s, mix(c + 100), mix(9), None, 1000).reasons.is_empty())
             .collect();
         assert!(!fired[0] && !fired[2] && fired[5], "{fired:?}");
+        // The owner (first address) keeps using it: the thieves are charged.
+        assert!(d.on_request(&mut s, mix(100), mix(9), None, 2000).reasons.is_empty());
+        assert!(!d.on_request(&mut s, mix(200), mix(9), None, 2000).reasons.is_empty());
     }
 
     #[test]
