@@ -55,7 +55,7 @@ def test_machine_rhythm_is_tagged_not_blocked(envoy):
         assert last.status == 200
         time.sleep(0.05)
     headers = last.json()["headers"]
-    assert "scraping" in headers["x-abuse-reasons"], headers
+    assert headers["x-abuse-reasons"] == "machine_rhythm", headers
     assert 30 <= int(headers["x-abuse-score"]) < 100
 
 

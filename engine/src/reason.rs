@@ -14,7 +14,7 @@ pub enum Reason {
     Enumeration = 3,
     /// Forced browsing, sensitive files, scanner tools.
     Probing = 4,
-    /// Harvesting: machine rhythm, deep fast pagination, abnormal volume.
+    /// Harvesting: deep fast pagination, abnormal volume.
     Scraping = 5,
     /// One session token, API key or JWT subject used from many addresses or user agents.
     SessionSharing = 6,
@@ -26,10 +26,12 @@ pub enum Reason {
     AnonymousNetwork = 9,
     /// Driving a sudden rise of an endpoint's traffic over its own baseline.
     EndpointSpike = 10,
+    /// Requests at a machine's regular pace (a script, or a partner's integration).
+    MachineRhythm = 11,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::RateLimit,
         Reason::CredentialStuffing,
         Reason::AccountTakeover,
@@ -41,6 +43,7 @@ impl Reason {
         Reason::ImpossibleTravel,
         Reason::AnonymousNetwork,
         Reason::EndpointSpike,
+        Reason::MachineRhythm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Reason {
             Reason::ImpossibleTravel => "impossible_travel",
             Reason::AnonymousNetwork => "anonymous_network",
             Reason::EndpointSpike => "endpoint_spike",
+            Reason::MachineRhythm => "machine_rhythm",
         }
     }
 
@@ -70,7 +74,8 @@ impl Reason {
         match self {
             // A partner ramping up is a spike too: its drivers are marked;
             // rate limits (or `"endpoint_spike": "block"`) stop floods.
-            Reason::SessionChurn | Reason::AnonymousNetwork | Reason::EndpointSpike => {
+            // A machine rhythm is also every well-behaved integration.
+            Reason::SessionChurn | Reason::AnonymousNetwork | Reason::EndpointSpike | Reason::MachineRhythm => {
                 crate::config::DetectorAction::Tag
             }
             _ => crate::config::DetectorAction::Block,

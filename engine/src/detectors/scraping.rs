@@ -292,7 +292,7 @@ impl Scraping {
             }
         }
         if self.on_rhythm(record, previous_ms, now_ms) {
-            signal.fire(Reason::Scraping, self.rhythm_weight);
+            signal.fire(Reason::MachineRhythm, self.rhythm_weight);
         }
         signal
     }
@@ -630,7 +630,7 @@ mod tests {
             let s = d.on_request(&mut c, None, t);
             assert!(c.interval_mean_ms.is_finite() && c.interval_var.is_finite());
             if !s.reasons.is_empty() {
-                fires.push((i + 1, s.part(Reason::Scraping)));
+                fires.push((i + 1, s.part(Reason::MachineRhythm)));
             }
         }
         fires
