@@ -92,7 +92,7 @@ bench-scorer: build
 	$(VPY) bench/scorer.py
 
 # Cost next to bare Envoy (not a test: it measures, asserts nothing). Needs wrk.
-bench: build
+bench: build test-deps eval-deps
 	cargo build --release --target wasm32-wasip1 -p noop-filter
 	$(VPY) bench/run.py
 

@@ -10,7 +10,9 @@ interleaves the variants over several rounds so drift hits all alike.
 Prints requests/s, p50, p99 and the ratios. Then: p50/p99 of each variant
 at half of bare Envoy's peak rate (paced wrk), and the memory of this filter
 (fixed shared data, Envoy RSS) before and after 1,000,000 distinct client
-addresses. Writes target/bench/report.json. Asserts nothing: it is a
+addresses, and the share of benign requests that cost a scorer callout (the
+eval's benign mix through the `make run` stack). Writes
+target/bench/report.json. Asserts nothing: it is a
 measurement, not a test.
 """
 
@@ -122,11 +124,13 @@ def parse_latency(text: str, label: str) -> float | None:
     return value * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
 
 
-# Paced: every connection sends its next request DELAY_MS after the last
-# answer, so the rate is about connections * 1000 / DELAY_MS.
+# Paced: every connection sends its next request a random 0..2*DELAY_MS
+# after the last answer (DELAY_MS on average; the jitter keeps connections
+# from firing in lockstep bursts), so the rate is about
+# connections * 1000 / DELAY_MS.
 PACED_SCRIPT = WRK_SCRIPT + """
 delay = function()
-  return DELAY_MS
+  return math.random(0, 2 * DELAY_MS)
 end
 """
 DELAY_MS = 4
@@ -254,6 +258,30 @@ def million_clients(args, tmp: Path) -> dict:
         envoy.stop()
 
 
+def benign_callout_share(args) -> dict | None:
+    """The share of benign requests that cost a scorer callout: the eval's
+    benign mix (quick profile) through the `make run` stack."""
+    out = ROOT / "target" / "bench" / "benign-mix"
+    cmd = [sys.executable, str(ROOT / "eval" / "run.py"), "--quick", "--only", "benign", "--no-crowdsec",
+           "--no-fail", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        overall = json.loads((out / "report.json").read_text())["overall"]
+    except (OSError, ValueError, KeyError):
+        print(f"benign mix failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}", flush=True)
+        return None
+    result = {
+        "benign_requests": overall.get("benign_requests"),
+        "callouts": overall.get("scorer_callouts"),
+        "callouts_per_benign_request": overall.get("scorer_callouts_per_benign_request"),
+        "benign_clients_blocked": overall.get("benign_clients_blocked"),
+    }
+    share = result["callouts_per_benign_request"]
+    print(f"\nbenign mix: {result['benign_requests']} requests, {result['callouts']} scorer callouts "
+          f"({'-' if share is None else f'{share:.3%}'} of benign requests)", flush=True)
+    return result
+
+
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
     summary = {}
     for name, runs in results.items():
@@ -277,6 +305,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--clients", type=int, default=1_000_000, help="distinct addresses for the memory run (0: skip)")
+    parser.add_argument("--no-benign-mix", action="store_true", help="skip the callout share of the benign mix")
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
         if not shutil.which(tool):
@@ -291,6 +320,7 @@ def main():
         half = summary["bare envoy"]["rps"] / 2
         paced = paced_latency(args, tmp, half)
         memory = million_clients(args, tmp) if args.clients else None
+        callouts = None if args.no_benign_mix else benign_callout_share(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -312,6 +342,7 @@ def main():
                    "paced_rate": half, "paced_delay_ms": DELAY_MS},
         "summary": summary,
         "memory": memory,
+        "benign_callouts": callouts,
         "runs": results,
     }
     out.write_text(json.dumps(report, indent=2))
