@@ -15,7 +15,7 @@ ENVOY ?= $(shell v=$$(envoy --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[
 	else echo $(CURDIR)/$(VENV)/bin/envoy; fi)
 export ENVOY
 
-.PHONY: all deps test-deps eval-deps build run test test-unit test-integration lint clean bench bench-scorer eval crowdsec-offline
+.PHONY: all deps test-deps eval-deps build run test test-unit test-integration lint clean bench bench-scorer eval crowdsec-offline bench-hostcalls
 
 all: build
 
@@ -86,6 +86,11 @@ test: lint test-unit test-integration
 clean:
 	cargo clean
 	rm -rf $(VENV)
+
+# What one proxy-wasm host call costs (the price list behind the cost analysis). Needs wrk.
+bench-hostcalls: build test-deps
+	cargo build --release --target wasm32-wasip1 -p hostcall-filter
+	$(VPY) bench/hostcalls.py
 
 # Scoring service throughput and latency, in memory and with Redis. Needs wrk, redis-server.
 bench-scorer: build
