@@ -121,7 +121,7 @@ async def stolen_token(ctx: Ctx):
 
 async def low_and_slow(ctx: Ctx):
     """Brute force on one account from one address, one guess every 2.2 s:
-    under every per-client rate limit (login: 30/min)."""
+    under every per-client rate limit (the shipped login limit: 120/min)."""
     rng = ctx.rng("low_and_slow")
     c = Client(ctx.port, "low_and_slow", "slow-1", SLOW_ADDRESS,
                [("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
@@ -152,6 +152,6 @@ SCENARIOS = [
              "token_owner's JWT used from CN, US, SE and PH addresses (one client per country)",
              stolen_token, planned_clients=lambda p: len(THIEF_ADDRESSES)),
     Scenario("low_and_slow", "attack", "generator",
-             f"brute force on {SLOW_TARGET} from one address, one guess every 2.2 s (under the 30/min login limit)",
+             f"brute force on {SLOW_TARGET} from one address, one guess every 2.2 s (under every per-client rate)",
              low_and_slow, single_source=True),
 ]
