@@ -99,6 +99,10 @@ def test_upstream_sees_risk_headers_that_clients_cannot_forge(envoy_factory):
     echoed = get(envoy, "/debug/headers", "198.51.100.1", {"x-abuse-score": "0", "x-abuse-reasons": "none"}).json()
     assert echoed["headers"]["x-abuse-score"] == "0"
     assert echoed["headers"]["x-abuse-reasons"] == ""
+    # A clean client that sent none gets none (no header means score 0):
+    # the common request costs no header write.
+    clean = get(envoy, "/debug/headers", "198.51.100.2").json()
+    assert "x-abuse-score" not in clean["headers"] and "x-abuse-reasons" not in clean["headers"]
     # The off switch.
     quiet = dict(RATE_CONFIG, headers={"enabled": False})
     envoy2 = envoy_factory(quiet)
