@@ -91,8 +91,9 @@ impl HttpContext for AbuseFilterHttp {
             return WasmAction::Continue;
         };
         let policy = engine.identity_policy();
-        // Every host call costs about a microsecond on V8: the peer address
-        // and all request headers come in two calls, not one per header.
+        // Every host call costs a few microseconds on V8 (`make
+        // bench-hostcalls`): the peer address and all request headers come
+        // in two calls, not one per header.
         let peer = hostcalls::get_property(vec!["source", "address"]).ok().flatten();
         let headers = RequestHeaders::read();
         let forwarded_for = if policy.reads_forwarded_for() { headers.get(&policy.forwarded_for_header) } else { None };

@@ -1,7 +1,7 @@
 //! Filter stats, visible in Envoy's `/stats` and `/stats/prometheus` as
 //! `wasmcustom.abuse_filter.*` counters.
 //!
-//! Every host call costs about half a microsecond, so requests only bump
+//! Every host call costs microseconds (`make bench-hostcalls`), so requests only bump
 //! plain per-VM counters; `flush` (on each tick) hands the deltas to Envoy.
 
 use abuse_engine::{Action, CalloutPlan, Reason, Verdict};

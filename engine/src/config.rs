@@ -1011,6 +1011,8 @@ mod tests {
     fn wrong_types_name_the_key() {
         let e = problem(r#"{"rate":{"limits":[{"requests":"ten","window_s":1}]}}"#);
         assert_eq!(e.key, "rate.limits[0].requests");
+        let e = problem(r#"{"rate":{"limits":[{"requests":1,"window_s":1,"anonymous_only":"yes"}]}}"#);
+        assert_eq!(e.key, "rate.limits[0].anonymous_only");
         let e = problem(r#"{"mode":"blocc"}"#);
         assert_eq!(e.key, "mode");
     }

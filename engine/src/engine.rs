@@ -392,7 +392,8 @@ impl Engine {
             _ => false,
         };
         let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
-        let anonymous = self.is_anonymous(&facts.identity);
+        // Parsing the cookie is only worth it when a limit asks.
+        let anonymous = self.has_anonymous_limits() && self.is_anonymous(&facts.identity);
         let (session_hash, session_signal) = self.observe_session(store, facts, key, now_ms);
         let group_state = self.count_route_groups(routes);
         let mut snapshot: Option<ClientRecord> = None;
@@ -867,10 +868,18 @@ impl Engine {
             return false;
         }
         let login = self.login.is_some() && exchange.login_route.is_some();
-        let not_found = status == 404 && self.probing.is_some() && !exchange.good_bot;
-        let object_answer = exchange.object && self.enumeration.is_some() && !exchange.good_bot;
         let volume = self.reads_response_size() && !exchange.good_bot;
-        login || not_found || object_answer || volume
+        login || self.counts_not_found(exchange, status) || self.counts_object_answer(exchange) || volume
+    }
+
+    /// A 404 counts for probing (forced browsing).
+    fn counts_not_found(&self, exchange: &Exchange, status: u32) -> bool {
+        status == 404 && self.probing.is_some() && !exchange.good_bot
+    }
+
+    /// The answer to an object request counts for enumeration (miss ratio).
+    fn counts_object_answer(&self, exchange: &Exchange) -> bool {
+        exchange.object && self.enumeration.is_some() && !exchange.good_bot
     }
 
     /// The answer's status and size (KiB, when read). Returns a verdict only
@@ -891,8 +900,8 @@ impl Engine {
             (Some(login), Some(route)) => login.outcome(route, status),
             _ => LoginOutcome::Other,
         };
-        let not_found = status == 404 && self.probing.is_some() && !exchange.good_bot;
-        let object_answer = exchange.object && self.enumeration.is_some() && !exchange.good_bot;
+        let not_found = self.counts_not_found(exchange, status);
+        let object_answer = self.counts_object_answer(exchange);
         let volume = match (&self.scraping, response_kib) {
             (Some(sc), Some(kib)) if sc.tracks_volume() && !exchange.good_bot && kib > 0 => Some(kib),
             _ => None,
