@@ -172,6 +172,16 @@ pub fn record_callout(v: &Verdict) {
 }
 
 static BREAKER_GAUGE: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+static LEARNING_GAUGE: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+
+/// `abuse_filter.baselines.learning`: learned baselines (route groups for
+/// spikes, login endpoints) still learning, as this worker last saw them.
+pub fn baselines_learning(n: u32) {
+    let id = LEARNING_GAUGE.get_or_init(|| hostcalls::define_metric(MetricType::Gauge, "abuse_filter.baselines.learning").ok());
+    if let Some(id) = id {
+        let _ = hostcalls::record_metric(*id, u64::from(n));
+    }
+}
 
 /// `abuse_filter.scorer.breaker_open`: 1 while this worker's breaker is open.
 pub fn breaker_open(open: bool) {

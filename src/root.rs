@@ -94,6 +94,7 @@ impl RootContext for AbuseFilterRoot {
         }
         metrics::define();
         metrics::shared_data_bytes(engine.state_bytes());
+        metrics::baselines_learning(engine.baselines_learning());
         if hostcalls::set_tick_period(TICK).is_err() {
             log::warn!("abuse_filter: no tick; stats will not be flushed");
         }
@@ -112,6 +113,7 @@ impl RootContext for AbuseFilterRoot {
         if let Some(engine) = self.engine.clone() {
             let now = crate::http::now_ms();
             engine.on_tick(&EnvoySharedData, now);
+            metrics::baselines_learning(engine.baselines_learning());
             crate::waiters::resume_ready(&engine, now, None);
             if self.fleet_poll_in_flight_until < now {
                 if let Some(cursor) = engine.claim_fleet_poll(&EnvoySharedData, now) {

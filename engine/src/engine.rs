@@ -395,7 +395,7 @@ impl Engine {
         // Parsing the cookie is only worth it when a limit asks.
         let anonymous = self.has_anonymous_limits() && self.is_anonymous(&facts.identity);
         let (session_hash, session_signal) = self.observe_session(store, facts, key, now_ms);
-        let group_state = self.count_route_groups(routes);
+        let group_state = self.count_route_groups(store, routes, now_ms);
         let mut snapshot: Option<ClientRecord> = None;
         let page = match &self.scraping {
             Some(sc) if !good_bot => sc.page_of(facts.path),
@@ -759,21 +759,57 @@ impl Engine {
     }
 
     /// Counts the request for its route groups (per VM, no host call);
-    /// returns the state of a matching group that is spiking, if any.
-    fn count_route_groups(&self, routes: crate::routes::RouteMatch) -> Option<GroupState> {
-        self.spikes.as_ref()?;
-        let mut counters = self.route_counters.lock().ok()?;
+    /// returns the state of a matching group that is spiking, if any. A
+    /// group whose count on this worker jumped past its early-merge
+    /// threshold is merged at once (a burst shorter than a tick).
+    fn count_route_groups(&self, store: &dyn SharedStore, routes: crate::routes::RouteMatch, now_ms: u64) -> Option<GroupState> {
+        let spikes = self.spikes.as_ref()?;
+        // Allocates only when a merge is due (rare: during bursts).
+        let mut due: Vec<(usize, u32)> = Vec::new();
         let mut spiking = None;
-        let RouteCounters { pending, state } = &mut *counters;
-        for (i, (count, group)) in pending.iter_mut().zip(state.iter()).enumerate() {
-            if routes.contains(i) {
-                *count = count.saturating_add(1);
-                if group.spiking && spiking.is_none() {
-                    spiking = Some(*group);
+        {
+            let mut counters = self.route_counters.lock().ok()?;
+            let RouteCounters { pending, state } = &mut *counters;
+            for (i, (count, group)) in pending.iter_mut().zip(state.iter()).enumerate() {
+                if routes.contains(i) {
+                    *count = count.saturating_add(1);
+                    if *count >= spikes.early_merge_at(group) {
+                        due.push((i, std::mem::take(count)));
+                    } else if group.spiking && spiking.is_none() {
+                        spiking = Some(*group);
+                    }
+                }
+            }
+        }
+        for (i, added) in due {
+            let merged = self.merge_group(store, spikes, i, added, now_ms);
+            if let Some(state) = merged {
+                if let Ok(mut c) = self.route_counters.lock() {
+                    if let Some(slot) = c.state.get_mut(i) {
+                        *slot = state;
+                    }
+                }
+                if state.spiking && spiking.is_none() {
+                    spiking = Some(state);
+                }
+            } else if let Ok(mut c) = self.route_counters.lock() {
+                // Not merged: keep the counts for the tick.
+                if let Some(count) = c.pending.get_mut(i) {
+                    *count = count.saturating_add(added);
                 }
             }
         }
         spiking
+    }
+
+    /// Adds a worker's count for one group to its shared record and judges it.
+    fn merge_group(&self, store: &dyn SharedStore, spikes: &Spikes, group: usize, added: u32, now_ms: u64) -> Option<GroupState> {
+        let name = &self.config.route_groups.get(group)?.name;
+        let key = self.hasher.key(DOMAIN_ROUTE, name.as_bytes());
+        self.group_table
+            .update(store, key, now_ms, |g| (spikes.on_tick(g, added, now_ms), true))
+            .ok()
+            .map(|(state, _)| state)
     }
 
     /// Periodic work of each VM: hands its route-group counts to the shared
@@ -786,18 +822,10 @@ impl Engine {
             Ok(mut c) => c.pending.iter_mut().map(std::mem::take).collect(),
             Err(_) => return,
         };
-        let states: Vec<Option<GroupState>> = self
-            .config
-            .route_groups
-            .iter()
-            .zip(pending)
-            .map(|(group, added)| {
-                let key = self.hasher.key(DOMAIN_ROUTE, group.name.as_bytes());
-                self.group_table
-                    .update(store, key, now_ms, |g| (spikes.on_tick(g, added, now_ms), true))
-                    .ok()
-                    .map(|(state, _)| state)
-            })
+        let states: Vec<Option<GroupState>> = pending
+            .into_iter()
+            .enumerate()
+            .map(|(group, added)| self.merge_group(store, spikes, group, added, now_ms))
             .collect();
         if let Ok(mut c) = self.route_counters.lock() {
             for (slot, state) in c.state.iter_mut().zip(states) {
@@ -806,6 +834,18 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// How many learned baselines this worker still sees learning (route
+    /// groups for spikes): nothing is judged against them yet.
+    pub fn baselines_learning(&self) -> u32 {
+        if self.spikes.is_none() {
+            return 0;
+        }
+        self.route_counters
+            .lock()
+            .map(|c| c.state.iter().filter(|g| !g.warm).count() as u32)
+            .unwrap_or(0)
     }
 
     /// Updates the session's footprint; returns its hash and what it showed.
@@ -1218,6 +1258,57 @@ mod tests {
         e3.table().create_shards(&s).unwrap();
         let v = e3.on_request(&s, &request("192.0.2.7:5", None, "/api/x"), T0 + 100).0;
         assert!(!v.penalized);
+    }
+
+    #[test]
+    fn a_burst_shorter_than_a_tick_is_recognised_inside_it() {
+        let json = r#"{"mode":"block","client":{"trusted_proxies":["127.0.0.1"]},
+            "route_groups":[{"name":"users","path_prefix":"/api/users/"}],
+            "enumeration":{"enabled":false},
+            "spikes":{"window_s":5,"factor":4,"min_rps":20,"min_client_requests":40,"client_share":0.2},
+            "actions":{"endpoint_spike":"block"}}"#;
+        let (e, s) = (engine(json), MemoryStore::new());
+        e.create_state(&s).unwrap();
+        assert_eq!(e.baselines_learning(), 1);
+        // 30 s of ~8 requests/s from ten regular clients, ticking every 500 ms.
+        let mut t = T0;
+        for n in 0..240u64 {
+            t += 125;
+            let xff = format!("198.51.100.{}", 10 + n % 10);
+            assert_eq!(e.on_request(&s, &request("127.0.0.1:1", Some(&xff), "/api/users/1"), t).0.action, Action::Allow);
+            if n % 4 == 3 {
+                e.on_tick(&s, t);
+            }
+        }
+        assert_eq!(e.baselines_learning(), 0, "learned");
+        // 600 requests in 60 ms: no tick happens during the burst.
+        let flood = request("127.0.0.1:1", Some("203.0.113.250"), "/api/users/2");
+        let verdicts: Vec<Verdict> = (0..600u64).map(|i| e.on_request(&s, &flood, t + i / 10).0).collect();
+        let first = verdicts.iter().position(|v| v.action == Action::Block);
+        assert!(first.is_some(), "blocked inside the burst");
+        let first = first.unwrap();
+        assert!(first <= 250, "recognised after {first} requests");
+        assert!(verdicts[first].reasons.contains(Reason::EndpointSpike));
+        assert!(verdicts[first..].iter().all(|v| v.action == Action::Block), "and held");
+        // A regular client calling the endpoint during the spike is not charged.
+        let regular = e.on_request(&s, &request("127.0.0.1:1", Some("198.51.100.10"), "/api/users/3"), t + 61).0;
+        assert_eq!(regular.action, Action::Allow);
+        // Steady traffic never merges early: the early threshold is far above a worker's share.
+        let calm = Engine::new(&Config::from_json(json.as_bytes()).unwrap(), &[7; SEED_BYTES]).unwrap();
+        let s2 = MemoryStore::new();
+        calm.create_state(&s2).unwrap();
+        let mut t = T0;
+        for n in 0..400u64 {
+            t += 125;
+            let xff = format!("198.51.100.{}", 10 + n % 10);
+            calm.on_request(&s2, &request("127.0.0.1:1", Some(&xff), "/api/users/1"), t);
+            if n % 4 == 3 {
+                calm.on_tick(&s2, t);
+            }
+        }
+        // The CAS token counts the group shard's writes: creation + one per tick.
+        let writes = s2.get("abuse_filter/v1/route_groups/0").unwrap().1.unwrap();
+        assert_eq!(writes, 1 + 100, "one merge per tick, none early");
     }
 
     proptest::proptest! {

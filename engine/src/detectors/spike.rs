@@ -13,6 +13,18 @@
 //! the window are at least `client_share` of the group's (and at least
 //! `min_client_requests`) is charged `endpoint_spike`: the few clients that
 //! make a spike, not everyone who happens to call the endpoint then.
+//!
+//! Bursts shorter than a tick. A worker whose own count for a group since
+//! its last merge reaches [`Spikes::early_merge_at`] — a quarter of what the
+//! whole group may do in a window before it is a spike, and at least
+//! [`EARLY_MERGE_MIN`] — merges at once instead of waiting for the tick, and
+//! so learns within the burst that the group is spiking. Normal traffic
+//! brings a worker `baseline · T / N` requests per tick (T = 0.5 s), about
+//! 1/50 of that threshold at the default `factor` and `window_s`, so the
+//! extra shared-data write is paid only while a burst is on, once per
+//! threshold's worth of requests. A spike is therefore recognised after at
+//! most `max(EARLY_MERGE_MIN, R/4)` requests past the threshold `R` on one
+//! worker, or at the next tick, whichever comes first.
 
 use super::Signal;
 use crate::config::SpikeConfig;
@@ -22,6 +34,8 @@ use crate::record::ClientRecord;
 
 pub const BASELINE_TAU_MS: f64 = 600_000.0;
 pub const WARM_UP: u32 = 20;
+/// A worker never merges early for fewer requests than this.
+pub const EARLY_MERGE_MIN: u32 = 16;
 
 #[derive(Debug, Clone)]
 pub struct Spikes {
@@ -36,6 +50,10 @@ pub struct GroupState {
     pub spiking: bool,
     /// The group's requests in the window, as of the last tick.
     pub window_requests: f64,
+    /// The group's learned rate (requests/s), as of the last tick.
+    pub baseline: f32,
+    /// The baseline is learned (spikes can be judged).
+    pub warm: bool,
 }
 
 impl Spikes {
@@ -65,7 +83,26 @@ impl Spikes {
         } else if !group.under_attack(now_ms) {
             group.learn(rate, since_ms, BASELINE_TAU_MS, WARM_UP, WARM_UP);
         }
-        GroupState { spiking: group.under_attack(now_ms), window_requests: in_window }
+        GroupState {
+            spiking: group.under_attack(now_ms),
+            window_requests: in_window,
+            baseline: group.baseline,
+            warm: group.baseline_samples >= 2 * WARM_UP,
+        }
+    }
+
+    /// How many requests a worker may count for a group between ticks
+    /// before it merges at once (see the module doc): a quarter of the
+    /// window's worth of requests at the spike threshold. Never while the
+    /// baseline is still learning (nothing could be judged).
+    pub fn early_merge_at(&self, group: &GroupState) -> u32 {
+        if !group.warm {
+            return u32::MAX;
+        }
+        let threshold_rps = (group.baseline * self.config.factor).max(self.config.min_rps);
+        let window_requests = f64::from(threshold_rps) * (self.window_ms as f64 / 1000.0);
+        let quarter = (window_requests / 4.0).ceil().clamp(0.0, f64::from(u32::MAX)) as u32;
+        quarter.max(EARLY_MERGE_MIN)
     }
 
     /// Counts the client's request; charges it when it drives a spike.
@@ -115,9 +152,23 @@ mod tests {
     }
 
     #[test]
+    fn early_merge_only_far_past_the_normal_share() {
+        let s = spikes();
+        let learning = GroupState::default();
+        assert_eq!(s.early_merge_at(&learning), u32::MAX, "nothing to judge while learning");
+        // 30 requests/s learned: the spike threshold is 150/s over 10 s,
+        // a quarter of which is 375 requests; a worker normally sees ~8 per tick.
+        let warm = GroupState { warm: true, baseline: 30.0, ..GroupState::default() };
+        assert_eq!(s.early_merge_at(&warm), 375);
+        // A quiet group: min_rps (20/s over 10 s) sets the bar.
+        let quiet = GroupState { warm: true, baseline: 0.5, ..GroupState::default() };
+        assert_eq!(s.early_merge_at(&quiet), 50);
+    }
+
+    #[test]
     fn clients_are_charged_by_their_share() {
         let s = spikes();
-        let state = Some(GroupState { spiking: true, window_requests: 1000.0 });
+        let state = Some(GroupState { spiking: true, window_requests: 1000.0, ..GroupState::default() });
         let mut heavy = ClientRecord::default();
         let mut fired = false;
         for i in 0..200 {
@@ -128,7 +179,7 @@ mod tests {
         for i in 0..20 {
             assert!(s.on_request(&mut light, state, 1000 + i).reasons.is_empty());
         }
-        let calm = Some(GroupState { spiking: false, window_requests: 1000.0 });
+        let calm = Some(GroupState { spiking: false, window_requests: 1000.0, ..GroupState::default() });
         assert!(s.on_request(&mut heavy, calm, 2000).reasons.is_empty());
     }
 }
