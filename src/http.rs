@@ -116,9 +116,9 @@ impl HttpContext for AbuseFilterHttp {
         let authorization = if engine.reads_authorization() { headers.get("authorization") } else { None };
         // Header names in the client's order, on login routes only.
         let header_names = engine.wants_fingerprint(&method, &path).then(|| headers.names(64));
-        self.forged_risk_headers = engine.config().headers.enabled
-            && (headers.get(&engine.config().headers.score).is_some()
-                || headers.get(&engine.config().headers.reasons).is_some());
+        let h = &engine.config().headers;
+        self.forged_risk_headers = h.enabled
+            && (headers.get(&h.score).is_some() || headers.get(&h.reasons).is_some() || headers.get(&h.login_risk).is_some());
         let facts = RequestFacts {
             identity: IdentityInput {
                 peer: peer.as_deref(),
@@ -298,6 +298,14 @@ pub fn set_risk_headers(engine: &Engine, verdict: &Verdict, overwrite: bool) {
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.score, Some(&score));
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &config.headers.reasons, Some(&reasons));
     }
+    // The login's risk (login routes only); a client-sent copy is removed.
+    if config.headers.enabled && (overwrite || verdict.login_risk.is_some()) {
+        let _ = hostcalls::set_map_value(
+            MapType::HttpRequestHeaders,
+            &config.headers.login_risk,
+            verdict.login_risk.as_deref(),
+        );
+    }
 }
 
 impl AbuseFilterHttp {
@@ -316,10 +324,22 @@ impl AbuseFilterHttp {
             // Let Envoy buffer until the whole (small) body is there.
             return WasmAction::Pause;
         }
-        if let Ok(Some(body)) = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
-            engine.on_request_body(&mut self.exchange, &body);
-        }
+        let refused = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(Some(body)) => engine.on_request_body(&EnvoySharedData, &mut self.exchange, &body, now_ms()),
+            _ => None,
+        };
         self.body_limit = None;
+        if let Some(verdict) = refused {
+            // Refused before the upstream saw the body: the attempt never runs.
+            metrics::record_answer(&verdict);
+            if verdict.newly_blocked && engine.config().log_blocks {
+                log::warn!("{}", verdict.log_line(&self.method, &self.path));
+            }
+            if verdict.action == Action::Block {
+                self.ask_after_body = false;
+                return reply_blocked(&verdict);
+            }
+        }
         WasmAction::Continue
     }
 

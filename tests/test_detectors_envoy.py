@@ -181,12 +181,17 @@ def test_oversized_or_malformed_login_bodies_pass_unread(envoy):
 
 
 def test_distributed_stuffing_over_rotating_addresses(api_for_distributed):
-    """250 addresses, 1-3 tries each, one tool fingerprint; a real user logs
-    in meanwhile from a browser."""
+    """250 addresses, 1-3 tries each, one tool fingerprint, usernames from the
+    site's own range (a few known to have logged in, most never); a real
+    user logs in meanwhile from a browser."""
     api = api_for_distributed
     envoy = Envoy.with_filter(CONFIG, api.port)
     try:
         rng = random.Random(42)
+        # A live site first: 40 people log in from their browsers, so the
+        # filter knows these accounts exist and how their owners log in.
+        for u in range(1, 41):
+            assert login(envoy, f"198.51.99.{u}", f"user{u:04d}", f"pass-{u:04d}", browser=True).status == 200
         outcomes = []  # (attempt number, blocked)
         real_user_statuses = []
         attempt = 0

@@ -24,6 +24,9 @@ RATE_CONFIG = {
     "route_groups": [{"name": "api", "path_prefix": "/api/"}],
     "rate": {"limits": [{"route_group": "api", "requests": 5, "window_s": 2}]},
     "penalty": {"duration_s": 4},
+    # The penalty box for a rate overflow, as an operator may choose
+    # (the default sheds only the excess: see the test below).
+    "actions": {"rate_limit": "block"},
 }
 
 

@@ -178,7 +178,10 @@ def test_fleet_shares_one_picture_through_redis(api, monkeypatch):
         assert scorers[1].metric("abuse_scorer_score_requests_total") > 0
         client, behind = blocked_client
         other = envoys[1 - behind]
-        wait_until(lambda: get(other, client).status == 403, 8, 0.25, "the fleet verdict on the other Envoy")
+        # The verdict names the client as address + user agent: the same
+        # client behind the other Envoy is blocked, not its whole address.
+        same = lambda: request(other.port, "GET", "/health", {"x-forwarded-for": client, "user-agent": "Nikto/2.5"})
+        wait_until(lambda: same().status == 403, 8, 0.25, "the fleet verdict on the other Envoy")
         other.wait_stat("abuse_filter.scorer.fleet_verdicts_applied", 1)
         assert get(other, "198.51.100.99").status == 200
     finally:

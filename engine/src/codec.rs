@@ -31,6 +31,10 @@ impl<'a> Writer<'a> {
         self.bytes(&v.to_le_bytes());
     }
 
+    pub fn u16(&mut self, v: u16) {
+        self.bytes(&v.to_le_bytes());
+    }
+
     pub fn f32(&mut self, v: f32) {
         self.bytes(&v.to_le_bytes());
     }
@@ -73,6 +77,10 @@ impl<'a> Reader<'a> {
 
     pub fn u32(&mut self) -> u32 {
         u32::from_le_bytes(self.take())
+    }
+
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
     }
 
     pub fn f32(&mut self) -> f32 {

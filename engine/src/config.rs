@@ -98,6 +98,10 @@ pub struct ClientConfig {
     pub session_cookie: Option<String>,
     /// Claim of the `Authorization: Bearer` JWT naming the subject (decoded, not verified).
     pub jwt_claim: Option<String>,
+    /// A client is its address *and* its user agent: the people behind one
+    /// office or carrier NAT are judged apart, so one of them abusing the
+    /// API is stopped without stopping the others.
+    pub key_by_user_agent: bool,
 }
 
 impl Default for ClientConfig {
@@ -110,6 +114,7 @@ impl Default for ClientConfig {
             api_key_header: None,
             session_cookie: None,
             jwt_claim: None,
+            key_by_user_agent: true,
         }
     }
 }
@@ -217,6 +222,9 @@ pub struct HeadersConfig {
     pub enabled: bool,
     pub score: String,
     pub reasons: String,
+    /// On login routes: the login's risk as far as the request tells
+    /// (`high; reasons=…`), for the application to step up (MFA).
+    pub login_risk: String,
 }
 
 impl Default for HeadersConfig {
@@ -225,6 +233,7 @@ impl Default for HeadersConfig {
             enabled: true,
             score: "x-abuse-score".to_string(),
             reasons: "x-abuse-reasons".to_string(),
+            login_risk: "x-abuse-login-risk".to_string(),
         }
     }
 }
@@ -278,10 +287,18 @@ pub struct LoginRoute {
     /// JSON field or form field holding the username.
     #[serde(default = "default_username_field")]
     pub username_field: String,
+    /// JSON field or form field holding the password (hashed with a rotating
+    /// key for spray detection; never stored or logged).
+    #[serde(default = "default_password_field")]
+    pub password_field: String,
     #[serde(default = "default_failure_statuses")]
     pub failure_statuses: Vec<u32>,
     #[serde(default = "default_success_statuses")]
     pub success_statuses: Vec<u32>,
+}
+
+fn default_password_field() -> String {
+    "password".to_string()
 }
 
 fn default_post() -> String {
@@ -323,7 +340,8 @@ pub struct DistributedStuffingConfig {
     pub window_s: u32,
     /// Attempts in the window before the ratio is judged.
     pub min_attempts: u32,
-    /// Failure ratio assumed before any traffic was seen.
+    /// Failure ratio assumed before any traffic was seen, and the fixed
+    /// baseline while the real one is learned (an attack cannot drag it).
     pub baseline_prior: f32,
     /// Attack when the ratio exceeds `attack_factor` x baseline...
     pub attack_factor: f32,
@@ -331,9 +349,18 @@ pub struct DistributedStuffingConfig {
     pub attack_min_ratio: f32,
     /// How long the endpoint stays "under attack" after the last sign of it.
     pub hold_s: u32,
-    pub fingerprint_min_failures: u32,
     /// A client with more requests than this, or any successful login, is not "new".
     pub new_client_max_requests: u32,
+    /// During an attack, an attempt whose evidence adds up to this is
+    /// refused before it reaches the upstream (see the detector's doc).
+    pub refuse_at: u32,
+    /// Successful logins the known-accounts table must have learned before
+    /// "unknown account" counts as evidence (0: from the first).
+    pub known_accounts_min: u32,
+    /// One password tried on this many accounts in the window is a spray.
+    pub spray_min_accounts: u32,
+    /// Risk added to a client per refused attempt (two refusals reach the
+    /// default `block_at`: one refused attempt never boxes a person).
     pub weight: f32,
 }
 
@@ -347,9 +374,11 @@ impl Default for DistributedStuffingConfig {
             attack_factor: 2.5,
             attack_min_ratio: 0.25,
             hold_s: 300,
-            fingerprint_min_failures: 10,
             new_client_max_requests: 5,
-            weight: 100.0,
+            refuse_at: 4,
+            known_accounts_min: 20,
+            spray_min_accounts: 5,
+            weight: 50.0,
         }
     }
 }
@@ -519,6 +548,10 @@ pub enum DetectorAction {
     Tag,
     /// Counted and shown in stats and reasons; adds no risk.
     Monitor,
+    /// Refuses this one request (429) and adds no risk: for volume, where
+    /// the excess is shed and the penalty box is kept for abuse evidence.
+    /// With other blocking evidence on the client, counts as `block`.
+    Shed,
 }
 
 impl Default for CredentialStuffingConfig {
@@ -783,6 +816,7 @@ impl Config {
         check_range("penalty.duration_s", self.penalty.duration_s, 1, 86_400)?;
         check_header_name("headers.score", &self.headers.score)?;
         check_header_name("headers.reasons", &self.headers.reasons)?;
+        check_header_name("headers.login_risk", &self.headers.login_risk)?;
         check_range("state.shards", self.state.shards, 1, 65_536)?;
         check_range("state.slots_per_shard", self.state.slots_per_shard, 8, 4096)?;
 
@@ -841,7 +875,9 @@ impl Config {
         check_finite_range("credential_stuffing.distributed.attack_factor", d.attack_factor, 1.0, 100.0)?;
         check_finite_range("credential_stuffing.distributed.attack_min_ratio", d.attack_min_ratio, 0.01, 1.0)?;
         check_range("credential_stuffing.distributed.hold_s", d.hold_s, 1, 86_400)?;
-        check_range("credential_stuffing.distributed.fingerprint_min_failures", d.fingerprint_min_failures, 1, 1_000_000)?;
+        check_range("credential_stuffing.distributed.refuse_at", d.refuse_at, 1, 100)?;
+        check_range("credential_stuffing.distributed.known_accounts_min", d.known_accounts_min, 0, 1_000_000)?;
+        check_range("credential_stuffing.distributed.spray_min_accounts", d.spray_min_accounts, 2, 1_000)?;
         check_range("credential_stuffing.distributed.new_client_max_requests", d.new_client_max_requests, 0, 1_000_000)?;
         check_finite_range("credential_stuffing.distributed.weight", d.weight, 0.0, 10_000.0)?;
 

@@ -4,13 +4,16 @@
 //!
 //! Layout, [`ENDPOINT_BYTES`] bytes: key 8 · last_seen_ms 8 · attempts
 //! (sliding window) 16 · failures (sliding window) 16 · baseline failure
-//! ratio (f32) 4 · baseline samples 4 · attack_until_ms 8.
+//! ratio (f32) 4 · baseline samples 4 · attack_until_ms 8 · the mean being
+//! learned while the baseline is still the prior (f32) 4 · successful
+//! logins seen (known accounts learned) 4.
 
 use crate::codec::{Reader, Writer};
 use crate::shard::Record;
+use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
-pub const ENDPOINT_BYTES: usize = 64;
+pub const ENDPOINT_BYTES: usize = 72;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EndpointRecord {
@@ -21,6 +24,8 @@ pub struct EndpointRecord {
     pub baseline: f32,
     pub baseline_samples: u32,
     pub attack_until_ms: u64,
+    pub learning_mean: f32,
+    pub successes_seen: u32,
 }
 
 impl EndpointRecord {
@@ -67,6 +72,8 @@ impl Record for EndpointRecord {
         w.f32(self.baseline);
         w.u32(self.baseline_samples);
         w.u64(self.attack_until_ms);
+        w.f32(self.learning_mean);
+        w.u32(self.successes_seen);
     }
 
     fn decode(bytes: &[u8]) -> EndpointRecord {
@@ -76,6 +83,7 @@ impl Record for EndpointRecord {
         let attempts = r.window();
         let failures = r.window();
         let baseline = r.f32();
+        let unit = |v: f32| if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
         EndpointRecord {
             key,
             last_seen_ms,
@@ -84,6 +92,8 @@ impl Record for EndpointRecord {
             baseline: if baseline.is_finite() { baseline.clamp(0.0, 1.0) } else { 0.0 },
             baseline_samples: r.u32(),
             attack_until_ms: r.u64(),
+            learning_mean: unit(r.f32()),
+            successes_seen: r.u32(),
         }
     }
 
@@ -92,26 +102,26 @@ impl Record for EndpointRecord {
     }
 }
 
-/// A client fingerprint's login outcomes (user agent + header-name order +
-/// ASN): an attack tool rotating addresses keeps its fingerprint.
+/// One password (a keyed hash, the key rotating every window so that no
+/// hash outlives it) and the accounts it was tried on: a spray tries one
+/// password on many accounts.
 ///
-/// Layout, [`FINGERPRINT_BYTES`] bytes: key 8 · last_seen_ms 8 · failures
-/// (sliding window) 16 · successes (sliding window) 16.
+/// Layout, [`SPRAY_BYTES`] bytes: key 8 · last_seen_ms 8 · distinct accounts
+/// (distinct window) 16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct FingerprintRecord {
+pub struct SprayRecord {
     pub key: u64,
     pub last_seen_ms: u64,
-    pub failures: SlidingWindow,
-    pub successes: SlidingWindow,
+    pub accounts: DistinctWindow,
 }
 
-pub const FINGERPRINT_BYTES: usize = 48;
+pub const SPRAY_BYTES: usize = 32;
 
-impl Record for FingerprintRecord {
-    const BYTES: usize = FINGERPRINT_BYTES;
+impl Record for SprayRecord {
+    const BYTES: usize = SPRAY_BYTES;
 
-    fn new(key: u64) -> FingerprintRecord {
-        FingerprintRecord { key, ..FingerprintRecord::default() }
+    fn new(key: u64) -> SprayRecord {
+        SprayRecord { key, ..SprayRecord::default() }
     }
 
     fn key(&self) -> u64 {
@@ -122,13 +132,12 @@ impl Record for FingerprintRecord {
         let mut w = Writer::new(out);
         w.u64(self.key);
         w.u64(self.last_seen_ms);
-        w.window(&self.failures);
-        w.window(&self.successes);
+        w.distinct(&self.accounts);
     }
 
-    fn decode(bytes: &[u8]) -> FingerprintRecord {
+    fn decode(bytes: &[u8]) -> SprayRecord {
         let mut r = Reader::new(bytes);
-        FingerprintRecord { key: r.u64(), last_seen_ms: r.u64(), failures: r.window(), successes: r.window() }
+        SprayRecord { key: r.u64(), last_seen_ms: r.u64(), accounts: r.distinct() }
     }
 
     fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
@@ -150,18 +159,15 @@ mod tests {
             baseline: 0.25,
             baseline_samples: 9,
             attack_until_ms: 10,
+            learning_mean: 0.5,
+            successes_seen: 11,
         };
         let mut buf = [0u8; ENDPOINT_BYTES];
         e.encode(&mut buf);
         assert_eq!(EndpointRecord::decode(&buf), e);
-        let f = FingerprintRecord {
-            key: 1,
-            last_seen_ms: 2,
-            failures: SlidingWindow { start_ms: 3, current: 4, previous: 5 },
-            successes: SlidingWindow { start_ms: 6, current: 7, previous: 8 },
-        };
-        let mut buf = [0u8; FINGERPRINT_BYTES];
+        let f = SprayRecord { key: 1, last_seen_ms: 2, accounts: DistinctWindow { start_ms: 3, bits: 4 } };
+        let mut buf = [0u8; SPRAY_BYTES];
         f.encode(&mut buf);
-        assert_eq!(FingerprintRecord::decode(&buf), f);
+        assert_eq!(SprayRecord::decode(&buf), f);
     }
 }

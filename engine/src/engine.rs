@@ -9,7 +9,9 @@ use crate::callout::{reasons_from_names, CacheLookup, CalloutFailure, Callouts, 
 use crate::wire::{FleetVerdicts, Features, ScoreAction, ScoreRequest, ScoreResponse, WIRE_VERSION};
 use crate::config::{Config, ConfigError, DetectorAction, Mode};
 use crate::detectors::distributed_stuffing::DistributedStuffing;
-use crate::endpoint::{EndpointRecord, FingerprintRecord};
+use crate::detectors::distributed_stuffing::AttemptSignals;
+use crate::endpoint::{EndpointRecord, SprayRecord};
+use crate::known_accounts::KnownAccounts;
 use crate::detectors::enumeration::Enumeration;
 use crate::detectors::login::{LoginDetector, LoginOutcome};
 use crate::detectors::probing::Probing;
@@ -41,7 +43,7 @@ const DOMAIN_USERNAME: u8 = 2;
 const DOMAIN_OBJECT: u8 = 3;
 const DOMAIN_PATH: u8 = 4;
 const DOMAIN_ENDPOINT: u8 = 5;
-const DOMAIN_FINGERPRINT: u8 = 6;
+const DOMAIN_PASSWORD: u8 = 6;
 const DOMAIN_SESSION: u8 = 7;
 const DOMAIN_USER_AGENT: u8 = 8;
 const DOMAIN_ROUTE: u8 = 9;
@@ -49,9 +51,9 @@ const DOMAIN_ROUTE: u8 = 9;
 /// Accounts tracked: 256 shards x 64 slots of 56 bytes = 0.9 MiB.
 const ACCOUNT_SHARDS: usize = 256;
 const ACCOUNT_SLOTS: usize = 64;
-/// Login fingerprints tracked: 64 x 64 slots of 48 bytes = 192 KiB.
-const FINGERPRINT_SHARDS: usize = 64;
-const FINGERPRINT_SLOTS: usize = 64;
+/// Passwords tried during an attack (keyed, rotating hashes): 64 x 64 slots of 32 bytes = 128 KiB.
+const SPRAY_SHARDS: usize = 64;
+const SPRAY_SLOTS: usize = 64;
 /// Cached scorer verdicts: 256 x 64 slots of 48 bytes = 0.75 MiB.
 const VERDICT_SHARDS: usize = 256;
 const VERDICT_SLOTS: usize = 64;
@@ -85,6 +87,7 @@ pub struct RequestFacts<'a> {
 pub struct Exchange {
     // (fields private: only the engine interprets them)
     client: Option<ClientAddr>,
+    agent: Option<u32>,
     client_key: u64,
     /// False when the client is allowlisted, blocked, or state failed.
     judged: bool,
@@ -93,7 +96,14 @@ pub struct Exchange {
     object: bool,
     path_hash: u64,
     username: Option<String>,
-    fingerprint: Option<u64>,
+    /// Tag of the client's fingerprint (user agent + header order) and its
+    /// country, for the account's owner profile (login routes).
+    login_fingerprint: u16,
+    login_country: u16,
+    /// The attempt's evidence so far (login routes with distributed stuffing on).
+    attempt: Option<AttemptSignals>,
+    /// Keyed, rotating hash of the submitted password (during an attack).
+    password_key: Option<u64>,
     mode: Option<Mode>,
     /// The question for the scorer, when this request must ask it.
     score_request: Option<ScoreRequest>,
@@ -106,7 +116,8 @@ pub struct Exchange {
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
     Penalized { reasons: ReasonSet, until_ms: u64, risk: f32 },
-    Scored { risk: f32, fired: ReasonSet, reasons: ReasonSet, blocked_until_ms: Option<u64> },
+    /// `shed`: a `shed` reason refuses this request only (no penalty box).
+    Scored { risk: f32, fired: ReasonSet, reasons: ReasonSet, blocked_until_ms: Option<u64>, shed: bool },
 }
 
 /// Per-VM view of the route groups between ticks (spike detection).
@@ -138,7 +149,13 @@ pub struct Engine {
     clients: ShardedTable<ClientRecord>,
     accounts: ShardedTable<AccountRecord>,
     endpoints: ShardedTable<EndpointRecord>,
-    fingerprints: ShardedTable<FingerprintRecord>,
+    sprays: ShardedTable<SprayRecord>,
+    known_accounts: KnownAccounts,
+    /// Usernames hash with the scorer's secret when one is configured, so that
+    /// every Envoy of the fleet (and the scorer) names an account alike.
+    account_hasher: KeyedHasher,
+    /// 1 while this worker last saw the login endpoint's baseline learning.
+    login_learning: std::sync::atomic::AtomicU32,
     session_table: ShardedTable<SessionRecord>,
     group_table: ShardedTable<EndpointRecord>,
     verdict_table: ShardedTable<VerdictRecord>,
@@ -182,10 +199,9 @@ impl Engine {
             usize::try_from(config.state.slots_per_shard).unwrap_or(32),
             fingerprint(&layout_tag),
         );
-        let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;1"));
-        let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;1"));
-        let fingerprints =
-            ShardedTable::new(STATE_PREFIX, "fingerprints", FINGERPRINT_SHARDS, FINGERPRINT_SLOTS, fingerprint("fingerprints;1"));
+        let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;2"));
+        let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;2"));
+        let sprays = ShardedTable::new(STATE_PREFIX, "sprays", SPRAY_SHARDS, SPRAY_SLOTS, fingerprint("sprays;1"));
         let group_table = ShardedTable::new(STATE_PREFIX, "route_groups", 1, 64, fingerprint("route_groups;1"));
         let groups = config.route_groups.len();
         let route_counters = Mutex::new(RouteCounters {
@@ -226,7 +242,13 @@ impl Engine {
             clients,
             accounts,
             endpoints,
-            fingerprints,
+            sprays,
+            known_accounts: KnownAccounts::new(STATE_PREFIX),
+            account_hasher: match Callouts::new(&config.scorer).and_then(|c| c.secret) {
+                Some(secret) => KeyedHasher::from_secret(&secret),
+                None => hasher,
+            },
+            login_learning: std::sync::atomic::AtomicU32::new(u32::from(config.credential_stuffing.distributed.enabled && !config.credential_stuffing.login_routes.is_empty())),
             session_table,
             group_table,
             verdict_table,
@@ -256,7 +278,8 @@ impl Engine {
         }
         if self.distributed.is_some() {
             created += self.endpoints.create_shards(store)?;
-            created += self.fingerprints.create_shards(store)?;
+            created += self.sprays.create_shards(store)?;
+            created += self.known_accounts.create_shards(store)?;
         }
         if self.tracks_sessions() {
             created += self.session_table.create_shards(store)?;
@@ -274,7 +297,10 @@ impl Engine {
     pub fn state_bytes(&self) -> usize {
         let accounts = if self.login.is_some() { self.accounts.total_bytes() } else { 0 };
         let distributed = if self.distributed.is_some() {
-            self.endpoints.total_bytes().saturating_add(self.fingerprints.total_bytes())
+            self.endpoints
+                .total_bytes()
+                .saturating_add(self.sprays.total_bytes())
+                .saturating_add(self.known_accounts.total_bytes())
         } else {
             0
         };
@@ -288,7 +314,8 @@ impl Engine {
 
     /// Whether the host must read the user agent.
     pub fn reads_user_agent(&self) -> bool {
-        self.exemptions.needs_user_agent()
+        self.config.client.key_by_user_agent
+            || self.exemptions.needs_user_agent()
             || self.probing.as_ref().is_some_and(Probing::needs_user_agent)
             || self.tracks_sessions()
             || self.distributed.is_some()
@@ -344,14 +371,15 @@ impl Engine {
         let client = self
             .identity
             .client_addr(facts.identity.peer, facts.identity.forwarded_for);
-        let mut exchange = Exchange { client: Some(client), ..Exchange::default() };
+        let agent = self.agent_of(facts.user_agent);
+        let mut exchange = Exchange { client: Some(client), agent, ..Exchange::default() };
         let api_key = facts.identity.api_key.and_then(|k| std::str::from_utf8(k).ok()).map(str::trim);
         if self.exemptions.allowlisted(client, api_key) {
             let mut v = Verdict::allow(client);
             v.exempt = true;
             return (v, exchange);
         }
-        let key = self.hasher.key(DOMAIN_CLIENT, &client.key_bytes());
+        let key = self.client_key(client, agent);
         let good_bot = self.exemptions.good_bot(client, facts.user_agent);
         let routes = self.routes.matches(facts.method, facts.path);
         // Stateless signals are computed once, outside the CAS loop.
@@ -365,31 +393,25 @@ impl Engine {
         };
         let object_hash = object.as_ref().map(|o| self.hasher.key(DOMAIN_OBJECT, o.text.as_bytes()));
         let login_route = self.login.as_ref().and_then(|l| l.route(facts.method, facts.path));
-        let fingerprint = match (&self.distributed, login_route, facts.header_names) {
-            (Some(_), Some(_), Some(names)) => {
-                let text = format!("{names}|{}|{}", facts.user_agent.unwrap_or(""), facts.asn.unwrap_or(""));
-                Some(self.hasher.key(DOMAIN_FINGERPRINT, text.as_bytes()))
-            }
+        // Login routes: what the request itself tells about the attempt.
+        let attempt = match (&self.distributed, login_route) {
+            (Some(_), Some(route)) => Some(AttemptSignals {
+                under_attack: self.endpoint_under_attack(store, route, now_ms),
+                inconsistent_headers: crate::detectors::browser::inconsistent(
+                    facts.user_agent,
+                    facts.header_names.unwrap_or(""),
+                ),
+                ..AttemptSignals::default()
+            }),
             _ => None,
         };
-        let distributed_suspect = match (&self.distributed, login_route, fingerprint) {
-            (Some(d), Some(route), Some(fp)) => {
-                let endpoint_key = self.hasher.key(DOMAIN_ENDPOINT, &route.to_le_bytes());
-                let attacked = self
-                    .endpoints
-                    .peek(store, endpoint_key)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|e| e.under_attack(now_ms));
-                attacked
-                    && self
-                        .fingerprints
-                        .peek(store, fp)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|f| d.fingerprint_is_attacking(&f, now_ms))
+        let (login_fingerprint, login_country) = match login_route {
+            Some(_) => {
+                let text = format!("{}|{}", facts.header_names.unwrap_or(""), facts.user_agent.unwrap_or(""));
+                let tag = (crate::identity::agent_tag(&text) & 0xffff) as u16;
+                (tag.max(1), facts.country.and_then(country_code).map(u16::from_le_bytes).unwrap_or(0))
             }
-            _ => false,
+            None => (0, 0),
         };
         let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
         // Parsing the cookie is only worth it when a limit asks.
@@ -397,6 +419,7 @@ impl Engine {
         let (session_hash, session_signal) = self.observe_session(store, facts, key, now_ms);
         let group_state = self.count_route_groups(store, routes, now_ms);
         let mut snapshot: Option<ClientRecord> = None;
+        let mut attempt_seen = attempt;
         let page = match &self.scraping {
             Some(sc) if !good_bot => sc.page_of(facts.path),
             _ => None,
@@ -422,8 +445,12 @@ impl Engine {
             if let (Some(sc), false) = (&self.scraping, good_bot) {
                 signal.add(sc.on_request(record, page, now_ms));
             }
-            if let (true, Some(d)) = (distributed_suspect, &self.distributed) {
-                signal.add(d.on_attempt(record));
+            if let (Some(a), Some(d)) = (attempt_seen.as_mut(), &self.distributed) {
+                (a.new_client, a.never_browsed) = d.client_signals(record);
+                signal.add(d.refusal(a));
+            }
+            if login_route.is_some() {
+                record.login_attempts = record.login_attempts.saturating_add(1);
             }
             if let Some(rate) = &self.rate {
                 signal.add(rate.observe(routes, anonymous, record, now_ms));
@@ -441,12 +468,20 @@ impl Engine {
             (outcome, true)
         });
         let mut verdict = self.verdict(client, updated, mode, now_ms);
+        verdict.agent = agent;
+        if let (Some(a), Some(d)) = (&attempt_seen, &self.distributed) {
+            if a.level(d.refuse_at()) != "low" {
+                verdict.login_risk = Some(a.header(d.refuse_at()));
+            }
+        }
         if !verdict.would_block && !verdict.store_failed {
             exchange.judged = true;
             exchange.client_key = key;
             exchange.good_bot = good_bot;
             exchange.login_route = login_route;
-            exchange.fingerprint = fingerprint;
+            exchange.attempt = attempt_seen;
+            exchange.login_fingerprint = login_fingerprint;
+            exchange.login_country = login_country;
             exchange.mode = Some(mode);
             exchange.object = object.is_some();
             exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
@@ -569,7 +604,7 @@ impl Engine {
         let short = |s: &str, n: usize| s.chars().take(n).collect::<String>();
         ScoreRequest {
             version: WIRE_VERSION,
-            client: verdict.client.to_string(),
+            client: crate::identity::client_label(verdict.client, verdict.agent),
             route_group,
             method: short(facts.method, 16),
             path: short(facts.path.split('?').next().unwrap_or(""), 256),
@@ -685,6 +720,7 @@ impl Engine {
     /// The filter's own decision for a request held while the scorer is asked.
     fn held_verdict(&self, exchange: &Exchange) -> Verdict {
         let mut v = Verdict::allow(exchange.client.unwrap_or(ClientAddr::Unknown));
+        v.agent = exchange.agent;
         v.mode = exchange.mode.unwrap_or(self.config.mode);
         v.risk = exchange.risk;
         v.reasons = exchange.reasons;
@@ -728,11 +764,16 @@ impl Engine {
             if v.until_ms <= now_ms {
                 continue;
             }
-            let client = self.identity.client_addr(Some(v.client.as_bytes()), None);
+            // `addr` or `addr#tag` (see identity::client_label).
+            let (addr, agent) = match v.client.split_once('#') {
+                Some((addr, tag)) => (addr, u32::from_str_radix(tag, 16).ok()),
+                None => (v.client.as_str(), None),
+            };
+            let client = self.identity.client_addr(Some(addr.as_bytes()), None);
             if client == ClientAddr::Unknown {
                 continue;
             }
-            let key = self.hasher.key(DOMAIN_CLIENT, &client.key_bytes());
+            let key = self.client_key(client, agent);
             let reasons = reasons_from_names(&v.reasons);
             let until = v.until_ms.min(now_ms.saturating_add(86_400_000));
             let done = self.clients.update(store, key, now_ms, |r| {
@@ -839,13 +880,19 @@ impl Engine {
     /// How many learned baselines this worker still sees learning (route
     /// groups for spikes): nothing is judged against them yet.
     pub fn baselines_learning(&self) -> u32 {
+        let login = match &self.distributed {
+            Some(_) => self.login_learning.load(std::sync::atomic::Ordering::Relaxed),
+            None => 0,
+        };
         if self.spikes.is_none() {
-            return 0;
+            return login;
         }
-        self.route_counters
+        let groups = self
+            .route_counters
             .lock()
             .map(|c| c.state.iter().filter(|g| !g.warm).count() as u32)
-            .unwrap_or(0)
+            .unwrap_or(0);
+        login.saturating_add(groups)
     }
 
     /// Updates the session's footprint; returns its hash and what it showed.
@@ -886,14 +933,82 @@ impl Engine {
         }
     }
 
+    fn endpoint_key(&self, route: usize) -> u64 {
+        self.hasher.key(DOMAIN_ENDPOINT, &route.to_le_bytes())
+    }
+
+    fn endpoint_under_attack(&self, store: &dyn SharedStore, route: usize, now_ms: u64) -> bool {
+        self.endpoints
+            .peek(store, self.endpoint_key(route))
+            .ok()
+            .flatten()
+            .is_some_and(|e| e.under_attack(now_ms))
+    }
+
     /// The login body, read whole (never called for an oversized body).
-    pub fn on_request_body(&self, exchange: &mut Exchange, body: &[u8]) {
-        if let (Some(login), Some(route)) = (&self.login, exchange.login_route) {
-            exchange.username = login.username(route, body);
-            if let Some(q) = exchange.score_request.as_mut() {
-                q.username = exchange.username.clone();
-            }
+    /// During a recognised attack the account-level evidence is added to the
+    /// attempt's; returns the verdict when the attempt is refused.
+    pub fn on_request_body(&self, store: &dyn SharedStore, exchange: &mut Exchange, body: &[u8], now_ms: u64) -> Option<Verdict> {
+        let (Some(login), Some(route)) = (&self.login, exchange.login_route) else {
+            return None;
+        };
+        exchange.username = login.username(route, body);
+        if let Some(q) = exchange.score_request.as_mut() {
+            q.username = exchange.username.clone();
         }
+        let d = self.distributed.as_ref()?;
+        let mut attempt = exchange.attempt.filter(|a| a.under_attack)?;
+        let username = exchange.username.as_deref()?;
+        let account_key = self.account_hasher.key(DOMAIN_USERNAME, username.as_bytes());
+        let endpoint = self.endpoints.peek(store, self.endpoint_key(route)).ok().flatten().unwrap_or_default();
+        if self.known_accounts.contains(store, account_key) {
+            let profile = self.accounts.peek(store, account_key).ok().flatten();
+            attempt.unlike_owner = profile.is_some_and(|a| {
+                a.has_profile() && !a.looks_like_owner(exchange.login_fingerprint, exchange.login_country)
+            });
+        } else {
+            attempt.unknown_account = d.knows_accounts(&endpoint);
+        }
+        if let Some(password) = login.password(route, body) {
+            // Keyed and rotating: the hash means nothing after its window.
+            let epoch = now_ms / d.window_ms().max(1);
+            let mut text = epoch.to_le_bytes().to_vec();
+            text.extend_from_slice(password.as_bytes());
+            let key = self.hasher.key(DOMAIN_PASSWORD, &text);
+            // Only failures count (the answer records them): real users who
+            // share a common password log in, and are never a "spray".
+            exchange.password_key = Some(key);
+            attempt.sprayed_password = self
+                .sprays
+                .peek(store, key)
+                .ok()
+                .flatten()
+                .is_some_and(|p| d.is_sprayed(&p, now_ms));
+        }
+        exchange.attempt = Some(attempt);
+        let signal = d.refusal(&attempt);
+        if signal.reasons.is_empty() {
+            return None;
+        }
+        let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
+            if let Some(penalized) = self.penalized(record, now_ms) {
+                return (penalized, false);
+            }
+            (self.apply(record, signal, now_ms), true)
+        });
+        let mode = exchange.mode.unwrap_or(self.config.mode);
+        let client = exchange.client.unwrap_or(ClientAddr::Unknown);
+        let mut verdict = self.verdict(client, updated, mode, now_ms);
+        verdict.agent = exchange.agent;
+        verdict.fired = verdict.fired.union(signal.reasons);
+        verdict.login_risk = Some(attempt.header(d.refuse_at()));
+        // The attempt itself is refused, boxed or not.
+        verdict.reasons = verdict.reasons.union(signal.reasons);
+        verdict.block(403, verdict.retry_after_s.max(1));
+        verdict.on_response = true;
+        // No answer will be judged: the attempt never reaches the upstream.
+        exchange.judged = false;
+        Some(verdict)
     }
 
     /// Whether the host must read the answer's size (`content-length`).
@@ -952,35 +1067,44 @@ impl Engine {
         let username_hash = exchange
             .username
             .as_deref()
-            .map(|u| self.hasher.key(DOMAIN_USERNAME, u.as_bytes()));
+            .map(|u| self.account_hasher.key(DOMAIN_USERNAME, u.as_bytes()));
         let account_failures = match (&self.login, username_hash, outcome) {
             (Some(login), Some(user), LoginOutcome::Failure) => self
                 .accounts
                 .update(store, user, now_ms, |a| (login.account_failure(a, exchange.client_key, now_ms), true))
                 .map(|(f, _)| f)
                 .unwrap_or(0.0),
-            (Some(login), Some(user), LoginOutcome::Success) => self
-                .accounts
-                .peek(store, user)
-                .ok()
-                .flatten()
-                .map(|a| login.account_failures(&a, now_ms))
-                .unwrap_or(0.0),
+            (Some(login), Some(user), LoginOutcome::Success) => {
+                // The account exists, and this is how its owner logs in.
+                let _ = self.known_accounts.insert(store, user);
+                self.accounts
+                    .update(store, user, now_ms, |a| {
+                        // The owner on their own device is never a takeover,
+                        // however many failures others caused on the account.
+                        let owner = a.has_profile() && a.looks_like_owner(exchange.login_fingerprint, exchange.login_country);
+                        let failures = if owner { 0.0 } else { login.account_failures(a, now_ms) };
+                        a.learn_success(exchange.login_fingerprint, exchange.login_country, now_ms);
+                        (failures, true)
+                    })
+                    .map(|(f, _)| f)
+                    .unwrap_or(0.0)
+            }
             _ => 0.0,
         };
         if let (Some(d), Some(route), true) = (&self.distributed, exchange.login_route, outcome != LoginOutcome::Other) {
             let failed = outcome == LoginOutcome::Failure;
-            let endpoint_key = self.hasher.key(DOMAIN_ENDPOINT, &route.to_le_bytes());
             // Best effort: a lost update only delays recognition.
-            let _ = self.endpoints.update(store, endpoint_key, now_ms, |e| {
-                d.on_outcome(e, failed, now_ms);
-                ((), true)
-            });
-            if let Some(fp) = exchange.fingerprint {
-                let _ = self.fingerprints.update(store, fp, now_ms, |f| {
-                    d.on_fingerprint_outcome(f, failed, now_ms);
+            if let (true, Some(pw), Some(user)) = (failed, exchange.password_key, username_hash) {
+                let _ = self.sprays.update(store, pw, now_ms, |p| {
+                    d.on_failed_password(p, user, now_ms);
                     ((), true)
                 });
+            }
+            if let Ok((learning, _)) = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
+                d.on_outcome(e, failed, now_ms);
+                (d.learning(e), true)
+            }) {
+                self.login_learning.store(u32::from(learning), std::sync::atomic::Ordering::Relaxed);
             }
         }
         let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
@@ -1007,9 +1131,31 @@ impl Engine {
         });
         let mode = exchange.mode.unwrap_or(self.config.mode);
         let mut verdict = self.verdict(client, updated, mode, now_ms);
+        verdict.agent = exchange.agent;
         verdict.on_response = true;
         // Penalties found here were already handled by the request phase.
         (!verdict.penalized).then_some(verdict)
+    }
+
+    /// The user-agent tag that is part of the client's key (when configured).
+    fn agent_of(&self, user_agent: Option<&str>) -> Option<u32> {
+        if !self.config.client.key_by_user_agent {
+            return None;
+        }
+        user_agent.map(crate::identity::agent_tag)
+    }
+
+    /// The key of a client's record: its address and, when configured, its
+    /// user agent's tag (seeded, so nobody can aim at one shard).
+    fn client_key(&self, client: ClientAddr, agent: Option<u32>) -> u64 {
+        let mut bytes = [0u8; 21];
+        let (addr, tag) = bytes.split_at_mut(17);
+        addr.copy_from_slice(&client.key_bytes());
+        match agent {
+            Some(a) => tag.copy_from_slice(&a.to_le_bytes()),
+            None => return self.hasher.key(DOMAIN_CLIENT, &client.key_bytes()),
+        }
+        self.hasher.key(DOMAIN_CLIENT, &bytes)
     }
 
     fn penalized(&self, record: &ClientRecord, now_ms: u64) -> Option<Outcome> {
@@ -1027,12 +1173,18 @@ impl Engine {
         if decayed < 1.0 {
             record.recent_reasons = ReasonSet::default();
         }
-        // Each reason's share counts as its configured action says.
-        let (mut blocking, mut tagging) = (0.0f32, 0.0f32);
+        // Each reason's share counts as its configured action says. A shed
+        // reason refuses this request only, unless the client already has
+        // evidence of abuse (a blocking reason with risk at tag_at).
+        let evidence = decayed >= self.config.risk.tag_at
+            && record.recent_reasons.iter().any(|r| self.action_of(r) == DetectorAction::Block);
+        let (mut blocking, mut tagging, mut shed) = (0.0f32, 0.0f32, false);
         for reason in signal.reasons.iter() {
-            match self.actions.get(reason as usize).copied().unwrap_or(DetectorAction::Block) {
+            match self.action_of(reason) {
                 DetectorAction::Block => blocking += signal.part(reason),
                 DetectorAction::Tag => tagging += signal.part(reason),
+                DetectorAction::Shed if evidence => blocking += signal.part(reason),
+                DetectorAction::Shed => shed = true,
                 DetectorAction::Monitor => {}
             }
         }
@@ -1052,7 +1204,11 @@ impl Engine {
             record.penalty_reasons = record.recent_reasons;
             blocked_until_ms = Some(until);
         }
-        Outcome::Scored { risk, fired: signal.reasons, reasons: record.recent_reasons, blocked_until_ms }
+        Outcome::Scored { risk, fired: signal.reasons, reasons: record.recent_reasons, blocked_until_ms, shed }
+    }
+
+    fn action_of(&self, reason: Reason) -> DetectorAction {
+        self.actions.get(reason as usize).copied().unwrap_or(DetectorAction::Block)
     }
 
     fn verdict(
@@ -1081,13 +1237,18 @@ impl Engine {
                 v.risk = risk;
                 Some(until_ms)
             }
-            Outcome::Scored { risk, fired, reasons, blocked_until_ms } => {
+            Outcome::Scored { risk, fired, reasons, blocked_until_ms, shed } => {
                 v.fired = fired;
                 v.reasons = reasons;
                 v.risk = risk;
                 v.newly_blocked = blocked_until_ms.is_some();
                 if risk >= self.config.risk.tag_at {
                     v.action = Action::Tag;
+                }
+                if shed && blocked_until_ms.is_none() {
+                    // Only this request: the next one may fit again.
+                    v.reasons = v.reasons.union(fired);
+                    v.block(429, 1);
                 }
                 blocked_until_ms
             }
@@ -1143,7 +1304,63 @@ mod tests {
         "route_groups":[{"name":"api","path_prefix":"/api/"}],
         "rate":{"limits":[{"route_group":"api","requests":5,"window_s":10}]},
         "penalty":{"duration_s":30},
+        "actions":{"rate_limit":"block"},
         "state":{"shards":4,"slots_per_shard":16}}"#;
+
+    #[test]
+    fn by_default_a_rate_overflow_sheds_the_excess_and_penalizes_nobody() {
+        let json = BLOCK.replace(r#""actions":{"rate_limit":"block"},"#, "");
+        let (e, s) = (engine(&json), MemoryStore::new());
+        e.table().create_shards(&s).unwrap();
+        let r = request("192.0.2.1:5", None, "/api/x");
+        let verdicts: Vec<Verdict> = (0..12).map(|i| e.on_request(&s, &r, T0 + i).0).collect();
+        assert!(verdicts[..5].iter().all(|v| v.action == Action::Allow));
+        for v in &verdicts[5..] {
+            assert_eq!((v.action, v.status, v.retry_after_s, v.penalized, v.newly_blocked), (Action::Block, 429, 1, false, false));
+            assert_eq!(v.reasons_header(), "rate_limit");
+        }
+        // Once the window has room again the client is served: no penalty box.
+        let later = e.on_request(&s, &r, T0 + 20_001).0;
+        assert_eq!(later.action, Action::Allow, "{later:?}");
+        // With other evidence of abuse (a scanner), the overflow counts as a block.
+        let mut scan = request("192.0.2.2:5", None, "/api/.env");
+        scan.user_agent = Some("curl/8");
+        let json = json.replace(r#""state""#, r#""probing":{"sensitive_weight":40},"state""#);
+        let e = engine(&json);
+        e.table().create_shards(&s).unwrap();
+        let first = e.on_request(&s, &scan, T0).0;
+        assert_eq!(first.action, Action::Tag);
+        let mut clean = request("192.0.2.2:5", None, "/api/x");
+        clean.user_agent = Some("curl/8");
+        let mut last = first;
+        for i in 1..8 {
+            last = e.on_request(&s, &clean, T0 + i).0;
+        }
+        assert!(last.penalized || last.newly_blocked, "abuse evidence + overflow = penalty: {last:?}");
+    }
+
+    #[test]
+    fn people_behind_one_address_are_judged_apart_by_user_agent() {
+        let (e, s) = (engine(BLOCK), MemoryStore::new());
+        e.table().create_shards(&s).unwrap();
+        let mut flood = request("192.0.2.1:5", None, "/api/x");
+        flood.user_agent = Some("wrk/4");
+        for i in 0..10 {
+            e.on_request(&s, &flood, T0 + i);
+        }
+        assert!(e.on_request(&s, &flood, T0 + 10).0.penalized, "the flooder is in the penalty box");
+        let mut colleague = request("192.0.2.1:5", None, "/api/x");
+        colleague.user_agent = Some("Mozilla/5.0 (X11; Linux x86_64) Firefox/133.0");
+        let v = e.on_request(&s, &colleague, T0 + 11).0;
+        assert_eq!(v.action, Action::Allow, "the person sharing its address is not");
+        // Off: the address alone is the client.
+        let off = engine(&BLOCK.replace(r#""client":{"#, r#""client":{"key_by_user_agent":false,"#));
+        off.table().create_shards(&s).unwrap();
+        for i in 0..10 {
+            off.on_request(&s, &flood, T0 + 100 + i);
+        }
+        assert!(off.on_request(&s, &colleague, T0 + 111).0.penalized);
+    }
 
     #[test]
     fn over_the_limit_blocks_then_penalty_holds_then_expires() {
@@ -1311,6 +1528,114 @@ mod tests {
         assert_eq!(writes, 1 + 100, "one merge per tick, none early");
     }
 
+    const LOGIN: &str = r#"{"mode":"block","client":{"trusted_proxies":["127.0.0.1"]},
+        "credential_stuffing":{"login_routes":[{"path":"/login","failure_statuses":[401],"success_statuses":[200]}]}}"#;
+
+    const BROWSER_NAMES: &str = ":authority,:path,:method,content-type,user-agent,accept,accept-language,accept-encoding";
+    const CHROME: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+
+    /// One login attempt through every phase; returns (refused, login-risk header).
+    fn login(e: &Engine, s: &MemoryStore, xff: &str, ua: &str, user: &str, ok: bool, t: u64) -> (bool, Option<String>) {
+        let mut facts = request("127.0.0.1:1", Some(xff), "/login");
+        facts.method = "POST";
+        facts.user_agent = Some(ua);
+        facts.header_names = Some(BROWSER_NAMES);
+        let (v, mut ex) = e.on_request(s, &facts, t);
+        if v.action == Action::Block {
+            return (true, v.login_risk);
+        }
+        let body = format!(r#"{{"username":"{user}","password":"{}"}}"#, if ok { "right" } else { "Summer2024!" });
+        if let Some(refused) = e.on_request_body(s, &mut ex, body.as_bytes(), t) {
+            return (refused.action == Action::Block, refused.login_risk);
+        }
+        let answer = e.on_response(s, &ex, if ok { 200 } else { 401 }, None, t + 5);
+        (answer.is_some_and(|a| a.action == Action::Block), v.login_risk)
+    }
+
+    #[test]
+    fn stuffing_disguised_as_browsers_is_refused_and_real_users_are_not() {
+        let (e, s) = (engine(LOGIN), MemoryStore::new());
+        e.create_state(&s).unwrap();
+        let mut t = T0;
+        // 120 real logins, ~23 % failures (typos), each user from their own
+        // address with the same common browser the attacker will copy.
+        for i in 0..120u64 {
+            t += 500;
+            let (xff, user) = (format!("198.51.{}.{}", i / 200, i % 200 + 1), format!("user{:04}", i % 100));
+            if i % 13 < 3 {
+                login(&e, &s, &xff, CHROME, &user, false, t);
+            }
+            t += 100;
+            assert!(!login(&e, &s, &xff, CHROME, &user, true, t).0, "real login {i}");
+        }
+        // 600 addresses, 1-3 tries each, the same browser, a leaked list of
+        // which one in ten names a real account; real users keep logging in.
+        let (mut attempts, mut refused_after, mut later, mut recognised_at) = (0u32, 0u32, 0u32, None);
+        let (mut real_refused, mut first_timers_refused) = (0, 0);
+        for a in 0..600u64 {
+            for k in 0..(1 + a % 3) {
+                t += 60;
+                let user = if (a + k) % 10 == 0 { format!("user{:04}", (a + k) % 100) } else { format!("leak{a}x{k}@mail.example") };
+                let (refused, _) = login(&e, &s, &format!("100.{}.{}.{}", 64 + a % 50, a / 50, k + 1), CHROME, &user, false, t);
+                attempts += 1;
+                if recognised_at.is_none() && e.endpoint_under_attack(&s, 0, t) {
+                    recognised_at = Some(attempts);
+                }
+                if recognised_at.is_some_and(|r| attempts > r) {
+                    later += 1;
+                    refused_after += u32::from(refused);
+                }
+            }
+            if a % 10 == 0 {
+                // A real user logging in from their usual browser, a new address.
+                let u = a / 10 % 100;
+                let (refused, _) = login(&e, &s, &format!("198.51.100.{}", u + 1), CHROME, &format!("user{u:04}"), true, t);
+                real_refused += usize::from(refused);
+            }
+            if a % 50 == 25 {
+                // A person logging in for the first time, after browsing.
+                let xff = format!("198.51.101.{}", a / 50 + 1);
+                let mut browse = request("127.0.0.1:1", Some(&xff), "/products");
+                browse.user_agent = Some(CHROME);
+                e.on_request(&s, &browse, t);
+                let (refused, risk) = login(&e, &s, &xff, CHROME, &format!("newbie{a}"), true, t + 1);
+                first_timers_refused += usize::from(refused);
+                // The request header knows what the request tells (the
+                // account comes with the body): the app can step up.
+                if e.endpoint_under_attack(&s, 0, t) {
+                    assert!(risk.is_some_and(|r| r.contains("endpoint_under_attack")), "told, not refused");
+                }
+            }
+        }
+        let recognised_at = recognised_at.expect("recognised");
+        assert!(recognised_at <= 200, "recognised at attempt {recognised_at}");
+        let share = f64::from(refused_after) / f64::from(later);
+        assert!(share >= 0.95, "{refused_after} of {later} later attempts refused");
+        assert_eq!(real_refused, 0, "real users logging into their own accounts");
+        assert_eq!(first_timers_refused, 0, "first-time logins after browsing");
+    }
+
+    #[test]
+    fn after_a_cold_start_an_early_attack_is_recognised() {
+        let (e, s) = (engine(LOGIN), MemoryStore::new());
+        e.create_state(&s).unwrap();
+        let mut t = T0;
+        for i in 0..20u64 {
+            t += 1000;
+            login(&e, &s, &format!("198.51.100.{}", i + 1), CHROME, &format!("user{i:04}"), i % 5 != 0, t);
+        }
+        assert_eq!(e.baselines_learning(), 1, "still learning, and says so");
+        let mut recognised_at = None;
+        for a in 0..300u64 {
+            t += 250;
+            login(&e, &s, &format!("100.64.{}.{}", a / 200, a % 200 + 1), CHROME, &format!("leak{a}"), false, t);
+            if recognised_at.is_none() && e.endpoint_under_attack(&s, 0, t) {
+                recognised_at = Some(a + 1);
+            }
+        }
+        assert!(recognised_at.is_some_and(|a| a <= 200), "{recognised_at:?}");
+    }
+
     proptest::proptest! {
         /// Whatever a client sends, every phase of the engine answers
         /// without panicking and keeps the risk finite.
@@ -1355,7 +1680,7 @@ mod tests {
                 };
                 let (v, mut ex) = e.on_request(&s, &facts, T0 + i as u64);
                 proptest::prop_assert!(v.risk.is_finite());
-                e.on_request_body(&mut ex, &body);
+                let _ = e.on_request_body(&s, &mut ex, &body, T0 + 4);
                 let _ = e.score_request_body(&ex);
                 let _ = e.on_response(&s, &ex, status, Some(status), T0 + 5);
                 let _ = e.on_score_answer(&s, &ex, crate::callout::parse_answer(Some(status), &body), T0 + 6);

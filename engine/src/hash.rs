@@ -29,6 +29,13 @@ impl KeyedHasher {
         }
     }
 
+    /// A hasher every holder of `secret` derives alike (the fleet's scorer
+    /// secret): keys that the scorer and other Envoys must recognise.
+    pub fn from_secret(secret: &str) -> KeyedHasher {
+        let base = KeyedHasher { k0: 0x6162_7573_655f_6b30, k1: 0x6162_7573_655f_6b31 };
+        KeyedHasher { k0: base.key(0, secret.as_bytes()), k1: base.key(1, secret.as_bytes()) }
+    }
+
     /// A non-zero 64-bit key (0 marks an empty slot).
     pub fn key(&self, domain: u8, bytes: &[u8]) -> u64 {
         let mut h = SipHasher13::new_with_keys(self.k0, self.k1);

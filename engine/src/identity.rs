@@ -55,6 +55,23 @@ impl std::fmt::Display for ClientAddr {
     }
 }
 
+/// A stable 32-bit tag of a user agent (FNV-1a): part of the client key
+/// when `client.key_by_user_agent` is on, and shown next to the address in
+/// logs and scorer questions (`203.0.113.7#1f2e3d4c`) so that every Envoy of
+/// a fleet names the same client alike. Table placement still goes through
+/// the seeded hash of address and tag, so a chosen agent cannot aim at a shard.
+pub fn agent_tag(user_agent: &str) -> u32 {
+    user_agent.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+/// `addr` or `addr#tag`: how a client is named to the scorer and in fleet verdicts.
+pub fn client_label(addr: ClientAddr, agent: Option<u32>) -> String {
+    match agent {
+        Some(tag) => format!("{addr}#{tag:08x}"),
+        None => addr.to_string(),
+    }
+}
+
 /// Everything known about who sent a request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientIdentity {

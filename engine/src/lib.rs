@@ -13,6 +13,7 @@ pub mod engine;
 pub mod exemptions;
 pub mod hash;
 pub mod identity;
+pub mod known_accounts;
 pub mod reason;
 pub mod record;
 pub mod risk;

@@ -78,6 +78,9 @@ impl Reason {
             Reason::SessionChurn | Reason::AnonymousNetwork | Reason::EndpointSpike | Reason::MachineRhythm => {
                 crate::config::DetectorAction::Tag
             }
+            // Over a rate is volume, not intent: shed the excess, keep the
+            // penalty box for evidence of abuse (a NAT is many people).
+            Reason::RateLimit => crate::config::DetectorAction::Shed,
             _ => crate::config::DetectorAction::Block,
         }
     }

@@ -35,6 +35,7 @@
 //! | 8 | start of the current page run, ms |
 //! | 16 | response KiB (sliding window) |
 //! | 16 | recent requests, for spike attribution (sliding window) |
+//! | 4 | login attempts (saturating; a client whose every request was one never browsed) |
 //!
 //! Any change of this layout bumps [`RECORD_FORMAT`]; shards written with
 //! another format are treated as empty, never misread.
@@ -46,8 +47,8 @@ use crate::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
-pub const RECORD_FORMAT: u16 = 4;
-pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32;
+pub const RECORD_FORMAT: u16 = 5;
+pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32 + 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ClientRecord {
@@ -81,6 +82,7 @@ pub struct ClientRecord {
     pub page_run_start_ms: u64,
     pub response_kib: SlidingWindow,
     pub recent_requests: SlidingWindow,
+    pub login_attempts: u32,
 }
 
 /// Corrupt or negative floats read as 0.
@@ -150,6 +152,7 @@ impl Record for ClientRecord {
         w.u64(self.page_run_start_ms);
         w.window(&self.response_kib);
         w.window(&self.recent_requests);
+        w.u32(self.login_attempts);
     }
 
     fn decode(bytes: &[u8]) -> ClientRecord {
@@ -198,6 +201,7 @@ impl Record for ClientRecord {
             page_run_start_ms: r.u64(),
             response_kib: r.window(),
             recent_requests: r.window(),
+            login_attempts: r.u32(),
         }
     }
 
@@ -238,7 +242,7 @@ mod tests {
 
     #[test]
     fn layout_is_what_the_docs_say() {
-        assert_eq!(RECORD_BYTES, 328);
+        assert_eq!(RECORD_BYTES, 332);
         let mut r = ClientRecord::new(0x0102_0304_0506_0708);
         r.risk = 1.5;
         r.login_successes = 9;

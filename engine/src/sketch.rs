@@ -39,6 +39,13 @@ impl DistinctWindow {
         self.bits & (1u64 << (hash % 64)) != 0
     }
 
+    /// The estimate as of `now_ms`, without recording (0 once the window is over).
+    pub fn estimate_at(&self, now_ms: u64, window_ms: u64) -> f64 {
+        let mut current = *self;
+        current.roll(now_ms, window_ms);
+        current.estimate()
+    }
+
     pub fn estimate(&self) -> f64 {
         let zeros = f64::from(self.bits.count_zeros());
         if zeros == 0.0 {

@@ -63,6 +63,10 @@ pub struct Verdict {
     pub status: u32,
     pub retry_after_s: u64,
     pub client: ClientAddr,
+    /// The user-agent tag that, with the address, names the client.
+    pub agent: Option<u32>,
+    /// On login routes: the `x-abuse-login-risk` value, when there is a risk.
+    pub login_risk: Option<String>,
     pub store: UpdateStats,
     /// Shared state could not be updated; the request was let through.
     pub store_failed: bool,
@@ -88,6 +92,8 @@ impl Verdict {
             status: 0,
             retry_after_s: 0,
             client,
+            agent: None,
+            login_risk: None,
             store: UpdateStats::default(),
             store_failed: false,
             exempt: false,
@@ -138,6 +144,7 @@ impl Verdict {
             "event": if self.action == Action::Block { "block" } else { "would_block" },
             "mode": match mode { Mode::Block => "block", Mode::Monitor => "monitor" },
             "client": self.client.to_string(),
+            "agent": self.agent.map(|a| format!("{a:08x}")),
             "reasons": self.reasons.names(),
             "risk": (f64::from(self.risk) * 10.0).round() / 10.0,
             "status": self.status,

@@ -1,36 +1,53 @@
 //! Distributed credential stuffing: hundreds of rotating addresses, each
-//! trying only 1–3 logins, stay under every per-client threshold. The login
-//! endpoint as a whole does not: its failure ratio jumps far above the ratio
-//! it normally has.
+//! trying only 1–3 logins, copying real browsers' user agents and header
+//! order, stay under every per-client threshold and share every client
+//! fingerprint with real users. What no disguise changes is what the attempts
+//! are *for*: accounts that do not exist here, accounts whose owners log in
+//! from elsewhere, one password on many accounts — and that the endpoint as a
+//! whole fails far more than it normally does.
 //!
-//! Recognition. Over the last `window_s` the endpoint's failure ratio
-//! `r = failures / attempts` (once `min_attempts` were made) is compared with
-//! its learned baseline `b`: the endpoint is under attack while
+//! **Recognition** (the endpoint). Over the last `window_s` the endpoint's
+//! failure ratio `r = failures / attempts` (once `min_attempts` were made)
+//! is compared with its baseline `b`: the endpoint is under attack while
 //! `r > max(attack_factor · b, attack_min_ratio)`, and for `hold_s` after.
-//! Outside attacks the baseline follows `r` as an exponentially weighted
-//! mean in time, `b ← b + α (r − b)` with `α = 1 − e^(−Δt/τ)` (`Δt` since the
-//! previous login, `τ` = [`BASELINE_TAU_MS`], one hour), starting from
-//! `baseline_prior`; during the first [`WARM_UP`] logins `α = 1/n` so it
-//! learns fast. A burst of seconds cannot drag it along, and an attack
-//! never teaches it that failing is normal.
+//! Cold start: for the first [`WARM_UP`] judged logins `b` stays at
+//! `baseline_prior` — an attack that begins with the endpoint's life cannot
+//! drag it — while the mean of the windows that were *not* an attack is
+//! learned aside; it becomes `b` at the end of the warm-up. After that `b`
+//! follows `r` outside attacks as an exponential average in time
+//! (`α = 1 − e^(−Δt/τ)`, τ = [`BASELINE_TAU_MS`], one hour).
 //!
-//! Attribution. During an attack the risk goes to the clients that drive
-//! it, not to everyone: a login attempt is refused when the client is new
-//! (no successful login, at most `new_client_max_requests` requests so far)
-//! AND its fingerprint (user agent + header-name order + ASN) has failed at
-//! least `fingerprint_min_failures` times in the window with almost no
-//! successes. A real user logging in meanwhile has a fingerprint with
-//! successes or no failures, and any client with history is left alone.
+//! **Attribution** (the attempt), only while the endpoint is under attack.
+//! Each attempt adds up its evidence ([`AttemptSignals::score`]):
+//!
+//! | evidence | points |
+//! |---|---|
+//! | the account is not known to exist (no successful login ever, see `known_accounts`) | 2 |
+//! | the account is known, but the attempt does not look like its owner (fingerprint and country of its recent successful logins) | 2 |
+//! | the password was tried on `spray_min_accounts` accounts in the window | 2 |
+//! | the headers do not match the browser the user agent claims | 2 |
+//! | the client is new (no successful login, at most `new_client_max_requests` requests) | 1 |
+//! | the client never made a request that was not a login attempt | 1 |
+//!
+//! At `refuse_at` (4) the attempt is refused before the upstream and the
+//! client charged `weight`; below it, the attempt goes on with the
+//! `x-abuse-login-risk` header for the application to step up. A stuffer on
+//! a new address posting straight to the login with a leaked credential
+//! scores 4 either way (unknown account, or known account that is not its
+//! owner's device); the owner logging in from their device scores at most 2;
+//! a person logging in for the first time (unknown account) after using the
+//! site scores 3. No evidence here is the fingerprint alone: the attacker
+//! chooses it, and real users share it.
 
 use super::Signal;
 use crate::config::DistributedStuffingConfig;
-use crate::endpoint::{EndpointRecord, FingerprintRecord};
+use crate::endpoint::{EndpointRecord, SprayRecord};
 use crate::reason::Reason;
 use crate::record::ClientRecord;
 
 /// Time constant of the baseline's exponential average.
 pub const BASELINE_TAU_MS: f64 = 3_600_000.0;
-/// Logins during which the baseline is a plain running mean.
+/// Judged logins during which the baseline stays at the prior.
 pub const WARM_UP: u32 = 50;
 
 #[derive(Debug, Clone)]
@@ -38,6 +55,65 @@ pub struct DistributedStuffing {
     config: DistributedStuffingConfig,
     window_ms: u64,
     hold_ms: u64,
+}
+
+/// What an attempt showed, as far as it is known (the account-level parts
+/// once the body gave the username).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttemptSignals {
+    pub under_attack: bool,
+    pub new_client: bool,
+    pub never_browsed: bool,
+    pub inconsistent_headers: bool,
+    pub unknown_account: bool,
+    pub unlike_owner: bool,
+    pub sprayed_password: bool,
+}
+
+impl AttemptSignals {
+    pub fn score(&self) -> u32 {
+        let points = [
+            (self.unknown_account, 2),
+            (self.unlike_owner, 2),
+            (self.sprayed_password, 2),
+            (self.inconsistent_headers, 2),
+            (self.new_client, 1),
+            (self.never_browsed, 1),
+        ];
+        points.iter().filter(|(on, _)| *on).map(|(_, p)| p).sum()
+    }
+
+    /// Names for the login-risk header, in a fixed order.
+    pub fn names(&self) -> Vec<&'static str> {
+        let all = [
+            (self.under_attack, "endpoint_under_attack"),
+            (self.unknown_account, "unknown_account"),
+            (self.unlike_owner, "unlike_owner"),
+            (self.sprayed_password, "sprayed_password"),
+            (self.inconsistent_headers, "inconsistent_headers"),
+            (self.new_client, "new_client"),
+            (self.never_browsed, "never_browsed"),
+        ];
+        all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
+    }
+
+    /// `high` when the attempt is refused or would need little more to be,
+    /// `medium` on any evidence or during an attack, else `low`.
+    pub fn level(&self, refuse_at: u32) -> &'static str {
+        let score = self.score();
+        if score >= refuse_at.saturating_sub(1).max(1) && (self.under_attack || score >= refuse_at) {
+            "high"
+        } else if score > 0 || self.under_attack {
+            "medium"
+        } else {
+            "low"
+        }
+    }
+
+    /// The login-risk header's value, e.g. `high; score=3; reasons=endpoint_under_attack,unknown_account,new_client`.
+    pub fn header(&self, refuse_at: u32) -> String {
+        format!("{}; score={}; reasons={}", self.level(refuse_at), self.score(), self.names().join(","))
+    }
 }
 
 impl DistributedStuffing {
@@ -49,10 +125,32 @@ impl DistributedStuffing {
         })
     }
 
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
+    pub fn refuse_at(&self) -> u32 {
+        self.config.refuse_at
+    }
+
+    /// Whether the endpoint's baseline is still the prior.
+    pub fn learning(&self, endpoint: &EndpointRecord) -> bool {
+        endpoint.baseline_samples < WARM_UP
+    }
+
+    /// Whether "unknown account" is evidence yet: the known-accounts table
+    /// has learned enough successful logins.
+    pub fn knows_accounts(&self, endpoint: &EndpointRecord) -> bool {
+        endpoint.successes_seen >= self.config.known_accounts_min
+    }
+
     /// Records one login outcome on the endpoint and updates its state.
     pub fn on_outcome(&self, endpoint: &mut EndpointRecord, failed: bool, now_ms: u64) {
         let since_ms = now_ms.saturating_sub(endpoint.last_seen_ms) as f64;
         endpoint.last_seen_ms = now_ms;
+        if !failed {
+            endpoint.successes_seen = endpoint.successes_seen.saturating_add(1);
+        }
         if endpoint.baseline_samples == 0 && endpoint.baseline == 0.0 {
             endpoint.baseline = self.config.baseline_prior;
         }
@@ -70,32 +168,48 @@ impl DistributedStuffing {
         if ratio > threshold {
             endpoint.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !endpoint.under_attack(now_ms) {
-            endpoint.learn(ratio, since_ms, BASELINE_TAU_MS, 0, WARM_UP);
+            self.learn(endpoint, ratio, since_ms);
         }
     }
 
-    pub fn on_fingerprint_outcome(&self, fp: &mut FingerprintRecord, failed: bool, now_ms: u64) {
-        fp.last_seen_ms = now_ms;
-        if failed {
-            fp.failures.record(now_ms, self.window_ms);
-        } else {
-            fp.successes.record(now_ms, self.window_ms);
+    /// Learns one normal window: aside while warming up (the prior stays the
+    /// baseline), then into the baseline itself.
+    fn learn(&self, endpoint: &mut EndpointRecord, ratio: f32, since_ms: f64) {
+        endpoint.baseline_samples = endpoint.baseline_samples.saturating_add(1);
+        let n = endpoint.baseline_samples;
+        if n <= WARM_UP {
+            endpoint.learning_mean += (ratio - endpoint.learning_mean) / n as f32;
+            if n == WARM_UP {
+                endpoint.baseline = endpoint.learning_mean;
+            }
+            return;
         }
+        let alpha = (1.0 - (-since_ms / BASELINE_TAU_MS).exp()) as f32;
+        endpoint.baseline += alpha.clamp(0.0, 1.0) * (ratio - endpoint.baseline);
     }
 
-    /// Whether a fingerprint behaves like the attack tool.
-    pub fn fingerprint_is_attacking(&self, fp: &FingerprintRecord, now_ms: u64) -> bool {
-        let failures = fp.failures.estimate(now_ms, self.window_ms);
-        let successes = fp.successes.estimate(now_ms, self.window_ms);
-        failures >= f64::from(self.config.fingerprint_min_failures) && successes * 20.0 <= failures
+    /// Counts a failed login with a password (by its hash) on an account (by its hash).
+    pub fn on_failed_password(&self, spray: &mut SprayRecord, account: u64, now_ms: u64) {
+        spray.last_seen_ms = now_ms;
+        spray.accounts.insert(account, now_ms, self.window_ms);
     }
 
-    /// A login attempt while the endpoint is under attack and the client's
-    /// fingerprint is attacking: fires for new clients only.
-    pub fn on_attempt(&self, client: &ClientRecord) -> Signal {
-        let mut signal = Signal::default();
+    /// Whether a password failed on `spray_min_accounts` accounts in the window.
+    pub fn is_sprayed(&self, spray: &SprayRecord, now_ms: u64) -> bool {
+        spray.accounts.estimate_at(now_ms, self.window_ms) >= f64::from(self.config.spray_min_accounts) - 0.5
+    }
+
+    /// The client-level evidence, from its record before this request.
+    pub fn client_signals(&self, client: &ClientRecord) -> (bool, bool) {
         let new_client = client.login_successes == 0 && client.requests <= self.config.new_client_max_requests;
-        if new_client {
+        let never_browsed = client.requests <= client.login_attempts;
+        (new_client, never_browsed)
+    }
+
+    /// The signal for a refused attempt: charged to the client.
+    pub fn refusal(&self, signals: &AttemptSignals) -> Signal {
+        let mut signal = Signal::default();
+        if signals.under_attack && signals.score() >= self.config.refuse_at {
             signal.fire(Reason::CredentialStuffing, self.config.weight);
         }
         signal
@@ -121,6 +235,7 @@ mod tests {
             assert!(!e.under_attack(1_000_000 + i * 100), "false alarm at {i}");
         }
         assert!((e.baseline - 0.15).abs() < 0.05, "{}", e.baseline);
+        assert!(!d.learning(&e));
     }
 
     #[test]
@@ -145,20 +260,86 @@ mod tests {
     }
 
     #[test]
-    fn fingerprints_and_new_clients() {
+    fn an_attack_at_cold_start_cannot_drag_the_baseline() {
+        // A fresh endpoint: 20 good logins (a few typos), then a
+        // distributed run of failures, four a second.
         let d = detector();
-        let mut fp = FingerprintRecord::default();
-        for i in 0..10 {
-            d.on_fingerprint_outcome(&mut fp, true, 1000 + i);
+        let mut e = EndpointRecord::default();
+        let mut t = 1_000_000u64;
+        for i in 0..20u64 {
+            t += 1000;
+            d.on_outcome(&mut e, i % 5 == 0, t);
         }
-        assert!(d.fingerprint_is_attacking(&fp, 2000));
-        let mut browser = FingerprintRecord::default();
-        d.on_fingerprint_outcome(&mut browser, false, 1000);
-        assert!(!d.fingerprint_is_attacking(&browser, 2000));
+        assert!(d.learning(&e));
+        let mut recognised_at = None;
+        for i in 0..300u64 {
+            t += 250;
+            d.on_outcome(&mut e, true, t);
+            if recognised_at.is_none() && e.under_attack(t) {
+                recognised_at = Some(i);
+            }
+        }
+        let at = recognised_at.unwrap();
+        assert!(at < 40, "recognised at attempt {at}");
+        assert!((e.baseline - 0.2).abs() < 1e-6, "still the prior: {}", e.baseline);
+    }
 
+    #[test]
+    fn evidence_adds_up_and_names_itself() {
+        let attacker = AttemptSignals {
+            under_attack: true,
+            new_client: true,
+            never_browsed: true,
+            unknown_account: true,
+            ..AttemptSignals::default()
+        };
+        assert_eq!(attacker.score(), 4);
+        assert_eq!(attacker.level(4), "high");
+        assert_eq!(attacker.header(4), "high; score=4; reasons=endpoint_under_attack,unknown_account,new_client,never_browsed");
+        let d = detector();
+        assert!(d.refusal(&attacker).reasons.contains(Reason::CredentialStuffing));
+        // The owner from a new address, on their device: let through.
+        let owner = AttemptSignals { under_attack: true, new_client: true, never_browsed: true, ..AttemptSignals::default() };
+        assert_eq!(owner.score(), 2);
+        assert!(d.refusal(&owner).reasons.is_empty());
+        assert_eq!(owner.level(4), "medium");
+        // A first login after browsing the site: unsure, stepped up, not refused.
+        let first_timer = AttemptSignals { under_attack: true, new_client: true, unknown_account: true, ..AttemptSignals::default() };
+        assert_eq!((first_timer.score(), first_timer.level(4)), (3, "high"));
+        assert!(d.refusal(&first_timer).reasons.is_empty());
+        // Outside an attack nothing is refused, whatever the evidence.
+        let calm = AttemptSignals { under_attack: false, ..attacker };
+        assert!(d.refusal(&calm).reasons.is_empty());
+        assert_eq!(AttemptSignals::default().level(4), "low");
+    }
+
+    #[test]
+    fn one_password_on_many_accounts_is_a_spray() {
+        let d = detector();
+        let mut p = SprayRecord::default();
+        let sprayed: Vec<bool> = (0..6u64)
+            .map(|a| {
+                d.on_failed_password(&mut p, 100 + a, 1000 + a);
+                d.is_sprayed(&p, 1000 + a)
+            })
+            .collect();
+        assert_eq!(sprayed, [false, false, false, false, true, true]);
+        assert!(!d.is_sprayed(&p, 1000 + 200_000), "forgotten after the window");
+        let mut mine = SprayRecord::default();
+        for t in 0..10 {
+            d.on_failed_password(&mut mine, 7, 1000 + t);
+        }
+        assert!(!d.is_sprayed(&mine, 1010), "one user retrying");
+    }
+
+    #[test]
+    fn client_signals() {
+        let d = detector();
         let fresh = ClientRecord::default();
-        assert!(d.on_attempt(&fresh).reasons.contains(Reason::CredentialStuffing));
-        let regular = ClientRecord { login_successes: 1, ..ClientRecord::default() };
-        assert!(d.on_attempt(&regular).reasons.is_empty());
+        assert_eq!(d.client_signals(&fresh), (true, true));
+        let browsed = ClientRecord { requests: 3, login_attempts: 1, ..ClientRecord::default() };
+        assert_eq!(d.client_signals(&browsed), (true, false));
+        let regular = ClientRecord { requests: 3, login_attempts: 3, login_successes: 1, ..ClientRecord::default() };
+        assert_eq!(d.client_signals(&regular), (false, true));
     }
 }

@@ -63,6 +63,12 @@ impl LoginDetector {
         extract_username(body, field)
     }
 
+    /// The submitted password, only to hash it (never stored or logged).
+    pub fn password(&self, route: usize, body: &[u8]) -> Option<String> {
+        let field = &self.routes.get(route)?.password_field;
+        extract_field(body, field).filter(|p| !p.is_empty())
+    }
+
     pub fn outcome(&self, route: usize, status: u32) -> LoginOutcome {
         match self.routes.get(route) {
             Some(r) if r.failure_statuses.contains(&status) => LoginOutcome::Failure,
@@ -138,21 +144,24 @@ impl LoginDetector {
 /// The username from a JSON object field or a form field, trimmed and
 /// lowercased (so `Alice` and `alice ` count as one account).
 pub fn extract_username(body: &[u8], field: &str) -> Option<String> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
-    let raw = if *first == b'{' {
-        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-        match value.get(field)? {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(n) => n.to_string(),
-            _ => return None,
-        }
-    } else {
-        form_urlencoded::parse(body)
-            .find(|(k, _)| k == field)
-            .map(|(_, v)| v.into_owned())?
-    };
+    let raw = extract_field(body, field)?;
     let name: String = raw.trim().to_lowercase().chars().take(MAX_USERNAME).collect();
     (!name.is_empty()).then_some(name)
+}
+
+/// A JSON object's string or number field, or a form field, as sent.
+fn extract_field(body: &[u8], field: &str) -> Option<String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first == b'{' {
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        match value.get(field)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    } else {
+        form_urlencoded::parse(body).find(|(k, _)| k == field).map(|(_, v)| v.into_owned())
+    }
 }
 
 #[cfg(test)]
@@ -166,6 +175,7 @@ mod tests {
                 path: "/login".into(),
                 method: "POST".into(),
                 username_field: "user".into(),
+                password_field: "password".into(),
                 failure_statuses: vec![401],
                 success_statuses: vec![200],
             }],

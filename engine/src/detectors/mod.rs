@@ -1,6 +1,7 @@
 //! Detectors: each looks at one request (or its answer) in the light of the
 //! client's record and returns a [`Signal`] — risk to add and the reasons why.
 
+pub mod browser;
 pub mod distributed_stuffing;
 pub mod enumeration;
 pub mod login;
