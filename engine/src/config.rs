@@ -357,7 +357,11 @@ pub struct DistributedStuffingConfig {
     /// Successful logins the known-accounts table must have learned before
     /// "unknown account" counts as evidence (0: from the first).
     pub known_accounts_min: u32,
-    /// One password tried on this many accounts in the window is a spray.
+    /// Also an attack: more than this share of the window's attempts are
+    /// on accounts not known to exist (once the baseline and the known
+    /// accounts have learned; 1 turns this off).
+    pub attack_unknown_share: f32,
+    /// One password failing on this many accounts in the window is a spray.
     pub spray_min_accounts: u32,
     /// Risk added to a client per refused attempt (two refusals reach the
     /// default `block_at`: one refused attempt never boxes a person).
@@ -377,6 +381,7 @@ impl Default for DistributedStuffingConfig {
             new_client_max_requests: 5,
             refuse_at: 4,
             known_accounts_min: 20,
+            attack_unknown_share: 0.6,
             spray_min_accounts: 5,
             weight: 50.0,
         }
@@ -877,6 +882,7 @@ impl Config {
         check_range("credential_stuffing.distributed.hold_s", d.hold_s, 1, 86_400)?;
         check_range("credential_stuffing.distributed.refuse_at", d.refuse_at, 1, 100)?;
         check_range("credential_stuffing.distributed.known_accounts_min", d.known_accounts_min, 0, 1_000_000)?;
+        check_finite_range("credential_stuffing.distributed.attack_unknown_share", d.attack_unknown_share, 0.05, 1.0)?;
         check_range("credential_stuffing.distributed.spray_min_accounts", d.spray_min_accounts, 2, 1_000)?;
         check_range("credential_stuffing.distributed.new_client_max_requests", d.new_client_max_requests, 0, 1_000_000)?;
         check_finite_range("credential_stuffing.distributed.weight", d.weight, 0.0, 10_000.0)?;

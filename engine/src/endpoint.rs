@@ -6,14 +6,16 @@
 //! (sliding window) 16 · failures (sliding window) 16 · baseline failure
 //! ratio (f32) 4 · baseline samples 4 · attack_until_ms 8 · the mean being
 //! learned while the baseline is still the prior (f32) 4 · successful
-//! logins seen (known accounts learned) 4.
+//! logins seen (known accounts learned) 4 · attempts on accounts not known
+//! to exist (sliding window) 16 · the share of such attempts it normally
+//! has (f32) 4.
 
 use crate::codec::{Reader, Writer};
 use crate::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
-pub const ENDPOINT_BYTES: usize = 72;
+pub const ENDPOINT_BYTES: usize = 92;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EndpointRecord {
@@ -26,6 +28,8 @@ pub struct EndpointRecord {
     pub attack_until_ms: u64,
     pub learning_mean: f32,
     pub successes_seen: u32,
+    pub unknown: SlidingWindow,
+    pub unknown_baseline: f32,
 }
 
 impl EndpointRecord {
@@ -74,6 +78,8 @@ impl Record for EndpointRecord {
         w.u64(self.attack_until_ms);
         w.f32(self.learning_mean);
         w.u32(self.successes_seen);
+        w.window(&self.unknown);
+        w.f32(self.unknown_baseline);
     }
 
     fn decode(bytes: &[u8]) -> EndpointRecord {
@@ -94,6 +100,8 @@ impl Record for EndpointRecord {
             attack_until_ms: r.u64(),
             learning_mean: unit(r.f32()),
             successes_seen: r.u32(),
+            unknown: r.window(),
+            unknown_baseline: unit(r.f32()),
         }
     }
 
@@ -161,6 +169,8 @@ mod tests {
             attack_until_ms: 10,
             learning_mean: 0.5,
             successes_seen: 11,
+            unknown: SlidingWindow { start_ms: 12, current: 13, previous: 14 },
+            unknown_baseline: 0.25,
         };
         let mut buf = [0u8; ENDPOINT_BYTES];
         e.encode(&mut buf);

@@ -104,6 +104,8 @@ pub struct Exchange {
     attempt: Option<AttemptSignals>,
     /// Keyed, rotating hash of the submitted password (during an attack).
     password_key: Option<u64>,
+    /// The account is not known to exist (None: no username read).
+    account_unknown: Option<bool>,
     mode: Option<Mode>,
     /// The question for the scorer, when this request must ask it.
     score_request: Option<ScoreRequest>,
@@ -957,11 +959,15 @@ impl Engine {
             q.username = exchange.username.clone();
         }
         let d = self.distributed.as_ref()?;
-        let mut attempt = exchange.attempt.filter(|a| a.under_attack)?;
         let username = exchange.username.as_deref()?;
         let account_key = self.account_hasher.key(DOMAIN_USERNAME, username.as_bytes());
+        // Every attempt: the endpoint's share of unknown accounts is a
+        // recognition signal too (recorded with the outcome).
+        let known = self.known_accounts.contains(store, account_key);
+        exchange.account_unknown = Some(!known);
+        let mut attempt = exchange.attempt.filter(|a| a.under_attack)?;
         let endpoint = self.endpoints.peek(store, self.endpoint_key(route)).ok().flatten().unwrap_or_default();
-        if self.known_accounts.contains(store, account_key) {
+        if known {
             let profile = self.accounts.peek(store, account_key).ok().flatten();
             attempt.unlike_owner = profile.is_some_and(|a| {
                 a.has_profile() && !a.looks_like_owner(exchange.login_fingerprint, exchange.login_country)
@@ -1101,7 +1107,7 @@ impl Engine {
                 });
             }
             if let Ok((learning, _)) = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
-                d.on_outcome(e, failed, now_ms);
+                d.on_outcome(e, failed, exchange.account_unknown, now_ms);
                 (d.learning(e), true)
             }) {
                 self.login_learning.store(u32::from(learning), std::sync::atomic::Ordering::Relaxed);

@@ -15,7 +15,16 @@
 //! drag it — while the mean of the windows that were *not* an attack is
 //! learned aside; it becomes `b` at the end of the warm-up. After that `b`
 //! follows `r` outside attacks as an exponential average in time
-//! (`α = 1 − e^(−Δt/τ)`, τ = [`BASELINE_TAU_MS`], one hour).
+//! (`α = 1 − e^(−Δt/τ)`, τ = [`BASELINE_TAU_MS`], one hour). Once warm, and
+//! once `known_accounts_min` successful logins taught the known accounts,
+//! the endpoint is also under attack while the share `u` of the window's
+//! attempts on accounts not known to exist exceeds
+//! `max(attack_factor · b_u, attack_unknown_share)`, `b_u` being the share
+//! it normally has (learned like `b`, from the first window: after a cold
+//! start every first login is "unknown", `b_u` is high and this channel
+//! stays shut until the known accounts catch up). A leaked list's mark,
+//! which real users' logins and a busy endpoint's many successes cannot
+//! dilute the way they dilute `r`.
 //!
 //! **Attribution** (the attempt), only while the endpoint is under attack.
 //! Each attempt adds up its evidence ([`AttemptSignals::score`]):
@@ -145,7 +154,9 @@ impl DistributedStuffing {
     }
 
     /// Records one login outcome on the endpoint and updates its state.
-    pub fn on_outcome(&self, endpoint: &mut EndpointRecord, failed: bool, now_ms: u64) {
+    /// `unknown`: whether the attempt's account is not known to exist (None
+    /// when the username could not be read).
+    pub fn on_outcome(&self, endpoint: &mut EndpointRecord, failed: bool, unknown: Option<bool>, now_ms: u64) {
         let since_ms = now_ms.saturating_sub(endpoint.last_seen_ms) as f64;
         endpoint.last_seen_ms = now_ms;
         if !failed {
@@ -160,32 +171,45 @@ impl DistributedStuffing {
         } else {
             endpoint.failures.estimate(now_ms, self.window_ms)
         };
+        let unknown_attempts = if unknown == Some(true) {
+            endpoint.unknown.record(now_ms, self.window_ms)
+        } else {
+            endpoint.unknown.estimate(now_ms, self.window_ms)
+        };
         if attempts < f64::from(self.config.min_attempts) {
             return;
         }
         let ratio = (failures / attempts.max(1.0)).clamp(0.0, 1.0) as f32;
         let threshold = (endpoint.baseline * self.config.attack_factor).max(self.config.attack_min_ratio);
-        if ratio > threshold {
+        let unknown_share = (unknown_attempts / attempts.max(1.0)).clamp(0.0, 1.0) as f32;
+        let unknown_threshold =
+            (endpoint.unknown_baseline * self.config.attack_factor).max(self.config.attack_unknown_share);
+        let leaked_list =
+            !self.learning(endpoint) && self.knows_accounts(endpoint) && unknown_share > unknown_threshold;
+        if ratio > threshold || leaked_list {
             endpoint.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !endpoint.under_attack(now_ms) {
-            self.learn(endpoint, ratio, since_ms);
+            self.learn(endpoint, ratio, unknown_share, since_ms);
         }
     }
 
     /// Learns one normal window: aside while warming up (the prior stays the
     /// baseline), then into the baseline itself.
-    fn learn(&self, endpoint: &mut EndpointRecord, ratio: f32, since_ms: f64) {
+    fn learn(&self, endpoint: &mut EndpointRecord, ratio: f32, unknown_share: f32, since_ms: f64) {
         endpoint.baseline_samples = endpoint.baseline_samples.saturating_add(1);
         let n = endpoint.baseline_samples;
         if n <= WARM_UP {
-            endpoint.learning_mean += (ratio - endpoint.learning_mean) / n as f32;
+            let step = 1.0 / n as f32;
+            endpoint.learning_mean += (ratio - endpoint.learning_mean) * step;
+            endpoint.unknown_baseline += (unknown_share - endpoint.unknown_baseline) * step;
             if n == WARM_UP {
                 endpoint.baseline = endpoint.learning_mean;
             }
             return;
         }
-        let alpha = (1.0 - (-since_ms / BASELINE_TAU_MS).exp()) as f32;
-        endpoint.baseline += alpha.clamp(0.0, 1.0) * (ratio - endpoint.baseline);
+        let alpha = ((1.0 - (-since_ms / BASELINE_TAU_MS).exp()) as f32).clamp(0.0, 1.0);
+        endpoint.baseline += alpha * (ratio - endpoint.baseline);
+        endpoint.unknown_baseline += alpha * (unknown_share - endpoint.unknown_baseline);
     }
 
     /// Counts a failed login with a password (by its hash) on an account (by its hash).
@@ -231,7 +255,7 @@ mod tests {
         let mut e = EndpointRecord::default();
         // 15 % failures, steady.
         for i in 0..2000u64 {
-            d.on_outcome(&mut e, i % 20 < 3, 1_000_000 + i * 100);
+            d.on_outcome(&mut e, i % 20 < 3, Some(false), 1_000_000 + i * 100);
             assert!(!e.under_attack(1_000_000 + i * 100), "false alarm at {i}");
         }
         assert!((e.baseline - 0.15).abs() < 0.05, "{}", e.baseline);
@@ -244,13 +268,13 @@ mod tests {
         let mut e = EndpointRecord::default();
         // Two logins a second, one in ten failing.
         for i in 0..500u64 {
-            d.on_outcome(&mut e, i % 10 == 0, 1_000_000 + i * 500);
+            d.on_outcome(&mut e, i % 10 == 0, Some(false), 1_000_000 + i * 500);
         }
         let learned = e.baseline;
         let t0 = 1_000_000 + 500 * 500;
         let mut recognised_at = None;
         for i in 0..300u64 {
-            d.on_outcome(&mut e, true, t0 + i * 20);
+            d.on_outcome(&mut e, true, None, t0 + i * 20);
             if recognised_at.is_none() && e.under_attack(t0 + i * 20) {
                 recognised_at = Some(i);
             }
@@ -268,13 +292,13 @@ mod tests {
         let mut t = 1_000_000u64;
         for i in 0..20u64 {
             t += 1000;
-            d.on_outcome(&mut e, i % 5 == 0, t);
+            d.on_outcome(&mut e, i % 5 == 0, Some(true), t);
         }
         assert!(d.learning(&e));
         let mut recognised_at = None;
         for i in 0..300u64 {
             t += 250;
-            d.on_outcome(&mut e, true, t);
+            d.on_outcome(&mut e, true, Some(true), t);
             if recognised_at.is_none() && e.under_attack(t) {
                 recognised_at = Some(i);
             }
@@ -282,6 +306,33 @@ mod tests {
         let at = recognised_at.unwrap();
         assert!(at < 40, "recognised at attempt {at}");
         assert!((e.baseline - 0.2).abs() < 1e-6, "still the prior: {}", e.baseline);
+    }
+
+    #[test]
+    fn a_leaked_list_is_an_attack_however_many_logins_succeed() {
+        let d = detector();
+        let mut e = EndpointRecord::default();
+        let mut t = 1_000_000u64;
+        // A busy endpoint: 10 logins a second, 30 % failures, 5 % of them
+        // on unknown accounts (typos, new sign-ups).
+        for i in 0..3000u64 {
+            t += 100;
+            d.on_outcome(&mut e, i % 10 < 3, Some(i % 20 == 0), t);
+        }
+        assert!(!e.under_attack(t));
+        // The attack: two attempts in three on unknown accounts. The failure
+        // ratio ends near its threshold (0.75); the unknown share passes 0.6.
+        let mut recognised_at = None;
+        for i in 0..2400u64 {
+            t += 33;
+            let attack = i % 3 != 0;
+            d.on_outcome(&mut e, attack || i % 10 < 3, Some(attack), t);
+            if recognised_at.is_none() && e.under_attack(t) {
+                recognised_at = Some(i * 2 / 3);
+            }
+        }
+        // Once the window holds the attack (a minute of it), not before.
+        assert!(recognised_at.is_some_and(|a| a < 1300), "{recognised_at:?}");
     }
 
     #[test]
