@@ -84,12 +84,16 @@ async def scraping(ctx: Ctx):
     c = Client(ctx.port, "scraping_pagination", "scraper-1", SCRAPER_ADDRESS,
                [("user-agent", "Mozilla/5.0 (compatible; DataHarvester/1.4)"), ("accept", "*/*")])
     try:
-        await ctx.at(ctx.attack_start + 10)
+        start = ctx.attack_start + 10
         page = 1
-        while ctx.left() > 1:
+        # Page n at start + (n - 1) * 0.25 s, on the clock: slow answers do
+        # not stretch the pace.
+        while True:
+            await ctx.at(start + (page - 1) * 0.25)
+            if ctx.left() <= 1:
+                break
             await c.request("GET", f"/api/products?page={page}")
             page += 1
-            await asyncio.sleep(0.25)
     finally:
         await c.close()
 
@@ -127,12 +131,16 @@ async def low_and_slow(ctx: Ctx):
                [("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
                 ("accept", "application/json")])
     try:
-        await ctx.at(2.0)
         n = 0
-        while ctx.left() > 1:
+        # Guess n at 2.0 + (n - 1) * 2.2 s, on the clock: slow answers do not
+        # stretch the cadence (a sleep after each answer would, and fewer
+        # guesses would fit in the quick profile).
+        while True:
+            await ctx.at(2.0 + n * 2.2)
+            if ctx.left() <= 1:
+                break
             n += 1
             await c.request("POST", "/api/login", {"username": SLOW_TARGET, "password": f"guess-{n}-{rng.randint(0, 99)}"})
-            await asyncio.sleep(2.2)
     finally:
         await c.close()
 

@@ -103,6 +103,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
         time.sleep(interval)
 
 
+def sleep_until(deadline: float):
+    """Sleeps until time.monotonic() reaches `deadline` (at once if it has).
+    Tests pace requests by this clock (request i at start + i * gap), so that a
+    slow request does not push every later one back."""
+    time.sleep(max(0.0, deadline - time.monotonic()))
+
+
 def read_port_banner(proc: subprocess.Popen, timeout: float = 15) -> tuple[int | None, str]:
     """The port from a server's first stdout line, `... listening on
     http://127.0.0.1:PORT` (None if it did not come in time)."""

@@ -5,12 +5,19 @@ import time
 
 import pytest
 
-from harness import DemoApi, Envoy, request
+from harness import DemoApi, Envoy, request, sleep_until
 
+# Thresholds chosen for margins both ways on any machine: a fast page walk
+# has gaps of one request's latency (ms), far under 500 ms, and the slow
+# partner sleeps 600 ms between pages, so its gaps are over 500 ms however
+# fast the machine. The rhythm test paces by a clock at 200 ms; its jitter
+# (a few ms, tens under load) stays far under a CV of 0.25, and a human's
+# (~0.5) far over it.
 SCRAPING = {
     "mode": "block",
     "client": {"trusted_proxies": ["127.0.0.0/8"]},
-    "scraping": {"max_page_run": 10, "max_page_interval_ms": 200, "max_kib_per_window": 50, "window_s": 60},
+    "scraping": {"max_page_run": 10, "max_page_interval_ms": 500, "max_kib_per_window": 50, "window_s": 60,
+                 "rhythm_min_requests": 20, "rhythm_max_cv": 0.25},
 }
 
 
@@ -42,18 +49,23 @@ def test_fast_deep_pagination_is_blocked(envoy):
 
 
 def test_partner_paging_an_export_slowly_is_fine(envoy):
-    for p in range(1, 16):
+    # 13 pages: a run of 10 would have been blocked. A sleep after each
+    # answer (not a clock), so every gap is at least 600 ms > 500 ms.
+    for p in range(1, 14):
         assert get(envoy, "198.51.100.201", f"/api/products?page={p}").status == 200
-        time.sleep(0.3)
+        time.sleep(0.6)
 
 
 def test_machine_rhythm_is_tagged_not_blocked(envoy):
     client = "203.0.113.202"
     last = None
-    for _ in range(60):
+    # Request i at start + i * 200 ms: the gaps stay regular however long
+    # each request takes. 22 requests: judged at the 20th interval.
+    start = time.monotonic()
+    for i in range(22):
+        sleep_until(start + i * 0.2)
         last = get(envoy, client, "/debug/headers")
         assert last.status == 200
-        time.sleep(0.05)
     headers = last.json()["headers"]
     assert headers["x-abuse-reasons"] == "machine_rhythm", headers
     assert 30 <= int(headers["x-abuse-score"]) < 100
