@@ -22,6 +22,9 @@ pub struct Found {
     pub json: String,
 }
 
+/// A configuration found at a location, or what is wrong there: `(location, problem)`.
+pub type Located<T> = Result<T, (String, String)>;
+
 /// The outcome of checking one configuration.
 #[derive(Debug)]
 pub struct Checked {
@@ -33,7 +36,6 @@ pub struct Checked {
 pub fn schema() -> Value {
     let mut schema = serde_json::to_value(schemars::schema_for!(Config)).unwrap_or(Value::Null);
     if let Some(object) = schema.as_object_mut() {
-        object.insert("$id".into(), Value::from("https://github.com/abuse-filter/abuse-filter/schema/abuse-filter.schema.json"));
         object.insert("title".into(), Value::from("abuse-filter plugin configuration"));
         object.insert(
             "description".into(),
@@ -96,7 +98,7 @@ fn plugin_configuration(config: &Map<String, Value>) -> Result<String, String> {
     }
 }
 
-fn walk(value: &Value, path: &str, out: &mut Vec<Result<Found, (String, String)>>) {
+fn walk(value: &Value, path: &str, out: &mut Vec<Located<Found>>) {
     match value {
         Value::Object(map) => {
             if map.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE) {
@@ -128,7 +130,7 @@ fn walk(value: &Value, path: &str, out: &mut Vec<Result<Found, (String, String)>
 /// Finds every abuse filter configuration in a file's text. A document that
 /// is neither an Envoy config with the filter nor a WasmPlugin is taken as
 /// the configuration itself when it is the file's only document.
-pub fn find(text: &str) -> Result<Vec<Result<Found, (String, String)>>, String> {
+pub fn find(text: &str) -> Result<Vec<Located<Found>>, String> {
     let docs = documents(text)?;
     let mut out = Vec::new();
     for (i, doc) in docs.iter().enumerate() {
@@ -162,7 +164,7 @@ pub fn find(text: &str) -> Result<Vec<Result<Found, (String, String)>>, String> 
 }
 
 /// Finds and checks every configuration in a file's text.
-pub fn check(text: &str) -> Result<Vec<Result<Checked, (String, String)>>, String> {
+pub fn check(text: &str) -> Result<Vec<Located<Checked>>, String> {
     Ok(find(text)?
         .into_iter()
         .map(|f| f.map(|found| Checked { result: Config::from_json(found.json.as_bytes()), found }))
