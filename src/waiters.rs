@@ -64,6 +64,7 @@ pub fn resume_ready(engine: &Engine, now_ms: u64, client_key: Option<u64>) {
             continue;
         }
         metrics::record_callout(&verdict);
+        crate::http::record_decision(&verdict);
         if verdict.action == Action::Block {
             reply_blocked(&verdict);
         } else {

