@@ -28,6 +28,24 @@ const BITS: u32 = 1024 * 8;
 pub const BITS_PER_ACCOUNT: u32 = 4;
 const CAS_RETRIES: usize = 16;
 
+/// Bits in one shard.
+pub const SHARD_BITS: u32 = BITS;
+
+/// Where an account lives: its shard and its bits in it (bit `b` is bit
+/// `b % 8` of byte `b / 8`, least significant first). The scorer sets the
+/// same bits in its copy, so both sides must use this one function.
+pub fn bit_positions(account: u64) -> (usize, [u32; BITS_PER_ACCOUNT as usize]) {
+    let shard = usize::try_from(account % SHARDS as u64).unwrap_or(0);
+    let rest = account / SHARDS as u64;
+    let h1 = (rest & 0xffff_ffff) as u32;
+    let h2 = ((rest >> 32) as u32) | 1;
+    let mut bits = [0u32; BITS_PER_ACCOUNT as usize];
+    for (i, bit) in bits.iter_mut().enumerate() {
+        *bit = h1.wrapping_add((i as u32).wrapping_mul(h2)) % BITS;
+    }
+    (shard, bits)
+}
+
 #[derive(Debug, Clone)]
 pub struct KnownAccounts {
     keys: Vec<String>,
@@ -43,14 +61,7 @@ impl KnownAccounts {
     }
 
     fn locate(&self, account: u64) -> Option<(&str, [u32; BITS_PER_ACCOUNT as usize])> {
-        let shard = usize::try_from(account % SHARDS as u64).unwrap_or(0);
-        let rest = account / SHARDS as u64;
-        let h1 = (rest & 0xffff_ffff) as u32;
-        let h2 = ((rest >> 32) as u32) | 1;
-        let mut bits = [0u32; BITS_PER_ACCOUNT as usize];
-        for (i, bit) in bits.iter_mut().enumerate() {
-            *bit = h1.wrapping_add((i as u32).wrapping_mul(h2)) % BITS;
-        }
+        let (shard, bits) = bit_positions(account);
         Some((self.keys.get(shard)?.as_str(), bits))
     }
 

@@ -183,3 +183,70 @@ mod tests {
         assert_eq!(FEATURE_NAMES.len(), Features::default().to_vector().len());
     }
 }
+
+/// `POST` — one worker's tick batch to the scorer ([`EventBatch`]). The
+/// channel is general on purpose: what the fleet should learn from every
+/// worker rides on it (known accounts and baselines today; feature samples
+/// and decision events can join as new fields).
+pub const EVENTS_PATH: &str = "/v1/events";
+/// `GET ?from=N` — what a fresh Envoy warms from ([`WarmState`]), paged by
+/// known-accounts shard.
+pub const WARM_PATH: &str = "/v1/warm";
+/// At most this many known accounts per batch (the rest waits, or is dropped and counted).
+pub const MAX_BATCH_ACCOUNTS: usize = 2048;
+/// At most this many baselines per batch or warm answer.
+pub const MAX_BASELINES: usize = 64;
+/// Known-accounts shards per warm page.
+pub const WARM_PAGE_SHARDS: usize = 64;
+/// Largest batch body the scorer accepts.
+pub const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// A learned baseline the fleet keeps across restarts (Redis), by a name
+/// every Envoy of the fleet derives alike (`login:<path>`, `group:<name>`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BaselineSnapshot {
+    pub name: String,
+    /// The failure ratio (login) or request rate (group) it normally has.
+    pub baseline: f32,
+    /// Login endpoints: the share of attempts on unknown accounts it normally has.
+    pub unknown_baseline: f32,
+    /// Samples behind it: the warmer one wins.
+    pub samples: u32,
+    /// Login endpoints: successful logins seen (known accounts learned).
+    pub successes_seen: u32,
+}
+
+/// One worker's tick batch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventBatch {
+    pub version: u32,
+    /// Accounts that logged in successfully since the last batch, by their
+    /// fleet key (the username hashed with the fleet secret; see
+    /// `known_accounts::bit_positions`).
+    pub known_accounts: Vec<u64>,
+    pub baselines: Vec<BaselineSnapshot>,
+    /// Items this worker dropped since its last delivered batch (buffer full or scorer away).
+    pub dropped: u64,
+}
+
+/// One known-accounts shard: its 1 KiB of Bloom bits, base64 (standard alphabet, padded).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KnownShard {
+    pub index: u32,
+    pub bits: String,
+}
+
+/// What a fresh Envoy warms from: the baselines (first page only) and a
+/// page of non-empty known-accounts shards from shard `from` on; `next` is
+/// where the next page starts (None: done).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmState {
+    pub version: u32,
+    pub baselines: Vec<BaselineSnapshot>,
+    pub known_shards: Vec<KnownShard>,
+    pub next: Option<u32>,
+}
