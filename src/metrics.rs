@@ -31,9 +31,12 @@ pub enum Counter {
     CalloutsSkippedBreakerOpen,
     FleetPolls,
     FleetVerdictsApplied,
+    BatchesSent,
+    BatchItemsDropped,
+    WarmShards,
 }
 
-const FIXED: [(Counter, &str); 20] = [
+const FIXED: [(Counter, &str); 23] = [
     (Counter::Requests, "abuse_filter.requests"),
     (Counter::Allow, "abuse_filter.decisions.allow"),
     (Counter::Tag, "abuse_filter.decisions.tag"),
@@ -54,6 +57,9 @@ const FIXED: [(Counter, &str); 20] = [
     (Counter::CalloutsSkippedBreakerOpen, "abuse_filter.scorer.skipped_breaker_open"),
     (Counter::FleetPolls, "abuse_filter.scorer.fleet_polls"),
     (Counter::FleetVerdictsApplied, "abuse_filter.scorer.fleet_verdicts_applied"),
+    (Counter::BatchesSent, "abuse_filter.scorer.batches_sent"),
+    (Counter::BatchItemsDropped, "abuse_filter.scorer.batch_items_dropped"),
+    (Counter::WarmShards, "abuse_filter.scorer.warm_shards"),
 ];
 
 /// Per reason: requests on which its detector fired, and requests blocked

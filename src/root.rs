@@ -8,7 +8,7 @@ use crate::shared_data::EnvoySharedData;
 use abuse_engine::{Config, Engine, SharedStore, SEED_BYTES, SEED_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use abuse_engine::wire::{SECRET_HEADER, VERDICTS_PATH};
+use abuse_engine::wire::{EVENTS_PATH, SECRET_HEADER, VERDICTS_PATH, WARM_PATH};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 use std::rc::Rc;
 use std::time::Duration;
@@ -16,47 +16,134 @@ use std::time::Duration;
 /// Stats reach Envoy at most this long after the request.
 const TICK: Duration = Duration::from_millis(500);
 
+/// What a root-context callout was for.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    FleetPoll,
+    /// A tick batch carrying this many items.
+    Batch(u64),
+    WarmPage,
+}
+
+/// Callouts in flight from one root context, at most.
+const MAX_CALLS: usize = 16;
+
 #[derive(Default)]
 pub struct AbuseFilterRoot {
     engine: Option<Rc<Engine>>,
     /// A fleet-verdict poll from this VM is in flight until then.
     fleet_poll_in_flight_until: u64,
+    /// A batch from this VM is in flight until then (one at a time).
+    batch_in_flight_until: u64,
+    calls: Vec<(u32, Call)>,
 }
 
 impl Context for AbuseFilterRoot {
-    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        self.fleet_poll_in_flight_until = 0;
+    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        let call = match self.calls.iter().position(|(t, _)| *t == token) {
+            Some(i) => self.calls.swap_remove(i).1,
+            None => return,
+        };
         let Some(engine) = self.engine.clone() else {
             return;
         };
-        let ok = num_headers > 0 && crate::http::status_of(MapType::HttpCallResponseHeaders) == Some(200);
-        if !ok {
-            return;
-        }
-        // Bounded: at most 1 MiB of verdicts per poll.
-        if let Ok(Some(body)) = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(1 << 20)) {
-            let applied = engine.apply_fleet_verdicts(&EnvoySharedData, &body, crate::http::now_ms());
-            metrics::bump(metrics::Counter::FleetVerdictsApplied, applied as u64);
+        let ok = num_headers > 0
+            && matches!(crate::http::status_of(MapType::HttpCallResponseHeaders), Some(200..=299));
+        let body = |limit: usize| {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(limit)).ok().flatten()
+        };
+        let now = crate::http::now_ms();
+        match call {
+            Call::FleetPoll => {
+                self.fleet_poll_in_flight_until = 0;
+                // Bounded: at most 1 MiB of verdicts per poll.
+                if let (true, Some(body)) = (ok, body(1 << 20)) {
+                    let applied = engine.apply_fleet_verdicts(&EnvoySharedData, &body, now);
+                    metrics::bump(metrics::Counter::FleetVerdictsApplied, applied as u64);
+                }
+            }
+            Call::Batch(items) => {
+                self.batch_in_flight_until = 0;
+                if ok {
+                    metrics::bump(metrics::Counter::BatchesSent, 1);
+                } else {
+                    engine.batch_failed(items);
+                    metrics::bump(metrics::Counter::BatchItemsDropped, items);
+                }
+            }
+            Call::WarmPage => {
+                // A page is at most 64 shards of 1 KiB in base64, plus baselines.
+                let applied = if ok { body(256 * 1024).and_then(|b| engine.apply_warm(&EnvoySharedData, &b, now)) } else { None };
+                if let Some((shards, done)) = applied {
+                    metrics::bump(metrics::Counter::WarmShards, shards as u64);
+                    if done {
+                        log::info!("abuse_filter: warmed from the scorer");
+                    } else {
+                        // The next page at once (the lease was renewed by apply_warm).
+                        self.warm(&engine, now);
+                    }
+                }
+            }
         }
     }
 }
 
 impl AbuseFilterRoot {
-    /// Asks the scorer for blocks decided anywhere in the fleet since `cursor`.
-    fn poll_fleet(&mut self, engine: &Engine, cursor: u64, now: u64) {
+    /// A root-context callout to the scorer, remembered by its token.
+    fn call(&mut self, engine: &Engine, method: &str, path: &str, body: Option<&[u8]>, call: Call) -> bool {
         let Some(callouts) = engine.callouts() else {
-            return;
+            return false;
         };
+        if self.calls.len() >= MAX_CALLS {
+            return false;
+        }
         let c = &callouts.config;
-        let path = format!("{VERDICTS_PATH}?since={cursor}");
-        let mut headers = vec![(":method", "GET"), (":path", path.as_str()), (":authority", c.authority.as_str())];
+        let mut headers = vec![(":method", method), (":path", path), (":authority", c.authority.as_str())];
+        if body.is_some() {
+            headers.push(("content-type", "application/json"));
+        }
         if let Some(secret) = &callouts.secret {
             headers.push((SECRET_HEADER, secret.as_str()));
         }
         let timeout = Duration::from_millis(1000);
-        if hostcalls::dispatch_http_call(&c.cluster, headers, None, vec![], timeout).is_ok() {
+        match hostcalls::dispatch_http_call(&c.cluster, headers, body, vec![], timeout) {
+            Ok(token) => {
+                self.calls.push((token, call));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Asks the scorer for blocks decided anywhere in the fleet since `cursor`.
+    fn poll_fleet(&mut self, engine: &Engine, cursor: u64, now: u64) {
+        let path = format!("{VERDICTS_PATH}?since={cursor}");
+        if self.call(engine, "GET", &path, None, Call::FleetPoll) {
             metrics::bump(metrics::Counter::FleetPolls, 1);
             self.fleet_poll_in_flight_until = now.saturating_add(1500);
+        }
+    }
+
+    /// Sends this worker's tick batch, if it has one and none is in flight.
+    fn send_batch(&mut self, engine: &Engine, now: u64) {
+        if self.batch_in_flight_until > now {
+            return;
+        }
+        if let Some((body, items)) = engine.tick_batch(&EnvoySharedData, now) {
+            if self.call(engine, "POST", EVENTS_PATH, Some(&body), Call::Batch(items)) {
+                self.batch_in_flight_until = now.saturating_add(1500);
+            } else {
+                engine.batch_failed(items);
+                metrics::bump(metrics::Counter::BatchItemsDropped, items);
+            }
+        }
+    }
+
+    /// Asks for the next warm-start page when this worker holds the lease.
+    fn warm(&mut self, engine: &Engine, now: u64) {
+        if let Some(from) = engine.claim_warm(&EnvoySharedData, now) {
+            let path = format!("{WARM_PATH}?from={from}");
+            self.call(engine, "GET", &path, None, Call::WarmPage);
         }
     }
 }
@@ -120,6 +207,8 @@ impl RootContext for AbuseFilterRoot {
                     self.poll_fleet(&engine, cursor, now);
                 }
             }
+            self.warm(&engine, now);
+            self.send_batch(&engine, now);
         }
         metrics::flush();
     }

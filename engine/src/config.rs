@@ -487,6 +487,12 @@ pub struct ScorerConfig {
     /// Pull blocks decided anywhere in the fleet, every `fleet_poll_s`.
     pub fleet_verdicts: bool,
     pub fleet_poll_s: u32,
+    /// Each worker sends the scorer, on its tick, what the fleet should
+    /// learn (known accounts, baselines), batched: never on a request's path.
+    pub events: bool,
+    /// At start, warm the known accounts and baselines from the scorer (one
+    /// worker per Envoy), so a restart is not a cold, poisonable start.
+    pub warm_start: bool,
 }
 
 impl Default for ScorerConfig {
@@ -505,6 +511,8 @@ impl Default for ScorerConfig {
             breaker_cooldown_s: 10,
             max_ttl_s: 300,
             fleet_verdicts: true,
+            events: true,
+            warm_start: true,
             fleet_poll_s: 2,
         }
     }

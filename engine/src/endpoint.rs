@@ -153,6 +153,51 @@ impl Record for SprayRecord {
     }
 }
 
+/// A client fingerprint's login outcomes (user agent + header-name order):
+/// a tool rotating addresses keeps its fingerprint. Only fingerprints that
+/// do not claim a browser are judged by it (see the detector).
+///
+/// Layout, [`FINGERPRINT_BYTES`] bytes: key 8 · last_seen_ms 8 · failures
+/// (sliding window) 16 · successes (sliding window) 16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FingerprintRecord {
+    pub key: u64,
+    pub last_seen_ms: u64,
+    pub failures: SlidingWindow,
+    pub successes: SlidingWindow,
+}
+
+pub const FINGERPRINT_BYTES: usize = 48;
+
+impl Record for FingerprintRecord {
+    const BYTES: usize = FINGERPRINT_BYTES;
+
+    fn new(key: u64) -> FingerprintRecord {
+        FingerprintRecord { key, ..FingerprintRecord::default() }
+    }
+
+    fn key(&self) -> u64 {
+        self.key
+    }
+
+    fn encode(&self, out: &mut [u8]) {
+        let mut w = Writer::new(out);
+        w.u64(self.key);
+        w.u64(self.last_seen_ms);
+        w.window(&self.failures);
+        w.window(&self.successes);
+    }
+
+    fn decode(bytes: &[u8]) -> FingerprintRecord {
+        let mut r = Reader::new(bytes);
+        FingerprintRecord { key: r.u64(), last_seen_ms: r.u64(), failures: r.window(), successes: r.window() }
+    }
+
+    fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
+        (false, self.last_seen_ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

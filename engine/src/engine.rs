@@ -4,13 +4,15 @@
 //! the response) feed the outcome detectors in a second, rarer update: only
 //! login routes, 404/403 answers and object routes pay for it.
 
+mod events;
+
 use crate::account::AccountRecord;
 use crate::callout::{reasons_from_names, CacheLookup, CalloutFailure, Callouts, VerdictRecord};
 use crate::wire::{FleetVerdicts, Features, ScoreAction, ScoreRequest, ScoreResponse, WIRE_VERSION};
 use crate::config::{Config, ConfigError, DetectorAction, Mode};
 use crate::detectors::distributed_stuffing::DistributedStuffing;
 use crate::detectors::distributed_stuffing::AttemptSignals;
-use crate::endpoint::{EndpointRecord, SprayRecord};
+use crate::endpoint::{EndpointRecord, FingerprintRecord, SprayRecord};
 use crate::known_accounts::KnownAccounts;
 use crate::detectors::enumeration::Enumeration;
 use crate::detectors::login::{LoginDetector, LoginOutcome};
@@ -44,6 +46,7 @@ const DOMAIN_OBJECT: u8 = 3;
 const DOMAIN_PATH: u8 = 4;
 const DOMAIN_ENDPOINT: u8 = 5;
 const DOMAIN_PASSWORD: u8 = 6;
+const DOMAIN_FINGERPRINT: u8 = 10;
 const DOMAIN_SESSION: u8 = 7;
 const DOMAIN_USER_AGENT: u8 = 8;
 const DOMAIN_ROUTE: u8 = 9;
@@ -51,6 +54,9 @@ const DOMAIN_ROUTE: u8 = 9;
 /// Accounts tracked: 256 shards x 64 slots of 56 bytes = 0.9 MiB.
 const ACCOUNT_SHARDS: usize = 256;
 const ACCOUNT_SLOTS: usize = 64;
+/// Login fingerprints tracked: 64 x 64 slots of 48 bytes = 192 KiB.
+const FINGERPRINT_SHARDS: usize = 64;
+const FINGERPRINT_SLOTS: usize = 64;
 /// Passwords tried during an attack (keyed, rotating hashes): 64 x 64 slots of 32 bytes = 128 KiB.
 const SPRAY_SHARDS: usize = 64;
 const SPRAY_SLOTS: usize = 64;
@@ -102,6 +108,8 @@ pub struct Exchange {
     login_country: u16,
     /// The attempt's evidence so far (login routes with distributed stuffing on).
     attempt: Option<AttemptSignals>,
+    /// The tool fingerprint's key, when the user agent claims no browser.
+    tool_key: Option<u64>,
     /// Keyed, rotating hash of the submitted password (during an attack).
     password_key: Option<u64>,
     /// The account is not known to exist (None: no username read).
@@ -152,12 +160,15 @@ pub struct Engine {
     accounts: ShardedTable<AccountRecord>,
     endpoints: ShardedTable<EndpointRecord>,
     sprays: ShardedTable<SprayRecord>,
+    fingerprints: ShardedTable<FingerprintRecord>,
     known_accounts: KnownAccounts,
     /// Usernames hash with the scorer's secret when one is configured, so that
     /// every Envoy of the fleet (and the scorer) names an account alike.
     account_hasher: KeyedHasher,
     /// 1 while this worker last saw the login endpoint's baseline learning.
     login_learning: std::sync::atomic::AtomicU32,
+    /// What this worker has for its next batch to the scorer.
+    outbox: Mutex<events::Outbox>,
     session_table: ShardedTable<SessionRecord>,
     group_table: ShardedTable<EndpointRecord>,
     verdict_table: ShardedTable<VerdictRecord>,
@@ -204,6 +215,8 @@ impl Engine {
         let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;2"));
         let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;2"));
         let sprays = ShardedTable::new(STATE_PREFIX, "sprays", SPRAY_SHARDS, SPRAY_SLOTS, fingerprint("sprays;1"));
+        let fingerprints =
+            ShardedTable::new(STATE_PREFIX, "fingerprints", FINGERPRINT_SHARDS, FINGERPRINT_SLOTS, fingerprint("fingerprints;2"));
         let group_table = ShardedTable::new(STATE_PREFIX, "route_groups", 1, 64, fingerprint("route_groups;1"));
         let groups = config.route_groups.len();
         let route_counters = Mutex::new(RouteCounters {
@@ -245,11 +258,13 @@ impl Engine {
             accounts,
             endpoints,
             sprays,
+            fingerprints,
             known_accounts: KnownAccounts::new(STATE_PREFIX),
             account_hasher: match Callouts::new(&config.scorer).and_then(|c| c.secret) {
                 Some(secret) => KeyedHasher::from_secret(&secret),
                 None => hasher,
             },
+            outbox: Mutex::new(events::Outbox::default()),
             login_learning: std::sync::atomic::AtomicU32::new(u32::from(config.credential_stuffing.distributed.enabled && !config.credential_stuffing.login_routes.is_empty())),
             session_table,
             group_table,
@@ -281,6 +296,7 @@ impl Engine {
         if self.distributed.is_some() {
             created += self.endpoints.create_shards(store)?;
             created += self.sprays.create_shards(store)?;
+            created += self.fingerprints.create_shards(store)?;
             created += self.known_accounts.create_shards(store)?;
         }
         if self.tracks_sessions() {
@@ -302,6 +318,7 @@ impl Engine {
             self.endpoints
                 .total_bytes()
                 .saturating_add(self.sprays.total_bytes())
+                .saturating_add(self.fingerprints.total_bytes())
                 .saturating_add(self.known_accounts.total_bytes())
         } else {
             0
@@ -396,15 +413,35 @@ impl Engine {
         let object_hash = object.as_ref().map(|o| self.hasher.key(DOMAIN_OBJECT, o.text.as_bytes()));
         let login_route = self.login.as_ref().and_then(|l| l.route(facts.method, facts.path));
         // Login routes: what the request itself tells about the attempt.
+        // A user agent that claims no browser is judged by its tool fingerprint.
+        let tool_key = match (&self.distributed, login_route, facts.user_agent) {
+            (Some(_), Some(_), ua) if !ua.is_some_and(crate::detectors::browser::claims_browser) => {
+                let text = format!("{}|{}", facts.header_names.unwrap_or(""), ua.unwrap_or(""));
+                Some(self.hasher.key(DOMAIN_FINGERPRINT, text.as_bytes()))
+            }
+            _ => None,
+        };
         let attempt = match (&self.distributed, login_route) {
-            (Some(_), Some(route)) => Some(AttemptSignals {
-                under_attack: self.endpoint_under_attack(store, route, now_ms),
-                inconsistent_headers: crate::detectors::browser::inconsistent(
-                    facts.user_agent,
-                    facts.header_names.unwrap_or(""),
-                ),
-                ..AttemptSignals::default()
-            }),
+            (Some(d), Some(route)) => {
+                let under_attack = self.endpoint_under_attack(store, route, now_ms);
+                let tool_fingerprint = under_attack
+                    && tool_key.is_some_and(|k| {
+                        self.fingerprints
+                            .peek(store, k)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|f| d.tool_is_attacking(&f, now_ms))
+                    });
+                Some(AttemptSignals {
+                    under_attack,
+                    tool_fingerprint,
+                    inconsistent_headers: crate::detectors::browser::inconsistent(
+                        facts.user_agent,
+                        facts.header_names.unwrap_or(""),
+                    ),
+                    ..AttemptSignals::default()
+                })
+            }
             _ => None,
         };
         let (login_fingerprint, login_country) = match login_route {
@@ -482,6 +519,7 @@ impl Engine {
             exchange.good_bot = good_bot;
             exchange.login_route = login_route;
             exchange.attempt = attempt_seen;
+            exchange.tool_key = tool_key;
             exchange.login_fingerprint = login_fingerprint;
             exchange.login_country = login_country;
             exchange.mode = Some(mode);
@@ -973,7 +1011,7 @@ impl Engine {
                 a.has_profile() && !a.looks_like_owner(exchange.login_fingerprint, exchange.login_country)
             });
         } else {
-            attempt.unknown_account = d.knows_accounts(&endpoint);
+            attempt.unknown_account = d.unknown_is_evidence(&endpoint);
         }
         if let Some(password) = login.password(route, body) {
             // Keyed and rotating: the hash means nothing after its window.
@@ -1082,7 +1120,9 @@ impl Engine {
                 .unwrap_or(0.0),
             (Some(login), Some(user), LoginOutcome::Success) => {
                 // The account exists, and this is how its owner logs in.
-                let _ = self.known_accounts.insert(store, user);
+                if self.distributed.is_some() && matches!(self.known_accounts.insert(store, user), Ok(true)) {
+                    self.queue_known_account(user);
+                }
                 self.accounts
                     .update(store, user, now_ms, |a| {
                         // The owner on their own device is never a takeover,
@@ -1103,6 +1143,12 @@ impl Engine {
             if let (true, Some(pw), Some(user)) = (failed, exchange.password_key, username_hash) {
                 let _ = self.sprays.update(store, pw, now_ms, |p| {
                     d.on_failed_password(p, user, now_ms);
+                    ((), true)
+                });
+            }
+            if let Some(fp) = exchange.tool_key {
+                let _ = self.fingerprints.update(store, fp, now_ms, |f| {
+                    d.on_fingerprint_outcome(f, failed, now_ms);
                     ((), true)
                 });
             }
@@ -1546,11 +1592,16 @@ mod tests {
         facts.method = "POST";
         facts.user_agent = Some(ua);
         facts.header_names = Some(BROWSER_NAMES);
+        // The GeoIP filter's country: real users here are in GB; the
+        // attack's scattered addresses are everywhere.
+        const ELSEWHERE: [&str; 6] = ["US", "BR", "IN", "VN", "DE", "NG"];
+        facts.country = Some(if xff.starts_with("100.") { ELSEWHERE[t as usize % 6] } else { "GB" });
         let (v, mut ex) = e.on_request(s, &facts, t);
         if v.action == Action::Block {
             return (true, v.login_risk);
         }
-        let body = format!(r#"{{"username":"{user}","password":"{}"}}"#, if ok { "right" } else { "Summer2024!" });
+        // A leaked list pairs each username with its own password.
+        let body = format!(r#"{{"username":"{user}","password":"{}"}}"#, if ok { "right".to_string() } else { format!("Summer{t}!") });
         if let Some(refused) = e.on_request_body(s, &mut ex, body.as_bytes(), t) {
             return (refused.action == Action::Block, refused.login_risk);
         }
@@ -1563,17 +1614,23 @@ mod tests {
         let (e, s) = (engine(LOGIN), MemoryStore::new());
         e.create_state(&s).unwrap();
         let mut t = T0;
-        // 120 real logins, ~23 % failures (typos), each user from their own
-        // address with the same common browser the attacker will copy.
-        for i in 0..120u64 {
-            t += 500;
-            let (xff, user) = (format!("198.51.{}.{}", i / 200, i % 200 + 1), format!("user{:04}", i % 100));
+        // A live site: 100 people log in (a cold start: every first login is
+        // to an account the filter does not know yet), then two hours of
+        // their repeat logins, one every 2 s, ~23 % after a typo, each user
+        // from their own address with the common browser the attacker will copy.
+        for i in 0..3700u64 {
+            t += if i < 100 { 500 } else { 2_000 };
+            let (xff, user) = (format!("198.51.{}.{}", i % 100 / 50, i % 50 + 1), format!("user{:04}", i % 100));
             if i % 13 < 3 {
                 login(&e, &s, &xff, CHROME, &user, false, t);
             }
             t += 100;
             assert!(!login(&e, &s, &xff, CHROME, &user, true, t).0, "real login {i}");
         }
+        // Only now do unknown accounts count as evidence (the learned
+        // share of real logins to unknown accounts fell below 1 in 4).
+        let ep = e.endpoints.peek(&s, e.endpoint_key(0)).unwrap().unwrap();
+        assert!(e.distributed.as_ref().unwrap().unknown_is_evidence(&ep), "{ep:?}");
         // 600 addresses, 1-3 tries each, the same browser, a leaked list of
         // which one in ten names a real account; real users keep logging in.
         let (mut attempts, mut refused_after, mut later, mut recognised_at) = (0u32, 0u32, 0u32, None);

@@ -31,10 +31,11 @@
 //!
 //! | evidence | points |
 //! |---|---|
-//! | the account is not known to exist (no successful login ever, see `known_accounts`) | 2 |
+//! | the account is not known to exist (no successful login ever, see `known_accounts`) — only where real logins to unknown accounts are rare (the endpoint's learned unknown share ≤ [`UNKNOWN_RARE`]; after a cold start every first login is one) | 2 |
 //! | the account is known, but the attempt does not look like its owner (fingerprint and country of its recent successful logins) | 2 |
 //! | the password was tried on `spray_min_accounts` accounts in the window | 2 |
 //! | the headers do not match the browser the user agent claims | 2 |
+//! | a tool's fingerprint (a user agent that claims no browser, with the same header order) failed at least 10 times in the window with almost no successes | 2 |
 //! | the client is new (no successful login, at most `new_client_max_requests` requests) | 1 |
 //! | the client never made a request that was not a login attempt | 1 |
 //!
@@ -45,12 +46,13 @@
 //! scores 4 either way (unknown account, or known account that is not its
 //! owner's device); the owner logging in from their device scores at most 2;
 //! a person logging in for the first time (unknown account) after using the
-//! site scores 3. No evidence here is the fingerprint alone: the attacker
-//! chooses it, and real users share it.
+//! site scores 3. A browser's fingerprint is never evidence: the attacker
+//! copies it and real users share it (and refused attempts would keep it
+//! "failing" for ever); a tool that says what it is, is.
 
 use super::Signal;
 use crate::config::DistributedStuffingConfig;
-use crate::endpoint::{EndpointRecord, SprayRecord};
+use crate::endpoint::{EndpointRecord, FingerprintRecord, SprayRecord};
 use crate::reason::Reason;
 use crate::record::ClientRecord;
 
@@ -58,6 +60,12 @@ use crate::record::ClientRecord;
 pub const BASELINE_TAU_MS: f64 = 3_600_000.0;
 /// Judged logins during which the baseline stays at the prior.
 pub const WARM_UP: u32 = 50;
+/// "Unknown account" is evidence only while the endpoint's real logins are
+/// to unknown accounts at most this often.
+pub const UNKNOWN_RARE: f32 = 0.25;
+/// A tool fingerprint is attacking after this many failures in the window
+/// with at most one success per 20 failures.
+pub const TOOL_MIN_FAILURES: f64 = 10.0;
 
 #[derive(Debug, Clone)]
 pub struct DistributedStuffing {
@@ -77,6 +85,7 @@ pub struct AttemptSignals {
     pub unknown_account: bool,
     pub unlike_owner: bool,
     pub sprayed_password: bool,
+    pub tool_fingerprint: bool,
 }
 
 impl AttemptSignals {
@@ -86,6 +95,7 @@ impl AttemptSignals {
             (self.unlike_owner, 2),
             (self.sprayed_password, 2),
             (self.inconsistent_headers, 2),
+            (self.tool_fingerprint, 2),
             (self.new_client, 1),
             (self.never_browsed, 1),
         ];
@@ -100,6 +110,7 @@ impl AttemptSignals {
             (self.unlike_owner, "unlike_owner"),
             (self.sprayed_password, "sprayed_password"),
             (self.inconsistent_headers, "inconsistent_headers"),
+            (self.tool_fingerprint, "tool_fingerprint"),
             (self.new_client, "new_client"),
             (self.never_browsed, "never_browsed"),
         ];
@@ -147,10 +158,31 @@ impl DistributedStuffing {
         endpoint.baseline_samples < WARM_UP
     }
 
-    /// Whether "unknown account" is evidence yet: the known-accounts table
-    /// has learned enough successful logins.
+    /// Whether the known-accounts table has learned enough successful logins.
     pub fn knows_accounts(&self, endpoint: &EndpointRecord) -> bool {
         endpoint.successes_seen >= self.config.known_accounts_min
+    }
+
+    /// Whether "unknown account" is evidence: the table knows enough and
+    /// the endpoint's real logins are rarely to unknown accounts.
+    pub fn unknown_is_evidence(&self, endpoint: &EndpointRecord) -> bool {
+        self.knows_accounts(endpoint) && !self.learning(endpoint) && endpoint.unknown_baseline <= UNKNOWN_RARE
+    }
+
+    pub fn on_fingerprint_outcome(&self, fp: &mut FingerprintRecord, failed: bool, now_ms: u64) {
+        fp.last_seen_ms = now_ms;
+        if failed {
+            fp.failures.record(now_ms, self.window_ms);
+        } else {
+            fp.successes.record(now_ms, self.window_ms);
+        }
+    }
+
+    /// Whether a (non-browser) fingerprint behaves like an attack tool.
+    pub fn tool_is_attacking(&self, fp: &FingerprintRecord, now_ms: u64) -> bool {
+        let failures = fp.failures.estimate(now_ms, self.window_ms);
+        let successes = fp.successes.estimate(now_ms, self.window_ms);
+        failures >= TOOL_MIN_FAILURES && successes * 20.0 <= failures
     }
 
     /// Records one login outcome on the endpoint and updates its state.
@@ -322,6 +354,7 @@ mod tests {
         assert!(!e.under_attack(t));
         // The attack: two attempts in three on unknown accounts. The failure
         // ratio ends near its threshold (0.75); the unknown share passes 0.6.
+        assert!(d.unknown_is_evidence(&e));
         let mut recognised_at = None;
         for i in 0..2400u64 {
             t += 33;
@@ -381,6 +414,33 @@ mod tests {
             d.on_failed_password(&mut mine, 7, 1000 + t);
         }
         assert!(!d.is_sprayed(&mine, 1010), "one user retrying");
+    }
+
+    #[test]
+    fn unknown_accounts_are_no_evidence_after_a_cold_start() {
+        let d = detector();
+        let mut e = EndpointRecord::default();
+        // Every first login after a restart is to an "unknown" account.
+        for i in 0..200u64 {
+            d.on_outcome(&mut e, i % 10 == 0, Some(true), 1_000_000 + i * 1000);
+        }
+        assert!(d.knows_accounts(&e) && !d.learning(&e));
+        assert!(!d.unknown_is_evidence(&e), "unknown share {}", e.unknown_baseline);
+    }
+
+    #[test]
+    fn a_tool_that_fails_is_attacking_and_one_that_succeeds_is_not() {
+        let d = detector();
+        let mut tool = FingerprintRecord::default();
+        for i in 0..10 {
+            d.on_fingerprint_outcome(&mut tool, true, 1000 + i);
+        }
+        assert!(d.tool_is_attacking(&tool, 2000));
+        let mut app = FingerprintRecord::default();
+        for i in 0..30 {
+            d.on_fingerprint_outcome(&mut app, i % 3 == 0, 1000 + i);
+        }
+        assert!(!d.tool_is_attacking(&app, 2000));
     }
 
     #[test]

@@ -52,6 +52,11 @@ impl LoginDetector {
         usize::try_from(self.config.max_body_bytes).unwrap_or(8192)
     }
 
+    /// The login routes' paths, in route order.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.path.as_str())
+    }
+
     /// Index of the login route this request is for.
     pub fn route(&self, method: &str, path: &str) -> Option<usize> {
         let path = path.split(['?', '#']).next().unwrap_or(path);

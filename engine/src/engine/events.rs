@@ -1,0 +1,360 @@
+//! The tick-batch channel to the scorer, and the warm start from it.
+//!
+//! **Batches.** Requests never talk to the scorer for this: a success that
+//! teaches the known accounts a new account queues its fleet key in a
+//! bounded per-worker buffer ([`PENDING_CAP`]; beyond it keys are dropped
+//! and counted), and each worker's tick sends at most one
+//! [`EventBatch`] — the queued keys (≤ `MAX_BATCH_ACCOUNTS`) and, every
+//! [`BASELINE_EVERY_MS`], the learned baselines by fleet-stable names
+//! (`login:<path>`, `group:<name>`). A batch the scorer does not take is
+//! dropped and counted, never retried: the next success of an account
+//! queues it again, and baselines are resent anyway.
+//!
+//! **Warm start.** One worker per Envoy process takes a lease in shared
+//! data and pages through [`WarmState`]: known-accounts shards are OR-ed
+//! into the local ones, and a baseline replaces the local one when it has
+//! more samples (a restarted Envoy starts where the fleet was, not from a
+//! cold prior an attack could drag). Failed pages are retried after the
+//! lease ([`WARM_LEASE_MS`]) up to [`WARM_ATTEMPTS`] times, then the filter
+//! carries on cold and says so (`abuse_filter.baselines.learning`).
+
+use super::{Engine, DOMAIN_ROUTE, STATE_PREFIX};
+use crate::codec::{Reader, Writer};
+use crate::store::SharedStore;
+use crate::wire::{BaselineSnapshot, EventBatch, WarmState, MAX_BASELINES, MAX_BATCH_ACCOUNTS, WIRE_VERSION};
+use base64::Engine as _;
+
+/// Account keys a worker holds for its next batch, at most.
+pub const PENDING_CAP: usize = 4 * MAX_BATCH_ACCOUNTS;
+/// Baselines ride along this often.
+pub const BASELINE_EVERY_MS: u64 = 10_000;
+/// A warm-start page may take this long before another worker may retry.
+pub const WARM_LEASE_MS: u64 = 3_000;
+/// Pages that fail (or time out) before the filter gives up warming.
+pub const WARM_ATTEMPTS: u32 = 10;
+/// Shared-data key of the warm-start state: `[phase u8][attempts u32][next u32][lease_until u64]`.
+pub const WARM_KEY: &str = "abuse_filter/v1/warm";
+
+const PHASE_TODO: u8 = 0;
+const PHASE_DONE: u8 = 2;
+
+/// What one worker keeps for its next batch.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    accounts: Vec<u64>,
+    dropped: u64,
+    baselines_sent_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WarmLease {
+    phase: u8,
+    attempts: u32,
+    next: u32,
+    until_ms: u64,
+}
+
+impl WarmLease {
+    fn decode(value: Option<&[u8]>) -> WarmLease {
+        let bytes = value.unwrap_or(&[]);
+        let mut r = Reader::new(bytes);
+        let phase = r.take::<1>()[0];
+        WarmLease { phase, attempts: r.u32(), next: r.u32(), until_ms: r.u64() }
+    }
+
+    fn encode(&self) -> [u8; 17] {
+        let mut out = [0u8; 17];
+        out[0] = self.phase;
+        let mut w = Writer::new(&mut out[1..]);
+        w.u32(self.attempts);
+        w.u32(self.next);
+        w.u64(self.until_ms);
+        out
+    }
+}
+
+impl Engine {
+    fn events_on(&self) -> bool {
+        self.callouts.as_ref().is_some_and(|c| c.config.events)
+    }
+
+    /// Queues a newly known account for the next batch (never blocks a request).
+    pub(super) fn queue_known_account(&self, key: u64) {
+        if !self.events_on() {
+            return;
+        }
+        if let Ok(mut out) = self.outbox.lock() {
+            if out.accounts.len() < PENDING_CAP {
+                out.accounts.push(key);
+            } else {
+                out.dropped = out.dropped.saturating_add(1);
+            }
+        }
+    }
+
+    /// The learned baselines, by fleet-stable names.
+    fn baseline_snapshots(&self, store: &dyn SharedStore) -> Vec<BaselineSnapshot> {
+        let mut out = Vec::new();
+        if let (Some(login), Some(_)) = (&self.login, &self.distributed) {
+            for (route, path) in login.paths().enumerate().take(MAX_BASELINES) {
+                if let Ok(Some(e)) = self.endpoints.peek(store, self.endpoint_key(route)) {
+                    if e.baseline_samples > 0 {
+                        out.push(BaselineSnapshot {
+                            name: format!("login:{path}"),
+                            baseline: e.baseline,
+                            unknown_baseline: e.unknown_baseline,
+                            samples: e.baseline_samples,
+                            successes_seen: e.successes_seen,
+                        });
+                    }
+                }
+            }
+        }
+        if self.spikes.is_some() {
+            for group in &self.config.route_groups {
+                if out.len() >= MAX_BASELINES {
+                    break;
+                }
+                let key = self.hasher.key(DOMAIN_ROUTE, group.name.as_bytes());
+                if let Ok(Some(g)) = self.group_table.peek(store, key) {
+                    if g.baseline_samples > 0 {
+                        out.push(BaselineSnapshot {
+                            name: format!("group:{}", group.name),
+                            baseline: g.baseline,
+                            samples: g.baseline_samples,
+                            ..BaselineSnapshot::default()
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// This worker's batch for this tick, if it has something to say;
+    /// returns the JSON body and how many items it carries.
+    pub fn tick_batch(&self, store: &dyn SharedStore, now_ms: u64) -> Option<(Vec<u8>, u64)> {
+        if !self.events_on() {
+            return None;
+        }
+        let (accounts, dropped, baselines_due) = {
+            let mut out = self.outbox.lock().ok()?;
+            let due = now_ms.saturating_sub(out.baselines_sent_ms) >= BASELINE_EVERY_MS;
+            if out.accounts.is_empty() && !due {
+                return None;
+            }
+            if due {
+                out.baselines_sent_ms = now_ms;
+            }
+            let n = out.accounts.len().min(MAX_BATCH_ACCOUNTS);
+            let accounts: Vec<u64> = out.accounts.drain(..n).collect();
+            (accounts, std::mem::take(&mut out.dropped), due)
+        };
+        let baselines = if baselines_due { self.baseline_snapshots(store) } else { Vec::new() };
+        if accounts.is_empty() && baselines.is_empty() && dropped == 0 {
+            return None;
+        }
+        let items = (accounts.len() + baselines.len()) as u64;
+        let batch = EventBatch { version: WIRE_VERSION, known_accounts: accounts, baselines, dropped };
+        serde_json::to_vec(&batch).ok().map(|body| (body, items))
+    }
+
+    /// The scorer did not take a batch of `items`: they are dropped, and
+    /// the next batch says how many.
+    pub fn batch_failed(&self, items: u64) {
+        if let Ok(mut out) = self.outbox.lock() {
+            out.dropped = out.dropped.saturating_add(items);
+        }
+    }
+
+    /// Claims the next warm-start page when one is due; returns where it starts.
+    pub fn claim_warm(&self, store: &dyn SharedStore, now_ms: u64) -> Option<u32> {
+        if !self.callouts.as_ref().is_some_and(|c| c.config.warm_start) {
+            return None;
+        }
+        let (value, cas) = store.get(WARM_KEY).ok()?;
+        let lease = WarmLease::decode(value.as_deref());
+        if lease.phase == PHASE_DONE || lease.until_ms > now_ms {
+            return None;
+        }
+        if lease.attempts >= WARM_ATTEMPTS {
+            let done = WarmLease { phase: PHASE_DONE, ..lease };
+            let _ = store.set(WARM_KEY, &done.encode(), cas);
+            return None;
+        }
+        let claimed = WarmLease {
+            phase: PHASE_TODO,
+            attempts: lease.attempts.saturating_add(1),
+            next: lease.next,
+            until_ms: now_ms.saturating_add(WARM_LEASE_MS),
+        };
+        store.set(WARM_KEY, &claimed.encode(), cas).ok()?;
+        Some(lease.next)
+    }
+
+    /// Applies one warm-start page; returns the shards merged and whether
+    /// warming is done. A page that does not parse changes nothing (the
+    /// lease runs out and the page is asked again).
+    pub fn apply_warm(&self, store: &dyn SharedStore, body: &[u8], now_ms: u64) -> Option<(usize, bool)> {
+        let warm: WarmState = serde_json::from_slice(body).ok()?;
+        if warm.version != WIRE_VERSION {
+            return None;
+        }
+        let mut merged = 0;
+        if self.distributed.is_some() {
+            for shard in warm.known_shards.iter().take(crate::known_accounts::SHARDS) {
+                let Ok(bits) = base64::engine::general_purpose::STANDARD.decode(&shard.bits) else {
+                    continue;
+                };
+                let index = usize::try_from(shard.index).unwrap_or(usize::MAX);
+                if self.known_accounts.merge(store, index, &bits).is_ok() {
+                    merged += 1;
+                }
+            }
+        }
+        for snap in warm.baselines.iter().take(MAX_BASELINES) {
+            self.warm_baseline(store, snap, now_ms);
+        }
+        let done = warm.next.is_none();
+        for _ in 0..8 {
+            let Ok((value, cas)) = store.get(WARM_KEY) else { break };
+            let lease = WarmLease::decode(value.as_deref());
+            let next = match warm.next {
+                Some(next) => WarmLease { phase: PHASE_TODO, attempts: 0, next, until_ms: 0 },
+                None => WarmLease { phase: PHASE_DONE, ..lease },
+            };
+            if store.set(WARM_KEY, &next.encode(), cas).is_ok() {
+                break;
+            }
+        }
+        Some((merged, done))
+    }
+
+    /// A warmer baseline from the fleet replaces the local one.
+    fn warm_baseline(&self, store: &dyn SharedStore, snap: &BaselineSnapshot, now_ms: u64) {
+        let finite = |v: f32| if v.is_finite() { v.max(0.0) } else { 0.0 };
+        if let Some(path) = snap.name.strip_prefix("login:") {
+            let Some(route) = self.login.as_ref().and_then(|l| l.paths().position(|p| p == path)) else {
+                return;
+            };
+            let _ = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
+                if e.baseline_samples >= snap.samples {
+                    return ((), false);
+                }
+                e.baseline = finite(snap.baseline).min(1.0);
+                e.learning_mean = e.baseline;
+                e.unknown_baseline = finite(snap.unknown_baseline).min(1.0);
+                e.baseline_samples = snap.samples;
+                e.successes_seen = e.successes_seen.max(snap.successes_seen);
+                ((), true)
+            });
+            let learning = snap.samples < crate::detectors::distributed_stuffing::WARM_UP;
+            self.login_learning.store(u32::from(learning), std::sync::atomic::Ordering::Relaxed);
+        } else if let Some(name) = snap.name.strip_prefix("group:") {
+            if !self.config.route_groups.iter().any(|g| g.name == name) {
+                return;
+            }
+            let key = self.hasher.key(DOMAIN_ROUTE, name.as_bytes());
+            let _ = self.group_table.update(store, key, now_ms, |g| {
+                if g.baseline_samples >= snap.samples {
+                    return ((), false);
+                }
+                g.baseline = finite(snap.baseline);
+                g.baseline_samples = snap.samples;
+                ((), true)
+            });
+        }
+    }
+}
+
+/// Keeps the module's constant honest: the warm key lives under the prefix.
+const _: () = assert!(WARM_KEY.len() > STATE_PREFIX.len());
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::hash::SEED_BYTES;
+    use crate::store::MemoryStore;
+    use crate::wire::KnownShard;
+
+    const T0: u64 = 1_700_000_000_000;
+    const CONFIG: &str = r#"{"credential_stuffing":{"login_routes":[{"path":"/login"}]},
+        "scorer":{"enabled":true,"secret":"s3cret"}}"#;
+
+    fn engine() -> Engine {
+        Engine::new(&Config::from_json(CONFIG.as_bytes()).unwrap(), &[1; SEED_BYTES]).unwrap()
+    }
+
+    #[test]
+    fn batches_carry_new_accounts_once_and_are_bounded() {
+        let (e, s) = (engine(), MemoryStore::new());
+        e.create_state(&s).unwrap();
+        assert!(e.tick_batch(&s, T0).is_none() || e.tick_batch(&s, T0 + 1).is_none(), "nothing new to say twice");
+        for k in 0..(PENDING_CAP as u64 + 10) {
+            e.queue_known_account(k);
+        }
+        let (body, items) = e.tick_batch(&s, T0 + 2).unwrap();
+        let batch: EventBatch = serde_json::from_slice(&body).unwrap();
+        assert_eq!(batch.known_accounts.len(), MAX_BATCH_ACCOUNTS);
+        assert_eq!(batch.dropped, 10);
+        assert_eq!(items, MAX_BATCH_ACCOUNTS as u64);
+        e.batch_failed(items);
+        let batch: EventBatch = serde_json::from_slice(&e.tick_batch(&s, T0 + 3).unwrap().0).unwrap();
+        assert_eq!(batch.dropped, MAX_BATCH_ACCOUNTS as u64, "a lost batch is counted, not resent");
+    }
+
+    #[test]
+    fn a_warm_start_merges_shards_and_warmer_baselines_once() {
+        let (e, s) = (engine(), MemoryStore::new());
+        e.create_state(&s).unwrap();
+        assert_eq!(e.claim_warm(&s, T0), Some(0));
+        assert_eq!(e.claim_warm(&s, T0 + 1), None, "leased");
+        let account = 1024 * 99 + 7;
+        let (shard, bits) = crate::known_accounts::bit_positions(account);
+        let mut bytes = vec![0u8; 1024];
+        for b in bits {
+            bytes[(b / 8) as usize] |= 1 << (b % 8);
+        }
+        let page = WarmState {
+            version: WIRE_VERSION,
+            baselines: vec![BaselineSnapshot {
+                name: "login:/login".into(),
+                baseline: 0.15,
+                unknown_baseline: 0.05,
+                samples: 5000,
+                successes_seen: 4000,
+            }],
+            known_shards: vec![KnownShard {
+                index: shard as u32,
+                bits: base64::engine::general_purpose::STANDARD.encode(&bytes),
+            }],
+            next: Some(512),
+        };
+        assert_eq!(e.apply_warm(&s, &serde_json::to_vec(&page).unwrap(), T0 + 2), Some((1, false)));
+        assert!(e.known_accounts.contains(&s, account));
+        let ep = e.endpoints.peek(&s, e.endpoint_key(0)).unwrap().unwrap();
+        assert_eq!((ep.baseline_samples, ep.successes_seen), (5000, 4000));
+        assert!(e.distributed.as_ref().unwrap().unknown_is_evidence(&ep), "warm: no cold start");
+        assert_eq!(e.baselines_learning(), 0, "and says so");
+        // The next page is claimed from where the last one ended; the last page ends it.
+        assert_eq!(e.claim_warm(&s, T0 + 3), Some(512));
+        let last = WarmState { version: WIRE_VERSION, next: None, ..WarmState::default() };
+        assert_eq!(e.apply_warm(&s, &serde_json::to_vec(&last).unwrap(), T0 + 4), Some((0, true)));
+        assert_eq!(e.claim_warm(&s, T0 + 10_000), None, "done");
+        assert!(e.apply_warm(&s, b"garbage", T0 + 5).is_none());
+    }
+
+    #[test]
+    fn warming_gives_up_after_its_attempts() {
+        let (e, s) = (engine(), MemoryStore::new());
+        let mut t = T0;
+        let mut claims = 0;
+        for _ in 0..50 {
+            t += WARM_LEASE_MS + 1;
+            claims += usize::from(e.claim_warm(&s, t).is_some());
+        }
+        assert_eq!(claims, WARM_ATTEMPTS as usize);
+    }
+}
