@@ -180,6 +180,17 @@ pub fn record_callout(v: &Verdict) {
 static BREAKER_GAUGE: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
 static LEARNING_GAUGE: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
 
+static ATTACK_GAUGE: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+
+/// `abuse_filter.login.under_attack`: 1 while this worker last saw a login
+/// endpoint under a recognised distributed attack.
+pub fn login_under_attack(on: bool) {
+    let id = ATTACK_GAUGE.get_or_init(|| hostcalls::define_metric(MetricType::Gauge, "abuse_filter.login.under_attack").ok());
+    if let Some(id) = id {
+        let _ = hostcalls::record_metric(*id, u64::from(on));
+    }
+}
+
 /// `abuse_filter.baselines.learning`: learned baselines (route groups for
 /// spikes, login endpoints) still learning, as this worker last saw them.
 pub fn baselines_learning(n: u32) {

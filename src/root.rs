@@ -201,6 +201,7 @@ impl RootContext for AbuseFilterRoot {
             let now = crate::http::now_ms();
             engine.on_tick(&EnvoySharedData, now);
             metrics::baselines_learning(engine.baselines_learning());
+            metrics::login_under_attack(engine.login_under_attack(now));
             crate::waiters::resume_ready(&engine, now, None);
             if self.fleet_poll_in_flight_until < now {
                 if let Some(cursor) = engine.claim_fleet_poll(&EnvoySharedData, now) {

@@ -167,6 +167,8 @@ pub struct Engine {
     account_hasher: KeyedHasher,
     /// 1 while this worker last saw the login endpoint's baseline learning.
     login_learning: std::sync::atomic::AtomicU32,
+    /// Until when this worker last saw a login endpoint under attack.
+    login_attack_until_ms: std::sync::atomic::AtomicU64,
     /// What this worker has for its next batch to the scorer.
     outbox: Mutex<events::Outbox>,
     session_table: ShardedTable<SessionRecord>,
@@ -265,6 +267,7 @@ impl Engine {
                 None => hasher,
             },
             outbox: Mutex::new(events::Outbox::default()),
+            login_attack_until_ms: std::sync::atomic::AtomicU64::new(0),
             login_learning: std::sync::atomic::AtomicU32::new(u32::from(config.credential_stuffing.distributed.enabled && !config.credential_stuffing.login_routes.is_empty())),
             session_table,
             group_table,
@@ -917,6 +920,12 @@ impl Engine {
         }
     }
 
+    /// Whether this worker last saw a login endpoint under attack (a
+    /// recognised distributed attack), as of `now_ms`.
+    pub fn login_under_attack(&self, now_ms: u64) -> bool {
+        self.login_attack_until_ms.load(std::sync::atomic::Ordering::Relaxed) > now_ms
+    }
+
     /// How many learned baselines this worker still sees learning (route
     /// groups for spikes): nothing is judged against them yet.
     pub fn baselines_learning(&self) -> u32 {
@@ -1152,11 +1161,12 @@ impl Engine {
                     ((), true)
                 });
             }
-            if let Ok((learning, _)) = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
+            if let Ok(((learning, attack_until_ms), _)) = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
                 d.on_outcome(e, failed, exchange.account_unknown, now_ms);
-                (d.learning(e), true)
+                ((d.learning(e), e.attack_until_ms), true)
             }) {
                 self.login_learning.store(u32::from(learning), std::sync::atomic::Ordering::Relaxed);
+                self.login_attack_until_ms.store(attack_until_ms, std::sync::atomic::Ordering::Relaxed);
             }
         }
         let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
