@@ -64,7 +64,10 @@ pub fn resume_ready(engine: &Engine, now_ms: u64, client_key: Option<u64>) {
             continue;
         }
         metrics::record_callout(&verdict);
-        crate::http::record_decision(&verdict);
+        // Written now, before the request's own answer: the first write wins.
+        if let Some(text) = crate::http::decision_text(&verdict) {
+            crate::http::write_decision(&text);
+        }
         if verdict.action == Action::Block {
             reply_blocked(&verdict);
         } else {
