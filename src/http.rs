@@ -34,7 +34,7 @@ pub struct AbuseFilterHttp {
     /// The client sent its own risk headers: they must be overwritten.
     forged_risk_headers: bool,
     /// The latest decision worth logging, written as filter state once (see
-    /// `record_decision`): when the request is blocked, or at the answer.
+    /// `flush_decision`): when the request is blocked, or at the answer.
     pending_decision: Option<String>,
 }
 
@@ -163,6 +163,8 @@ impl HttpContext for AbuseFilterHttp {
             let deadline_ms = now_ms().saturating_add(engine.callouts().map(|c| c.timeout_ms()).unwrap_or(0) + 100);
             let waiter = crate::waiters::Waiter { context_id: self.context_id, deadline_ms, exchange: self.exchange.clone() };
             if crate::waiters::park(waiter) {
+                // The shared answer decides; the waiter writes it when it resumes.
+                self.pending_decision = None;
                 return WasmAction::Pause;
             }
         }
@@ -397,8 +399,8 @@ pub fn decision_text(verdict: &Verdict) -> Option<String> {
 #[link(wasm_import_module = "env")]
 extern "C" {
     // The raw host call: the SDK's `hostcalls::set_property` panics on any
-    // status but Ok, and Envoy answers BadArgument to a second write of the
-    // same filter state (its default prototype is write-once).
+    // status but Ok (NotFound without a stream, BadArgument for a read-only
+    // declared property), and a panic traps the VM.
     #[link_name = "proxy_set_property"]
     fn raw_proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
 }
@@ -423,9 +425,10 @@ impl AbuseFilterHttp {
         }
     }
 
-    /// Writes the kept decision, once per request (filter state is
-    /// write-once): when the request is blocked, or when its answer was
-    /// judged — so the log shows the last decision, the answer's included.
+    /// Writes the kept decision, once per request — when the request is
+    /// blocked, or when its answer was judged — so the log shows the last
+    /// decision (the answer's or the scorer's included) for one host call,
+    /// however many decisions the request went through.
     fn flush_decision(&mut self) {
         if let Some(text) = self.pending_decision.take() {
             write_decision(&text);
