@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
 
 FILTER = bench.ROOT / "target" / "wasm32-wasip1" / "release" / "hostcall_filter.wasm"
-KINDS = ["none", "header", "headers", "property", "time", "shared", "set_header"]
+KINDS = ["none", "header", "headers", "property", "time", "shared", "set_header", "filter_state"]
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -57,12 +57,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset (none is always run)")
     args = parser.parse_args()
+    kinds = ["none"] + [k for k in args.kinds.split(",") if k in KINDS and k != "none"]
     script = Path(tempfile.mkdtemp(prefix="abuse-hostcalls-")) / "clients.lua"
     script.write_text(bench.WRK_SCRIPT)
-    runs: dict[str, list[float]] = {k: [] for k in KINDS}
+    runs: dict[str, list[float]] = {k: [] for k in kinds}
     for round_no in range(args.rounds):
-        for kind in KINDS:
+        for kind in kinds:
             us = measure(kind, 0 if kind == "none" else args.calls, args.seconds, script)
             runs[kind].append(us)
             print(f"round {round_no + 1} {kind:10s} {us:7.1f} CPU µs per request", flush=True)

@@ -33,6 +33,9 @@ pub struct AbuseFilterHttp {
     headers_sent: bool,
     /// The client sent its own risk headers: they must be overwritten.
     forged_risk_headers: bool,
+    /// The latest decision worth logging, written as filter state once (see
+    /// `flush_decision`): when the request is blocked, or at the answer.
+    pending_decision: Option<String>,
 }
 
 impl AbuseFilterHttp {
@@ -48,6 +51,7 @@ impl AbuseFilterHttp {
             ask_after_body: false,
             headers_sent: false,
             forged_risk_headers: false,
+            pending_decision: None,
         }
     }
 }
@@ -143,12 +147,13 @@ impl HttpContext for AbuseFilterHttp {
             self.path = path.chars().take(256).collect();
         }
         metrics::record(&verdict);
-        record_decision(&verdict);
+        self.note_decision(&verdict);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
             log::warn!("{}", verdict.log_line(&method, &path));
         }
         if verdict.action == Action::Block {
+            self.flush_decision();
             return reply_blocked(&verdict);
         }
         let waits = engine
@@ -158,6 +163,8 @@ impl HttpContext for AbuseFilterHttp {
             let deadline_ms = now_ms().saturating_add(engine.callouts().map(|c| c.timeout_ms()).unwrap_or(0) + 100);
             let waiter = crate::waiters::Waiter { context_id: self.context_id, deadline_ms, exchange: self.exchange.clone() };
             if crate::waiters::park(waiter) {
+                // The shared answer decides; the waiter writes it when it resumes.
+                self.pending_decision = None;
                 return WasmAction::Pause;
             }
         }
@@ -193,7 +200,9 @@ impl HttpContext for AbuseFilterHttp {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> WasmAction {
-        self.judge_answer()
+        let action = self.judge_answer();
+        self.flush_decision();
+        action
     }
 }
 
@@ -251,8 +260,9 @@ impl AbuseFilterHttp {
                 let verdict =
                     engine.on_score_answer(&EnvoySharedData, &self.exchange, Err(CalloutFailure::Dispatch), now_ms());
                 metrics::record_callout(&verdict);
-                record_decision(&verdict);
+                self.note_decision(&verdict);
                 if verdict.action == Action::Block {
+                    self.flush_decision();
                     return reply_blocked(&verdict);
                 }
                 if !self.headers_sent {
@@ -266,7 +276,7 @@ impl AbuseFilterHttp {
     /// Acts on the scorer's verdict for the held request.
     fn finish_callout(&mut self, engine: &Rc<Engine>, verdict: Verdict) {
         metrics::record_callout(&verdict);
-        record_decision(&verdict);
+        self.note_decision(&verdict);
         if let Some(b) = engine.callouts() {
             metrics::breaker_open(b.breaker.position(now_ms()) != abuse_engine::callout::BreakerPosition::Closed);
         }
@@ -275,6 +285,7 @@ impl AbuseFilterHttp {
             log::warn!("{}", verdict.log_line(&self.method, &self.path));
         }
         if verdict.action == Action::Block {
+            self.flush_decision();
             reply_blocked(&verdict);
             crate::waiters::resume_ready(engine, now_ms(), Some(Engine::client_key_of(&self.exchange)));
             return;
@@ -373,7 +384,7 @@ impl AbuseFilterHttp {
             return WasmAction::Continue;
         };
         metrics::record_answer(&verdict);
-        record_decision(&verdict);
+        self.note_decision(&verdict);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
             log::warn!("{}", verdict.log_line(&self.method, &self.path));
@@ -391,23 +402,58 @@ impl AbuseFilterHttp {
 /// `%FILTER_STATE(wasm.abuse_filter:PLAIN)%` (Envoy prefixes `wasm.`).
 pub const DECISION_PROPERTY: &str = "abuse_filter";
 
-/// The filter's decision as filter state, so that Envoy's access log can
-/// show it: `action=block score=100 reasons=credential_stuffing` (`action`
-/// is `allow`, `tag`, `block` or `would_block`; `score` the risk rounded
-/// down, `reasons` comma-separated). Written only when there is something
-/// to log — not a clean allow (a risk, a reason, a tag or a block) — so the
-/// common request pays nothing; otherwise one host call that returns
-/// nothing (about 1 µs on V8). A later decision on the same request (the
-/// answer, the scorer) overwrites it. Failures are ignored: logging must
-/// never change what happens to the request.
-pub fn record_decision(verdict: &Verdict) {
+/// The access-log text of a decision worth logging — anything but a clean
+/// allow (a risk, a reason, a tag or a block) — else None:
+/// `action=block score=100 reasons=credential_stuffing` (`action` is
+/// `allow`, `tag`, `block` or `would_block`; `score` the risk rounded down,
+/// `reasons` comma-separated).
+pub fn decision_text(verdict: &Verdict) -> Option<String> {
     let clean = verdict.action == Action::Allow && !verdict.would_block && verdict.risk < 1.0 && verdict.reasons.is_empty();
     if clean {
-        return;
+        return None;
     }
     let action = if verdict.would_block && verdict.action != Action::Block { "would_block" } else { verdict.action.name() };
-    let value = format!("action={action} score={} reasons={}", verdict.score_header(), verdict.reasons_header());
-    let _ = hostcalls::set_property(vec![DECISION_PROPERTY], Some(value.as_bytes()));
+    Some(format!("action={action} score={} reasons={}", verdict.score_header(), verdict.reasons_header()))
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The raw host call: the SDK's `hostcalls::set_property` panics on any
+    // status but Ok (NotFound without a stream, BadArgument for a read-only
+    // declared property), and a panic traps the VM.
+    #[link_name = "proxy_set_property"]
+    fn raw_proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
+}
+
+/// Writes the decision as filter state `wasm.abuse_filter` for Envoy's
+/// access log (`%FILTER_STATE(wasm.abuse_filter:PLAIN)%`; Envoy prefixes
+/// `wasm.`). One host call that returns nothing (about 1 µs on V8); the
+/// status is ignored — logging never changes what happens to the request.
+pub fn write_decision(text: &str) {
+    let path = DECISION_PROPERTY.as_bytes();
+    // SAFETY: both pointers are valid for their lengths for the whole call;
+    // the host only reads them.
+    let _status = unsafe { raw_proxy_set_property(path.as_ptr(), path.len(), text.as_ptr(), text.len()) };
+}
+
+impl AbuseFilterHttp {
+    /// Keeps the latest decision worth logging (the common clean request
+    /// keeps nothing and costs nothing).
+    fn note_decision(&mut self, verdict: &Verdict) {
+        if let Some(text) = decision_text(verdict) {
+            self.pending_decision = Some(text);
+        }
+    }
+
+    /// Writes the kept decision, once per request — when the request is
+    /// blocked, or when its answer was judged — so the log shows the last
+    /// decision (the answer's or the scorer's included) for one host call,
+    /// however many decisions the request went through.
+    fn flush_decision(&mut self) {
+        if let Some(text) = self.pending_decision.take() {
+            write_decision(&text);
+        }
+    }
 }
 
 pub fn reply_blocked(verdict: &Verdict) -> WasmAction {

@@ -64,7 +64,11 @@ pub fn resume_ready(engine: &Engine, now_ms: u64, client_key: Option<u64>) {
             continue;
         }
         metrics::record_callout(&verdict);
-        crate::http::record_decision(&verdict);
+        // The shared answer, written now (the waiter kept no decision of its
+        // own; a decision on its answer would overwrite this one, later).
+        if let Some(text) = crate::http::decision_text(&verdict) {
+            crate::http::write_decision(&text);
+        }
         if verdict.action == Action::Block {
             reply_blocked(&verdict);
         } else {

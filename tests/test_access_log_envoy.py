@@ -84,3 +84,44 @@ def test_monitor_mode_logs_would_block(tmp_path):
     assert [r["abuse"] for r in records[:2]] == [None, None], records
     for r in records[2:]:
         assert r["abuse"].startswith("action=would_block score=") and r["abuse"].endswith("reasons=rate_limit"), records
+
+
+def test_a_request_and_its_answer_both_decided_log_the_answers(tmp_path):
+    """A risky client (a sensitive-file probe: risk 60, tagged) whose next
+    request is tagged when it arrives and blocked on its answer (a counted
+    404): the filter keeps the latest decision and writes it once, at the
+    answer, so the log shows the block; nothing traps."""
+    api = DemoApi()
+    port, admin = free_port(), free_port()
+    cfg = envoy_config({"mode": "block", "client": {"trusted_proxies": ["127.0.0.0/8"]},
+                        "probing": {"max_not_found_paths": 2}}, port, admin, api.port)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    log = tmp_path / "access.json"
+    hcm["access_log"] = [{
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(log),
+            "log_format": {"json_format": {"path": "%REQ(:PATH)%", "status": "%RESPONSE_CODE%",
+                                           "abuse": "%FILTER_STATE(wasm.abuse_filter:PLAIN)%"}},
+        },
+    }]
+    envoy = Envoy(cfg, admin, port)
+    xff = {"x-forwarded-for": "203.0.113.60"}
+    try:
+        assert request(port, "GET", "/.env", headers=xff).status == 404
+        statuses = [request(port, "GET", f"/nope-{i}", headers=xff).status for i in range(4)]
+        assert 403 in statuses, statuses
+        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 5, 10, 0.1, "access log")
+    finally:
+        envoy.stop()  # fails if the filter trapped
+        api.stop()
+    records = {r["path"]: r for r in (json.loads(l) for l in log.read_text().splitlines())}
+    # Risk 60 (decaying: 59 once a few ms passed), tagged.
+    assert re.fullmatch(r"action=tag score=(59|60) reasons=probing", records["/.env"]["abuse"]), records
+    # /nope-0: tagged when it arrived (risk 59), blocked on its 404 answer
+    # (the second distinct 404 path): the log shows the answer's decision.
+    assert records["/nope-0"]["status"] == 403, records
+    assert records["/nope-0"]["abuse"].startswith("action=block score=1") and "probing" in records["/nope-0"]["abuse"], records
+    blocked = [r for r in records.values() if r["status"] == 403]
+    assert blocked and all(r["abuse"].startswith("action=block score=") for r in blocked), records

@@ -57,7 +57,8 @@ for (const doc of docs) {
   } catch (e) {
     console.log(`error: ${where}: ${e.message}`); problems++;
   }
-  const dtsPath = join(dirname(fileURLToPath(import.meta.resolve(known[1]))), `${doc.kind}.d.ts`);
+  // Beside this script (no import.meta.resolve: Debian 12's Node 18 lacks it unflagged).
+  const dtsPath = join(dirname(fileURLToPath(import.meta.url)), "node_modules", `${known[1]}.d.ts`);
   const tree = keyTree(readFileSync(dtsPath, "utf8"), `I${doc.kind}`);
   tree.metadata = META;
   const out = [];

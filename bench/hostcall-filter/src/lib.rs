@@ -3,7 +3,9 @@
 //! plugin configuration is `<kind>:<n>`, e.g. `header:10`; kinds: `header`
 //! (one request header), `headers` (the whole header map), `property`
 //! (`source.address`), `time`, `shared` (a 5 KiB shared-data get + CAS set),
-//! `set_header`.
+//! `set_header`, `filter_state` (a decision-sized value written as filter
+//! state, as the abuse filter does for the access log; N distinct keys, since
+//! Envoy's wasm filter state is write-once).
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -22,7 +24,17 @@ enum Calls {
     Time(u32),
     Shared(u32),
     SetHeader(u32),
+    FilterState(u32),
 }
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    #[link_name = "proxy_set_property"]
+    fn raw_proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
+}
+
+const FILTER_STATE_KEYS: [&str; 10] = ["probe0", "probe1", "probe2", "probe3", "probe4", "probe5", "probe6", "probe7", "probe8", "probe9"];
+const DECISION: &str = "action=block score=100 reasons=credential_stuffing";
 
 const SHARED_KEY: &str = "hostcall_filter/shard";
 const SHARED_BYTES: usize = 5 * 1024;
@@ -46,6 +58,7 @@ impl RootContext for ProbeRoot {
             "time" => Calls::Time(n),
             "shared" => Calls::Shared(n),
             "set_header" => Calls::SetHeader(n),
+            "filter_state" => Calls::FilterState(n.min(10)),
             _ => Calls::None,
         };
         if matches!(self.calls, Calls::Shared(_)) {
@@ -95,6 +108,10 @@ impl HttpContext for ProbeHttp {
             }),
             Calls::SetHeader(n) => (0..n).for_each(|_| {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-probe", Some("1"));
+            }),
+            Calls::FilterState(n) => FILTER_STATE_KEYS.iter().take(n as usize).for_each(|key| {
+                // SAFETY: valid pointers for their lengths during the call.
+                let _ = unsafe { raw_proxy_set_property(key.as_ptr(), key.len(), DECISION.as_ptr(), DECISION.len()) };
             }),
         }
         Action::Continue
