@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+from clients import benign_accounts, browser_headers
 from conn import Client
 from scenario import Ctx, Scenario, gather_bounded
 
@@ -63,6 +64,69 @@ async def distributed_stuffing(ctx: Ctx):
                 await c.close()
 
     await gather_bounded(ctx, [worker() for _ in range(16)])
+
+
+# First octets the browser-copying stuffing scatters over: public-looking
+# /8s, none used by another scenario (or by the declared crawler's range)
+# and none CrowdSec whitelists.
+SCATTER_OCTETS = [o for o in range(11, 224)
+                  if o not in {66, 89, 100, 127, 169, 172, 175, 192, 198, 202, 203, 216}]
+
+
+def scattered_address(rng) -> str:
+    return f"{rng.choice(SCATTER_OCTETS)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+
+
+def leaked_combos(rng, n: int, real_accounts: list[int], real_share: float = 0.1) -> list[tuple[str, str]]:
+    """A combo list leaked from another site: about `real_share` of it names
+    accounts real users use here (with passwords from elsewhere), the rest
+    accounts that do not exist here."""
+    first = ["anna", "li", "omar", "kate", "james", "mary", "wei", "olga", "ahmed", "sofia", "raj", "yuki"]
+    out = []
+    for _ in range(n):
+        if real_accounts and rng.random() < real_share:
+            user = f"user{rng.choice(real_accounts):04d}"
+        else:
+            user = f"{rng.choice(first)}.{rng.choice(first)}{rng.randrange(10**5)}@mail.example"
+        out.append((user, f"{rng.choice(['Summer', 'Qwerty', 'Dragon', 'Monkey', 'Welcome'])}{rng.randrange(10**4)}!"))
+    return out
+
+
+async def browser_stuffing(ctx: Ctx):
+    """Distributed stuffing that copies the real users' browsers exactly:
+    each address sends one of the benign app users' browser header sets
+    (browser_headers(): the same user agents, the same headers in the same
+    order), scattered addresses over many /8s, 1-3 tries each, a leaked list
+    of which ~10 % names accounts benign users use here. Address k starts at
+    attack_start + k * gap, its tries 0.4-1.2 s apart, all on the clock."""
+    rng = ctx.rng("browser_stuffing")
+    n_addr = ctx.profile.browser_stuffing_addresses
+    plan = [(scattered_address(rng), browser_headers(rng), rng.randint(1, 3)) for _ in range(n_addr)]
+    combos = iter(leaked_combos(rng, sum(t for *_, t in plan), benign_accounts(ctx)))
+    start, end = ctx.attack_start, ctx.duration - 2
+    gap = (end - start) / n_addr
+    schedule = []
+    for k, (address, headers, tries) in enumerate(plan):
+        t = start + k * gap
+        attempts = []
+        for _ in range(tries):
+            attempts.append((t, next(combos)))
+            t += rng.uniform(0.4, 1.2)
+        schedule.append((address, headers, attempts))
+
+    async def one(address, headers, attempts):
+        await ctx.at(attempts[0][0])
+        c = Client(ctx.port, "browser_stuffing", address, address, headers)
+        try:
+            for t, (user, password) in attempts:
+                if t > ctx.duration - 1:
+                    return
+                await ctx.at(t)
+                await c.request("POST", "/api/login", {"username": user, "password": password})
+        finally:
+            await c.close()
+
+    await gather_bounded(ctx, [one(*s) for s in schedule])
 
 
 async def bola_random(ctx: Ctx):
@@ -150,6 +214,10 @@ SCENARIOS = [
              "credential stuffing over rotating addresses (198.18.0.0/15), 1-3 tries each from a combo list, "
              "one tool fingerprint (python-requests UA and header order)",
              distributed_stuffing, planned_clients=lambda p: p.distributed_addresses),
+    Scenario("browser_stuffing", "attack", "generator",
+             "distributed credential stuffing copying the app users' browsers exactly (same user agents and header "
+             "sets), scattered addresses over many /8s, 1-3 tries each, a leaked list ~10 % real accounts",
+             browser_stuffing, planned_clients=lambda p: p.browser_stuffing_addresses),
     Scenario("bola_random_ids", "attack", "generator",
              "BOLA enumeration of random ids 1..5000 on /api/users/{id}, 5/s, one address",
              bola_random, single_source=True),

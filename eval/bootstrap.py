@@ -35,6 +35,11 @@ JSON_FIELDS = {
     "retry_after": "%RESP(RETRY-AFTER)%",
     "duration_ms": "%DURATION%",
     "ua": "%REQ(USER-AGENT)%",
+    # What the filter said about the request: the login-risk header it sent
+    # upstream (a login's request-level evidence, e.g. "medium; score=1;
+    # reasons=endpoint_under_attack,new_client") and its access-log decision.
+    "login_risk": "%REQ(X-ABUSE-LOGIN-RISK)%",
+    "abuse": "%FILTER_STATE(wasm.abuse_filter:PLAIN)%",
 }
 
 

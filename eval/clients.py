@@ -62,12 +62,17 @@ def browse_path(rng, uid: int) -> str:
     ])
 
 
+def app_identity(rng, n: int) -> tuple[str, str, list, int]:
+    """(client id, address, headers, account) of app user n; the rng's first draws."""
+    return f"u{n:04d}", numbered_address("100.64", n), browser_headers(rng), n + 1
+
+
 async def app_user(ctx: Ctx, n: int):
     rng = ctx.rng(f"app_users/{n}")
-    c = Client(ctx.port, "app_users", f"u{n:04d}", numbered_address("100.64", n), browser_headers(rng))
+    cid, address, headers, uid = app_identity(rng, n)
+    c = Client(ctx.port, "app_users", cid, address, headers)
     try:
         await ctx.at(rng.uniform(0, ctx.duration * 0.5))
-        uid = n + 1
         token = await login(c, rng, uid)
         while ctx.left() > 1:
             await asyncio.sleep(rng.uniform(0.5, 5.0))
@@ -82,14 +87,18 @@ async def app_users(ctx: Ctx):
     await gather_bounded(ctx, [app_user(ctx, n) for n in range(ctx.profile.app_users)])
 
 
+def office_identity(rng, n: int) -> tuple[str, str, list, int]:
+    return f"o{n:03d}", OFFICE_ADDRESS, browser_headers(rng), 501 + n
+
+
 async def office_user(ctx: Ctx, n: int):
     """One of the office's people behind its NAT: log in (one in ten after a
     typo), then a few pages at human pace, as in test_defaults_safe_envoy."""
     rng = ctx.rng(f"office/{n}")
-    c = Client(ctx.port, "office_nat", f"o{n:03d}", OFFICE_ADDRESS, browser_headers(rng))
+    cid, address, headers, uid = office_identity(rng, n)
+    c = Client(ctx.port, "office_nat", cid, address, headers)
     try:
         await ctx.at(rng.uniform(0, max(1.0, ctx.duration - 20)))
-        uid = 501 + n
         token = await login(c, rng, uid, typo_chance=0.1 if n % 10 == 0 else 0.0)
         for _ in range(5):
             if ctx.left() < 1:
@@ -104,16 +113,20 @@ async def office(ctx: Ctx):
     await gather_bounded(ctx, [office_user(ctx, n) for n in range(ctx.profile.office_users)])
 
 
+def mobile_identity(rng, n: int) -> tuple[str, str, list, int]:
+    ua = rng.choice(["AcmeShop/5.2.1 (iPhone; iOS 17.5; Scale/3.00)", "AcmeShop/5.2.0 (Android 14; Pixel 7) okhttp/4.12.0"])
+    return (f"d{n:03d}", numbered_address("100.96", n),
+            [("user-agent", ua), ("accept", "application/json"), ("x-app-version", "5.2")], 601 + n % 200)
+
+
 async def mobile_device(ctx: Ctx, n: int):
     """The mobile app: log in, then poll every 30 s with its Bearer token."""
     rng = ctx.rng(f"mobile/{n}")
-    ua = rng.choice(["AcmeShop/5.2.1 (iPhone; iOS 17.5; Scale/3.00)", "AcmeShop/5.2.0 (Android 14; Pixel 7) okhttp/4.12.0"])
-    c = Client(ctx.port, "mobile_app", f"d{n:03d}", numbered_address("100.96", n),
-               [("user-agent", ua), ("accept", "application/json"), ("x-app-version", "5.2")])
+    cid, address, headers, uid = mobile_identity(rng, n)
+    c = Client(ctx.port, "mobile_app", cid, address, headers)
     try:
         start = rng.uniform(0, 30)
         await ctx.at(start)
-        uid = 601 + n % 200
         token = await login(c, rng, uid, typo_chance=0.0)
         auth = [("authorization", f"Bearer {token}")]
         t = start
@@ -163,15 +176,19 @@ async def partner(ctx: Ctx):
     await gather_bounded(ctx, [lane(k, c) for k, c in enumerate(conns)])
 
 
+def roaming_identity(rng, n: int) -> tuple[str, str, list, int]:
+    return f"r{n:02d}", GB_ADDRESSES[1 + n % 7], browser_headers(rng), 801 + n
+
+
 async def roaming_user(ctx: Ctx, n: int):
     """A user whose phone moves between networks inside GB (Wi-Fi, LTE):
     one session token, addresses changing between GB addresses."""
     rng = ctx.rng(f"roaming/{n}")
-    home, away = GB_ADDRESSES[1 + n % 7], GB_ADDRESSES[1 + (n + 3) % 7]
-    c = Client(ctx.port, "gb_roaming", f"r{n:02d}", home, browser_headers(rng))
+    cid, home, headers, uid = roaming_identity(rng, n)
+    away = GB_ADDRESSES[1 + (n + 3) % 7]
+    c = Client(ctx.port, "gb_roaming", cid, home, headers)
     try:
         await ctx.at(rng.uniform(0, 10))
-        uid = 801 + n
         token = await login(c, rng, uid, typo_chance=0.0)
         auth = [("authorization", f"Bearer {token}")]
         where = home
@@ -188,11 +205,16 @@ async def roaming(ctx: Ctx):
     await gather_bounded(ctx, [roaming_user(ctx, n) for n in range(ctx.profile.roaming_users)])
 
 
+def token_owner_identity(rng, _n: int = 0) -> tuple[str, str, list, int]:
+    return "user0900", TOKEN_OWNER_ADDRESS, browser_headers(rng), 900
+
+
 async def token_owner(ctx: Ctx):
     """The victim of the stolen-token attack: logs in at home in GB and keeps
     using the app from there. Its token is handed to the thief (attacks.py)."""
     rng = ctx.rng("token_owner")
-    c = Client(ctx.port, "token_owner", "user0900", TOKEN_OWNER_ADDRESS, browser_headers(rng))
+    cid, address, headers, _uid = token_owner_identity(rng, 0)
+    c = Client(ctx.port, "token_owner", cid, address, headers)
     stolen = ctx.future("stolen_token")
     try:
         await ctx.at(1.0)
@@ -206,6 +228,151 @@ async def token_owner(ctx: Ctx):
         if not stolen.done():
             stolen.set_result("")
         await c.close()
+
+
+CGNAT_ADDRESS = "100.120.0.1"
+RETURNING_BASE = 821     # returning_users' accounts: user0821 ...
+FIRST_TIME_BASE = 901    # first_time_logins' accounts: user0901 ... (never logged in before)
+
+
+def returning_identity(rng, n: int) -> tuple[str, str, list, int]:
+    return f"ret{n:03d}", numbered_address("100.72", n), browser_headers(rng), RETURNING_BASE + n
+
+
+def during_attack(ctx: Ctx, rng) -> float:
+    """A moment well inside the attack window (the browser-copying stuffing
+    runs from attack_start to the end): after its first 30 %."""
+    lo = ctx.attack_start + 0.3 * (ctx.duration - ctx.attack_start)
+    return rng.uniform(lo, max(lo, ctx.duration - 4))
+
+
+async def paced_login(c: Client, rng, uid: int, t: float, ctx: Ctx, typo: bool, address: str | None = None):
+    """Logs user `uid` in at `t` (after a mistyped password at `t` when
+    `typo`, the right one 1-3 s later, on the clock); returns (token, time
+    of the last attempt)."""
+    username, password = f"user{uid:04d}", f"pass-{uid:04d}"
+    if typo:
+        await ctx.at(t)
+        await c.request("POST", "/api/login", {"username": username, "password": password[:-1] + "x"}, address=address)
+        t += rng.uniform(1.0, 3.0)
+    await ctx.at(t)
+    r = await c.request("POST", "/api/login", {"username": username, "password": password}, address=address)
+    return (r.json().get("token", "") if r is not None and r.status == 200 else ""), t
+
+
+async def returning_user(ctx: Ctx, n: int):
+    """Someone with an account here who logged in before (in the history
+    phase and again before the attack, from their usual browser and
+    address) and logs in again during the browser-copying stuffing: a new
+    session from the same browser, one in ten after a typo; one in four from
+    another network (same browser, a new address)."""
+    rng = ctx.rng(f"returning/{n}")
+    cid, address, headers, uid = returning_identity(rng, n)
+    c = Client(ctx.port, "returning_users", cid, address, headers)
+    try:
+        t = rng.uniform(0.5, max(1.0, ctx.attack_start - 4))
+        token, t = await paced_login(c, rng, uid, t, ctx, typo=False)
+        for _ in range(2):
+            t += rng.uniform(0.5, 1.5)
+            await ctx.at(t)
+            await c.request("GET", browse_path(rng, uid), headers=[("authorization", f"Bearer {token}")])
+        t = during_attack(ctx, rng)
+        elsewhere = numbered_address("100.73", n) if n % 4 == 3 else None
+        token, t = await paced_login(c, rng, uid, t, ctx, typo=rng.random() < 0.1, address=elsewhere)
+        for _ in range(2):
+            t += rng.uniform(0.5, 1.5)
+            if t > ctx.duration - 1:
+                break
+            await ctx.at(t)
+            await c.request("GET", browse_path(rng, uid), headers=[("authorization", f"Bearer {token}")], address=elsewhere)
+    finally:
+        await c.close()
+
+
+async def returning_users(ctx: Ctx):
+    await gather_bounded(ctx, [returning_user(ctx, n) for n in range(ctx.profile.returning_users)])
+
+
+async def first_time_login(ctx: Ctx, n: int):
+    """Someone logging in for the first time ever (an account that never
+    logged in, not even in the history phase) during the browser-copying
+    stuffing, from a new address and browser: a product page first, then
+    the login 2-5 s later, then their own pages."""
+    rng = ctx.rng(f"first_time/{n}")
+    uid = FIRST_TIME_BASE + n
+    c = Client(ctx.port, "first_time_logins", f"new{n:03d}", numbered_address("100.74", n), browser_headers(rng))
+    try:
+        t = during_attack(ctx, rng)
+        await ctx.at(t)
+        await c.request("GET", f"/api/products?page={rng.randint(1, 3)}")
+        token, t = await paced_login(c, rng, uid, t + rng.uniform(2.0, 5.0), ctx, typo=False)
+        for path in ("/api/me", f"/api/users/{uid}"):
+            t += rng.uniform(0.5, 1.5)
+            if t > ctx.duration - 1:
+                break
+            await ctx.at(t)
+            await c.request("GET", path, headers=[("authorization", f"Bearer {token}")])
+    finally:
+        await c.close()
+
+
+async def first_time_logins(ctx: Ctx):
+    await gather_bounded(ctx, [first_time_login(ctx, n) for n in range(ctx.profile.first_time_logins)])
+
+
+def phone_agent(n: int) -> str:
+    return f"ShopApp/5.{n % 7} (Android 14; Pixel {6 + n % 4}; build {1000 + n})"
+
+
+async def cgnat_phone(ctx: Ctx, n: int):
+    """One of the phones behind the carrier-grade NAT: anonymous product
+    browsing, a request every 3-8 s on the clock, its own app user agent."""
+    rng = ctx.rng(f"cgnat/{n}")
+    c = Client(ctx.port, "cgnat_phones", f"p{n:03d}", CGNAT_ADDRESS,
+               [("user-agent", phone_agent(n)), ("accept", "application/json"), ("accept-encoding", "gzip")])
+    try:
+        t = rng.uniform(0.5, 8.0)
+        while t < ctx.duration - 1:
+            await ctx.at(t)
+            path = (f"/api/products?page={rng.randint(1, 5)}" if rng.random() < 0.5
+                    else f"/api/products/{rng.randint(1, 500)}")
+            await c.request("GET", path)
+            t += rng.uniform(3.0, 8.0)
+    finally:
+        await c.close()
+
+
+async def cgnat_phones(ctx: Ctx):
+    await gather_bounded(ctx, [cgnat_phone(ctx, n) for n in range(ctx.profile.cgnat_phones)])
+
+
+IDENTITIES = {  # scenario -> (rng name of client n, identity function, clients in a profile)
+    "app_users": (lambda n: f"app_users/{n}", app_identity, lambda p: p.app_users),
+    "office_nat": (lambda n: f"office/{n}", office_identity, lambda p: p.office_users),
+    "mobile_app": (lambda n: f"mobile/{n}", mobile_identity, lambda p: p.mobile_devices),
+    "gb_roaming": (lambda n: f"roaming/{n}", roaming_identity, lambda p: p.roaming_users),
+    "token_owner": (lambda n: "token_owner", token_owner_identity, lambda p: 1),
+    "returning_users": (lambda n: f"returning/{n}", returning_identity, lambda p: p.returning_users),
+}
+
+
+def history_logins(ctx: Ctx, scenarios: set[str]) -> list[tuple[str, str, str, list, int]]:
+    """Every benign user of the chosen scenarios that logs in, as they will
+    during the run (the same address and browser, drawn from the same
+    seeded rng): (scenario, client id, address, headers, account)."""
+    out = []
+    for name, (rng_name, identity, count) in IDENTITIES.items():
+        if name not in scenarios:
+            continue
+        for n in range(count(ctx.profile)):
+            cid, address, headers, uid = identity(ctx.rng(rng_name(n)), n)
+            out.append((name, cid, address, headers, uid))
+    return out
+
+
+def benign_accounts(ctx: Ctx) -> list[int]:
+    """The accounts benign users log into during the run (first-timers' excluded)."""
+    return sorted({uid for *_, uid in history_logins(ctx, set(IDENTITIES))})
 
 
 SCENARIOS = [
@@ -228,4 +395,17 @@ SCENARIOS = [
     Scenario("token_owner", "benign", "generator",
              "the owner of the token stolen below: logs in at home in GB and keeps using it there",
              token_owner),
+    Scenario("returning_users", "benign", "generator",
+             "people with an account here who logged in before (history phase, again before the attack) and log in "
+             "again during the browser-copying stuffing from their usual browser (1 in 10 after a typo; 1 in 4 from "
+             "another network)",
+             returning_users, planned_clients=lambda p: p.returning_users),
+    Scenario("first_time_logins", "benign", "generator",
+             "people logging in for the first time ever during the browser-copying stuffing, each from a new address "
+             "and browser, after a product page",
+             first_time_logins, planned_clients=lambda p: p.first_time_logins),
+    Scenario("cgnat_phones", "benign", "generator",
+             "120 phones behind ONE carrier-grade NAT address browsing products anonymously, each a request every "
+             "3-8 s (~25 requests/s from the address), each its own app user agent",
+             cgnat_phones, planned_clients=lambda p: p.cgnat_phones),
 ]

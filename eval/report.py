@@ -14,6 +14,10 @@ SINGLE_SOURCE_MAX_REQUESTS = 20
 DISTRIBUTED_MAX_ATTEMPTS = 200
 DISTRIBUTED_MIN_LATER_SHARE = 0.95
 MIN_RECALL_AFTER = 0.95
+# Distributed stuffing targets, per scenario.
+DISTRIBUTED = ("distributed_stuffing", "browser_stuffing")
+# Label prefix of the history phase (eval/history.py): never scored.
+HISTORY = "history"
 
 
 @dataclass
@@ -27,6 +31,26 @@ class Req:
     xff: str
     method: str
     path: str
+    ua: str | None = None
+    login_risk: str | None = None  # x-abuse-login-risk the filter sent upstream (request-level evidence)
+    abuse: str | None = None       # the filter's decision for the access log (action=... score=... reasons=...)
+
+    @property
+    def agent(self) -> str | None:
+        """The filter's tag of the user agent (FNV-1a, `engine/src/identity.rs`
+        agent_tag), as its block log lines name it; None without one."""
+        return agent_tag(self.ua) if self.ua is not None else None
+
+    @property
+    def login(self) -> bool:
+        return self.method == "POST" and self.path.split("?")[0] == "/api/login"
+
+
+def agent_tag(user_agent: str) -> str:
+    h = 0x811C9DC5
+    for b in user_agent.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return f"{h:08x}"
 
 
 def _missing(v) -> bool:
@@ -46,8 +70,11 @@ def filter_blocked(rec: dict) -> bool:
     return status in (403, 429) and _missing(rec.get("details")) and not _missing(rec.get("retry_after"))
 
 
-def load_requests(path: Path) -> list[Req]:
+def load_requests(path: Path, history: bool = False) -> list[Req]:
+    """The labelled requests of the log; the history phase's only when `history`."""
     out = []
+    if not path.exists():
+        return out
     for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
@@ -57,27 +84,33 @@ def load_requests(path: Path) -> list[Req]:
         if _missing(label) or "/" not in label:
             continue
         scenario, _, client = label.partition("/")
+        if (scenario == HISTORY) != history:
+            continue
+        opt = lambda k: None if _missing(rec.get(k)) else rec.get(k)
         out.append(Req(float(rec["t"]), scenario, label, int(rec.get("status") or 0), not _missing(rec.get("upstream")),
-                       filter_blocked(rec), rec.get("xff") or "", rec.get("method") or "", rec.get("path") or ""))
+                       filter_blocked(rec), rec.get("xff") or "", rec.get("method") or "", rec.get("path") or "",
+                       opt("ua"), opt("login_risk"), opt("abuse")))
     out.sort(key=lambda r: r.t)
     return out
 
 
-def block_reasons(envoy_log: Path) -> dict[str, dict[str, int]]:
-    """Block decisions per client address from the filter's log lines:
-    {address: {reason: count}}."""
-    out: dict[str, dict[str, int]] = {}
+def block_reasons(envoy_log: Path) -> dict[tuple[str, str | None], dict[str, int]]:
+    """Block decisions per client from the filter's log lines — a client is
+    its address and its user agent's tag (`client.key_by_user_agent`, on in
+    the shipped config; the line's `agent`, null without a user agent):
+    {(address, agent): {reason: count}}."""
+    out: dict[tuple[str, str | None], dict[str, int]] = {}
     if not envoy_log.exists():
         return out
     for line in envoy_log.read_text(errors="replace").splitlines():
-        m = re.search(r'(\{"client".*"event":"block".*\})', line)
+        m = re.search(r'(\{.*"event":"block".*\})', line)
         if not m:
             continue
         try:
             ev = json.loads(m.group(1))
         except ValueError:
             continue
-        reasons = out.setdefault(ev.get("client", ""), {})
+        reasons = out.setdefault((ev.get("client", ""), ev.get("agent")), {})
         for r in ev.get("reasons", []):
             reasons[r] = reasons.get(r, 0) + 1
     return out
@@ -91,8 +124,8 @@ def scenario_metrics(reqs: list[Req], kind: str, t_start: float, reasons_by_addr
     first = next((i for i, r in enumerate(reqs) if r.blocked), None)
     after = reqs[first + 1:] if first is not None else []
     reasons: dict[str, int] = {}
-    for a in addresses:
-        for k, v in reasons_by_addr.get(a, {}).items():
+    for key in sorted({(r.xff, r.agent) for r in reqs if r.xff}, key=str):
+        for k, v in reasons_by_addr.get(key, {}).items():
             reasons[k] = reasons.get(k, 0) + v
     statuses: dict[str, int] = {}
     for r in reqs:
@@ -115,6 +148,54 @@ def scenario_metrics(reqs: list[Req], kind: str, t_start: float, reasons_by_addr
         "blocked_clients": sorted({r.client for r in blocked})[:20],
         "statuses": dict(sorted(statuses.items())),
         "block_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "per_client_first_block": per_client_first_block(reqs),
+        "logins": login_metrics(reqs, reasons_by_addr),
+    }
+
+
+def per_client_first_block(reqs: list[Req]) -> dict[str, dict]:
+    """For rows of few clients (at most 8): each client's requests and the
+    1-based index of its first blocked one."""
+    clients = sorted({r.client for r in reqs})
+    if len(clients) > 8:
+        return {}
+    out = {}
+    for c in clients:
+        mine = [r for r in reqs if r.client == c]
+        fb = next((i for i, r in enumerate(mine) if r.blocked), None)
+        out[c] = {"requests": len(mine), "blocked": sum(r.blocked for r in mine),
+                  "first_block_request": None if fb is None else fb + 1}
+    return out
+
+
+def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
+    """The row's login attempts: statuses, how many were made while the
+    endpoint was under attack (the filter says so in x-abuse-login-risk, which
+    the access log records), refused ones with the filter's reasons, and the
+    first attempt made under attack. None when the row made no login."""
+    logins = [r for r in reqs if r.login]
+    if not logins:
+        return None
+    statuses: dict[str, int] = {}
+    levels: dict[str, int] = {}
+    for r in logins:
+        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+        level = (r.login_risk or "none").split(";")[0]
+        levels[level] = levels.get(level, 0) + 1
+    under = [i for i, r in enumerate(logins) if r.login_risk and "endpoint_under_attack" in r.login_risk]
+    refused = [r for r in logins if r.blocked]
+    return {
+        "attempts": len(logins),
+        "statuses": dict(sorted(statuses.items())),
+        "succeeded": sum(r.status == 200 for r in logins),
+        "during_attack": len(under),
+        "first_under_attack_attempt": under[0] + 1 if under else None,
+        "risk_levels": dict(sorted(levels.items())),
+        "refused": len(refused),
+        "refused_clients": len({r.client for r in refused}),
+        "refused_detail": [{"client": r.client, "xff": r.xff, "status": r.status, "login_risk": r.login_risk,
+                            "decision": r.abuse, "block_reasons": reasons_by_addr.get((r.xff, r.agent), {})}
+                           for r in refused[:10]],
     }
 
 
@@ -187,18 +268,62 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
             detail += (f"; {r['requests']} attempts, {r['reached_upstream']} reached the upstream, "
                        f"statuses {r['statuses']}")
         targets.append({"target": f"{n}: blocked within {SINGLE_SOURCE_MAX_REQUESTS} requests", "pass": ok, "detail": detail})
-    d = rows.get("distributed_stuffing")
-    if d and d["requests"]:
+    for n, r in rows.items():
+        if r["kind"] != "attack" or not r.get("per_client"):
+            continue
+        for client, c in r["per_client_first_block"].items():
+            fb = c["first_block_request"]
+            targets.append({
+                "target": f"{client}: blocked within {SINGLE_SOURCE_MAX_REQUESTS} of its requests",
+                "pass": fb is not None and fb <= SINGLE_SOURCE_MAX_REQUESTS,
+                "detail": (f"never blocked in {c['requests']} requests" if fb is None else
+                           f"first block at its request {fb} of {c['requests']} ({c['blocked']} blocked)"),
+            })
+    for name in DISTRIBUTED:
+        d = rows.get(name)
+        if not d or not d["requests"]:
+            continue
         fb, share = d["first_block_request"], d["share_blocked_after_first"]
+        lg = d.get("logins") or {}
+        seen = lg.get("first_under_attack_attempt")
         targets.append({
-            "target": f"distributed_stuffing: recognised within {DISTRIBUTED_MAX_ATTEMPTS} attempts",
+            "target": f"{name}: recognised within {DISTRIBUTED_MAX_ATTEMPTS} attempts",
             "pass": fb is not None and fb <= DISTRIBUTED_MAX_ATTEMPTS,
-            "detail": f"first block at attempt {fb} of {d['requests']}" if fb else f"never blocked in {d['requests']} attempts",
+            "detail": (f"first block at attempt {fb} of {d['requests']}" if fb else f"never blocked in {d['requests']} attempts")
+                      + (f"; endpoint under attack from its attempt {seen} on (x-abuse-login-risk)" if seen else ""),
         })
         targets.append({
-            "target": f"distributed_stuffing: >= {DISTRIBUTED_MIN_LATER_SHARE:.0%} of later attempts blocked",
+            "target": f"{name}: >= {DISTRIBUTED_MIN_LATER_SHARE:.0%} of later attempts blocked",
             "pass": share is not None and share >= DISTRIBUTED_MIN_LATER_SHARE,
             "detail": "n/a" if share is None else f"{d['blocked_after_first_block']}/{d['after_first_block']} = {share:.1%}",
+        })
+    for name, what in (("returning_users", "real users logging into their own accounts during the attack"),
+                       ("first_time_logins", "first-time logins during the attack")):
+        r = rows.get(name)
+        if not r or not r["requests"]:
+            continue
+        lg = r.get("logins") or {"attempts": 0, "refused": 0, "during_attack": 0, "statuses": {}, "refused_detail": []}
+        why = "; ".join(f"{x['client']} {x['status']} risk={x['login_risk']} decision={x['decision']} "
+                        f"reasons={x['block_reasons'] or '?'}" for x in lg["refused_detail"][:3])
+        targets.append({
+            "target": f"{name}: 0 refused ({what})",
+            "pass": lg["refused"] == 0 and r["clients_blocked"] == 0,
+            "detail": (f"{lg['refused']} of {lg['attempts']} logins refused ({r['clients_blocked']}/{r['clients']} people "
+                       f"blocked at all); {lg['during_attack']} logins made while the endpoint was under attack; "
+                       f"statuses {lg['statuses']}") + (f"; refused: {why}" if why else ""),
+        })
+    for name, attackers in (("office_nat", "office_inside_attackers"), ("cgnat_phones", None)):
+        r = rows.get(name)
+        if not r or not r["requests"]:
+            continue
+        inside = rows.get(attackers) if attackers else None
+        extra = (f" while {attackers} worked from its address ({inside['blocked']} of their {inside['requests']} "
+                 f"requests blocked)") if inside and inside["requests"] else ""
+        targets.append({
+            "target": f"{name}: 0 blocked",
+            "pass": r["clients_blocked"] == 0,
+            "detail": f"{r['clients_blocked']} of {r['clients']} people blocked, {r['blocked']} of {r['requests']} "
+                      f"requests{extra}" + (f" (reasons {r['block_reasons']})" if r["blocked"] else ""),
         })
     if not any(r["kind"] == "attack" for r in rows.values()):
         return targets
@@ -254,6 +379,16 @@ def table(report: dict) -> str:
     cpr = o["scorer_callouts_per_benign_request"]
     out.append(f"scorer callouts {o['scorer_callouts']} ({'-' if cpr is None else f'{cpr:.4f}'} per benign request); "
                + ", ".join(f"{k} {v}" for k, v in o["scorer"].items() if k in ("answered", "failed", "timed_out", "cache_hits", "coalesced")))
+    run = report.get("run") or {}
+    h = run.get("history")
+    if h:
+        out.append(f"history phase (not scored): {h['logins']} logins of {h['accounts']} accounts {h['statuses']}, scorer "
+                   f"knew {h['scorer_known_accounts_added']:.0f}; baselines posted "
+                   + ", ".join(f"{b['name']} {b['baseline']}/{b['unknown_baseline']} ({b['samples']} samples)"
+                               for b in h["baselines_posted"])
+                   + f"; Envoy restarted, warm {h['warm_stats']}; {h['elapsed_s']} s")
+    elif run.get("cold_start"):
+        out.append("history phase skipped (--cold-start): the scored traffic met a fresh filter")
     if not cs.get("available"):
         out.append(f"crowdsec: not available ({cs.get('reason', 'not run')})")
     else:

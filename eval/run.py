@@ -26,6 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import attacks  # noqa: E402
 import clients  # noqa: E402
 import crowdsec  # noqa: E402
+import history  # noqa: E402
 import report  # noqa: E402
 import tools  # noqa: E402
 from bootstrap import eval_bootstrap  # noqa: E402
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when a target fails")
     p.add_argument("--no-crowdsec", action="store_true", help="skip the CrowdSec replay")
+    p.add_argument("--cold-start", action="store_true",
+                   help="skip the history phase: the scored traffic meets a fresh filter (nothing known, baselines cold)")
     args = p.parse_args(argv)
 
     profile = PROFILES["quick" if args.quick else "default"]
@@ -89,7 +92,8 @@ def main(argv=None) -> int:
         p.error("--duration must be between 10 and 1800 s")
     out = args.out.resolve()
     if out.exists():
-        for f in ("access.json", "access.combined.log", "envoy.log", "report.json", "blocks.svg", "table.txt"):
+        for f in ("access.json", "access.combined.log", "envoy.log", "report.json", "blocks.svg", "table.txt",
+                  "history.json", *(f"history.{n}" for n in history.LOGS)):
             (out / f).unlink(missing_ok=True)
         shutil.rmtree(out / "tools", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,14 @@ def main(argv=None) -> int:
           f"(admin {admin}), output {out}", flush=True)
     with demo_stack(make_bootstrap, api_port=0, scorer_port=0, port=port, admin_port=admin,
                     log_path=out / "envoy.log", scorer_state_dir=out / "scorer") as stack:
+        hist = None
+        if not args.cold_start:
+            print("eval: history phase (benign users log in once, baselines to the scorer, Envoy restarted warm) ...",
+                  flush=True)
+            hist = history.run(stack, Ctx(port=port, out_dir=out, profile=profile, duration=duration, seed=args.seed), out)
+            print(f"eval: history: {hist['logins']} logins ({hist['statuses']}), scorer knows {hist['scorer_known_accounts_added']:.0f} "
+                  f"accounts, Envoy restarted in {hist['envoy_restart_s']} s, warm {hist['warm_stats']}, "
+                  f"{hist['elapsed_s']} s in all", flush=True)
         ctx = Ctx(port=port, out_dir=out, profile=profile, duration=duration, seed=args.seed)
         t_start = time.time()
         errors = asyncio.run(drive(ctx, scenarios))
@@ -113,12 +125,13 @@ def main(argv=None) -> int:
         errors["stack"] = "a stack process died during the run (see envoy.log / scorer log)"
 
     meta = {s.name: {"kind": s.kind, "tool": s.tool, "what": s.what, "single_source": s.single_source,
-                     "planned_clients": s.planned_clients(profile)} for s in scenarios}
+                     "per_client": s.per_client, "planned_clients": s.planned_clients(profile)} for s in scenarios}
     result = report.analyse(out / "access.json", out / "envoy.log", meta, stats, t_start)
     result["run"] = {"profile": profile.name, "duration_s": duration, "seed": args.seed, "bootstrap": str(args.bootstrap),
-                     "started_at": t_start, "envoy_port": port, "admin_port": admin, "wasm_sha256": wasm_sha256(),
+                     "started_at": t_start, "history": hist, "cold_start": args.cold_start, "envoy_port": port, "admin_port": admin, "wasm_sha256": wasm_sha256(),
                      "skipped": skipped, "errors": errors, "notes": ctx.notes,
-                     "trap": "panicked at" in (out / "envoy.log").read_text(errors="replace")}
+                     "trap": any("panicked at" in (out / f).read_text(errors="replace")
+                                 for f in ("envoy.log", "history.envoy.log") if (out / f).exists())}
     if args.no_crowdsec:
         result["crowdsec"] = crowdsec.unavailable("skipped (--no-crowdsec)")
     else:

@@ -23,13 +23,19 @@ class Profile:
     distributed_addresses: int
     attack_start: float  # seconds after the start: benign logins first set the login baseline
     flood_s: int
+    browser_stuffing_addresses: int = 600
+    returning_users: int = 60
+    first_time_logins: int = 40
+    cgnat_phones: int = 120
 
 
 PROFILES = {
     "default": Profile("default", 120, app_users=500, office_users=100, mobile_devices=150, roaming_users=20,
-                       partner_rps=50, distributed_addresses=600, attack_start=20, flood_s=10),
+                       partner_rps=50, distributed_addresses=600, attack_start=20, flood_s=10,
+                       browser_stuffing_addresses=600, returning_users=60, first_time_logins=40, cgnat_phones=120),
     "quick": Profile("quick", 35, app_users=80, office_users=100, mobile_devices=30, roaming_users=6,
-                     partner_rps=50, distributed_addresses=300, attack_start=8, flood_s=10),
+                     partner_rps=50, distributed_addresses=300, attack_start=8, flood_s=10,
+                     browser_stuffing_addresses=300, returning_users=20, first_time_logins=12, cgnat_phones=120),
 }
 
 
@@ -75,6 +81,7 @@ class Scenario:
     what: str
     run: Callable[[Ctx], Awaitable[None]]
     single_source: bool = False  # one attacking address: the "blocked within 20 requests" target
+    per_client: bool = False  # several attackers in one row, each with the "blocked within 20" target
     planned_clients: Callable[[Profile], int] = lambda p: 1
 
 

@@ -148,6 +148,77 @@ async def wrk_flood(ctx: Ctx):
     ], start=ctx.attack_start + 14, limit_s=secs + 2)
 
 
+FFUF_UA = "Fuzz Faster U Fool v1.1.0"  # ffuf 1.1.0's own user agent (Debian 12)
+
+
+async def office_inside_attackers(ctx: Ctx):
+    """From INSIDE the office's NAT address, while its people work: an
+    ffuf-style stuffing run (ffuf with its own user agent, 2 threads; the
+    generator with ffuf's user agent when ffuf is missing) and a wrk-style
+    flood (wrk, no user agent, 2 connections, 5 s; the generator without a
+    user agent when wrk is missing). Each must be stopped on its own key
+    (address + user agent) without the office being refused."""
+    from attacks import combo_list
+    from clients import OFFICE_ADDRESS
+    from conn import Client
+    combos = combo_list(ctx.rng("office_ffuf"), 120)
+    d = ctx.out_dir / "tools"
+    d.mkdir(parents=True, exist_ok=True)
+    start = ctx.attack_start + 1
+    flood_s = 5
+
+    async def stuffer():
+        if available("ffuf"):
+            (d / "office-users.txt").write_text("\n".join(u for u, _ in combos) + "\n")
+            (d / "office-passwords.txt").write_text("\n".join(p for _, p in combos) + "\n")
+            limit = max(5.0, ctx.duration - start - 4)
+            await run_tool(ctx, "office_inside_attackers.ffuf", [
+                "ffuf", "-s", "-mc", "all", "-t", "2", "-p", "0.1", "-maxtime", str(int(limit)),
+                "-mode", "pitchfork", "-w", str(d / "office-users.txt") + ":USER",
+                "-w", str(d / "office-passwords.txt") + ":PASS",
+                "-X", "POST", "-u", url(ctx, "/api/login"),
+                "-H", "Content-Type: application/json", "-H", f"X-Forwarded-For: {OFFICE_ADDRESS}",
+                "-H", label("office_inside_attackers", "ffuf-1"),
+                "-d", '{"username":"USER","password":"PASS"}',
+            ], start=start, limit_s=limit)
+            return
+        ctx.notes["office_inside_attackers.ffuf"] = "ffuf not installed: the generator with ffuf's user agent"
+        c = Client(ctx.port, "office_inside_attackers", "ffuf-1", OFFICE_ADDRESS,
+                   [("user-agent", FFUF_UA), ("accept", "*/*")])
+        try:
+            for k, (user, password) in enumerate(combos):
+                await ctx.at(start + k * 0.05)
+                if ctx.left() < 1:
+                    break
+                await c.request("POST", "/api/login", {"username": user, "password": password})
+        finally:
+            await c.close()
+
+    async def flood():
+        t = start + 2
+        if available("wrk"):
+            await run_tool(ctx, "office_inside_attackers.wrk", [
+                "wrk", "-t", "1", "-c", "2", "-d", f"{flood_s}s", "--timeout", "5s",
+                "-H", f"X-Forwarded-For: {OFFICE_ADDRESS}", "-H", label("office_inside_attackers", "wrk-1"),
+                url(ctx, "/api/products?page=1"),
+            ], start=t, limit_s=flood_s + 2)
+            return
+        ctx.notes["office_inside_attackers.wrk"] = "wrk not installed: the generator without a user agent"
+        conns = [Client(ctx.port, "office_inside_attackers", "wrk-1", OFFICE_ADDRESS, []) for _ in range(2)]
+
+        async def lane(c):
+            await ctx.at(t)
+            try:
+                while ctx.now() < t + flood_s and ctx.left() > 1:
+                    await c.request("GET", "/api/products?page=1")
+            finally:
+                await c.close()
+
+        await asyncio.gather(*(lane(c) for c in conns))
+
+    await asyncio.gather(stuffer(), flood())
+
+
 async def wget_googlebot(ctx: Ctx):
     """The declared good crawler: wget over a URL list (product pages and
     products, a few of them gone), Googlebot's user agent, from
@@ -180,6 +251,10 @@ SCENARIOS = [
     Scenario("forced_browsing", "attack", "ffuf",
              "scanning for sensitive files and admin paths (56 words), ffuf's own user agent",
              ffuf_scan, single_source=True),
+    Scenario("office_inside_attackers", "attack", "ffuf+wrk",
+             "from inside the office's NAT address while its people work: ffuf stuffing (its own UA, 120 combos, "
+             "2 threads) and a wrk flood (no UA, 2 connections, 5 s)",
+             office_inside_attackers, per_client=True, planned_clients=lambda p: 2),
     Scenario("l7_flood", "attack", "wrk",
              "L7 flood on /api/products?page=1: wrk, 1 thread, 4 connections, for 10 s",
              wrk_flood, single_source=True),

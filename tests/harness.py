@@ -530,13 +530,56 @@ class DemoStack:
     """The running `make run` stack: demo API, scorer and Envoy (a process
     started with a bootstrap file)."""
 
-    def __init__(self, api: DemoApi, scorer: Scorer, envoy: subprocess.Popen, port: int, admin_port: int,
-                 bootstrap: Path, log_path: Path):
-        self.api, self.scorer, self.envoy = api, scorer, envoy
+    def __init__(self, api: DemoApi, scorer: Scorer, port: int, admin_port: int, bootstrap: Path, log_path: Path,
+                 concurrency: int = 2):
+        self.api, self.scorer, self.envoy = api, scorer, None
         self.port, self.admin_port, self.bootstrap, self.log_path = port, admin_port, bootstrap, log_path
+        self.concurrency = concurrency
+
+    def start_envoy(self, log_path: Path | None = None, append: bool = False):
+        """Starts Envoy with the stack's bootstrap (from the repository root:
+        its paths are relative to it) and waits until it is ready."""
+        self.log_path = log_path or self.log_path
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a" if append else "w") as log:
+            self.envoy = subprocess.Popen(
+                [envoy_binary(), "-c", str(self.bootstrap), "--concurrency", str(self.concurrency), "--log-level", "info",
+                 "--base-id", str(self.admin_port), "--disable-hot-restart"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+        def envoy_ready() -> bool:
+            if self.envoy.poll() is not None:
+                raise RuntimeError(f"envoy exited:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                return request(self.admin_port, "GET", "/ready").status == 200
+            except OSError:
+                return False
+
+        wait_until(envoy_ready, 30, 0.1, "envoy")
+
+    def stop_envoy(self):
+        if self.envoy is not None and self.envoy.poll() is None:
+            self.envoy.terminate()
+            try:
+                self.envoy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.envoy.kill()
+                self.envoy.wait()
+
+    def restart_envoy(self, log_path: Path | None = None, before_start=None):
+        """Stops Envoy and starts it again with the same bootstrap (a new
+        process: its shared data is gone; the demo API and the scorer keep
+        running). `before_start` runs in between, e.g. to move the first
+        process's logs aside."""
+        self.stop_envoy()
+        if before_start is not None:
+            before_start()
+        self.start_envoy(log_path)
 
     def running(self) -> bool:
-        return self.envoy.poll() is None and self.api.proc.poll() is None and self.scorer.proc.poll() is None
+        return (self.envoy is not None and self.envoy.poll() is None and self.api.proc.poll() is None
+                and self.scorer.proc.poll() is None)
 
     def stats(self) -> dict[str, int]:
         return filter_stats(self.admin_port)
@@ -555,37 +598,17 @@ def demo_stack(bootstrap, api_port: int = 8080, scorer_port: int = 8081, port: i
     `admin_port` must be the ones the bootstrap uses."""
     os.environ.setdefault("ABUSE_SCORER_SECRET", "demo-secret")
     api = DemoApi(api_port)
-    scorer = envoy = None
+    scorer = stack = None
     try:
         scorer = Scorer(port=scorer_port, redis_url=os.environ.get("REDIS_URL"),
                         secret=os.environ["ABUSE_SCORER_SECRET"], state_dir=scorer_state_dir)
         path = Path(bootstrap(api.port, scorer.port) if callable(bootstrap) else bootstrap)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log:
-            envoy = subprocess.Popen(
-                [envoy_binary(), "-c", str(path), "--concurrency", str(concurrency), "--log-level", "info",
-                 "--base-id", str(admin_port), "--disable-hot-restart"],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            )
-
-        def envoy_ready() -> bool:
-            if envoy.poll() is not None:
-                raise RuntimeError(f"envoy exited:\n{log_path.read_text()[-4000:]}")
-            try:
-                return request(admin_port, "GET", "/ready").status == 200
-            except OSError:
-                return False
-
-        wait_until(envoy_ready, 30, 0.1, "envoy")
-        yield DemoStack(api, scorer, envoy, port, admin_port, path, log_path)
+        stack = DemoStack(api, scorer, port, admin_port, path, log_path, concurrency)
+        stack.start_envoy()
+        yield stack
     finally:
-        if envoy is not None and envoy.poll() is None:
-            envoy.terminate()
-            try:
-                envoy.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                envoy.kill()
-                envoy.wait()
+        if stack is not None:
+            stack.stop_envoy()
         if scorer is not None:
             scorer.stop()
         api.stop()
