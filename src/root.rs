@@ -203,6 +203,7 @@ impl RootContext for AbuseFilterRoot {
             metrics::baselines_learning(engine.baselines_learning());
             metrics::login_under_attack(engine.login_under_attack(now));
             crate::waiters::resume_ready(&engine, now, None);
+            crate::held::release_overdue(now);
             if self.fleet_poll_in_flight_until < now {
                 if let Some(cursor) = engine.claim_fleet_poll(&EnvoySharedData, now) {
                     self.poll_fleet(&engine, cursor, now);

@@ -162,6 +162,7 @@ def envoy_config(
     geoip: bool = False,
     scorer_port: int | None = None,
     env_keys: list[str] | None = None,
+    stop_iteration: bool = True,
 ) -> dict:
     """An Envoy bootstrap: the abuse filter in front of the demo API, plus a
     direct-response route `/direct` (no upstream) for load tests."""
@@ -176,6 +177,8 @@ def envoy_config(
                         "name": "abuse_filter",
                         "root_id": "abuse_filter",
                         "failure_policy": "FAIL_RELOAD",
+                        # Needed by credential_stuffing.hold_login_headers (Envoy >= 1.35).
+                        "allow_on_headers_stop_iteration": stop_iteration,
                         "vm_config": {
                             "vm_id": "abuse_filter",
                             "runtime": "envoy.wasm.runtime.v8",

@@ -342,6 +342,13 @@ pub struct CredentialStuffingConfig {
     pub weight: f32,
     /// Login bodies longer than this are not read (the request still passes).
     pub max_body_bytes: u32,
+    /// Hold a login request's headers until its body was read, so the
+    /// login-risk header carries the account-level evidence and a refused
+    /// attempt never reaches the upstream at all. Needs
+    /// `allow_on_headers_stop_iteration: true` in the Wasm filter's Envoy
+    /// config (Envoy >= 1.35); without it the filter releases held headers
+    /// on its next tick (<= 0.5 s) and logs a warning.
+    pub hold_login_headers: bool,
     pub distributed: DistributedStuffingConfig,
 }
 
@@ -602,6 +609,7 @@ impl Default for CredentialStuffingConfig {
             max_failures_per_account: 20,
             weight: 100.0,
             max_body_bytes: 8192,
+            hold_login_headers: false,
             distributed: DistributedStuffingConfig::default(),
         }
     }

@@ -1012,7 +1012,10 @@ impl Engine {
         // recognition signal too (recorded with the outcome).
         let known = self.known_accounts.contains(store, account_key);
         exchange.account_unknown = Some(!known);
-        let mut attempt = exchange.attempt.filter(|a| a.under_attack)?;
+        // The account-level evidence, always (it also goes to the login-risk
+        // header when the headers were held for the body); the spray and the
+        // refusal only during an attack.
+        let mut attempt = exchange.attempt?;
         let endpoint = self.endpoints.peek(store, self.endpoint_key(route)).ok().flatten().unwrap_or_default();
         if known {
             let profile = self.accounts.peek(store, account_key).ok().flatten();
@@ -1022,7 +1025,7 @@ impl Engine {
         } else {
             attempt.unknown_account = d.unknown_is_evidence(&endpoint);
         }
-        if let Some(password) = login.password(route, body) {
+        if let Some(password) = login.password(route, body).filter(|_| attempt.under_attack) {
             // Keyed and rotating: the hash means nothing after its window.
             let epoch = now_ms / d.window_ms().max(1);
             let mut text = epoch.to_le_bytes().to_vec();
@@ -1062,6 +1065,20 @@ impl Engine {
         // No answer will be judged: the attempt never reaches the upstream.
         exchange.judged = false;
         Some(verdict)
+    }
+
+    /// The `x-abuse-login-risk` value once the body was read (for headers
+    /// held until then: `credential_stuffing.hold_login_headers`).
+    pub fn login_risk(&self, exchange: &Exchange) -> Option<String> {
+        let d = self.distributed.as_ref()?;
+        let a = exchange.attempt?;
+        (a.level(d.refuse_at()) != "low").then(|| a.header(d.refuse_at()))
+    }
+
+    /// Whether login requests wait for their body before their headers go
+    /// upstream (needs Envoy's `allow_on_headers_stop_iteration`).
+    pub fn holds_login_headers(&self, exchange: &Exchange) -> bool {
+        self.config.credential_stuffing.hold_login_headers && exchange.login_route.is_some() && exchange.judged
     }
 
     /// Whether the host must read the answer's size (`content-length`).

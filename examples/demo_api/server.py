@@ -2,7 +2,9 @@
 """Demo upstream API that sits behind Envoy in demos and integration tests.
 
 Endpoints (every response is JSON):
-  POST /api/login            JSON or form credentials -> HS256 JWT
+  POST /api/login            JSON or form credentials -> HS256 JWT; a login the
+                             filter marks high risk (x-abuse-login-risk: high; ...)
+                             gets 202 {"mfa_required": true} unless it sends "otp": "000000"
   GET  /api/me               Authorization: Bearer <jwt>
   GET  /api/users/{id}       ids 1..N are user0001..userNNNN; alice = N+1, bob = N+2
   GET  /api/products?page=N  20 per page, 500 products
@@ -250,7 +252,14 @@ class Handler(BaseHTTPRequestHandler):
             account[1].encode(), password.encode("utf-8", "surrogatepass")
         ):
             raise HTTPError(401, "invalid credentials")
-        return 200, {"token": self.server.tokens.issue(username), "username": username}
+        # Step-up, the way an application uses the filter's login risk: a
+        # "high" login must also give its second factor (the demo's code is
+        # 000000). 202 is neither a success nor a failure for the filter, so
+        # a stepped-up attempt teaches the account's profile nothing.
+        risk = self.headers.get("x-abuse-login-risk")
+        if risk and risk.startswith("high") and self.login_fields.get("otp") != "000000":
+            return 202, {"mfa_required": True, "login_risk": risk}
+        return 200, {"token": self.server.tokens.issue(username), "username": username, "login_risk": risk}
 
     def credentials(self, body):
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -271,6 +280,7 @@ class Handler(BaseHTTPRequestHandler):
             data = {key: values[0] for key, values in form.items()}
         else:
             raise HTTPError(415, "use application/json or application/x-www-form-urlencoded")
+        self.login_fields = data
         username, password = data.get("username"), data.get("password")
         if not (isinstance(username, str) and isinstance(password, str) and username and password):
             raise HTTPError(400, "username and password are required")
