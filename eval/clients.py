@@ -43,14 +43,31 @@ def numbered_address(prefix: str, n: int) -> str:
     return f"{prefix}.{n // 254 % 256}.{n % 254 + 1}"
 
 
+SECOND_FACTOR = "000000"  # the demo API's one-time code
+
+
+def token_of(r) -> str:
+    return r.json().get("token", "") if r is not None and r.status == 200 else ""
+
+
+def stepped_up(r) -> bool:
+    """The demo API asks a `high`-risk login for a second factor (202)."""
+    return r is not None and r.status == 202 and bool(r.json().get("mfa_required"))
+
+
 async def login(c: Client, rng, uid: int, typo_chance: float = 0.1) -> str:
-    """Logs user `uid` in, sometimes after a mistyped password; returns the token ('' if refused)."""
+    """Logs user `uid` in, sometimes after a mistyped password; a login the
+    application steps up gets its second factor 2-5 s later (the person
+    reads the code). Returns the token ('' if refused)."""
     username, password = f"user{uid:04d}", f"pass-{uid:04d}"
     if rng.random() < typo_chance:
         await c.request("POST", "/api/login", {"username": username, "password": password[:-1] + "x"})
         await asyncio.sleep(rng.uniform(1.0, 3.0))
     r = await c.request("POST", "/api/login", {"username": username, "password": password})
-    return r.json().get("token", "") if r is not None and r.status == 200 else ""
+    if stepped_up(r):
+        await asyncio.sleep(rng.uniform(2.0, 5.0))
+        r = await c.request("POST", "/api/login", {"username": username, "password": password, "otp": SECOND_FACTOR})
+    return token_of(r)
 
 
 def browse_path(rng, uid: int) -> str:
@@ -248,8 +265,8 @@ def during_attack(ctx: Ctx, rng) -> float:
 
 async def paced_login(c: Client, rng, uid: int, t: float, ctx: Ctx, typo: bool, address: str | None = None):
     """Logs user `uid` in at `t` (after a mistyped password at `t` when
-    `typo`, the right one 1-3 s later, on the clock); returns (token, time
-    of the last attempt)."""
+    `typo`, the right one 1-3 s later; the second factor 2-5 s after a
+    step-up; on the clock); returns (token, time of the last attempt)."""
     username, password = f"user{uid:04d}", f"pass-{uid:04d}"
     if typo:
         await ctx.at(t)
@@ -257,7 +274,13 @@ async def paced_login(c: Client, rng, uid: int, t: float, ctx: Ctx, typo: bool, 
         t += rng.uniform(1.0, 3.0)
     await ctx.at(t)
     r = await c.request("POST", "/api/login", {"username": username, "password": password}, address=address)
-    return (r.json().get("token", "") if r is not None and r.status == 200 else ""), t
+    if stepped_up(r):
+        # Asked for the second factor: the person types it 2-5 s later.
+        t += rng.uniform(2.0, 5.0)
+        await ctx.at(t)
+        r = await c.request("POST", "/api/login", {"username": username, "password": password, "otp": SECOND_FACTOR},
+                            address=address)
+    return token_of(r), t
 
 
 async def returning_user(ctx: Ctx, n: int):

@@ -124,9 +124,21 @@ def scenario_metrics(reqs: list[Req], kind: str, t_start: float, reasons_by_addr
     first = next((i for i, r in enumerate(reqs) if r.blocked), None)
     after = reqs[first + 1:] if first is not None else []
     reasons: dict[str, int] = {}
+    shed: dict[tuple, list[Req]] = {}
+    for r in blocked:
+        shed.setdefault((r.xff, r.agent), []).append(r)
     for key in sorted({(r.xff, r.agent) for r in reqs if r.xff}, key=str):
-        for k, v in reasons_by_addr.get(key, {}).items():
+        logged = reasons_by_addr.get(key, {})
+        for k, v in logged.items():
             reasons[k] = reasons.get(k, 0) + v
+        if logged:
+            continue
+        # A client with no block line: shed requests (rate_limit's default
+        # action) log none; their access-log decision names the reason.
+        for r in shed.get(key, []):
+            m = re.search(r"reasons=(\S*)", r.abuse or "")
+            for k in filter(None, (m.group(1) if m else "").split(",")):
+                reasons[k] = reasons.get(k, 0) + 1
     statuses: dict[str, int] = {}
     for r in reqs:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
@@ -188,6 +200,10 @@ def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
         "attempts": len(logins),
         "statuses": dict(sorted(statuses.items())),
         "succeeded": sum(r.status == 200 for r in logins),
+        # The demo API asks a login the filter marks `high` for a second factor (202).
+        "stepped_up": sum(r.status == 202 for r in logins),
+        "stepped_up_clients": len({r.client for r in logins if r.status == 202}),
+        "logged_in_clients": len({r.client for r in logins if r.status == 200}),
         "during_attack": len(under),
         "first_under_attack_attempt": under[0] + 1 if under else None,
         "risk_levels": dict(sorted(levels.items())),
@@ -310,7 +326,8 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
             "pass": lg["refused"] == 0 and r["clients_blocked"] == 0,
             "detail": (f"{lg['refused']} of {lg['attempts']} logins refused ({r['clients_blocked']}/{r['clients']} people "
                        f"blocked at all); {lg['during_attack']} logins made while the endpoint was under attack; "
-                       f"statuses {lg['statuses']}") + (f"; refused: {why}" if why else ""),
+                       f"{lg.get('stepped_up_clients', 0)} people asked for a second factor; "
+                       f"{lg.get('logged_in_clients', 0)}/{r['clients']} logged in; statuses {lg['statuses']}") + (f"; refused: {why}" if why else ""),
         })
     for name, attackers in (("office_nat", "office_inside_attackers"), ("cgnat_phones", None)):
         r = rows.get(name)

@@ -62,3 +62,49 @@ def test_every_attack_is_recognised(report):
 def test_recall_after_recognition(report):
     o = report["overall"]
     assert o["recall_after_recognition"] >= 0.95, o
+
+
+def test_history_phase_warmed_the_restarted_envoy(report):
+    """Before the scored traffic the benign users logged in once, the scorer
+    counted their accounts and took the login baselines, and the restarted
+    Envoy warmed from it; none of that traffic is scored."""
+    h = report["run"]["history"]
+    assert h, "no history phase"
+    assert h["statuses"] == {"200": h["logins"]}, h["statuses"]
+    assert h["scorer_known_accounts_added"] >= h["accounts"], h
+    assert h["warm_stats"].get("abuse_filter.scorer.warm_shards", 0) >= 1, h["warm_stats"]
+    assert h["warm_stats"].get("abuse_filter.baselines.learning") == 0, h["warm_stats"]
+    assert "history" not in report["scenarios"]
+    assert report["overall"]["unlabelled_or_unknown"] == 0, report["overall"]
+
+
+def test_browser_copying_stuffing_is_recognised_and_then_refused(report):
+    d = report["scenarios"]["browser_stuffing"]
+    assert d["first_block_request"] is not None and d["first_block_request"] <= 200, describe(report["scenarios"], ["browser_stuffing"])
+    assert d["share_blocked_after_first"] >= 0.95, describe(report["scenarios"], ["browser_stuffing"])
+
+
+def test_real_users_log_in_during_the_browser_copying_attack(report):
+    """People logging into their own accounts, and people logging in for the
+    first time, while the endpoint is under attack: none refused, all in."""
+    rows = report["scenarios"]
+    for name in ("returning_users", "first_time_logins"):
+        r, lg = rows[name], rows[name]["logins"]
+        assert lg["refused"] == 0 and r["clients_blocked"] == 0, (name, lg)
+        assert lg["logged_in_clients"] == r["clients"], (name, lg)
+        assert lg["during_attack"] >= r["clients"] // 2, (name, "logins not made during the attack", lg)
+
+
+def test_attackers_inside_the_office_are_blocked_and_the_office_is_not(report):
+    rows = report["scenarios"]
+    inside = rows["office_inside_attackers"]["per_client_first_block"]
+    assert set(inside) == {"office_inside_attackers/ffuf-1", "office_inside_attackers/wrk-1"}, inside
+    late = {c: v for c, v in inside.items() if v["first_block_request"] is None or v["first_block_request"] > 20}
+    assert not late, late
+    assert rows["office_nat"]["clients_blocked"] == 0 and rows["office_nat"]["requests"] > 0, describe(rows, ["office_nat"])
+
+
+def test_a_carrier_nat_of_phones_is_never_blocked(report):
+    r = report["scenarios"]["cgnat_phones"]
+    assert r["clients"] == 120 and r["requests"] > 120 * 3, r
+    assert r["blocked"] == 0, describe(report["scenarios"], ["cgnat_phones"])
