@@ -13,8 +13,9 @@ from the real users. Before the scored traffic, this phase:
 2. waits until the scorer counted them (`abuse_scorer_known_accounts_added_total`
    on its /metrics);
 3. POSTs to the scorer's `/v1/events` (header `x-abuse-scorer-secret`) the
-   login endpoint's baselines a live site has after hours of traffic — the
-   one thing a short eval cannot produce (HISTORY_BASELINES);
+   baselines a live site has after hours of traffic — the one thing a short
+   eval cannot produce: the login endpoint's (LOGIN_BASELINE) and the route
+   groups' request rates (GROUP_RATES);
 4. restarts Envoy (a new process: its shared data, known accounts and
    baselines are gone; the scorer and the demo API keep running), with the
    first process's logs moved aside (history.*: never scored);
@@ -37,9 +38,21 @@ from scenario import Ctx
 
 # Hours of history of the login endpoint, as another Envoy of the fleet
 # would have sent them: failure ratio 0.2, logins to unknown accounts 5 %.
-HISTORY_BASELINES = {"version": 1, "baselines": [{"name": "login:/api/login", "baseline": 0.2, "unknown_baseline": 0.05,
-                                                  "samples": 5000, "successes_seen": 5000}]}
-HISTORY_LOGINS_PER_S = 120
+LOGIN_BASELINE = {"name": "login:/api/login", "baseline": 0.2, "unknown_baseline": 0.05,
+                  "samples": 5000, "successes_seen": 5000}
+# The route groups' normal request rates (requests/s; endpoint_spike judges
+# against them): the benign mix's mean rate in each profile, measured on
+# `--cold-start` runs. Without them the restarted Envoy would learn them from
+# its own first seconds (`baselines.learning` stays > 0 for ~10 s), idle —
+# a rate near 0 that every benign burst would "spike" over.
+GROUP_RATES = {"quick": {"api": 120.0, "login": 8.0}, "default": {"api": 240.0, "login": 8.0}}
+HISTORY_LOGINS_PER_S = 80
+
+
+def history_baselines(profile: str) -> dict:
+    groups = [{"name": f"group:{g}", "baseline": rps, "unknown_baseline": 0.0, "samples": 5000, "successes_seen": 0}
+              for g, rps in GROUP_RATES[profile].items()]
+    return {"version": 1, "baselines": [LOGIN_BASELINE, *groups]}
 SECRET_HEADER = "x-abuse-scorer-secret"
 LOGS = ("envoy.log", "access.json", "access.combined.log")
 
@@ -68,6 +81,9 @@ def run(stack: DemoStack, ctx: Ctx, out: Path) -> dict:
     """The history phase on the running stack; returns what it did."""
     started = time.monotonic()
     logins = history_logins(ctx, set(IDENTITIES))
+    # Interleaved: the office's hundred people do not all log in in the same
+    # second (its address would meet the anonymous per-second limit).
+    ctx.rng("history").shuffle(logins)
     accounts = len({uid for *_, uid in logins})
     statuses = asyncio.run(_logins(stack.port, logins, HISTORY_LOGINS_PER_S))
     logged_in = time.monotonic() - started
@@ -77,7 +93,8 @@ def run(stack: DemoStack, ctx: Ctx, out: Path) -> dict:
                        f"{metric} >= {accounts} on the scorer")
 
     secret = os.environ.get("ABUSE_SCORER_SECRET", "")
-    posted = request(stack.scorer.port, "POST", "/v1/events", {SECRET_HEADER: secret}, HISTORY_BASELINES)
+    baselines = history_baselines(ctx.profile.name)
+    posted = request(stack.scorer.port, "POST", "/v1/events", {SECRET_HEADER: secret}, baselines)
     if posted.status not in (200, 202, 204):
         raise RuntimeError(f"the scorer refused the history baselines: {posted.status} {posted.body[:300]!r}")
 
@@ -103,7 +120,7 @@ def run(stack: DemoStack, ctx: Ctx, out: Path) -> dict:
         "statuses": statuses,
         "login_s": round(logged_in, 2),
         "scorer_known_accounts_added": known,
-        "baselines_posted": HISTORY_BASELINES["baselines"],
+        "baselines_posted": baselines["baselines"],
         "events_status": posted.status,
         "envoy_restart_s": round(restarted, 2),
         "warm_stats": {k: v for k, v in stats.items() if k.startswith(("abuse_filter.scorer.warm", "abuse_filter.baselines"))},
