@@ -6,17 +6,25 @@
 //! handler: bodies are read with a size limit, parsed with serde into the
 //! strict wire types, bounded by `validate`, and the store falls back to
 //! memory instead of failing.
+//!
+//! Besides scoring, the filters feed the fleet's warm-start state through
+//! `POST /v1/events` (tick batches: known accounts, baselines) and a fresh
+//! Envoy reads it back from `GET /v1/warm?from=N` (see [`events`], [`warm`]).
 
 use crate::clock::now_ms;
 use crate::dashboard::{self, Dashboard, ModelView, StoreView};
+use crate::known;
 use crate::metrics::{action_name, reason_label, Metrics};
 use crate::model::Model;
 use crate::scoring::{self, FleetSignals, Policy};
 use crate::store::Fleet;
 use crate::validate;
 use abuse_engine::hash::KeyedHasher;
+use abuse_engine::known_accounts::SHARDS;
 use abuse_engine::wire::{
-    ScoreRequest, ScoreResponse, MAX_SCORE_REQUEST_BYTES, SCORE_PATH, SECRET_HEADER, VERDICTS_PATH,
+    EventBatch, KnownShard, ScoreRequest, ScoreResponse, WarmState, EVENTS_PATH, MAX_BATCH_BYTES,
+    MAX_SCORE_REQUEST_BYTES, SCORE_PATH, SECRET_HEADER, VERDICTS_PATH, WARM_PAGE_SHARDS, WARM_PATH,
+    WIRE_VERSION,
 };
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -25,6 +33,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::PathBuf;
@@ -42,6 +51,8 @@ pub struct App {
     pub state_dir: PathBuf,
     /// `trained` of the model on disk (see `snapshot::save`).
     snapshot_written: Mutex<u64>,
+    /// `warm_changes` of the warm-start state on disk (see `snapshot::save_warm`).
+    warm_written: Mutex<u64>,
 }
 
 /// The key usernames are hashed with before they reach any store. Derived
@@ -82,11 +93,11 @@ impl ApiError {
             message: format!("missing or wrong {SECRET_HEADER}"),
         }
     }
-    fn too_large() -> Self {
+    fn too_large(limit: usize) -> Self {
         ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             kind: "too_large",
-            message: format!("body larger than {MAX_SCORE_REQUEST_BYTES} bytes"),
+            message: format!("body larger than {limit} bytes"),
         }
     }
     fn bad_request(message: String) -> Self {
@@ -119,6 +130,7 @@ impl App {
             secret: secret.map(str::to_string),
             policy,
             snapshot_written: Mutex::new(model.trained()),
+            warm_written: Mutex::new(fleet.local().warm_changes()),
             model: Mutex::new(model),
             fleet,
             metrics,
@@ -140,6 +152,12 @@ impl App {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    pub fn warm_written(&self) -> MutexGuard<'_, u64> {
+        self.warm_written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn dashboard(&self) -> MutexGuard<'_, Dashboard> {
         self.dashboard
             .lock()
@@ -156,35 +174,45 @@ impl App {
         }
     }
 
+    /// A JSON object of type `T` from a body of at most `limit` bytes;
+    /// `what` names it in error messages.
+    async fn read_json<T: DeserializeOwned>(
+        headers: &HeaderMap,
+        body: Body,
+        limit: usize,
+        what: &str,
+    ) -> Result<T, ApiError> {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::too_large(limit));
+        }
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+            if is_length_limit(&e) {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::bad_request(format!("could not read the body: {e}"))
+            }
+        })?;
+        // serde would also read a struct from a JSON array, by position:
+        // the wire format is objects only.
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ApiError::bad_request(format!(
+                "invalid {what}: the body must be a JSON object"
+            )));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))
+    }
+
     async fn read_request(
         &self,
         headers: &HeaderMap,
         body: Body,
     ) -> Result<ScoreRequest, ApiError> {
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > MAX_SCORE_REQUEST_BYTES as u64) {
-            return Err(ApiError::too_large());
-        }
-        let bytes = axum::body::to_bytes(body, MAX_SCORE_REQUEST_BYTES)
-            .await
-            .map_err(|e| {
-                if is_length_limit(&e) {
-                    ApiError::too_large()
-                } else {
-                    ApiError::bad_request(format!("could not read the body: {e}"))
-                }
-            })?;
-        // serde would also read a struct from a JSON array, by position:
-        // the wire format is objects only.
-        if bytes.trim_ascii_start().first() != Some(&b'{') {
-            return Err(ApiError::bad_request(
-                "invalid score request: the body must be a JSON object".into(),
-            ));
-        }
-        let req: ScoreRequest = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("invalid score request: {e}")))?;
+        let req: ScoreRequest =
+            Self::read_json(headers, body, MAX_SCORE_REQUEST_BYTES, "score request").await?;
         validate::check(&req).map_err(ApiError::bad_request)?;
         Ok(req)
     }
@@ -253,6 +281,72 @@ impl App {
         Ok(answer)
     }
 
+    /// `POST /v1/events`: one worker's tick batch.
+    async fn events(&self, headers: &HeaderMap, body: Body) -> Result<Accepted, ApiError> {
+        self.authorize(headers)?;
+        let batch: EventBatch =
+            Self::read_json(headers, body, MAX_BATCH_BYTES, "event batch").await?;
+        validate::check_batch(&batch).map_err(ApiError::bad_request)?;
+        let now = now_ms();
+        let mut baselines = batch.baselines;
+        let before = baselines.len();
+        baselines.retain(|b| match validate::check_baseline(b) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "skipping a baseline of a batch");
+                false
+            }
+        });
+        let invalid = (before - baselines.len()) as u64;
+        let (added, no_room) = tokio::join!(
+            self.fleet.add_known_accounts(&batch.known_accounts, now),
+            self.fleet.merge_baselines(&baselines, now)
+        );
+        let refused = invalid + no_room;
+        self.metrics.batches.inc();
+        self.metrics.known_accounts_added.inc_by(added);
+        self.metrics
+            .batch_items_dropped
+            .with_label_values(&["filter"])
+            .inc_by(batch.dropped);
+        self.metrics
+            .batch_items_dropped
+            .with_label_values(&["scorer"])
+            .inc_by(refused);
+        if no_room > 0 {
+            tracing::debug!(no_room, "baselines without a free name were dropped");
+        }
+        let items = batch.known_accounts.len() + before;
+        Ok(Accepted {
+            accepted: (items as u64).saturating_sub(refused),
+        })
+    }
+
+    /// `GET /v1/warm?from=N`: a page of the warm-start state (see [`warm`]).
+    async fn warm_page(&self, from: u32) -> WarmState {
+        let now = now_ms();
+        let start = usize::try_from(from).unwrap_or(SHARDS);
+        let page = self.fleet.known_shards(start, WARM_PAGE_SHARDS, now).await;
+        let baselines = if from == 0 {
+            self.fleet.baselines(now).await
+        } else {
+            Vec::new()
+        };
+        WarmState {
+            version: WIRE_VERSION,
+            baselines,
+            known_shards: page
+                .shards
+                .iter()
+                .map(|(index, bits)| KnownShard {
+                    index: u32::try_from(*index).unwrap_or(u32::MAX),
+                    bits: known::encode(bits.as_slice()),
+                })
+                .collect(),
+            next: page.next.and_then(|n| u32::try_from(n).ok()),
+        }
+    }
+
     fn refuse(&self, e: ApiError) -> Response {
         self.metrics.error(e.kind);
         error_response(e.status, &e.message)
@@ -276,6 +370,8 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route(SCORE_PATH, post(score))
         .route(VERDICTS_PATH, get(verdicts))
+        .route(EVENTS_PATH, post(events))
+        .route(WARM_PATH, get(warm))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/", get(|| async { Html(dashboard::HTML) }))
@@ -323,6 +419,76 @@ async fn verdicts(
     app.metrics
         .latency
         .with_label_values(&["verdicts"])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The answer to an event batch: how many of its items (known accounts
+/// plus baselines) were taken — all but the baselines that were invalid or
+/// found no free name (counted in
+/// `abuse_scorer_batch_items_dropped_total{by="scorer"}`).
+#[derive(Serialize)]
+struct Accepted {
+    accepted: u64,
+}
+
+/// `POST /v1/events` (secret): an [`EventBatch`] of at most 64 KiB,
+/// `MAX_BATCH_ACCOUNTS` known accounts and `MAX_BASELINES` baselines.
+/// Each account's Bloom bits are set in the fleet's known-accounts filter,
+/// each baseline kept if it is the warmest of its name, `dropped` added to
+/// `abuse_scorer_batch_items_dropped_total{by="filter"}`. A baseline with a
+/// bad name (empty, > 300 bytes, control characters) or value (not finite,
+/// negative) is skipped and counted, not refused: the batch's accounts
+/// still count. 200 `{"accepted": n}`; 401, 413 or 400 (bad JSON, unknown
+/// field, another version, over a limit) as `{"error": "..."}`.
+/// A Redis failure is never an error: the batch lands in the memory store.
+async fn events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let response = match app.events(&headers, body).await {
+        Ok(accepted) => Json(accepted).into_response(),
+        Err(e) => app.refuse(e),
+    };
+    app.metrics
+        .latency
+        .with_label_values(&["events"])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WarmQuery {
+    #[serde(default)]
+    from: u32,
+}
+
+/// `GET /v1/warm?from=N` (secret; N defaults to 0): a [`WarmState`] with
+/// up to `WARM_PAGE_SHARDS` (64) non-empty known-accounts shards of index
+/// ≥ N, ascending, each `{"index": i, "bits": base64 of its 1,024 bytes}`,
+/// and `next`: the index after the page's last shard while non-empty
+/// shards remain after it, null when this page is the last (a full page
+/// with nothing after it has `next` null). **The baselines are on the
+/// first page only** (`from=0`; every baseline kept, at most
+/// `MAX_BASELINES`); later pages carry `[]`. N ≥ 1024 is an empty last
+/// page. With Redis, the answer is the union of Redis and this scorer's
+/// memory store (the memory store alone if Redis fails).
+async fn warm(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    query: Result<Query<WarmQuery>, QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let response = match (app.authorize(&headers), query) {
+        (Err(e), _) => app.refuse(e),
+        (Ok(()), Err(e)) => app.refuse(ApiError::bad_request(format!(
+            "invalid query: {}",
+            e.body_text()
+        ))),
+        (Ok(()), Ok(Query(q))) => Json(app.warm_page(q.from).await).into_response(),
+    };
+    app.metrics
+        .latency
+        .with_label_values(&["warm"])
         .observe(started.elapsed().as_secs_f64());
     response
 }

@@ -27,7 +27,8 @@ pub struct Cli {
     #[arg(long, env = "ABUSE_SCORER_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
 
-    /// Where the model snapshot (model.json) is kept.
+    /// Where the model snapshot (model.json) and the warm-start state
+    /// (warm.json) are kept.
     #[arg(long, env = "STATE_DIR", default_value = "./target/scorer")]
     pub state_dir: PathBuf,
 

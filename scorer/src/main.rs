@@ -18,14 +18,15 @@
 //! |---|---|---|---|
 //! | `--listen` | `LISTEN` | `127.0.0.1:8081` | address; port 0 picks a free one, printed in the banner |
 //! | `--redis-url` | `REDIS_URL` | none | share fleet state through Redis; without it, state is per process |
-//! | `--secret` | `ABUSE_SCORER_SECRET` | none | required in `x-abuse-scorer-secret` on `/v1/score` and `/v1/verdicts` |
-//! | `--state-dir` | `STATE_DIR` | `./target/scorer` | where `model.json` (the model snapshot) is kept |
+//! | `--secret` | `ABUSE_SCORER_SECRET` | none | required in `x-abuse-scorer-secret` on `/v1/score`, `/v1/verdicts`, `/v1/events` and `/v1/warm` |
+//! | `--state-dir` | `STATE_DIR` | `./target/scorer` | where `model.json` (the model snapshot) and `warm.json` (the warm-start state) are kept |
 //! | `--warm-up` | `WARM_UP` | 200 | vectors learned before the model scores |
 //! | `--block-at` | `BLOCK_AT` | 100 | score that blocks (match the filter's `risk.block_at`) |
 //! | `--ttl-s` | `TTL_S` | 30 | how long the filter may reuse an answer; blocks go to the fleet for 4× (≥ 60 s) |
 //!
 //! Logs go to stderr (`RUST_LOG`, default `info`). SIGTERM or SIGINT stop
-//! it gracefully (in-flight requests finish, up to 5 s) and save the model.
+//! it gracefully (in-flight requests finish, up to 5 s) and save the model
+//! and the warm-start state.
 //!
 //! ## Endpoints
 //!
@@ -33,6 +34,8 @@
 //! |---|---|---|
 //! | `POST /v1/score` | yes | `ScoreRequest` → `ScoreResponse`; 401 bad secret, 413 body > 16 KiB, 400 bad JSON, unknown field, wrong `version` or out-of-range values, each as `{"error": "..."}` |
 //! | `GET /v1/verdicts?since=N` | yes | `FleetVerdicts`: live blocks decided by any scorer after cursor N, at most 1,000; pass `next` back as `since` |
+//! | `POST /v1/events` | yes | `EventBatch` (a filter worker's tick batch) → `{"accepted": n}`; 401, 413 body > 64 KiB, 400 bad JSON, another `version`, > 2,048 `known_accounts` or > 64 `baselines` (a baseline with a bad name or value is skipped and counted) |
+//! | `GET /v1/warm?from=N` | yes | `WarmState`: up to 64 non-empty known-accounts shards of index ≥ N (default 0), `next` = where the next page starts (null: done); the baselines on the first page (`from=0`) only |
 //! | `GET /healthz` | no | `{"status":"ok","store":"memory"\|"redis","redis_ok":bool,"model":{"trained":n,"warm":bool}}` |
 //! | `GET /metrics` | no | Prometheus text (below) |
 //! | `GET /` | no | the dashboard |
@@ -44,7 +47,11 @@
 //! `abuse_scorer_model_samples`, `abuse_scorer_model_warm`,
 //! `abuse_scorer_store_errors_total`, `abuse_scorer_store_fallbacks_total`,
 //! `abuse_scorer_redis_up`, `abuse_scorer_fleet_verdicts_total`,
-//! `abuse_scorer_detections_total{reason}` (one per reason per answer).
+//! `abuse_scorer_detections_total{reason}` (one per reason per answer),
+//! `abuse_scorer_batches_total`, `abuse_scorer_known_accounts_added_total`
+//! (accounts new to the known-accounts filter),
+//! `abuse_scorer_batch_items_dropped_total{by=filter|scorer}` (what the
+//! batches report as dropped; baselines the scorer had no name for).
 //!
 //! ## Scoring
 //!
@@ -117,12 +124,27 @@
 //! write), a warning is logged at most every 10 s, and
 //! `abuse_scorer_store_fallbacks_total` counts it: never a 500. See
 //! `store/`.
+//!
+//! ## Warm start
+//!
+//! Every filter worker posts a tick batch to `POST /v1/events`: the fleet
+//! keys of accounts that just logged in (set in the scorer's copy of the
+//! known-accounts Bloom filter, 1,024 shards of 1 KiB, the engine's
+//! `known_accounts::bit_positions` geometry) and its learned baselines (per
+//! name the one with the most `samples` is kept, the newer on a tie; at
+//! most 64 names, a name unmentioned for a day making room for a new one
+//! when all are taken). A fresh Envoy pages through `GET /v1/warm` and ORs
+//! the shards into its own filter. In Redis the state lives under versioned
+//! keys (`abuse:v1:known_accounts:{shard}`, `abuse:v1:baselines`) and never
+//! expires; in memory it is fixed in size and saved to `STATE_DIR/warm.json`
+//! every 30 s when it changed and at shutdown. See `known.rs`.
 
 mod app;
 mod bounded;
 mod clock;
 mod config;
 mod dashboard;
+mod known;
 mod metrics;
 mod model;
 mod scoring;
@@ -178,6 +200,7 @@ async fn run(cli: config::Cli) -> Result<(), String> {
         .map_err(|e| e.to_string())?,
         None => store::Fleet::memory(),
     };
+    snapshot::load_warm(&cli.state_dir, fleet.local());
     if cli.secret().is_none() {
         tracing::warn!(
             "no secret configured: anyone who can reach the port can score and read verdicts"
@@ -244,6 +267,11 @@ async fn save_now(app: &Arc<app::App>) {
         Ok(true) => tracing::info!(trained = app.model().trained(), "saved the model snapshot"),
         Ok(false) => tracing::info!("model unchanged since the last snapshot"),
         Err(e) => tracing::warn!(error = %e, "saving the model snapshot failed"),
+    }
+    match snapshot::save_warm(app).await {
+        Ok(true) => tracing::info!("saved the warm-start snapshot"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "saving the warm-start snapshot failed"),
     }
 }
 

@@ -13,7 +13,10 @@ use prometheus::{
 };
 
 pub const ERROR_KINDS: [&str; 3] = ["unauthorized", "too_large", "bad_request"];
-pub const ROUTES: [&str; 2] = ["score", "verdicts"];
+pub const ROUTES: [&str; 4] = ["score", "verdicts", "events", "warm"];
+/// Who dropped batch items: the filter (the batch's `dropped`) or the scorer
+/// (baselines finding no free name).
+pub const DROPPED_BY: [&str; 2] = ["filter", "scorer"];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -28,6 +31,9 @@ pub struct Metrics {
     pub redis_up: IntGauge,
     pub fleet_verdicts: IntCounter,
     pub detections: IntCounterVec,
+    pub batches: IntCounter,
+    pub known_accounts_added: IntCounter,
+    pub batch_items_dropped: IntCounterVec,
 }
 
 pub fn action_name(a: ScoreAction) -> &'static str {
@@ -105,6 +111,21 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let batches = IntCounter::new(
+            "abuse_scorer_batches_total",
+            "Event batches accepted on /v1/events",
+        )?;
+        let known_accounts_added = IntCounter::new(
+            "abuse_scorer_known_accounts_added_total",
+            "Accounts from event batches that were new to the known-accounts filter",
+        )?;
+        let batch_items_dropped = IntCounterVec::new(
+            Opts::new(
+                "abuse_scorer_batch_items_dropped_total",
+                "Batch items lost: by=filter as the batches report, by=scorer for baselines without a free name",
+            ),
+            &["by"],
+        )?;
         for c in [
             Box::new(score_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -116,6 +137,9 @@ impl Metrics {
             Box::new(redis_up.clone()),
             Box::new(fleet_verdicts.clone()),
             Box::new(detections.clone()),
+            Box::new(batches.clone()),
+            Box::new(known_accounts_added.clone()),
+            Box::new(batch_items_dropped.clone()),
         ] {
             registry.register(c)?;
         }
@@ -130,6 +154,9 @@ impl Metrics {
         for r in ROUTES {
             latency.with_label_values(&[r]);
         }
+        for by in DROPPED_BY {
+            batch_items_dropped.with_label_values(&[by]);
+        }
         Ok(Metrics {
             registry,
             score_requests,
@@ -142,6 +169,9 @@ impl Metrics {
             redis_up,
             fleet_verdicts,
             detections,
+            batches,
+            known_accounts_added,
+            batch_items_dropped,
         })
     }
 
@@ -183,6 +213,11 @@ mod tests {
             "abuse_scorer_fleet_verdicts_total 0",
             "abuse_scorer_detections_total{reason=\"credential_stuffing\"} 1",
             "abuse_scorer_detections_total{reason=\"other\"} 1",
+            "abuse_scorer_batches_total 0",
+            "abuse_scorer_known_accounts_added_total 0",
+            "abuse_scorer_batch_items_dropped_total{by=\"filter\"} 0",
+            "abuse_scorer_batch_items_dropped_total{by=\"scorer\"} 0",
+            "abuse_scorer_request_duration_seconds_count{route=\"warm\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

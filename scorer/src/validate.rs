@@ -1,14 +1,19 @@
-//! What a score request must look like beyond its JSON shape. Everything in
-//! it is chosen by whoever reaches the scorer, and ends up in store keys,
-//! metric labels and the dashboard, so each string is bounded here.
+//! What a score request or an event batch must look like beyond its JSON
+//! shape. Everything in it is chosen by whoever reaches the scorer, and ends
+//! up in store keys, metric labels and the dashboard, so each string is
+//! bounded here.
 
-use abuse_engine::wire::{ScoreRequest, WIRE_VERSION};
+use abuse_engine::wire::{
+    BaselineSnapshot, EventBatch, ScoreRequest, MAX_BASELINES, MAX_BATCH_ACCOUNTS, WIRE_VERSION,
+};
 
 pub const MAX_REASONS: usize = 16;
 const MAX_REASON_LEN: usize = 64;
 const MAX_CLIENT_LEN: usize = 64;
 const MAX_SESSION_LEN: usize = 128;
 const MAX_USERNAME_LEN: usize = 256;
+/// Baseline names are `login:<path>` or `group:<name>`, from the configuration.
+pub const MAX_BASELINE_NAME_LEN: usize = 300;
 
 /// A short, quoted excerpt of caller input for an error message.
 fn excerpt(s: &str) -> String {
@@ -25,13 +30,17 @@ fn token(name: &str, value: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
-pub fn check(req: &ScoreRequest) -> Result<(), String> {
-    if req.version != WIRE_VERSION {
+fn version(v: u32) -> Result<(), String> {
+    if v != WIRE_VERSION {
         return Err(format!(
-            "unsupported wire version {} (this scorer speaks version {WIRE_VERSION})",
-            req.version
+            "unsupported wire version {v} (this scorer speaks version {WIRE_VERSION})"
         ));
     }
+    Ok(())
+}
+
+pub fn check(req: &ScoreRequest) -> Result<(), String> {
+    version(req.version)?;
     token("client", &req.client, MAX_CLIENT_LEN)?;
     if req.reasons.len() > MAX_REASONS {
         return Err(format!(
@@ -65,9 +74,106 @@ pub fn check(req: &ScoreRequest) -> Result<(), String> {
     Ok(())
 }
 
+pub fn check_batch(batch: &EventBatch) -> Result<(), String> {
+    version(batch.version)?;
+    if batch.known_accounts.len() > MAX_BATCH_ACCOUNTS {
+        return Err(format!(
+            "too many `known_accounts`: {} (at most {MAX_BATCH_ACCOUNTS} per batch)",
+            batch.known_accounts.len()
+        ));
+    }
+    if batch.baselines.len() > MAX_BASELINES {
+        return Err(format!(
+            "too many `baselines`: {} (at most {MAX_BASELINES} per batch)",
+            batch.baselines.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether one baseline of a batch can be kept. A bad one is skipped and
+/// counted, not a 400: refusing the batch would lose its known accounts,
+/// and the same worker would send the same baseline again in 10 s.
+pub fn check_baseline(b: &BaselineSnapshot) -> Result<(), String> {
+    if b.name.is_empty()
+        || b.name.len() > MAX_BASELINE_NAME_LEN
+        || b.name.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "baseline name {} is not 1 to {MAX_BASELINE_NAME_LEN} bytes without control characters",
+            excerpt(&b.name)
+        ));
+    }
+    for (field, v) in [
+        ("baseline", b.baseline),
+        ("unknown_baseline", b.unknown_baseline),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(format!(
+                "baseline {} has `{field}` {v}, not a finite number ≥ 0",
+                excerpt(&b.name)
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_name_the_problem() {
+        let ok = || EventBatch {
+            version: WIRE_VERSION,
+            known_accounts: vec![1, 2],
+            baselines: vec![BaselineSnapshot {
+                name: "login:/api/login".into(),
+                baseline: 0.1,
+                ..BaselineSnapshot::default()
+            }],
+            dropped: 0,
+        };
+        assert_eq!(check_batch(&ok()), Ok(()));
+        let e = |b: EventBatch| check_batch(&b).err().unwrap_or_default();
+        assert!(e(EventBatch { version: 0, ..ok() }).contains("wire version 0"));
+        assert!(e(EventBatch {
+            known_accounts: vec![7; MAX_BATCH_ACCOUNTS + 1],
+            ..ok()
+        })
+        .contains("too many `known_accounts`: 2049"));
+        assert!(e(EventBatch {
+            baselines: vec![
+                BaselineSnapshot {
+                    name: "n".into(),
+                    ..Default::default()
+                };
+                MAX_BASELINES + 1
+            ],
+            ..ok()
+        })
+        .contains("too many `baselines`"));
+        let bad = |b: BaselineSnapshot| check_baseline(&b).err().unwrap_or_default();
+        assert!(ok().baselines.iter().all(|b| check_baseline(b).is_ok()));
+        assert!(bad(BaselineSnapshot::default()).contains("name \"\""));
+        assert!(bad(BaselineSnapshot {
+            name: "a\nb".into(),
+            ..Default::default()
+        })
+        .contains("control"));
+        assert!(bad(BaselineSnapshot {
+            name: "g".into(),
+            baseline: f32::INFINITY,
+            ..Default::default()
+        })
+        .contains("`baseline` inf"));
+        assert!(bad(BaselineSnapshot {
+            name: "g".into(),
+            unknown_baseline: -1.0,
+            ..Default::default()
+        })
+        .contains("`unknown_baseline` -1"));
+    }
 
     fn ok() -> ScoreRequest {
         ScoreRequest {

@@ -638,3 +638,411 @@ fn never_breaks_on_mangled_input() {
     assert_eq!(get_json(&s.url("/healthz"), None)["status"], "ok");
     assert!(!s.log().contains("panicked"), "{}", s.log());
 }
+
+// ---- The tick-batch channel (`POST /v1/events`) and the warm start (`GET /v1/warm`).
+
+use abuse_engine::known_accounts::bit_positions;
+use base64::Engine as _;
+use std::collections::BTreeMap;
+
+/// Distinct shards for distinct `i < 1024` (an odd multiplier permutes the low bits).
+fn account(i: u64) -> u64 {
+    i.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+fn baseline(name: &str, samples: u32, value: f64) -> Value {
+    json!({"name": name, "baseline": value, "unknown_baseline": 0.5, "samples": samples, "successes_seen": 2})
+}
+
+fn batch(accounts: &[u64], baselines: &[Value], dropped: u64) -> String {
+    json!({"version": 1, "known_accounts": accounts, "baselines": baselines, "dropped": dropped})
+        .to_string()
+}
+
+/// Posts a batch, which must be accepted; the `accepted` count.
+fn send(s: &Scorer, body: &str) -> u64 {
+    let (status, text) = post(&s.url("/v1/events"), Some(SECRET), body);
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str::<Value>(&text).unwrap()["accepted"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The bytes every shard must hold after these accounts, by `bit_positions`.
+fn expected_shards(accounts: &[u64]) -> BTreeMap<u64, Vec<u8>> {
+    let mut shards: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for a in accounts {
+        let (shard, bits) = bit_positions(*a);
+        let bytes = shards.entry(shard as u64).or_insert_with(|| vec![0; 1024]);
+        for b in bits {
+            bytes[(b / 8) as usize] |= 1 << (b % 8);
+        }
+    }
+    shards
+}
+
+/// Every page of `/v1/warm` from 0, following `next`.
+fn warm_pages(s: &Scorer) -> Vec<Value> {
+    let mut pages = Vec::new();
+    let mut from = Some(0);
+    while let Some(n) = from {
+        let page = get_json(&s.url(&format!("/v1/warm?from={n}")), Some(SECRET));
+        assert_eq!(page["version"], 1, "{page}");
+        from = page["next"].as_u64();
+        if let Some(next) = from {
+            assert!(next > n, "next moves on: {n} → {next}");
+        }
+        pages.push(page);
+        assert!(pages.len() <= 1024, "paging ends");
+    }
+    pages
+}
+
+/// The decoded shards of all pages, checked to be ascending and non-empty.
+fn warm_shards(pages: &[Value]) -> BTreeMap<u64, Vec<u8>> {
+    let mut shards = BTreeMap::new();
+    let mut last = None;
+    for page in pages {
+        for shard in page["known_shards"].as_array().unwrap() {
+            let index = shard["index"].as_u64().unwrap();
+            assert!(last < Some(index), "ascending, each once: {index}");
+            last = Some(index);
+            let bits = base64::engine::general_purpose::STANDARD
+                .decode(shard["bits"].as_str().unwrap())
+                .unwrap();
+            assert_eq!(bits.len(), 1024);
+            assert!(bits.iter().any(|b| *b != 0), "only non-empty shards");
+            shards.insert(index, bits);
+        }
+    }
+    shards
+}
+
+fn metric(s: &Scorer, name: &str) -> f64 {
+    get(&s.url("/metrics"), None)
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[test]
+fn event_batches_feed_the_warm_start_and_it_pages_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Scorer::start(dir.path(), &[]);
+
+    // Nothing learned yet: one empty last page.
+    let empty = get_json(&s.url("/v1/warm"), Some(SECRET));
+    assert_eq!(
+        empty,
+        json!({"version": 1, "baselines": [], "known_shards": [], "next": null})
+    );
+
+    // 150 accounts in 150 shards, and 40 more in shards already used.
+    let mut accounts: Vec<u64> = (0..150).map(account).collect();
+    accounts.extend((0..40).map(|i| account(i) + 1024 * (i + 1)));
+    let baselines = [
+        baseline("login:/api/login", 500, 0.05),
+        baseline("group:api", 20, 12.5),
+    ];
+    assert_eq!(send(&s, &batch(&accounts, &baselines, 3)), 192);
+    // The same accounts again are nothing new; a colder baseline loses.
+    assert_eq!(
+        send(
+            &s,
+            &batch(
+                &accounts[..10],
+                &[baseline("login:/api/login", 499, 0.9)],
+                0
+            )
+        ),
+        11
+    );
+
+    let pages = warm_pages(&s);
+    assert_eq!(pages.len(), 3, "150 shards: 64 + 64 + 22");
+    let counts: Vec<usize> = pages
+        .iter()
+        .map(|p| p["known_shards"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(counts, [64, 64, 22]);
+    let first_next = pages[0]["next"].as_u64().unwrap();
+    let last_of_first = pages[0]["known_shards"][63]["index"].as_u64().unwrap();
+    assert_eq!(
+        first_next,
+        last_of_first + 1,
+        "next = the index after the page's last shard"
+    );
+    assert!(pages[2]["next"].is_null());
+    assert_eq!(
+        warm_shards(&pages),
+        expected_shards(&accounts),
+        "exactly the bits bit_positions names"
+    );
+
+    // Baselines: on the first page only, the warmer kept.
+    assert_eq!(
+        pages[0]["baselines"],
+        json!([
+            baseline("group:api", 20, 12.5),
+            baseline("login:/api/login", 500, 0.05)
+        ])
+    );
+    assert_eq!(pages[1]["baselines"], json!([]));
+    assert_eq!(pages[2]["baselines"], json!([]));
+    // A tie goes to the newer, a warmer one replaces.
+    send(
+        &s,
+        &batch(
+            &[],
+            &[
+                baseline("group:api", 20, 13.0),
+                baseline("login:/api/login", 900, 0.07),
+            ],
+            0,
+        ),
+    );
+    assert_eq!(
+        get_json(&s.url("/v1/warm?from=0"), Some(SECRET))["baselines"],
+        json!([
+            baseline("group:api", 20, 13.0),
+            baseline("login:/api/login", 900, 0.07)
+        ])
+    );
+    // A page from the middle starts there; one beyond the shards is empty and last.
+    let mid = get_json(&s.url(&format!("/v1/warm?from={first_next}")), Some(SECRET));
+    assert_eq!(mid, pages[1]);
+    assert_eq!(
+        get_json(&s.url("/v1/warm?from=5000"), Some(SECRET)),
+        json!({"version": 1, "baselines": [], "known_shards": [], "next": null})
+    );
+
+    assert_eq!(metric(&s, "abuse_scorer_batches_total"), 3.0);
+    assert_eq!(metric(&s, "abuse_scorer_known_accounts_added_total"), 190.0);
+    assert_eq!(
+        metric(&s, "abuse_scorer_batch_items_dropped_total{by=\"filter\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric(&s, "abuse_scorer_batch_items_dropped_total{by=\"scorer\"}"),
+        0.0
+    );
+    assert!(get(&s.url("/metrics"), None)
+        .1
+        .contains("abuse_scorer_request_duration_seconds_count{route=\"warm\"}"));
+
+    // Without Redis, warm.json carries it over a restart.
+    let before = warm_pages(&s);
+    let status = s.terminate();
+    assert!(status.success(), "{}", s.log());
+    assert!(
+        s.log().contains("saved the warm-start snapshot"),
+        "{}",
+        s.log()
+    );
+    assert!(dir.path().join("warm.json").is_file());
+    let s = Scorer::start(dir.path(), &[]);
+    assert!(
+        s.log().contains("loaded the warm-start snapshot"),
+        "{}",
+        s.log()
+    );
+    assert_eq!(warm_pages(&s), before);
+}
+
+#[test]
+fn events_and_warm_refuse_bad_requests_with_json_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Scorer::start(dir.path(), &[]);
+    let events = s.url("/v1/events");
+    let valid = batch(&[1, 2, 3], &[baseline("login:/l", 1, 0.1)], 0);
+
+    for secret in [None, Some("wrong")] {
+        let (status, body) = post(&events, secret, &valid);
+        assert_eq!(status, 401, "{body}");
+        assert!(error_of(&body).contains("x-abuse-scorer-secret"));
+        let (status, body) = get(&s.url("/v1/warm?from=0"), secret);
+        assert_eq!((status, error_of(&body).is_empty()), (401, false));
+    }
+
+    // 64 KiB at most: 3,200 accounts of 20 digits are ~67 KB.
+    let big = batch(&vec![u64::MAX; 3_200], &[], 0);
+    assert!(big.len() > 65_536 && big.len() < 70_000);
+    let (status, body) = post(&events, Some(SECRET), &big);
+    assert_eq!(status, 413);
+    assert!(error_of(&body).contains("65536"), "{body}");
+
+    let many_baselines: Vec<Value> = (0..65)
+        .map(|i| baseline(&format!("g{i}"), 1, 0.0))
+        .collect();
+    let too_many_accounts = batch(&vec![1; 2_049], &[], 0);
+    let too_many_baselines = batch(&[], &many_baselines, 0);
+    for (bad, needle) in [
+        ("{not json".to_string(), "invalid event batch"),
+        ("[1, [2]]".to_string(), "must be a JSON object"),
+        (String::new(), "must be a JSON object"),
+        (
+            valid.replace("\"version\":1", "\"version\":2"),
+            "wire version 2",
+        ),
+        ("{\"known_accounts\":[1]}".to_string(), "wire version 0"),
+        (
+            "{\"version\":1,\"nope\":1}".to_string(),
+            "unknown field `nope`",
+        ),
+        (
+            "{\"version\":1,\"known_accounts\":[-1]}".to_string(),
+            "invalid value",
+        ),
+        (
+            "{\"version\":1,\"known_accounts\":[\"a\"]}".to_string(),
+            "invalid type",
+        ),
+        (too_many_accounts, "too many `known_accounts`: 2049"),
+        (too_many_baselines, "too many `baselines`: 65"),
+    ] {
+        let (status, body) = post(&events, Some(SECRET), &bad);
+        assert_eq!(status, 400, "{bad:.80}: {body}");
+        let error = error_of(&body);
+        assert!(error.contains(needle), "{bad:.80}: {error}");
+    }
+    for query in ["from=-1", "from=abc", "since=0", "from=4294967296"] {
+        let (status, body) = get(&s.url(&format!("/v1/warm?{query}")), Some(SECRET));
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(error_of(&body).contains("invalid query"), "{query}: {body}");
+    }
+    assert_eq!(
+        get_json(&s.url("/v1/warm"), Some(SECRET))["known_shards"],
+        json!([]),
+        "nothing refused was stored"
+    );
+    let (status, body) = post(&events, Some(SECRET), &valid);
+    assert_eq!((status, body.as_str()), (200, "{\"accepted\":4}"));
+    // Bad baselines are skipped and counted; the batch's accounts still land.
+    let mixed = batch(
+        &[9],
+        &[
+            baseline("", 1, 0.0),
+            baseline("g", 1, 1e39),
+            baseline("group:ok", 1, 0.5),
+        ],
+        0,
+    );
+    let (status, body) = post(&events, Some(SECRET), &mixed);
+    assert_eq!((status, body.as_str()), (200, "{\"accepted\":2}"));
+    let warm = get_json(&s.url("/v1/warm"), Some(SECRET));
+    assert_eq!(warm["known_shards"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        warm["baselines"],
+        json!([baseline("group:ok", 1, 0.5), baseline("login:/l", 1, 0.1)])
+    );
+    assert_eq!(
+        metric(&s, "abuse_scorer_batch_items_dropped_total{by=\"scorer\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&s, "abuse_scorer_errors_total{kind=\"unauthorized\"}"),
+        4.0
+    );
+    assert_eq!(
+        metric(&s, "abuse_scorer_errors_total{kind=\"too_large\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&s, "abuse_scorer_errors_total{kind=\"bad_request\"}"),
+        14.0
+    );
+    assert_eq!(metric(&s, "abuse_scorer_batches_total"), 2.0);
+}
+
+#[test]
+fn scorers_on_one_redis_share_the_warm_start_and_keep_it_over_restarts() {
+    let Some(redis) = start_redis() else {
+        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server); the Redis warm-start test did not run");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Scorer::start(&dir.path().join("a"), &["--redis-url", &redis.url]);
+    let mut b = Scorer::start(&dir.path().join("b"), &["--redis-url", &redis.url]);
+
+    let via_a: Vec<u64> = (0..80).map(account).collect();
+    let via_b: Vec<u64> = (60..120).map(account).chain([account(3) + 1024]).collect();
+    send(
+        &a,
+        &batch(&via_a, &[baseline("login:/api/login", 300, 0.04)], 0),
+    );
+    send(
+        &b,
+        &batch(
+            &via_b,
+            &[
+                baseline("login:/api/login", 100, 0.5),
+                baseline("group:api", 7, 2.0),
+            ],
+            0,
+        ),
+    );
+    let all: Vec<u64> = via_a.iter().chain(&via_b).copied().collect();
+    let expected = expected_shards(&all);
+    assert_eq!(expected.len(), 120);
+    let expected_baselines = json!([
+        baseline("group:api", 7, 2.0),
+        baseline("login:/api/login", 300, 0.04)
+    ]);
+    for s in [&a, &b] {
+        let pages = warm_pages(s);
+        assert_eq!(pages.len(), 2, "120 shards: 64 + 56");
+        assert_eq!(
+            warm_shards(&pages),
+            expected,
+            "each sees the other's accounts"
+        );
+        assert_eq!(
+            pages[0]["baselines"], expected_baselines,
+            "the warmer, whoever sent it"
+        );
+    }
+    // B learned 20 new accounts (60..80 were A's) and one in a used shard.
+    assert_eq!(metric(&b, "abuse_scorer_known_accounts_added_total"), 41.0);
+    assert_eq!(metric(&a, "abuse_scorer_store_fallbacks_total"), 0.0);
+
+    // The layout in Redis: versioned keys, our bit b at offset (b/8)*8 + 7 - b%8.
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let (shard, bits) = bit_positions(via_a[0]);
+    let key = format!("abuse:v1:known_accounts:{shard}");
+    for bit in bits {
+        let offset = u64::from(bit / 8) * 8 + u64::from(7 - bit % 8);
+        let set: u8 = redis::cmd("GETBIT")
+            .arg(&key)
+            .arg(offset)
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(set, 1, "bit {bit} of {key}");
+    }
+    let names: Vec<String> = redis::cmd("HKEYS")
+        .arg("abuse:v1:baselines")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // A restarted scorer (a fresh state directory: nothing on disk) has it all from Redis.
+    assert!(b.terminate().success());
+    let c = Scorer::start(&dir.path().join("c"), &["--redis-url", &redis.url]);
+    let pages = warm_pages(&c);
+    assert_eq!(warm_shards(&pages), expected);
+    assert_eq!(pages[0]["baselines"], expected_baselines);
+
+    // Redis gone: A still answers 200s, from what it learned itself.
+    drop(redis);
+    send(&a, &batch(&[account(500)], &[], 0));
+    let pages = warm_pages(&a);
+    let mut own = via_a.clone();
+    own.push(account(500));
+    assert_eq!(warm_shards(&pages), expected_shards(&own));
+    assert_eq!(
+        pages[0]["baselines"],
+        json!([baseline("login:/api/login", 300, 0.04)])
+    );
+    assert!(metric(&a, "abuse_scorer_store_fallbacks_total") >= 2.0);
+}

@@ -1,13 +1,18 @@
 //! Fleet state in this process: the whole store of a single scorer, and the
 //! fallback of a Redis-backed one. Every map is a [`BoundedMap`] (100,000
-//! entries by default), the verdict log a ring of the last 10,000.
+//! entries by default), the verdict log a ring of the last 10,000; the
+//! warm-start state (known accounts, baselines) is fixed in size (see
+//! `known`) and behind its own lock, and saved to `STATE_DIR/warm.json`
+//! (see `snapshot`).
 
 use super::{
     sliding_estimate, FleetStore, StoreError, SESSION_ADDRESS_CAP, VERDICTS_PAGE, VERDICT_LOG_CAP,
     WINDOW_MS,
 };
 use crate::bounded::BoundedMap;
-use abuse_engine::wire::{FleetVerdict, FleetVerdicts, WIRE_VERSION};
+use crate::known::{Baselines, KnownFilter, Merged, ShardBits, ShardPage};
+use abuse_engine::known_accounts::SHARDS;
+use abuse_engine::wire::{BaselineSnapshot, FleetVerdict, FleetVerdicts, WIRE_VERSION};
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -45,8 +50,22 @@ struct Inner {
     seq: u64,
 }
 
+/// What a fresh Envoy warms from.
+#[derive(Default)]
+struct Warm {
+    known: KnownFilter,
+    baselines: Baselines,
+    /// Bumped on every change that a snapshot should carry.
+    changes: u64,
+}
+
+/// The warm-start state as saved: (changes, baselines with when they were
+/// last mentioned, non-empty shards).
+pub type WarmExport = (u64, Vec<(BaselineSnapshot, u64)>, Vec<(usize, ShardBits)>);
+
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    warm: Mutex<Warm>,
 }
 
 impl Default for MemoryStore {
@@ -69,6 +88,82 @@ impl MemoryStore {
                 log: VecDeque::new(),
                 seq: 0,
             }),
+            warm: Mutex::new(Warm::default()),
+        }
+    }
+
+    fn warm(&self) -> MutexGuard<'_, Warm> {
+        self.warm.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets each account's bits; how many were new.
+    pub fn add_known(&self, accounts: &[u64]) -> u64 {
+        let mut warm = self.warm();
+        let new = accounts.iter().filter(|a| warm.known.add(**a)).count() as u64;
+        if new > 0 {
+            warm.changes += 1;
+        }
+        new
+    }
+
+    pub fn known_page(&self, from: usize, max: usize) -> ShardPage {
+        self.warm().known.page(from, max)
+    }
+
+    /// Merges the baselines; how many were dropped for want of a free name.
+    pub fn merge_baseline_list(&self, baselines: &[BaselineSnapshot], now_ms: u64) -> u64 {
+        let mut warm = self.warm();
+        let mut dropped = 0;
+        for b in baselines {
+            match warm.baselines.merge(b, now_ms) {
+                Merged::Stored => warm.changes += 1,
+                Merged::Kept => {}
+                Merged::Dropped => dropped += 1,
+            }
+        }
+        dropped
+    }
+
+    pub fn baseline_list(&self) -> Vec<BaselineSnapshot> {
+        self.warm().baselines.list()
+    }
+
+    /// Changes to the warm-start state so far (snapshots compare it).
+    pub fn warm_changes(&self) -> u64 {
+        self.warm().changes
+    }
+
+    pub fn export_warm(&self) -> WarmExport {
+        let warm = self.warm();
+        let baselines = warm
+            .baselines
+            .entries()
+            .map(|(b, seen)| (b.clone(), seen))
+            .collect();
+        let mut shards = Vec::new();
+        let mut from = Some(0);
+        while let Some(start) = from {
+            let page = warm.known.page(start, SHARDS);
+            shards.extend(page.shards);
+            from = page.next;
+        }
+        (warm.changes, baselines, shards)
+    }
+
+    /// Puts back saved state (at start): bits are ORed in, baselines merged
+    /// by their saved time. Leaves `warm_changes` at 0: what was just read
+    /// need not be written again.
+    pub fn restore_warm(
+        &self,
+        baselines: Vec<(BaselineSnapshot, u64)>,
+        shards: &[(usize, ShardBits)],
+    ) {
+        let mut warm = self.warm();
+        for (b, seen) in baselines {
+            warm.baselines.restore(b, seen);
+        }
+        for (index, bits) in shards {
+            warm.known.merge(*index, bits.as_slice());
         }
     }
 
@@ -195,6 +290,26 @@ impl FleetStore for MemoryStore {
     async fn verdicts_since(&self, since: u64, now_ms: u64) -> Result<FleetVerdicts, StoreError> {
         Ok(self.verdicts_after(since, now_ms))
     }
+
+    async fn add_known_accounts(&self, accounts: &[u64]) -> Result<u64, StoreError> {
+        Ok(self.add_known(accounts))
+    }
+
+    async fn known_shards(&self, from: usize, max: usize) -> Result<ShardPage, StoreError> {
+        Ok(self.known_page(from, max))
+    }
+
+    async fn merge_baselines(
+        &self,
+        baselines: &[BaselineSnapshot],
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        Ok(self.merge_baseline_list(baselines, now_ms))
+    }
+
+    async fn baselines(&self) -> Result<Vec<BaselineSnapshot>, StoreError> {
+        Ok(self.baseline_list())
+    }
 }
 
 #[cfg(test)]
@@ -290,6 +405,116 @@ pub(crate) mod tests {
         assert_eq!(
             reset.verdicts.len(),
             all.verdicts.len() + first.verdicts.len()
+        );
+
+        warm_contract(store, t0).await;
+    }
+
+    fn baseline(name: &str, samples: u32, value: f32) -> BaselineSnapshot {
+        BaselineSnapshot {
+            name: name.into(),
+            baseline: value,
+            unknown_baseline: 0.25,
+            samples,
+            successes_seen: 3,
+        }
+    }
+
+    async fn warm_contract<S: FleetStore>(store: &S, t0: u64) {
+        use crate::known::{BASELINE_NAMES, BASELINE_STALE_MS};
+        use abuse_engine::known_accounts::bit_positions;
+
+        // Known accounts: shards 5 and 700, two accounts each.
+        let accounts = [5u64, 5 + 1024 * 3, 700, 700 + 1024];
+        assert_eq!(store.add_known_accounts(&accounts).await.unwrap(), 4);
+        assert_eq!(store.add_known_accounts(&accounts[..1]).await.unwrap(), 0);
+        assert_eq!(store.add_known_accounts(&[]).await.unwrap(), 0);
+        let first = store.known_shards(0, 1).await.unwrap();
+        assert_eq!(first.shards.len(), 1);
+        assert_eq!((first.shards[0].0, first.next), (5, Some(6)));
+        let second = store.known_shards(6, 1).await.unwrap();
+        assert_eq!((second.shards.len(), second.next), (1, None));
+        assert_eq!(second.shards[0].0, 700);
+        for a in accounts {
+            let (shard, bits) = bit_positions(a);
+            let page = if shard == 5 { &first } else { &second };
+            let got = &page.shards[0].1;
+            assert!(bits
+                .iter()
+                .all(|b| got[(b / 8) as usize] & (1 << (b % 8)) != 0));
+        }
+        let ones: u32 = [&first, &second]
+            .iter()
+            .map(|p| p.shards[0].1.iter().map(|b| b.count_ones()).sum::<u32>())
+            .sum();
+        assert_eq!(ones, 7 + 5, "exactly the accounts' bits (shared ones once)");
+        let both = store.known_shards(0, 64).await.unwrap();
+        assert_eq!((both.shards.len(), both.next), (2, None));
+        assert!(store.known_shards(701, 64).await.unwrap().shards.is_empty());
+        assert_eq!(
+            store.known_shards(5_000, 64).await.unwrap(),
+            ShardPage::default()
+        );
+
+        // Baselines: the warmer per name, the newer on a tie.
+        let sorted = |mut v: Vec<BaselineSnapshot>| {
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            v
+        };
+        let batch = [baseline("login:/x", 10, 0.1), baseline("group:g", 3, 5.0)];
+        assert_eq!(store.merge_baselines(&batch, t0).await.unwrap(), 0);
+        store
+            .merge_baselines(&[baseline("login:/x", 9, 0.9)], t0)
+            .await
+            .unwrap();
+        assert_eq!(
+            sorted(store.baselines().await.unwrap()),
+            [baseline("group:g", 3, 5.0), baseline("login:/x", 10, 0.1)]
+        );
+        store
+            .merge_baselines(&[baseline("login:/x", 10, 0.2)], t0)
+            .await
+            .unwrap();
+        assert_eq!(
+            sorted(store.baselines().await.unwrap())[1],
+            baseline("login:/x", 10, 0.2)
+        );
+        // At most BASELINE_NAMES names: two of these find no room.
+        let many: Vec<BaselineSnapshot> = (0..BASELINE_NAMES)
+            .map(|i| baseline(&format!("group:{i}"), 1, i as f32))
+            .collect();
+        assert_eq!(store.merge_baselines(&many, t0).await.unwrap(), 2);
+        assert_eq!(store.baselines().await.unwrap().len(), BASELINE_NAMES);
+        // A day later, a name nobody mentioned since makes room.
+        let later = t0 + BASELINE_STALE_MS;
+        let mut mentioned: Vec<BaselineSnapshot> =
+            many.iter().take(BASELINE_NAMES - 2).cloned().collect();
+        mentioned.push(baseline("group:g", 1, 0.0));
+        store.merge_baselines(&mentioned, later).await.unwrap();
+        assert_eq!(
+            store
+                .merge_baselines(&[baseline("group:new", 1, 1.0)], later)
+                .await
+                .unwrap(),
+            0
+        );
+        let names: Vec<String> = store
+            .baselines()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.name)
+            .collect();
+        assert!(names.contains(&"group:new".to_string()));
+        assert!(!names.contains(&"login:/x".to_string()), "{names:?}");
+        assert_eq!(names.len(), BASELINE_NAMES);
+        assert_eq!(
+            store
+                .merge_baselines(&[baseline("group:newer", 1, 1.0)], later)
+                .await
+                .unwrap(),
+            1,
+            "every other name is in use"
         );
     }
 

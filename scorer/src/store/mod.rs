@@ -11,19 +11,26 @@
 //! * distinct client addresses per session hash, over the last 10 minutes;
 //! * blocked clients (until when), and the log of those block decisions
 //!   with a monotonically increasing cursor, the last 10,000 kept, which the
-//!   filters poll through `GET /v1/verdicts?since=N`.
+//!   filters poll through `GET /v1/verdicts?since=N`;
+//! * what a fresh Envoy warms from (`GET /v1/warm`), learned from the
+//!   filters' tick batches (`POST /v1/events`): the known-accounts Bloom
+//!   filter (1,024 shards of 1 KiB, bits only ever set) and the learned
+//!   baselines, the warmest per name (see `known`). These never expire.
 //!
 //! [`memory::MemoryStore`] keeps them in this process (one scorer, or a
 //! fallback); [`redis::RedisStore`] keeps them in Redis, shared by every
 //! scorer. [`Fleet`] is what the service uses: with Redis it writes every
 //! update to both, reads Redis, and when a Redis call fails answers from the
 //! memory store — never an error to the caller — with a rate-limited
-//! warning and the `store_fallbacks` counter.
+//! warning and the `store_fallbacks` counter. The warm-start reads answer
+//! the union of Redis and the memory store, so bits and baselines learned
+//! here during an outage are still handed out once Redis is back.
 
 pub mod memory;
 pub mod redis;
 
-use abuse_engine::wire::{FleetVerdict, FleetVerdicts};
+use crate::known::{merge_lists, merge_pages, ShardPage};
+use abuse_engine::wire::{BaselineSnapshot, FleetVerdict, FleetVerdicts};
 use prometheus::{IntCounter, IntGauge};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,6 +97,28 @@ pub trait FleetStore: Send + Sync {
         since: u64,
         now_ms: u64,
     ) -> impl Future<Output = Result<FleetVerdicts, StoreError>> + Send;
+    /// Sets each account's known-accounts bits (`known_accounts::bit_positions`);
+    /// how many accounts were new (some bit of theirs was unset).
+    fn add_known_accounts(
+        &self,
+        accounts: &[u64],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Up to `max` non-empty known-accounts shards with index ≥ `from`
+    /// (see [`ShardPage`]).
+    fn known_shards(
+        &self,
+        from: usize,
+        max: usize,
+    ) -> impl Future<Output = Result<ShardPage, StoreError>> + Send;
+    /// Keeps per name the warmer baseline (`known::replaces`), at most
+    /// `known::BASELINE_NAMES` names; how many were dropped for want of one.
+    fn merge_baselines(
+        &self,
+        baselines: &[BaselineSnapshot],
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Every baseline kept.
+    fn baselines(&self) -> impl Future<Output = Result<Vec<BaselineSnapshot>, StoreError>> + Send;
 }
 
 /// The store the service uses (see module doc).
@@ -248,6 +277,92 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// The in-process store: all of it, or Redis's mirror (snapshots).
+    pub fn local(&self) -> &memory::MemoryStore {
+        match self {
+            Fleet::Memory(m) => m,
+            Fleet::Redis(r) => &r.local,
+        }
+    }
+
+    /// Sets the accounts' bits; how many were new.
+    pub async fn add_known_accounts(&self, accounts: &[u64], now_ms: u64) -> u64 {
+        match self {
+            Fleet::Memory(m) => m.add_known(accounts),
+            Fleet::Redis(r) => {
+                let local = r.local.add_known(accounts);
+                if accounts.is_empty() {
+                    return local;
+                }
+                r.or_local(
+                    "add_known_accounts",
+                    r.redis.add_known_accounts(accounts).await,
+                    local,
+                    now_ms,
+                )
+            }
+        }
+    }
+
+    pub async fn known_shards(&self, from: usize, max: usize, now_ms: u64) -> ShardPage {
+        match self {
+            Fleet::Memory(m) => m.known_page(from, max),
+            Fleet::Redis(r) => {
+                let local = r.local.known_page(from, max);
+                match r.redis.known_shards(from, max).await {
+                    Ok(remote) => {
+                        r.succeeded();
+                        merge_pages(remote, local, max)
+                    }
+                    Err(e) => {
+                        r.failed("known_shards", &e, now_ms, true);
+                        local
+                    }
+                }
+            }
+        }
+    }
+
+    /// Merges the baselines; how many were dropped for want of a name.
+    pub async fn merge_baselines(&self, baselines: &[BaselineSnapshot], now_ms: u64) -> u64 {
+        match self {
+            Fleet::Memory(m) => m.merge_baseline_list(baselines, now_ms),
+            Fleet::Redis(r) => {
+                let local = r.local.merge_baseline_list(baselines, now_ms);
+                if baselines.is_empty() {
+                    return local;
+                }
+                r.or_local(
+                    "merge_baselines",
+                    r.redis.merge_baselines(baselines, now_ms).await,
+                    local,
+                    now_ms,
+                )
+            }
+        }
+    }
+
+    pub async fn baselines(&self, now_ms: u64) -> Vec<BaselineSnapshot> {
+        match self {
+            Fleet::Memory(m) => m.baseline_list(),
+            Fleet::Redis(r) => {
+                let local = r.local.baseline_list();
+                match r.redis.baselines().await {
+                    Ok(remote) => {
+                        r.succeeded();
+                        merge_lists(remote, local)
+                    }
+                    Err(e) => {
+                        r.failed("baselines", &e, now_ms, true);
+                        local
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl RedisFleet {
     fn or_local<T>(
         &self,
@@ -306,7 +421,7 @@ impl RedisFleet {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -349,9 +464,21 @@ mod tests {
             assert_eq!(fleet.record_verdict(&v, t).await, 1);
             assert_eq!(fleet.blocked("c", t).await, Some(v.clone()));
             assert_eq!(fleet.verdicts_since(0, t).await.verdicts, vec![v]);
+            // The warm-start state too: written locally, read from there.
+            assert_eq!(fleet.add_known_accounts(&[7, 7 + 1024], t).await, 2);
+            let page = fleet.known_shards(0, 64, t).await;
+            assert_eq!(page.shards.len(), 1);
+            assert_eq!((page.shards[0].0, page.next), (7, None));
+            let b = BaselineSnapshot {
+                name: "login:/l".into(),
+                samples: 5,
+                ..BaselineSnapshot::default()
+            };
+            assert_eq!(fleet.merge_baselines(std::slice::from_ref(&b), t).await, 0);
+            assert_eq!(fleet.baselines(t).await, vec![b]);
             assert!(!fleet.redis_ok());
             assert!(!fleet.check_redis(t).await);
-            assert_eq!(fallbacks.get(), 5);
+            assert_eq!(fallbacks.get(), 9);
         });
     }
 }

@@ -9,6 +9,14 @@
 //! | `abuse:b:{client}` | string (JSON verdict) | live block, expires with it |
 //! | `abuse:v:seq` | string (INCR) | the verdict cursor |
 //! | `abuse:v:log` | sorted set | `{cursor}:{verdict JSON}` scored by cursor; last 10,000 |
+//! | `abuse:v1:known_accounts:{shard}` | string (SETBIT) | shard 0–1023 of the known-accounts Bloom filter: its bytes are the wire layout (bit `b` = bit `b % 8` of byte `b / 8`, LSB first, set at Redis offset `(b / 8)·8 + 7 − b % 8`); up to 1 KiB, shorter until its high bits are set; never expires |
+//! | `abuse:v1:baselines` | hash | baseline name → `BaselineSnapshot` JSON, the warmest per name; at most 64 names; never expires |
+//! | `abuse:v1:baselines:seen` | sorted set | baseline name scored by the last time (ms) a batch mentioned it: decides which name makes room when all 64 are taken |
+//!
+//! The warm-start keys carry a version (`v1`): a future layout gets new
+//! keys instead of misreading these. Baselines are merged by a Lua script
+//! (`MERGE_BASELINES`), so scorers sharing the Redis never lose a warmer
+//! baseline to a race.
 //!
 //! Every call is bounded by [`CALL_TIMEOUT`] on top of the connection's own
 //! timeouts: a slow Redis must cost a borderline request a fallback, never
@@ -18,8 +26,13 @@ use super::{
     sliding_estimate, FleetStore, StoreError, SESSION_ADDRESS_CAP, VERDICTS_PAGE, VERDICT_LOG_CAP,
     WINDOW_MS,
 };
-use abuse_engine::wire::{FleetVerdict, FleetVerdicts, WIRE_VERSION};
+use crate::known::{self, is_empty, redis_offset, shard_from, ShardPage};
+use abuse_engine::known_accounts::{bit_positions, BITS_PER_ACCOUNT, SHARDS};
+use abuse_engine::wire::{
+    BaselineSnapshot, FleetVerdict, FleetVerdicts, MAX_BASELINES, WIRE_VERSION,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -27,6 +40,62 @@ use std::time::Duration;
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 const SEQ_KEY: &str = "abuse:v:seq";
 const LOG_KEY: &str = "abuse:v:log";
+const BASELINES_KEY: &str = "abuse:v1:baselines";
+const BASELINES_SEEN_KEY: &str = "abuse:v1:baselines:seen";
+
+fn known_key(shard: usize) -> String {
+    format!("abuse:v1:known_accounts:{shard}")
+}
+
+/// KEYS: the baselines hash, the seen sorted set. ARGV: now (ms), the name
+/// cap, the staleness (ms), then (name, samples, JSON) per baseline. Keeps
+/// the warmer per name (the newer on a tie; a value it cannot read loses),
+/// notes every name mentioned as seen now, and when all names are taken
+/// lets a new one replace the one mentioned longest ago if that is stale
+/// (a name without a seen time counts as stale). Returns how many baselines
+/// found no room.
+const MERGE_BASELINES: &str = r"
+local now, cap, stale = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local dropped = 0
+for i = 4, #ARGV, 3 do
+  local name, samples, json = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local old = redis.call('HGET', KEYS[1], name)
+  if old then
+    local ok, v = pcall(cjson.decode, old)
+    local old_samples = -1
+    if ok and type(v) == 'table' and type(v.samples) == 'number' then
+      old_samples = v.samples
+    end
+    if samples >= old_samples then
+      redis.call('HSET', KEYS[1], name, json)
+    end
+    redis.call('ZADD', KEYS[2], ARGV[1], name)
+  else
+    local room = redis.call('HLEN', KEYS[1]) < cap
+    if not room then
+      local stalest, stalest_seen = nil, nil
+      for _, kept in ipairs(redis.call('HKEYS', KEYS[1])) do
+        local seen = tonumber(redis.call('ZSCORE', KEYS[2], kept)) or 0
+        if stalest_seen == nil or seen < stalest_seen then
+          stalest, stalest_seen = kept, seen
+        end
+      end
+      if stalest and now - stalest_seen >= stale then
+        redis.call('HDEL', KEYS[1], stalest)
+        redis.call('ZREM', KEYS[2], stalest)
+        room = true
+      end
+    end
+    if room then
+      redis.call('HSET', KEYS[1], name, json)
+      redis.call('ZADD', KEYS[2], ARGV[1], name)
+    else
+      dropped = dropped + 1
+    end
+  end
+end
+return dropped
+";
 
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -216,6 +285,111 @@ impl FleetStore for RedisStore {
             next,
             verdicts,
         })
+    }
+
+    async fn add_known_accounts(&self, accounts: &[u64]) -> Result<u64, StoreError> {
+        if accounts.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for account in accounts {
+            let (shard, bits) = bit_positions(*account);
+            let key = known_key(shard);
+            for b in bits {
+                pipe.cmd("SETBIT").arg(&key).arg(redis_offset(b)).arg(1);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let previous: Vec<i64> = bounded(async move { pipe.query_async(&mut conn).await }).await?;
+        // An account is new if any of its bits was 0 before.
+        Ok(previous
+            .chunks(BITS_PER_ACCOUNT as usize)
+            .filter(|bits| bits.contains(&0))
+            .count() as u64)
+    }
+
+    async fn known_shards(&self, from: usize, max: usize) -> Result<ShardPage, StoreError> {
+        if from >= SHARDS || max == 0 {
+            return Ok(ShardPage::default());
+        }
+        // Which shards exist (an empty one has no key), then the bytes of
+        // the first `max` of them: two round trips, ≤ 64 KiB read.
+        let mut lengths = redis::pipe();
+        for i in from..SHARDS {
+            lengths.cmd("STRLEN").arg(known_key(i));
+        }
+        let mut conn = self.conn.clone();
+        let lengths: Vec<u64> =
+            bounded(async move { lengths.query_async(&mut conn).await }).await?;
+        let non_empty: Vec<usize> = (from..SHARDS)
+            .zip(lengths)
+            .filter(|(_, len)| *len > 0)
+            .map(|(i, _)| i)
+            .collect();
+        let wanted: Vec<usize> = non_empty.iter().take(max).copied().collect();
+        if wanted.is_empty() {
+            return Ok(ShardPage::default());
+        }
+        let keys: Vec<String> = wanted.iter().map(|i| known_key(*i)).collect();
+        let mut conn = self.conn.clone();
+        let values: Vec<Option<Vec<u8>>> =
+            bounded(async move { redis::cmd("MGET").arg(&keys).query_async(&mut conn).await })
+                .await?;
+        let shards = wanted
+            .iter()
+            .zip(values)
+            .filter_map(|(i, value)| {
+                let bits = shard_from(&value?);
+                (!is_empty(bits.as_slice())).then_some((*i, bits))
+            })
+            .collect();
+        let next = if non_empty.len() > wanted.len() {
+            wanted.last().map(|last| last + 1)
+        } else {
+            None
+        };
+        Ok(ShardPage { shards, next })
+    }
+
+    async fn merge_baselines(
+        &self,
+        baselines: &[BaselineSnapshot],
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        if baselines.is_empty() {
+            return Ok(0);
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(MERGE_BASELINES)
+            .arg(2)
+            .arg(BASELINES_KEY)
+            .arg(BASELINES_SEEN_KEY)
+            .arg(now_ms)
+            .arg(known::BASELINE_NAMES)
+            .arg(known::BASELINE_STALE_MS);
+        for b in baselines {
+            let json = serde_json::to_string(b).map_err(|e| StoreError(e.to_string()))?;
+            cmd.arg(&b.name).arg(b.samples).arg(json);
+        }
+        let mut conn = self.conn.clone();
+        bounded(async move { cmd.query_async::<u64>(&mut conn).await }).await
+    }
+
+    async fn baselines(&self) -> Result<Vec<BaselineSnapshot>, StoreError> {
+        let mut conn = self.conn.clone();
+        let all: BTreeMap<String, String> = bounded(async move {
+            redis::cmd("HGETALL")
+                .arg(BASELINES_KEY)
+                .query_async(&mut conn)
+                .await
+        })
+        .await?;
+        // Unparseable (another version wrote it): skipped, not an error.
+        Ok(all
+            .values()
+            .filter_map(|json| serde_json::from_str::<BaselineSnapshot>(json).ok())
+            .take(MAX_BASELINES)
+            .collect())
     }
 }
 
