@@ -194,8 +194,16 @@ def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
         level = (r.login_risk or "none").split(";")[0]
         levels[level] = levels.get(level, 0) + 1
-    under = [i for i, r in enumerate(logins) if r.login_risk and "endpoint_under_attack" in r.login_risk]
+    under = [i for i, r in enumerate(logins) if (r.login_risk and "endpoint_under_attack" in r.login_risk)
+             or (r.blocked and not r.login_risk)]
     refused = [r for r in logins if r.blocked]
+    first_refused = next((i for i, r in enumerate(logins) if r.blocked), len(logins))
+    before = logins[:first_refused]
+    scores: dict[str, int] = {}
+    for r in logins:
+        if r.login_risk and not r.blocked:
+            k = next((x.removeprefix("score=") for x in r.login_risk.split("; ") if x.startswith("score=")), "?")
+            scores[k] = scores.get(k, 0) + 1
     return {
         "attempts": len(logins),
         "statuses": dict(sorted(statuses.items())),
@@ -207,6 +215,11 @@ def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
         "during_attack": len(under),
         "first_under_attack_attempt": under[0] + 1 if under else None,
         "risk_levels": dict(sorted(levels.items())),
+        # Attempts that reached the upstream, by the score their login-risk
+        # header gave (refused attempts send none).
+        "upstream_scores": dict(sorted(scores.items())),
+        "before_first_refusal": len(before),
+        "before_first_refusal_high": sum(bool(r.login_risk and r.login_risk.startswith("high")) for r in before),
         "refused": len(refused),
         "refused_clients": len({r.client for r in refused}),
         "refused_detail": [{"client": r.client, "xff": r.xff, "status": r.status, "login_risk": r.login_risk,
@@ -302,16 +315,20 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
         fb, share = d["first_block_request"], d["share_blocked_after_first"]
         lg = d.get("logins") or {}
         seen = lg.get("first_under_attack_attempt")
+        missed = {k: v for k, v in (lg.get("upstream_scores") or {}).items()}
         targets.append({
             "target": f"{name}: recognised within {DISTRIBUTED_MAX_ATTEMPTS} attempts",
             "pass": fb is not None and fb <= DISTRIBUTED_MAX_ATTEMPTS,
             "detail": (f"first block at attempt {fb} of {d['requests']}" if fb else f"never blocked in {d['requests']} attempts")
-                      + (f"; endpoint under attack from its attempt {seen} on (x-abuse-login-risk)" if seen else ""),
+                      + (f"; endpoint under attack from its attempt {seen} on (x-abuse-login-risk)" if seen else "")
+                      + (f"; before it, {lg['before_first_refusal_high']} of {lg['before_first_refusal']} attempts "
+                         f"already had a high login risk" if fb and lg else ""),
         })
         targets.append({
             "target": f"{name}: >= {DISTRIBUTED_MIN_LATER_SHARE:.0%} of later attempts blocked",
             "pass": share is not None and share >= DISTRIBUTED_MIN_LATER_SHARE,
-            "detail": "n/a" if share is None else f"{d['blocked_after_first_block']}/{d['after_first_block']} = {share:.1%}",
+            "detail": ("n/a" if share is None else f"{d['blocked_after_first_block']}/{d['after_first_block']} = {share:.1%}")
+                      + (f"; attempts that reached the upstream by login-risk score: {missed}" if missed else ""),
         })
     for name, what in (("returning_users", "real users logging into their own accounts during the attack"),
                        ("first_time_logins", "first-time logins during the attack")):
