@@ -420,7 +420,8 @@ def table(report: dict) -> str:
                    f"knew {h['scorer_known_accounts_added']:.0f}; baselines posted "
                    + ", ".join(f"{b['name']} {b['baseline']}/{b['unknown_baseline']} ({b['samples']} samples)"
                                for b in h["baselines_posted"])
-                   + f"; Envoy restarted, warm {h['warm_stats']}; {h['elapsed_s']} s")
+                   + f"; Envoy restarted, warm {h['warm_stats']} after {h.get('settle_logins', 0)} regulars' logins; "
+                     f"{h['elapsed_s']} s")
     elif run.get("cold_start"):
         out.append("history phase skipped (--cold-start): the scored traffic met a fresh filter")
     if not cs.get("available"):

@@ -96,6 +96,10 @@ def main(argv=None) -> int:
                   "history.json", *(f"history.{n}" for n in history.LOGS)):
             (out / f).unlink(missing_ok=True)
         shutil.rmtree(out / "tools", ignore_errors=True)
+        # A fresh stack every run: the scorer keeps its state (the warm-start
+        # state, the model) in this directory across restarts, and a previous
+        # run's known accounts and baselines would warm this run's first Envoy.
+        shutil.rmtree(out / "scorer", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     missing = {b for b in ("ffuf", "hydra", "wrk", "wget") if not tools.available(b)}
     scenarios, skipped = select(args.only, missing)
