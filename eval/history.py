@@ -54,10 +54,11 @@ HISTORY_LOGINS_PER_S = 80
 REGULARS = [(f"regular{n}", f"100.75.0.{n + 1}", 991 + n) for n in range(8)]
 
 
-def history_baselines(profile: str) -> dict:
+def history_baselines(profile: str, failure_ratio: float | None = None) -> dict:
+    login = dict(LOGIN_BASELINE, **({} if failure_ratio is None else {"baseline": failure_ratio}))
     groups = [{"name": f"group:{g}", "baseline": rps, "unknown_baseline": 0.0, "samples": 5000, "successes_seen": 0}
               for g, rps in GROUP_RATES[profile].items()]
-    return {"version": 1, "baselines": [LOGIN_BASELINE, *groups]}
+    return {"version": 1, "baselines": [login, *groups]}
 SECRET_HEADER = "x-abuse-scorer-secret"
 LOGS = ("envoy.log", "access.json", "access.combined.log")
 
@@ -109,7 +110,7 @@ def settle(stack: DemoStack, regulars, timeout: float = 15.0) -> tuple[dict, int
         time.sleep(max(0.0, t0 + 1.0 + sent * 0.25 - time.monotonic()))
 
 
-def run(stack: DemoStack, ctx: Ctx, out: Path) -> dict:
+def run(stack: DemoStack, ctx: Ctx, out: Path, failure_ratio: float | None = None) -> dict:
     """The history phase on the running stack; returns what it did."""
     started = time.monotonic()
     logins = history_logins(ctx, set(IDENTITIES))
@@ -127,7 +128,7 @@ def run(stack: DemoStack, ctx: Ctx, out: Path) -> dict:
                        f"{metric} >= {accounts} on the scorer")
 
     secret = os.environ.get("ABUSE_SCORER_SECRET", "")
-    baselines = history_baselines(ctx.profile.name)
+    baselines = history_baselines(ctx.profile.name, failure_ratio)
     posted = request(stack.scorer.port, "POST", "/v1/events", {SECRET_HEADER: secret}, baselines)
     if posted.status not in (200, 202, 204):
         raise RuntimeError(f"the scorer refused the history baselines: {posted.status} {posted.body[:300]!r}")

@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-crowdsec", action="store_true", help="skip the CrowdSec replay")
     p.add_argument("--cold-start", action="store_true",
                    help="skip the history phase: the scored traffic meets a fresh filter (nothing known, baselines cold)")
+    p.add_argument("--history-failure-ratio", type=float, metavar="R",
+                   help="the login endpoint's failure ratio the history phase posts (default 0.2)")
     args = p.parse_args(argv)
 
     profile = PROFILES["quick" if args.quick else "default"]
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
         if not args.cold_start:
             print("eval: history phase (benign users log in once, baselines to the scorer, Envoy restarted warm) ...",
                   flush=True)
-            hist = history.run(stack, Ctx(port=port, out_dir=out, profile=profile, duration=duration, seed=args.seed), out)
+            hist = history.run(stack, Ctx(port=port, out_dir=out, profile=profile, duration=duration, seed=args.seed), out,
+                                args.history_failure_ratio)
             print(f"eval: history: {hist['logins']} logins ({hist['statuses']}), scorer knows {hist['scorer_known_accounts_added']:.0f} "
                   f"accounts, Envoy restarted in {hist['envoy_restart_s']} s, warm {hist['warm_stats']}, "
                   f"{hist['elapsed_s']} s in all", flush=True)
