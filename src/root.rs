@@ -181,7 +181,7 @@ impl RootContext for AbuseFilterRoot {
         }
         metrics::define();
         metrics::shared_data_bytes(engine.state_bytes());
-        metrics::baselines_learning(engine.baselines_learning());
+        metrics::baselines_learning(engine.baselines_learning(&EnvoySharedData));
         if hostcalls::set_tick_period(TICK).is_err() {
             log::warn!("abuse_filter: no tick; stats will not be flushed");
         }
@@ -200,8 +200,8 @@ impl RootContext for AbuseFilterRoot {
         if let Some(engine) = self.engine.clone() {
             let now = crate::http::now_ms();
             engine.on_tick(&EnvoySharedData, now);
-            metrics::baselines_learning(engine.baselines_learning());
-            metrics::login_under_attack(engine.login_under_attack(now));
+            metrics::baselines_learning(engine.baselines_learning(&EnvoySharedData));
+            metrics::login_under_attack(engine.login_under_attack(&EnvoySharedData, now));
             crate::waiters::resume_ready(&engine, now, None);
             crate::held::release_overdue(now);
             if self.fleet_poll_in_flight_until < now {

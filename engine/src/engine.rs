@@ -165,10 +165,6 @@ pub struct Engine {
     /// Usernames hash with the scorer's secret when one is configured, so that
     /// every Envoy of the fleet (and the scorer) names an account alike.
     account_hasher: KeyedHasher,
-    /// 1 while this worker last saw the login endpoint's baseline learning.
-    login_learning: std::sync::atomic::AtomicU32,
-    /// Until when this worker last saw a login endpoint under attack.
-    login_attack_until_ms: std::sync::atomic::AtomicU64,
     /// What this worker has for its next batch to the scorer.
     outbox: Mutex<events::Outbox>,
     session_table: ShardedTable<SessionRecord>,
@@ -267,8 +263,6 @@ impl Engine {
                 None => hasher,
             },
             outbox: Mutex::new(events::Outbox::default()),
-            login_attack_until_ms: std::sync::atomic::AtomicU64::new(0),
-            login_learning: std::sync::atomic::AtomicU32::new(u32::from(config.credential_stuffing.distributed.enabled && !config.credential_stuffing.login_routes.is_empty())),
             session_table,
             group_table,
             verdict_table,
@@ -920,17 +914,28 @@ impl Engine {
         }
     }
 
-    /// Whether this worker last saw a login endpoint under attack (a
-    /// recognised distributed attack), as of `now_ms`.
-    pub fn login_under_attack(&self, now_ms: u64) -> bool {
-        self.login_attack_until_ms.load(std::sync::atomic::Ordering::Relaxed) > now_ms
+    /// Whether a login endpoint is under a recognised distributed attack
+    /// (its shared record: every worker sees the same).
+    pub fn login_under_attack(&self, store: &dyn SharedStore, now_ms: u64) -> bool {
+        self.login_endpoints(store).iter().any(|e| e.as_ref().is_some_and(|e| e.under_attack(now_ms)))
     }
 
-    /// How many learned baselines this worker still sees learning (route
-    /// groups for spikes): nothing is judged against them yet.
-    pub fn baselines_learning(&self) -> u32 {
+    /// The login endpoints' shared records (None: none yet).
+    fn login_endpoints(&self, store: &dyn SharedStore) -> Vec<Option<EndpointRecord>> {
+        match (&self.login, &self.distributed) {
+            (Some(login), Some(_)) => (0..login.paths().count())
+                .map(|route| self.endpoints.peek(store, self.endpoint_key(route)).ok().flatten())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// How many learned baselines are still learning (route groups for
+    /// spikes, as this worker last saw them; login endpoints, from their
+    /// shared records): nothing is judged against them yet. Call it on the tick.
+    pub fn baselines_learning(&self, store: &dyn SharedStore) -> u32 {
         let login = match &self.distributed {
-            Some(_) => self.login_learning.load(std::sync::atomic::Ordering::Relaxed),
+            Some(d) => self.login_endpoints(store).iter().filter(|e| e.as_ref().is_none_or(|e| d.learning(e))).count() as u32,
             None => 0,
         };
         if self.spikes.is_none() {
@@ -1165,7 +1170,7 @@ impl Engine {
         };
         if let (Some(d), Some(route), true) = (&self.distributed, exchange.login_route, outcome != LoginOutcome::Other) {
             let failed = outcome == LoginOutcome::Failure;
-            // Best effort: a lost update only delays recognition.
+            // Best effort, all three: a lost update only delays recognition.
             if let (true, Some(pw), Some(user)) = (failed, exchange.password_key, username_hash) {
                 let _ = self.sprays.update(store, pw, now_ms, |p| {
                     d.on_failed_password(p, user, now_ms);
@@ -1178,13 +1183,10 @@ impl Engine {
                     ((), true)
                 });
             }
-            if let Ok(((learning, attack_until_ms), _)) = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
+            let _ = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
                 d.on_outcome(e, failed, exchange.account_unknown, now_ms);
-                ((d.learning(e), e.attack_until_ms), true)
-            }) {
-                self.login_learning.store(u32::from(learning), std::sync::atomic::Ordering::Relaxed);
-                self.login_attack_until_ms.store(attack_until_ms, std::sync::atomic::Ordering::Relaxed);
-            }
+                ((), true)
+            });
         }
         let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
             if let Some(penalized) = self.penalized(record, now_ms) {
@@ -1565,7 +1567,7 @@ mod tests {
             "actions":{"endpoint_spike":"block"}}"#;
         let (e, s) = (engine(json), MemoryStore::new());
         e.create_state(&s).unwrap();
-        assert_eq!(e.baselines_learning(), 1);
+        assert_eq!(e.baselines_learning(&s), 1);
         // 30 s of ~8 requests/s from ten regular clients, ticking every 500 ms.
         let mut t = T0;
         for n in 0..240u64 {
@@ -1576,7 +1578,7 @@ mod tests {
                 e.on_tick(&s, t);
             }
         }
-        assert_eq!(e.baselines_learning(), 0, "learned");
+        assert_eq!(e.baselines_learning(&s), 0, "learned");
         // 600 requests in 60 ms: no tick happens during the burst.
         let flood = request("127.0.0.1:1", Some("203.0.113.250"), "/api/users/2");
         let verdicts: Vec<Verdict> = (0..600u64).map(|i| e.on_request(&s, &flood, t + i / 10).0).collect();
@@ -1715,7 +1717,7 @@ mod tests {
             t += 1000;
             login(&e, &s, &format!("198.51.100.{}", i + 1), CHROME, &format!("user{i:04}"), i % 5 != 0, t);
         }
-        assert_eq!(e.baselines_learning(), 1, "still learning, and says so");
+        assert_eq!(e.baselines_learning(&s), 1, "still learning, and says so");
         let mut recognised_at = None;
         for a in 0..300u64 {
             t += 250;

@@ -22,7 +22,8 @@
 //! `max(attack_factor · b_u, attack_unknown_share)`, `b_u` being the share
 //! it normally has (learned like `b`, from the first window: after a cold
 //! start every first login is "unknown", `b_u` is high and this channel
-//! stays shut until the known accounts catch up). A leaked list's mark,
+//! stays shut until the known accounts catch up), while the window also
+//! fails more than 2 × `b` (real first logins mostly succeed). A leaked list's mark,
 //! which real users' logins and a busy endpoint's many successes cannot
 //! dilute the way they dilute `r`.
 //!
@@ -117,11 +118,13 @@ impl AttemptSignals {
         all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
     }
 
-    /// `high` when the attempt is refused or would need little more to be,
-    /// `medium` on any evidence or during an attack, else `low`.
+    /// `high` during an attack when the attempt is refused or would need
+    /// little more to be, `medium` on any evidence or during an attack, else
+    /// `low`. Outside an attack nothing here is more than `medium`: a new
+    /// user's first login from a new device is not a reason for a second factor.
     pub fn level(&self, refuse_at: u32) -> &'static str {
         let score = self.score();
-        if score >= refuse_at.saturating_sub(1).max(1) && (self.under_attack || score >= refuse_at) {
+        if self.under_attack && score >= refuse_at.saturating_sub(1).max(1) {
             "high"
         } else if score > 0 || self.under_attack {
             "medium"
@@ -216,8 +219,13 @@ impl DistributedStuffing {
         let unknown_share = (unknown_attempts / attempts.max(1.0)).clamp(0.0, 1.0) as f32;
         let unknown_threshold =
             (endpoint.unknown_baseline * self.config.attack_factor).max(self.config.attack_unknown_share);
-        let leaked_list =
-            !self.learning(endpoint) && self.knows_accounts(endpoint) && unknown_share > unknown_threshold;
+        // A burst of real first logins (a launch, a migration) is also
+        // "unknown", but it mostly succeeds: a leaked list mostly fails.
+        let failing = ratio > (endpoint.baseline * 2.0).max(self.config.attack_min_ratio);
+        let leaked_list = !self.learning(endpoint)
+            && self.knows_accounts(endpoint)
+            && unknown_share > unknown_threshold
+            && failing;
         if ratio > threshold || leaked_list {
             endpoint.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !endpoint.under_attack(now_ms) {
@@ -394,6 +402,7 @@ mod tests {
         // Outside an attack nothing is refused, whatever the evidence.
         let calm = AttemptSignals { under_attack: false, ..attacker };
         assert!(d.refusal(&calm).reasons.is_empty());
+        assert_eq!(calm.level(4), "medium", "no step-up outside an attack");
         assert_eq!(AttemptSignals::default().level(4), "low");
     }
 
@@ -414,6 +423,23 @@ mod tests {
             d.on_failed_password(&mut mine, 7, 1000 + t);
         }
         assert!(!d.is_sprayed(&mine, 1010), "one user retrying");
+    }
+
+    #[test]
+    fn a_burst_of_real_first_logins_is_no_attack() {
+        let d = detector();
+        let mut e = EndpointRecord::default();
+        let mut t = 1_000_000u64;
+        for i in 0..3000u64 {
+            t += 100;
+            d.on_outcome(&mut e, i % 5 == 0, Some(i % 20 == 0), t);
+        }
+        // A launch: 600 new people log in, one in five after a typo.
+        for i in 0..600u64 {
+            t += 50;
+            d.on_outcome(&mut e, i % 5 == 0, Some(true), t);
+            assert!(!e.under_attack(t), "false alarm at {i}");
+        }
     }
 
     #[test]

@@ -21,7 +21,9 @@
 use super::{Engine, DOMAIN_ROUTE, STATE_PREFIX};
 use crate::codec::{Reader, Writer};
 use crate::store::SharedStore;
-use crate::wire::{BaselineSnapshot, EventBatch, WarmState, MAX_BASELINES, MAX_BATCH_ACCOUNTS, WIRE_VERSION};
+use crate::wire::{
+    BaselineSnapshot, EventBatch, WarmState, MAX_BASELINES, MAX_BATCH_ACCOUNTS, MAX_BATCH_BYTES, WIRE_VERSION,
+};
 use base64::Engine as _;
 
 /// Account keys a worker holds for its next batch, at most.
@@ -37,6 +39,11 @@ pub const WARM_KEY: &str = "abuse_filter/v1/warm";
 
 const PHASE_TODO: u8 = 0;
 const PHASE_DONE: u8 = 2;
+
+/// NaN or infinite would not survive JSON (it becomes null): send 0.
+fn finite(v: f32) -> f32 {
+    if v.is_finite() { v.max(0.0) } else { 0.0 }
+}
 
 /// What one worker keeps for its next batch.
 #[derive(Debug, Default)]
@@ -101,8 +108,8 @@ impl Engine {
                     if e.baseline_samples > 0 {
                         out.push(BaselineSnapshot {
                             name: format!("login:{path}"),
-                            baseline: e.baseline,
-                            unknown_baseline: e.unknown_baseline,
+                            baseline: finite(e.baseline),
+                            unknown_baseline: finite(e.unknown_baseline),
                             samples: e.baseline_samples,
                             successes_seen: e.successes_seen,
                         });
@@ -120,7 +127,7 @@ impl Engine {
                     if g.baseline_samples > 0 {
                         out.push(BaselineSnapshot {
                             name: format!("group:{}", group.name),
-                            baseline: g.baseline,
+                            baseline: finite(g.baseline),
                             samples: g.baseline_samples,
                             ..BaselineSnapshot::default()
                         });
@@ -155,8 +162,25 @@ impl Engine {
             return None;
         }
         let items = (accounts.len() + baselines.len()) as u64;
-        let batch = EventBatch { version: WIRE_VERSION, known_accounts: accounts, baselines, dropped };
-        serde_json::to_vec(&batch).ok().map(|body| (body, items))
+        let mut batch = EventBatch { version: WIRE_VERSION, known_accounts: accounts, baselines, dropped };
+        // Within the scorer's byte limit whatever the names: what does not
+        // fit is dropped and counted (an account comes back with its next success).
+        loop {
+            let body = serde_json::to_vec(&batch).ok()?;
+            if body.len() <= MAX_BATCH_BYTES {
+                return Some((body, items));
+            }
+            let cut = if batch.baselines.len() > 8 { 0 } else { batch.known_accounts.len() / 2 };
+            if cut == 0 && batch.baselines.len() <= 8 {
+                return None;
+            }
+            if cut == 0 {
+                batch.baselines.truncate(8);
+            } else {
+                batch.dropped = batch.dropped.saturating_add(cut as u64);
+                batch.known_accounts.truncate(batch.known_accounts.len() - cut);
+            }
+        }
     }
 
     /// The scorer did not take a batch of `items`: they are dropped, and
@@ -248,8 +272,6 @@ impl Engine {
                 e.successes_seen = e.successes_seen.max(snap.successes_seen);
                 ((), true)
             });
-            let learning = snap.samples < crate::detectors::distributed_stuffing::WARM_UP;
-            self.login_learning.store(u32::from(learning), std::sync::atomic::Ordering::Relaxed);
         } else if let Some(name) = snap.name.strip_prefix("group:") {
             if !self.config.route_groups.iter().any(|g| g.name == name) {
                 return;
@@ -337,7 +359,7 @@ mod tests {
         let ep = e.endpoints.peek(&s, e.endpoint_key(0)).unwrap().unwrap();
         assert_eq!((ep.baseline_samples, ep.successes_seen), (5000, 4000));
         assert!(e.distributed.as_ref().unwrap().unknown_is_evidence(&ep), "warm: no cold start");
-        assert_eq!(e.baselines_learning(), 0, "and says so");
+        assert_eq!(e.baselines_learning(&s), 0, "and says so");
         // The next page is claimed from where the last one ended; the last page ends it.
         assert_eq!(e.claim_warm(&s, T0 + 3), Some(512));
         let last = WarmState { version: WIRE_VERSION, next: None, ..WarmState::default() };
