@@ -20,9 +20,7 @@ from the real users. Before the scored traffic, this phase:
    baselines are gone; the scorer and the demo API keep running), with the
    first process's logs moved aside (history.*: never scored);
 5. waits until the new Envoy warmed from the scorer
-   (`abuse_filter.scorer.warm_shards` >= 1) and `abuse_filter.baselines.learning`
-   is 0 — with a few logins of the site's regulars if it takes them (see
-   `settle`).
+   (`abuse_filter.scorer.warm_shards` >= 1 and `abuse_filter.baselines.learning` 0).
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import os
 import time
 from pathlib import Path
 
-from clients import IDENTITIES, browser_headers, history_logins
+from clients import IDENTITIES, history_logins
 from conn import Client
 from harness import DemoStack, request, wait_until
 from scenario import Ctx
@@ -49,9 +47,6 @@ LOGIN_BASELINE = {"name": "login:/api/login", "baseline": 0.2, "unknown_baseline
 # a rate near 0 that every benign burst would "spike" over.
 GROUP_RATES = {"quick": {"api": 120.0, "login": 8.0}, "default": {"api": 240.0, "login": 8.0}}
 HISTORY_LOGINS_PER_S = 80
-# Regulars of the site who log in in the history phase and again right after
-# the restart (their own accounts, used by no scenario): see `settle`.
-REGULARS = [(f"regular{n}", f"100.75.0.{n + 1}", 991 + n) for n in range(8)]
 
 
 def history_baselines(profile: str, failure_ratio: float | None = None) -> dict:
@@ -83,39 +78,10 @@ async def _logins(port: int, logins, rate: float) -> dict[str, int]:
     return statuses
 
 
-def settle(stack: DemoStack, regulars, timeout: float = 15.0) -> tuple[dict, int]:
-    """Waits until `abuse_filter.baselines.learning` is 0 on the restarted
-    Envoy. Measured on this filter: the gauge is each worker's own view,
-    written by every worker's tick (the last write wins), and a worker's
-    view of the login endpoint changes only when that worker applies a warm
-    page or judges a login — so after a warm start the worker that did not
-    page in keeps reporting "learning" (1) until it sees a login, although
-    the endpoint's shared record is warm. While the gauge says 1, the site's
-    regulars log in (one login every 0.25 s on the clock, each on a new
-    connection so both workers get some); returns the stats and how many
-    such logins it took."""
-    t0 = time.monotonic()
-    sent = 0
-    while True:
-        s = stack.stats()
-        if s.get("abuse_filter.baselines.learning", 1) == 0:
-            return s, sent
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"abuse_filter.baselines.learning still {s.get('abuse_filter.baselines.learning')} "
-                               f"after {sent} logins ({timeout} s)")
-        if time.monotonic() - t0 > 1.0:
-            scenario, cid, address, headers, uid = regulars[sent % len(regulars)]
-            asyncio.run(_logins(stack.port, [(scenario, cid, address, headers, uid)], 1.0))
-            sent += 1
-        time.sleep(max(0.0, t0 + 1.0 + sent * 0.25 - time.monotonic()))
-
-
 def run(stack: DemoStack, ctx: Ctx, out: Path, failure_ratio: float | None = None) -> dict:
     """The history phase on the running stack; returns what it did."""
     started = time.monotonic()
     logins = history_logins(ctx, set(IDENTITIES))
-    regulars = [("site", cid, address, browser_headers(ctx.rng(f"history/{cid}")), uid) for cid, address, uid in REGULARS]
-    logins += regulars
     # Interleaved: the office's hundred people do not all log in in the same
     # second (its address would meet the anonymous per-second limit).
     ctx.rng("history").shuffle(logins)
@@ -142,9 +108,13 @@ def run(stack: DemoStack, ctx: Ctx, out: Path, failure_ratio: float | None = Non
     stack.restart_envoy(before_start=move_aside)
     restarted = time.monotonic() - t_restart
 
-    wait_until(lambda: stack.stats().get("abuse_filter.scorer.warm_shards", 0) >= 1, 30, 0.2,
-               "the restarted Envoy to warm from the scorer (abuse_filter.scorer.warm_shards >= 1)")
-    stats, settle_logins = settle(stack, regulars)
+    def warm():
+        s = stack.stats()
+        ok = s.get("abuse_filter.scorer.warm_shards", 0) >= 1 and s.get("abuse_filter.baselines.learning", 1) == 0
+        return ok and s
+
+    stats = wait_until(warm, 30, 0.2, "the restarted Envoy to warm from the scorer "
+                                      "(abuse_filter.scorer.warm_shards >= 1, abuse_filter.baselines.learning 0)")
     info = {
         "logins": len(logins),
         "accounts": accounts,
@@ -154,7 +124,6 @@ def run(stack: DemoStack, ctx: Ctx, out: Path, failure_ratio: float | None = Non
         "baselines_posted": baselines["baselines"],
         "events_status": posted.status,
         "envoy_restart_s": round(restarted, 2),
-        "settle_logins": settle_logins,
         "warm_stats": {k: v for k, v in stats.items() if k.startswith(("abuse_filter.scorer.warm", "abuse_filter.baselines"))},
         "elapsed_s": round(time.monotonic() - started, 2),
     }

@@ -180,6 +180,20 @@ def per_client_first_block(reqs: list[Req]) -> dict[str, dict]:
     return out
 
 
+REFUSE_AT = 4  # credential_stuffing.distributed.refuse_at (default, as shipped)
+
+
+def risk_score(login_risk: str | None) -> int:
+    """The score of an x-abuse-login-risk value (`high; score=4; reasons=...`), -1 without one."""
+    for part in (login_risk or "").split("; "):
+        if part.startswith("score="):
+            try:
+                return int(part.removeprefix("score="))
+            except ValueError:
+                break
+    return -1
+
+
 def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
     """The row's login attempts: statuses, how many were made while the
     endpoint was under attack (the filter says so in x-abuse-login-risk, which
@@ -202,7 +216,7 @@ def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
     scores: dict[str, int] = {}
     for r in logins:
         if r.login_risk and not r.blocked:
-            k = next((x.removeprefix("score=") for x in r.login_risk.split("; ") if x.startswith("score=")), "?")
+            k = str(risk_score(r.login_risk))
             scores[k] = scores.get(k, 0) + 1
     return {
         "attempts": len(logins),
@@ -219,7 +233,9 @@ def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
         # header gave (refused attempts send none).
         "upstream_scores": dict(sorted(scores.items())),
         "before_first_refusal": len(before),
-        "before_first_refusal_high": sum(bool(r.login_risk and r.login_risk.startswith("high")) for r in before),
+        # ... of which already scored refuse_at (4) by their login-risk header:
+        # attributable, not yet refused (the endpoint was not under attack).
+        "before_first_refusal_attributable": sum(risk_score(r.login_risk) >= REFUSE_AT for r in before),
         "refused": len(refused),
         "refused_clients": len({r.client for r in refused}),
         "refused_detail": [{"client": r.client, "xff": r.xff, "status": r.status, "login_risk": r.login_risk,
@@ -321,8 +337,8 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
             "pass": fb is not None and fb <= DISTRIBUTED_MAX_ATTEMPTS,
             "detail": (f"first block at attempt {fb} of {d['requests']}" if fb else f"never blocked in {d['requests']} attempts")
                       + (f"; endpoint under attack from its attempt {seen} on (x-abuse-login-risk)" if seen else "")
-                      + (f"; before it, {lg['before_first_refusal_high']} of {lg['before_first_refusal']} attempts "
-                         f"already had a high login risk" if fb and lg else ""),
+                      + (f"; before it, {lg['before_first_refusal_attributable']} of {lg['before_first_refusal']} "
+                         f"attempts already scored >= {REFUSE_AT}" if fb and lg else ""),
         })
         targets.append({
             "target": f"{name}: >= {DISTRIBUTED_MIN_LATER_SHARE:.0%} of later attempts blocked",
@@ -420,8 +436,7 @@ def table(report: dict) -> str:
                    f"knew {h['scorer_known_accounts_added']:.0f}; baselines posted "
                    + ", ".join(f"{b['name']} {b['baseline']}/{b['unknown_baseline']} ({b['samples']} samples)"
                                for b in h["baselines_posted"])
-                   + f"; Envoy restarted, warm {h['warm_stats']} after {h.get('settle_logins', 0)} regulars' logins; "
-                     f"{h['elapsed_s']} s")
+                   + f"; Envoy restarted, warm {h['warm_stats']}; {h['elapsed_s']} s")
     elif run.get("cold_start"):
         out.append("history phase skipped (--cold-start): the scored traffic met a fresh filter")
     if not cs.get("available"):
