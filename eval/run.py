@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--cold-start", action="store_true",
                    help="skip the history phase: the scored traffic meets a fresh filter (nothing known, baselines cold)")
     p.add_argument("--history-failure-ratio", type=float, metavar="R",
-                   help="the login endpoint's failure ratio the history phase posts (default 0.2)")
+                   help="the login endpoint's failure ratio the history phase posts (default 0.055, what the benign mix fails)")
     args = p.parse_args(argv)
 
     profile = PROFILES["quick" if args.quick else "default"]
