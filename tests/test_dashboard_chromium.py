@@ -40,11 +40,13 @@ def test_dashboard_shows_a_detection_caused_through_envoy(monkeypatch):
     monkeypatch.setenv("ABUSE_SCORER_SECRET", SECRET)
     api = DemoApi()
     scorer = Scorer(secret=SECRET)
+    # timeout_ms: the answer takes ms; 2 s keeps a slow or loaded machine far
+    # from a timeout, which would leave `answered` at 0 below.
     envoy = Envoy.with_filter(
         {
             "mode": "block",
             "client": {"trusted_proxies": ["127.0.0.0/8"]},
-            "scorer": {"enabled": True, "ask_at": 50, "timeout_ms": 500, "secret_env": "ABUSE_SCORER_SECRET"},
+            "scorer": {"enabled": True, "ask_at": 50, "timeout_ms": 2000, "secret_env": "ABUSE_SCORER_SECRET"},
         },
         api.port, scorer_port=scorer.port, env_keys=["ABUSE_SCORER_SECRET"],
     )
