@@ -163,6 +163,123 @@ pub fn find(text: &str) -> Result<Vec<Located<Found>>, String> {
     Ok(out)
 }
 
+/// The segments of a key as the engine names it: `rate.limits[0].requests`
+/// is `rate`, `limits`, 0, `requests`.
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+fn segments(key: &str) -> Option<Vec<Segment>> {
+    let mut out = Vec::new();
+    for part in key.split('.') {
+        let (name, rest) = part.split_once('[').map_or((part, ""), |(n, r)| (n, r));
+        if !name.is_empty() {
+            out.push(Segment::Key(name.to_string()));
+        }
+        for index in rest.split('[').filter(|s| !s.is_empty()) {
+            out.push(Segment::Index(index.trim_end_matches(']').parse().ok()?));
+        }
+    }
+    Some(out)
+}
+
+/// The object holding `key`, and the key's last name.
+fn parent_mut<'a>(value: &'a mut Value, key: &str) -> Option<(&'a mut Map<String, Value>, String)> {
+    let mut path = segments(key)?;
+    let Some(Segment::Key(last)) = path.pop() else {
+        return None;
+    };
+    let mut node = value;
+    for segment in path {
+        node = match segment {
+            Segment::Key(k) => node.get_mut(k.as_str())?,
+            Segment::Index(i) => node.get_mut(i)?,
+        };
+    }
+    Some((node.as_object_mut()?, last))
+}
+
+fn parent_key(key: &str) -> &str {
+    key.rfind('.').and_then(|dot| key.get(..dot)).unwrap_or("")
+}
+
+fn recheck(value: &Value) -> Option<abuse_engine::config::ConfigError> {
+    let text = serde_json::to_string(value).unwrap_or_default();
+    Config::from_json(text.as_bytes()).err().map(|mut e| {
+        // Positions refer to the re-serialized text, not the operator's.
+        if let Some(at) = e.problem.find(" at line ") {
+            e.problem.truncate(at);
+        }
+        e
+    })
+}
+
+/// Sets the problem at `key` aside so that the rest can be checked: removes
+/// it (its default applies), or — for a required key — puts a plain valid
+/// value in its place. Only scalars, or any unknown key: removing a list or
+/// a section the rest refers to would only make up more problems. Returns
+/// the next problem, or None when the configuration then passes; Err(())
+/// when the problem cannot be set aside.
+fn set_aside(value: &mut Value, key: &str, unknown: bool) -> Result<Option<abuse_engine::config::ConfigError>, ()> {
+    let (object, last) = parent_mut(value, key).ok_or(())?;
+    let removed = match object.get(&last) {
+        Some(v) if unknown || !(v.is_object() || v.is_array()) => object.remove(&last).ok_or(())?,
+        _ => return Err(()),
+    };
+    let next = recheck(value);
+    let made_up = |e: &Option<abuse_engine::config::ConfigError>| {
+        e.as_ref().is_some_and(|e| e.key == parent_key(key) && e.problem.starts_with(&format!("missing field `{last}`")))
+    };
+    if !made_up(&next) {
+        return Ok(next);
+    }
+    // A required key: try plain values until its own problem is gone.
+    let candidates = [Value::from(1), Value::from(60), Value::from(100), Value::from("/"), Value::from("a"), Value::from(true)];
+    for candidate in candidates {
+        if let Some((object, _)) = parent_mut(value, key) {
+            object.insert(last.clone(), candidate);
+        }
+        let next = recheck(value);
+        if !made_up(&next) && next.as_ref().is_none_or(|e| e.key != key) {
+            return Ok(next);
+        }
+    }
+    if let Some((object, _)) = parent_mut(value, key) {
+        object.insert(last, removed);
+    }
+    Err(())
+}
+
+/// Every problem of a configuration, each with its key. The filter stops at
+/// the first; here each problem is set aside (see `set_aside`) and the rest
+/// checked again, until the configuration passes or a problem cannot be set
+/// aside (a missing required key, a bad list as a whole).
+pub fn all_problems(json: &str) -> Vec<abuse_engine::config::ConfigError> {
+    let mut problems: Vec<abuse_engine::config::ConfigError> = Vec::new();
+    let first = match Config::from_json(json.as_bytes()) {
+        Ok(_) => return problems,
+        Err(e) => e,
+    };
+    let Ok(mut value) = serde_json::from_str::<Value>(json) else {
+        return vec![first];
+    };
+    let mut next = Some(first);
+    while let Some(problem) = next.take() {
+        if problems.iter().any(|p| p.key == problem.key) || problems.len() >= 64 {
+            break;
+        }
+        let unknown = problem.problem.starts_with("unknown field");
+        let aside = if problem.problem.starts_with("missing field") { Err(()) } else { set_aside(&mut value, &problem.key, unknown) };
+        problems.push(problem);
+        match aside {
+            Ok(following) => next = following,
+            Err(()) => break,
+        }
+    }
+    problems
+}
+
 /// Finds and checks every configuration in a file's text.
 pub fn check(text: &str) -> Result<Vec<Located<Checked>>, String> {
     Ok(find(text)?
@@ -175,6 +292,27 @@ pub fn check(text: &str) -> Result<Vec<Located<Checked>>, String> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_problem_is_named() {
+        let keys: Vec<String> = all_problems(
+            r#"{"penalty": {"duration_s": 0}, "rate": {"limitz": [], "limits": [{"requests": 0, "window_s": 1}]},
+                "colour": "blue", "actions": {"rate_limit": "drop"}, "risk": {"half_life_s": -1}}"#,
+        )
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
+        for key in ["penalty.duration_s", "rate.limitz", "rate.limits[0].requests", "colour", "actions.rate_limit", "risk.half_life_s"] {
+            assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
+        }
+        assert!(all_problems(r#"{"mode": "block"}"#).is_empty());
+        // A missing required key stops the search (setting its object aside would make up problems).
+        let p = all_problems(r#"{"route_groups": [{"name": "a"}], "penalty": {"duration_s": 0}}"#);
+        assert_eq!(p.len(), 1, "{p:?}");
+        // Setting a required key aside makes up no "missing field".
+        let p = all_problems(r#"{"rate": {"limits": [{"requests": 0, "window_s": 1}]}}"#);
+        assert_eq!(p.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), ["rate.limits[0].requests"]);
+    }
 
     #[test]
     fn plain_json_is_the_configuration() {

@@ -1,8 +1,8 @@
 //! `abuse-filter-check FILE...`: checks every abuse filter configuration in
 //! Envoy bootstraps (YAML or JSON), Istio WasmPlugin manifests or plain JSON
 //! configuration files with the filter's own parser and validation, prints
-//! one line per configuration (each error with its key), and exits 1 if any
-//! is wrong or a file holds none. `--print-schema` prints the JSON Schema.
+//! one line per configuration, or one per problem with its key, and exits 1
+//! if any is wrong or a file holds none. `--print-schema` prints the JSON Schema.
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -60,8 +60,10 @@ fn main() -> ExitCode {
                                 };
                                 println!("ok: {file}: {} (mode {mode})", checked.found.location);
                             }
-                            Err(e) => {
-                                println!("error: {file}: {}: key `{}`: {}", checked.found.location, e.key, e.problem);
+                            Err(_) => {
+                                for e in abuse_filter_check::all_problems(&checked.found.json) {
+                                    println!("error: {file}: {}: key `{}`: {}", checked.found.location, e.key, e.problem);
+                                }
                                 failed = true;
                             }
                         },

@@ -78,6 +78,14 @@ fn command_line_names_the_key_and_exits_1() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("key `rate.limitz`: unknown field `limitz`"), "{out}");
 
+    // Every problem, each with its key, not only the first.
+    let (code, out) = run(&["-"], Some(r#"{"penalty": {"duration_s": 0}, "risk": {"half_life_s": 0}, "colour": "blue"}"#));
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    for key in ["penalty.duration_s", "risk.half_life_s", "colour"] {
+        assert!(out.contains(&format!("error: -: (file): key `{key}`: ")), "{out}");
+    }
+
     let (code, out) = run(&["-"], Some("static_resources: {listeners: []}\n"));
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("no abuse filter configuration found"), "{out}");
