@@ -108,6 +108,8 @@ pub struct Exchange {
     login_country: u16,
     /// The attempt's evidence so far (login routes with distributed stuffing on).
     attempt: Option<AttemptSignals>,
+    /// The login endpoint's record as the request found it (read once, for the body too).
+    endpoint: Option<EndpointRecord>,
     /// The tool fingerprint's key, when the user agent claims no browser.
     tool_key: Option<u64>,
     /// Keyed, rotating hash of the submitted password (during an attack).
@@ -409,18 +411,25 @@ impl Engine {
         };
         let object_hash = object.as_ref().map(|o| self.hasher.key(DOMAIN_OBJECT, o.text.as_bytes()));
         let login_route = self.login.as_ref().and_then(|l| l.route(facts.method, facts.path));
-        // Login routes: what the request itself tells about the attempt.
-        // A user agent that claims no browser is judged by its tool fingerprint.
-        let tool_key = match (&self.distributed, login_route, facts.user_agent) {
-            (Some(_), Some(_), ua) if !ua.is_some_and(crate::detectors::browser::claims_browser) => {
-                let text = format!("{}|{}", facts.header_names.unwrap_or(""), ua.unwrap_or(""));
+        // Login routes: what the request itself tells about the attempt. The
+        // client's fingerprint (header order + user agent) names its device in
+        // the account's profile, and a user agent that claims no browser is
+        // also judged as a tool by it.
+        let fingerprint_text = login_route
+            .map(|_| format!("{}|{}", facts.header_names.unwrap_or(""), facts.user_agent.unwrap_or("")));
+        let tool_key = match (&self.distributed, &fingerprint_text) {
+            (Some(_), Some(text)) if !facts.user_agent.is_some_and(crate::detectors::browser::claims_browser) => {
                 Some(self.hasher.key(DOMAIN_FINGERPRINT, text.as_bytes()))
             }
             _ => None,
         };
+        let endpoint = match (&self.distributed, login_route) {
+            (Some(_), Some(route)) => self.endpoints.peek(store, self.endpoint_key(route)).ok().flatten(),
+            _ => None,
+        };
         let attempt = match (&self.distributed, login_route) {
-            (Some(d), Some(route)) => {
-                let under_attack = self.endpoint_under_attack(store, route, now_ms);
+            (Some(d), Some(_)) => {
+                let under_attack = endpoint.is_some_and(|e| e.under_attack(now_ms));
                 let tool_fingerprint = under_attack
                     && tool_key.is_some_and(|k| {
                         self.fingerprints
@@ -441,10 +450,9 @@ impl Engine {
             }
             _ => None,
         };
-        let (login_fingerprint, login_country) = match login_route {
-            Some(_) => {
-                let text = format!("{}|{}", facts.header_names.unwrap_or(""), facts.user_agent.unwrap_or(""));
-                let tag = (crate::identity::agent_tag(&text) & 0xffff) as u16;
+        let (login_fingerprint, login_country) = match &fingerprint_text {
+            Some(text) => {
+                let tag = (crate::identity::agent_tag(text) & 0xffff) as u16;
                 (tag.max(1), facts.country.and_then(country_code).map(u16::from_le_bytes).unwrap_or(0))
             }
             None => (0, 0),
@@ -516,6 +524,7 @@ impl Engine {
             exchange.good_bot = good_bot;
             exchange.login_route = login_route;
             exchange.attempt = attempt_seen;
+            exchange.endpoint = endpoint;
             exchange.tool_key = tool_key;
             exchange.login_fingerprint = login_fingerprint;
             exchange.login_country = login_country;
@@ -991,14 +1000,6 @@ impl Engine {
         self.hasher.key(DOMAIN_ENDPOINT, &route.to_le_bytes())
     }
 
-    fn endpoint_under_attack(&self, store: &dyn SharedStore, route: usize, now_ms: u64) -> bool {
-        self.endpoints
-            .peek(store, self.endpoint_key(route))
-            .ok()
-            .flatten()
-            .is_some_and(|e| e.under_attack(now_ms))
-    }
-
     /// The login body, read whole (never called for an oversized body).
     /// During a recognised attack the account-level evidence is added to the
     /// attempt's; returns the verdict when the attempt is refused.
@@ -1021,7 +1022,7 @@ impl Engine {
         // header when the headers were held for the body); the spray and the
         // refusal only during an attack.
         let mut attempt = exchange.attempt?;
-        let endpoint = self.endpoints.peek(store, self.endpoint_key(route)).ok().flatten().unwrap_or_default();
+        let endpoint = exchange.endpoint.unwrap_or_default();
         if known {
             let profile = self.accounts.peek(store, account_key).ok().flatten();
             attempt.unlike_owner = profile.is_some_and(|a| {
@@ -1670,7 +1671,7 @@ mod tests {
                 let user = if (a + k) % 10 == 0 { format!("user{:04}", (a + k) % 100) } else { format!("leak{a}x{k}@mail.example") };
                 let (refused, _) = login(&e, &s, &format!("100.{}.{}.{}", 64 + a % 50, a / 50, k + 1), CHROME, &user, false, t);
                 attempts += 1;
-                if recognised_at.is_none() && e.endpoint_under_attack(&s, 0, t) {
+                if recognised_at.is_none() && e.login_under_attack(&s, t) {
                     recognised_at = Some(attempts);
                 }
                 if recognised_at.is_some_and(|r| attempts > r) {
@@ -1694,7 +1695,7 @@ mod tests {
                 first_timers_refused += usize::from(refused);
                 // The request header knows what the request tells (the
                 // account comes with the body): the app can step up.
-                if e.endpoint_under_attack(&s, 0, t) {
+                if e.login_under_attack(&s, t) {
                     assert!(risk.is_some_and(|r| r.contains("endpoint_under_attack")), "told, not refused");
                 }
             }
@@ -1722,7 +1723,7 @@ mod tests {
         for a in 0..300u64 {
             t += 250;
             login(&e, &s, &format!("100.64.{}.{}", a / 200, a % 200 + 1), CHROME, &format!("leak{a}"), false, t);
-            if recognised_at.is_none() && e.endpoint_under_attack(&s, 0, t) {
+            if recognised_at.is_none() && e.login_under_attack(&s, t) {
                 recognised_at = Some(a + 1);
             }
         }

@@ -170,15 +170,14 @@ impl Engine {
             if body.len() <= MAX_BATCH_BYTES {
                 return Some((body, items));
             }
-            let cut = if batch.baselines.len() > 8 { 0 } else { batch.known_accounts.len() / 2 };
-            if cut == 0 && batch.baselines.len() <= 8 {
-                return None;
-            }
-            if cut == 0 {
+            if batch.baselines.len() > 8 {
                 batch.baselines.truncate(8);
+            } else if !batch.known_accounts.is_empty() {
+                let keep = batch.known_accounts.len() / 2;
+                batch.dropped = batch.dropped.saturating_add((batch.known_accounts.len() - keep) as u64);
+                batch.known_accounts.truncate(keep);
             } else {
-                batch.dropped = batch.dropped.saturating_add(cut as u64);
-                batch.known_accounts.truncate(batch.known_accounts.len() - cut);
+                return None;
             }
         }
     }
