@@ -380,17 +380,41 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn score(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+/// Runs a handler's work and records its latency under `route`.
+async fn timed(
+    app: &App,
+    route: &str,
+    work: impl std::future::Future<Output = Response>,
+) -> Response {
     let started = Instant::now();
-    let response = match app.score(&headers, body).await {
-        Ok(answer) => Json(answer).into_response(),
-        Err(e) => app.refuse(e),
-    };
+    let response = work.await;
     app.metrics
         .latency
-        .with_label_values(&["score"])
+        .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The query of an authorized call, or why it is refused.
+fn authorized_query<Q>(
+    app: &App,
+    headers: &HeaderMap,
+    query: Result<Query<Q>, QueryRejection>,
+) -> Result<Q, ApiError> {
+    app.authorize(headers)?;
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
+}
+
+async fn score(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    timed(&app, "score", async {
+        match app.score(&headers, body).await {
+            Ok(answer) => Json(answer).into_response(),
+            Err(e) => app.refuse(e),
+        }
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -405,22 +429,13 @@ async fn verdicts(
     headers: HeaderMap,
     query: Result<Query<VerdictsQuery>, QueryRejection>,
 ) -> Response {
-    let started = Instant::now();
-    let response = match (app.authorize(&headers), query) {
-        (Err(e), _) => app.refuse(e),
-        (Ok(()), Err(e)) => app.refuse(ApiError::bad_request(format!(
-            "invalid query: {}",
-            e.body_text()
-        ))),
-        (Ok(()), Ok(Query(q))) => {
-            Json(app.fleet.verdicts_since(q.since, now_ms()).await).into_response()
+    timed(&app, "verdicts", async {
+        match authorized_query(&app, &headers, query) {
+            Ok(q) => Json(app.fleet.verdicts_since(q.since, now_ms()).await).into_response(),
+            Err(e) => app.refuse(e),
         }
-    };
-    app.metrics
-        .latency
-        .with_label_values(&["verdicts"])
-        .observe(started.elapsed().as_secs_f64());
-    response
+    })
+    .await
 }
 
 /// The answer to an event batch: how many of its items (known accounts
@@ -443,16 +458,13 @@ struct Accepted {
 /// field, another version, over a limit) as `{"error": "..."}`.
 /// A Redis failure is never an error: the batch lands in the memory store.
 async fn events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    let started = Instant::now();
-    let response = match app.events(&headers, body).await {
-        Ok(accepted) => Json(accepted).into_response(),
-        Err(e) => app.refuse(e),
-    };
-    app.metrics
-        .latency
-        .with_label_values(&["events"])
-        .observe(started.elapsed().as_secs_f64());
-    response
+    timed(&app, "events", async {
+        match app.events(&headers, body).await {
+            Ok(accepted) => Json(accepted).into_response(),
+            Err(e) => app.refuse(e),
+        }
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -477,20 +489,13 @@ async fn warm(
     headers: HeaderMap,
     query: Result<Query<WarmQuery>, QueryRejection>,
 ) -> Response {
-    let started = Instant::now();
-    let response = match (app.authorize(&headers), query) {
-        (Err(e), _) => app.refuse(e),
-        (Ok(()), Err(e)) => app.refuse(ApiError::bad_request(format!(
-            "invalid query: {}",
-            e.body_text()
-        ))),
-        (Ok(()), Ok(Query(q))) => Json(app.warm_page(q.from).await).into_response(),
-    };
-    app.metrics
-        .latency
-        .with_label_values(&["warm"])
-        .observe(started.elapsed().as_secs_f64());
-    response
+    timed(&app, "warm", async {
+        match authorized_query(&app, &headers, query) {
+            Ok(q) => Json(app.warm_page(q.from).await).into_response(),
+            Err(e) => app.refuse(e),
+        }
+    })
+    .await
 }
 
 /// `GET /healthz`, fields in the documented order.
