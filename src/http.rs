@@ -124,6 +124,10 @@ impl HttpContext for AbuseFilterHttp {
         let authorization = if engine.reads_authorization() { headers.get("authorization") } else { None };
         // Header names in the client's order, on login routes only.
         let header_names = engine.wants_fingerprint(&method, &path).then(|| headers.names(64));
+        let ja4 = match (engine.ja4_header(), &header_names) {
+            (Some(h), Some(_)) => headers.get(h).map(String::from_utf8_lossy),
+            _ => None,
+        };
         let h = &engine.config().headers;
         self.forged_risk_headers = h.enabled
             && (headers.get(&h.score).is_some() || headers.get(&h.reasons).is_some() || headers.get(&h.login_risk).is_some());
@@ -142,6 +146,7 @@ impl HttpContext for AbuseFilterHttp {
             asn: asn.as_deref(),
             country: country.as_deref(),
             anonymous,
+            ja4: ja4.as_deref(),
         };
         let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now_ms());
         self.body_limit = engine.wants_body(&exchange);
@@ -450,14 +455,24 @@ pub const DECISION_PROPERTY: &str = "abuse_filter";
 /// allow (a risk, a reason, a tag or a block) — else None:
 /// `action=block score=100 reasons=credential_stuffing` (`action` is
 /// `allow`, `tag`, `block` or `would_block`; `score` the risk rounded down,
-/// `reasons` comma-separated).
+/// `reasons` comma-separated); a successful login that differed from its
+/// account's profile adds `login_risk="high; score=4; reasons=new_country,new_device"`.
 pub fn decision_text(verdict: &Verdict) -> Option<String> {
-    let clean = verdict.action == Action::Allow && !verdict.would_block && verdict.risk < 1.0 && verdict.reasons.is_empty();
+    let clean = verdict.action == Action::Allow
+        && !verdict.would_block
+        && verdict.risk < 1.0
+        && verdict.reasons.is_empty()
+        && verdict.profile_risk.is_none();
     if clean {
         return None;
     }
     let action = if verdict.would_block && verdict.action != Action::Block { "would_block" } else { verdict.action.name() };
-    Some(format!("action={action} score={} reasons={}", verdict.score_header(), verdict.reasons_header()))
+    let text = format!("action={action} score={} reasons={}", verdict.score_header(), verdict.reasons_header());
+    // A successful login's risk, as the application was told it.
+    Some(match &verdict.login_risk {
+        Some(risk) if verdict.profile_risk.is_some() => format!("{text} login_risk=\"{risk}\""),
+        _ => text,
+    })
 }
 
 #[link(wasm_import_module = "env")]

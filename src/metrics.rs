@@ -4,6 +4,7 @@
 //! Every host call costs microseconds (`make bench-hostcalls`), so requests only bump
 //! plain per-VM counters; `flush` (on each tick) hands the deltas to Envoy.
 
+use abuse_engine::detectors::login_profile::{Level, REASONS as PROFILE_REASONS};
 use abuse_engine::{Action, CalloutPlan, Reason, Verdict};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -75,8 +76,16 @@ thread_local! {
     static REGISTRY: RefCell<Registry> = const { RefCell::new(Registry { ids: Vec::new(), pending: Vec::new() }) };
 }
 
-fn slot_count() -> usize {
+/// Successful logins signalled against their account's profile: one per
+/// level above low, then one per profile reason.
+const LOGIN_LEVELS: [Level; 2] = [Level::Medium, Level::High];
+
+fn login_risk_slot() -> usize {
     FIXED.len() + PER_REASON * Reason::ALL.len()
+}
+
+fn slot_count() -> usize {
+    login_risk_slot() + LOGIN_LEVELS.len() + PROFILE_REASONS.len()
 }
 
 fn names() -> Vec<String> {
@@ -84,6 +93,12 @@ fn names() -> Vec<String> {
     for r in Reason::ALL {
         names.push(format!("abuse_filter.detector.{}.fired", r.name()));
         names.push(format!("abuse_filter.detector.{}.blocked", r.name()));
+    }
+    for level in LOGIN_LEVELS {
+        names.push(format!("abuse_filter.login_risk.{}", level.name()));
+    }
+    for (_, name, _) in PROFILE_REASONS {
+        names.push(format!("abuse_filter.login_risk.reason.{name}"));
     }
     names
 }
@@ -131,6 +146,17 @@ pub fn record_answer(v: &Verdict) {
         bump(Counter::WouldBlock, 1);
     }
     count_store_and_reasons(v);
+    if let Some(risk) = &v.profile_risk {
+        // A successful login that differed from its account's profile.
+        if let Some(i) = LOGIN_LEVELS.iter().position(|l| *l == risk.level) {
+            add(login_risk_slot() + i, 1);
+        }
+        for (i, (reason, _, _)) in PROFILE_REASONS.iter().enumerate() {
+            if risk.has(*reason) {
+                add(login_risk_slot() + LOGIN_LEVELS.len() + i, 1);
+            }
+        }
+    }
 }
 
 /// Counts everything a verdict tells.

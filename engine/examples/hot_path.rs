@@ -40,6 +40,7 @@ fn main() -> Result<(), String> {
                 asn: None,
                 country: None,
                 anonymous: false,
+                ja4: None,
             };
             now_ms += 1;
             let (_verdict, exchange) = engine.on_request(&store, &facts, now_ms);

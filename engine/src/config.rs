@@ -625,11 +625,19 @@ pub struct AccountTakeoverConfig {
     /// Failures on the account (within the stuffing window) that make a success suspicious.
     pub min_account_failures: u32,
     pub weight: f32,
+    /// Takeover with valid credentials: each login compared with its
+    /// account's profile (see `detectors::login_profile`).
+    pub profile: crate::detectors::login_profile::LoginProfileConfig,
 }
 
 impl Default for AccountTakeoverConfig {
     fn default() -> Self {
-        AccountTakeoverConfig { enabled: true, min_account_failures: 5, weight: 100.0 }
+        AccountTakeoverConfig {
+            enabled: true,
+            min_account_failures: 5,
+            weight: 100.0,
+            profile: crate::detectors::login_profile::LoginProfileConfig::default(),
+        }
     }
 }
 
@@ -727,14 +735,14 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.into(),
         problem: problem.into(),
     }
 }
 
-fn check_range<T: PartialOrd + fmt::Display + Copy>(
+pub(crate) fn check_range<T: PartialOrd + fmt::Display + Copy>(
     key: &str,
     value: T,
     min: T,
@@ -746,7 +754,7 @@ fn check_range<T: PartialOrd + fmt::Display + Copy>(
     Ok(())
 }
 
-fn check_header_name(key: &str, name: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_header_name(key: &str, name: &str) -> Result<(), ConfigError> {
     let valid = !name.is_empty()
         && name.len() <= 128
         && name
@@ -989,6 +997,7 @@ impl Config {
         let ato = &self.account_takeover;
         check_range("account_takeover.min_account_failures", ato.min_account_failures, 1, 100_000)?;
         check_finite_range("account_takeover.weight", ato.weight, 0.0, 10_000.0)?;
+        ato.profile.validate()?;
 
         let en = &self.enumeration;
         if en.object_routes.len() > 32 {
@@ -1026,7 +1035,7 @@ impl Config {
     }
 }
 
-fn check_finite_range(key: &str, value: f32, min: f32, max: f32) -> Result<(), ConfigError> {
+pub(crate) fn check_finite_range(key: &str, value: f32, min: f32, max: f32) -> Result<(), ConfigError> {
     if !value.is_finite() {
         return Err(err(key, "must be a finite number"));
     }

@@ -16,6 +16,8 @@ use crate::endpoint::{EndpointRecord, FingerprintRecord, SprayRecord};
 use crate::known_accounts::KnownAccounts;
 use crate::detectors::enumeration::Enumeration;
 use crate::detectors::login::{LoginDetector, LoginOutcome};
+use crate::detectors::login_profile::{LoginProfile, ProfileRisk};
+use crate::profile::{asn_number, country_number, device_tag, LoginPlace};
 use crate::detectors::probing::Probing;
 use crate::detectors::scraping::Scraping;
 use crate::detectors::session::{country_code, Sessions};
@@ -86,6 +88,8 @@ pub struct RequestFacts<'a> {
     pub country: Option<&'a str>,
     /// The GeoIP filter marked the address as VPN, Tor, hosting or proxy.
     pub anonymous: bool,
+    /// The TLS JA4 fingerprint, when `account_takeover.profile.ja4_header` names it.
+    pub ja4: Option<&'a str>,
 }
 
 /// What the engine remembers between a request and its answer.
@@ -102,10 +106,12 @@ pub struct Exchange {
     object: bool,
     path_hash: u64,
     username: Option<String>,
-    /// Tag of the client's fingerprint (user agent + header order) and its
-    /// country, for the account's owner profile (login routes).
-    login_fingerprint: u16,
-    login_country: u16,
+    /// The login's device, country and network, for the account's profile.
+    login_place: LoginPlace,
+    /// The GeoIP filter marked the address as anonymous (VPN, Tor, hosting, proxy).
+    anonymous: bool,
+    /// The login's risk against its account's profile (once the body was read).
+    profile_risk: Option<ProfileRisk>,
     /// The attempt's evidence so far (login routes with distributed stuffing on).
     attempt: Option<AttemptSignals>,
     /// The login endpoint's record as the request found it (read once, for the body too).
@@ -149,6 +155,7 @@ pub struct Engine {
     routes: RouteTable,
     rate: Option<RequestRate>,
     login: Option<LoginDetector>,
+    login_profile: Option<LoginProfile>,
     probing: Option<Probing>,
     enumeration: Option<Enumeration>,
     distributed: Option<DistributedStuffing>,
@@ -212,7 +219,7 @@ impl Engine {
             usize::try_from(config.state.slots_per_shard).unwrap_or(32),
             fingerprint(&layout_tag),
         );
-        let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;2"));
+        let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;3"));
         let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;2"));
         let sprays = ShardedTable::new(STATE_PREFIX, "sprays", SPRAY_SHARDS, SPRAY_SLOTS, fingerprint("sprays;1"));
         let fingerprints =
@@ -244,6 +251,10 @@ impl Engine {
             exemptions,
             routes,
             rate,
+            login_profile: match &login {
+                Some(_) => LoginProfile::new(&config.account_takeover.profile, config.credential_stuffing.window_s),
+                None => None,
+            },
             login,
             probing: Probing::new(&config.probing),
             enumeration: Enumeration::new(&config.enumeration),
@@ -450,12 +461,13 @@ impl Engine {
             }
             _ => None,
         };
-        let (login_fingerprint, login_country) = match &fingerprint_text {
-            Some(text) => {
-                let tag = (crate::identity::agent_tag(text) & 0xffff) as u16;
-                (tag.max(1), facts.country.and_then(country_code).map(u16::from_le_bytes).unwrap_or(0))
-            }
-            None => (0, 0),
+        let login_place = match login_route {
+            Some(_) => LoginPlace {
+                device: device_tag(facts.user_agent.unwrap_or(""), facts.header_names.unwrap_or(""), facts.ja4),
+                country: country_number(facts.country),
+                asn: asn_number(facts.asn),
+            },
+            None => LoginPlace::default(),
         };
         let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
         // Parsing the cookie is only worth it when a limit asks.
@@ -526,8 +538,8 @@ impl Engine {
             exchange.attempt = attempt_seen;
             exchange.endpoint = endpoint;
             exchange.tool_key = tool_key;
-            exchange.login_fingerprint = login_fingerprint;
-            exchange.login_country = login_country;
+            exchange.login_place = login_place;
+            exchange.anonymous = facts.anonymous;
             exchange.mode = Some(mode);
             exchange.object = object.is_some();
             exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
@@ -1011,9 +1023,61 @@ impl Engine {
         if let Some(q) = exchange.score_request.as_mut() {
             q.username = exchange.username.clone();
         }
-        let d = self.distributed.as_ref()?;
         let username = exchange.username.as_deref()?;
         let account_key = self.account_hasher.key(DOMAIN_USERNAME, username.as_bytes());
+        let account = self.accounts.peek(store, account_key).ok().flatten();
+        // The login compared with the account's profile, for the
+        // application (as if it succeeds: the outcome is not known yet).
+        if let Some(lp) = &self.login_profile {
+            let risk = lp.assess(account.as_ref(), &exchange.login_place, exchange.anonymous, exchange.client_key, now_ms);
+            exchange.profile_risk = Some(risk);
+        }
+        let mut signal = self.attempt_evidence(store, exchange, login, route, body, account_key, account.as_ref(), now_ms);
+        if let (Some(lp), true) = (&self.login_profile, exchange.profile_risk.is_some_and(|r| r.refuse)) {
+            signal.fire(Reason::AccountTakeover, lp.weight());
+        }
+        if signal.reasons.is_empty() {
+            return None;
+        }
+        let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
+            if let Some(penalized) = self.penalized(record, now_ms) {
+                return (penalized, false);
+            }
+            (self.apply(record, signal, now_ms), true)
+        });
+        let mode = exchange.mode.unwrap_or(self.config.mode);
+        let client = exchange.client.unwrap_or(ClientAddr::Unknown);
+        let mut verdict = self.verdict(client, updated, mode, now_ms);
+        verdict.agent = exchange.agent;
+        verdict.fired = verdict.fired.union(signal.reasons);
+        verdict.login_risk = self.login_risk(exchange);
+        // The attempt itself is refused, boxed or not.
+        verdict.reasons = verdict.reasons.union(signal.reasons);
+        verdict.block(403, verdict.retry_after_s.max(1));
+        verdict.on_response = true;
+        // No answer will be judged: the attempt never reaches the upstream.
+        exchange.judged = false;
+        Some(verdict)
+    }
+
+    /// Distributed stuffing's account-level evidence for the attempt: is
+    /// the account known, does the attempt look like its owner, is the
+    /// password sprayed. Returns the refusal signal (during an attack).
+    #[allow(clippy::too_many_arguments)]
+    fn attempt_evidence(
+        &self,
+        store: &dyn SharedStore,
+        exchange: &mut Exchange,
+        login: &LoginDetector,
+        route: usize,
+        body: &[u8],
+        account_key: u64,
+        account: Option<&AccountRecord>,
+        now_ms: u64,
+    ) -> Signal {
+        let Some(d) = self.distributed.as_ref() else {
+            return Signal::default();
+        };
         // Every attempt: the endpoint's share of unknown accounts is a
         // recognition signal too (recorded with the outcome).
         let known = self.known_accounts.contains(store, account_key);
@@ -1021,13 +1085,13 @@ impl Engine {
         // The account-level evidence, always (it also goes to the login-risk
         // header when the headers were held for the body); the spray and the
         // refusal only during an attack.
-        let mut attempt = exchange.attempt?;
+        let Some(mut attempt) = exchange.attempt else {
+            return Signal::default();
+        };
         let endpoint = exchange.endpoint.unwrap_or_default();
         if known {
-            let profile = self.accounts.peek(store, account_key).ok().flatten();
-            attempt.unlike_owner = profile.is_some_and(|a| {
-                a.has_profile() && !a.looks_like_owner(exchange.login_fingerprint, exchange.login_country)
-            });
+            attempt.unlike_owner =
+                account.is_some_and(|a| a.profile.is_known() && !a.profile.looks_like_owner(&exchange.login_place));
         } else {
             attempt.unknown_account = d.unknown_is_evidence(&endpoint);
         }
@@ -1048,37 +1112,23 @@ impl Engine {
                 .is_some_and(|p| d.is_sprayed(&p, now_ms));
         }
         exchange.attempt = Some(attempt);
-        let signal = d.refusal(&attempt);
-        if signal.reasons.is_empty() {
-            return None;
-        }
-        let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
-            if let Some(penalized) = self.penalized(record, now_ms) {
-                return (penalized, false);
-            }
-            (self.apply(record, signal, now_ms), true)
-        });
-        let mode = exchange.mode.unwrap_or(self.config.mode);
-        let client = exchange.client.unwrap_or(ClientAddr::Unknown);
-        let mut verdict = self.verdict(client, updated, mode, now_ms);
-        verdict.agent = exchange.agent;
-        verdict.fired = verdict.fired.union(signal.reasons);
-        verdict.login_risk = Some(attempt.header(d.refuse_at()));
-        // The attempt itself is refused, boxed or not.
-        verdict.reasons = verdict.reasons.union(signal.reasons);
-        verdict.block(403, verdict.retry_after_s.max(1));
-        verdict.on_response = true;
-        // No answer will be judged: the attempt never reaches the upstream.
-        exchange.judged = false;
-        Some(verdict)
+        d.refusal(&attempt)
     }
 
     /// The `x-abuse-login-risk` value once the body was read (for headers
-    /// held until then: `credential_stuffing.hold_login_headers`).
+    /// held until then: `credential_stuffing.hold_login_headers`): the
+    /// attempt's evidence and the profile's reasons together.
     pub fn login_risk(&self, exchange: &Exchange) -> Option<String> {
-        let d = self.distributed.as_ref()?;
-        let a = exchange.attempt?;
-        (a.level(d.refuse_at()) != "low").then(|| a.header(d.refuse_at()))
+        let attempt = match (&self.distributed, exchange.attempt) {
+            (Some(d), Some(a)) => Some((a, d.refuse_at())),
+            _ => None,
+        };
+        crate::login_risk::header(attempt, exchange.profile_risk.as_ref())
+    }
+
+    /// The header with the TLS JA4 fingerprint, when configured (login routes read it).
+    pub fn ja4_header(&self) -> Option<&str> {
+        self.login_profile.as_ref().and_then(LoginProfile::ja4_header)
     }
 
     /// Whether login requests wait for their body before their headers go
@@ -1159,12 +1209,16 @@ impl Engine {
                     .update(store, user, now_ms, |a| {
                         // The owner on their own device is never a takeover,
                         // however many failures others caused on the account.
-                        let owner = a.has_profile() && a.looks_like_owner(exchange.login_fingerprint, exchange.login_country);
+                        let owner = a.profile.is_known() && a.profile.looks_like_owner(&exchange.login_place);
                         let failures = if owner { 0.0 } else { login.account_failures(a, now_ms) };
-                        a.learn_success(exchange.login_fingerprint, exchange.login_country, now_ms);
-                        (failures, true)
+                        // Only a success teaches the profile.
+                        a.profile.learn(&exchange.login_place, now_ms);
+                        ((failures, a.profile), true)
                     })
-                    .map(|(f, _)| f)
+                    .map(|((f, profile), _)| {
+                        self.queue_profile(user, profile);
+                        f
+                    })
                     .unwrap_or(0.0)
             }
             _ => 0.0,
@@ -1215,6 +1269,12 @@ impl Engine {
         let mut verdict = self.verdict(client, updated, mode, now_ms);
         verdict.agent = exchange.agent;
         verdict.on_response = true;
+        if outcome == LoginOutcome::Success {
+            // What the application was told about this login, now that it
+            // succeeded: for the access log and the stats.
+            verdict.login_risk = self.login_risk(exchange);
+            verdict.profile_risk = exchange.profile_risk.filter(|r| !r.is_empty());
+        }
         // Penalties found here were already handled by the request phase.
         (!verdict.penalized).then_some(verdict)
     }
@@ -1639,6 +1699,103 @@ mod tests {
         (answer.is_some_and(|a| a.action == Action::Block), v.login_risk)
     }
 
+    /// A login with valid credentials from `country`; returns (refused, the
+    /// header the application got, the answer's verdict).
+    fn valid_login(e: &Engine, s: &MemoryStore, xff: &str, ua: &str, country: &str, t: u64) -> (bool, Option<String>, Option<Verdict>) {
+        let mut facts = request("127.0.0.1:1", Some(xff), "/login");
+        facts.method = "POST";
+        facts.user_agent = Some(ua);
+        facts.header_names = Some(BROWSER_NAMES);
+        facts.country = Some(country);
+        let (v, mut ex) = e.on_request(s, &facts, t);
+        assert_ne!(v.action, Action::Block);
+        if let Some(refused) = e.on_request_body(s, &mut ex, br#"{"username":"owner@mail.example","password":"right"}"#, t) {
+            return (refused.action == Action::Block, refused.login_risk, None);
+        }
+        let told = e.login_risk(&ex);
+        (false, told, e.on_response(s, &ex, 200, None, t + 5))
+    }
+
+    const FIREFOX: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0";
+    const IPHONE: &str = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1";
+
+    /// The profile's part of a successful login's risk: (level, reasons).
+    fn profile_part(answer: &Option<Verdict>) -> (&'static str, Vec<&'static str>) {
+        match answer.as_ref().and_then(|a| a.profile_risk) {
+            Some(r) => (r.level.name(), r.told_names().collect()),
+            None => ("low", Vec::new()),
+        }
+    }
+
+    #[test]
+    fn a_takeover_with_the_right_password_is_told_to_the_application_and_the_owner_is_not() {
+        let (e, s) = (engine(LOGIN), MemoryStore::new());
+        e.create_state(&s).unwrap();
+        let day = 86_400_000;
+        // The owner logs in from home, in GB, on their laptop, for a week.
+        for d in 0..7 {
+            let (refused, _, answer) = valid_login(&e, &s, "81.2.69.142", CHROME, "GB", T0 + d * day);
+            assert!(!refused);
+            assert_eq!(profile_part(&answer), ("low", vec![]), "day {d}");
+        }
+        // A new phone at home: low, only a new device.
+        let (_, told, answer) = valid_login(&e, &s, "81.2.69.143", IPHONE, "GB", T0 + 7 * day);
+        assert_eq!(profile_part(&answer), ("low", vec!["new_device"]));
+        assert!(!told.unwrap_or_default().starts_with("high"), "no step-up for a new phone at home");
+        // The password used from another country on another browser.
+        let (refused, told, answer) = valid_login(&e, &s, "175.16.199.1", FIREFOX, "CN", T0 + 8 * day);
+        assert!(!refused, "tag by default: the application decides");
+        assert_eq!(profile_part(&answer), ("high", vec!["new_country", "new_device"]));
+        let told = told.unwrap();
+        assert!(told.starts_with("high; ") && told.ends_with("new_country,new_device"), "{told}");
+        let answer = answer.unwrap();
+        assert_eq!(answer.login_risk.as_deref(), Some(told.as_str()), "the answer carries it to the access log");
+        assert_ne!(answer.action, Action::Block);
+        // Ten minutes after it the owner at home: another country than the
+        // last success that soon is impossible travel, but the owner's
+        // device at home is only medium.
+        let (_, _, answer) = valid_login(&e, &s, "81.2.69.142", CHROME, "GB", T0 + 8 * day + 600_000);
+        assert_eq!(profile_part(&answer), ("medium", vec!["impossible_travel"]));
+    }
+
+    #[test]
+    fn an_owners_trip_is_learned_and_an_operator_can_block_a_combination() {
+        let config = r#"{"mode":"block","client":{"trusted_proxies":["127.0.0.1"]},
+            "credential_stuffing":{"login_routes":[{"path":"/login","failure_statuses":[401],"success_statuses":[200]}]},
+            "account_takeover":{"profile":{"block_when":[["new_country","new_device","anonymous_source"]]}}}"#;
+        let (e, s) = (engine(config), MemoryStore::new());
+        e.create_state(&s).unwrap();
+        let day = 86_400_000;
+        for d in 0..3 {
+            valid_login(&e, &s, "81.2.69.142", CHROME, "GB", T0 + d * day);
+        }
+        // The owner travels (a day later, with their laptop): medium, let in, learned.
+        let (refused, _, answer) = valid_login(&e, &s, "89.160.20.112", CHROME, "SE", T0 + 4 * day);
+        assert!(!refused);
+        assert_eq!(profile_part(&answer), ("medium", vec!["new_country"]));
+        let (_, _, answer) = valid_login(&e, &s, "89.160.20.112", CHROME, "SE", T0 + 5 * day);
+        assert_eq!(profile_part(&answer), ("low", vec![]), "the trip is in the profile now");
+        // The owner behind a VPN abroad with their own laptop: not the combination.
+        let (refused, _, _) = valid_login(&e, &s, "1.2.0.2", CHROME, "SE", T0 + 5 * day + 3_600_000);
+        assert!(!refused);
+        // A new country, a new device and a VPN: refused before the upstream.
+        let mut facts = request("127.0.0.1:1", Some("1.2.0.1"), "/login");
+        facts.method = "POST";
+        facts.user_agent = Some(FIREFOX);
+        facts.header_names = Some(BROWSER_NAMES);
+        facts.country = Some("PH");
+        facts.anonymous = true;
+        let (v, mut ex) = e.on_request(&s, &facts, T0 + 6 * day);
+        assert_ne!(v.action, Action::Block);
+        let refused = e.on_request_body(&s, &mut ex, br#"{"username":"owner@mail.example","password":"right"}"#, T0 + 6 * day).unwrap();
+        assert_eq!(refused.action, Action::Block);
+        assert!(refused.reasons.contains(Reason::AccountTakeover));
+        assert!(refused.login_risk.is_some_and(|r| r.contains("anonymous_source")));
+        // Refused attempts teach the profile nothing: PH is still new.
+        let (_, _, answer) = valid_login(&e, &s, "202.196.224.1", CHROME, "PH", T0 + 7 * day);
+        assert_eq!(profile_part(&answer).1, vec!["new_country"]);
+    }
+
     #[test]
     fn stuffing_disguised_as_browsers_is_refused_and_real_users_are_not() {
         let (e, s) = (engine(LOGIN), MemoryStore::new());
@@ -1771,6 +1928,7 @@ mod tests {
                     asn: Some(ua.as_str()),
                     country: Some(ua.as_str()),
                     anonymous: i == 0,
+                    ja4: Some(ua.as_str()),
                 };
                 let (v, mut ex) = e.on_request(&s, &facts, T0 + i as u64);
                 proptest::prop_assert!(v.risk.is_finite());

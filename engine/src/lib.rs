@@ -14,6 +14,8 @@ pub mod exemptions;
 pub mod hash;
 pub mod identity;
 pub mod known_accounts;
+pub mod login_risk;
+pub mod profile;
 pub mod reason;
 pub mod record;
 pub mod risk;

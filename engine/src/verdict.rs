@@ -67,6 +67,9 @@ pub struct Verdict {
     pub agent: Option<u32>,
     /// On login routes: the `x-abuse-login-risk` value, when there is a risk.
     pub login_risk: Option<String>,
+    /// A successful login's risk against its account's profile, when it
+    /// had any reason (counted per reason by the host).
+    pub profile_risk: Option<crate::detectors::login_profile::ProfileRisk>,
     pub store: UpdateStats,
     /// Shared state could not be updated; the request was let through.
     pub store_failed: bool,
@@ -94,6 +97,7 @@ impl Verdict {
             client,
             agent: None,
             login_risk: None,
+            profile_risk: None,
             store: UpdateStats::default(),
             store_failed: false,
             exempt: false,

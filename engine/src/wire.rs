@@ -227,8 +227,22 @@ pub struct EventBatch {
     /// `known_accounts::bit_positions`).
     pub known_accounts: Vec<u64>,
     pub baselines: Vec<BaselineSnapshot>,
+    /// Account profiles changed by successful logins since the last batch
+    /// (at most [`MAX_BATCH_PROFILES`]), for the fleet to merge.
+    pub profiles: Vec<ProfileUpdate>,
     /// Items this worker dropped since its last delivered batch (buffer full or scorer away).
     pub dropped: u64,
+}
+
+/// Profiles per tick batch, and per warm-start page.
+pub const MAX_BATCH_PROFILES: usize = 128;
+
+/// One account's profile, by its fleet key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileUpdate {
+    pub account: u64,
+    pub profile: crate::profile::AccountProfile,
 }
 
 /// One known-accounts shard: its 1 KiB of Bloom bits, base64 (standard alphabet, padded).
@@ -248,5 +262,8 @@ pub struct WarmState {
     pub version: u32,
     pub baselines: Vec<BaselineSnapshot>,
     pub known_shards: Vec<KnownShard>,
+    /// Account profiles, most recent first: pages after the known shards'
+    /// (`next` ≥ the shard count) carry them, [`MAX_BATCH_PROFILES`] a page.
+    pub profiles: Vec<ProfileUpdate>,
     pub next: Option<u32>,
 }

@@ -298,10 +298,12 @@ impl App {
             }
         });
         let invalid = (before - baselines.len()) as u64;
-        let (added, no_room) = tokio::join!(
+        let (added, no_room, profiles) = tokio::join!(
             self.fleet.add_known_accounts(&batch.known_accounts, now),
-            self.fleet.merge_baselines(&baselines, now)
+            self.fleet.merge_baselines(&baselines, now),
+            self.fleet.merge_profiles(&batch.profiles, now)
         );
+        self.metrics.profiles_merged.inc_by(profiles);
         let refused = invalid + no_room;
         self.metrics.batches.inc();
         self.metrics.known_accounts_added.inc_by(added);
@@ -316,7 +318,7 @@ impl App {
         if no_room > 0 {
             tracing::debug!(no_room, "baselines without a free name were dropped");
         }
-        let items = batch.known_accounts.len() + before;
+        let items = batch.known_accounts.len() + before + batch.profiles.len();
         Ok(Accepted {
             accepted: (items as u64).saturating_sub(refused),
         })
@@ -325,12 +327,33 @@ impl App {
     /// `GET /v1/warm?from=N`: a page of the warm-start state (see [`warm`]).
     async fn warm_page(&self, from: u32) -> WarmState {
         let now = now_ms();
-        let start = usize::try_from(from).unwrap_or(SHARDS);
+        let start = usize::try_from(from).unwrap_or(usize::MAX);
+        if start >= SHARDS {
+            // After the shards: the account profiles, most recent first.
+            let k = start - SHARDS;
+            let (profiles, more) = self.fleet.profile_page(k, now).await;
+            return WarmState {
+                version: WIRE_VERSION,
+                profiles,
+                next: more.then(|| from.saturating_add(1)),
+                ..WarmState::default()
+            };
+        }
         let page = self.fleet.known_shards(start, WARM_PAGE_SHARDS, now).await;
         let baselines = if from == 0 {
             self.fleet.baselines(now).await
         } else {
             Vec::new()
+        };
+        // The last shards' page carries the first page of profiles; the
+        // others follow at `SHARDS + k`.
+        let (profiles, next) = match page.next {
+            Some(n) => (Vec::new(), u32::try_from(n).ok()),
+            None => {
+                let (profiles, more) = self.fleet.profile_page(0, now).await;
+                let next = more.then(|| u32::try_from(SHARDS + 1).ok()).flatten();
+                (profiles, next)
+            }
         };
         WarmState {
             version: WIRE_VERSION,
@@ -343,7 +366,8 @@ impl App {
                     bits: known::encode(bits.as_slice()),
                 })
                 .collect(),
-            next: page.next.and_then(|n| u32::try_from(n).ok()),
+            profiles,
+            next,
         }
     }
 

@@ -147,6 +147,7 @@ mod dashboard;
 mod known;
 mod metrics;
 mod model;
+mod profiles;
 mod scoring;
 mod snapshot;
 mod store;

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub detections: IntCounterVec,
     pub batches: IntCounter,
     pub known_accounts_added: IntCounter,
+    pub profiles_merged: IntCounter,
     pub batch_items_dropped: IntCounterVec,
 }
 
@@ -119,6 +120,10 @@ impl Metrics {
             "abuse_scorer_known_accounts_added_total",
             "Accounts from event batches that were new to the known-accounts filter",
         )?;
+        let profiles_merged = IntCounter::new(
+            "abuse_scorer_profiles_merged_total",
+            "Account profiles from event batches that changed the fleet's",
+        )?;
         let batch_items_dropped = IntCounterVec::new(
             Opts::new(
                 "abuse_scorer_batch_items_dropped_total",
@@ -139,6 +144,7 @@ impl Metrics {
             Box::new(detections.clone()),
             Box::new(batches.clone()),
             Box::new(known_accounts_added.clone()),
+            Box::new(profiles_merged.clone()),
             Box::new(batch_items_dropped.clone()),
         ] {
             registry.register(c)?;
@@ -171,6 +177,7 @@ impl Metrics {
             detections,
             batches,
             known_accounts_added,
+            profiles_merged,
             batch_items_dropped,
         })
     }
@@ -215,6 +222,7 @@ mod tests {
             "abuse_scorer_detections_total{reason=\"other\"} 1",
             "abuse_scorer_batches_total 0",
             "abuse_scorer_known_accounts_added_total 0",
+            "abuse_scorer_profiles_merged_total 0",
             "abuse_scorer_batch_items_dropped_total{by=\"filter\"} 0",
             "abuse_scorer_batch_items_dropped_total{by=\"scorer\"} 0",
             "abuse_scorer_request_duration_seconds_count{route=\"warm\"} 0",

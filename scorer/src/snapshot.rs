@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::known;
 use crate::model::{Model, Params};
 use crate::store::memory::MemoryStore;
-use abuse_engine::wire::{BaselineSnapshot, KnownShard};
+use abuse_engine::wire::{BaselineSnapshot, KnownShard, ProfileUpdate};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,9 @@ struct WarmFile {
     format: u32,
     baselines: Vec<SavedBaseline>,
     known_shards: Vec<KnownShard>,
+    /// Account profiles, most recent first (absent in files of before them).
+    #[serde(default)]
+    profiles: Vec<ProfileUpdate>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -150,13 +153,13 @@ pub fn load_warm(state_dir: &Path, store: &MemoryStore) {
         .into_iter()
         .map(|b| (b.baseline, b.seen_ms))
         .collect::<Vec<_>>();
-    tracing::info!(file = %file.display(), shards = shards.len(), baselines = baselines.len(), "loaded the warm-start snapshot");
-    store.restore_warm(baselines, &shards);
+    tracing::info!(file = %file.display(), shards = shards.len(), baselines = baselines.len(), profiles = saved.profiles.len(), "loaded the warm-start snapshot");
+    store.restore_warm(baselines, &shards, &saved.profiles);
 }
 
 /// The store's warm-start state as saved, and its `warm_changes`.
 fn warm_file(store: &MemoryStore) -> (u64, WarmFile) {
-    let (changes, baselines, shards) = store.export_warm();
+    let (changes, baselines, shards, profiles) = store.export_warm();
     let file = WarmFile {
         format: WARM_FORMAT,
         baselines: baselines
@@ -170,6 +173,7 @@ fn warm_file(store: &MemoryStore) -> (u64, WarmFile) {
                 bits: known::encode(bits.as_slice()),
             })
             .collect(),
+        profiles,
     };
     (changes, file)
 }

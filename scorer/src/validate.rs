@@ -4,7 +4,7 @@
 //! bounded here.
 
 use abuse_engine::wire::{
-    BaselineSnapshot, EventBatch, ScoreRequest, MAX_BASELINES, MAX_BATCH_ACCOUNTS, WIRE_VERSION,
+    BaselineSnapshot, EventBatch, ScoreRequest, MAX_BASELINES, MAX_BATCH_ACCOUNTS, MAX_BATCH_PROFILES, WIRE_VERSION,
 };
 
 pub const MAX_REASONS: usize = 16;
@@ -82,6 +82,12 @@ pub fn check_batch(batch: &EventBatch) -> Result<(), String> {
             batch.known_accounts.len()
         ));
     }
+    if batch.profiles.len() > MAX_BATCH_PROFILES {
+        return Err(format!(
+            "too many `profiles`: {} (at most {MAX_BATCH_PROFILES} per batch)",
+            batch.profiles.len()
+        ));
+    }
     if batch.baselines.len() > MAX_BASELINES {
         return Err(format!(
             "too many `baselines`: {} (at most {MAX_BASELINES} per batch)",
@@ -132,6 +138,7 @@ mod tests {
                 baseline: 0.1,
                 ..BaselineSnapshot::default()
             }],
+            profiles: vec![],
             dropped: 0,
         };
         assert_eq!(check_batch(&ok()), Ok(()));
@@ -142,6 +149,11 @@ mod tests {
             ..ok()
         })
         .contains("too many `known_accounts`: 2049"));
+        assert!(e(EventBatch {
+            profiles: vec![abuse_engine::wire::ProfileUpdate::default(); MAX_BATCH_PROFILES + 1],
+            ..ok()
+        })
+        .contains("too many `profiles`: 129"));
         assert!(e(EventBatch {
             baselines: vec![
                 BaselineSnapshot {

@@ -735,7 +735,7 @@ fn event_batches_feed_the_warm_start_and_it_pages_and_survives_a_restart() {
     let empty = get_json(&s.url("/v1/warm"), Some(SECRET));
     assert_eq!(
         empty,
-        json!({"version": 1, "baselines": [], "known_shards": [], "next": null})
+        json!({"version": 1, "baselines": [], "known_shards": [], "profiles": [], "next": null})
     );
 
     // 150 accounts in 150 shards, and 40 more in shards already used.
@@ -814,7 +814,7 @@ fn event_batches_feed_the_warm_start_and_it_pages_and_survives_a_restart() {
     assert_eq!(mid, pages[1]);
     assert_eq!(
         get_json(&s.url("/v1/warm?from=5000"), Some(SECRET)),
-        json!({"version": 1, "baselines": [], "known_shards": [], "next": null})
+        json!({"version": 1, "baselines": [], "known_shards": [], "profiles": [], "next": null})
     );
 
     assert_eq!(metric(&s, "abuse_scorer_batches_total"), 3.0);
@@ -848,6 +848,51 @@ fn event_batches_feed_the_warm_start_and_it_pages_and_survives_a_restart() {
         s.log()
     );
     assert_eq!(warm_pages(&s), before);
+}
+
+/// A profile as the filter sends it: one device, GB, a last success at `at_ms`.
+fn profile(account: u64, device: u32, at_ms: u64) -> Value {
+    let at_s = at_ms / 1000;
+    json!({"account": account, "profile": {
+        "devices": [[device, at_s], [0, 0], [0, 0], [0, 0]],
+        "countries": [[17735, at_s], [0, 0], [0, 0], [0, 0]],
+        "asns": [[0, 0], [0, 0], [0, 0], [0, 0]],
+        "last_success_ms": at_ms, "last_country": 17735}})
+}
+
+#[test]
+fn account_profiles_merge_page_most_recent_first_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Scorer::start(dir.path(), &[]);
+    let t0 = 1_764_000_000_000u64;
+    // 200 accounts in two batches; account 7 from two Envoys.
+    let first: Vec<Value> = (0..128).map(|i| profile(1_000 + i, 7, t0 + i * 1000)).collect();
+    let second: Vec<Value> = (128..200).map(|i| profile(1_000 + i, 7, t0 + i * 1000)).chain([profile(1_000, 9, t0 + 500_000)]).collect();
+    for profiles in [first, second] {
+        let body = json!({"version": 1, "known_accounts": [], "baselines": [], "profiles": profiles, "dropped": 0});
+        send(&s, &body.to_string());
+    }
+    assert_eq!(metric(&s, "abuse_scorer_profiles_merged_total"), 201.0);
+    let pages = warm_pages(&s);
+    let profiles: Vec<&Value> = pages.iter().flat_map(|p| p["profiles"].as_array().unwrap()).collect();
+    assert_eq!(profiles.len(), 200, "every account once");
+    assert_eq!(pages.len(), 2, "128 + 72, the first with the (empty) shards page");
+    assert_eq!(profiles[0]["account"], 1_000, "the latest success first");
+    let devices = profiles[0]["profile"]["devices"].as_array().unwrap();
+    assert!(devices.contains(&json!([9, (t0 + 500_000) / 1000])) && devices.contains(&json!([7, t0 / 1000])),
+            "both Envoys' devices: {devices:?}");
+    assert_eq!(profiles[1]["account"], 1_199);
+    // Over a restart (no Redis: warm.json).
+    let status = s.terminate();
+    assert!(status.success(), "{}", s.log());
+    let s = Scorer::start(dir.path(), &[]);
+    assert_eq!(warm_pages(&s), pages);
+    // Too many in one batch: refused with its reason.
+    let many: Vec<Value> = (0..129).map(|i| profile(i, 1, t0)).collect();
+    let body = json!({"version": 1, "known_accounts": [], "baselines": [], "profiles": many, "dropped": 0});
+    let (status, text) = post(&s.url("/v1/events"), Some(SECRET), &body.to_string());
+    assert_eq!(status, 400, "{text}");
+    assert!(error_of(&text).contains("too many `profiles`"), "{text}");
 }
 
 #[test]

@@ -5,6 +5,7 @@ pub mod browser;
 pub mod distributed_stuffing;
 pub mod enumeration;
 pub mod login;
+pub mod login_profile;
 pub mod probing;
 pub mod rate;
 pub mod scraping;

@@ -22,12 +22,16 @@ use super::{Engine, DOMAIN_ROUTE, STATE_PREFIX};
 use crate::codec::{Reader, Writer};
 use crate::store::SharedStore;
 use crate::wire::{
-    BaselineSnapshot, EventBatch, WarmState, MAX_BASELINES, MAX_BATCH_ACCOUNTS, MAX_BATCH_BYTES, WIRE_VERSION,
+    BaselineSnapshot, EventBatch, ProfileUpdate, WarmState, MAX_BASELINES, MAX_BATCH_ACCOUNTS, MAX_BATCH_BYTES,
+    MAX_BATCH_PROFILES, WIRE_VERSION,
 };
+use crate::profile::AccountProfile;
 use base64::Engine as _;
 
 /// Account keys a worker holds for its next batch, at most.
 pub const PENDING_CAP: usize = 4 * MAX_BATCH_ACCOUNTS;
+/// Changed profiles a worker holds for its next batches, at most.
+pub const PROFILES_CAP: usize = 4 * MAX_BATCH_PROFILES;
 /// Baselines ride along this often.
 pub const BASELINE_EVERY_MS: u64 = 10_000;
 /// A warm-start page may take this long before another worker may retry.
@@ -49,6 +53,7 @@ fn finite(v: f32) -> f32 {
 #[derive(Debug, Default)]
 pub struct Outbox {
     accounts: Vec<u64>,
+    profiles: Vec<ProfileUpdate>,
     dropped: u64,
     baselines_sent_ms: u64,
 }
@@ -93,6 +98,23 @@ impl Engine {
         if let Ok(mut out) = self.outbox.lock() {
             if out.accounts.len() < PENDING_CAP {
                 out.accounts.push(key);
+            } else {
+                out.dropped = out.dropped.saturating_add(1);
+            }
+        }
+    }
+
+    /// An account's profile after a successful login, for the fleet (the
+    /// latest per account in the batch).
+    pub(super) fn queue_profile(&self, key: u64, profile: AccountProfile) {
+        if !self.events_on() {
+            return;
+        }
+        if let Ok(mut out) = self.outbox.lock() {
+            if let Some(p) = out.profiles.iter_mut().find(|p| p.account == key) {
+                p.profile = profile;
+            } else if out.profiles.len() < PROFILES_CAP {
+                out.profiles.push(ProfileUpdate { account: key, profile });
             } else {
                 out.dropped = out.dropped.saturating_add(1);
             }
@@ -144,10 +166,10 @@ impl Engine {
         if !self.events_on() {
             return None;
         }
-        let (accounts, dropped, baselines_due) = {
+        let (accounts, profiles, dropped, baselines_due) = {
             let mut out = self.outbox.lock().ok()?;
             let due = now_ms.saturating_sub(out.baselines_sent_ms) >= BASELINE_EVERY_MS;
-            if out.accounts.is_empty() && !due {
+            if out.accounts.is_empty() && out.profiles.is_empty() && !due {
                 return None;
             }
             if due {
@@ -155,14 +177,16 @@ impl Engine {
             }
             let n = out.accounts.len().min(MAX_BATCH_ACCOUNTS);
             let accounts: Vec<u64> = out.accounts.drain(..n).collect();
-            (accounts, std::mem::take(&mut out.dropped), due)
+            let n = out.profiles.len().min(MAX_BATCH_PROFILES);
+            let profiles: Vec<ProfileUpdate> = out.profiles.drain(..n).collect();
+            (accounts, profiles, std::mem::take(&mut out.dropped), due)
         };
         let baselines = if baselines_due { self.baseline_snapshots(store) } else { Vec::new() };
-        if accounts.is_empty() && baselines.is_empty() && dropped == 0 {
+        if accounts.is_empty() && profiles.is_empty() && baselines.is_empty() && dropped == 0 {
             return None;
         }
-        let items = (accounts.len() + baselines.len()) as u64;
-        let mut batch = EventBatch { version: WIRE_VERSION, known_accounts: accounts, baselines, dropped };
+        let items = (accounts.len() + baselines.len() + profiles.len()) as u64;
+        let mut batch = EventBatch { version: WIRE_VERSION, known_accounts: accounts, baselines, profiles, dropped };
         // Within the scorer's byte limit whatever the names: what does not
         // fit is dropped and counted (an account comes back with its next success).
         loop {
@@ -172,6 +196,10 @@ impl Engine {
             }
             if batch.baselines.len() > 8 {
                 batch.baselines.truncate(8);
+            } else if !batch.profiles.is_empty() {
+                let keep = batch.profiles.len() / 2;
+                batch.dropped = batch.dropped.saturating_add((batch.profiles.len() - keep) as u64);
+                batch.profiles.truncate(keep);
             } else if !batch.known_accounts.is_empty() {
                 let keep = batch.known_accounts.len() / 2;
                 batch.dropped = batch.dropped.saturating_add((batch.known_accounts.len() - keep) as u64);
@@ -237,6 +265,17 @@ impl Engine {
         }
         for snap in warm.baselines.iter().take(MAX_BASELINES) {
             self.warm_baseline(store, snap, now_ms);
+        }
+        if self.login.is_some() {
+            for p in warm.profiles.iter().take(MAX_BATCH_PROFILES) {
+                // The fleet's view joins this Envoy's (best effort: a lost
+                // update only leaves the account to learn again).
+                let _ = self.accounts.update(store, p.account, now_ms, |a| {
+                    a.profile.merge(&p.profile);
+                    a.last_seen_ms = a.last_seen_ms.max(p.profile.last_success_ms.min(now_ms));
+                    ((), true)
+                });
+            }
         }
         let done = warm.next.is_none();
         for _ in 0..8 {
@@ -351,6 +390,7 @@ mod tests {
                 index: shard as u32,
                 bits: base64::engine::general_purpose::STANDARD.encode(&bytes),
             }],
+            profiles: vec![],
             next: Some(512),
         };
         assert_eq!(e.apply_warm(&s, &serde_json::to_vec(&page).unwrap(), T0 + 2), Some((1, false)));

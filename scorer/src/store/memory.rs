@@ -12,7 +12,8 @@ use super::{
 use crate::bounded::BoundedMap;
 use crate::known::{Baselines, KnownFilter, Merged, ShardBits, ShardPage};
 use abuse_engine::known_accounts::SHARDS;
-use abuse_engine::wire::{BaselineSnapshot, FleetVerdict, FleetVerdicts, WIRE_VERSION};
+use crate::profiles::Profiles;
+use abuse_engine::wire::{BaselineSnapshot, FleetVerdict, FleetVerdicts, ProfileUpdate, WIRE_VERSION};
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -55,13 +56,14 @@ struct Inner {
 struct Warm {
     known: KnownFilter,
     baselines: Baselines,
+    profiles: Profiles,
     /// Bumped on every change that a snapshot should carry.
     changes: u64,
 }
 
 /// The warm-start state as saved: (changes, baselines with when they were
-/// last mentioned, non-empty shards).
-pub type WarmExport = (u64, Vec<(BaselineSnapshot, u64)>, Vec<(usize, ShardBits)>);
+/// last mentioned, non-empty shards, account profiles most recent first).
+pub type WarmExport = (u64, Vec<(BaselineSnapshot, u64)>, Vec<(usize, ShardBits)>, Vec<ProfileUpdate>);
 
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -124,6 +126,20 @@ impl MemoryStore {
         dropped
     }
 
+    /// Merges account profiles; how many changed.
+    pub fn merge_profile_list(&self, updates: &[ProfileUpdate], now_ms: u64) -> u64 {
+        let mut warm = self.warm();
+        let changed = updates.iter().filter(|u| warm.profiles.merge(u, now_ms)).count() as u64;
+        if changed > 0 {
+            warm.changes += 1;
+        }
+        changed
+    }
+
+    pub fn profiles_page(&self, k: usize) -> (Vec<ProfileUpdate>, bool) {
+        self.warm().profiles.page(k)
+    }
+
     pub fn baseline_list(&self) -> Vec<BaselineSnapshot> {
         self.warm().baselines.list()
     }
@@ -147,7 +163,7 @@ impl MemoryStore {
             shards.extend(page.shards);
             from = page.next;
         }
-        (warm.changes, baselines, shards)
+        (warm.changes, baselines, shards, warm.profiles.all())
     }
 
     /// Puts back saved state (at start): bits are ORed in, baselines merged
@@ -157,8 +173,13 @@ impl MemoryStore {
         &self,
         baselines: Vec<(BaselineSnapshot, u64)>,
         shards: &[(usize, ShardBits)],
+        profiles: &[ProfileUpdate],
     ) {
         let mut warm = self.warm();
+        // Oldest first, so that the most recent are the last evicted.
+        for p in profiles.iter().rev() {
+            warm.profiles.merge(p, 0);
+        }
         for (b, seen) in baselines {
             warm.baselines.restore(b, seen);
         }
@@ -307,6 +328,14 @@ impl FleetStore for MemoryStore {
         Ok(self.merge_baseline_list(baselines, now_ms))
     }
 
+    async fn merge_profiles(&self, updates: &[ProfileUpdate], now_ms: u64) -> Result<u64, StoreError> {
+        Ok(self.merge_profile_list(updates, now_ms))
+    }
+
+    async fn profile_page(&self, k: usize) -> Result<(Vec<ProfileUpdate>, bool), StoreError> {
+        Ok(self.profiles_page(k))
+    }
+
     async fn baselines(&self) -> Result<Vec<BaselineSnapshot>, StoreError> {
         Ok(self.baseline_list())
     }
@@ -408,6 +437,37 @@ pub(crate) mod tests {
         );
 
         warm_contract(store, t0).await;
+        profile_contract(store, t0).await;
+    }
+
+    fn profile(account: u64, device: u32, at_ms: u64) -> ProfileUpdate {
+        let mut profile = abuse_engine::profile::AccountProfile::default();
+        let place = abuse_engine::profile::LoginPlace { device, country: 17735, asn: 5089 };
+        profile.learn(&place, at_ms);
+        ProfileUpdate { account, profile }
+    }
+
+    /// Profiles merge per account, page most recent first, and a merge
+    /// that adds nothing changes nothing.
+    async fn profile_contract<S: FleetStore>(store: &S, t0: u64) {
+        use abuse_engine::wire::MAX_BATCH_PROFILES;
+        let base = u64::MAX - 1_000;
+        assert_eq!(store.merge_profiles(&[profile(base, 7, t0), profile(base + 1, 7, t0 + 5)], t0).await.unwrap(), 2);
+        assert_eq!(store.merge_profiles(&[profile(base, 8, t0 + 10)], t0).await.unwrap(), 1, "another Envoy's view");
+        assert_eq!(store.merge_profiles(&[profile(base, 8, t0 + 10)], t0).await.unwrap(), 0);
+        let (page, more) = store.profile_page(0).await.unwrap();
+        assert!(!more);
+        let mine: Vec<&ProfileUpdate> = page.iter().filter(|p| p.account >= base).collect();
+        assert_eq!(mine.len(), 2);
+        assert_eq!(mine[0].account, base, "the most recent success first");
+        assert!(mine[0].profile.devices.contains(7) && mine[0].profile.devices.contains(8));
+        let many: Vec<ProfileUpdate> = (0..MAX_BATCH_PROFILES as u64).map(|i| profile(base + 10 + i, 1, t0 + 100 + i)).collect();
+        store.merge_profiles(&many, t0).await.unwrap();
+        let (first, more) = store.profile_page(0).await.unwrap();
+        assert_eq!((first.len(), more), (MAX_BATCH_PROFILES, true));
+        assert_eq!(first[0].account, base + 10 + MAX_BATCH_PROFILES as u64 - 1);
+        let (second, more) = store.profile_page(1).await.unwrap();
+        assert!(!more && second.iter().any(|p| p.account == base));
     }
 
     fn baseline(name: &str, samples: u32, value: f32) -> BaselineSnapshot {

@@ -30,7 +30,7 @@ pub mod memory;
 pub mod redis;
 
 use crate::known::{merge_lists, merge_pages, ShardPage};
-use abuse_engine::wire::{BaselineSnapshot, FleetVerdict, FleetVerdicts};
+use abuse_engine::wire::{BaselineSnapshot, FleetVerdict, FleetVerdicts, ProfileUpdate};
 use prometheus::{IntCounter, IntGauge};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -119,6 +119,19 @@ pub trait FleetStore: Send + Sync {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Every baseline kept.
     fn baselines(&self) -> impl Future<Output = Result<Vec<BaselineSnapshot>, StoreError>> + Send;
+    /// Merges account profiles into the fleet's (`AccountProfile::merge`);
+    /// how many changed.
+    fn merge_profiles(
+        &self,
+        updates: &[ProfileUpdate],
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Page `k` of the most recent profiles (`profiles::page_of`), and
+    /// whether another follows.
+    fn profile_page(
+        &self,
+        k: usize,
+    ) -> impl Future<Output = Result<(Vec<ProfileUpdate>, bool), StoreError>> + Send;
 }
 
 /// The store the service uses (see module doc).
@@ -340,6 +353,42 @@ impl Fleet {
                     now_ms,
                 )
             }
+        }
+    }
+
+    /// Merges the profiles; how many changed.
+    pub async fn merge_profiles(&self, updates: &[ProfileUpdate], now_ms: u64) -> u64 {
+        match self {
+            Fleet::Memory(m) => m.merge_profile_list(updates, now_ms),
+            Fleet::Redis(r) => {
+                let local = r.local.merge_profile_list(updates, now_ms);
+                if updates.is_empty() {
+                    return local;
+                }
+                r.or_local(
+                    "merge_profiles",
+                    r.redis.merge_profiles(updates, now_ms).await,
+                    local,
+                    now_ms,
+                )
+            }
+        }
+    }
+
+    /// Page `k` of the most recent profiles for a warm start.
+    pub async fn profile_page(&self, k: usize, now_ms: u64) -> (Vec<ProfileUpdate>, bool) {
+        match self {
+            Fleet::Memory(m) => m.profiles_page(k),
+            Fleet::Redis(r) => match r.redis.profile_page(k).await {
+                Ok(page) => {
+                    r.succeeded();
+                    page
+                }
+                Err(e) => {
+                    r.failed("profile_page", &e, now_ms, true);
+                    r.local.profiles_page(k)
+                }
+            },
         }
     }
 

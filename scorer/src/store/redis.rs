@@ -12,11 +12,15 @@
 //! | `abuse:v1:known_accounts:{shard}` | string (SETBIT) | shard 0–1023 of the known-accounts Bloom filter: its bytes are the wire layout (bit `b` = bit `b % 8` of byte `b / 8`, LSB first, set at Redis offset `(b / 8)·8 + 7 − b % 8`); up to 1 KiB, shorter until its high bits are set; never expires |
 //! | `abuse:v1:baselines` | hash | baseline name → `BaselineSnapshot` JSON, the warmest per name; at most 64 names; never expires |
 //! | `abuse:v1:baselines:seen` | sorted set | baseline name scored by the last time (ms) a batch mentioned it: decides which name makes room when all 64 are taken |
+//! | `abuse:v1:profiles` | hash | account fleet key (hex) → `AccountProfile` JSON: the devices, countries and ASNs of its successful logins; at most `profiles::PROFILES_CAP` accounts |
+//! | `abuse:v1:profiles:recent` | sorted set | account fleet key (hex) scored by its last success (ms): the warm start's order, and which accounts go first past the cap |
 //!
 //! The warm-start keys carry a version (`v1`): a future layout gets new
 //! keys instead of misreading these. Baselines are merged by a Lua script
 //! (`MERGE_BASELINES`), so scorers sharing the Redis never lose a warmer
-//! baseline to a race.
+//! baseline to a race. Profiles are merged read-modify-write without a
+//! lock: two scorers merging the same account in the same instant can lose
+//! one side's new entry, which that account's next success sends again.
 //!
 //! Every call is bounded by [`CALL_TIMEOUT`] on top of the connection's own
 //! timeouts: a slow Redis must cost a borderline request a fallback, never
@@ -28,8 +32,11 @@ use super::{
 };
 use crate::known::{self, is_empty, redis_offset, shard_from, ShardPage};
 use abuse_engine::known_accounts::{bit_positions, BITS_PER_ACCOUNT, SHARDS};
+use crate::profiles::{PROFILES_CAP, WARM_PROFILES};
+use abuse_engine::profile::AccountProfile;
 use abuse_engine::wire::{
-    BaselineSnapshot, FleetVerdict, FleetVerdicts, MAX_BASELINES, WIRE_VERSION,
+    BaselineSnapshot, FleetVerdict, FleetVerdicts, ProfileUpdate, MAX_BASELINES, MAX_BATCH_PROFILES,
+    WIRE_VERSION,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::BTreeMap;
@@ -42,6 +49,8 @@ const SEQ_KEY: &str = "abuse:v:seq";
 const LOG_KEY: &str = "abuse:v:log";
 const BASELINES_KEY: &str = "abuse:v1:baselines";
 const BASELINES_SEEN_KEY: &str = "abuse:v1:baselines:seen";
+const PROFILES_KEY: &str = "abuse:v1:profiles";
+const PROFILES_RECENT_KEY: &str = "abuse:v1:profiles:recent";
 
 fn known_key(shard: usize) -> String {
     format!("abuse:v1:known_accounts:{shard}")
@@ -373,6 +382,92 @@ impl FleetStore for RedisStore {
         }
         let mut conn = self.conn.clone();
         bounded(async move { cmd.query_async::<u64>(&mut conn).await }).await
+    }
+
+    async fn merge_profiles(&self, updates: &[ProfileUpdate], _now_ms: u64) -> Result<u64, StoreError> {
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        let fields: Vec<String> = updates.iter().map(|u| format!("{:016x}", u.account)).collect();
+        let mut conn = self.conn.clone();
+        let keys = fields.clone();
+        let stored: Vec<Option<String>> = bounded(async move {
+            redis::cmd("HMGET").arg(PROFILES_KEY).arg(&keys).query_async(&mut conn).await
+        })
+        .await?;
+        let mut pipe = redis::pipe();
+        let mut changed = 0;
+        for ((update, field), old) in updates.iter().zip(&fields).zip(stored) {
+            // Unreadable (another version wrote it): replaced.
+            let mut profile: AccountProfile =
+                old.and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default();
+            let before = profile;
+            profile.merge(&update.profile);
+            if profile == before {
+                continue;
+            }
+            changed += 1;
+            let json = serde_json::to_string(&profile).map_err(|e| StoreError(e.to_string()))?;
+            pipe.cmd("HSET").arg(PROFILES_KEY).arg(field).arg(json).ignore();
+            pipe.cmd("ZADD").arg(PROFILES_RECENT_KEY).arg(profile.last_success_ms).arg(field).ignore();
+        }
+        if changed == 0 {
+            return Ok(0);
+        }
+        // Past the cap, the accounts whose last success is oldest go.
+        let excess = format!("-{}", PROFILES_CAP + 1);
+        pipe.cmd("ZRANGE").arg(PROFILES_RECENT_KEY).arg(0).arg(&excess);
+        let mut conn = self.conn.clone();
+        let (evicted,): (Vec<String>,) = bounded(async move { pipe.query_async(&mut conn).await }).await?;
+        if !evicted.is_empty() {
+            let mut trim = redis::pipe();
+            trim.cmd("ZREM").arg(PROFILES_RECENT_KEY).arg(&evicted).ignore();
+            trim.cmd("HDEL").arg(PROFILES_KEY).arg(&evicted).ignore();
+            let mut conn = self.conn.clone();
+            bounded(async move { trim.query_async::<()>(&mut conn).await }).await?;
+        }
+        Ok(changed)
+    }
+
+    async fn profile_page(&self, k: usize) -> Result<(Vec<ProfileUpdate>, bool), StoreError> {
+        let start = k.saturating_mul(MAX_BATCH_PROFILES);
+        if start >= WARM_PROFILES {
+            return Ok((Vec::new(), false));
+        }
+        // One more than a page: whether another follows.
+        let stop = (start + MAX_BATCH_PROFILES).min(WARM_PROFILES);
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = bounded(async move {
+            redis::cmd("ZREVRANGE")
+                .arg(PROFILES_RECENT_KEY)
+                .arg(start)
+                .arg(stop)
+                .query_async(&mut conn)
+                .await
+        })
+        .await?;
+        let more = members.len() > stop - start && stop < WARM_PROFILES;
+        let members: Vec<String> = members.into_iter().take(stop - start).collect();
+        if members.is_empty() {
+            return Ok((Vec::new(), false));
+        }
+        let mut conn = self.conn.clone();
+        let keys = members.clone();
+        let values: Vec<Option<String>> = bounded(async move {
+            redis::cmd("HMGET").arg(PROFILES_KEY).arg(&keys).query_async(&mut conn).await
+        })
+        .await?;
+        let page = members
+            .iter()
+            .zip(values)
+            .filter_map(|(member, json)| {
+                Some(ProfileUpdate {
+                    account: u64::from_str_radix(member, 16).ok()?,
+                    profile: serde_json::from_str(&json?).ok()?,
+                })
+            })
+            .collect();
+        Ok((page, more))
     }
 
     async fn baselines(&self) -> Result<Vec<BaselineSnapshot>, StoreError> {
