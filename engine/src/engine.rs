@@ -1187,7 +1187,10 @@ impl Engine {
             (Some(sc), Some(kib)) if sc.tracks_volume() && !exchange.good_bot && kib > 0 => Some(kib),
             _ => None,
         };
-        if outcome == LoginOutcome::Other && !not_found && !object_answer && volume.is_none() {
+        // A login the application answered otherwise (a second factor
+        // asked, say) still reports what it was told about it.
+        let told = outcome != LoginOutcome::Failure && exchange.profile_risk.is_some_and(|r| !r.is_empty());
+        if outcome == LoginOutcome::Other && !not_found && !object_answer && volume.is_none() && !told {
             return None;
         }
         let username_hash = exchange
@@ -1269,11 +1272,14 @@ impl Engine {
         let mut verdict = self.verdict(client, updated, mode, now_ms);
         verdict.agent = exchange.agent;
         verdict.on_response = true;
-        if outcome == LoginOutcome::Success {
+        if told {
             // What the application was told about this login, now that it
-            // succeeded: for the access log and the stats.
-            verdict.login_risk = self.login_risk(exchange);
-            verdict.profile_risk = exchange.profile_risk.filter(|r| !r.is_empty());
+            // answered: for the access log and the stats.
+            verdict.login_risk = self.login_risk(exchange).or_else(|| {
+                let r = exchange.profile_risk?;
+                Some(format!("low; score={}; reasons={}", r.score, r.all_names().collect::<Vec<_>>().join(",")))
+            });
+            verdict.profile_risk = exchange.profile_risk;
         }
         // Penalties found here were already handled by the request phase.
         (!verdict.penalized).then_some(verdict)

@@ -64,7 +64,7 @@ pub fn page_of(all: Vec<ProfileUpdate>, k: usize) -> (Vec<ProfileUpdate>, bool) 
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use abuse_engine::profile::LoginPlace;

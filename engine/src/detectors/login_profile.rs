@@ -112,7 +112,7 @@ pub const MAX_BLOCK_WHEN: usize = 16;
 
 impl LoginProfileConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::config::check_range("account_takeover.profile.min_travel_s", self.min_travel_s, 60, 86_400 * 7)?;
+        crate::config::check_range("account_takeover.profile.min_travel_s", self.min_travel_s, 1, 86_400 * 7)?;
         crate::config::check_range(
             "account_takeover.profile.failures_elsewhere_min",
             self.failures_elsewhere_min,
