@@ -426,8 +426,10 @@ impl Engine {
         // client's fingerprint (header order + user agent) names its device in
         // the account's profile, and a user agent that claims no browser is
         // also judged as a tool by it.
-        let fingerprint_text = login_route
-            .map(|_| format!("{}|{}", facts.header_names.unwrap_or(""), facts.user_agent.unwrap_or("")));
+        let header_shape = login_route.map(|_| self.client_header_shape(facts.header_names.unwrap_or("")));
+        let fingerprint_text = header_shape
+            .as_ref()
+            .map(|shape| format!("{shape}|{}", facts.user_agent.unwrap_or("")));
         let tool_key = match (&self.distributed, &fingerprint_text) {
             (Some(_), Some(text)) if !facts.user_agent.is_some_and(crate::detectors::browser::claims_browser) => {
                 Some(self.hasher.key(DOMAIN_FINGERPRINT, text.as_bytes()))
@@ -463,7 +465,7 @@ impl Engine {
         };
         let login_place = match login_route {
             Some(_) => LoginPlace {
-                device: device_tag(facts.user_agent.unwrap_or(""), facts.header_names.unwrap_or(""), facts.ja4),
+                device: device_tag(facts.user_agent.unwrap_or(""), header_shape.as_deref().unwrap_or(""), facts.ja4),
                 country: country_number(facts.country),
                 asn: asn_number(facts.asn),
             },
@@ -1126,6 +1128,25 @@ impl Engine {
         crate::login_risk::header(attempt, exchange.profile_risk.as_ref())
     }
 
+    /// The request's header names as the client sent them: without those
+    /// the proxy adds (Envoy's `x-request-id`, `x-forwarded-*`, `x-envoy-*`,
+    /// the GeoIP filter's, the JA4 header), whose order and presence change
+    /// from one request to the next (the GeoIP filter adds its headers in no
+    /// fixed order) and say nothing about the client's device.
+    fn client_header_shape(&self, names: &str) -> String {
+        let geo = &self.config.geo;
+        let added = |name: &str| {
+            name == "x-request-id"
+                || name.starts_with("x-forwarded-")
+                || name.starts_with("x-envoy-")
+                || geo.country_header.as_deref() == Some(name)
+                || geo.asn_header.as_deref() == Some(name)
+                || geo.anonymous_headers.iter().any(|h| h == name)
+                || self.ja4_header() == Some(name)
+        };
+        names.split(',').filter(|n| !added(n)).collect::<Vec<_>>().join(",")
+    }
+
     /// The header with the TLS JA4 fingerprint, when configured (login routes read it).
     pub fn ja4_header(&self) -> Option<&str> {
         self.login_profile.as_ref().and_then(LoginProfile::ja4_header)
@@ -1762,6 +1783,15 @@ mod tests {
         // device at home is only medium.
         let (_, _, answer) = valid_login(&e, &s, "81.2.69.142", CHROME, "GB", T0 + 8 * day + 600_000);
         assert_eq!(profile_part(&answer), ("medium", vec!["impossible_travel"]));
+    }
+
+    #[test]
+    fn the_device_is_the_clients_headers_not_the_proxys() {
+        let e = engine(r#"{"geo":{"country_header":"x-geo-country","anonymous_headers":["x-geo-anon-vpn","x-geo-anon-tor"]}}"#);
+        let a = e.client_header_shape("host,user-agent,accept,x-forwarded-proto,x-request-id,x-geo-anon-vpn,x-geo-anon-tor,x-geo-country");
+        let b = e.client_header_shape("host,user-agent,accept,x-forwarded-proto,x-request-id,x-geo-country,x-geo-anon-tor,x-geo-anon-vpn");
+        assert_eq!(a, "host,user-agent,accept");
+        assert_eq!(a, b, "the GeoIP filter's order does not matter");
     }
 
     #[test]
