@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from clients import benign_accounts, browser_headers
+from clients import BROWSER_UAS, benign_accounts, browser_headers, owner_identity, stepped_up
 from conn import Client
 from scenario import Ctx, Scenario, gather_bounded
 
@@ -209,6 +209,33 @@ async def low_and_slow(ctx: Ctx):
         await c.close()
 
 
+def takeover_address(n: int) -> str:
+    """China, the Philippines and Sweden in turn (MaxMind test City database)."""
+    return [f"175.16.199.{10 + n % 240}", f"202.196.224.{10 + n % 240}", f"89.160.20.{112 + n % 16}"][n % 3]
+
+
+async def takeover(ctx: Ctx, n: int):
+    """The right password of account_owners' account n, bought or phished,
+    used once from abroad on another browser than the owner's. Asked for a
+    second factor it does not have, it gives up."""
+    rng = ctx.rng(f"takeover/{n}")
+    _cid, _home, owner_headers, uid = owner_identity(ctx.rng(f"owner/{n}"), n)
+    ua = next(u for u in BROWSER_UAS[1:] if u != owner_headers[0][1] and "iPhone" not in u)
+    c = Client(ctx.port, "valid_credential_takeover", f"t{n:02d}", takeover_address(n),
+               [("user-agent", ua), *browser_headers(rng)[1:]])
+    try:
+        await ctx.at(ctx.attack_start + rng.uniform(0, max(1.0, ctx.duration - ctx.attack_start - 10)))
+        r = await c.request("POST", "/api/login", {"username": f"user{uid:04d}", "password": f"pass-{uid:04d}"})
+        if r is not None and r.status == 200 and not stepped_up(r):
+            await c.request("GET", "/api/me", headers=[("authorization", f"Bearer {r.json().get('token', '')}")])
+    finally:
+        await c.close()
+
+
+async def takeovers(ctx: Ctx):
+    await gather_bounded(ctx, [takeover(ctx, n) for n in range(min(ctx.profile.takeovers, ctx.profile.account_owners))])
+
+
 SCENARIOS = [
     Scenario("distributed_stuffing", "attack", "generator",
              "credential stuffing over rotating addresses (198.18.0.0/15), 1-3 tries each from a combo list, "
@@ -227,6 +254,9 @@ SCENARIOS = [
     Scenario("stolen_token", "attack", "generator",
              "token_owner's JWT used from CN, US, SE and PH addresses (one client per country)",
              stolen_token, planned_clients=lambda p: len(THIEF_ADDRESSES)),
+    Scenario("valid_credential_takeover", "attack", "generator",
+             "account_owners' right passwords used once each from CN, PH and SE on another browser (no failures)",
+             takeovers, planned_clients=lambda p: min(p.takeovers, p.account_owners), told_not_blocked=True),
     Scenario("low_and_slow", "attack", "generator",
              f"brute force on {SLOW_TARGET} from one address, one guess every 2.2 s (under every per-client rate)",
              low_and_slow, single_source=True),

@@ -369,6 +369,43 @@ async def cgnat_phones(ctx: Ctx):
     await gather_bounded(ctx, [cgnat_phone(ctx, n) for n in range(ctx.profile.cgnat_phones)])
 
 
+OWNER_BASE = 950  # account_owners' accounts: user0950...
+PHONE_UA = BROWSER_UAS[4]
+
+
+def owner_identity(rng, n: int) -> tuple[str, str, list, int]:
+    """An account owner at home in GB, on their laptop (never the phone's browser)."""
+    headers = browser_headers(rng)
+    if headers[0][1] == PHONE_UA:
+        headers[0] = ("user-agent", BROWSER_UAS[0])
+    return f"o{n:02d}", GB_ADDRESSES[n % len(GB_ADDRESSES)], headers, OWNER_BASE + n
+
+
+async def account_owner(ctx: Ctx, n: int):
+    """Someone who logged in from home before (the history phase: their
+    profile is in the scorer, and back in the restarted Envoy) logs in
+    again at home on their laptop; one in four also from a new phone at home."""
+    rng = ctx.rng(f"owner/{n}")
+    cid, address, headers, uid = owner_identity(rng, n)
+    c = Client(ctx.port, "account_owners", cid, address, headers)
+    phone = Client(ctx.port, "account_owners", f"{cid}-phone", address,
+                   [("user-agent", PHONE_UA), *headers[1:]])
+    try:
+        await ctx.at(rng.uniform(1.0, max(2.0, ctx.duration - 10)))
+        token = await login(c, rng, uid, typo_chance=0.0)
+        await c.request("GET", "/api/me", headers=[("authorization", f"Bearer {token}")])
+        if n % 4 == 1:
+            await asyncio.sleep(rng.uniform(1.0, 4.0))
+            await login(phone, rng, uid, typo_chance=0.0)
+    finally:
+        await c.close()
+        await phone.close()
+
+
+async def account_owners(ctx: Ctx):
+    await gather_bounded(ctx, [account_owner(ctx, n) for n in range(ctx.profile.account_owners)])
+
+
 IDENTITIES = {  # scenario -> (rng name of client n, identity function, clients in a profile)
     "app_users": (lambda n: f"app_users/{n}", app_identity, lambda p: p.app_users),
     "office_nat": (lambda n: f"office/{n}", office_identity, lambda p: p.office_users),
@@ -376,6 +413,7 @@ IDENTITIES = {  # scenario -> (rng name of client n, identity function, clients 
     "gb_roaming": (lambda n: f"roaming/{n}", roaming_identity, lambda p: p.roaming_users),
     "token_owner": (lambda n: "token_owner", token_owner_identity, lambda p: 1),
     "returning_users": (lambda n: f"returning/{n}", returning_identity, lambda p: p.returning_users),
+    "account_owners": (lambda n: f"owner/{n}", owner_identity, lambda p: p.account_owners),
 }
 
 
@@ -427,6 +465,10 @@ SCENARIOS = [
              "people logging in for the first time ever during the browser-copying stuffing, each from a new address "
              "and browser, after a product page",
              first_time_logins, planned_clients=lambda p: p.first_time_logins),
+    Scenario("account_owners", "benign", "generator",
+             "account owners who logged in from home in GB before (their profile is known) log in again at home "
+             "on their laptop; one in four also from a new phone at home",
+             account_owners, planned_clients=lambda p: p.account_owners + (p.account_owners + 2) // 4),
     Scenario("cgnat_phones", "benign", "generator",
              "120 phones behind ONE carrier-grade NAT address browsing products anonymously, each a request every "
              "3-8 s (~25 requests/s from the address), each its own app user agent",

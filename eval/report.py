@@ -194,6 +194,26 @@ def risk_score(login_risk: str | None) -> int:
     return -1
 
 
+# The account profile's reasons in x-abuse-login-risk (detectors/login_profile.rs).
+PROFILE_REASONS = ["new_country", "impossible_travel", "anonymous_source", "failures_elsewhere", "new_network",
+                   "new_device"]
+TAKEOVER_MIN_SIGNALLED = 0.9
+
+
+def profile_signals(logins: list[Req]) -> dict:
+    """What the application was told about the logins that reached it:
+    how many it was told were `high` (a second factor asked), and per
+    profile reason how many logins carried it."""
+    reached = [r for r in logins if not r.blocked]
+    per_reason = {}
+    for name in PROFILE_REASONS:
+        n = sum(1 for r in reached if r.login_risk and name in r.login_risk.split("reasons=")[-1].split(","))
+        if n:
+            per_reason[name] = n
+    return {"reached": len(reached), "high": sum(1 for r in reached if (r.login_risk or "").startswith("high")),
+            "per_reason": per_reason}
+
+
 def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
     """The row's login attempts: statuses, how many were made while the
     endpoint was under attack (the filter says so in x-abuse-login-risk, which
@@ -236,6 +256,7 @@ def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
         # ... of which already scored refuse_at (4) by their login-risk header:
         # attributable, not yet refused (the endpoint was not under attack).
         "before_first_refusal_attributable": sum(risk_score(r.login_risk) >= REFUSE_AT for r in before),
+        "profile": profile_signals(logins),
         "refused": len(refused),
         "refused_clients": len({r.client for r in refused}),
         "refused_detail": [{"client": r.client, "xff": r.xff, "status": r.status, "login_risk": r.login_risk,
@@ -280,7 +301,8 @@ def analyse(access_json: Path, envoy_log: Path, scenarios: dict[str, dict], stat
         "recall_after_recognition": after_blocked / after if after else None,
         "recall_after_recognition_counts": [after_blocked, after],
         "recall_all_attack_requests": blocked_attack / attack_requests if attack_requests else None,
-        "attack_scenarios_never_blocked": [n for n in attack if rows[n]["requests"] and rows[n]["blocked"] == 0],
+        "attack_scenarios_never_blocked": [n for n in attack if rows[n]["requests"] and rows[n]["blocked"] == 0
+                                           and not rows[n].get("told_not_blocked")],
         "benign_clients": sum(rows[n]["clients"] for n in benign),
         "benign_clients_blocked": sum(rows[n]["clients_blocked"] for n in benign),
         "scorer_callouts": callouts,
@@ -361,6 +383,24 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
                        f"blocked at all); {lg['during_attack']} logins made while the endpoint was under attack; "
                        f"{lg.get('stepped_up_clients', 0)} people asked for a second factor; "
                        f"{lg.get('logged_in_clients', 0)}/{r['clients']} logged in; statuses {lg['statuses']}") + (f"; refused: {why}" if why else ""),
+        })
+    takeover, owners = rows.get("valid_credential_takeover"), rows.get("account_owners")
+    if takeover and takeover["requests"]:
+        p = (takeover.get("logins") or {}).get("profile") or {"reached": 0, "high": 0, "per_reason": {}}
+        share = p["high"] / p["reached"] if p["reached"] else None
+        targets.append({
+            "target": f"valid_credential_takeover: >= {TAKEOVER_MIN_SIGNALLED:.0%} of takeovers signalled high",
+            "pass": share is not None and share >= TAKEOVER_MIN_SIGNALLED,
+            "detail": ("n/a" if share is None else f"{p['high']}/{p['reached']} = {share:.0%} told high (a second factor "
+                       f"asked); per reason {p['per_reason']}"),
+        })
+    if owners and owners["requests"]:
+        p = (owners.get("logins") or {}).get("profile") or {"reached": 0, "high": 0, "per_reason": {}}
+        targets.append({
+            "target": "account_owners: 0 real logins signalled high (false alarms)",
+            "pass": p["high"] == 0 and owners["clients_blocked"] == 0,
+            "detail": f"{p['high']} of {p['reached']} logins told high; told per reason {p['per_reason']}; "
+                      f"{owners['clients_blocked']} of {owners['clients']} blocked",
         })
     for name, attackers in (("office_nat", "office_inside_attackers"), ("cgnat_phones", None)):
         r = rows.get(name)

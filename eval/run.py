@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         errors["stack"] = "a stack process died during the run (see envoy.log / scorer log)"
 
     meta = {s.name: {"kind": s.kind, "tool": s.tool, "what": s.what, "single_source": s.single_source,
-                     "per_client": s.per_client, "planned_clients": s.planned_clients(profile)} for s in scenarios}
+                     "per_client": s.per_client, "told_not_blocked": s.told_not_blocked,
+                     "planned_clients": s.planned_clients(profile)} for s in scenarios}
     result = report.analyse(out / "access.json", out / "envoy.log", meta, stats, t_start)
     result["run"] = {"profile": profile.name, "duration_s": duration, "seed": args.seed, "bootstrap": str(args.bootstrap),
                      "started_at": t_start, "history": hist, "cold_start": args.cold_start, "envoy_port": port, "admin_port": admin, "wasm_sha256": wasm_sha256(),

@@ -27,6 +27,8 @@ class Profile:
     returning_users: int = 60
     first_time_logins: int = 40
     cgnat_phones: int = 120
+    account_owners: int = 30
+    takeovers: int = 10
 
 
 PROFILES = {
@@ -35,7 +37,8 @@ PROFILES = {
                        browser_stuffing_addresses=600, returning_users=60, first_time_logins=40, cgnat_phones=120),
     "quick": Profile("quick", 35, app_users=80, office_users=100, mobile_devices=30, roaming_users=6,
                      partner_rps=50, distributed_addresses=300, attack_start=8, flood_s=10,
-                     browser_stuffing_addresses=300, returning_users=20, first_time_logins=12, cgnat_phones=120),
+                     browser_stuffing_addresses=300, returning_users=20, first_time_logins=12, cgnat_phones=120,
+                     account_owners=12, takeovers=6),
 }
 
 
@@ -82,6 +85,7 @@ class Scenario:
     run: Callable[[Ctx], Awaitable[None]]
     single_source: bool = False  # one attacking address: the "blocked within 20 requests" target
     per_client: bool = False  # several attackers in one row, each with the "blocked within 20" target
+    told_not_blocked: bool = False  # an attack the filter tells the application about (it decides), never blocks
     planned_clients: Callable[[Profile], int] = lambda p: 1
 
 

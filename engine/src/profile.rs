@@ -172,13 +172,14 @@ impl AccountProfile {
     }
 }
 
-/// A login's device: the user agent's family (no version: a browser's
-/// update is the same device), the order of the request's header names, and
-/// the TLS JA4 fingerprint when the host has one. Never 0.
+/// A login's device: the user agent, the order of the request's header
+/// names as the client sent them, and the TLS JA4 fingerprint when the host
+/// has one. Never 0. (The exact user agent, version included: a browser's
+/// update is a "new device" once, one point, and the owner's own browser
+/// stays distinguishable from an attacker's copy of the same family.)
 pub fn device_tag(user_agent: &str, header_names: &str, ja4: Option<&str>) -> u32 {
-    let (browser, platform) = crate::detectors::browser::family(user_agent);
     let mut h = 0x811c_9dc5u32;
-    for part in [browser, "|", platform, "|", header_names, "|", ja4.unwrap_or("")] {
+    for part in [user_agent, "|", header_names, "|", ja4.unwrap_or("")] {
         h = part.bytes().fold(h, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
     }
     h.max(1)
@@ -255,11 +256,12 @@ mod tests {
     }
 
     #[test]
-    fn a_device_survives_a_browser_update_but_not_another_browser() {
+    fn a_device_is_its_browser_its_header_order_and_its_tls() {
         let names = "host,user-agent,accept,accept-language,content-type";
         let chrome = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+        assert_eq!(device_tag(chrome, names, None), device_tag(chrome, names, None));
         let updated = chrome.replace("131.0.0.0", "132.0.0.0");
-        assert_eq!(device_tag(chrome, names, None), device_tag(&updated, names, None));
+        assert_ne!(device_tag(chrome, names, None), device_tag(&updated, names, None));
         let firefox = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:133.0) Gecko/20100101 Firefox/133.0";
         assert_ne!(device_tag(chrome, names, None), device_tag(firefox, names, None));
         assert_ne!(device_tag(chrome, names, None), device_tag(chrome, "host,accept,user-agent", None));

@@ -14,31 +14,6 @@ pub fn claims_browser(user_agent: &str) -> bool {
         && ["Chrome/", "Firefox/", "Safari/", "Edg/"].iter().any(|b| user_agent.contains(b))
 }
 
-/// The user agent's family without versions — `chrome/windows`,
-/// `safari/iphone`, or a tool's product name (`python-requests`) — so that
-/// a browser's monthly update is not a new device.
-pub fn family(user_agent: &str) -> (&'static str, &str) {
-    if !claims_browser(user_agent) {
-        let product = user_agent.split(['/', ' ']).next().unwrap_or("");
-        return ("", product);
-    }
-    // Order matters: Edge claims Chrome, Chrome claims Safari.
-    let browser = ["Edg/", "Firefox/", "Chrome/", "CriOS/", "Safari/"]
-        .iter()
-        .find(|b| user_agent.contains(**b))
-        .map_or("browser", |b| match *b {
-            "Edg/" => "edge",
-            "Firefox/" => "firefox",
-            "Chrome/" | "CriOS/" => "chrome",
-            _ => "safari",
-        });
-    let platform = [("iPhone", "iphone"), ("iPad", "ipad"), ("Android", "android"), ("Windows", "windows"), ("Mac OS X", "mac"), ("Linux", "linux")]
-        .iter()
-        .find(|(marker, _)| user_agent.contains(marker))
-        .map_or("other", |(_, name)| *name);
-    (browser, platform)
-}
-
 /// A claimed browser without the headers every browser sends.
 /// `header_names`: the request's header names, comma-joined, lowercase.
 pub fn inconsistent(user_agent: Option<&str>, header_names: &str) -> bool {
@@ -57,18 +32,6 @@ mod tests {
     use super::*;
 
     const CHROME: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
-
-    #[test]
-    fn a_family_has_no_version() {
-        assert_eq!(family(CHROME), ("chrome", "windows"));
-        let newer = CHROME.replace("131.0.0.0", "132.0.0.0");
-        assert_eq!(family(&newer), family(CHROME), "an update is the same device");
-        let edge = format!("{CHROME} Edg/131.0.0.0");
-        assert_eq!(family(&edge), ("edge", "windows"));
-        let firefox = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0";
-        assert_eq!(family(firefox), ("firefox", "linux"));
-        assert_eq!(family("python-requests/2.31.0"), ("", "python-requests"));
-    }
 
     #[test]
     fn a_browser_with_its_headers_is_consistent() {
