@@ -216,15 +216,20 @@ def takeover_address(n: int) -> str:
 
 async def takeover(ctx: Ctx, n: int):
     """The right password of account_owners' account n, bought or phished,
-    used once from abroad on another browser than the owner's. Asked for a
-    second factor it does not have, it gives up."""
+    used once from abroad on another browser than the owner's: the even ones
+    before the other attacks start (only the account's profile can tell),
+    the odd ones during them. Asked for a second factor it does not have,
+    it gives up."""
     rng = ctx.rng(f"takeover/{n}")
     _cid, _home, owner_headers, uid = owner_identity(ctx.rng(f"owner/{n}"), n)
     ua = next(u for u in BROWSER_UAS[1:] if u != owner_headers[0][1] and "iPhone" not in u)
     c = Client(ctx.port, "valid_credential_takeover", f"t{n:02d}", takeover_address(n),
                [("user-agent", ua), *browser_headers(rng)[1:]])
     try:
-        await ctx.at(ctx.attack_start + rng.uniform(0, max(1.0, ctx.duration - ctx.attack_start - 10)))
+        if n % 2 == 0:
+            await ctx.at(rng.uniform(1.0, max(1.5, ctx.attack_start - 2)))
+        else:
+            await ctx.at(ctx.attack_start + rng.uniform(0, max(1.0, ctx.duration - ctx.attack_start - 10)))
         r = await c.request("POST", "/api/login", {"username": f"user{uid:04d}", "password": f"pass-{uid:04d}"})
         if r is not None and r.status == 200 and not stepped_up(r):
             await c.request("GET", "/api/me", headers=[("authorization", f"Bearer {r.json().get('token', '')}")])
@@ -255,7 +260,8 @@ SCENARIOS = [
              "token_owner's JWT used from CN, US, SE and PH addresses (one client per country)",
              stolen_token, planned_clients=lambda p: len(THIEF_ADDRESSES)),
     Scenario("valid_credential_takeover", "attack", "generator",
-             "account_owners' right passwords used once each from CN, PH and SE on another browser (no failures)",
+             "account_owners' right passwords used once each from CN, PH and SE on another browser (no failures), "
+             "half before the other attacks start, half during them",
              takeovers, planned_clients=lambda p: min(p.takeovers, p.account_owners), told_not_blocked=True),
     Scenario("low_and_slow", "attack", "generator",
              f"brute force on {SLOW_TARGET} from one address, one guess every 2.2 s (under every per-client rate)",

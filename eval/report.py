@@ -210,8 +210,8 @@ def profile_signals(logins: list[Req]) -> dict:
         n = sum(1 for r in reached if r.login_risk and name in r.login_risk.split("reasons=")[-1].split(","))
         if n:
             per_reason[name] = n
-    return {"reached": len(reached), "high": sum(1 for r in reached if (r.login_risk or "").startswith("high")),
-            "per_reason": per_reason}
+    return {"attempts": len(logins), "refused": len(logins) - len(reached), "reached": len(reached),
+            "high": sum(1 for r in reached if (r.login_risk or "").startswith("high")), "per_reason": per_reason}
 
 
 def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
@@ -386,13 +386,17 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
         })
     takeover, owners = rows.get("valid_credential_takeover"), rows.get("account_owners")
     if takeover and takeover["requests"]:
-        p = (takeover.get("logins") or {}).get("profile") or {"reached": 0, "high": 0, "per_reason": {}}
-        share = p["high"] / p["reached"] if p["reached"] else None
+        p = (takeover.get("logins") or {}).get("profile") or {"attempts": 0, "refused": 0, "reached": 0, "high": 0,
+                                                              "per_reason": {}}
+        stopped = p["refused"] + p["high"]
+        share = stopped / p["attempts"] if p["attempts"] else None
         targets.append({
-            "target": f"valid_credential_takeover: >= {TAKEOVER_MIN_SIGNALLED:.0%} of takeovers signalled high",
+            "target": f"valid_credential_takeover: >= {TAKEOVER_MIN_SIGNALLED:.0%} of takeovers stopped or signalled high",
             "pass": share is not None and share >= TAKEOVER_MIN_SIGNALLED,
-            "detail": ("n/a" if share is None else f"{p['high']}/{p['reached']} = {share:.0%} told high (a second factor "
-                       f"asked); per reason {p['per_reason']}"),
+            "detail": ("n/a" if share is None else
+                       f"{stopped}/{p['attempts']} = {share:.0%}: {p['refused']} refused by the filter (during the "
+                       f"stuffing attack: unlike the owner), {p['high']} of {p['reached']} that reached the application "
+                       f"told high (a second factor asked); told per reason {p['per_reason']}"),
         })
     if owners and owners["requests"]:
         p = (owners.get("logins") or {}).get("profile") or {"reached": 0, "high": 0, "per_reason": {}}

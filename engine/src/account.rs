@@ -78,7 +78,7 @@ mod tests {
             last_failure_ms: 12,
             profile: AccountProfile::default(),
         };
-        a.profile.learn(&LoginPlace { device: 3, country: 4, asn: 5 }, 13_000);
+        a.profile.learn(&LoginPlace { device: 3, country: 4, asn: 5, network: 6 }, 13_000);
         let mut buf = [0u8; ACCOUNT_BYTES];
         a.encode(&mut buf);
         assert_eq!(AccountRecord::decode(&buf), a);

@@ -17,7 +17,7 @@ use crate::known_accounts::KnownAccounts;
 use crate::detectors::enumeration::Enumeration;
 use crate::detectors::login::{LoginDetector, LoginOutcome};
 use crate::detectors::login_profile::{LoginProfile, ProfileRisk};
-use crate::profile::{asn_number, country_number, device_tag, LoginPlace};
+use crate::profile::{asn_number, country_number, device_tag, network_tag, LoginPlace};
 use crate::detectors::probing::Probing;
 use crate::detectors::scraping::Scraping;
 use crate::detectors::session::{country_code, Sessions};
@@ -468,6 +468,7 @@ impl Engine {
                 device: device_tag(facts.user_agent.unwrap_or(""), header_shape.as_deref().unwrap_or(""), facts.ja4),
                 country: country_number(facts.country),
                 asn: asn_number(facts.asn),
+                network: network_tag(&client),
             },
             None => LoginPlace::default(),
         };

@@ -46,9 +46,9 @@ mod tests {
 
     fn takeover() -> ProfileRisk {
         let mut owner = AccountRecord::default();
-        owner.profile.learn(&LoginPlace { device: 7, country: country_number(Some("GB")), asn: 0 }, 1_000);
+        owner.profile.learn(&LoginPlace { device: 7, country: country_number(Some("GB")), asn: 0, network: 0 }, 1_000);
         let d = LoginProfile::new(&LoginProfileConfig::default(), 600).unwrap();
-        d.assess(Some(&owner), &LoginPlace { device: 9, country: country_number(Some("CN")), asn: 0 }, false, 1, 90_000_000)
+        d.assess(Some(&owner), &LoginPlace { device: 9, country: country_number(Some("CN")), asn: 0, network: 0 }, false, 1, 90_000_000)
     }
 
     #[test]

@@ -2,12 +2,13 @@
 //! successful logins only (a failed attempt never teaches it), kept in the
 //! account's record, merged fleet-wide through the scorer.
 //!
-//! Three small sets — devices (user-agent family + header-order shape, and
-//! JA4 when configured), countries, ASNs — of [`PROFILE_SLOTS`] entries
+//! Four small sets — devices (user agent + header-order shape, and JA4
+//! when configured), countries, ASNs, networks (the address's /24 or /48) —
+//! of [`PROFILE_SLOTS`] entries
 //! each, with when each was last seen (seconds): a new entry replaces the
 //! one seen longest ago, so the profile follows the owner's new phone and
 //! forgets last year's. Plus where and when the last success was, for
-//! impossible travel. Layout, [`PROFILE_BYTES`] bytes: 3 × 4 × (value u32 ·
+//! impossible travel. Layout, [`PROFILE_BYTES`] bytes: 4 × 4 × (value u32 ·
 //! last seen s u32) · last_success_ms u64 · last_country u32.
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,7 @@ use crate::codec::{Reader, Writer};
 
 /// Entries per set.
 pub const PROFILE_SLOTS: usize = 4;
-pub const PROFILE_BYTES: usize = 3 * PROFILE_SLOTS * 8 + 8 + 4;
+pub const PROFILE_BYTES: usize = 4 * PROFILE_SLOTS * 8 + 8 + 4;
 
 /// One remembered value (0 = empty slot) and when it was last seen; on the
 /// wire `[value, at_s]`.
@@ -101,6 +102,8 @@ pub struct LoginPlace {
     pub country: u32,
     /// Autonomous system number, 0 unknown.
     pub asn: u32,
+    /// The address's network (see [`network_tag`]), 0 unknown.
+    pub network: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -109,6 +112,7 @@ pub struct AccountProfile {
     pub devices: SeenSet,
     pub countries: SeenSet,
     pub asns: SeenSet,
+    pub networks: SeenSet,
     pub last_success_ms: u64,
     pub last_country: u32,
 }
@@ -119,10 +123,11 @@ impl AccountProfile {
         !self.devices.is_empty()
     }
 
-    /// Whether an attempt looks like the owner: one of its devices, from
-    /// one of its countries when both are known.
+    /// Whether an attempt looks like the owner: one of its devices, or
+    /// one of its networks (the owner's new phone on their home Wi-Fi),
+    /// from one of its countries when both are known.
     pub fn looks_like_owner(&self, place: &LoginPlace) -> bool {
-        self.devices.contains(place.device)
+        (self.devices.contains(place.device) || self.networks.contains(place.network))
             && (place.country == 0 || self.countries.is_empty() || self.countries.contains(place.country))
     }
 
@@ -132,6 +137,7 @@ impl AccountProfile {
         self.devices.insert(place.device.max(1), at_s);
         self.countries.insert(place.country, at_s);
         self.asns.insert(place.asn, at_s);
+        self.networks.insert(place.network, at_s);
         if now_ms >= self.last_success_ms {
             self.last_success_ms = now_ms;
             if place.country != 0 {
@@ -145,6 +151,7 @@ impl AccountProfile {
         self.devices.merge(&other.devices);
         self.countries.merge(&other.countries);
         self.asns.merge(&other.asns);
+        self.networks.merge(&other.networks);
         if other.last_success_ms > self.last_success_ms {
             self.last_success_ms = other.last_success_ms;
             if other.last_country != 0 {
@@ -157,6 +164,7 @@ impl AccountProfile {
         self.devices.encode(w);
         self.countries.encode(w);
         self.asns.encode(w);
+        self.networks.encode(w);
         w.u64(self.last_success_ms);
         w.u32(self.last_country);
     }
@@ -166,6 +174,7 @@ impl AccountProfile {
             devices: SeenSet::decode(r),
             countries: SeenSet::decode(r),
             asns: SeenSet::decode(r),
+            networks: SeenSet::decode(r),
             last_success_ms: r.u64(),
             last_country: r.u32(),
         }
@@ -183,6 +192,18 @@ pub fn device_tag(user_agent: &str, header_names: &str, ja4: Option<&str>) -> u3
         h = part.bytes().fold(h, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
     }
     h.max(1)
+}
+
+/// The network an address is in — its /24 (IPv4) or /48 (IPv6) — as a
+/// tag (never 0; 0 for no address): a household, an office, a small ISP pool.
+pub fn network_tag(client: &crate::identity::ClientAddr) -> u32 {
+    let bytes = client.key_bytes();
+    let prefix = match bytes.first() {
+        Some(4) => bytes.get(..4),
+        Some(6) => bytes.get(..7),
+        _ => return 0,
+    };
+    prefix.unwrap_or_default().iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)).max(1)
 }
 
 /// A two-letter country code (the GeoIP header) as a number (0: none or malformed).
@@ -203,7 +224,7 @@ mod tests {
     use super::*;
 
     fn place(device: u32, country: &str, asn: u32) -> LoginPlace {
-        LoginPlace { device, country: country_number(Some(country)), asn }
+        LoginPlace { device, country: country_number(Some(country)), asn, network: 0 }
     }
 
     #[test]
@@ -242,6 +263,20 @@ mod tests {
         assert!(!p.looks_like_owner(&place(7, "CN", 0)), "the owner's device from another country");
         assert!(!p.looks_like_owner(&place(8, "GB", 0)));
         assert_eq!(p.last_country, country_number(Some("GB")));
+    }
+
+    #[test]
+    fn a_new_device_on_the_owners_network_looks_like_the_owner() {
+        use crate::identity::ClientAddr;
+        let home = network_tag(&ClientAddr::Ip("2.125.160.216".parse().unwrap()));
+        assert_eq!(home, network_tag(&ClientAddr::Ip("2.125.160.7".parse().unwrap())), "one /24");
+        assert_ne!(home, network_tag(&ClientAddr::Ip("2.125.161.7".parse().unwrap())));
+        assert_eq!(network_tag(&ClientAddr::Unknown), 0);
+        let mut p = AccountProfile::default();
+        p.learn(&LoginPlace { network: home, ..place(7, "GB", 0) }, 1_000);
+        assert!(p.looks_like_owner(&LoginPlace { network: home, ..place(8, "GB", 0) }), "the new phone at home");
+        assert!(!p.looks_like_owner(&LoginPlace { network: 99, ..place(8, "GB", 0) }));
+        assert!(!p.looks_like_owner(&LoginPlace { network: home, ..place(8, "CN", 0) }));
     }
 
     #[test]

@@ -71,7 +71,7 @@ mod tests {
 
     fn update(account: u64, device: u32, at_ms: u64) -> ProfileUpdate {
         let mut profile = AccountProfile::default();
-        profile.learn(&LoginPlace { device, country: 17735, asn: 0 }, at_ms);
+        profile.learn(&LoginPlace { device, country: 17735, asn: 0, network: 0 }, at_ms);
         ProfileUpdate { account, profile }
     }
 

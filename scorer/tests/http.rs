@@ -857,6 +857,7 @@ fn profile(account: u64, device: u32, at_ms: u64) -> Value {
         "devices": [[device, at_s], [0, 0], [0, 0], [0, 0]],
         "countries": [[17735, at_s], [0, 0], [0, 0], [0, 0]],
         "asns": [[0, 0], [0, 0], [0, 0], [0, 0]],
+        "networks": [[0, 0], [0, 0], [0, 0], [0, 0]],
         "last_success_ms": at_ms, "last_country": 17735}})
 }
 

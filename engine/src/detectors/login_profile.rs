@@ -321,7 +321,7 @@ mod tests {
     const T0: u64 = 1_000_000_000;
 
     fn place(device: u32, country: &str, asn: u32) -> LoginPlace {
-        LoginPlace { device, country: country_number(Some(country)), asn }
+        LoginPlace { device, country: country_number(Some(country)), asn, network: 0 }
     }
 
     fn owner() -> AccountRecord {

@@ -442,7 +442,7 @@ pub(crate) mod tests {
 
     fn profile(account: u64, device: u32, at_ms: u64) -> ProfileUpdate {
         let mut profile = abuse_engine::profile::AccountProfile::default();
-        let place = abuse_engine::profile::LoginPlace { device, country: 17735, asn: 5089 };
+        let place = abuse_engine::profile::LoginPlace { device, country: 17735, asn: 5089, network: 0 };
         profile.learn(&place, at_ms);
         ProfileUpdate { account, profile }
     }
