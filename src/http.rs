@@ -4,6 +4,7 @@
 use crate::metrics;
 use crate::shared_data::EnvoySharedData;
 use abuse_engine::callout::{parse_answer, CalloutFailure};
+use abuse_engine::facts::Facts;
 use abuse_engine::wire::{SCORE_PATH, SECRET_HEADER};
 use abuse_engine::{Action, Engine, Exchange, IdentityInput, RequestFacts, Verdict};
 use std::time::Duration;
@@ -100,10 +101,20 @@ impl HttpContext for AbuseFilterHttp {
         };
         let policy = engine.identity_policy();
         // Every host call costs a few microseconds on V8 (`make
-        // bench-hostcalls`): the peer address and all request headers come
-        // in two calls, not one per header.
-        let peer = hostcalls::get_property(vec!["source", "address"]).ok().flatten();
+        // bench-hostcalls`): all request headers come in one call, and with
+        // `client.facts_header` the peer address and the clock come in it
+        // too (Envoy's header_mutation wrote them); else two more calls.
         let headers = RequestHeaders::read();
+        let facts_header = engine.config().client.facts_header.as_deref();
+        let request_facts = facts_header.and_then(|name| headers.get(name)).and_then(Facts::parse);
+        let property_peer: Option<Vec<u8>>;
+        let (peer, now) = match request_facts {
+            Some(f) => (Some(f.peer), f.start_ms),
+            None => {
+                property_peer = hostcalls::get_property(vec!["source", "address"]).ok().flatten();
+                (property_peer.as_deref(), now_ms())
+            }
+        };
         let forwarded_for = if policy.reads_forwarded_for() { headers.get(&policy.forwarded_for_header) } else { None };
         let path = String::from_utf8_lossy(headers.get(":path").unwrap_or_default());
         let method = String::from_utf8_lossy(headers.get(":method").unwrap_or_default());
@@ -129,7 +140,7 @@ impl HttpContext for AbuseFilterHttp {
             && (headers.get(&h.score).is_some() || headers.get(&h.reasons).is_some() || headers.get(&h.login_risk).is_some());
         let facts = RequestFacts {
             identity: IdentityInput {
-                peer: peer.as_deref(),
+                peer,
                 forwarded_for,
                 api_key,
                 cookie,
@@ -143,7 +154,7 @@ impl HttpContext for AbuseFilterHttp {
             country: country.as_deref(),
             anonymous,
         };
-        let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now_ms());
+        let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now);
         self.body_limit = engine.wants_body(&exchange);
         self.exchange = exchange;
         if self.exchange.judged() {

@@ -105,6 +105,14 @@ pub struct ClientConfig {
     /// office or carrier NAT are judged apart, so one of them abusing the
     /// API is stopped without stopping the others.
     pub key_by_user_agent: bool,
+    /// Header that Envoy's `header_mutation` filter, placed before this
+    /// one, fills with the peer address and the request's start time
+    /// (value `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)%
+    /// %TLS_JA4_FINGERPRINT%`, append_action OVERWRITE_IF_EXISTS_OR_ADD):
+    /// read in the header map instead of two host calls (`source.address`,
+    /// the clock). Only set it when that filter is in place, or a client
+    /// could name its own address. Unset: the host calls.
+    pub facts_header: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -118,6 +126,7 @@ impl Default for ClientConfig {
             session_cookie: None,
             jwt_claim: None,
             key_by_user_agent: true,
+            facts_header: None,
         }
     }
 }
@@ -798,6 +807,9 @@ impl Config {
         if let Some(h) = &c.api_key_header {
             check_header_name("client.api_key_header", h)?;
         }
+        if let Some(h) = &c.facts_header {
+            check_header_name("client.facts_header", h)?;
+        }
         if let Some(name) = &c.session_cookie {
             if name.is_empty() || name.len() > 128 || name.contains(['=', ';', ' ']) {
                 return Err(err("client.session_cookie", format!("{name:?} is not a cookie name")));
@@ -1128,6 +1140,8 @@ mod tests {
         assert_eq!(e.key, "route_groups[0].methods[0]");
         let e = problem(r#"{"headers":{"score":"X Score"}}"#);
         assert_eq!(e.key, "headers.score");
+        let e = problem(r#"{"client":{"facts_header":"X-Request-Facts"}}"#);
+        assert_eq!(e.key, "client.facts_header");
         let e = problem("not json");
         assert_eq!(e.key, "(root)");
         let e = problem("{} {}");

@@ -11,6 +11,7 @@ pub mod detectors;
 pub mod endpoint;
 pub mod engine;
 pub mod exemptions;
+pub mod facts;
 pub mod hash;
 pub mod identity;
 pub mod known_accounts;
