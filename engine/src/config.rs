@@ -264,14 +264,24 @@ impl Default for HeadersConfig {
 pub struct StateConfig {
     pub shards: u32,
     pub slots_per_shard: u32,
+    /// Clients each worker keeps in its own view between merges into shared
+    /// data (fixed memory, ~0.8 KiB each); 0 = none, every request goes to
+    /// shared data (see "State tiers" in the README).
+    pub worker_clients: u32,
+    /// A worker's view of a client is at most this old when a request uses
+    /// it, so a penalty decided on one worker reaches every worker within it.
+    pub worker_sync_ms: u32,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
-        // 2048 x 16 = 32768 clients; each request copies one 5 KiB shard.
+        // 2048 x 16 = 32768 clients; a request that goes to shared data
+        // copies one 5 KiB shard.
         StateConfig {
             shards: 2048,
             slots_per_shard: 16,
+            worker_clients: 8192,
+            worker_sync_ms: 1000,
         }
     }
 }
@@ -877,6 +887,8 @@ impl Config {
         check_header_name("headers.login_risk", &self.headers.login_risk)?;
         check_range("state.shards", self.state.shards, 1, 65_536)?;
         check_range("state.slots_per_shard", self.state.slots_per_shard, 8, 4096)?;
+        check_range("state.worker_clients", self.state.worker_clients, 0, 262_144)?;
+        check_range("state.worker_sync_ms", self.state.worker_sync_ms, 100, 10_000)?;
 
         for (i, cidr) in self.allowlist.cidrs.iter().enumerate() {
             parse_cidr(cidr).map_err(|p| err(format!("allowlist.cidrs[{i}]"), p))?;
@@ -1120,6 +1132,8 @@ mod tests {
         assert_eq!(e.key, "penalty.duration_s");
         let e = problem(r#"{"state":{"shards":0}}"#);
         assert_eq!(e.key, "state.shards");
+        let e = problem(r#"{"state":{"worker_sync_ms":20000}}"#);
+        assert_eq!(e.key, "state.worker_sync_ms");
         let e = problem(r#"{"risk":{"tag_at":200}}"#);
         assert_eq!(e.key, "risk.tag_at");
         let e = problem(r#"{"client":{"trusted_hops":0}}"#);
