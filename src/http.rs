@@ -1,6 +1,7 @@
 //! The per-request context: read only the headers the configuration needs,
 //! ask the engine, then forward (with risk headers) or reply locally.
 
+use crate::header_map::HeaderMap;
 use crate::metrics;
 use crate::shared_data::EnvoySharedData;
 use abuse_engine::callout::{parse_answer, CalloutFailure};
@@ -61,25 +62,6 @@ impl AbuseFilterHttp {
     }
 }
 
-/// The request headers, read from Envoy in one host call.
-struct RequestHeaders(Vec<(String, Vec<u8>)>);
-
-impl RequestHeaders {
-    fn read() -> RequestHeaders {
-        RequestHeaders(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default())
-    }
-
-    /// The first value of a header (names are case-insensitive).
-    fn get(&self, name: &str) -> Option<&[u8]> {
-        self.0.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
-    }
-
-    /// The first `limit` header names, comma-separated, in the client's order.
-    fn names(&self, limit: usize) -> String {
-        self.0.iter().map(|(name, _)| name.as_str()).take(limit).collect::<Vec<_>>().join(",")
-    }
-}
-
 /// The `:status` of a response (or callout response) header map.
 pub fn status_of(map: MapType) -> Option<u32> {
     let value = hostcalls::get_map_value_bytes(map, ":status").ok().flatten()?;
@@ -104,7 +86,7 @@ impl HttpContext for AbuseFilterHttp {
         // bench-hostcalls`): all request headers come in one call, and with
         // `client.facts_header` the peer address and the clock come in it
         // too (Envoy's header_mutation wrote them); else two more calls.
-        let headers = RequestHeaders::read();
+        let headers = HeaderMap::request();
         let facts_header = engine.config().client.facts_header.as_deref();
         let request_facts = facts_header.and_then(|name| headers.get(name)).and_then(Facts::parse);
         let property_peer: Option<Vec<u8>>;
@@ -157,7 +139,8 @@ impl HttpContext for AbuseFilterHttp {
         let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now);
         self.body_limit = engine.wants_body(&exchange);
         self.exchange = exchange;
-        if self.exchange.judged() {
+        if self.exchange.judged() && engine.config().log_blocks {
+            // For the log line of a block decided later (the answer, the scorer).
             self.method = method.chars().take(16).collect();
             self.path = path.chars().take(256).collect();
         }

@@ -545,7 +545,10 @@ impl Engine {
             exchange.login_country = login_country;
             exchange.mode = Some(mode);
             exchange.object = object.is_some();
-            exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
+            if self.probing.is_some() {
+                // Only probing reads it (distinct paths answered 404).
+                exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
+            }
             if let Some(record) = snapshot {
                 self.consult_scorer(store, facts, record, routes, session_hash, &mut verdict, &mut exchange, now_ms);
             }
