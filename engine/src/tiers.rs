@@ -22,7 +22,8 @@
 //!
 //! Merge rules: [`crate::merge`] (counts summed, sketches OR-ed, penalties
 //! and risk max-ed). On each tick a worker merges every view it changed and
-//! that is T/2 old, and forgets views unused for 2T (after merging them).
+//! that is T old, and forgets views unused for 2T (after merging them): a
+//! busy client costs one shared-data round trip per T, not one per request.
 //!
 //! Bounds, with N workers and T = `state.worker_sync_ms`:
 //! - no increment is lost: a delta stays in the worker until a merge of it
@@ -30,7 +31,7 @@
 //! - a worker's view is at most T old when a request uses it, so a block or
 //!   penalty decided on one worker (always written at once) reaches every
 //!   worker within T;
-//! - a count reaches shared data within T/2 + one tick (0.5 s);
+//! - a count reaches shared data within T + one tick (0.5 s);
 //! - a rate limit is overshot by less than N × 10 % of it: a worker holds
 //!   less than a tenth of a limit unmerged, so a decision in shared data
 //!   misses less than (N−1) tenths, and a worker on its own view allows
@@ -312,7 +313,7 @@ impl<R: Merge + std::fmt::Debug> TieredTable<R> {
             .map(|(written, _)| written)
     }
 
-    /// The tick: merges every changed view at least T/2 old, forgets views
+    /// The tick: merges every changed view at least T old, forgets views
     /// unused for 2T (merged first). A failed merge keeps the view (and its
     /// delta) for the next tick.
     pub fn on_tick(&self, store: &dyn SharedStore, now_ms: u64) -> TickStats {
@@ -320,7 +321,6 @@ impl<R: Merge + std::fmt::Debug> TieredTable<R> {
         let Ok(mut views) = self.views.lock() else {
             return stats;
         };
-        let half = self.sync_ms / 2;
         let mut i = 0;
         // Bounded: each step either advances or removes one entry.
         while i < views.entries.len() {
@@ -328,7 +328,7 @@ impl<R: Merge + std::fmt::Debug> TieredTable<R> {
                 break;
             };
             let idle = now_ms.saturating_sub(view.used_ms) >= self.sync_ms.saturating_mul(2);
-            if view.dirty && (idle || now_ms.saturating_sub(view.synced_ms) >= half) {
+            if view.dirty && (idle || now_ms.saturating_sub(view.synced_ms) >= self.sync_ms) {
                 match self.merge_view(store, &view, now_ms) {
                     Ok(written) => {
                         stats.merged += 1;
@@ -397,7 +397,7 @@ mod tests {
         }
         // The first request read the shared record; the other 49 stayed local.
         assert_eq!(shared_count(&t, &s, key, 100), 1.0);
-        let stats = t.on_tick(&s, 10 + T / 2);
+        let stats = t.on_tick(&s, 10 + T);
         assert_eq!(stats.merged, 1);
         assert_eq!(shared_count(&t, &s, key, 600), 50.0);
         assert_eq!(t.peek(&s, key).unwrap().unwrap().requests, 50);
