@@ -107,6 +107,8 @@ LOCAL_RATELIMIT = {
 # Extra builds of the filter to compare in the same interleaved rounds
 # (--also LABEL=PATH, monitor mode), e.g. the build before a change.
 EXTRA_WASM: dict[str, Path] = {}
+# --ablation: this build without one design step at a time.
+ABLATION = False
 
 
 # This filter as shipped: Envoy's header_mutation writes the request's facts
@@ -126,6 +128,14 @@ def variants() -> dict[str, list[dict]]:
     plain = json.dumps(dict(FILTER_CONFIG, mode="monitor"))
     extra = {f"{label} (monitor)": [wasm_filter("abuse_filter", path, plain)] for label, path in EXTRA_WASM.items()}
     facts = facts_filter(FACTS_HEADER)
+    if ABLATION:
+        # What each design step buys: without the facts header (host calls
+        # for the peer and the clock), and without the per-worker tier.
+        no_tier = json.dumps(with_facts(dict(FILTER_CONFIG, mode="monitor", state={"worker_clients": 0})))
+        extra |= {
+            "monitor, no facts header": [wasm_filter("abuse_filter", WASM, plain)],
+            "monitor, no worker tier": [facts, wasm_filter("abuse_filter", WASM, no_tier)],
+        }
     return extra | {
         "bare envoy": [],
         "no-op wasm": [wasm_filter("noop", NOOP_WASM, "")],
@@ -394,7 +404,11 @@ def main():
     parser.add_argument("--no-benign-mix", action="store_true", help="skip the callout share of the benign mix")
     parser.add_argument("--also", action="append", default=[], metavar="LABEL=PATH",
                         help="another build of the filter (.wasm) to measure alongside, in monitor mode")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also this build without the facts header, and without the worker tier")
     args = parser.parse_args()
+    global ABLATION
+    ABLATION = args.ablation
     for item in args.also:
         label, _, path = item.partition("=")
         if not (label and Path(path).is_file()):
