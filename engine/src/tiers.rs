@@ -359,7 +359,6 @@ impl<R: Merge + std::fmt::Debug> TieredTable<R> {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
-    use crate::window::SlidingWindow;
 
     const W: u64 = 60_000;
     const T: u64 = 1000;
@@ -497,11 +496,5 @@ mod tests {
         }
         assert_eq!(shared_count(&t, &s, 42 << 32, 20), 5.0);
         assert_eq!(t.local_len(), 0);
-    }
-
-    #[test]
-    fn window_helper_is_used() {
-        let w = SlidingWindow::default();
-        assert_eq!(crate::merge::window_delta(&w, &w), 0);
     }
 }
