@@ -138,9 +138,11 @@ bench-hostcalls: build test-deps
 bench-scorer: build
 	$(VPY) bench/scorer.py
 
-# Cost next to bare Envoy (not a test: it measures, asserts nothing). Needs wrk.
+# Cost next to bare Envoy (not a test: it measures, asserts nothing). Needs wrk;
+# bench/loadgen is our constant-rate generator (CPU per request, p99).
 bench: build test-deps eval-deps
 	cargo build --release --target wasm32-wasip1 -p noop-filter
+	cargo build --release -p loadgen
 	$(VPY) bench/run.py
 
 # Detection quality on labelled traffic through the `make run` stack (see

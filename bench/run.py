@@ -7,8 +7,14 @@ block mode (nobody over a limit); Envoy's native local_ratelimit. Drives each
 with wrk pinned to CPU 1 against the direct-response route `/direct`, the
 requests spread over 10,000 client addresses (trusted X-Forwarded-For), and
 interleaves the variants over several rounds so drift hits all alike.
-Prints requests/s, p50, p99 and the ratios. Then: p50/p99 of each variant
-at half of bare Envoy's peak rate (paced wrk), and the memory of this filter
+Prints requests/s, p50, p99 and the ratios. Then, at one fixed offered rate
+(half of bare Envoy's peak, lowered to 80 % of the slowest variant's peak if
+that is lower) driven by bench/loadgen (constant rate, latency measured from
+each request's due time: coordinated omission corrected), over the same
+interleaved rounds: Envoy's CPU per request from /proc (the headline: the
+filter's addition over the no-op filter as a share of the no-op filter's own
+CPU per request) and p50/p99 (printed only when bare Envoy reached the asked
+rate). Then the memory of this filter
 (fixed shared data, Envoy RSS) before and after 1,000,000 distinct client
 addresses, and the share of benign requests that cost a scorer callout (the
 eval's benign mix through the `make run` stack). Writes
@@ -31,9 +37,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import ROOT, WASM, Envoy, envoy_config, free_port  # noqa: E402
+from harness import ROOT, WASM, Envoy, envoy_config, facts_filter, free_port  # noqa: E402
 
 NOOP_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "noop_filter.wasm"
+LOADGEN = ROOT / "target" / "release" / "loadgen"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Limits nobody in the benchmark reaches, so every request does the full work.
 FILTER_CONFIG = {
@@ -96,14 +104,43 @@ LOCAL_RATELIMIT = {
 }
 
 
+# Extra builds of the filter to compare in the same interleaved rounds
+# (--also LABEL=PATH, monitor mode), e.g. the build before a change.
+EXTRA_WASM: dict[str, Path] = {}
+# --ablation: this build without one design step at a time.
+ABLATION = False
+
+
+# This filter as shipped: Envoy's header_mutation writes the request's facts
+# (peer, start time) into a header that the filter reads instead of two host
+# calls; its own cost counts in the filter's columns.
+FACTS_HEADER = "x-abuse-facts"
+
+
+def with_facts(config: dict) -> dict:
+    return dict(config, client=dict(config["client"], facts_header=FACTS_HEADER))
+
+
 def variants() -> dict[str, list[dict]]:
-    monitor = json.dumps(dict(FILTER_CONFIG, mode="monitor"))
-    block = json.dumps(dict(FILTER_CONFIG, mode="block"))
-    return {
+    monitor = json.dumps(with_facts(dict(FILTER_CONFIG, mode="monitor")))
+    block = json.dumps(with_facts(dict(FILTER_CONFIG, mode="block")))
+    # Other builds may not know the newer keys: the plain configuration.
+    plain = json.dumps(dict(FILTER_CONFIG, mode="monitor"))
+    extra = {f"{label} (monitor)": [wasm_filter("abuse_filter", path, plain)] for label, path in EXTRA_WASM.items()}
+    facts = facts_filter(FACTS_HEADER)
+    if ABLATION:
+        # What each design step buys: without the facts header (host calls
+        # for the peer and the clock), and without the per-worker tier.
+        no_tier = json.dumps(with_facts(dict(FILTER_CONFIG, mode="monitor", state={"worker_clients": 0})))
+        extra |= {
+            "monitor, no facts header": [wasm_filter("abuse_filter", WASM, plain)],
+            "monitor, no worker tier": [facts, wasm_filter("abuse_filter", WASM, no_tier)],
+        }
+    return extra | {
         "bare envoy": [],
         "no-op wasm": [wasm_filter("noop", NOOP_WASM, "")],
-        "abuse filter (monitor)": [wasm_filter("abuse_filter", WASM, monitor)],
-        "abuse filter (block)": [wasm_filter("abuse_filter", WASM, block)],
+        "abuse filter (monitor)": [facts, wasm_filter("abuse_filter", WASM, monitor)],
+        "abuse filter (block)": [facts, wasm_filter("abuse_filter", WASM, block)],
         "native local_ratelimit": [LOCAL_RATELIMIT],
     }
 
@@ -123,17 +160,6 @@ def parse_latency(text: str, label: str) -> float | None:
     value, unit = float(m.group(1)), m.group(2)
     return value * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
 
-
-# Paced: every connection sends its next request a random 0..2*DELAY_MS
-# after the last answer (DELAY_MS on average; the jitter keeps connections
-# from firing in lockstep bursts), so the rate is about
-# connections * 1000 / DELAY_MS.
-PACED_SCRIPT = WRK_SCRIPT + """
-delay = function()
-  return math.random(0, 2 * DELAY_MS)
-end
-"""
-DELAY_MS = 4
 
 # One new client address per request, 1,000,000 in all.
 MILLION_SCRIPT = """
@@ -193,29 +219,46 @@ def throughput(args, script: Path) -> dict[str, list[dict]]:
     return results
 
 
-def paced_latency(args, tmp: Path, rate: float) -> dict[str, dict]:
-    """p50/p99 of each variant at a fixed rate well below its peak."""
-    script = tmp / "paced.lua"
-    script.write_text(PACED_SCRIPT.replace("DELAY_MS", str(DELAY_MS)))
-    # Each connection waits DELAY_MS after an answer: calibrate the number
-    # of connections on bare Envoy so that the rate comes out right.
-    connections = max(1, round(rate * DELAY_MS / 1000))
-    envoy = start_pinned([])
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of the whole process (every thread), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime 14, stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def run_loadgen(port: int, rate: float, seconds: float, warmup: float, connections: int) -> dict:
+    cmd = ["taskset", "-c", "1", str(LOADGEN), "--addr", f"127.0.0.1:{port}", "--rate", f"{rate:.0f}",
+           "--seconds", str(seconds), "--warmup", str(warmup), "--connections", str(connections)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     try:
-        achieved = run_wrk(envoy.port, 2, connections, script)["rps"] or rate
-        connections = max(1, round(connections * rate / achieved))
-    finally:
-        envoy.stop()
-    out = {}
-    for name, filters in variants().items():
-        envoy = start_pinned(filters)
-        try:
-            run_wrk(envoy.port, 1, connections, script)
-            r = run_wrk(envoy.port, args.seconds, connections, script)
-            out[name] = r
-            print(f"paced {name:24s} {r['rps']:8.0f} req/s  p50 {r['p50_us']}us  p99 {r['p99_us']}us", flush=True)
-        finally:
-            envoy.stop()
+        return json.loads(done.stdout)
+    except ValueError:
+        return {"asked_rps": rate, "achieved_rps": 0.0, "answered_all": 0, "p50_us": None, "p99_us": None,
+                "error": done.stderr[-500:]}
+
+
+def fixed_rate(args, rate: float) -> dict[str, list[dict]]:
+    """Each variant at one constant offered rate (bench/loadgen), interleaved
+    over the rounds: Envoy's CPU per request, and latency from each
+    request's due time."""
+    out: dict[str, list[dict]] = {name: [] for name in variants()}
+    for round_no in range(args.rounds):
+        for name, filters in variants().items():
+            envoy = start_pinned(filters)
+            try:
+                run_loadgen(envoy.port, rate, 1.5, 0.5, args.connections)  # warm-up
+                before = cpu_seconds(envoy.proc.pid)
+                r = run_loadgen(envoy.port, rate, args.seconds, 1.0, args.connections)
+                cpu = cpu_seconds(envoy.proc.pid) - before
+                answered = r.get("answered_all") or 0
+                r["cpu_s"] = cpu
+                r["cpu_us_per_request"] = cpu * 1e6 / answered if answered else None
+                out[name].append(r)
+                print(f"fixed {round_no + 1} {name:24s} {r['achieved_rps']:8.0f}/{rate:.0f} req/s  "
+                      f"cpu {r['cpu_us_per_request'] or 0:6.2f} us/req  p50 {r['p50_us']}us  p99 {r['p99_us']}us",
+                      flush=True)
+            finally:
+                envoy.stop()
     return out
 
 
@@ -299,6 +342,59 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
+def summarize_fixed(summary: dict[str, dict], fixed: dict[str, list[dict]], rate: float, half: float) -> None:
+    """Medians of the fixed-rate rounds: CPU per request, the filter's
+    addition over the no-op filter (share of the no-op filter's CPU per
+    request), p50/p99 — the latency only when bare Envoy reached the asked
+    rate (else the generator or the machine, not Envoy, is measured)."""
+    def med(runs, key):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    for name, runs in fixed.items():
+        summary[name]["fixed"] = {
+            "rate": rate,
+            "achieved_rps": med(runs, "achieved_rps"),
+            "cpu_us_per_request": med(runs, "cpu_us_per_request"),
+            "p50_us": med(runs, "p50_us"),
+            "p99_us": med(runs, "p99_us"),
+        }
+    bare = summary["bare envoy"]["fixed"]
+    noop_cpu = summary["no-op wasm"]["fixed"]["cpu_us_per_request"]
+    reached = rate >= half * 0.999 and (bare["achieved_rps"] or 0) >= 0.97 * rate
+    for s in summary.values():
+        f = s["fixed"]
+        cpu = f["cpu_us_per_request"]
+        f["cpu_over_noop"] = (cpu - noop_cpu) / noop_cpu if cpu is not None and noop_cpu else None
+        f["latency_valid"] = reached
+        f["p99_over_bare_us"] = (f["p99_us"] - bare["p99_us"]) if reached and f["p99_us"] is not None else None
+
+
+def print_table(summary: dict[str, dict], rate: float, half: float) -> None:
+    valid = summary["bare envoy"]["fixed"]["latency_valid"]
+    at = f"@{rate:.0f}/s"
+    header = (f"\n{'variant':26s} {'req/s':>9s} {'p50 us':>8s} {'p99 us':>8s} {'vs bare':>8s} {'vs no-op':>9s}"
+              f" {'cpu us/req ' + at:>22s} {'cpu vs no-op':>13s}")
+    if valid:
+        header += f" {'p99 us ' + at:>18s} {'vs bare':>8s}"
+    print(header)
+    for name, s in summary.items():
+        f = s["fixed"]
+        over = f["cpu_over_noop"]
+        line = (f"{name:26s} {s['rps']:9.0f} {s['p50_us']:8.0f} {s['p99_us']:8.0f} "
+                f"{s['vs_bare']:7.0%} {s['vs_noop']:8.0%} {f['cpu_us_per_request'] or 0:22.2f} "
+                f"{'-' if over is None else format(over, '+.1%'):>13s}")
+        if valid:
+            line += f" {f['p99_us'] or 0:18.0f} {f['p99_over_bare_us'] or 0:+8.0f}"
+        print(line)
+    if not valid:
+        bare = summary["bare envoy"]["fixed"]["achieved_rps"] or 0
+        why = (f"bare Envoy answered {bare:.0f} of {rate:.0f} req/s asked" if rate >= half * 0.999
+               else f"the fixed rate ({rate:.0f}/s) is below half of bare Envoy's peak ({half:.0f}/s): "
+                    "a variant peaks lower")
+        print(f"(no latency column at half of bare Envoy's peak: {why})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -306,10 +402,23 @@ def main():
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--clients", type=int, default=1_000_000, help="distinct addresses for the memory run (0: skip)")
     parser.add_argument("--no-benign-mix", action="store_true", help="skip the callout share of the benign mix")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=PATH",
+                        help="another build of the filter (.wasm) to measure alongside, in monitor mode")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also this build without the facts header, and without the worker tier")
     args = parser.parse_args()
+    global ABLATION
+    ABLATION = args.ablation
+    for item in args.also:
+        label, _, path = item.partition("=")
+        if not (label and Path(path).is_file()):
+            sys.exit(f"--also {item}: want LABEL=PATH of a .wasm file")
+        EXTRA_WASM[label] = Path(path)
     for tool in ("wrk", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is needed (Debian: apt-get install wrk util-linux)")
+    if not LOADGEN.exists():
+        sys.exit(f"{LOADGEN} is missing: cargo build --release -p loadgen")
 
     tmp = Path(tempfile.mkdtemp(prefix="abuse-bench-"))
     script = tmp / "clients.lua"
@@ -318,32 +427,28 @@ def main():
         results = throughput(args, script)
         summary = summarize(results)
         half = summary["bare envoy"]["rps"] / 2
-        paced = paced_latency(args, tmp, half)
+        slowest = min(v["rps"] for v in summary.values())
+        rate = min(half, 0.8 * slowest)
+        fixed = fixed_rate(args, rate)
         memory = million_clients(args, tmp) if args.clients else None
         callouts = None if args.no_benign_mix else benign_callout_share(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    bare_p99 = paced["bare envoy"]["p99_us"] or 0
-    print(f"\n{'variant':26s} {'req/s':>9s} {'p50 us':>8s} {'p99 us':>8s} {'vs bare':>8s} {'vs no-op':>9s}"
-          f" {'p99 us @' + format(half, '.0f') + '/s':>16s} {'vs bare':>8s}")
-    for name, s in summary.items():
-        p = paced[name]
-        s["paced"] = p
-        s["paced_p99_over_bare_us"] = (p["p99_us"] or 0) - bare_p99
-        print(f"{name:26s} {s['rps']:9.0f} {s['p50_us']:8.0f} {s['p99_us']:8.0f} "
-              f"{s['vs_bare']:7.0%} {s['vs_noop']:8.0%} {p['p99_us'] or 0:16.0f} {s['paced_p99_over_bare_us']:+8.0f}")
+    summarize_fixed(summary, fixed, rate, half)
+    print_table(summary, rate, half)
     out = ROOT / "target" / "bench" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
         "method": {"rounds": args.rounds, "seconds": args.seconds, "connections": args.connections,
                    "envoy_cpu": 0, "wrk_cpu": 1, "clients": 10000, "route": "/direct",
-                   "paced_rate": half, "paced_delay_ms": DELAY_MS},
+                   "fixed_rate": rate, "half_bare_peak": half, "fixed_rate_tool": "bench/loadgen"},
         "summary": summary,
         "memory": memory,
         "benign_callouts": callouts,
         "runs": results,
+        "fixed_rate_runs": fixed,
     }
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten {out}")

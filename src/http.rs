@@ -1,9 +1,11 @@
 //! The per-request context: read only the headers the configuration needs,
 //! ask the engine, then forward (with risk headers) or reply locally.
 
+use crate::header_map::HeaderMap;
 use crate::metrics;
 use crate::shared_data::EnvoySharedData;
 use abuse_engine::callout::{parse_answer, CalloutFailure};
+use abuse_engine::facts::Facts;
 use abuse_engine::wire::{SCORE_PATH, SECRET_HEADER};
 use abuse_engine::{Action, Engine, Exchange, IdentityInput, RequestFacts, Verdict};
 use std::time::Duration;
@@ -60,25 +62,6 @@ impl AbuseFilterHttp {
     }
 }
 
-/// The request headers, read from Envoy in one host call.
-struct RequestHeaders(Vec<(String, Vec<u8>)>);
-
-impl RequestHeaders {
-    fn read() -> RequestHeaders {
-        RequestHeaders(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default())
-    }
-
-    /// The first value of a header (names are case-insensitive).
-    fn get(&self, name: &str) -> Option<&[u8]> {
-        self.0.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
-    }
-
-    /// The first `limit` header names, comma-separated, in the client's order.
-    fn names(&self, limit: usize) -> String {
-        self.0.iter().map(|(name, _)| name.as_str()).take(limit).collect::<Vec<_>>().join(",")
-    }
-}
-
 /// The `:status` of a response (or callout response) header map.
 pub fn status_of(map: MapType) -> Option<u32> {
     let value = hostcalls::get_map_value_bytes(map, ":status").ok().flatten()?;
@@ -100,10 +83,20 @@ impl HttpContext for AbuseFilterHttp {
         };
         let policy = engine.identity_policy();
         // Every host call costs a few microseconds on V8 (`make
-        // bench-hostcalls`): the peer address and all request headers come
-        // in two calls, not one per header.
-        let peer = hostcalls::get_property(vec!["source", "address"]).ok().flatten();
-        let headers = RequestHeaders::read();
+        // bench-hostcalls`): all request headers come in one call, and with
+        // `client.facts_header` the peer address and the clock come in it
+        // too (Envoy's header_mutation wrote them); else two more calls.
+        let headers = HeaderMap::request();
+        let facts_header = engine.config().client.facts_header.as_deref();
+        let request_facts = facts_header.and_then(|name| headers.get(name)).and_then(Facts::parse);
+        let property_peer: Option<Vec<u8>>;
+        let (peer, now) = match request_facts {
+            Some(f) => (Some(f.peer), f.start_ms),
+            None => {
+                property_peer = hostcalls::get_property(vec!["source", "address"]).ok().flatten();
+                (property_peer.as_deref(), now_ms())
+            }
+        };
         let forwarded_for = if policy.reads_forwarded_for() { headers.get(&policy.forwarded_for_header) } else { None };
         let path = String::from_utf8_lossy(headers.get(":path").unwrap_or_default());
         let method = String::from_utf8_lossy(headers.get(":method").unwrap_or_default());
@@ -124,8 +117,11 @@ impl HttpContext for AbuseFilterHttp {
         let authorization = if engine.reads_authorization() { headers.get("authorization") } else { None };
         // Header names in the client's order, on login routes only.
         let header_names = engine.wants_fingerprint(&method, &path).then(|| headers.names(64));
+        // The TLS fingerprint for the login's device: a header named for it,
+        // else the facts header's (Envoy's %TLS_JA4_FINGERPRINT%).
         let ja4 = match (engine.ja4_header(), &header_names) {
             (Some(h), Some(_)) => headers.get(h).map(String::from_utf8_lossy),
+            (None, Some(_)) => request_facts.as_ref().and_then(|f| f.ja4).map(String::from_utf8_lossy),
             _ => None,
         };
         let h = &engine.config().headers;
@@ -133,7 +129,7 @@ impl HttpContext for AbuseFilterHttp {
             && (headers.get(&h.score).is_some() || headers.get(&h.reasons).is_some() || headers.get(&h.login_risk).is_some());
         let facts = RequestFacts {
             identity: IdentityInput {
-                peer: peer.as_deref(),
+                peer,
                 forwarded_for,
                 api_key,
                 cookie,
@@ -148,10 +144,11 @@ impl HttpContext for AbuseFilterHttp {
             anonymous,
             ja4: ja4.as_deref(),
         };
-        let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now_ms());
+        let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now);
         self.body_limit = engine.wants_body(&exchange);
         self.exchange = exchange;
-        if self.exchange.judged() {
+        if self.exchange.judged() && engine.config().log_blocks {
+            // For the log line of a block decided later (the answer, the scorer).
             self.method = method.chars().take(16).collect();
             self.path = path.chars().take(256).collect();
         }

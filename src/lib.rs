@@ -6,6 +6,7 @@
 //! rather than the SDK's context traits (which `unwrap` them), so a host
 //! refusal degrades to "let the request through", never to a trap.
 
+mod header_map;
 mod held;
 mod http;
 mod metrics;

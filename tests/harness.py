@@ -152,6 +152,27 @@ def plugin_config_value(config: dict | str) -> str:
     return config if isinstance(config, str) else json.dumps(config)
 
 
+# The peer address, the request's start time (epoch ms) and the TLS JA4
+# fingerprint, as the filter's `client.facts_header` reads them (the same
+# text as abuse_engine::facts::FACTS_HEADER_VALUE).
+FACTS_HEADER_VALUE = "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)% %TLS_JA4_FINGERPRINT%"
+
+
+def facts_filter(header: str, value: str = FACTS_HEADER_VALUE) -> dict:
+    """Envoy's native header_mutation filter writing the facts header; it
+    overwrites any copy the client sent."""
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [{"append": {
+                "header": {"key": header, "value": value},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }}]},
+        },
+    }
+
+
 def envoy_config(
     plugin_config: dict | str,
     port: int,
@@ -163,10 +184,14 @@ def envoy_config(
     scorer_port: int | None = None,
     env_keys: list[str] | None = None,
     stop_iteration: bool = True,
+    facts_header: str | None = None,
 ) -> dict:
     """An Envoy bootstrap: the abuse filter in front of the demo API, plus a
-    direct-response route `/direct` (no upstream) for load tests."""
-    filters = geoip_filters() if geoip else []
+    direct-response route `/direct` (no upstream) for load tests.
+    `facts_header`: Envoy's header_mutation filter first, writing the
+    request's facts into that header (set `client.facts_header` to match)."""
+    filters = [facts_filter(facts_header)] if facts_header else []
+    filters += geoip_filters() if geoip else []
     if with_filter:
         filters.append(
             {

@@ -78,9 +78,12 @@ def test_client_over_its_rate_is_blocked_for_the_penalty_then_released(envoy_fac
     assert get(envoy, "/api/products?page=1", bystander).status == 200
 
     # The attacker stays blocked on every route during the penalty (even
-    # where no limit applies: the penalty box comes first). Probed only in
-    # its first 2.5 s: 1.5 s before its earliest possible end, however slow
+    # where no limit applies: the penalty box comes first), on every worker
+    # once their views of it are state.worker_sync_ms (1 s) old — the bound
+    # of the state tiers (README "State tiers"): probed from then on. Probed
+    # only until 2.5 s: 1.5 s before its earliest possible end, however slow
     # a probe is to arrive.
+    sleep_until(answered + 1.0)
     statuses = []
     while time.monotonic() < sent + 2.5:
         r = get(envoy, "/health", attacker)

@@ -19,7 +19,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from harness import ROOT, DemoApi, Envoy, Scorer, envoy_config, free_port, request  # noqa: E402
+from harness import FACTS_HEADER_VALUE, ROOT, DemoApi, Envoy, Scorer, envoy_config, free_port, request  # noqa: E402
 
 ISTIO = ROOT / "examples" / "istio"
 VALIDATE = ROOT / "deploy" / "validate"
@@ -56,6 +56,23 @@ def test_wasmplugin_against_istios_schema():
     assert result.returncode == 1
     assert "spec/phase must be equal to one of the allowed values" in result.stdout
     assert ".spec.vmConfig.envs: unknown key" in result.stdout
+
+
+def test_request_facts_envoyfilter():
+    """The EnvoyFilter that writes the facts header: valid against Istio's
+    schema, the same header the WasmPlugin reads, the same value as the
+    harness (and envoy/envoy.yaml) write, overwriting a client's copy."""
+    (ef,) = docs("request-facts.yaml")
+    result = validate_istio([ef])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok: EnvoyFilter shop/abuse-filter-facts")
+    (patch,) = ef["spec"]["configPatches"]
+    assert patch["match"]["context"] == "SIDECAR_INBOUND" and patch["patch"]["operation"] == "INSERT_FIRST"
+    (mutation,) = patch["patch"]["value"]["typed_config"]["mutations"]["request_mutations"]
+    assert mutation["append"]["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
+    assert mutation["append"]["header"]["key"] == plugin()["spec"]["pluginConfig"]["client"]["facts_header"]
+    assert mutation["append"]["header"]["value"] == FACTS_HEADER_VALUE
+    assert ef["spec"]["workloadSelector"]["labels"] == plugin()["spec"]["selector"]["matchLabels"]
 
 
 def test_core_kinds_against_kubernetes_schemas():

@@ -11,6 +11,9 @@ import { fileURLToPath } from "node:url";
 
 const kinds = {
   WasmPlugin: ["extensions.istio.io/v1alpha1", "@kubernetes-models/istio/extensions.istio.io/v1alpha1/WasmPlugin"],
+  // Schema only: its declarations nest unions of objects that keyTree cannot
+  // follow, and a patch's value is free-form anyway (Envoy's API, not Istio's).
+  EnvoyFilter: ["networking.istio.io/v1alpha3", "@kubernetes-models/istio/networking.istio.io/v1alpha3/EnvoyFilter", false],
 };
 
 // The key tree of an interface in a .d.ts: {key: subtree | true (leaf or free-form)}.
@@ -57,6 +60,7 @@ for (const doc of docs) {
   } catch (e) {
     console.log(`error: ${where}: ${e.message}`); problems++;
   }
+  if (known[2] === false) { if (!problems) console.log(`ok: ${where}`); continue; }
   // Beside this script (no import.meta.resolve: Debian 12's Node 18 lacks it unflagged).
   const dtsPath = join(dirname(fileURLToPath(import.meta.url)), "node_modules", `${known[1]}.d.ts`);
   const tree = keyTree(readFileSync(dtsPath, "utf8"), `I${doc.kind}`);

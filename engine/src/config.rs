@@ -105,6 +105,14 @@ pub struct ClientConfig {
     /// office or carrier NAT are judged apart, so one of them abusing the
     /// API is stopped without stopping the others.
     pub key_by_user_agent: bool,
+    /// Header that Envoy's `header_mutation` filter, placed before this
+    /// one, fills with the peer address and the request's start time
+    /// (value `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)%
+    /// %TLS_JA4_FINGERPRINT%`, append_action OVERWRITE_IF_EXISTS_OR_ADD):
+    /// read in the header map instead of two host calls (`source.address`,
+    /// the clock). Only set it when that filter is in place, or a client
+    /// could name its own address. Unset: the host calls.
+    pub facts_header: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -118,6 +126,7 @@ impl Default for ClientConfig {
             session_cookie: None,
             jwt_claim: None,
             key_by_user_agent: true,
+            facts_header: None,
         }
     }
 }
@@ -255,14 +264,24 @@ impl Default for HeadersConfig {
 pub struct StateConfig {
     pub shards: u32,
     pub slots_per_shard: u32,
+    /// Clients each worker keeps in its own view between merges into shared
+    /// data (fixed memory, ~0.8 KiB each); 0 = none, every request goes to
+    /// shared data (see "State tiers" in the README).
+    pub worker_clients: u32,
+    /// A worker's view of a client is at most this old when a request uses
+    /// it, so a penalty decided on one worker reaches every worker within it.
+    pub worker_sync_ms: u32,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
-        // 2048 x 16 = 32768 clients; each request copies one 5 KiB shard.
+        // 2048 x 16 = 32768 clients; a request that goes to shared data
+        // copies one 5 KiB shard.
         StateConfig {
             shards: 2048,
             slots_per_shard: 16,
+            worker_clients: 8192,
+            worker_sync_ms: 1000,
         }
     }
 }
@@ -806,6 +825,9 @@ impl Config {
         if let Some(h) = &c.api_key_header {
             check_header_name("client.api_key_header", h)?;
         }
+        if let Some(h) = &c.facts_header {
+            check_header_name("client.facts_header", h)?;
+        }
         if let Some(name) = &c.session_cookie {
             if name.is_empty() || name.len() > 128 || name.contains(['=', ';', ' ']) {
                 return Err(err("client.session_cookie", format!("{name:?} is not a cookie name")));
@@ -873,6 +895,8 @@ impl Config {
         check_header_name("headers.login_risk", &self.headers.login_risk)?;
         check_range("state.shards", self.state.shards, 1, 65_536)?;
         check_range("state.slots_per_shard", self.state.slots_per_shard, 8, 4096)?;
+        check_range("state.worker_clients", self.state.worker_clients, 0, 262_144)?;
+        check_range("state.worker_sync_ms", self.state.worker_sync_ms, 100, 10_000)?;
 
         for (i, cidr) in self.allowlist.cidrs.iter().enumerate() {
             parse_cidr(cidr).map_err(|p| err(format!("allowlist.cidrs[{i}]"), p))?;
@@ -1117,6 +1141,8 @@ mod tests {
         assert_eq!(e.key, "penalty.duration_s");
         let e = problem(r#"{"state":{"shards":0}}"#);
         assert_eq!(e.key, "state.shards");
+        let e = problem(r#"{"state":{"worker_sync_ms":20000}}"#);
+        assert_eq!(e.key, "state.worker_sync_ms");
         let e = problem(r#"{"risk":{"tag_at":200}}"#);
         assert_eq!(e.key, "risk.tag_at");
         let e = problem(r#"{"client":{"trusted_hops":0}}"#);
@@ -1137,6 +1163,8 @@ mod tests {
         assert_eq!(e.key, "route_groups[0].methods[0]");
         let e = problem(r#"{"headers":{"score":"X Score"}}"#);
         assert_eq!(e.key, "headers.score");
+        let e = problem(r#"{"client":{"facts_header":"X-Request-Facts"}}"#);
+        assert_eq!(e.key, "client.facts_header");
         let e = problem("not json");
         assert_eq!(e.key, "(root)");
         let e = problem("{} {}");

@@ -34,6 +34,7 @@ use crate::record::{ClientRecord, RECORD_FORMAT};
 use crate::risk;
 use crate::routes::RouteTable;
 use crate::store::{ShardedTable, SharedStore, UpdateStats};
+use crate::tiers::TieredTable;
 use crate::verdict::{Action, CalloutPlan, Verdict};
 
 /// Prefix of every shared-data key this filter owns.
@@ -165,7 +166,8 @@ pub struct Engine {
     callouts: Option<Callouts>,
     route_counters: Mutex<RouteCounters>,
     actions: [DetectorAction; 32],
-    clients: ShardedTable<ClientRecord>,
+    /// Per-worker views in front of the shared table (see `tiers`).
+    clients: TieredTable<ClientRecord>,
     accounts: ShardedTable<AccountRecord>,
     endpoints: ShardedTable<EndpointRecord>,
     sprays: ShardedTable<SprayRecord>,
@@ -212,12 +214,16 @@ impl Engine {
         );
         // Truncation to 32 bits is fine: it only has to differ when layouts do.
         let fingerprint = |tag: &str| (hasher.key(0, tag.as_bytes()) & 0xffff_ffff) as u32;
-        let clients = ShardedTable::new(
-            STATE_PREFIX,
-            "clients",
-            usize::try_from(config.state.shards).unwrap_or(1),
-            usize::try_from(config.state.slots_per_shard).unwrap_or(32),
-            fingerprint(&layout_tag),
+        let clients = TieredTable::new(
+            ShardedTable::new(
+                STATE_PREFIX,
+                "clients",
+                usize::try_from(config.state.shards).unwrap_or(1),
+                usize::try_from(config.state.slots_per_shard).unwrap_or(32),
+                fingerprint(&layout_tag),
+            ),
+            usize::try_from(config.state.worker_clients).unwrap_or(0),
+            u64::from(config.state.worker_sync_ms),
         );
         let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;3"));
         let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;2"));
@@ -294,6 +300,11 @@ impl Engine {
     }
 
     pub fn table(&self) -> &ShardedTable<ClientRecord> {
+        self.clients.shared()
+    }
+
+    /// The per-worker tier of client records (see `tiers`).
+    pub fn worker_tier(&self) -> &TieredTable<ClientRecord> {
         &self.clients
     }
 
@@ -483,7 +494,11 @@ impl Engine {
             Some(sc) if !good_bot => sc.page_of(facts.path),
             _ => None,
         };
-        let updated = self.clients.update(store, key, now_ms, |record| {
+        // A quiet client's request stays in this worker's view (see `tiers`).
+        let stays_local = |base: &ClientRecord, next: &ClientRecord| {
+            crate::tiers::client_stays_local(base, next, self.rate.as_ref(), now_ms)
+        };
+        let updated = self.clients.update_local(store, key, now_ms, stays_local, |record| {
             if let Some(penalized) = self.penalized(record, now_ms) {
                 return (penalized, false);
             }
@@ -545,7 +560,10 @@ impl Engine {
             exchange.anonymous = facts.anonymous;
             exchange.mode = Some(mode);
             exchange.object = object.is_some();
-            exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
+            if self.probing.is_some() {
+                // Only probing reads it (distinct paths answered 404).
+                exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
+            }
             if let Some(record) = snapshot {
                 self.consult_scorer(store, facts, record, routes, session_hash, &mut verdict, &mut exchange, now_ms);
             }
@@ -917,6 +935,8 @@ impl Engine {
     /// Periodic work of each VM: hands its route-group counts to the shared
     /// records and learns whether a group is spiking. Call it on every tick.
     pub fn on_tick(&self, store: &dyn SharedStore, now_ms: u64) {
+        // What this worker counted on its own views goes to shared data.
+        let _ = self.clients.on_tick(store, now_ms);
         let Some(spikes) = &self.spikes else {
             return;
         };
@@ -1131,7 +1151,7 @@ impl Engine {
 
     /// The request's header names as the client sent them: without those
     /// the proxy adds (Envoy's `x-request-id`, `x-forwarded-*`, `x-envoy-*`,
-    /// the GeoIP filter's, the JA4 header), whose order and presence change
+    /// the GeoIP filter's, the JA4 and facts headers), whose order and presence change
     /// from one request to the next (the GeoIP filter adds its headers in no
     /// fixed order) and say nothing about the client's device.
     fn client_header_shape(&self, names: &str) -> String {
@@ -1144,6 +1164,7 @@ impl Engine {
                 || geo.asn_header.as_deref() == Some(name)
                 || geo.anonymous_headers.iter().any(|h| h == name)
                 || self.ja4_header() == Some(name)
+                || self.config.client.facts_header.as_deref() == Some(name)
         };
         names.split(',').filter(|n| !added(n)).collect::<Vec<_>>().join(",")
     }

@@ -42,15 +42,12 @@ impl Probing {
     /// What the request alone gives away.
     pub fn on_request(&self, path: &str, user_agent: Option<&str>) -> Signal {
         let mut signal = Signal::default();
-        let path = path.split(['?', '#']).next().unwrap_or(path).to_lowercase();
-        if self.sensitive_paths.iter().any(|p| path.contains(p.as_str())) {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        if contains_any_lowercase(path, &self.sensitive_paths) {
             signal.fire(Reason::Probing, self.sensitive_weight);
         }
-        if let Some(ua) = user_agent {
-            let ua = ua.to_lowercase();
-            if self.scanner_user_agents.iter().any(|s| ua.contains(s.as_str())) {
-                signal.fire(Reason::Probing, self.scanner_weight);
-            }
+        if user_agent.is_some_and(|ua| contains_any_lowercase(ua, &self.scanner_user_agents)) {
+            signal.fire(Reason::Probing, self.scanner_weight);
         }
         signal
     }
@@ -67,10 +64,44 @@ impl Probing {
     }
 }
 
+/// Whether the text, lowercased, contains one of the (lowercase) needles.
+/// Lowercased on the stack (every request pays this: no allocation) when
+/// the text is short, as paths and user agents are.
+fn contains_any_lowercase(text: &str, needles: &[String]) -> bool {
+    let mut buf = [0u8; 512];
+    match buf.get_mut(..text.len()) {
+        Some(dst) if text.is_ascii() => {
+            for (d, s) in dst.iter_mut().zip(text.bytes()) {
+                *d = s.to_ascii_lowercase();
+            }
+            let lower: &[u8] = dst;
+            needles.iter().any(|n| {
+                let n = n.as_bytes();
+                n.is_empty() || lower.windows(n.len()).any(|w| w == n)
+            })
+        }
+        _ => {
+            let lower = text.to_lowercase();
+            needles.iter().any(|n| lower.contains(n.as_str()))
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn case_insensitive_without_allocating() {
+        let needles = vec![".env".to_string(), "sqlmap".to_string()];
+        assert!(contains_any_lowercase("/app/.ENV", &needles));
+        assert!(contains_any_lowercase("SQLMap/1.7", &needles));
+        assert!(!contains_any_lowercase("/api/products", &needles));
+        // Non-ASCII and long texts take the allocating path, same answers.
+        assert!(contains_any_lowercase("/é/.Env", &needles));
+        assert!(contains_any_lowercase(&format!("{}/.env", "a".repeat(600)), &needles));
+    }
 
     #[test]
     fn sensitive_paths_and_scanners() {

@@ -85,6 +85,18 @@ impl RequestRate {
         }
         signal
     }
+
+    /// Whether a change from `base` to `next` may stay in a worker's view
+    /// (see `tiers`): for every limit, the worker holds less than a tenth
+    /// of it not yet merged, and its view is under half of it. So another
+    /// worker's unmerged share of a limit is always under a tenth, and a
+    /// limit of 10 or less is always counted in shared data.
+    pub fn far_from_limits(&self, base: &ClientRecord, next: &ClientRecord, now_ms: u64) -> bool {
+        self.limits.iter().zip(base.rate.iter().zip(next.rate.iter())).all(|(limit, (b, n))| {
+            let unmerged = f64::from(crate::merge::window_delta(b, n));
+            unmerged == 0.0 || (unmerged < limit.requests / 10.0 && n.estimate(now_ms, limit.window_ms) < limit.requests / 2.0)
+        })
+    }
 }
 
 #[cfg(test)]
