@@ -175,9 +175,15 @@ impl RootContext for AbuseFilterRoot {
                 return false;
             }
         };
-        if let Err(e) = engine.create_state(&EnvoySharedData) {
+        match engine.prepare_state(&EnvoySharedData, crate::http::now_ms()) {
+            // One line per reload that changed a layout: what was carried over, what was dropped.
+            Ok(report) => {
+                if let Some(line) = report.summary() {
+                    log::warn!("abuse_filter: state layout changed by this configuration: {line}");
+                }
+            }
             // Not fatal: shards are also created on first write.
-            log::warn!("abuse_filter: creating shared-data shards failed: {e:?}");
+            Err(e) => log::warn!("abuse_filter: creating shared-data shards failed: {e:?}"),
         }
         metrics::define();
         metrics::shared_data_bytes(engine.state_bytes());

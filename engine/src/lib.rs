@@ -14,6 +14,7 @@ pub mod exemptions;
 pub mod hash;
 pub mod identity;
 pub mod known_accounts;
+pub mod layout;
 pub mod reason;
 pub mod record;
 pub mod risk;
