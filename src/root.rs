@@ -56,8 +56,8 @@ impl Context for AbuseFilterRoot {
         match call {
             Call::FleetPoll => {
                 self.fleet_poll_in_flight_until = 0;
-                // Bounded: at most 1 MiB of verdicts per poll.
-                if let (true, Some(body)) = (ok, body(1 << 20)) {
+                // Bounded: one byte past the limit, so that a larger answer is refused, not cut.
+                if let (true, Some(body)) = (ok, body(abuse_engine::wire::MAX_FLEET_BYTES + 1)) {
                     let applied = engine.apply_fleet_verdicts(&EnvoySharedData, &body, now);
                     metrics::bump(metrics::Counter::FleetVerdictsApplied, applied as u64);
                 }
@@ -73,7 +73,7 @@ impl Context for AbuseFilterRoot {
             }
             Call::WarmPage => {
                 // A page is at most 64 shards of 1 KiB in base64, plus baselines.
-                let applied = if ok { body(256 * 1024).and_then(|b| engine.apply_warm(&EnvoySharedData, &b, now)) } else { None };
+                let applied = if ok { body(abuse_engine::wire::MAX_WARM_BYTES + 1).and_then(|b| engine.apply_warm(&EnvoySharedData, &b, now)) } else { None };
                 if let Some((shards, done)) = applied {
                     metrics::bump(metrics::Counter::WarmShards, shards as u64);
                     if done {

@@ -833,6 +833,9 @@ impl Engine {
     /// Applies the fleet's verdicts: each blocked client goes into this
     /// Envoy's penalty box. Returns how many were applied.
     pub fn apply_fleet_verdicts(&self, store: &dyn SharedStore, body: &[u8], now_ms: u64) -> usize {
+        if body.len() > crate::wire::MAX_FLEET_BYTES {
+            return 0;
+        }
         let Ok(fleet) = serde_json::from_slice::<FleetVerdicts>(body) else {
             return 0;
         };
@@ -840,7 +843,7 @@ impl Engine {
             return 0;
         }
         let mut applied = 0;
-        for v in fleet.verdicts.iter().take(10_000) {
+        for v in fleet.verdicts.iter().take(crate::wire::MAX_FLEET_VERDICTS) {
             if v.until_ms <= now_ms {
                 continue;
             }
