@@ -17,7 +17,7 @@ export ENVOY
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: fuzz fuzz-deps fuzz-smoke
+.PHONY: fuzz fuzz-deps fuzz-smoke bench-clients
 .PHONY: all deps test-deps eval-deps deploy-deps build run test test-unit test-integration lint clean bench bench-scorer eval crowdsec-offline bench-hostcalls schema dashboard oci check-config
 
 all: build
@@ -174,3 +174,10 @@ fuzz: fuzz-deps
 # seeds and a short exploration from them neither crash nor time out.
 fuzz-smoke: fuzz-deps
 	FUZZ_SECONDS=3 fuzz/run.sh
+
+# Ten million distinct clients (IPv4 + IPv6) through the engine against the
+# in-memory store with Envoy's shared-data semantics: memory, eviction rate,
+# cost per request at 1M/2M/5M/10M, and the rotating attacker still blocked.
+# CLIENTS=N for another last step. Not a test: it measures.
+bench-clients:
+	cargo run --release -q -p abuse-engine --example clients
