@@ -35,7 +35,7 @@ fn rss_kib() -> u64 {
 
 /// The i-th distinct address: even i IPv4 (from 1.0.0.0 up), odd i an IPv6 /64.
 fn address(i: u64) -> String {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let n = (i / 2 + (1 << 24)) as u32;
         std::net::Ipv4Addr::from(n).to_string()
     } else {
@@ -95,7 +95,7 @@ fn main() {
         let started = Instant::now();
         while i < step {
             // 20 requests per simulated millisecond: 50,000 req/s.
-            if i % 20 == 0 {
+            if i.is_multiple_of(20) {
                 t += 1;
             }
             let addr = address(i);
