@@ -17,7 +17,7 @@ export ENVOY
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: fuzz fuzz-deps fuzz-smoke bench-clients
+.PHONY: fuzz fuzz-deps fuzz-smoke bench-clients soak
 .PHONY: all deps test-deps eval-deps deploy-deps build run test test-unit test-integration lint clean bench bench-scorer eval crowdsec-offline bench-hostcalls schema dashboard oci check-config
 
 all: build
@@ -181,3 +181,8 @@ fuzz-smoke: fuzz-deps
 # CLIENTS=N for another last step. Not a test: it measures.
 bench-clients:
 	cargo run --release -q -p abuse-engine --example clients
+
+# Faults under load (not a test): two Envoys, two scorers, Redis, benign +
+# attack traffic, a fault script; SOAK_SECONDS (default 600), SOAK_FILL_SECONDS.
+soak: build test-deps
+	$(VPY) bench/soak.py

@@ -45,12 +45,12 @@ def base_config() -> dict:
 class LdsEnvoy:
     """Envoy whose only listener is read from a watched LDS file."""
 
-    def __init__(self, config: dict, upstream_port: int):
+    def __init__(self, config: dict, upstream_port: int, **kw):
         self.dir = Path(tempfile.mkdtemp(prefix="abuse-lds-"))
         self.lds = self.dir / "lds.json"
         port, admin = free_port(), free_port()
         self.upstream_port, self.port_, self.admin_port = upstream_port, port, admin
-        bootstrap = envoy_config(config, port, admin, upstream_port)
+        bootstrap = envoy_config(config, port, admin, upstream_port, **kw)
         self.listener = bootstrap["static_resources"].pop("listeners")[0]
         self.version = 0
         self.write(config)
