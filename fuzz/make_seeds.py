@@ -72,10 +72,10 @@ def scorer_answers() -> list[bytes]:
     return [
         b'{"version":1,"score":80.0,"action":"block","reasons":["credential_stuffing"],"ttl_s":60}',
         b'{"version":1,"score":10.0,"action":"allow","reasons":[],"ttl_s":30}',
-        json.dumps({"version": 1, "cursor": 7, "verdicts": [
+        json.dumps({"version": 1, "next": 7, "verdicts": [
             {"client": "198.51.100.7", "reasons": ["rate_limit"], "until_ms": 1_800_000_000_000},
             {"client": "2001:db8::1#0a0b0c0d", "reasons": ["probing"], "until_ms": 1_800_000_000_000}]}).encode(),
-        json.dumps({"version": 1, "next": 1, "done": False,
+        json.dumps({"version": 1, "next": 1,
                     "known_shards": [{"index": 3, "bits": base64.b64encode(b"\x01" * 1024).decode()}],
                     "baselines": [{"name": "login:/api/login", "baseline": 0.2, "samples": 40,
                                    "unknown_baseline": 0.1}]}).encode(),
