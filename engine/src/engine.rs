@@ -1033,8 +1033,12 @@ impl Engine {
         }
     }
 
+    /// Keyed by the route's path, not its position: a reload that adds,
+    /// removes or reorders login routes keeps each endpoint's baseline and
+    /// attack state (the scorer names baselines by path too).
     fn endpoint_key(&self, route: usize) -> u64 {
-        self.hasher.key(DOMAIN_ENDPOINT, &route.to_le_bytes())
+        let path = self.login.as_ref().and_then(|l| l.paths().nth(route)).unwrap_or_default();
+        self.hasher.key(DOMAIN_ENDPOINT, path.as_bytes())
     }
 
     /// The login body, read whole (never called for an oversized body).
@@ -1621,6 +1625,25 @@ mod tests {
         let e4 = engine(BLOCK);
         assert!(e4.prepare_state(&s, T0 + 100).unwrap().summary().unwrap().contains("kept 2"));
         assert!(e4.on_request(&s, &request("192.0.2.1:5", None, "/"), T0 + 110).0.penalized);
+    }
+
+    #[test]
+    fn a_reload_that_reorders_login_routes_keeps_each_endpoints_state() {
+        let s = MemoryStore::new();
+        let one = engine(LOGIN);
+        one.prepare_state(&s, T0).unwrap();
+        let key = one.endpoint_key(0);
+        one.endpoints
+            .update(&s, key, T0, |e| {
+                e.attack_until_ms = T0 + 60_000;
+                ((), true)
+            })
+            .unwrap();
+        assert!(one.login_under_attack(&s, T0 + 1));
+        let two = engine(&LOGIN.replace(r#""login_routes":[{"path":"/login""#, r#""login_routes":[{"path":"/signin"},{"path":"/login""#));
+        assert!(two.prepare_state(&s, T0 + 2).unwrap().summary().is_none());
+        assert_eq!(two.endpoint_key(1), key, "/login is now the second route");
+        assert!(two.login_under_attack(&s, T0 + 3), "the endpoint forgot the attack");
     }
 
     #[test]
