@@ -15,6 +15,9 @@ ENVOY ?= $(shell v=$$(envoy --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[
 	else echo $(CURDIR)/$(VENV)/bin/envoy; fi)
 export ENVOY
 
+FUZZ_SECONDS ?= 60
+
+.PHONY: fuzz fuzz-deps fuzz-smoke bench-clients soak
 .PHONY: all deps test-deps eval-deps deploy-deps build run test test-unit test-integration lint clean bench bench-scorer eval crowdsec-offline bench-hostcalls schema dashboard oci check-config
 
 all: build
@@ -102,7 +105,7 @@ test-unit: build
 test-integration: build test-deps eval-deps
 	$(VPY) -m pytest -q tests
 
-test: lint test-unit test-integration
+test: lint test-unit test-integration fuzz-smoke
 
 # The configuration's JSON Schema from the engine's serde types, and the
 # README's key table from it. Run after changing engine/src/config.rs or a
@@ -158,3 +161,30 @@ crowdsec-offline:
 	@command -v crowdsec >/dev/null || { mkdir -p /etc/crowdsec; \
 		[ -s /etc/crowdsec/online_api_credentials.yaml ] || echo "# offline: no Central API" > /etc/crowdsec/online_api_credentials.yaml; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends crowdsec; }
+
+# Coverage-guided fuzzing (cargo-fuzz, libFuzzer, nightly) of every parser that
+# reads outside input: FUZZ_SECONDS per target (or FUZZ_RUNS executions each).
+# Seeds: fuzz/seeds/ (python3 fuzz/make_seeds.py); finds: fuzz/corpus/.
+fuzz-deps:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+fuzz: fuzz-deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
+
+# A few seconds per target, part of make test: the targets build and the
+# seeds and a short exploration from them neither crash nor time out.
+fuzz-smoke: fuzz-deps
+	FUZZ_SECONDS=3 fuzz/run.sh
+
+# Ten million distinct clients (IPv4 + IPv6) through the engine against the
+# in-memory store with Envoy's shared-data semantics: memory, eviction rate,
+# cost per request at 1M/2M/5M/10M, and the rotating attacker still blocked.
+# CLIENTS=N for another last step. Not a test: it measures.
+bench-clients:
+	cargo run --release -q -p abuse-engine --example clients
+
+# Faults under load (not a test): two Envoys, two scorers, Redis, benign +
+# attack traffic, a fault script; SOAK_SECONDS (default 600), SOAK_FILL_SECONDS.
+soak: build test-deps
+	$(VPY) bench/soak.py

@@ -258,7 +258,7 @@ impl Context for AbuseFilterHttp {
         let started = self.callout_started_ms.take().unwrap_or(now);
         // No headers at all: the callout was reset or timed out.
         let status = if num_headers == 0 { None } else { status_of(MapType::HttpCallResponseHeaders) };
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(64 * 1024))
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(abuse_engine::wire::MAX_SCORE_ANSWER_BYTES + 1))
             .ok()
             .flatten()
             .unwrap_or_default();

@@ -56,8 +56,8 @@ impl Context for AbuseFilterRoot {
         match call {
             Call::FleetPoll => {
                 self.fleet_poll_in_flight_until = 0;
-                // Bounded: at most 1 MiB of verdicts per poll.
-                if let (true, Some(body)) = (ok, body(1 << 20)) {
+                // Bounded: one byte past the limit, so that a larger answer is refused, not cut.
+                if let (true, Some(body)) = (ok, body(abuse_engine::wire::MAX_FLEET_BYTES + 1)) {
                     let applied = engine.apply_fleet_verdicts(&EnvoySharedData, &body, now);
                     metrics::bump(metrics::Counter::FleetVerdictsApplied, applied as u64);
                 }
@@ -73,7 +73,7 @@ impl Context for AbuseFilterRoot {
             }
             Call::WarmPage => {
                 // A page is at most 64 shards of 1 KiB in base64, plus baselines.
-                let applied = if ok { body(256 * 1024).and_then(|b| engine.apply_warm(&EnvoySharedData, &b, now)) } else { None };
+                let applied = if ok { body(abuse_engine::wire::MAX_WARM_BYTES + 1).and_then(|b| engine.apply_warm(&EnvoySharedData, &b, now)) } else { None };
                 if let Some((shards, done)) = applied {
                     metrics::bump(metrics::Counter::WarmShards, shards as u64);
                     if done {
@@ -175,9 +175,15 @@ impl RootContext for AbuseFilterRoot {
                 return false;
             }
         };
-        if let Err(e) = engine.create_state(&EnvoySharedData) {
+        match engine.prepare_state(&EnvoySharedData, crate::http::now_ms()) {
+            // One line per reload that changed a layout: what was carried over, what was dropped.
+            Ok(report) => {
+                if let Some(line) = report.summary() {
+                    log::warn!("abuse_filter: state layout changed by this configuration: {line}");
+                }
+            }
             // Not fatal: shards are also created on first write.
-            log::warn!("abuse_filter: creating shared-data shards failed: {e:?}");
+            Err(e) => log::warn!("abuse_filter: creating shared-data shards failed: {e:?}"),
         }
         metrics::define();
         metrics::shared_data_bytes(engine.state_bytes());

@@ -145,6 +145,10 @@ pub fn parse_answer(status: Option<u32>, body: &[u8]) -> Result<ScoreResponse, C
     if !(200..300).contains(&status) {
         return Err(CalloutFailure::Status(status));
     }
+    // The host reads one byte past the limit, so a larger answer is seen whole-or-over, never cut to valid JSON.
+    if body.len() > crate::wire::MAX_SCORE_ANSWER_BYTES {
+        return Err(CalloutFailure::Malformed);
+    }
     let answer: ScoreResponse = serde_json::from_slice(body).map_err(|_| CalloutFailure::Malformed)?;
     if answer.version != WIRE_VERSION || !answer.score.is_finite() {
         return Err(CalloutFailure::Malformed);

@@ -12,6 +12,13 @@ use std::net::IpAddr;
 pub const MAX_ROUTE_GROUPS: usize = 32;
 /// Most rate limits; each one owns a window in every client record.
 pub const MAX_RATE_LIMITS: usize = 4;
+/// Largest plugin configuration accepted (the shipped one is 1.6 KiB).
+pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
+/// Longest address lists: `client.trusted_proxies`, `good_bots[].cidrs`.
+pub const MAX_PROXY_CIDRS: usize = 256;
+/// Longest allowlists: `allowlist.cidrs`, `allowlist.api_keys`.
+pub const MAX_ALLOWLIST: usize = 4096;
+pub const MAX_GOOD_BOTS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -773,6 +780,14 @@ pub(crate) fn check_range<T: PartialOrd + fmt::Display + Copy>(
     Ok(())
 }
 
+/// A list the configuration may hold at most `max` entries of.
+fn check_list(key: &str, len: usize, max: usize) -> Result<(), ConfigError> {
+    if len > max {
+        return Err(err(key, format!("at most {max} entries, got {len}")));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_header_name(key: &str, name: &str) -> Result<(), ConfigError> {
     let valid = !name.is_empty()
         && name.len() <= 128
@@ -792,6 +807,9 @@ impl Config {
     /// Parses and validates the plugin configuration. An empty configuration
     /// means all defaults.
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(err("(root)", format!("configuration is {} bytes, at most {MAX_CONFIG_BYTES}", bytes.len())));
+        }
         let trimmed = std::str::from_utf8(bytes)
             .map_err(|_| err("(root)", "configuration is not UTF-8"))?
             .trim();
@@ -816,6 +834,7 @@ impl Config {
     /// Range and consistency checks that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.client;
+        check_list("client.trusted_proxies", c.trusted_proxies.len(), MAX_PROXY_CIDRS)?;
         for (i, cidr) in c.trusted_proxies.iter().enumerate() {
             parse_cidr(cidr).map_err(|p| err(format!("client.trusted_proxies[{i}]"), p))?;
         }
@@ -898,6 +917,9 @@ impl Config {
         check_range("state.worker_clients", self.state.worker_clients, 0, 262_144)?;
         check_range("state.worker_sync_ms", self.state.worker_sync_ms, 100, 10_000)?;
 
+        check_list("allowlist.cidrs", self.allowlist.cidrs.len(), MAX_ALLOWLIST)?;
+        check_list("allowlist.api_keys", self.allowlist.api_keys.len(), MAX_ALLOWLIST)?;
+        check_list("good_bots", self.good_bots.len(), MAX_GOOD_BOTS)?;
         for (i, cidr) in self.allowlist.cidrs.iter().enumerate() {
             parse_cidr(cidr).map_err(|p| err(format!("allowlist.cidrs[{i}]"), p))?;
         }
@@ -913,6 +935,7 @@ impl Config {
             if bot.cidrs.is_empty() {
                 return Err(err(format!("good_bots[{i}].cidrs"), "list the crawler's addresses: a user agent alone is forgeable"));
             }
+            check_list(&format!("good_bots[{i}].cidrs"), bot.cidrs.len(), MAX_PROXY_CIDRS)?;
             for (j, cidr) in bot.cidrs.iter().enumerate() {
                 parse_cidr(cidr).map_err(|p| err(format!("good_bots[{i}].cidrs[{j}]"), p))?;
             }

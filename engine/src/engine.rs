@@ -30,7 +30,8 @@ use crate::exemptions::Exemptions;
 use crate::hash::{KeyedHasher, SEED_BYTES};
 use crate::identity::{ClientAddr, ClientIdentity, IdentityInput, IdentityPolicy};
 use crate::reason::{Reason, ReasonSet};
-use crate::record::{ClientRecord, RECORD_FORMAT};
+use crate::layout::Migration;
+use crate::record::{migrate_client, ClientRecord, RECORD_FORMAT};
 use crate::risk;
 use crate::routes::RouteTable;
 use crate::store::{ShardedTable, SharedStore, UpdateStats};
@@ -131,6 +132,23 @@ pub struct Exchange {
     reasons: ReasonSet,
 }
 
+/// What [`Engine::prepare_state`] did.
+#[derive(Debug, Clone, Default)]
+pub struct StateReport {
+    /// Shards created or rewritten.
+    pub created: usize,
+    /// Tables whose layout this configuration changed, and what was carried over.
+    pub migrations: Vec<Migration>,
+}
+
+impl StateReport {
+    /// The one log line of a layout change (None: nothing changed).
+    pub fn summary(&self) -> Option<String> {
+        (!self.migrations.is_empty())
+            .then(|| self.migrations.iter().map(Migration::summary).collect::<Vec<_>>().join("; "))
+    }
+}
+
 /// Outcome of the read-modify-write on the client's record.
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
@@ -208,8 +226,11 @@ impl Engine {
         let routes = RouteTable::new(&config.route_groups);
         let rate = RequestRate::new(&config.rate, &routes);
         let hasher = KeyedHasher::from_seed(seed);
+        // The shard count is part of the layout: a record's shard is its key
+        // modulo the count, so another count means other shards.
         let layout_tag = format!(
-            "clients;format={RECORD_FORMAT};rate={}",
+            "clients;format={RECORD_FORMAT};shards={};rate={}",
+            config.state.shards,
             rate.as_ref().map(RequestRate::layout_tag).unwrap_or_default()
         );
         // Truncation to 32 bits is fine: it only has to differ when layouts do.
@@ -221,7 +242,8 @@ impl Engine {
                 usize::try_from(config.state.shards).unwrap_or(1),
                 usize::try_from(config.state.slots_per_shard).unwrap_or(32),
                 fingerprint(&layout_tag),
-            ),
+            )
+            .with_fields(RECORD_FORMAT, rate.as_ref().map(RequestRate::window_tags).unwrap_or_default()),
             usize::try_from(config.state.worker_clients).unwrap_or(0),
             u64::from(config.state.worker_sync_ms),
         );
@@ -310,26 +332,38 @@ impl Engine {
 
     /// Creates every shard key (at configuration time).
     pub fn create_state(&self, store: &dyn SharedStore) -> Result<usize, crate::store::StoreError> {
-        let mut created = self.clients.create_shards(store)?;
+        Ok(self.prepare_state(store, 0)?.created)
+    }
+
+    /// Creates every shard key and, when this configuration changes a
+    /// table's layout, carries its records over (see [`crate::layout`]):
+    /// at configuration time, with the host's clock.
+    pub fn prepare_state(&self, store: &dyn SharedStore, now_ms: u64) -> Result<StateReport, crate::store::StoreError> {
+        let mut report = StateReport::default();
+        let mut note = |(written, migration): (usize, Option<Migration>)| {
+            report.created += written;
+            report.migrations.extend(migration.filter(Migration::is_change));
+        };
+        note(self.clients.adopt_layout(store, &migrate_client, now_ms)?);
         if self.login.is_some() {
-            created += self.accounts.create_shards(store)?;
+            note(self.accounts.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
         }
         if self.distributed.is_some() {
-            created += self.endpoints.create_shards(store)?;
-            created += self.sprays.create_shards(store)?;
-            created += self.fingerprints.create_shards(store)?;
-            created += self.known_accounts.create_shards(store)?;
+            note(self.endpoints.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
+            note(self.sprays.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
+            note(self.fingerprints.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
+            note((self.known_accounts.create_shards(store)?, None));
         }
         if self.tracks_sessions() {
-            created += self.session_table.create_shards(store)?;
+            note(self.session_table.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
         }
         if self.spikes.is_some() {
-            created += self.group_table.create_shards(store)?;
+            note(self.group_table.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
         }
         if self.callouts.is_some() {
-            created += self.verdict_table.create_shards(store)?;
+            note(self.verdict_table.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
         }
-        Ok(created)
+        Ok(report)
     }
 
     /// Bytes of shared data the state occupies, whatever the traffic.
@@ -832,6 +866,9 @@ impl Engine {
     /// Applies the fleet's verdicts: each blocked client goes into this
     /// Envoy's penalty box. Returns how many were applied.
     pub fn apply_fleet_verdicts(&self, store: &dyn SharedStore, body: &[u8], now_ms: u64) -> usize {
+        if body.len() > crate::wire::MAX_FLEET_BYTES {
+            return 0;
+        }
         let Ok(fleet) = serde_json::from_slice::<FleetVerdicts>(body) else {
             return 0;
         };
@@ -839,7 +876,7 @@ impl Engine {
             return 0;
         }
         let mut applied = 0;
-        for v in fleet.verdicts.iter().take(10_000) {
+        for v in fleet.verdicts.iter().take(crate::wire::MAX_FLEET_VERDICTS) {
             if v.until_ms <= now_ms {
                 continue;
             }
@@ -1031,8 +1068,12 @@ impl Engine {
         }
     }
 
+    /// Keyed by the route's path, not its position: a reload that adds,
+    /// removes or reorders login routes keeps each endpoint's baseline and
+    /// attack state (the scorer names baselines by path too).
     fn endpoint_key(&self, route: usize) -> u64 {
-        self.hasher.key(DOMAIN_ENDPOINT, &route.to_le_bytes())
+        let path = self.login.as_ref().and_then(|l| l.paths().nth(route)).unwrap_or_default();
+        self.hasher.key(DOMAIN_ENDPOINT, path.as_bytes())
     }
 
     /// The login body, read whole (never called for an oversized body).
@@ -1650,22 +1691,86 @@ mod tests {
     }
 
     #[test]
-    fn reload_with_other_limits_starts_clean() {
+    fn a_reload_keeps_the_penalty_box_and_the_counts() {
         let s = MemoryStore::new();
         let e1 = engine(BLOCK);
-        e1.table().create_shards(&s).unwrap();
+        assert!(e1.prepare_state(&s, T0).unwrap().summary().is_none(), "a first start is no change");
         for i in 0..6 {
             e1.on_request(&s, &request("192.0.2.1:5", None, "/api/x"), T0 + i);
         }
-        let other = BLOCK.replace(r#""window_s":10"#, r#""window_s":20"#);
-        let e2 = engine(&other);
-        let v = e2.on_request(&s, &request("192.0.2.1:5", None, "/api/x"), T0 + 100).0;
-        assert!(!v.penalized, "state of another layout was read");
-        // Same config again: state is kept.
-        let e3 = engine(BLOCK);
-        e3.table().create_shards(&s).unwrap();
-        let v = e3.on_request(&s, &request("192.0.2.7:5", None, "/api/x"), T0 + 100).0;
-        assert!(!v.penalized);
+        for i in 0..3 {
+            e1.on_request(&s, &request("192.0.2.2:5", None, "/api/x"), T0 + i);
+        }
+        assert!(e1.on_request(&s, &request("192.0.2.1:5", None, "/"), T0 + 10).0.penalized);
+
+        // A threshold and an action change: same layout, nothing to migrate, all kept.
+        let stricter = BLOCK.replace(r#""requests":5"#, r#""requests":4"#).replace(r#""penalty":{"duration_s":30}"#, r#""penalty":{"duration_s":60}"#);
+        let e2 = engine(&stricter);
+        let report = e2.prepare_state(&s, T0 + 20).unwrap();
+        assert!(report.summary().is_none(), "{:?}", report.summary());
+        assert!(e2.on_request(&s, &request("192.0.2.1:5", None, "/"), T0 + 30).0.penalized);
+        // 192.0.2.2 had 3 requests in the window: the 4th is within 4, the 5th over.
+        assert!(!e2.on_request(&s, &request("192.0.2.2:5", None, "/api/x"), T0 + 40).0.penalized);
+        let v = e2.on_request(&s, &request("192.0.2.2:5", None, "/api/x"), T0 + 50).0;
+        assert_eq!(v.action, Action::Block, "the count was forgotten: {v:?}");
+
+        // Another window and half the shards: a real layout change.
+        let other = stricter.replace(r#""window_s":10"#, r#""window_s":20"#).replace(r#""shards":4"#, r#""shards":2"#);
+        let e3 = engine(&other);
+        let report = e3.prepare_state(&s, T0 + 60).unwrap();
+        let line = report.summary().unwrap();
+        assert!(line.starts_with("clients: 4x16 -> 2x16 shards, kept 2, dropped 0"), "{line}");
+        assert!(line.contains("reset [api/10s]"), "{line}");
+        let v = e3.on_request(&s, &request("192.0.2.1:5", None, "/"), T0 + 70).0;
+        assert!(v.penalized, "the penalty box was emptied by the reload");
+        // The old configuration, still draining, does not overwrite the new shards.
+        let refused = (0..10)
+            .map(|i| e1.on_request(&s, &request(&format!("192.0.2.{}:5", 10 + i), None, "/"), T0 + 80).0)
+            .filter(|v| v.store_failed && v.action == Action::Allow)
+            .count();
+        assert!(refused > 0, "the old layout wrote into the new shards");
+        assert!(e3.on_request(&s, &request("192.0.2.1:5", None, "/"), T0 + 90).0.penalized);
+        // Back to the first layout: carried over again.
+        let e4 = engine(BLOCK);
+        assert!(e4.prepare_state(&s, T0 + 100).unwrap().summary().unwrap().contains("kept 2"));
+        assert!(e4.on_request(&s, &request("192.0.2.1:5", None, "/"), T0 + 110).0.penalized);
+    }
+
+    #[test]
+    fn a_reload_that_reorders_login_routes_keeps_each_endpoints_state() {
+        let s = MemoryStore::new();
+        let one = engine(LOGIN);
+        one.prepare_state(&s, T0).unwrap();
+        let key = one.endpoint_key(0);
+        one.endpoints
+            .update(&s, key, T0, |e| {
+                e.attack_until_ms = T0 + 60_000;
+                ((), true)
+            })
+            .unwrap();
+        assert!(one.login_under_attack(&s, T0 + 1));
+        let two = engine(&LOGIN.replace(r#""login_routes":[{"path":"/login""#, r#""login_routes":[{"path":"/signin"},{"path":"/login""#));
+        assert!(two.prepare_state(&s, T0 + 2).unwrap().summary().is_none());
+        assert_eq!(two.endpoint_key(1), key, "/login is now the second route");
+        assert!(two.login_under_attack(&s, T0 + 3), "the endpoint forgot the attack");
+    }
+
+    #[test]
+    fn a_smaller_table_keeps_penalized_clients_before_idle_ones() {
+        let s = MemoryStore::new();
+        let big = engine(&BLOCK.replace(r#""slots_per_shard":16"#, r#""slots_per_shard":64"#).replace(r#""shards":4"#, r#""shards":1"#));
+        big.prepare_state(&s, T0).unwrap();
+        // 60 idle clients, and one in the penalty box.
+        for i in 0..60u64 {
+            big.on_request(&s, &request(&format!("198.51.100.{i}:5"), None, "/"), T0 + i);
+        }
+        for i in 0..6 {
+            big.on_request(&s, &request("192.0.2.1:5", None, "/api/x"), T0 + 100 + i);
+        }
+        let small = engine(&BLOCK.replace(r#""slots_per_shard":16"#, r#""slots_per_shard":8"#).replace(r#""shards":4"#, r#""shards":1"#));
+        let line = small.prepare_state(&s, T0 + 200).unwrap().summary().unwrap();
+        assert!(line.starts_with("clients: 1x64 -> 1x8 shards, kept 8, dropped "), "{line}");
+        assert!(small.on_request(&s, &request("192.0.2.1:5", None, "/"), T0 + 300).0.penalized);
     }
 
     #[test]

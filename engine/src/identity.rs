@@ -13,9 +13,9 @@ use ipnet::IpNet;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 /// Longest header value we look into; longer ones are ignored, not truncated.
-const MAX_HEADER_LEN: usize = 8192;
+pub const MAX_HEADER_LEN: usize = 8192;
 /// Longest identity value kept (API key, cookie value, JWT claim).
-const MAX_IDENTITY_LEN: usize = 256;
+pub const MAX_IDENTITY_LEN: usize = 256;
 
 /// The address a client is counted under: IPv4 as is, IPv6 cut to the
 /// configured prefix (one subscriber usually owns a whole /64).

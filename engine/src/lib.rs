@@ -15,6 +15,7 @@ pub mod facts;
 pub mod hash;
 pub mod identity;
 pub mod known_accounts;
+pub mod layout;
 pub mod login_risk;
 pub mod merge;
 pub mod profile;

@@ -13,7 +13,10 @@
 //! | 12 | 4 | slots |
 //!
 //! A value whose header differs (older build, other config, corrupt) is
-//! read as an empty shard, so a reload never misreads old state.
+//! never misread: a configuration that changes the layout migrates the
+//! records at configuration time (see [`crate::layout`]); until then a
+//! shard of another layout is left alone, and anything that is not a shard
+//! at all is read as an empty one.
 //!
 //! Lookup is open addressing over a short probe window of [`PROBE`] slots
 //! starting at a slot chosen by the key. Records are never deleted, only
@@ -102,6 +105,24 @@ impl ShardLayout {
     /// Whether `value` is a shard of this layout (else it must be treated as empty).
     pub fn is_current(&self, value: &[u8]) -> bool {
         value.len() == self.value_len() && value.get(..HEADER_BYTES) == Some(&self.header()[..])
+    }
+
+    /// Whether `value` is a shard of some layout (ours or another's): the
+    /// magic and a header that agrees with the value's length.
+    pub fn is_shard(value: &[u8]) -> bool {
+        let mut r = crate::codec::Reader::new(value);
+        let magic: [u8; 4] = r.take();
+        let (_format, _reserved, _fingerprint, slots) = (r.u16(), r.u16(), r.u32(), r.u32());
+        &magic == MAGIC
+            && value.len() > HEADER_BYTES
+            && slots > 0
+            && (value.len() - HEADER_BYTES).is_multiple_of(usize::try_from(slots).unwrap_or(usize::MAX))
+    }
+
+    /// The encoded record in slot `index` (`record_bytes` long; empty past the end).
+    pub fn raw_slot<'a>(&self, value: &'a [u8], index: usize) -> &'a [u8] {
+        let start = self.offset(index);
+        value.get(start..start.saturating_add(self.record_bytes)).unwrap_or(&[])
     }
 
     /// Takes a stored value, or starts a fresh shard if it is missing or foreign.
@@ -201,6 +222,9 @@ mod tests {
         let mut wrong_format = fresh.clone();
         wrong_format[4] ^= 0xff;
         assert!(!LAYOUT.is_current(&wrong_format));
+        assert!(ShardLayout::is_shard(&fresh) && ShardLayout::is_shard(&wrong_format));
+        assert!(!ShardLayout::is_shard(b"garbage") && !ShardLayout::is_shard(&fresh[..HEADER_BYTES]));
+        assert!(!ShardLayout::is_shard(&fresh[..fresh.len() - 1]));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! and counts are exact across workers. The shard keys are created once at
 //! start, because Envoy only checks a CAS token for keys that exist.
 
+use crate::layout::{manifest_key, LayoutManifest, Migration};
 use crate::shard::{Record, ShardLayout};
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -21,6 +22,9 @@ pub enum StoreError {
     CasMismatch,
     /// The host refused the call.
     Unavailable,
+    /// The shard holds another layout's records (a configuration change is
+    /// being applied, or an old configuration is draining): not ours to write.
+    OtherLayout,
 }
 
 /// The host's shared key/value store, with Envoy's semantics: `get` returns
@@ -48,19 +52,59 @@ pub struct UpdateFailed {
 /// A sharded table of records: which shard a key lives in, and the CAS loop.
 #[derive(Debug, Clone)]
 pub struct ShardedTable<R> {
+    name: String,
     layout: ShardLayout,
     shard_keys: Vec<String>,
+    manifest_key: String,
+    /// Record format and field tags, for the manifest (see [`crate::layout`]).
+    format: u16,
+    fields: Vec<String>,
     record: PhantomData<R>,
 }
+
+/// Turns an old layout's encoded record into a record of the new one (None:
+/// it cannot be carried over). Given the old manifest, the new one, and the
+/// encoded record.
+pub type Converter<'a, R> = &'a dyn Fn(&LayoutManifest, &LayoutManifest, &[u8]) -> Option<R>;
 
 impl<R: Record> ShardedTable<R> {
     /// `name` separates tables in shared data (`<prefix>/<name>/<n>`).
     pub fn new(prefix: &str, name: &str, shards: usize, slots: usize, fingerprint: u32) -> ShardedTable<R> {
         ShardedTable {
+            name: name.to_string(),
             layout: ShardLayout { slots: slots.max(1), record_bytes: R::BYTES, fingerprint },
-            shard_keys: (0..shards.max(1)).map(|i| format!("{prefix}/{name}/{i}")).collect(),
+            shard_keys: (0..shards.max(1)).map(|i| shard_key_name(prefix, name, i)).collect(),
+            manifest_key: manifest_key(prefix, name),
+            format: 0,
+            fields: Vec::new(),
             record: PhantomData,
         }
+    }
+
+    /// Names the record format and what its configurable parts count, so a
+    /// migration knows which of them it can carry over.
+    pub fn with_fields(mut self, format: u16, fields: Vec<String>) -> ShardedTable<R> {
+        self.format = format;
+        self.fields = fields;
+        self
+    }
+
+    /// This table's layout as its manifest says it.
+    pub fn manifest(&self) -> LayoutManifest {
+        LayoutManifest {
+            shards: self.shard_keys.len(),
+            slots: self.layout.slots,
+            record_bytes: self.layout.record_bytes,
+            fingerprint: self.layout.fingerprint,
+            format: self.format,
+            fields: self.fields.clone(),
+        }
+    }
+
+    /// Carries records over only from the same layout with other dimensions
+    /// (tables without configurable parts).
+    pub fn same_fingerprint(old: &LayoutManifest, new: &LayoutManifest, bytes: &[u8]) -> Option<R> {
+        (old.fingerprint == new.fingerprint && old.record_bytes == new.record_bytes).then(|| R::decode(bytes))
     }
 
     pub fn layout(&self) -> ShardLayout {
@@ -82,13 +126,124 @@ impl<R: Record> ShardedTable<R> {
         self.shard_keys.get(index).map(String::as_str).unwrap_or("")
     }
 
-    /// Creates every shard that is missing or has another layout. Called once
-    /// at configuration time; returns how many shards were (re)created.
+    /// Creates every shard that is missing, and migrates the records of
+    /// another layout (records of tables without configurable parts survive
+    /// only a change of dimensions). Called once at configuration time;
+    /// returns how many shards were (re)written.
     pub fn create_shards(&self, store: &dyn SharedStore) -> Result<usize, StoreError> {
+        Ok(self.adopt_layout(store, &Self::same_fingerprint, 0)?.0)
+    }
+
+    /// Makes the shared shards this table's layout (at configuration time):
+    /// when the manifest names another layout, this VM claims the change
+    /// (CAS on the manifest) and carries every record `convert` accepts into
+    /// the new shards. Returns the shards written and, for the VM that
+    /// migrated, what it carried over.
+    pub fn adopt_layout(
+        &self,
+        store: &dyn SharedStore,
+        convert: Converter<'_, R>,
+        now_ms: u64,
+    ) -> Result<(usize, Option<Migration>), StoreError> {
+        let new = self.manifest();
+        let (value, cas) = store.get(&self.manifest_key)?;
+        let old = value.as_deref().and_then(LayoutManifest::decode);
+        if old.as_ref() == Some(&new) {
+            return Ok((self.create_missing(store)?, None));
+        }
+        match store.set(&self.manifest_key, &new.encode(), cas) {
+            Ok(()) => {}
+            // Another VM of this process claimed the change and migrates.
+            Err(StoreError::CasMismatch) => return Ok((self.create_missing(store)?, None)),
+            Err(e) => return Err(e),
+        }
+        let mut migration = Migration { table: self.name.clone(), from: old.clone(), to: Some(new.clone()), ..Migration::default() };
+        // Every old record is read before any new shard is written: a new
+        // shard overwrites an old one that holds records of other shards.
+        let shard_count = self.shard_keys.len().max(1);
+        let mut buckets: Vec<Vec<R>> = vec![Vec::new(); shard_count];
+        if let Some(old) = &old {
+            migration.reset_fields = old.fields.iter().filter(|f| !new.fields.contains(f)).cloned().collect();
+            if old.format != new.format {
+                migration.reset_fields.push(format!("record format {} -> {}", old.format, new.format));
+            }
+            let old_layout = old.shard_layout();
+            for i in 0..old.shards {
+                let key = self.shard_key_at(i);
+                let (value, _) = store.get(&key)?;
+                let Some(value) = value.filter(|v| old_layout.is_current(v)) else {
+                    continue;
+                };
+                for slot in 0..old_layout.slots {
+                    let bytes = old_layout.raw_slot(&value, slot);
+                    if R::key_of(bytes) == 0 {
+                        continue;
+                    }
+                    match convert(old, &new, bytes) {
+                        Some(record) => {
+                            let index = usize::try_from(record.key() % shard_count as u64).unwrap_or(0);
+                            if let Some(bucket) = buckets.get_mut(index) {
+                                bucket.push(record);
+                            }
+                        }
+                        None => migration.unreadable += 1,
+                    }
+                }
+                if i >= shard_count {
+                    // Beyond the new shard count: keys cannot be deleted, an
+                    // empty value frees the memory.
+                    store.set(&key, &[], None)?;
+                }
+            }
+        }
+        let mut written = 0;
+        for (key, bucket) in self.shard_keys.iter().zip(buckets.iter_mut()) {
+            // Least valuable first: when a probe window is full, eviction
+            // then drops the idlest records, never a penalized one first.
+            bucket.sort_by_key(|r| r.eviction_rank(now_ms));
+            let (kept, dropped) = self.write_migrated(store, key, bucket, now_ms)?;
+            migration.kept += kept;
+            migration.dropped += dropped;
+            written += 1;
+        }
+        Ok((written, Some(migration)))
+    }
+
+    /// Writes one new shard: what this layout already wrote there (a newer
+    /// record wins) plus the migrated records. Returns (kept, dropped).
+    fn write_migrated(&self, store: &dyn SharedStore, key: &str, records: &[R], now_ms: u64) -> Result<(usize, usize), StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (value, cas) = store.get(key)?;
+            let mut value = match value {
+                Some(v) if self.layout.is_current(&v) => v,
+                _ => self.layout.empty_value(),
+            };
+            for record in records {
+                // What this layout wrote since is newer: it wins.
+                if self.layout.find::<R>(&value, record.key()).is_none() {
+                    let slot = self.layout.find_or_make::<R>(&value, record.key(), now_ms);
+                    self.layout.write(&mut value, slot.index, record);
+                }
+            }
+            match store.set(key, &value, cas) {
+                Ok(()) => {
+                    let kept = records.iter().filter(|r| self.layout.find::<R>(&value, r.key()).is_some()).count();
+                    return Ok((kept, records.len().saturating_sub(kept)));
+                }
+                Err(StoreError::CasMismatch) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::CasMismatch)
+    }
+
+    /// Creates the shards that are missing or hold no shard at all; leaves
+    /// another layout's shards to the VM that migrates them.
+    fn create_missing(&self, store: &dyn SharedStore) -> Result<usize, StoreError> {
         let mut created = 0;
         for key in &self.shard_keys {
             let (value, cas) = store.get(key)?;
-            if value.as_deref().is_some_and(|v| self.layout.is_current(v)) {
+            if value.as_deref().is_some_and(ShardLayout::is_shard) {
                 continue;
             }
             match store.set(key, &self.layout.empty_value(), cas) {
@@ -99,6 +254,16 @@ impl<R: Record> ShardedTable<R> {
             }
         }
         Ok(created)
+    }
+
+    fn shard_key_at(&self, index: usize) -> String {
+        match self.shard_keys.get(index) {
+            Some(k) => k.clone(),
+            None => {
+                let prefix = self.manifest_key.strip_suffix("/layout").unwrap_or(&self.manifest_key);
+                format!("{prefix}/{index}")
+            }
+        }
     }
 
     /// Reads a client's record without writing (None if unknown).
@@ -125,7 +290,13 @@ impl<R: Record> ShardedTable<R> {
         loop {
             attempt += 1;
             let (value, cas) = store.get(key).map_err(|error| UpdateFailed { stats, error })?;
-            let mut value = self.layout.adopt(value);
+            let mut value = match value {
+                Some(v) if self.layout.is_current(&v) => v,
+                Some(v) if ShardLayout::is_shard(&v) => {
+                    return Err(UpdateFailed { stats, error: StoreError::OtherLayout })
+                }
+                _ => self.layout.empty_value(),
+            };
             let mut slot = self.layout.find_or_make::<R>(&value, client_key, now_ms);
             let (result, write) = change(&mut slot.record);
             if !write {
@@ -144,6 +315,10 @@ impl<R: Record> ShardedTable<R> {
             }
         }
     }
+}
+
+fn shard_key_name(prefix: &str, name: &str, index: usize) -> String {
+    format!("{prefix}/{name}/{index}")
 }
 
 /// An in-memory [`SharedStore`] with Envoy's CAS semantics, shareable between
@@ -229,7 +404,7 @@ mod tests {
         let (t, s) = (table(), MemoryStore::new());
         assert_eq!(t.create_shards(&s).unwrap(), 4);
         assert_eq!(t.create_shards(&s).unwrap(), 0);
-        assert_eq!(s.key_count(), 4);
+        assert_eq!(s.key_count(), 5, "4 shards and the layout manifest");
         // A new layout (config reload) recreates them.
         let t2 = ClientTable::new("t", "c", 4, 16, 2);
         assert_eq!(t2.create_shards(&s).unwrap(), 4);
@@ -301,6 +476,6 @@ mod tests {
             bump(&t, &s, k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         }
         assert_eq!(s.total_bytes(), before);
-        assert_eq!(s.key_count(), 4);
+        assert_eq!(s.key_count(), 5);
     }
 }

@@ -14,6 +14,14 @@ pub const VERDICTS_PATH: &str = "/v1/verdicts";
 pub const SECRET_HEADER: &str = "x-abuse-scorer-secret";
 /// Largest request body the scorer accepts.
 pub const MAX_SCORE_REQUEST_BYTES: usize = 16 * 1024;
+/// Largest scorer answer the filter reads (a larger one fails like a malformed one).
+pub const MAX_SCORE_ANSWER_BYTES: usize = 64 * 1024;
+/// Largest fleet-verdict poll answer the filter reads, and the most verdicts
+/// it applies from one (more are left for the next poll).
+pub const MAX_FLEET_BYTES: usize = 1 << 20;
+pub const MAX_FLEET_VERDICTS: usize = 10_000;
+/// Largest warm-start page the filter reads (64 shards of 1 KiB in base64, plus baselines).
+pub const MAX_WARM_BYTES: usize = 256 * 1024;
 
 /// The model's features, in vector order (see [`Features::to_vector`]).
 pub const FEATURE_NAMES: [&str; 18] = [

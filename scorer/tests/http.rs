@@ -1092,3 +1092,55 @@ fn scorers_on_one_redis_share_the_warm_start_and_keep_it_over_restarts() {
     );
     assert!(metric(&a, "abuse_scorer_store_fallbacks_total") >= 2.0);
 }
+
+// ---- Input limits (README "Input limits"): each at the limit and one past it.
+
+/// `body` padded with trailing spaces (JSON whitespace) to exactly `len` bytes.
+fn padded(body: &str, len: usize) -> String {
+    assert!(body.len() <= len, "{} > {len}", body.len());
+    format!("{body}{}", " ".repeat(len - body.len()))
+}
+
+#[test]
+fn every_input_at_its_limit_and_one_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Scorer::start(dir.path(), &[]);
+    let (score_url, events_url) = (s.url("/v1/score"), s.url("/v1/events"));
+
+    // Score requests: 16 KiB.
+    let valid = request("203.0.113.9", 20.0, &["probing"]).to_string();
+    let (status, body) = post(&score_url, Some(SECRET), &padded(&valid, 16 * 1024));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&score_url, Some(SECRET), &padded(&valid, 16 * 1024 + 1));
+    assert_eq!(status, 413, "{body}");
+    // 16 reasons, a 64-byte client name.
+    let reasons: Vec<String> = (0..17).map(|i| format!("reason_{i}")).collect();
+    let names: Vec<&str> = reasons.iter().map(String::as_str).collect();
+    let (status, body) = post(&score_url, Some(SECRET), &request("203.0.113.9", 20.0, &names[..16]).to_string());
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&score_url, Some(SECRET), &request("203.0.113.9", 20.0, &names).to_string());
+    assert_eq!(status, 400, "{body}");
+    let long = "c".repeat(64);
+    let (status, body) = post(&score_url, Some(SECRET), &request(&long, 20.0, &[]).to_string());
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&score_url, Some(SECRET), &request(&format!("{long}c"), 20.0, &[]).to_string());
+    assert_eq!(status, 400, "{body}");
+
+    // Event batches: 64 KiB, 2,048 known accounts, 64 baselines.
+    let small = batch(&[1], &[], 0);
+    let (status, body) = post(&events_url, Some(SECRET), &padded(&small, 64 * 1024));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&events_url, Some(SECRET), &padded(&small, 64 * 1024 + 1));
+    assert_eq!(status, 413, "{body}");
+    let accounts: Vec<u64> = (0..2049).map(account).collect();
+    assert!(batch(&accounts[..2048], &[], 0).len() <= 64 * 1024);
+    let (status, body) = post(&events_url, Some(SECRET), &batch(&accounts[..2048], &[], 0));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&events_url, Some(SECRET), &batch(&accounts, &[], 0));
+    assert_eq!(status, 400, "{body}");
+    let baselines: Vec<Value> = (0..65).map(|i| baseline(&format!("group:g{i}"), 50, 1.0)).collect();
+    let (status, body) = post(&events_url, Some(SECRET), &batch(&[], &baselines[..64], 0));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&events_url, Some(SECRET), &batch(&[], &baselines, 0));
+    assert_eq!(status, 400, "{body}");
+}

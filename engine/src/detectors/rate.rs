@@ -14,6 +14,9 @@ struct Limit {
     window_ms: u64,
     weight: f32,
     anonymous_only: bool,
+    /// What the limit's window counts (group name, window, anonymous only):
+    /// a reload keeps a window whose tag it finds again, at any position.
+    tag: String,
 }
 
 /// Counts each request in the window of every limit whose route group it
@@ -40,6 +43,12 @@ impl RequestRate {
                     None => None,
                 };
                 Some(Limit {
+                    tag: format!(
+                        "{}/{}s{}",
+                        l.route_group.as_deref().unwrap_or("*"),
+                        l.window_s,
+                        if l.anonymous_only { "/anonymous" } else { "" }
+                    ),
                     group,
                     requests: f64::from(l.requests),
                     window_ms: u64::from(l.window_s).saturating_mul(1000),
@@ -54,11 +63,12 @@ impl RequestRate {
     /// Describes the limits for the shard layout fingerprint: records written
     /// under other limits must not be read as these.
     pub fn layout_tag(&self) -> String {
-        self.limits
-            .iter()
-            .map(|l| format!("{:?}/{}", l.group, l.window_ms))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.window_tags().join(",")
+    }
+
+    /// What each rate window of a record counts, in record order.
+    pub fn window_tags(&self) -> Vec<String> {
+        self.limits.iter().map(|l| l.tag.clone()).collect()
     }
 
     /// Whether some limit counts only anonymous requests (the host must then

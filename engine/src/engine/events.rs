@@ -247,6 +247,9 @@ impl Engine {
     /// warming is done. A page that does not parse changes nothing (the
     /// lease runs out and the page is asked again).
     pub fn apply_warm(&self, store: &dyn SharedStore, body: &[u8], now_ms: u64) -> Option<(usize, bool)> {
+        if body.len() > crate::wire::MAX_WARM_BYTES {
+            return None;
+        }
         let warm: WarmState = serde_json::from_slice(body).ok()?;
         if warm.version != WIRE_VERSION {
             return None;
