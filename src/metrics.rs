@@ -34,6 +34,8 @@ pub enum Counter {
     BatchesSent,
     BatchItemsDropped,
     WarmShards,
+    SamplesSent,
+    AnomalyFlags,
 }
 
 const FIXED: [(Counter, &str); 23] = [
@@ -60,6 +62,8 @@ const FIXED: [(Counter, &str); 23] = [
     (Counter::BatchesSent, "abuse_filter.scorer.batches_sent"),
     (Counter::BatchItemsDropped, "abuse_filter.scorer.batch_items_dropped"),
     (Counter::WarmShards, "abuse_filter.scorer.warm_shards"),
+    (Counter::SamplesSent, "abuse_filter.scorer.samples_sent"),
+    (Counter::AnomalyFlags, "abuse_filter.scorer.anomaly_flags_applied"),
 ];
 
 /// Per reason: requests on which its detector fired, and requests blocked

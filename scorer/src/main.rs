@@ -147,6 +147,7 @@ mod dashboard;
 mod known;
 mod metrics;
 mod model;
+mod models;
 mod scoring;
 mod snapshot;
 mod store;

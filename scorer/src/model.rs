@@ -56,6 +56,7 @@
 
 use abuse_engine::wire::{Contribution, FEATURE_NAMES};
 use serde::{Deserialize, Serialize};
+#[cfg(test)]
 use std::path::Path;
 
 /// Number of features the model sees.
@@ -373,6 +374,10 @@ impl Model {
         self.trained
     }
 
+    pub fn params(&self) -> Params {
+        self.params
+    }
+
     pub fn is_warm(&self) -> bool {
         self.warm
     }
@@ -391,6 +396,7 @@ impl Model {
         }
     }
 
+    #[cfg(test)]
     /// Scores `features` (None while warming up), then learns from it.
     pub fn score_and_learn(&mut self, features: &[f32; DIMS]) -> Option<Assessment> {
         let assessment = self.score(features);
@@ -507,6 +513,7 @@ impl Model {
         })
     }
 
+    #[cfg(test)]
     pub fn to_json(&self) -> Result<String, serde_json::Error> {
         serde_json::to_string(self)
     }
@@ -520,7 +527,7 @@ impl Model {
         Ok(model)
     }
 
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         if self.format != FORMAT {
             return Err(format!("format {} (expected {FORMAT})", self.format));
         }
@@ -553,6 +560,7 @@ impl Model {
         Ok(())
     }
 
+    #[cfg(test)]
     /// Loads `path`; `Ok(None)` when there is no snapshot yet.
     pub fn load(path: &Path) -> Result<Option<Model>, LoadError> {
         match std::fs::read_to_string(path) {
