@@ -38,7 +38,7 @@ pub enum Counter {
     AnomalyFlags,
 }
 
-const FIXED: [(Counter, &str); 23] = [
+const FIXED: [(Counter, &str); 25] = [
     (Counter::Requests, "abuse_filter.requests"),
     (Counter::Allow, "abuse_filter.decisions.allow"),
     (Counter::Tag, "abuse_filter.decisions.tag"),
