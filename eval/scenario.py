@@ -83,6 +83,9 @@ class Scenario:
     single_source: bool = False  # one attacking address: the "blocked within 20 requests" target
     per_client: bool = False  # several attackers in one row, each with the "blocked within 20" target
     planned_clients: Callable[[Profile], int] = lambda p: 1
+    # Stays under every rule on purpose: its target is to be flagged by the
+    # anomaly model (tagged or blocked through the scorer), not blocked.
+    model_target: bool = False
 
 
 async def gather_bounded(ctx: Ctx, coros: list[Awaitable], slack: float = 20.0):

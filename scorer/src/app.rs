@@ -16,6 +16,7 @@ use crate::dashboard::{self, Dashboard, ModelView, StoreView};
 use crate::known;
 use crate::metrics::{action_name, reason_label, Metrics};
 use crate::models::Models;
+use crate::sample_log::{self, SampleLog};
 use crate::scoring::{self, FleetSignals, Policy};
 use crate::store::Fleet;
 use crate::validate;
@@ -54,6 +55,7 @@ pub struct App {
     snapshot_written: Mutex<u64>,
     /// `warm_changes` of the warm-start state on disk (see `snapshot::save_warm`).
     warm_written: Mutex<u64>,
+    sample_log: Mutex<SampleLog>,
 }
 
 /// The key usernames are hashed with before they reach any store. Derived
@@ -138,7 +140,12 @@ impl App {
             dashboard: Mutex::new(Dashboard::new(now_ms())),
             usernames: username_hasher(secret),
             state_dir,
+            sample_log: Mutex::new(SampleLog::off()),
         }
+    }
+
+    pub fn with_sample_log(self, log: SampleLog) -> App {
+        App { sample_log: Mutex::new(log), ..self }
     }
 
     /// The model is only ever touched for microseconds, and a panic while
@@ -286,6 +293,8 @@ impl App {
     fn learn_samples(&self, samples: &[FeatureSample], now: u64) -> (Vec<FleetVerdict>, u64) {
         let mut flags = Vec::new();
         let mut invalid = 0;
+        let mut log = self.sample_log.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lines = Vec::new();
         let mut model = self.model();
         for sample in samples {
             let v = match validate::check_sample(sample) {
@@ -323,6 +332,17 @@ impl App {
                 && decision.response.action != abuse_engine::wire::ScoreAction::Allow;
             self.dashboard()
                 .record_sample(now, &sample.client, a.anomaly, flagged.then_some(&decision.response));
+            if log.is_on() {
+                lines.push(sample_log::Line {
+                    t_ms: now,
+                    client: &sample.client,
+                    group: sample.route_group.as_deref(),
+                    anomaly: a.anomaly,
+                    penalized: sample.penalized,
+                    flagged,
+                    features: &sample.features,
+                });
+            }
             if flagged {
                 flags.push(FleetVerdict {
                     client: sample.client.clone(),
@@ -336,6 +356,8 @@ impl App {
             .set(i64::try_from(model.trained()).unwrap_or(i64::MAX));
         self.metrics.model_warm.set(i64::from(model.is_warm()));
         self.metrics.anomaly_flags.inc_by(flags.len() as u64);
+        drop(model);
+        log.write(&lines);
         (flags, invalid)
     }
 

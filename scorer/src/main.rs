@@ -148,6 +148,7 @@ mod known;
 mod metrics;
 mod model;
 mod models;
+mod sample_log;
 mod scoring;
 mod snapshot;
 mod store;
@@ -208,14 +209,21 @@ async fn run(cli: config::Cli) -> Result<(), String> {
         );
     }
     let policy = scoring::Policy::new(cli.block_at, cli.ttl_s);
-    let app = Arc::new(app::App::new(
-        cli.secret(),
-        policy,
-        model,
-        fleet,
-        metrics,
-        cli.state_dir.clone(),
-    ));
+    let sample_log = match &cli.sample_log {
+        Some(path) => sample_log::SampleLog::open(path).map_err(|e| format!("--sample-log {}: {e}", path.display()))?,
+        None => sample_log::SampleLog::off(),
+    };
+    let app = Arc::new(
+        app::App::new(
+            cli.secret(),
+            policy,
+            model,
+            fleet,
+            metrics,
+            cli.state_dir.clone(),
+        )
+        .with_sample_log(sample_log),
+    );
 
     let signals = shutdown_signals();
     let listener = tokio::net::TcpListener::bind(cli.listen)
