@@ -270,14 +270,13 @@ def anomaly_flagged(r: Req) -> bool:
 
 def model_metrics(samples_log: Path | None, by: dict[str, list[Req]], kinds: dict[str, str], t_start: float) -> dict:
     """The anomaly model's own figures, from the scorer's --sample-log: per
-    scenario the sampled clients' anomaly (each client's highest of the
-    run), the AUC of each attack scenario's clients against all benign
+    scenario the sampled clients' anomaly (each client's mean over the run), the AUC of each attack scenario's clients against all benign
     clients, and the clients the model got tagged."""
     owners: dict[tuple[str, str | None], set[str]] = {}
     for name, reqs in by.items():
         for r in reqs:
             owners.setdefault((r.xff, r.agent), set()).add(name)
-    scores: dict[str, dict[str, float]] = {name: {} for name in by}
+    scores: dict[str, dict] = {name: {} for name in by}
     lines = ambiguous = 0
     if samples_log and samples_log.exists():
         for line in samples_log.read_text(errors="replace").splitlines():
@@ -294,7 +293,10 @@ def model_metrics(samples_log: Path | None, by: dict[str, list[Req]], kinds: dic
                 ambiguous += 1  # a shared address (office NAT, carrier NAT) or unlabelled
                 continue
             name = next(iter(names))
-            scores[name][s["client"]] = max(scores[name].get(s["client"], 0.0), float(s["anomaly"]))
+            scores[name].setdefault(s["client"], []).append(float(s["anomaly"]))
+    # A client's anomaly: the mean of its samples (the max would favour the
+    # clients sampled most often, i.e. the long-lived benign ones).
+    scores = {n: {c: sum(v) / len(v) for c, v in cs.items()} for n, cs in scores.items()}
     benign = [v for n, c in scores.items() if kinds[n] == "benign" for v in c.values()]
     per = {}
     for name, clients in scores.items():
@@ -524,7 +526,7 @@ def table(report: dict) -> str:
     out.append(f"anomaly model: {mo.get('samples_scored', 0)} samples scored in the run "
                f"({mo.get('samples_unattributed', 0)} on shared or unlabelled addresses, not attributed); "
                f"benign clients tagged `anomaly`: {o.get('benign_clients_tagged_anomaly', 0)}; "
-               f"'model AUC' = attack clients' highest anomaly vs all benign clients'; 'tagged anom' = tagged/sampled clients")
+               f"'model AUC' = attack clients' mean anomaly vs all benign clients'; 'tagged anom' = tagged/sampled clients")
     run = report.get("run") or {}
     h = run.get("history")
     if h:

@@ -57,11 +57,11 @@
 //!
 //! `score = risk + 60·max(0, anomaly − 0.5)·2 + 50·[username tried ≥ 20 times
 //! fleet-wide in 10 min] + 50·[session used from ≥ 5 addresses in 10 min]`;
-//! block at `block_at` (or when the client is already blocked fleet-wide),
-//! tag at half of it. Reasons are the request's, plus `credential_stuffing`,
+//! block when the score *without the model's points* reaches `block_at` (or
+//! when the client is already blocked fleet-wide), tag at half of it: the
+//! model makes tags, never blocks. Reasons are the request's, plus `credential_stuffing`,
 //! `session_sharing`, and `anomaly` when the model added to the score. A
-//! new block is published to the fleet for `4 · ttl_s` (at least 60 s). The
-//! model alone (at most +60) never blocks a client the rules scored 0. See
+//! new block is published to the fleet for `4 · ttl_s` (at least 60 s). See
 //! `scoring.rs`.
 //!
 //! ## The model
