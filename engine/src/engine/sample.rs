@@ -28,8 +28,10 @@ use crate::wire::FeatureSample;
 
 /// Length of a sample window.
 pub const SAMPLE_WINDOW_MS: u64 = 5_000;
-/// Clients sampled per worker per window, at most (≤ `MAX_BATCH_SAMPLES`).
-pub const RESERVOIR_CAP: usize = 32;
+/// Clients sampled per worker per window, at most (≤ `MAX_BATCH_SAMPLES`):
+/// with ~500 clients a window, a client is in some worker's sample of a window
+/// with a chance of ~1 in 4 (a rule-evading client is scored within ~20 s).
+pub const RESERVOIR_CAP: usize = 64;
 
 const _: () = assert!(RESERVOIR_CAP <= crate::wire::MAX_BATCH_SAMPLES);
 
