@@ -1,7 +1,8 @@
 //! The learned anomaly model: streaming Half-Space Trees (Tan, Ting & Liu,
 //! "Fast Anomaly Detection for Streaming Data", IJCAI 2011). Unsupervised:
-//! no labels, it learns what ordinary borderline traffic looks like from
-//! every scored request and rates how far a client is from it.
+//! no labels, it learns what ordinary traffic looks like from the vectors
+//! it is given (the filters' samples of all their clients: see `models.rs`,
+//! which decides what each model learns) and rates how far a client is from it.
 //!
 //! **Features.** `Features::to_vector()` (18 values, `FEATURE_NAMES`
 //! order), each `ln(1 + max(x, 0))` — counts are heavy-tailed, and in log
