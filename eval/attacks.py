@@ -22,6 +22,12 @@ SCRAPER_ADDRESS = "203.0.113.40"
 BOLA_RANDOM_ADDRESS = "203.0.113.32"
 SLOW_ADDRESS = "203.0.113.50"
 SLOW_TARGET = "user0999"
+ODD_MIX_ADDRESS = "203.0.113.60"
+# Paths no page links to: a tool probing the API's surface, a word list's
+# worth, never the same twice, none a sensitive file or an object id.
+ODD_MIX_WORDS = ["export", "v2", "internal", "admin-api", "graphql", "search", "feed", "bulk", "catalog", "stock",
+                 "prices", "inventory", "sitemap", "archive", "legacy", "beta", "mobile", "partners", "reports",
+                 "metrics", "status", "health", "webhooks", "batch", "sync", "changes", "deltas", "snapshot"]
 
 
 def combo_list(rng, n: int) -> list[tuple[str, str]]:
@@ -237,6 +243,36 @@ async def takeover(ctx: Ctx, n: int):
         await c.close()
 
 
+async def odd_mix_scraper(ctx: Ctx):
+    """A slow scraper that stays under every rule threshold but has no real
+    client's mix: one request every 0.9-2.1 s (irregular: no machine
+    rhythm), spread over product pages, product details and paths nobody
+    links to — a third of its answers are 404, ~12 distinct 404 paths a
+    minute (probing counts 20), on no object route (no enumeration) — with a
+    header set no browser sends."""
+    rng = ctx.rng("odd_mix_scraper")
+    c = Client(ctx.port, "odd_mix_scraper", "odd-mix-1", ODD_MIX_ADDRESS,
+               [("user-agent", "okhttp/4.12.0"), ("accept", "application/json"), ("x-client-build", "7731"),
+                ("accept-encoding", "identity")])
+    words = iter(rng.sample(ODD_MIX_WORDS, len(ODD_MIX_WORDS)))
+    try:
+        t = ctx.attack_start
+        while ctx.left() > 1:
+            await ctx.at(t)
+            roll = rng.random()
+            if roll < 0.33:
+                word = next(words, None) or f"x{rng.randrange(10**6)}"
+                path = f"/api/{word}"
+            elif roll < 0.66:
+                path = f"/api/products?page={rng.randint(1, 25)}"
+            else:
+                path = f"/api/products/{rng.randint(1, 500)}"
+            await c.request("GET", path)
+            t += rng.uniform(0.9, 2.1)
+    finally:
+        await c.close()
+
+
 async def takeovers(ctx: Ctx):
     await gather_bounded(ctx, [takeover(ctx, n) for n in range(min(ctx.profile.takeovers, ctx.profile.account_owners))])
 
@@ -266,4 +302,8 @@ SCENARIOS = [
     Scenario("low_and_slow", "attack", "generator",
              f"brute force on {SLOW_TARGET} from one address, one guess every 2.2 s (under every per-client rate)",
              low_and_slow, single_source=True),
+    Scenario("odd_mix_scraper", "attack", "generator",
+             "slow scraper under every rule threshold: ~0.7 req/s over product pages, details and never-linked "
+             "paths (a third 404), an okhttp header set; the anomaly model must flag it",
+             odd_mix_scraper, model_target=True),
 ]

@@ -265,7 +265,78 @@ def login_metrics(reqs: list[Req], reasons_by_addr: dict) -> dict | None:
     }
 
 
-def analyse(access_json: Path, envoy_log: Path, scenarios: dict[str, dict], stats: dict, t_start: float) -> dict:
+def auc(benign: list[float], attack: list[float]) -> float | None:
+    """Probability that an attack client scores above a benign one (ties
+    half): the Mann-Whitney AUC, None without both kinds."""
+    if not benign or not attack:
+        return None
+    ranked = sorted([(v, 0) for v in benign] + [(v, 1) for v in attack])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        mid = (i + j + 1) / 2  # 1-based average rank of the tie group
+        rank_sum += mid * sum(1 for k in range(i, j) if ranked[k][1] == 1)
+        i = j
+    n1 = len(attack)
+    return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * len(benign))
+
+
+def anomaly_flagged(r: Req) -> bool:
+    """The filter's decision for this request names the model's reason."""
+    m = re.search(r"reasons=(\S*)", r.abuse or "")
+    return bool(m) and "anomaly" in m.group(1).split(",")
+
+
+def model_metrics(samples_log: Path | None, by: dict[str, list[Req]], kinds: dict[str, str], t_start: float) -> dict:
+    """The anomaly model's own figures, from the scorer's --sample-log: per
+    scenario the sampled clients' anomaly (each client's mean over the run), the AUC of each attack scenario's clients against all benign
+    clients, and the clients the model got tagged."""
+    owners: dict[tuple[str, str | None], set[str]] = {}
+    for name, reqs in by.items():
+        for r in reqs:
+            owners.setdefault((r.xff, r.agent), set()).add(name)
+    scores: dict[str, dict] = {name: {} for name in by}
+    lines = ambiguous = 0
+    if samples_log and samples_log.exists():
+        for line in samples_log.read_text(errors="replace").splitlines():
+            try:
+                s = json.loads(line)
+            except ValueError:
+                continue
+            if s.get("t_ms", 0) < t_start * 1000:
+                continue  # the history phase
+            lines += 1
+            addr, _, tag = s["client"].partition("#")
+            names = owners.get((addr, tag or None), set())
+            if len(names) != 1:
+                ambiguous += 1  # a shared address (office NAT, carrier NAT) or unlabelled
+                continue
+            name = next(iter(names))
+            scores[name].setdefault(s["client"], []).append(float(s["anomaly"]))
+    # A client's anomaly: the mean of its samples (the max would favour the
+    # clients sampled most often, i.e. the long-lived benign ones).
+    scores = {n: {c: sum(v) / len(v) for c, v in cs.items()} for n, cs in scores.items()}
+    benign = [v for n, c in scores.items() if kinds[n] == "benign" for v in c.values()]
+    per = {}
+    for name, clients in scores.items():
+        vals = sorted(clients.values())
+        flagged = {r.client for r in by[name] if anomaly_flagged(r)}
+        per[name] = {
+            "sampled_clients": len(vals),
+            "median": round(vals[len(vals) // 2], 3) if vals else None,
+            "max": round(vals[-1], 3) if vals else None,
+            "share_at_least_half": round(sum(v >= 0.5 for v in vals) / len(vals), 3) if vals else None,
+            "auc_vs_benign": (None if kinds[name] != "attack" else
+                              (lambda a: None if a is None else round(a, 3))(auc(benign, vals))),
+            "clients_tagged_anomaly": len(flagged),
+        }
+    return {"samples_scored": lines, "samples_unattributed": ambiguous, "per_scenario": per}
+
+
+def analyse(access_json: Path, envoy_log: Path, scenarios: dict[str, dict], stats: dict, t_start: float,
+            samples_log: Path | None = None) -> dict:
     """scenarios: name -> {kind, tool, what, single_source}."""
     reqs = load_requests(access_json)
     by: dict[str, list[Req]] = {name: [] for name in scenarios}
@@ -302,13 +373,19 @@ def analyse(access_json: Path, envoy_log: Path, scenarios: dict[str, dict], stat
         "recall_after_recognition_counts": [after_blocked, after],
         "recall_all_attack_requests": blocked_attack / attack_requests if attack_requests else None,
         "attack_scenarios_never_blocked": [n for n in attack if rows[n]["requests"] and rows[n]["blocked"] == 0
-                                           and not rows[n].get("told_not_blocked")],
+                                           and not rows[n].get("told_not_blocked")
+                                           and not rows[n].get("model_target")],
         "benign_clients": sum(rows[n]["clients"] for n in benign),
         "benign_clients_blocked": sum(rows[n]["clients_blocked"] for n in benign),
         "scorer_callouts": callouts,
         "scorer_callouts_per_benign_request": callouts / benign_requests if benign_requests else None,
         "scorer": {k.removeprefix("abuse_filter.scorer."): v for k, v in stats.items() if k.startswith("abuse_filter.scorer.")},
     }
+    model = model_metrics(samples_log, by, {n: r["kind"] for n, r in rows.items()}, t_start)
+    for name, m in model["per_scenario"].items():
+        rows[name]["model"] = m
+    overall["model"] = {k: v for k, v in model.items() if k != "per_scenario"}
+    overall["benign_clients_tagged_anomaly"] = sum(model["per_scenario"][n]["clients_tagged_anomaly"] for n in benign)
     targets = check_targets(rows, overall)
     series = {name: [round(r.t - t_start, 3) for r in by[name] if r.blocked] for name in scenarios}
     return {"scenarios": rows, "overall": overall, "targets": targets, "filter_stats": stats, "block_series": series}
@@ -419,6 +496,19 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
             "detail": f"{r['clients_blocked']} of {r['clients']} people blocked, {r['blocked']} of {r['requests']} "
                       f"requests{extra}" + (f" (reasons {r['block_reasons']})" if r["blocked"] else ""),
         })
+    for n, r in rows.items():
+        if r["kind"] != "attack" or not r.get("model_target") or not r["requests"]:
+            continue
+        m = r.get("model") or {}
+        flagged = m.get("clients_tagged_anomaly", 0) + r["clients_blocked"]
+        targets.append({
+            "target": f"{n}: flagged by the anomaly model (tag or block through the scorer), under every rule",
+            "pass": m.get("clients_tagged_anomaly", 0) > 0,
+            "detail": (f"{m.get('clients_tagged_anomaly', 0)}/{r['clients']} clients tagged `anomaly`, {flagged} flagged in "
+                       f"all; anomaly max {m.get('max')}, AUC vs benign {m.get('auc_vs_benign')}; rules blocked "
+                       f"{r['blocked']} requests ({', '.join(r['block_reasons']) or 'none'}); benign clients tagged "
+                       f"`anomaly`: {overall.get('benign_clients_tagged_anomaly', 0)}"),
+        })
     if not any(r["kind"] == "attack" for r in rows.values()):
         return targets
     rec = overall["recall_after_recognition"]
@@ -449,7 +539,7 @@ def _fmt(v, pct=False):
 def table(report: dict) -> str:
     cs = report.get("crowdsec", {})
     cols = ["scenario", "kind", "tool", "clients", "requests", "upstream", "blocked", "1st blk req", "1st blk s",
-            "blk after 1st", "clients blk", "crowdsec", "reasons"]
+            "blk after 1st", "clients blk", "crowdsec", "model AUC", "anomaly med/max", "tagged anom", "reasons"]
     lines = []
     for name, r in report["scenarios"].items():
         crowd = "n/a"
@@ -459,9 +549,12 @@ def table(report: dict) -> str:
         lines.append([name, r["kind"], r["tool"], str(r["clients"]), str(r["requests"]), str(r["reached_upstream"]),
                       str(r["blocked"]), _fmt(r["first_block_request"]), _fmt(r["first_block_s"]),
                       _fmt(r["share_blocked_after_first"], pct=True), f"{r['clients_blocked']}/{r['clients']}", crowd,
+                      _fmt((r.get("model") or {}).get("auc_vs_benign")),
+                      f"{_fmt((r.get('model') or {}).get('median'))}/{_fmt((r.get('model') or {}).get('max'))}",
+                      f"{(r.get('model') or {}).get('clients_tagged_anomaly', 0)}/{(r.get('model') or {}).get('sampled_clients', 0)}",
                       ",".join(r["block_reasons"]) or "-"])
     widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
-    fmt = lambda row: "  ".join(v.ljust(w) if i in (0, 1, 2, 12) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+    fmt = lambda row: "  ".join(v.ljust(w) if i in (0, 1, 2, 15) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
     out = [fmt(l).rstrip() for l in [cols, ["-" * w for w in widths], *lines]]
     o = report["overall"]
     out.append("")
@@ -473,6 +566,11 @@ def table(report: dict) -> str:
     cpr = o["scorer_callouts_per_benign_request"]
     out.append(f"scorer callouts {o['scorer_callouts']} ({'-' if cpr is None else f'{cpr:.4f}'} per benign request); "
                + ", ".join(f"{k} {v}" for k, v in o["scorer"].items() if k in ("answered", "failed", "timed_out", "cache_hits", "coalesced")))
+    mo = o.get("model") or {}
+    out.append(f"anomaly model: {mo.get('samples_scored', 0)} samples scored in the run "
+               f"({mo.get('samples_unattributed', 0)} on shared or unlabelled addresses, not attributed); "
+               f"benign clients tagged `anomaly`: {o.get('benign_clients_tagged_anomaly', 0)}; "
+               f"'model AUC' = attack clients' mean anomaly vs all benign clients'; 'tagged anom' = tagged/sampled clients")
     run = report.get("run") or {}
     h = run.get("history")
     if h:

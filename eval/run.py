@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 import time
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     missing = {b for b in ("ffuf", "hydra", "wrk", "wget") if not tools.available(b)}
     scenarios, skipped = select(args.only, missing)
 
+    # The scorer writes every scored sample there: the model's own figures.
+    os.environ["SAMPLE_LOG"] = str(out / "scorer" / "samples.jsonl")
     port, admin = free_port(), free_port()
     make_bootstrap = lambda api_port, scorer_port: eval_bootstrap(
         args.bootstrap, out, port=port, admin_port=admin, api_port=api_port, scorer_port=scorer_port)
@@ -133,8 +136,10 @@ def main(argv=None) -> int:
 
     meta = {s.name: {"kind": s.kind, "tool": s.tool, "what": s.what, "single_source": s.single_source,
                      "per_client": s.per_client, "told_not_blocked": s.told_not_blocked,
-                     "planned_clients": s.planned_clients(profile)} for s in scenarios}
-    result = report.analyse(out / "access.json", out / "envoy.log", meta, stats, t_start)
+                     "planned_clients": s.planned_clients(profile),
+                     "model_target": s.model_target} for s in scenarios}
+    result = report.analyse(out / "access.json", out / "envoy.log", meta, stats, t_start,
+                            samples_log=out / "scorer" / "samples.jsonl")
     result["run"] = {"profile": profile.name, "duration_s": duration, "seed": args.seed, "bootstrap": str(args.bootstrap),
                      "started_at": t_start, "history": hist, "cold_start": args.cold_start, "envoy_port": port, "admin_port": admin, "wasm_sha256": wasm_sha256(),
                      "skipped": skipped, "errors": errors, "notes": ctx.notes,

@@ -87,6 +87,9 @@ class Scenario:
     per_client: bool = False  # several attackers in one row, each with the "blocked within 20" target
     told_not_blocked: bool = False  # an attack the filter tells the application about (it decides), never blocks
     planned_clients: Callable[[Profile], int] = lambda p: 1
+    # Stays under every rule on purpose: its target is to be flagged by the
+    # anomaly model (tagged or blocked through the scorer), not blocked.
+    model_target: bool = False
 
 
 async def gather_bounded(ctx: Ctx, coros: list[Awaitable], slack: float = 20.0):

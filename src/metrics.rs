@@ -35,9 +35,11 @@ pub enum Counter {
     BatchesSent,
     BatchItemsDropped,
     WarmShards,
+    SamplesSent,
+    AnomalyFlags,
 }
 
-const FIXED: [(Counter, &str); 23] = [
+const FIXED: [(Counter, &str); 25] = [
     (Counter::Requests, "abuse_filter.requests"),
     (Counter::Allow, "abuse_filter.decisions.allow"),
     (Counter::Tag, "abuse_filter.decisions.tag"),
@@ -61,6 +63,8 @@ const FIXED: [(Counter, &str); 23] = [
     (Counter::BatchesSent, "abuse_filter.scorer.batches_sent"),
     (Counter::BatchItemsDropped, "abuse_filter.scorer.batch_items_dropped"),
     (Counter::WarmShards, "abuse_filter.scorer.warm_shards"),
+    (Counter::SamplesSent, "abuse_filter.scorer.samples_sent"),
+    (Counter::AnomalyFlags, "abuse_filter.scorer.anomaly_flags_applied"),
 ];
 
 /// Per reason: requests on which its detector fired, and requests blocked

@@ -20,8 +20,8 @@ const TICK: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Copy)]
 enum Call {
     FleetPoll,
-    /// A tick batch carrying this many items.
-    Batch(u64),
+    /// A tick batch carrying this many items, of which that many samples.
+    Batch(u64, u64),
     WarmPage,
 }
 
@@ -62,10 +62,16 @@ impl Context for AbuseFilterRoot {
                     metrics::bump(metrics::Counter::FleetVerdictsApplied, applied as u64);
                 }
             }
-            Call::Batch(items) => {
+            Call::Batch(items, samples) => {
                 self.batch_in_flight_until = 0;
                 if ok {
                     metrics::bump(metrics::Counter::BatchesSent, 1);
+                    metrics::bump(metrics::Counter::SamplesSent, samples);
+                    // The sampled clients the model flags (a few KiB at most).
+                    if let Some(body) = body(64 * 1024) {
+                        let flagged = engine.apply_events_answer(&EnvoySharedData, &body, now);
+                        metrics::bump(metrics::Counter::AnomalyFlags, flagged as u64);
+                    }
                 } else {
                     engine.batch_failed(items);
                     metrics::bump(metrics::Counter::BatchItemsDropped, items);
@@ -129,8 +135,8 @@ impl AbuseFilterRoot {
         if self.batch_in_flight_until > now {
             return;
         }
-        if let Some((body, items)) = engine.tick_batch(&EnvoySharedData, now) {
-            if self.call(engine, "POST", EVENTS_PATH, Some(&body), Call::Batch(items)) {
+        if let Some((body, items, samples)) = engine.tick_batch(&EnvoySharedData, now) {
+            if self.call(engine, "POST", EVENTS_PATH, Some(&body), Call::Batch(items, samples)) {
                 self.batch_in_flight_until = now.saturating_add(1500);
             } else {
                 engine.batch_failed(items);

@@ -8,7 +8,11 @@ import tempfile
 
 import pytest
 
-from harness import DemoApi, Envoy, Scorer, request, wait_until
+import json
+import re
+import time
+
+from harness import DemoApi, Envoy, Scorer, request, sleep_until, wait_until
 
 SECRET = "dashboard-test-secret"
 
@@ -39,7 +43,7 @@ def rendered_dom(url: str) -> str:
 def test_dashboard_shows_a_detection_caused_through_envoy(monkeypatch):
     monkeypatch.setenv("ABUSE_SCORER_SECRET", SECRET)
     api = DemoApi()
-    scorer = Scorer(secret=SECRET)
+    scorer = Scorer("--warm-up", "10", secret=SECRET)
     # timeout_ms: the answer takes ms; 2 s keeps a slow or loaded machine far
     # from a timeout, which would leave `answered` at 0 below.
     envoy = Envoy.with_filter(
@@ -51,6 +55,16 @@ def test_dashboard_shows_a_detection_caused_through_envoy(monkeypatch):
         api.port, scorer_port=scorer.port, env_keys=["ABUSE_SCORER_SECRET"],
     )
     try:
+        # Ordinary browsing by 20 clients, paced by the clock, until the
+        # batches' samples have warmed the model (bounded: 40 s).
+        start = time.monotonic()
+        for i in range(400):
+            sleep_until(start + i * 0.1)
+            request(envoy.port, "GET", f"/api/products?page={i % 3 + 1}", {"x-forwarded-for": f"198.18.7.{i % 20 + 1}"})
+            if i % 10 == 9 and json.loads(request(scorer.port, "GET", "/healthz").body)["model"]["warm"]:
+                break
+        wait_until(lambda: json.loads(request(scorer.port, "GET", "/v1/dashboard").body)["anomaly_distribution"]["samples"] > 0,
+                   15, 0.2, "scored samples")
         client = "203.0.113.99"
         # One request for /.env: probing makes the client borderline, the
         # filter asks the scorer, the scorer records the detection.
@@ -64,6 +78,15 @@ def test_dashboard_shows_a_detection_caused_through_envoy(monkeypatch):
         assert f'data-client="{client}"' in dom, "the scored client is listed"
         assert "probing" in dom, "with its reason"
         assert 'id="detections-chart"' in dom and 'id="model-state"' in dom and 'id="callout-rate"' in dom
+        # The model's story: the distribution of sampled clients' anomaly
+        # (20 bars, some non-empty), and the scored client's own anomaly.
+        assert 'id="anomaly-distribution"' in dom
+        bars = re.findall(r'data-bin="\d+" data-count="(\d+)"', dom)
+        assert len(bars) == 20 and sum(map(int, bars)) > 0, bars
+        assert "sampled clients scored" in dom
+        row = re.search(r'<tr data-client="203\.0\.113\.99">(.*?)</tr>', dom).group(1)
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        assert re.fullmatch(r"\d\.\d\d", cells[4]), f"the client's anomaly is shown: {cells}"
     finally:
         envoy.stop()
         scorer.stop()

@@ -109,3 +109,17 @@ def test_a_carrier_nat_of_phones_is_never_blocked(report):
     r = report["scenarios"]["cgnat_phones"]
     assert r["clients"] == 120 and r["requests"] > 120 * 3, r
     assert r["blocked"] == 0, describe(report["scenarios"], ["cgnat_phones"])
+
+
+def test_the_anomaly_model_learned_from_the_sample_and_scores_the_rule_evading_scraper(report):
+    # Issue 14: the model warms from the batches' samples (not callouts) and
+    # reports its own figures; the odd-mix scraper stays under every rule
+    # and the model ranks it above the benign clients. (Whether its one
+    # client is tagged within the 35 s depends on when the sample draws it:
+    # the report's target says; not asserted here.)
+    m = report["overall"]["model"]
+    assert m["samples_scored"] > 100, m
+    row = report["scenarios"]["odd_mix_scraper"]
+    assert row["requests"] > 0 and row["blocked"] == 0, describe(report["scenarios"], ["odd_mix_scraper"])
+    assert row["model"]["sampled_clients"] == 1 and row["model"]["auc_vs_benign"] >= 0.9, row["model"]
+    assert report["overall"]["scorer_callouts_per_benign_request"] <= 0.01, report["overall"]

@@ -324,7 +324,7 @@ mod tests {
         match c.lookup(&mut r, 2000).0 {
             CacheLookup::Hit { action, reasons, .. } => {
                 assert_eq!(action, ScoreAction::Block);
-                assert_eq!(reasons.names(), vec!["credential_stuffing"]);
+                assert_eq!(reasons.names(), vec!["credential_stuffing", "anomaly"]);
             }
             other => panic!("{other:?}"),
         }

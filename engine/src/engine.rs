@@ -5,6 +5,7 @@
 //! login routes, 404/403 answers and object routes pay for it.
 
 mod events;
+mod sample;
 
 use crate::account::AccountRecord;
 use crate::callout::{reasons_from_names, CacheLookup, CalloutFailure, Callouts, VerdictRecord};
@@ -602,6 +603,7 @@ impl Engine {
                 self.consult_scorer(store, facts, record, routes, session_hash, &mut verdict, &mut exchange, now_ms);
             }
         }
+        self.sample_client(key, &verdict, snapshot.as_ref(), routes, facts.anonymous, now_ms);
         (verdict, exchange)
     }
 
@@ -671,24 +673,16 @@ impl Engine {
         }
     }
 
-    /// The feature summary the scorer judges.
-    fn score_request(
-        &self,
-        facts: &RequestFacts<'_>,
-        r: &ClientRecord,
-        routes: crate::routes::RouteMatch,
-        session_hash: Option<u64>,
-        verdict: &Verdict,
-        now_ms: u64,
-    ) -> ScoreRequest {
+    /// A client's feature summary, as the scorer sees it (callouts and samples).
+    fn features_of(&self, r: &ClientRecord, risk: f32, anonymous: bool, now_ms: u64) -> Features {
         let c = &self.config;
         let w = |s: u32| u64::from(s).saturating_mul(1000);
         let (login_w, probe_w, enum_w, scrape_w) =
             (w(c.credential_stuffing.window_s), w(c.probing.window_s), w(c.enumeration.window_s), w(c.scraping.window_s));
         let object_requests = r.object_requests.estimate(now_ms, enum_w) as f32;
         let cv = if r.interval_mean_ms > 0.0 { r.interval_var.max(0.0).sqrt() / r.interval_mean_ms } else { 0.0 };
-        let features = Features {
-            risk: verdict.risk,
+        Features {
+            risk,
             requests: r.requests as f32,
             recent_requests: r.recent_requests.estimate(now_ms, w(c.spikes.window_s)) as f32,
             login_failures: r.login_failures.estimate(now_ms, login_w) as f32,
@@ -705,8 +699,22 @@ impl Engine {
             interval_cv: cv,
             sessions: r.sessions.estimate() as f32,
             response_kib: r.response_kib.estimate(now_ms, scrape_w) as f32,
-            anonymous_network: if facts.anonymous { 1.0 } else { 0.0 },
-        };
+            anonymous_network: if anonymous { 1.0 } else { 0.0 },
+        }
+    }
+
+    /// The feature summary the scorer judges.
+    fn score_request(
+        &self,
+        facts: &RequestFacts<'_>,
+        r: &ClientRecord,
+        routes: crate::routes::RouteMatch,
+        session_hash: Option<u64>,
+        verdict: &Verdict,
+        now_ms: u64,
+    ) -> ScoreRequest {
+        let c = &self.config;
+        let features = self.features_of(r, verdict.risk, facts.anonymous, now_ms);
         let route_group = c
             .route_groups
             .iter()

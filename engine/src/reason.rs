@@ -28,10 +28,13 @@ pub enum Reason {
     EndpointSpike = 10,
     /// Requests at a machine's regular pace (a script, or a partner's integration).
     MachineRhythm = 11,
+    /// The scorer's model found the client unlike the sampled traffic of
+    /// its route group (set from a tick batch's answer; tag only).
+    Anomaly = 12,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::RateLimit,
         Reason::CredentialStuffing,
         Reason::AccountTakeover,
@@ -44,6 +47,7 @@ impl Reason {
         Reason::AnonymousNetwork,
         Reason::EndpointSpike,
         Reason::MachineRhythm,
+        Reason::Anomaly,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +64,7 @@ impl Reason {
             Reason::AnonymousNetwork => "anonymous_network",
             Reason::EndpointSpike => "endpoint_spike",
             Reason::MachineRhythm => "machine_rhythm",
+            Reason::Anomaly => "anomaly",
         }
     }
 
@@ -75,7 +80,12 @@ impl Reason {
             // A partner ramping up is a spike too: its drivers are marked;
             // rate limits (or `"endpoint_spike": "block"`) stop floods.
             // A machine rhythm is also every well-behaved integration.
-            Reason::SessionChurn | Reason::AnonymousNetwork | Reason::EndpointSpike | Reason::MachineRhythm => {
+            // An anomaly is a learned guess, never proof: it marks.
+            Reason::SessionChurn
+            | Reason::AnonymousNetwork
+            | Reason::EndpointSpike
+            | Reason::MachineRhythm
+            | Reason::Anomaly => {
                 crate::config::DetectorAction::Tag
             }
             // Over a rate is volume, not intent: shed the excess, keep the

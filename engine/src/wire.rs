@@ -240,6 +240,39 @@ pub struct EventBatch {
     pub profiles: Vec<ProfileUpdate>,
     /// Items this worker dropped since its last delivered batch (buffer full or scorer away).
     pub dropped: u64,
+    /// A uniform random sample of the clients this worker saw in its last
+    /// sample window (see `engine::sample`): what the scorer's model learns
+    /// "normal" from.
+    pub samples: Vec<FeatureSample>,
+}
+
+/// At most this many feature samples per batch.
+pub const MAX_BATCH_SAMPLES: usize = 64;
+
+/// One sampled client's feature summary at its last request of the window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeatureSample {
+    /// The client label (as in [`ScoreRequest::client`]).
+    pub client: String,
+    /// Route group of its last request in the window, if any.
+    pub route_group: Option<String>,
+    /// [`Features::to_vector`], in [`FEATURE_NAMES`] order (compact: a batch
+    /// carries up to [`MAX_BATCH_SAMPLES`] of them).
+    pub features: Vec<f32>,
+    /// The client was in the penalty box or blocked during the window: the
+    /// scorer scores it but never learns from it.
+    pub penalized: bool,
+}
+
+/// The scorer's answer to a batch: what it took, and the sampled clients
+/// its model finds anomalous enough to tag (the filter raises their risk to
+/// `tag_at` with reason `anomaly`; the model alone never blocks).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsAnswer {
+    pub accepted: u64,
+    pub flags: Vec<FleetVerdict>,
 }
 
 /// Profiles per tick batch, and per warm-start page.

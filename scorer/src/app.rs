@@ -15,14 +15,16 @@ use crate::clock::now_ms;
 use crate::dashboard::{self, Dashboard, ModelView, StoreView};
 use crate::known;
 use crate::metrics::{action_name, reason_label, Metrics};
-use crate::model::Model;
+use crate::models::Models;
+use crate::sample_log::{self, SampleLog};
 use crate::scoring::{self, FleetSignals, Policy};
 use crate::store::Fleet;
 use crate::validate;
 use abuse_engine::hash::KeyedHasher;
 use abuse_engine::known_accounts::SHARDS;
 use abuse_engine::wire::{
-    EventBatch, KnownShard, ScoreRequest, ScoreResponse, WarmState, EVENTS_PATH, MAX_BATCH_BYTES,
+    EventBatch, EventsAnswer, FeatureSample, Features, FleetVerdict, KnownShard, ScoreRequest,
+    ScoreResponse, WarmState, EVENTS_PATH, MAX_BATCH_BYTES,
     MAX_SCORE_REQUEST_BYTES, SCORE_PATH, SECRET_HEADER, VERDICTS_PATH, WARM_PAGE_SHARDS, WARM_PATH,
     WIRE_VERSION,
 };
@@ -43,7 +45,7 @@ use std::time::Instant;
 pub struct App {
     secret: Option<String>,
     policy: Policy,
-    model: Mutex<Model>,
+    model: Mutex<Models>,
     pub fleet: Fleet,
     pub metrics: Metrics,
     dashboard: Mutex<Dashboard>,
@@ -53,6 +55,7 @@ pub struct App {
     snapshot_written: Mutex<u64>,
     /// `warm_changes` of the warm-start state on disk (see `snapshot::save_warm`).
     warm_written: Mutex<u64>,
+    sample_log: Mutex<SampleLog>,
 }
 
 /// The key usernames are hashed with before they reach any store. Derived
@@ -117,7 +120,7 @@ impl App {
     pub fn new(
         secret: Option<&str>,
         policy: Policy,
-        model: Model,
+        model: Models,
         fleet: Fleet,
         metrics: Metrics,
         state_dir: PathBuf,
@@ -137,12 +140,17 @@ impl App {
             dashboard: Mutex::new(Dashboard::new(now_ms())),
             usernames: username_hasher(secret),
             state_dir,
+            sample_log: Mutex::new(SampleLog::off()),
         }
+    }
+
+    pub fn with_sample_log(self, log: SampleLog) -> App {
+        App { sample_log: Mutex::new(log), ..self }
     }
 
     /// The model is only ever touched for microseconds, and a panic while
     /// holding it cannot leave it unusable, so a poisoned lock is used as is.
-    pub fn model(&self) -> MutexGuard<'_, Model> {
+    pub fn model(&self) -> MutexGuard<'_, Models> {
         self.model.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -250,15 +258,11 @@ impl App {
             blocked,
         };
 
-        let assessment = {
-            let mut model = self.model();
-            let a = model.score_and_learn(&req.features.to_vector());
-            self.metrics
-                .model_samples
-                .set(i64::try_from(model.trained()).unwrap_or(i64::MAX));
-            self.metrics.model_warm.set(i64::from(model.is_warm()));
-            a
-        };
+        // Scored, never learned: callouts are the borderline clients, and
+        // normal is learned from the batches' samples (see `models`).
+        let assessment = self
+            .model()
+            .score(req.route_group.as_deref(), &req.features.to_vector());
 
         let decision = scoring::combine(&self.policy, &req, assessment.as_ref(), &fleet, now);
         if let Some(verdict) = &decision.new_verdict {
@@ -281,8 +285,84 @@ impl App {
         Ok(answer)
     }
 
+    /// A batch's samples: each scored, then learned unless penalized or
+    /// gated (see `models`); the ones the model makes worth a tag (rules'
+    /// risk plus model points ≥ `block_at / 2`, as for a callout, but never
+    /// more than a tag) come back as flags. Returns the flags and how many
+    /// samples were invalid.
+    fn learn_samples(&self, samples: &[FeatureSample], now: u64) -> (Vec<FleetVerdict>, u64) {
+        let mut flags = Vec::new();
+        let mut invalid = 0;
+        let mut log = self.sample_log.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lines = Vec::new();
+        let mut model = self.model();
+        for sample in samples {
+            let v = match validate::check_sample(sample) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::debug!(error = %e, "skipping a sample of a batch");
+                    invalid += 1;
+                    continue;
+                }
+            };
+            let gated_before = model.view_gated();
+            let assessment = model.observe(sample.route_group.as_deref(), &v, sample.penalized);
+            let kind = if sample.penalized {
+                "excluded"
+            } else if model.view_gated() > gated_before {
+                "gated"
+            } else {
+                "learned"
+            };
+            self.metrics.samples.with_label_values(&[kind]).inc();
+            let Some(a) = assessment else { continue };
+            let req = ScoreRequest {
+                version: WIRE_VERSION,
+                client: sample.client.clone(),
+                route_group: sample.route_group.clone(),
+                features: Features {
+                    risk: v.first().copied().unwrap_or(0.0),
+                    ..Features::default()
+                },
+                ..ScoreRequest::default()
+            };
+            let decision = scoring::combine(&self.policy, &req, Some(&a), &FleetSignals::default(), now);
+            let flagged = !sample.penalized
+                && decision.model_points > 0.0
+                && decision.response.action != abuse_engine::wire::ScoreAction::Allow;
+            self.dashboard()
+                .record_sample(now, &sample.client, a.anomaly, flagged.then_some(&decision.response));
+            if log.is_on() {
+                lines.push(sample_log::Line {
+                    t_ms: now,
+                    client: &sample.client,
+                    group: sample.route_group.as_deref(),
+                    anomaly: a.anomaly,
+                    penalized: sample.penalized,
+                    flagged,
+                    features: &sample.features,
+                });
+            }
+            if flagged {
+                flags.push(FleetVerdict {
+                    client: sample.client.clone(),
+                    reasons: vec![scoring::REASON_ANOMALY.to_string()],
+                    until_ms: now.saturating_add(self.policy.verdict_ms()),
+                });
+            }
+        }
+        self.metrics
+            .model_samples
+            .set(i64::try_from(model.trained()).unwrap_or(i64::MAX));
+        self.metrics.model_warm.set(i64::from(model.is_warm()));
+        self.metrics.anomaly_flags.inc_by(flags.len() as u64);
+        drop(model);
+        log.write(&lines);
+        (flags, invalid)
+    }
+
     /// `POST /v1/events`: one worker's tick batch.
-    async fn events(&self, headers: &HeaderMap, body: Body) -> Result<Accepted, ApiError> {
+    async fn events(&self, headers: &HeaderMap, body: Body) -> Result<EventsAnswer, ApiError> {
         self.authorize(headers)?;
         let batch: EventBatch =
             Self::read_json(headers, body, MAX_BATCH_BYTES, "event batch").await?;
@@ -297,7 +377,12 @@ impl App {
                 false
             }
         });
-        let invalid = (before - baselines.len()) as u64;
+        let (flags, bad_samples) = self.learn_samples(&batch.samples, now);
+        let invalid = (before - baselines.len()) as u64 + bad_samples;
+        self.metrics
+            .samples
+            .with_label_values(&["invalid"])
+            .inc_by(bad_samples);
         let (added, no_room, profiles) = tokio::join!(
             self.fleet.add_known_accounts(&batch.known_accounts, now),
             self.fleet.merge_baselines(&baselines, now),
@@ -318,9 +403,10 @@ impl App {
         if no_room > 0 {
             tracing::debug!(no_room, "baselines without a free name were dropped");
         }
-        let items = batch.known_accounts.len() + before + batch.profiles.len();
-        Ok(Accepted {
+        let items = batch.known_accounts.len() + before + batch.profiles.len() + batch.samples.len();
+        Ok(EventsAnswer {
             accepted: (items as u64).saturating_sub(refused),
+            flags,
         })
     }
 
@@ -462,15 +548,6 @@ async fn verdicts(
     .await
 }
 
-/// The answer to an event batch: how many of its items (known accounts
-/// plus baselines) were taken — all but the baselines that were invalid or
-/// found no free name (counted in
-/// `abuse_scorer_batch_items_dropped_total{by="scorer"}`).
-#[derive(Serialize)]
-struct Accepted {
-    accepted: u64,
-}
-
 /// `POST /v1/events` (secret): an [`EventBatch`] of at most 64 KiB,
 /// `MAX_BATCH_ACCOUNTS` known accounts and `MAX_BASELINES` baselines.
 /// Each account's Bloom bits are set in the fleet's known-accounts filter,
@@ -478,7 +555,13 @@ struct Accepted {
 /// `abuse_scorer_batch_items_dropped_total{by="filter"}`. A baseline with a
 /// bad name (empty, > 300 bytes, control characters) or value (not finite,
 /// negative) is skipped and counted, not refused: the batch's accounts
-/// still count. 200 `{"accepted": n}`; 401, 413 or 400 (bad JSON, unknown
+/// still count. Each feature sample (at most `MAX_BATCH_SAMPLES`) is
+/// scored and learned by the model (see `models`); a bad one is skipped and
+/// counted. 200 [`EventsAnswer`] `{"accepted": n, "flags": [...]}`: how many
+/// items were taken (invalid baselines and samples, and baselines without a
+/// free name, are not; see
+/// `abuse_scorer_batch_items_dropped_total{by="scorer"}`), and the sampled
+/// clients to tag for anomaly; 401, 413 or 400 (bad JSON, unknown
 /// field, another version, over a limit) as `{"error": "..."}`.
 /// A Redis failure is never an error: the batch lands in the memory store.
 async fn events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
@@ -564,14 +647,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn dashboard_data(State(app): State<Arc<App>>) -> Response {
-    let model = {
-        let m = app.model();
-        ModelView {
-            trained: m.trained(),
-            warm: m.is_warm(),
-            warm_up: m.warm_up(),
-        }
-    };
+    let model: ModelView = app.model().view();
     let store = StoreView {
         kind: app.fleet.kind(),
         redis_ok: app.fleet.redis_ok(),

@@ -41,6 +41,11 @@ impl<K: Hash + Eq + Clone, V> BoundedMap<K, V> {
         self.entries.get(key).map(|(v, _)| v)
     }
 
+    /// The value for `key` to change in place, without touching it.
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.entries.get_mut(key).map(|(v, _)| v)
+    }
+
     /// The value for `key`, created with `make` (evicting if full) if absent;
     /// either way marked as touched at `now_ms`.
     pub fn entry_or_insert_with(

@@ -44,6 +44,11 @@ pub struct Cli {
     /// fleet for 4 × this (at least 60 s).
     #[arg(long, env = "TTL_S", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub ttl_s: u32,
+
+    /// Append every scored feature sample to this file as a JSON line
+    /// (client, route group, anomaly, features): for offline evaluation.
+    #[arg(long, env = "SAMPLE_LOG")]
+    pub sample_log: Option<PathBuf>,
 }
 
 fn parse_block_at(s: &str) -> Result<f32, String> {

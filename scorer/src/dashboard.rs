@@ -46,8 +46,15 @@ fn action_index(a: ScoreAction) -> usize {
     }
 }
 
+/// Sampled clients' anomalies kept for the distribution, at most.
+const SAMPLE_SCORES: usize = 2_000;
+/// Bins of the anomaly distribution over [0, 1].
+pub const ANOMALY_BINS: usize = 20;
+
 pub struct Dashboard {
     started_ms: u64,
+    /// (ms, anomaly) of the latest sampled clients, oldest first.
+    sample_scores: VecDeque<(u64, f32)>,
     clients: BoundedMap<String, ClientRow>,
     buckets: VecDeque<Bucket>,
     totals: [u64; 3],
@@ -88,17 +95,24 @@ pub struct Callouts {
     pub total: PerAction<u64>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct ModelView {
-    pub trained: u64,
-    pub warm: bool,
-    pub warm_up: u32,
-}
+/// The models' state (see `models::ModelsView`).
+pub type ModelView = crate::models::ModelsView;
 
 #[derive(Debug, Serialize)]
 pub struct StoreView {
     pub kind: &'static str,
     pub redis_ok: bool,
+}
+
+/// The anomaly of sampled clients (what the model learns from) over the
+/// last 10 minutes: `counts[i]` clients in `[i/bins, (i+1)/bins)`.
+#[derive(Debug, Serialize)]
+pub struct AnomalyDistribution {
+    pub bins: usize,
+    pub counts: Vec<u64>,
+    /// Share at or above 0.5 (sparser than the sparsest tenth of normal).
+    pub above_half: f64,
+    pub samples: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,12 +123,14 @@ pub struct DashboardData {
     pub callouts: Callouts,
     pub model: ModelView,
     pub store: StoreView,
+    pub anomaly_distribution: AnomalyDistribution,
 }
 
 impl Dashboard {
     pub fn new(now_ms: u64) -> Dashboard {
         Dashboard {
             started_ms: now_ms,
+            sample_scores: VecDeque::new(),
             clients: BoundedMap::new(CLIENT_CAP, BUCKET_MS * BUCKETS as u64),
             buckets: VecDeque::new(),
             totals: [0; 3],
@@ -167,6 +183,70 @@ impl Dashboard {
             for r in &answer.reasons {
                 *bucket.by_reason.entry(reason_label(r)).or_insert(0) += 1;
             }
+        }
+    }
+
+    /// A sampled client's anomaly; `flag`, the tag the model asks for it:
+    /// then the client gets (or updates) its row, with the score and
+    /// reason. A client already listed gets its latest anomaly either way.
+    pub fn record_sample(&mut self, now_ms: u64, client: &str, anomaly: f32, flag: Option<&ScoreResponse>) {
+        if self.sample_scores.len() >= SAMPLE_SCORES {
+            self.sample_scores.pop_front();
+        }
+        self.sample_scores.push_back((now_ms, anomaly));
+        if let Some(answer) = flag {
+            let row = self
+                .clients
+                .entry_or_insert_with(client.to_string(), now_ms, || ClientRow {
+                    score: 0.0,
+                    action: ScoreAction::Allow,
+                    reasons: Vec::new(),
+                    anomaly: None,
+                    last_seen_ms: now_ms,
+                    requests: 0,
+                });
+            row.score = row.score.max(answer.score);
+            if action_index(answer.action) > action_index(row.action) {
+                row.action = answer.action;
+            }
+            for r in &answer.reasons {
+                if !row.reasons.contains(r) {
+                    row.reasons.push(r.clone());
+                }
+            }
+            row.anomaly = Some(anomaly);
+            row.last_seen_ms = now_ms;
+            if let Some(bucket) = self.bucket(now_ms) {
+                for r in &answer.reasons {
+                    *bucket.by_reason.entry(reason_label(r)).or_insert(0) += 1;
+                }
+            }
+        } else if let Some(row) = self.clients.get_mut(&client.to_string()) {
+            row.anomaly = Some(anomaly);
+        }
+    }
+
+    fn anomaly_distribution(&self, now_ms: u64) -> AnomalyDistribution {
+        let window_ms = BUCKET_MS * BUCKETS as u64;
+        let mut counts = vec![0u64; ANOMALY_BINS];
+        let (mut n, mut above) = (0u64, 0u64);
+        for (t, a) in &self.sample_scores {
+            if now_ms.saturating_sub(*t) >= window_ms {
+                continue;
+            }
+            let a = if a.is_finite() { a.clamp(0.0, 1.0) } else { 0.0 };
+            let i = ((a * ANOMALY_BINS as f32) as usize).min(ANOMALY_BINS - 1);
+            if let Some(c) = counts.get_mut(i) {
+                *c += 1;
+            }
+            n += 1;
+            above += u64::from(a >= 0.5);
+        }
+        AnomalyDistribution {
+            bins: ANOMALY_BINS,
+            counts,
+            above_half: if n == 0 { 0.0 } else { ((above as f64 / n as f64) * 1000.0).round() / 1000.0 },
+            samples: n,
         }
     }
 
@@ -245,6 +325,7 @@ impl Dashboard {
             },
             model,
             store,
+            anomaly_distribution: self.anomaly_distribution(now_ms),
         }
     }
 }
@@ -273,6 +354,9 @@ mod tests {
                 trained: 0,
                 warm: false,
                 warm_up: 200,
+                excluded: 0,
+                gated: 0,
+                groups: Vec::new(),
             },
             StoreView {
                 kind: "memory",

@@ -23,6 +23,7 @@
 //! | `--warm-up` | `WARM_UP` | 200 | vectors learned before the model scores |
 //! | `--block-at` | `BLOCK_AT` | 100 | score that blocks (match the filter's `risk.block_at`) |
 //! | `--ttl-s` | `TTL_S` | 30 | how long the filter may reuse an answer; blocks go to the fleet for 4× (≥ 60 s) |
+//! | `--sample-log` | `SAMPLE_LOG` | none | append every scored feature sample to this file as a JSON line (offline evaluation; `make eval` sets it) |
 //!
 //! Logs go to stderr (`RUST_LOG`, default `info`). SIGTERM or SIGINT stop
 //! it gracefully (in-flight requests finish, up to 5 s) and save the model
@@ -34,7 +35,7 @@
 //! |---|---|---|
 //! | `POST /v1/score` | yes | `ScoreRequest` → `ScoreResponse`; 401 bad secret, 413 body > 16 KiB, 400 bad JSON, unknown field, wrong `version` or out-of-range values, each as `{"error": "..."}` |
 //! | `GET /v1/verdicts?since=N` | yes | `FleetVerdicts`: live blocks decided by any scorer after cursor N, at most 1,000; pass `next` back as `since` |
-//! | `POST /v1/events` | yes | `EventBatch` (a filter worker's tick batch) → `{"accepted": n}`; 401, 413 body > 64 KiB, 400 bad JSON, another `version`, > 2,048 `known_accounts` or > 64 `baselines` (a baseline with a bad name or value is skipped and counted) |
+//! | `POST /v1/events` | yes | `EventBatch` (a filter worker's tick batch) → `{"accepted": n, "flags": [...]}` (flags: sampled clients the model asks the filter to tag); 401, 413 body > 64 KiB, 400 bad JSON, another `version`, > 2,048 `known_accounts`, > 64 `baselines` or > 64 `samples` (a baseline or sample with a bad name or value is skipped and counted) |
 //! | `GET /v1/warm?from=N` | yes | `WarmState`: up to 64 non-empty known-accounts shards of index ≥ N (default 0), `next` = where the next page starts (null: done); the baselines on the first page (`from=0`) only |
 //! | `GET /healthz` | no | `{"status":"ok","store":"memory"\|"redis","redis_ok":bool,"model":{"trained":n,"warm":bool}}` |
 //! | `GET /metrics` | no | Prometheus text (below) |
@@ -48,6 +49,8 @@
 //! `abuse_scorer_store_errors_total`, `abuse_scorer_store_fallbacks_total`,
 //! `abuse_scorer_redis_up`, `abuse_scorer_fleet_verdicts_total`,
 //! `abuse_scorer_detections_total{reason}` (one per reason per answer),
+//! `abuse_scorer_samples_total{kind=learned|excluded|gated|invalid}`,
+//! `abuse_scorer_anomaly_flags_total`,
 //! `abuse_scorer_batches_total`, `abuse_scorer_known_accounts_added_total`
 //! (accounts new to the known-accounts filter),
 //! `abuse_scorer_batch_items_dropped_total{by=filter|scorer}` (what the
@@ -57,11 +60,11 @@
 //!
 //! `score = risk + 60·max(0, anomaly − 0.5)·2 + 50·[username tried ≥ 20 times
 //! fleet-wide in 10 min] + 50·[session used from ≥ 5 addresses in 10 min]`;
-//! block at `block_at` (or when the client is already blocked fleet-wide),
-//! tag at half of it. Reasons are the request's, plus `credential_stuffing`,
+//! block when the score *without the model's points* reaches `block_at` (or
+//! when the client is already blocked fleet-wide), tag at half of it: the
+//! model makes tags, never blocks. Reasons are the request's, plus `credential_stuffing`,
 //! `session_sharing`, and `anomaly` when the model added to the score. A
-//! new block is published to the fleet for `4 · ttl_s` (at least 60 s). The
-//! model alone (at most +60) never blocks a client the rules scored 0. See
+//! new block is published to the fleet for `4 · ttl_s` (at least 60 s). See
 //! `scoring.rs`.
 //!
 //! ## The model
@@ -72,8 +75,10 @@
 //! of `Features::to_vector()`, each `ln(1 + max(x, 0))`, scaled by the
 //! minimum and maximum seen during warm-up to [0.3, 0.7] (the margin lets
 //! the trees cut off what lies just outside ordinary traffic). For the
-//! first `--warm-up` vectors it only learns and answers no anomaly; after,
-//! it scores every request and learns from it (ordinary traffic dominates).
+//! first `--warm-up` vectors it only learns and answers no anomaly. It
+//! learns from the filters' samples of all their clients (tick batches),
+//! never from callouts, one model over all samples and one per route group
+//! (see `models.rs`).
 //! Anomaly = `1 / (1 + 2^(L − L10))`, where `L` is the mean over trees of
 //! `log2(1 + mass · 2^depth)` at the node where the walk stops (reference
 //! mass below a tenth of the window) and `L10` the 10th percentile of `L`
@@ -106,8 +111,11 @@
 //!                 "series": {"credential_stuffing": [0, 0, "… 60 counts, oldest first …", 3]}},
 //!  "callouts": {"window_s": 60.0, "per_s": {"allow": 0.5, "tag": 0.02, "block": 0.05},
 //!               "total": {"allow": 120, "tag": 4, "block": 9}},
-//!  "model": {"trained": 1234, "warm": true, "warm_up": 200},
-//!  "store": {"kind": "redis", "redis_ok": true}}
+//!  "model": {"trained": 1234, "warm": true, "warm_up": 200, "excluded": 12, "gated": 3,
+//!            "groups": [{"group": "api", "trained": 1100, "warm": true}]},
+//!  "store": {"kind": "redis", "redis_ok": true},
+//!  "anomaly_distribution": {"bins": 20, "counts": [0, 3, "… 20 counts …", 1],
+//!                           "above_half": 0.08, "samples": 812}}
 //! ```
 //!
 //! Only addresses, scores, reasons and counts: the endpoint has no secret.
@@ -147,7 +155,9 @@ mod dashboard;
 mod known;
 mod metrics;
 mod model;
+mod models;
 mod profiles;
+mod sample_log;
 mod scoring;
 mod snapshot;
 mod store;
@@ -208,14 +218,21 @@ async fn run(cli: config::Cli) -> Result<(), String> {
         );
     }
     let policy = scoring::Policy::new(cli.block_at, cli.ttl_s);
-    let app = Arc::new(app::App::new(
-        cli.secret(),
-        policy,
-        model,
-        fleet,
-        metrics,
-        cli.state_dir.clone(),
-    ));
+    let sample_log = match &cli.sample_log {
+        Some(path) => sample_log::SampleLog::open(path).map_err(|e| format!("--sample-log {}: {e}", path.display()))?,
+        None => sample_log::SampleLog::off(),
+    };
+    let app = Arc::new(
+        app::App::new(
+            cli.secret(),
+            policy,
+            model,
+            fleet,
+            metrics,
+            cli.state_dir.clone(),
+        )
+        .with_sample_log(sample_log),
+    );
 
     let signals = shutdown_signals();
     let listener = tokio::net::TcpListener::bind(cli.listen)

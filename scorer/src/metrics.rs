@@ -17,6 +17,9 @@ pub const ROUTES: [&str; 4] = ["score", "verdicts", "events", "warm"];
 /// Who dropped batch items: the filter (the batch's `dropped`) or the scorer
 /// (baselines finding no free name).
 pub const DROPPED_BY: [&str; 2] = ["filter", "scorer"];
+/// What became of a batch's feature samples: learned by the model,
+/// excluded (penalized by the filter), gated (already anomalous), invalid.
+pub const SAMPLE_KINDS: [&str; 4] = ["learned", "excluded", "gated", "invalid"];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -35,6 +38,8 @@ pub struct Metrics {
     pub known_accounts_added: IntCounter,
     pub profiles_merged: IntCounter,
     pub batch_items_dropped: IntCounterVec,
+    pub samples: IntCounterVec,
+    pub anomaly_flags: IntCounter,
 }
 
 pub fn action_name(a: ScoreAction) -> &'static str {
@@ -131,8 +136,21 @@ impl Metrics {
             ),
             &["by"],
         )?;
+        let samples = IntCounterVec::new(
+            Opts::new(
+                "abuse_scorer_samples_total",
+                "Feature samples from the batches, by what became of them (learned, excluded, gated, invalid)",
+            ),
+            &["kind"],
+        )?;
+        let anomaly_flags = IntCounter::new(
+            "abuse_scorer_anomaly_flags_total",
+            "Sampled clients the model flagged for the filter to tag",
+        )?;
         for c in [
-            Box::new(score_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(samples.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(anomaly_flags.clone()),
+            Box::new(score_requests.clone()),
             Box::new(errors.clone()),
             Box::new(latency.clone()),
             Box::new(model_samples.clone()),
@@ -151,6 +169,9 @@ impl Metrics {
         }
         // Every series exists from the start, at 0: a dashboard or alert on
         // `rate(...)` should not have to wait for the first event.
+        for k in SAMPLE_KINDS {
+            samples.with_label_values(&[k]);
+        }
         for a in ["allow", "tag", "block"] {
             score_requests.with_label_values(&[a]);
         }
@@ -179,6 +200,8 @@ impl Metrics {
             known_accounts_added,
             profiles_merged,
             batch_items_dropped,
+            samples,
+            anomaly_flags,
         })
     }
 

@@ -1,7 +1,8 @@
 //! The learned anomaly model: streaming Half-Space Trees (Tan, Ting & Liu,
 //! "Fast Anomaly Detection for Streaming Data", IJCAI 2011). Unsupervised:
-//! no labels, it learns what ordinary borderline traffic looks like from
-//! every scored request and rates how far a client is from it.
+//! no labels, it learns what ordinary traffic looks like from the vectors
+//! it is given (the filters' samples of all their clients: see `models.rs`,
+//! which decides what each model learns) and rates how far a client is from it.
 //!
 //! **Features.** `Features::to_vector()` (18 values, `FEATURE_NAMES`
 //! order), each `ln(1 + max(x, 0))` — counts are heavy-tailed, and in log
@@ -56,6 +57,7 @@
 
 use abuse_engine::wire::{Contribution, FEATURE_NAMES};
 use serde::{Deserialize, Serialize};
+#[cfg(test)]
 use std::path::Path;
 
 /// Number of features the model sees.
@@ -373,6 +375,10 @@ impl Model {
         self.trained
     }
 
+    pub fn params(&self) -> Params {
+        self.params
+    }
+
     pub fn is_warm(&self) -> bool {
         self.warm
     }
@@ -391,6 +397,7 @@ impl Model {
         }
     }
 
+    #[cfg(test)]
     /// Scores `features` (None while warming up), then learns from it.
     pub fn score_and_learn(&mut self, features: &[f32; DIMS]) -> Option<Assessment> {
         let assessment = self.score(features);
@@ -507,6 +514,7 @@ impl Model {
         })
     }
 
+    #[cfg(test)]
     pub fn to_json(&self) -> Result<String, serde_json::Error> {
         serde_json::to_string(self)
     }
@@ -520,7 +528,7 @@ impl Model {
         Ok(model)
     }
 
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         if self.format != FORMAT {
             return Err(format!("format {} (expected {FORMAT})", self.format));
         }
@@ -553,6 +561,7 @@ impl Model {
         Ok(())
     }
 
+    #[cfg(test)]
     /// Loads `path`; `Ok(None)` when there is no snapshot yet.
     pub fn load(path: &Path) -> Result<Option<Model>, LoadError> {
         match std::fs::read_to_string(path) {

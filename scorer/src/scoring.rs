@@ -7,16 +7,20 @@
 //!       + 60 · max(0, anomaly - 0.5) · 2         model, once warm
 //!       + 50 if the username had ≥ 20 attempts fleet-wide in 10 min   (credential_stuffing)
 //!       + 50 if the session was used from ≥ 5 addresses in 10 min     (session_sharing)
-//! action = block  if score ≥ block_at, or the client is blocked fleet-wide
+//! action = block  if score − model ≥ block_at, or the client is blocked fleet-wide
 //!          tag    if score ≥ block_at / 2
 //!          allow  otherwise
 //! ```
 //!
 //! Why these weights: the model only adds above anomaly 0.5 (sparser than
-//! the sparsest tenth of recent traffic), and at most 60 — less than the
-//! default `block_at` of 100, so the model alone never blocks a client the
-//! rules found harmless, but it lifts a borderline one (risk 40–99) over
-//! the line. Each fleet signal is strong evidence seen nowhere else, worth
+//! the sparsest tenth of recent traffic), and at most 60. **The model can
+//! make a tag, never a block**: the block needs the rules' and the fleet's
+//! points alone. It used to lift a borderline client (risk 40–99) over the
+//! line, while it never left warm-up; once it learned from all traffic
+//! (`models`), the first `make eval --quick` blocked the benign partner
+//! integration — borderline on tag-only reasons (`endpoint_spike`,
+//! `machine_rhythm`), and of course unlike any person (anomaly 1.0). A
+//! learned guess marks and explains; evidence blocks. Each fleet signal is strong evidence seen nowhere else, worth
 //! half a block. A new block is published to the fleet for `4 · ttl_s`
 //! (at least 60 s): long enough to outlive several filter polls.
 
@@ -140,7 +144,7 @@ pub fn combine(
         ttl_s = ttl_s.min(u32::try_from(left_s).unwrap_or(u32::MAX)).max(1);
     }
 
-    let action = if score >= policy.block_at {
+    let action = if score - model_points >= policy.block_at || fleet.blocked.is_some() {
         ScoreAction::Block
     } else if score >= policy.block_at / 2.0 {
         ScoreAction::Tag
@@ -254,8 +258,15 @@ mod tests {
         let max = combine(&policy(), &req(40.0, &[]), Some(&anomaly(1.0)), &quiet, NOW);
         assert_eq!(
             (max.response.score, max.response.action),
-            (100.0, ScoreAction::Block)
+            (100.0, ScoreAction::Tag),
+            "the model makes a tag, never a block"
         );
+        let borderline = combine(&policy(), &req(99.0, &["machine_rhythm"]), Some(&anomaly(1.0)), &quiet, NOW);
+        assert_eq!(borderline.response.action, ScoreAction::Tag, "not even at 99 + 60");
+        assert!(borderline.new_verdict.is_none());
+        let stuffing = FleetSignals { username_attempts: 30.0, ..FleetSignals::default() };
+        let with_evidence = combine(&policy(), &req(50.0, &[]), Some(&anomaly(1.0)), &stuffing, NOW);
+        assert_eq!(with_evidence.response.action, ScoreAction::Block, "rules + fleet evidence still block");
         let alone = combine(&policy(), &req(0.0, &[]), Some(&anomaly(1.0)), &quiet, NOW);
         assert_eq!(
             alone.response.action,

@@ -14,7 +14,8 @@
 
 use crate::app::App;
 use crate::known;
-use crate::model::{Model, Params};
+use crate::model::Params;
+use crate::models::Models;
 use crate::store::memory::MemoryStore;
 use abuse_engine::wire::{BaselineSnapshot, KnownShard, ProfileUpdate};
 use serde::{Deserialize, Serialize};
@@ -52,9 +53,9 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE)
 }
 
-pub fn load_or_new(state_dir: &Path, params: Params) -> Model {
+pub fn load_or_new(state_dir: &Path, params: Params) -> Models {
     let file = path(state_dir);
-    match Model::load(&file) {
+    match Models::load(&file) {
         Ok(Some(mut model)) => {
             model.set_warm_up(params.warm_up);
             tracing::info!(file = %file.display(), trained = model.trained(), warm = model.is_warm(), "loaded the model snapshot");
@@ -62,11 +63,11 @@ pub fn load_or_new(state_dir: &Path, params: Params) -> Model {
         }
         Ok(None) => {
             tracing::info!(file = %file.display(), warm_up = params.warm_up, "no model snapshot yet: the model starts cold");
-            Model::new(params)
+            Models::new(params)
         }
         Err(e) => {
             tracing::warn!(file = %file.display(), error = %e, "ignoring the model snapshot: the model starts cold");
-            Model::new(params)
+            Models::new(params)
         }
     }
 }

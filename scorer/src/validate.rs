@@ -4,8 +4,11 @@
 //! bounded here.
 
 use abuse_engine::wire::{
-    BaselineSnapshot, EventBatch, ScoreRequest, MAX_BASELINES, MAX_BATCH_ACCOUNTS, MAX_BATCH_PROFILES, WIRE_VERSION,
+    BaselineSnapshot, EventBatch, FeatureSample, ScoreRequest, FEATURE_NAMES, MAX_BASELINES,
+    MAX_BATCH_ACCOUNTS, MAX_BATCH_PROFILES, MAX_BATCH_SAMPLES, WIRE_VERSION,
 };
+/// Route group names come from the filter's configuration.
+const MAX_GROUP_LEN: usize = 64;
 
 pub const MAX_REASONS: usize = 16;
 const MAX_REASON_LEN: usize = 64;
@@ -88,6 +91,12 @@ pub fn check_batch(batch: &EventBatch) -> Result<(), String> {
             batch.profiles.len()
         ));
     }
+    if batch.samples.len() > MAX_BATCH_SAMPLES {
+        return Err(format!(
+            "too many `samples`: {} (at most {MAX_BATCH_SAMPLES} per batch)",
+            batch.samples.len()
+        ));
+    }
     if batch.baselines.len() > MAX_BASELINES {
         return Err(format!(
             "too many `baselines`: {} (at most {MAX_BASELINES} per batch)",
@@ -95,6 +104,26 @@ pub fn check_batch(batch: &EventBatch) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// One feature sample of a batch, as the model's vector; a bad one is
+/// skipped and counted (like a baseline), not a 400.
+pub fn check_sample(s: &FeatureSample) -> Result<[f32; FEATURE_NAMES.len()], String> {
+    token("client", &s.client, MAX_CLIENT_LEN)?;
+    if let Some(g) = &s.route_group {
+        token("route_group", g, MAX_GROUP_LEN)?;
+    }
+    let v: [f32; FEATURE_NAMES.len()] = s.features.as_slice().try_into().map_err(|_| {
+        format!(
+            "a sample has {} features (expected {})",
+            s.features.len(),
+            FEATURE_NAMES.len()
+        )
+    })?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err("a sample has a feature that is not a finite number".into());
+    }
+    Ok(v)
 }
 
 /// Whether one baseline of a batch can be kept. A bad one is skipped and
@@ -125,8 +154,32 @@ pub fn check_baseline(b: &BaselineSnapshot) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    fn e_samples(b: EventBatch) -> bool {
+        check_batch(&b).err().unwrap_or_default().contains("too many `samples`")
+    }
+
+    #[test]
+    fn samples_are_checked_one_by_one() {
+        let good = FeatureSample {
+            client: "10.0.0.1".into(),
+            route_group: Some("api".into()),
+            features: vec![1.0; FEATURE_NAMES.len()],
+            penalized: false,
+        };
+        assert_eq!(check_sample(&good).unwrap()[0], 1.0);
+        let short = FeatureSample { features: vec![1.0; 3], ..good.clone() };
+        assert!(check_sample(&short).unwrap_err().contains("3 features"));
+        let mut nan = good.clone();
+        nan.features[2] = f32::NAN;
+        assert!(check_sample(&nan).is_err());
+        let spaced = FeatureSample { route_group: Some("a b".into()), ..good.clone() };
+        assert!(check_sample(&spaced).unwrap_err().contains("route_group"));
+        assert!(check_sample(&FeatureSample { client: String::new(), ..good }).is_err());
+    }
 
     #[test]
     fn batches_name_the_problem() {
@@ -140,8 +193,10 @@ mod tests {
             }],
             profiles: vec![],
             dropped: 0,
+            samples: vec![],
         };
         assert_eq!(check_batch(&ok()), Ok(()));
+        assert!(e_samples(EventBatch { samples: vec![FeatureSample::default(); MAX_BATCH_SAMPLES + 1], ..ok() }));
         let e = |b: EventBatch| check_batch(&b).err().unwrap_or_default();
         assert!(e(EventBatch { version: 0, ..ok() }).contains("wire version 0"));
         assert!(e(EventBatch {

@@ -300,7 +300,7 @@ fn health_metrics_dashboard_and_verdicts() {
     );
 
     let health = get_json(&s.url("/healthz"), None);
-    assert_eq!(health["model"]["trained"], 3);
+    assert_eq!(health["model"]["trained"], 0, "callouts are scored, never learned");
 
     let (status, metrics) = get(&s.url("/metrics"), None);
     assert_eq!(status, 200);
@@ -311,7 +311,7 @@ fn health_metrics_dashboard_and_verdicts() {
         "abuse_scorer_detections_total{reason=\"credential_stuffing\"} 2",
         "abuse_scorer_detections_total{reason=\"scraping\"} 1",
         "abuse_scorer_fleet_verdicts_total 1",
-        "abuse_scorer_model_samples 3",
+        "abuse_scorer_model_samples 0",
         "abuse_scorer_model_warm 0",
         "abuse_scorer_store_errors_total 0",
         "abuse_scorer_store_fallbacks_total 0",
@@ -344,7 +344,7 @@ fn health_metrics_dashboard_and_verdicts() {
     );
     assert_eq!(
         data["model"],
-        json!({"trained": 3, "warm": false, "warm_up": 200})
+        json!({"trained": 0, "warm": false, "warm_up": 200, "excluded": 0, "gated": 0, "groups": []})
     );
     assert_eq!(data["store"], json!({"kind": "memory", "redis_ok": false}));
 
@@ -373,12 +373,19 @@ fn health_metrics_dashboard_and_verdicts() {
 fn model_snapshot_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Scorer::start(dir.path(), &["--warm-up", "20"]);
+    // Callouts alone never warm it: they are scored, not learned.
     for i in 0..30 {
         let answer = score(&s, &request(&format!("192.0.2.{i}"), (i % 7) as f32, &[]));
-        assert_eq!(answer["anomaly"].is_null(), i < 20, "request {i}: {answer}");
+        assert!(answer["anomaly"].is_null(), "request {i}: {answer}");
     }
+    // The batches' samples do.
+    let samples: Vec<Value> = (0..31)
+        .map(|i| sample(&format!("192.0.2.{i}"), (i % 7) as f32, false))
+        .collect();
+    send(&s, &sample_batch(&samples[..20]));
+    send(&s, &sample_batch(&samples[20..]));
     let warm = score(&s, &request("192.0.2.200", 3.0, &[]));
-    assert!(warm["anomaly"].as_f64().unwrap() >= 0.0);
+    assert!(warm["anomaly"].as_f64().unwrap() >= 0.0, "{warm}");
     let status = s.terminate();
     assert!(
         status.success(),
@@ -652,6 +659,24 @@ fn account(i: u64) -> u64 {
 
 fn baseline(name: &str, samples: u32, value: f64) -> Value {
     json!({"name": name, "baseline": value, "unknown_baseline": 0.5, "samples": samples, "successes_seen": 2})
+}
+
+/// A sampled client: ordinary browsing with `requests` in it, varied.
+fn sample(client: &str, risk: f32, penalized: bool) -> Value {
+    let k = client.bytes().map(u32::from).sum::<u32>() as f32;
+    let mut f = vec![0.0f32; 18];
+    f[0] = risk;
+    f[1] = 5.0 + k % 40.0;
+    f[2] = 1.0 + k % 7.0;
+    f[13] = 800.0 + (k * 37.0) % 3000.0;
+    f[14] = 0.5 + (k % 10.0) / 10.0;
+    f[15] = 1.0;
+    f[16] = 20.0 + k % 90.0;
+    json!({"client": client, "route_group": "api", "features": f, "penalized": penalized})
+}
+
+fn sample_batch(samples: &[Value]) -> String {
+    json!({"version": 1, "samples": samples}).to_string()
 }
 
 fn batch(accounts: &[u64], baselines: &[Value], dropped: u64) -> String {
@@ -963,7 +988,7 @@ fn events_and_warm_refuse_bad_requests_with_json_errors() {
         "nothing refused was stored"
     );
     let (status, body) = post(&events, Some(SECRET), &valid);
-    assert_eq!((status, body.as_str()), (200, "{\"accepted\":4}"));
+    assert_eq!((status, body.as_str()), (200, "{\"accepted\":4,\"flags\":[]}"));
     // Bad baselines are skipped and counted; the batch's accounts still land.
     let mixed = batch(
         &[9],
@@ -975,7 +1000,7 @@ fn events_and_warm_refuse_bad_requests_with_json_errors() {
         0,
     );
     let (status, body) = post(&events, Some(SECRET), &mixed);
-    assert_eq!((status, body.as_str()), (200, "{\"accepted\":2}"));
+    assert_eq!((status, body.as_str()), (200, "{\"accepted\":2,\"flags\":[]}"));
     let warm = get_json(&s.url("/v1/warm"), Some(SECRET));
     assert_eq!(warm["known_shards"].as_array().unwrap().len(), 4);
     assert_eq!(
@@ -1143,4 +1168,56 @@ fn every_input_at_its_limit_and_one_past() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = post(&events_url, Some(SECRET), &batch(&[], &baselines, 0));
     assert_eq!(status, 400, "{body}");
+}
+
+/// The model warms from the batches' samples alone, flags the odd sampled
+/// client (a tag, never a block), and never learns a penalized one.
+#[test]
+fn samples_warm_the_model_and_flag_only_the_odd_unpenalized_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Scorer::start(dir.path(), &["--warm-up", "100"]);
+    let ordinary: Vec<Value> = (0..150).map(|i| sample(&format!("10.1.{}.{}", i / 200, i % 200), 0.0, false)).collect();
+    for chunk in ordinary.chunks(50) {
+        let (status, body) = post(&s.url("/v1/events"), Some(SECRET), &sample_batch(chunk));
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(get_json(&s.url("/healthz"), None)["model"], json!({"trained": 150, "warm": true}));
+    // A slow prober: few requests, but mostly 404s over many paths.
+    let mut odd = sample("10.9.9.9", 0.0, false);
+    odd["features"][6] = json!(40.0);
+    odd["features"][7] = json!(35.0);
+    odd["features"][14] = json!(0.05);
+    let mut boxed = odd.clone();
+    boxed["client"] = json!("10.9.9.8");
+    boxed["penalized"] = json!(true);
+    let (status, body) = post(
+        &s.url("/v1/events"),
+        Some(SECRET),
+        &sample_batch(&[odd, boxed, sample("10.1.0.7", 0.0, false)]),
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let flags = answer["flags"].as_array().unwrap();
+    assert_eq!(flags.len(), 1, "{answer}");
+    assert_eq!((flags[0]["client"].as_str(), flags[0]["reasons"].clone()), (Some("10.9.9.9"), json!(["anomaly"])));
+    let health = get_json(&s.url("/healthz"), None);
+    // Learned: the ordinary one. Not: the penalized one (excluded) and the
+    // odd one (already anomalous: gated).
+    assert_eq!(health["model"]["trained"], 151);
+    let (_, metrics) = get(&s.url("/metrics"), None);
+    for needle in [
+        "abuse_scorer_samples_total{kind=\"excluded\"} 1",
+        "abuse_scorer_samples_total{kind=\"gated\"} 1",
+        "abuse_scorer_samples_total{kind=\"learned\"} 151",
+        "abuse_scorer_anomaly_flags_total 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle}");
+    }
+    let dash = get_json(&s.url("/v1/dashboard"), None);
+    // Scored samples: the 50 after warm-up and the last 3.
+    assert_eq!(dash["anomaly_distribution"]["samples"], 53);
+    assert_eq!(dash["anomaly_distribution"]["counts"].as_array().unwrap().len(), 20);
+    let row = dash["top_clients"].as_array().unwrap().iter().find(|c| c["client"] == "10.9.9.9").cloned().unwrap();
+    assert_eq!((row["action"].as_str(), row["reasons"].clone()), (Some("tag"), json!(["anomaly"])));
+    assert!(row["anomaly"].as_f64().unwrap() > 0.9, "{row}");
 }

@@ -10,6 +10,13 @@
 //! dropped and counted, never retried: the next success of an account
 //! queues it again, and baselines are resent anyway.
 //!
+//! **Samples.** Every batch also carries the last finished window's
+//! uniform sample of this worker's clients ([`sample`]): their feature
+//! summaries, route group and whether they were penalized. The scorer's
+//! model learns normal from them and answers ([`EventsAnswer`]) with the
+//! sampled clients it finds anomalous, which this Envoy then tags
+//! ([`Engine::apply_events_answer`]).
+//!
 //! **Warm start.** One worker per Envoy process takes a lease in shared
 //! data and pages through [`WarmState`]: known-accounts shards are OR-ed
 //! into the local ones, and a baseline replaces the local one when it has
@@ -21,9 +28,13 @@
 use super::{Engine, DOMAIN_ROUTE, STATE_PREFIX};
 use crate::codec::{Reader, Writer};
 use crate::store::SharedStore;
+use super::sample::{self, Observation, Reservoir};
+use crate::record::ClientRecord;
+use crate::routes::RouteMatch;
+use crate::verdict::Verdict;
 use crate::wire::{
-    BaselineSnapshot, EventBatch, ProfileUpdate, WarmState, MAX_BASELINES, MAX_BATCH_ACCOUNTS, MAX_BATCH_BYTES,
-    MAX_BATCH_PROFILES, WIRE_VERSION,
+    BaselineSnapshot, EventBatch, EventsAnswer, ProfileUpdate, WarmState, MAX_BASELINES, MAX_BATCH_ACCOUNTS,
+    MAX_BATCH_BYTES, MAX_BATCH_PROFILES, WIRE_VERSION,
 };
 use crate::profile::AccountProfile;
 use base64::Engine as _;
@@ -56,6 +67,7 @@ pub struct Outbox {
     profiles: Vec<ProfileUpdate>,
     dropped: u64,
     baselines_sent_ms: u64,
+    samples: Reservoir,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +133,80 @@ impl Engine {
         }
     }
 
+    /// Offers this request's client to the window's sample (see [`sample`]);
+    /// `record` is the client's record after this request (None when the
+    /// request was refused before counting).
+    pub(super) fn sample_client(
+        &self,
+        key: u64,
+        verdict: &Verdict,
+        record: Option<&ClientRecord>,
+        routes: RouteMatch,
+        anonymous: bool,
+        now_ms: u64,
+    ) {
+        if !self.events_on() || verdict.exempt || verdict.store_failed {
+            return;
+        }
+        let penalized = verdict.would_block || verdict.penalized;
+        if let Ok(mut out) = self.outbox.lock() {
+            out.samples.offer(key, penalized, now_ms, || {
+                let r = record?;
+                Some(Observation {
+                    client: crate::identity::client_label(verdict.client, verdict.agent),
+                    group: (0..self.config.route_groups.len()).find(|g| routes.contains(*g)),
+                    features: self.features_of(r, verdict.risk, anonymous, now_ms).to_vector(),
+                })
+            });
+        }
+    }
+
+    /// The scorer's answer to a batch: the sampled clients its model flags
+    /// are tagged here — their risk raised to `risk.tag_at` with reason
+    /// `anomaly`, enough to stay tagged until the flag's `until_ms` as it
+    /// decays (never `block_at`: tag only, the model alone never blocks).
+    /// Returns how many were applied.
+    pub fn apply_events_answer(&self, store: &dyn SharedStore, body: &[u8], now_ms: u64) -> usize {
+        let Ok(answer) = serde_json::from_slice::<EventsAnswer>(body) else {
+            return 0;
+        };
+        let tag_at = self.config.risk.tag_at;
+        let mut applied = 0;
+        for flag in answer.flags.iter().take(crate::wire::MAX_BATCH_SAMPLES) {
+            if flag.until_ms <= now_ms {
+                continue;
+            }
+            let (addr, agent) = match flag.client.split_once('#') {
+                Some((addr, tag)) => (addr, u32::from_str_radix(tag, 16).ok()),
+                None => (flag.client.as_str(), None),
+            };
+            let client = self.identity.client_addr(Some(addr.as_bytes()), None);
+            if client == crate::identity::ClientAddr::Unknown {
+                continue;
+            }
+            let key = self.client_key(client, agent);
+            let done = self.clients.update(store, key, now_ms, |r| {
+                if r.is_empty() || r.first_seen_ms == 0 {
+                    // Never seen here: nothing to tag (and no slot taken).
+                    return (false, false);
+                }
+                // Enough risk to stay at tag_at, decaying, until the flag ends;
+                // never block_at (tag only).
+                let risk = crate::risk::decayed(r.risk, r.last_seen_ms, now_ms, self.half_life_ms);
+                let lasting = tag_at * (flag.until_ms.saturating_sub(now_ms) as f32 / self.half_life_ms.max(1) as f32).exp2();
+                let ceiling = (self.config.risk.block_at - 0.01).max(risk);
+                r.risk = risk.max(lasting.min(ceiling));
+                r.last_seen_ms = now_ms;
+                r.recent_reasons.insert(crate::reason::Reason::Anomaly);
+                (true, true)
+            });
+            if matches!(done, Ok((true, _))) {
+                applied += 1;
+            }
+        }
+        applied
+    }
+
     /// The learned baselines, by fleet-stable names.
     fn baseline_snapshots(&self, store: &dyn SharedStore) -> Vec<BaselineSnapshot> {
         let mut out = Vec::new();
@@ -161,15 +247,16 @@ impl Engine {
     }
 
     /// This worker's batch for this tick, if it has something to say;
-    /// returns the JSON body and how many items it carries.
-    pub fn tick_batch(&self, store: &dyn SharedStore, now_ms: u64) -> Option<(Vec<u8>, u64)> {
+    /// returns the JSON body, how many items it carries and how many of them are samples.
+    pub fn tick_batch(&self, store: &dyn SharedStore, now_ms: u64) -> Option<(Vec<u8>, u64, u64)> {
         if !self.events_on() {
             return None;
         }
-        let (accounts, profiles, dropped, baselines_due) = {
+        let (accounts, profiles, dropped, baselines_due, samples) = {
             let mut out = self.outbox.lock().ok()?;
+            let samples = out.samples.take_ready(now_ms);
             let due = now_ms.saturating_sub(out.baselines_sent_ms) >= BASELINE_EVERY_MS;
-            if out.accounts.is_empty() && out.profiles.is_empty() && !due {
+            if out.accounts.is_empty() && out.profiles.is_empty() && !due && samples.is_empty() {
                 return None;
             }
             if due {
@@ -179,20 +266,27 @@ impl Engine {
             let accounts: Vec<u64> = out.accounts.drain(..n).collect();
             let n = out.profiles.len().min(MAX_BATCH_PROFILES);
             let profiles: Vec<ProfileUpdate> = out.profiles.drain(..n).collect();
-            (accounts, profiles, std::mem::take(&mut out.dropped), due)
+            let dropped = std::mem::take(&mut out.dropped).saturating_add(std::mem::take(&mut out.samples.dropped));
+            (accounts, profiles, dropped, due, samples)
         };
         let baselines = if baselines_due { self.baseline_snapshots(store) } else { Vec::new() };
-        if accounts.is_empty() && profiles.is_empty() && baselines.is_empty() && dropped == 0 {
+        if accounts.is_empty() && profiles.is_empty() && baselines.is_empty() && dropped == 0 && samples.is_empty() {
             return None;
         }
-        let items = (accounts.len() + baselines.len() + profiles.len()) as u64;
-        let mut batch = EventBatch { version: WIRE_VERSION, known_accounts: accounts, baselines, profiles, dropped };
+        let samples: Vec<_> = samples
+            .into_iter()
+            .take(crate::wire::MAX_BATCH_SAMPLES)
+            .map(|e| sample::to_wire(e, &self.config.route_groups))
+            .collect();
+        let items = (accounts.len() + baselines.len() + profiles.len() + samples.len()) as u64;
+        let mut batch =
+            EventBatch { version: WIRE_VERSION, known_accounts: accounts, baselines, profiles, dropped, samples };
         // Within the scorer's byte limit whatever the names: what does not
         // fit is dropped and counted (an account comes back with its next success).
         loop {
             let body = serde_json::to_vec(&batch).ok()?;
             if body.len() <= MAX_BATCH_BYTES {
-                return Some((body, items));
+                return Some((body, items, batch.samples.len() as u64));
             }
             if batch.baselines.len() > 8 {
                 batch.baselines.truncate(8);
@@ -200,6 +294,10 @@ impl Engine {
                 let keep = batch.profiles.len() / 2;
                 batch.dropped = batch.dropped.saturating_add((batch.profiles.len() - keep) as u64);
                 batch.profiles.truncate(keep);
+            } else if batch.samples.len() > 8 {
+                let keep = batch.samples.len() / 2;
+                batch.dropped = batch.dropped.saturating_add((batch.samples.len() - keep) as u64);
+                batch.samples.truncate(keep);
             } else if !batch.known_accounts.is_empty() {
                 let keep = batch.known_accounts.len() / 2;
                 batch.dropped = batch.dropped.saturating_add((batch.known_accounts.len() - keep) as u64);
@@ -358,7 +456,7 @@ mod tests {
         for k in 0..(PENDING_CAP as u64 + 10) {
             e.queue_known_account(k);
         }
-        let (body, items) = e.tick_batch(&s, T0 + 2).unwrap();
+        let (body, items, _) = e.tick_batch(&s, T0 + 2).unwrap();
         let batch: EventBatch = serde_json::from_slice(&body).unwrap();
         assert_eq!(batch.known_accounts.len(), MAX_BATCH_ACCOUNTS);
         assert_eq!(batch.dropped, 10);
@@ -408,6 +506,91 @@ mod tests {
         assert_eq!(e.apply_warm(&s, &serde_json::to_vec(&last).unwrap(), T0 + 4), Some((0, true)));
         assert_eq!(e.claim_warm(&s, T0 + 10_000), None, "done");
         assert!(e.apply_warm(&s, b"garbage", T0 + 5).is_none());
+    }
+
+    fn facts<'a>(peer: &'a str, path: &'a str) -> crate::engine::RequestFacts<'a> {
+        crate::engine::RequestFacts {
+            identity: crate::identity::IdentityInput { peer: Some(peer.as_bytes()), ..Default::default() },
+            method: "GET",
+            path,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_carry_a_bounded_sample_of_clients_and_penalized_ones_are_marked() {
+        let (e, s) = (engine(), MemoryStore::new());
+        e.create_state(&s).unwrap();
+        let t = T0 / sample::SAMPLE_WINDOW_MS * sample::SAMPLE_WINDOW_MS;
+        // 300 clients in one window, one of them probing until it is boxed.
+        let peers: Vec<String> = (0..300).map(|i| format!("10.0.{}.{}:1000", i / 200, i % 200 + 1)).collect();
+        for (i, peer) in peers.iter().enumerate() {
+            e.on_request(&s, &facts(peer, "/api/items"), t + i as u64);
+        }
+        let mut boxed = false;
+        for i in 0..40 {
+            let (v, _) = e.on_request(&s, &facts(&peers[0], "/.env"), t + 400 + i);
+            boxed |= v.would_block;
+        }
+        assert!(boxed, "the prober was blocked");
+        let (body, items, n) = e.tick_batch(&s, t + sample::SAMPLE_WINDOW_MS).unwrap();
+        let batch: EventBatch = serde_json::from_slice(&body).unwrap();
+        assert_eq!(batch.samples.len(), sample::RESERVOIR_CAP, "a full, bounded sample");
+        assert_eq!(items, batch.samples.len() as u64 + batch.baselines.len() as u64);
+        assert_eq!(n, batch.samples.len() as u64);
+        assert!(body.len() <= MAX_BATCH_BYTES);
+        let mut clients: Vec<&str> = batch.samples.iter().map(|x| x.client.as_str()).collect();
+        clients.sort_unstable();
+        clients.dedup();
+        assert_eq!(clients.len(), batch.samples.len(), "distinct clients");
+        assert!(batch.samples.iter().all(|x| x.features.len() == crate::wire::FEATURE_NAMES.len()));
+        // Whether the prober is in this window's sample is chance; run the
+        // same window on a fresh engine with the prober among few clients.
+        let (e2, s2) = (engine(), MemoryStore::new());
+        e2.create_state(&s2).unwrap();
+        e2.on_request(&s2, &facts("10.9.9.9:1", "/api/items"), t);
+        for i in 0..40 {
+            e2.on_request(&s2, &facts("10.9.9.8:1", "/.env"), t + 1 + i);
+        }
+        let batch: EventBatch = serde_json::from_slice(&e2.tick_batch(&s2, t + sample::SAMPLE_WINDOW_MS).unwrap().0).unwrap();
+        let prober = batch.samples.iter().find(|x| x.client == "10.9.9.8").unwrap();
+        let quiet = batch.samples.iter().find(|x| x.client == "10.9.9.9").unwrap();
+        assert!(prober.penalized && !quiet.penalized, "{batch:?}");
+        // A batch the scorer does not take is counted as dropped, samples included.
+        e2.batch_failed(2);
+        let later = e2.tick_batch(&s2, t + 2 * sample::SAMPLE_WINDOW_MS + BASELINE_EVERY_MS).unwrap();
+        let later: EventBatch = serde_json::from_slice(&later.0).unwrap();
+        assert_eq!(later.dropped, 2);
+        assert!(later.samples.is_empty(), "nothing new was seen");
+    }
+
+    #[test]
+    fn flags_from_the_scorer_tag_known_clients_only() {
+        let (e, s) = (engine(), MemoryStore::new());
+        e.create_state(&s).unwrap();
+        let (v, _) = e.on_request(&s, &facts("10.1.1.1:5", "/api/items"), T0);
+        assert_eq!(v.action, crate::verdict::Action::Allow);
+        let flags = crate::wire::EventsAnswer {
+            accepted: 1,
+            flags: vec![
+                crate::wire::FleetVerdict { client: "10.1.1.1".into(), reasons: vec!["anomaly".into()], until_ms: T0 + 60_000 },
+                crate::wire::FleetVerdict { client: "10.2.2.2".into(), reasons: vec!["anomaly".into()], until_ms: T0 + 60_000 },
+                crate::wire::FleetVerdict { client: "10.1.1.1".into(), reasons: vec![], until_ms: T0 - 1 },
+            ],
+        };
+        assert_eq!(e.apply_events_answer(&s, &serde_json::to_vec(&flags).unwrap(), T0 + 10), 1);
+        let (v, _) = e.on_request(&s, &facts("10.1.1.1:5", "/api/items"), T0 + 20);
+        assert_eq!(v.action, crate::verdict::Action::Tag);
+        assert!(v.reasons.contains(crate::reason::Reason::Anomaly) && !v.would_block);
+        // Untouched, an unknown client is still unknown (no slot taken for it).
+        let unknown = e.identity.client_addr(Some(b"10.2.2.2"), None);
+        assert!(e.table().peek(&s, e.client_key(unknown, None)).unwrap().is_none());
+        // Tag only: a flood of flags never blocks.
+        for i in 0..50 {
+            e.apply_events_answer(&s, &serde_json::to_vec(&flags).unwrap(), T0 + 30 + i);
+        }
+        assert!(!e.on_request(&s, &facts("10.1.1.1:5", "/api/items"), T0 + 100).0.would_block);
+        assert_eq!(e.apply_events_answer(&s, b"{nope", T0), 0);
     }
 
     #[test]
