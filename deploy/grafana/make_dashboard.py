@@ -22,7 +22,11 @@ OUT = Path(__file__).resolve().parent / "abuse-filter.json"
 REASONS = [
     "rate_limit", "credential_stuffing", "account_takeover", "enumeration", "scraping", "machine_rhythm",
     "probing", "session_sharing", "session_churn", "impossible_travel", "anonymous_network", "endpoint_spike",
+    "anomaly",
 ]
+# The account profile's reasons (engine/src/detectors/login_profile.rs).
+LOGIN_RISK_REASONS = ["new_country", "impossible_travel", "anonymous_source", "failures_elsewhere", "new_network",
+                      "new_device"]
 
 SEL = '{instance=~"$instance"}'
 RATE = "$__rate_interval"
@@ -98,6 +102,10 @@ def dashboard() -> dict:
               (16, 33, 8, 8), unit="short"),
         panel(14, "Filter VM reloads", "Wasm VMs Envoy reloaded after a trap (failure_policy FAIL_RELOAD); the filter never panics, so this stays 0.",
               [(rate("envoy_wasm_abuse_filter_vm_reload"), "{{instance}}")], (0, 41, 8, 6), unit="ops"),
+        panel(15, "Logins told a risk", "Answered logins (successes and step-ups) that differed from their account's profile: by level, and per reason (abuse_filter_login_risk_*).",
+              [(rate(f"abuse_filter_login_risk_{level}", ""), level) for level in ("medium", "high")]
+              + [(rate(f"abuse_filter_login_risk_reason_{r}", ""), r) for r in LOGIN_RISK_REASONS],
+              (8, 41, 16, 6)),
     ]
     return {
         "uid": "abuse-filter",
