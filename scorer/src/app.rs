@@ -23,7 +23,7 @@ use crate::validate;
 use abuse_engine::hash::KeyedHasher;
 use abuse_engine::known_accounts::SHARDS;
 use abuse_engine::wire::{
-    EventBatch, EventsAnswer, FeatureSample, Features, FleetVerdict, KnownShard, ScoreRequest,
+    EventBatch, EventsAnswer, FeatureSample, Features, FleetVerdict, ScoreRequest,
     ScoreResponse, WarmState, EVENTS_PATH, MAX_BATCH_BYTES,
     MAX_SCORE_REQUEST_BYTES, SCORE_PATH, SECRET_HEADER, VERDICTS_PATH, WARM_PAGE_SHARDS, WARM_PATH,
     WIRE_VERSION,
@@ -444,14 +444,7 @@ impl App {
         WarmState {
             version: WIRE_VERSION,
             baselines,
-            known_shards: page
-                .shards
-                .iter()
-                .map(|(index, bits)| KnownShard {
-                    index: u32::try_from(*index).unwrap_or(u32::MAX),
-                    bits: known::encode(bits.as_slice()),
-                })
-                .collect(),
+            known_shards: known::wire_shards(&page.shards),
             profiles,
             next,
         }

@@ -13,7 +13,7 @@
 //! newer) winning, at most [`BASELINE_NAMES`] names.
 
 use abuse_engine::known_accounts::{bit_positions, SHARDS, SHARD_BITS};
-use abuse_engine::wire::{BaselineSnapshot, MAX_BASELINES};
+use abuse_engine::wire::{BaselineSnapshot, KnownShard, MAX_BASELINES};
 use base64::Engine as _;
 use std::collections::BTreeMap;
 
@@ -70,6 +70,17 @@ pub fn shard_from(bytes: &[u8]) -> ShardBits {
 /// Standard base64, padded (the wire's `KnownShard::bits`).
 pub fn encode(bits: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bits)
+}
+
+/// Shards as the wire (and `warm.json`) carries them.
+pub fn wire_shards(shards: &[(usize, ShardBits)]) -> Vec<KnownShard> {
+    shards
+        .iter()
+        .map(|(index, bits)| KnownShard {
+            index: u32::try_from(*index).unwrap_or(u32::MAX),
+            bits: encode(bits.as_slice()),
+        })
+        .collect()
 }
 
 /// The shard a `KnownShard::bits` names, if it is exactly one shard's bytes.

@@ -167,13 +167,7 @@ fn warm_file(store: &MemoryStore) -> (u64, WarmFile) {
             .into_iter()
             .map(|(baseline, seen_ms)| SavedBaseline { baseline, seen_ms })
             .collect(),
-        known_shards: shards
-            .iter()
-            .map(|(index, bits)| KnownShard {
-                index: u32::try_from(*index).unwrap_or(u32::MAX),
-                bits: known::encode(bits.as_slice()),
-            })
-            .collect(),
+        known_shards: known::wire_shards(&shards),
         profiles,
     };
     (changes, file)
