@@ -324,19 +324,26 @@ impl<R: Merge + std::fmt::Debug> TieredTable<R> {
         let mut i = 0;
         // Bounded: each step either advances or removes one entry.
         while i < views.entries.len() {
-            let Some(view) = views.entries.get(i).copied() else {
+            // Look before copying: a view is two whole records, and most
+            // views need nothing on a given tick.
+            let Some((dirty, used_ms, synced_ms)) = views.entries.get(i).map(|v| (v.dirty, v.used_ms, v.synced_ms)) else {
                 break;
             };
-            let idle = now_ms.saturating_sub(view.used_ms) >= self.sync_ms.saturating_mul(2);
-            if view.dirty && (idle || now_ms.saturating_sub(view.synced_ms) >= self.sync_ms) {
-                match self.merge_view(store, &view, now_ms) {
-                    Ok(written) => {
+            let idle = now_ms.saturating_sub(used_ms) >= self.sync_ms.saturating_mul(2);
+            if dirty && (idle || now_ms.saturating_sub(synced_ms) >= self.sync_ms) {
+                let merged = views.entries.get(i).map(|view| self.merge_view(store, view, now_ms));
+                match merged {
+                    None => break,
+                    Some(Ok(written)) => {
                         stats.merged += 1;
                         if let Some(v) = views.entries.get_mut(i) {
-                            *v = View { base: written, local: written, synced_ms: now_ms, dirty: false, ..view };
+                            v.base = written;
+                            v.local = written;
+                            v.synced_ms = now_ms;
+                            v.dirty = false;
                         }
                     }
-                    Err(_) => {
+                    Some(Err(_)) => {
                         stats.failed += 1;
                         i += 1;
                         continue;
