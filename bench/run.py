@@ -109,6 +109,21 @@ LOCAL_RATELIMIT = {
 EXTRA_WASM: dict[str, Path] = {}
 # --ablation: this build without one design step at a time.
 ABLATION = False
+# --phases: builds of this filter that stop early (cargo features
+# phase-headers, phase-request), priced like the rest: what each phase of a
+# request costs in Envoy.
+PHASES: dict[str, Path] = {}
+PHASE_FEATURES = {"headers only": "phase-headers", "no answer phase": "phase-request"}
+
+
+def build_phases() -> dict[str, Path]:
+    built = {}
+    for label, feature in PHASE_FEATURES.items():
+        target_dir = ROOT / "target" / "phases" / feature
+        subprocess.run(["cargo", "build", "-q", "--release", "--target", "wasm32-wasip1", "-p", "abuse-filter",
+                        "--features", feature, "--target-dir", str(target_dir)], cwd=ROOT, check=True)
+        built[f"monitor, {label}"] = target_dir / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
+    return built
 
 
 # This filter as shipped: Envoy's header_mutation writes the request's facts
@@ -128,6 +143,7 @@ def variants() -> dict[str, list[dict]]:
     plain = json.dumps(dict(FILTER_CONFIG, mode="monitor"))
     extra = {f"{label} (monitor)": [wasm_filter("abuse_filter", path, plain)] for label, path in EXTRA_WASM.items()}
     facts = facts_filter(FACTS_HEADER)
+    extra |= {label: [facts, wasm_filter("abuse_filter", path, monitor)] for label, path in PHASES.items()}
     if ABLATION:
         # What each design step buys: without the facts header (host calls
         # for the peer and the clock), and without the per-worker tier.
@@ -406,9 +422,13 @@ def main():
                         help="another build of the filter (.wasm) to measure alongside, in monitor mode")
     parser.add_argument("--ablation", action="store_true",
                         help="also this build without the facts header, and without the worker tier")
+    parser.add_argument("--phases", action="store_true",
+                        help="also builds that stop after the request's facts, and after the request (no answer)")
     args = parser.parse_args()
     global ABLATION
     ABLATION = args.ablation
+    if args.phases:
+        PHASES.update(build_phases())
     for item in args.also:
         label, _, path = item.partition("=")
         if not (label and Path(path).is_file()):

@@ -89,6 +89,11 @@ impl HttpContext for AbuseFilterHttp {
         let headers = HeaderMap::request();
         let facts_header = engine.config().client.facts_header.as_deref();
         let request_facts = facts_header.and_then(|name| headers.get(name)).and_then(Facts::parse);
+        if cfg!(feature = "phase-headers") {
+            // Benchmark build: the price of reading the request's facts.
+            std::hint::black_box(&request_facts);
+            return WasmAction::Continue;
+        }
         let property_peer: Option<Vec<u8>>;
         let (peer, now) = match request_facts {
             Some(f) => (Some(f.peer), f.start_ms),
@@ -243,6 +248,10 @@ impl HttpContext for AbuseFilterHttp {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> WasmAction {
+        if cfg!(feature = "phase-request") {
+            // Benchmark build: the request judged, the answer not.
+            return WasmAction::Continue;
+        }
         let action = self.judge_answer();
         self.flush_decision();
         action
