@@ -21,7 +21,7 @@ use abuse_engine::wire::{BaselineSnapshot, KnownShard, ProfileUpdate};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 pub const FILE: &str = "model.json";
@@ -100,20 +100,31 @@ pub async fn save(app: &Arc<App>) -> Result<bool, String> {
         }
         (model.to_json().map_err(|e| e.to_string())?, trained)
     };
-    let file = path(&app.state_dir);
+    // `trained` only grows, so it orders the snapshots.
+    write_if_newer(app, path(&app.state_dir), json, trained, App::snapshot_written).await
+}
+
+/// Writes `json` to `file` unless a version at least as new was written;
+/// `written` is the lock holding the last version written. The check and
+/// the write happen together under that lock, in the blocking task: the
+/// final save at shutdown may start while an aborted periodic save is still
+/// writing (aborting does not stop a blocking task), and an older state
+/// must never be renamed over a newer one.
+async fn write_if_newer(
+    app: &Arc<App>,
+    file: PathBuf,
+    json: String,
+    version: u64,
+    written: fn(&App) -> MutexGuard<'_, u64>,
+) -> Result<bool, String> {
     let app = app.clone();
-    // The check and the write happen together under `snapshot_written`, in
-    // the blocking task: the final save at shutdown may start while an
-    // aborted periodic save is still writing (aborting does not stop a
-    // blocking task), and an older model must never be renamed over a newer
-    // one. `trained` only grows, so it orders the snapshots.
     tokio::task::spawn_blocking(move || {
-        let mut written = app.snapshot_written();
-        if trained <= *written {
+        let mut last = written(&app);
+        if version <= *last {
             return Ok(false);
         }
         write_atomic(&file, &json)?;
-        *written = trained;
+        *last = version;
         Ok(true)
     })
     .await
@@ -181,22 +192,7 @@ pub async fn save_warm(app: &Arc<App>) -> Result<bool, String> {
     }
     let (changes, saved) = warm_file(local);
     let json = serde_json::to_string(&saved).map_err(|e| e.to_string())?;
-    let file = app.state_dir.join(WARM_FILE);
-    let app = app.clone();
-    // As for the model: check and write together, so an older state never
-    // replaces a newer one.
-    tokio::task::spawn_blocking(move || {
-        let mut written = app.warm_written();
-        if changes <= *written {
-            return Ok(false);
-        }
-        write_atomic(&file, &json)?;
-        *written = changes;
-        Ok(true)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e: std::io::Error| e.to_string())
+    write_if_newer(app, app.state_dir.join(WARM_FILE), json, changes, App::warm_written).await
 }
 
 /// Saves every [`EVERY`], forever (aborted at shutdown, which saves once more).
