@@ -31,7 +31,9 @@
 //! - a worker's view is at most T old when a request uses it, so a block or
 //!   penalty decided on one worker (always written at once) reaches every
 //!   worker within T;
-//! - a count reaches shared data within T + one tick (0.5 s);
+//! - a count reaches shared data within T + one tick (0.5 s) while at most
+//!   [`MAX_TICK_MERGES`] views are due per tick; beyond that within T +
+//!   ⌈due / MAX_TICK_MERGES⌉ ticks, or at the client's next request;
 //! - a rate limit is overshot by less than N × 10 % of it: a worker holds
 //!   less than a tenth of a limit unmerged, so a decision in shared data
 //!   misses less than (N−1) tenths, and a worker on its own view allows
@@ -108,6 +110,8 @@ struct Views<R> {
     index: HashMap<u64, usize, BuildHasherDefault<KeyHasher>>,
     /// Where the next eviction looks (a clock hand).
     hand: usize,
+    /// Where the next tick starts merging (the last one ran out of budget there).
+    tick_cursor: usize,
 }
 
 /// Entries compared to choose one to evict (the least recently used of them).
@@ -159,6 +163,12 @@ impl<R: Copy> Views<R> {
     }
 }
 
+/// Merges one tick may do per table: each is a shared-data round trip
+/// (a few µs on V8), and the tick runs on the worker between requests, so
+/// an unbounded tick stalls every request behind it (10,000 busy clients
+/// would cost ~30 ms every T).
+pub const MAX_TICK_MERGES: u32 = 256;
+
 /// What a tick did, for stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TickStats {
@@ -193,6 +203,7 @@ impl<R: Merge + std::fmt::Debug> TieredTable<R> {
                 entries: Vec::new(),
                 index: HashMap::default(),
                 hand: 0,
+                tick_cursor: 0,
             }),
             sync_ms: sync_ms.max(1),
         }
@@ -313,29 +324,42 @@ impl<R: Merge + std::fmt::Debug> TieredTable<R> {
             .map(|(written, _)| written)
     }
 
-    /// The tick: merges every changed view at least T old, forgets views
-    /// unused for 2T (merged first). A failed merge keeps the view (and its
-    /// delta) for the next tick.
+    /// The tick: merges changed views at least T old — at most
+    /// [`MAX_TICK_MERGES`], from where the last tick stopped — and forgets
+    /// views unused for 2T once merged. A failed merge keeps the view (and
+    /// its delta) for the next tick. A view left for a later tick is merged
+    /// by its client's next request if that comes first (its view is then
+    /// older than T): the work is spread, never lost.
     pub fn on_tick(&self, store: &dyn SharedStore, now_ms: u64) -> TickStats {
         let mut stats = TickStats::default();
         let Ok(mut views) = self.views.lock() else {
             return stats;
         };
-        let mut i = 0;
-        // Bounded: each step either advances or removes one entry.
-        while i < views.entries.len() {
+        let len = views.entries.len();
+        let start = views.tick_cursor % len.max(1);
+        let mut budget = MAX_TICK_MERGES;
+        let mut resume_at = None;
+        let mut forget: Vec<usize> = Vec::new();
+        for k in 0..len {
+            let i = (start + k) % len;
             // Look before copying: a view is two whole records, and most
             // views need nothing on a given tick.
             let Some((dirty, used_ms, synced_ms)) = views.entries.get(i).map(|v| (v.dirty, v.used_ms, v.synced_ms)) else {
                 break;
             };
             let idle = now_ms.saturating_sub(used_ms) >= self.sync_ms.saturating_mul(2);
-            if dirty && (idle || now_ms.saturating_sub(synced_ms) >= self.sync_ms) {
-                let merged = views.entries.get(i).map(|view| self.merge_view(store, view, now_ms));
-                match merged {
-                    None => break,
+            let due = dirty && (idle || now_ms.saturating_sub(synced_ms) >= self.sync_ms);
+            if due && budget == 0 {
+                resume_at.get_or_insert(i);
+                continue;
+            }
+            let mut clean = !dirty;
+            if due {
+                budget -= 1;
+                match views.entries.get(i).map(|view| self.merge_view(store, view, now_ms)) {
                     Some(Ok(written)) => {
                         stats.merged += 1;
+                        clean = true;
                         if let Some(v) = views.entries.get_mut(i) {
                             v.base = written;
                             v.local = written;
@@ -343,19 +367,20 @@ impl<R: Merge + std::fmt::Debug> TieredTable<R> {
                             v.dirty = false;
                         }
                     }
-                    Some(Err(_)) => {
-                        stats.failed += 1;
-                        i += 1;
-                        continue;
-                    }
+                    _ => stats.failed += 1,
                 }
             }
-            if idle {
-                views.remove_at(i);
-                stats.dropped += 1;
-            } else {
-                i += 1;
+            if idle && clean {
+                forget.push(i);
             }
+        }
+        views.tick_cursor = resume_at.unwrap_or(0);
+        // Highest index first: swap_remove moves the last entry, which is
+        // then never one still to remove.
+        forget.sort_unstable_by(|a, b| b.cmp(a));
+        for i in forget {
+            views.remove_at(i);
+            stats.dropped += 1;
         }
         stats
     }
@@ -372,6 +397,11 @@ mod tests {
 
     fn table(capacity: usize) -> TieredTable<ClientRecord> {
         TieredTable::new(ShardedTable::new("t", "c", 8, 16, 1), capacity, T)
+    }
+
+    /// Room in shared data for a few thousand clients.
+    fn big_table(capacity: usize) -> TieredTable<ClientRecord> {
+        TieredTable::new(ShardedTable::new("t", "c", 512, 16, 1), capacity, T)
     }
 
     /// One request: counts it in window 0; stays local while under `limit / 2`
@@ -476,6 +506,53 @@ mod tests {
         // Within T of b's last read it may still allow; from then on never.
         assert!(penalized(1_000 + T));
         assert!(penalized(1_000 + T + 1));
+    }
+
+    #[test]
+    fn a_tick_merges_a_bounded_number_of_views_and_the_next_ones_go_on_from_there() {
+        let (t, s) = (big_table(2_000), MemoryStore::new());
+        t.create_shards(&s).unwrap();
+        let keys: Vec<u64> = (1..=1_000u64).map(|k| k << 33 | k).collect();
+        // Each view read once (shared), then counted locally twice.
+        for round in 0..3 {
+            for &k in &keys {
+                count(&t, &s, k, 1_000_000, 100 + round);
+            }
+        }
+        let total = |t: &TieredTable<ClientRecord>| keys.iter().map(|&k| t.peek(&s, k).unwrap().map(|r| r.requests).unwrap_or(0)).sum::<u32>();
+        assert_eq!(total(&t), 1_000);
+        let mut merged = Vec::new();
+        for tick in 1..=4u64 {
+            merged.push(t.on_tick(&s, 100 + T + tick).merged);
+        }
+        let budget = MAX_TICK_MERGES;
+        assert_eq!(merged, vec![budget, budget, budget, 1_000 - 3 * budget]);
+        assert_eq!(total(&t), 3_000, "every increment reached shared data");
+    }
+
+    #[test]
+    fn a_view_left_by_the_tick_is_merged_by_its_clients_next_request() {
+        let (t, s) = (big_table(2_000), MemoryStore::new());
+        t.create_shards(&s).unwrap();
+        let keys: Vec<u64> = (1..=600u64).map(|k| k << 33 | k).collect();
+        for round in 0..2 {
+            for &k in &keys {
+                count(&t, &s, k, 1_000_000, 100 + round);
+            }
+        }
+        assert_eq!(t.on_tick(&s, 100 + T).merged, MAX_TICK_MERGES);
+        // The next request of every client: stale views merge their delta on the way.
+        for &k in &keys {
+            count(&t, &s, k, 1_000_000, 100 + T + 1);
+        }
+        // The 344 views the tick left were stale: their request went to
+        // shared data with their delta (3 each); the 256 merged ones were
+        // fresh and counted it locally (2 each in shared data).
+        let shared = |t: &TieredTable<ClientRecord>| keys.iter().map(|&k| t_requests(t, &s, k)).sum::<u32>();
+        let left = 600 - MAX_TICK_MERGES;
+        assert_eq!(shared(&t), 3 * left + 2 * MAX_TICK_MERGES);
+        t.on_tick(&s, 100 + 3 * T);
+        assert_eq!(shared(&t), 3 * 600, "nothing lost");
     }
 
     #[test]
