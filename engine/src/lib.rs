@@ -28,6 +28,7 @@ pub mod shard;
 pub mod sketch;
 pub mod store;
 pub mod tiers;
+pub mod validate;
 pub mod verdict;
 pub mod window;
 pub mod wire;
