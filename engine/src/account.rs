@@ -9,7 +9,7 @@
 
 use crate::codec::{Reader, Writer};
 use crate::profile::{AccountProfile, PROFILE_BYTES};
-use crate::shard::Record;
+use crate::state::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 

@@ -17,7 +17,7 @@
 use crate::codec::{Reader, Writer};
 use crate::config::{FailureMode, ScorerConfig};
 use crate::reason::{Reason, ReasonSet};
-use crate::shard::Record;
+use crate::state::shard::Record;
 use crate::wire::{ScoreAction, ScoreResponse, WIRE_VERSION};
 use std::sync::Mutex;
 

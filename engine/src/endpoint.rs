@@ -11,7 +11,7 @@
 //! has (f32) 4.
 
 use crate::codec::{Reader, Writer};
-use crate::shard::Record;
+use crate::state::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 

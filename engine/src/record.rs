@@ -45,10 +45,10 @@
 //! rate windows by what they count.
 
 use crate::codec::{Reader, Writer};
-use crate::layout::LayoutManifest;
+use crate::state::layout::LayoutManifest;
 use crate::config::MAX_RATE_LIMITS;
 use crate::reason::ReasonSet;
-use crate::shard::Record;
+use crate::state::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 

@@ -6,7 +6,7 @@
 //! home country (2 ASCII letters) 2 · reserved 6 · home_seen_ms 8.
 
 use crate::codec::{Reader, Writer};
-use crate::shard::Record;
+use crate::state::shard::Record;
 use crate::sketch::DistinctWindow;
 
 pub const SESSION_BYTES: usize = 64;

@@ -4,7 +4,7 @@
 use crate::config::Mode;
 use crate::identity::ClientAddr;
 use crate::reason::ReasonSet;
-use crate::store::UpdateStats;
+use crate::state::store::UpdateStats;
 use serde_json::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -187,7 +187,7 @@ impl RequestRate {
     /// limit of 10 or less is always counted in shared data.
     pub fn far_from_limits(&self, base: &ClientRecord, next: &ClientRecord, now_ms: u64) -> bool {
         self.limits.iter().zip(base.rate.iter().zip(next.rate.iter())).all(|(limit, (b, n))| {
-            let unmerged = f64::from(crate::merge::window_delta(b, n));
+            let unmerged = f64::from(crate::state::merge::window_delta(b, n));
             unmerged == 0.0 || (unmerged < limit.requests / 10.0 && n.estimate(now_ms, limit.window_ms) < limit.requests / 2.0)
         })
     }
@@ -199,7 +199,7 @@ mod tests {
     use super::*;
     use super::RateLimit;
     use crate::config::RouteGroup;
-    use crate::shard::Record;
+    use crate::state::shard::Record;
 
     #[test]
     fn fires_only_over_the_limit_and_only_on_its_group() {

@@ -7,7 +7,7 @@ use crate::detectors::Signal;
 use crate::detectors::login::LoginOutcome;
 use crate::detectors::scraping::Scraping;
 use crate::reason::Reason;
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 use crate::verdict::Verdict;
 
 impl Engine {

@@ -10,7 +10,7 @@ use crate::detectors::login::LoginDetector;
 use crate::detectors::login_profile::LoginProfile;
 use crate::identity::ClientAddr;
 use crate::reason::Reason;
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 use crate::verdict::Verdict;
 
 impl Engine {

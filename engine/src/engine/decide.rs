@@ -10,7 +10,7 @@ use crate::detectors::Signal;
 use crate::identity::ClientAddr;
 use crate::reason::{Reason, ReasonSet};
 use crate::record::ClientRecord;
-use crate::store::UpdateStats;
+use crate::state::store::UpdateStats;
 use crate::verdict::{Action, Verdict};
 
 impl Engine {
@@ -70,7 +70,7 @@ impl Engine {
     pub(super) fn verdict(
         &self,
         client: ClientAddr,
-        updated: Result<(Outcome, UpdateStats), crate::store::UpdateFailed>,
+        updated: Result<(Outcome, UpdateStats), crate::state::store::UpdateFailed>,
         mode: Mode,
         now_ms: u64,
     ) -> Verdict {

@@ -5,7 +5,7 @@
 use super::{Engine, FLEET_LEASE_KEY};
 use crate::callout::reasons_from_names;
 use crate::identity::ClientAddr;
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 use crate::wire::{FleetVerdicts, WIRE_VERSION};
 
 impl Engine {

@@ -4,7 +4,7 @@
 
 use super::{Engine, DOMAIN_ROUTE};
 use crate::detectors::spike::{GroupState, Spikes};
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 
 /// Per-VM view of the route groups between ticks (spike detection).
 #[derive(Debug, Default)]

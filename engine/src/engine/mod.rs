@@ -73,8 +73,8 @@ use crate::reason::{Reason, ReasonSet};
 use crate::record::{ClientRecord, RECORD_FORMAT};
 use crate::routes::RouteTable;
 use crate::session::SessionRecord;
-use crate::store::ShardedTable;
-use crate::tiers::TieredTable;
+use crate::state::store::ShardedTable;
+use crate::state::tiers::TieredTable;
 use crate::wire::ScoreRequest;
 use std::sync::Mutex;
 

@@ -14,7 +14,7 @@ use crate::detectors::distributed_stuffing::AttemptSignals;
 use crate::profile::{LoginPlace, asn_number, country_number, device_tag, network_tag};
 use crate::reason::Reason;
 use crate::record::ClientRecord;
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 use crate::verdict::Verdict;
 
 /// What the request tells without the client's record: computed once,
@@ -71,7 +71,7 @@ impl Engine {
         let mut attempt_seen = look.attempt;
         // A quiet client's request stays in this worker's view (see `tiers`).
         let stays_local = |base: &ClientRecord, next: &ClientRecord| {
-            crate::tiers::client_stays_local(base, next, self.rate.as_ref(), now_ms)
+            crate::state::tiers::client_stays_local(base, next, self.rate.as_ref(), now_ms)
         };
         let updated = self.clients.update_local(store, key, now_ms, stays_local, |record| {
             // 2. penalty

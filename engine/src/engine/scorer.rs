@@ -8,7 +8,7 @@ use crate::callout::{CacheLookup, CalloutFailure, Callouts, reasons_from_names};
 use crate::identity::ClientAddr;
 use crate::reason::ReasonSet;
 use crate::record::ClientRecord;
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 use crate::verdict::{Action, CalloutPlan, Verdict};
 use crate::wire::{Features, ScoreAction, ScoreRequest, ScoreResponse, WIRE_VERSION};
 

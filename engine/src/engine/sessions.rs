@@ -4,7 +4,7 @@
 use super::{Engine, RequestFacts, DOMAIN_SESSION, DOMAIN_USER_AGENT};
 use crate::detectors::Signal;
 use crate::detectors::session::country_code;
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 
 impl Engine {
     /// Updates the session's footprint; returns its hash and what it showed.

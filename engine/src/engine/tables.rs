@@ -2,9 +2,9 @@
 //! their layout, at configuration time; their size in shared data.
 
 use super::Engine;
-use crate::layout::Migration;
+use crate::state::layout::Migration;
 use crate::record::migrate_client;
-use crate::store::{ShardedTable, SharedStore};
+use crate::state::store::{ShardedTable, SharedStore};
 
 /// What [`Engine::prepare_state`] did.
 #[derive(Debug, Clone, Default)]
@@ -25,14 +25,14 @@ impl StateReport {
 
 impl Engine {
     /// Creates every shard key (at configuration time).
-    pub fn create_state(&self, store: &dyn SharedStore) -> Result<usize, crate::store::StoreError> {
+    pub fn create_state(&self, store: &dyn SharedStore) -> Result<usize, crate::state::store::StoreError> {
         Ok(self.prepare_state(store, 0)?.created)
     }
 
     /// Creates every shard key and, when this configuration changes a
-    /// table's layout, carries its records over (see [`crate::layout`]):
+    /// table's layout, carries its records over (see [`crate::state::layout`]):
     /// at configuration time, with the host's clock.
-    pub fn prepare_state(&self, store: &dyn SharedStore, now_ms: u64) -> Result<StateReport, crate::store::StoreError> {
+    pub fn prepare_state(&self, store: &dyn SharedStore, now_ms: u64) -> Result<StateReport, crate::state::store::StoreError> {
         let mut report = StateReport::default();
         let mut note = |(written, migration): (usize, Option<Migration>)| {
             report.created += written;

@@ -1,9 +1,9 @@
 //! The engine end to end: every phase, as the host calls them.
 
 use super::*;
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 use crate::verdict::{Action, Verdict};
-use crate::store::MemoryStore;
+use crate::state::store::MemoryStore;
 use std::sync::Arc;
 
 const T0: u64 = 1_700_000_000_000;

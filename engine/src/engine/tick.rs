@@ -5,7 +5,7 @@
 use super::{Engine};
 use crate::detectors::spike::GroupState;
 use crate::endpoint::EndpointRecord;
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 
 impl Engine {
     /// Periodic work of each VM: hands its route-group counts to the shared

@@ -17,11 +17,11 @@
 //! was already read is the few microseconds of the copy; such a write is
 //! lost, never misread. While the old configuration drains, its VMs find
 //! shards of another layout and fail open rather than overwrite them
-//! ([`crate::store::StoreError::OtherLayout`]).
+//! ([`crate::state::store::StoreError::OtherLayout`]).
 //!
-//! [`ShardedTable::adopt_layout`]: crate::store::ShardedTable::adopt_layout
+//! [`ShardedTable::adopt_layout`]: crate::state::store::ShardedTable::adopt_layout
 
-use crate::shard::ShardLayout;
+use crate::state::shard::ShardLayout;
 use serde::{Deserialize, Serialize};
 
 /// A manifest larger than this is not one of ours (read as absent).
@@ -37,7 +37,7 @@ pub struct LayoutManifest {
     pub shards: usize,
     pub slots: usize,
     pub record_bytes: usize,
-    /// The shard header's fingerprint (see [`crate::shard`]).
+    /// The shard header's fingerprint (see [`crate::state::shard`]).
     pub fingerprint: u32,
     /// Record format version (0: the table has none beyond its fingerprint).
     pub format: u16,

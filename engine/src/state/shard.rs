@@ -14,7 +14,7 @@
 //!
 //! A value whose header differs (older build, other config, corrupt) is
 //! never misread: a configuration that changes the layout migrates the
-//! records at configuration time (see [`crate::layout`]); until then a
+//! records at configuration time (see [`crate::state::layout`]); until then a
 //! shard of another layout is left alone, and anything that is not a shard
 //! at all is read as an empty one.
 //!
