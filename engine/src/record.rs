@@ -48,9 +48,74 @@ use crate::codec::{Reader, Writer};
 use crate::state::layout::LayoutManifest;
 use crate::config::MAX_RATE_LIMITS;
 use crate::reason::ReasonSet;
-use crate::state::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
+
+/// A fixed-size record kept in shards (clients, accounts, ...).
+pub trait Record: Copy + Default {
+    /// Encoded size.
+    const BYTES: usize;
+    fn new(key: u64) -> Self;
+    /// Seeded hash of what the record is about; 0 = empty slot.
+    fn key(&self) -> u64;
+    fn encode(&self, out: &mut [u8]);
+    /// Must accept any bytes without panicking.
+    fn decode(bytes: &[u8]) -> Self;
+    /// Records with lower ranks are evicted first.
+    fn eviction_rank(&self, now_ms: u64) -> (bool, u64);
+
+    /// The key of an encoded record, without decoding the rest: probing a
+    /// window must not decode eight whole records. Every layout starts
+    /// with the key.
+    fn key_of(bytes: &[u8]) -> u64 {
+        crate::codec::Reader::new(bytes).u64()
+    }
+
+    /// The eviction rank of an encoded record (decodes it unless overridden).
+    fn rank_of(bytes: &[u8], now_ms: u64) -> (bool, u64) {
+        Self::decode(bytes).eviction_rank(now_ms)
+    }
+}
+
+
+/// The [`Record`] impl every record type shares, written once: `BYTES`,
+/// `new` (an empty record with its key), `key`, and `encode` / `decode`
+/// through the type's own `encode_fields` / `decode_fields` (its layout,
+/// field by field). Eviction is by `last_seen_ms` (oldest first) unless the
+/// record brings its own `eviction_rank` (and `rank_of`) in braces.
+macro_rules! impl_record {
+    ($ty:ident, $bytes:expr) => {
+        $crate::record::impl_record!($ty, $bytes, {
+            fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
+                (false, self.last_seen_ms)
+            }
+        });
+    };
+    ($ty:ident, $bytes:expr, { $($item:item)* }) => {
+        impl $crate::record::Record for $ty {
+            const BYTES: usize = $bytes;
+
+            fn new(key: u64) -> $ty {
+                $ty { key, ..$ty::default() }
+            }
+
+            fn key(&self) -> u64 {
+                self.key
+            }
+
+            fn encode(&self, out: &mut [u8]) {
+                self.encode_fields(&mut $crate::codec::Writer::new(out));
+            }
+
+            fn decode(bytes: &[u8]) -> $ty {
+                $ty::decode_fields(&mut $crate::codec::Reader::new(bytes))
+            }
+
+            $($item)*
+        }
+    };
+}
+pub(crate) use impl_record;
 
 pub const RECORD_FORMAT: u16 = 5;
 pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32 + 4;
@@ -144,22 +209,9 @@ impl ClientRecord {
     }
 }
 
-impl Record for ClientRecord {
-    const BYTES: usize = RECORD_BYTES;
-
-    fn new(key: u64) -> ClientRecord {
-        ClientRecord {
-            key,
-            ..ClientRecord::default()
-        }
-    }
-
-    fn key(&self) -> u64 {
-        self.key
-    }
-
-    fn encode(&self, out: &mut [u8]) {
-        let mut w = Writer::new(out);
+impl ClientRecord {
+    /// Every field, in the order of the layout above.
+    fn encode_fields(&self, w: &mut Writer<'_>) {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.u64(self.first_seen_ms);
@@ -195,8 +247,7 @@ impl Record for ClientRecord {
         w.u32(self.login_attempts);
     }
 
-    fn decode(bytes: &[u8]) -> ClientRecord {
-        let mut r = Reader::new(bytes);
+    fn decode_fields(r: &mut Reader<'_>) -> ClientRecord {
         let key = r.u64();
         let last_seen_ms = r.u64();
         let first_seen_ms = r.u64();
@@ -244,7 +295,9 @@ impl Record for ClientRecord {
             login_attempts: r.u32(),
         }
     }
+}
 
+crate::record::impl_record!(ClientRecord, RECORD_BYTES, {
     /// Idle clients go first, oldest first; clients in the penalty box last,
     /// those whose penalty ends soonest first.
     fn eviction_rank(&self, now_ms: u64) -> (bool, u64) {
@@ -265,7 +318,7 @@ impl Record for ClientRecord {
             (false, last_seen_ms)
         }
     }
-}
+});
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]

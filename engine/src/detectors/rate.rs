@@ -199,7 +199,7 @@ mod tests {
     use super::*;
     use super::RateLimit;
     use crate::config::RouteGroup;
-    use crate::state::shard::Record;
+    use crate::record::Record;
 
     #[test]
     fn fires_only_over_the_limit_and_only_on_its_group() {

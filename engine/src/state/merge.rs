@@ -155,7 +155,7 @@ pub fn window_delta(base: &SlidingWindow, local: &SlidingWindow) -> u32 {
 mod tests {
     use super::*;
     use crate::reason::Reason;
-    use crate::state::shard::Record;
+    use crate::record::Record;
     use proptest::prelude::*;
 
     const W: u64 = 1000;

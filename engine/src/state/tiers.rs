@@ -40,7 +40,7 @@
 
 use crate::detectors::rate::RequestRate;
 use crate::record::ClientRecord;
-use crate::state::shard::Record;
+use crate::record::Record;
 use crate::state::store::{ShardedTable, SharedStore, UpdateFailed, UpdateStats};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
