@@ -7,6 +7,11 @@ use serde::Deserialize;
 
 use crate::validate::{check_finite_range, check_header_name, check_list, check_range, err};
 pub use crate::validate::{parse_cidr, ConfigError};
+// Sections and words that lower layers own (arrows point down: see lib.rs).
+pub use crate::identity::ClientConfig;
+pub use crate::policy::{DetectorAction, Mode};
+pub use crate::record::MAX_RATE_LIMITS;
+pub use crate::routes::RouteGroup;
 // Each detector's section lives with the detector (one detector, one file).
 pub use crate::detectors::distributed_stuffing::DistributedStuffingConfig;
 pub use crate::detectors::enumeration::EnumerationConfig;
@@ -20,8 +25,6 @@ pub use crate::detectors::spike::SpikeConfig;
 
 /// Most route groups an operator may declare (each costs a prefix match per request).
 pub const MAX_ROUTE_GROUPS: usize = 32;
-/// Most rate limits; each one owns a window in every client record.
-pub const MAX_RATE_LIMITS: usize = 4;
 /// Largest plugin configuration accepted (the shipped one is 1.6 KiB).
 pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
 /// Longest address lists: `client.trusted_proxies`, `good_bots[].cidrs`.
@@ -29,17 +32,6 @@ pub const MAX_PROXY_CIDRS: usize = 256;
 /// Longest allowlists: `allowlist.cidrs`, `allowlist.api_keys`.
 pub const MAX_ALLOWLIST: usize = 4096;
 pub const MAX_GOOD_BOTS: usize = 64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Record, tag and count what block mode would do, but never block.
-    #[default]
-    Monitor,
-    /// Block clients whose risk reaches `risk.block_at`.
-    Block,
-}
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -96,72 +88,6 @@ impl Default for Config {
             actions: std::collections::BTreeMap::new(),
         }
     }
-}
-
-/// How a client is identified.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields, default)]
-pub struct ClientConfig {
-    /// CIDRs of proxies/load balancers whose `X-Forwarded-For` is believed.
-    /// Empty (the default) means XFF is never believed.
-    pub trusted_proxies: Vec<String>,
-    /// How many proxies append to XFF in front of Envoy: the client is the
-    /// `trusted_hops`-th address from the right.
-    pub trusted_hops: u32,
-    pub forwarded_for_header: String,
-    /// IPv6 clients are grouped by this prefix length (a /64 is one subscriber).
-    pub ipv6_prefix_len: u8,
-    /// Header carrying an API key, if the API uses one.
-    pub api_key_header: Option<String>,
-    /// Name of the session cookie, if the API uses one.
-    pub session_cookie: Option<String>,
-    /// Claim of the `Authorization: Bearer` JWT naming the subject (decoded, not verified).
-    pub jwt_claim: Option<String>,
-    /// A client is its address *and* its user agent: the people behind one
-    /// office or carrier NAT are judged apart, so one of them abusing the
-    /// API is stopped without stopping the others.
-    pub key_by_user_agent: bool,
-    /// Header that Envoy's `header_mutation` filter, placed before this
-    /// one, fills with the peer address and the request's start time
-    /// (value `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)%
-    /// %TLS_JA4_FINGERPRINT%`, append_action OVERWRITE_IF_EXISTS_OR_ADD):
-    /// read in the header map instead of two host calls (`source.address`,
-    /// the clock). Only set it when that filter is in place, or a client
-    /// could name its own address. Unset: the host calls.
-    pub facts_header: Option<String>,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig {
-            trusted_proxies: Vec::new(),
-            trusted_hops: 1,
-            forwarded_for_header: "x-forwarded-for".to_string(),
-            ipv6_prefix_len: 64,
-            api_key_header: None,
-            session_cookie: None,
-            jwt_claim: None,
-            key_by_user_agent: true,
-            facts_header: None,
-        }
-    }
-}
-
-/// A named part of the API: a path prefix and optionally some methods.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RouteGroup {
-    pub name: String,
-    pub path_prefix: String,
-    /// Empty means every method.
-    #[serde(default)]
-    pub methods: Vec<String>,
-    /// Overrides the global `mode` for requests on this group (e.g. try a
-    /// stricter policy in monitor mode on one route first).
-    #[serde(default)]
-    pub mode: Option<Mode>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -377,23 +303,6 @@ impl Default for GeoConfig {
     fn default() -> Self {
         GeoConfig { country_header: None, asn_header: None, anonymous_headers: Vec::new(), anonymous_weight: 30.0 }
     }
-}
-
-/// What a detector's signal may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(rename_all = "lowercase")]
-pub enum DetectorAction {
-    /// Adds its weight to the risk; can block.
-    Block,
-    /// Adds its weight but can never, alone, lift the risk to `block_at`.
-    Tag,
-    /// Counted and shown in stats and reasons; adds no risk.
-    Monitor,
-    /// Refuses this one request (429) and adds no risk: for volume, where
-    /// the excess is shed and the penalty box is kept for abuse evidence.
-    /// With other blocking evidence on the client, counts as `block`.
-    Shed,
 }
 
 impl Config {

@@ -41,12 +41,10 @@
 //! another format are never misread. The first [`STABLE_PREFIX_BYTES`]
 //! (key to requests) never move, whatever the format: a reload that loads
 //! another format carries the penalty box, risk and timestamps over
-//! ([`migrate_client`]); a reload with the same format carries everything,
+//! ([`migrate_client`](crate::state::layout::migrate_client)); a reload with the same format carries everything,
 //! rate windows by what they count.
 
 use crate::codec::{Reader, Writer};
-use crate::state::layout::LayoutManifest;
-use crate::config::MAX_RATE_LIMITS;
 use crate::reason::ReasonSet;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
@@ -117,43 +115,14 @@ macro_rules! impl_record {
 }
 pub(crate) use impl_record;
 
+/// Most rate limits (`rate.limits`); each one owns a window in every client record.
+pub const MAX_RATE_LIMITS: usize = 4;
+
 pub const RECORD_FORMAT: u16 = 5;
 pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32 + 4;
 
 /// Bytes at the start of every record format that never change meaning.
 pub const STABLE_PREFIX_BYTES: usize = 48;
-
-/// Carries a client record over a layout change. Same format: the whole
-/// record, each rate window moved to where the new configuration counts the
-/// same thing (route group, window, anonymous only) and reset when none does.
-/// Another format: the stable prefix (penalty box, risk, timestamps).
-pub fn migrate_client(old: &LayoutManifest, new: &LayoutManifest, bytes: &[u8]) -> Option<ClientRecord> {
-    let decoded = ClientRecord::decode(bytes);
-    if decoded.key == 0 {
-        return None;
-    }
-    if old.format == new.format && old.record_bytes == new.record_bytes {
-        let mut rate = [SlidingWindow::default(); MAX_RATE_LIMITS];
-        for (dst, from) in rate.iter_mut().zip(old.field_map(new)) {
-            if let Some(window) = from.and_then(|i| decoded.rate.get(i)) {
-                *dst = *window;
-            }
-        }
-        return Some(ClientRecord { rate, ..decoded });
-    }
-    let prefix = ClientRecord::decode(bytes.get(..STABLE_PREFIX_BYTES).unwrap_or(bytes));
-    Some(ClientRecord {
-        key: prefix.key,
-        last_seen_ms: prefix.last_seen_ms,
-        first_seen_ms: prefix.first_seen_ms,
-        penalty_until_ms: prefix.penalty_until_ms,
-        penalty_reasons: prefix.penalty_reasons,
-        recent_reasons: prefix.recent_reasons,
-        risk: prefix.risk,
-        requests: prefix.requests,
-        ..ClientRecord::default()
-    })
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ClientRecord {
@@ -344,41 +313,6 @@ mod tests {
         assert_eq!(&bytes[0..8], &0x0102_0304_0506_0708u64.to_le_bytes());
         assert_eq!(&bytes[40..44], &1.5f32.to_le_bytes());
         assert_eq!(&bytes[236..240], &9u32.to_le_bytes());
-    }
-
-    fn manifest(format: u16, fields: &[&str]) -> LayoutManifest {
-        LayoutManifest {
-            shards: 4,
-            slots: 16,
-            record_bytes: RECORD_BYTES,
-            fingerprint: 1,
-            format,
-            fields: fields.iter().map(|f| f.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn migration_moves_rate_windows_by_what_they_count() {
-        let mut r = ClientRecord::new(9);
-        r.penalty_until_ms = 5000;
-        r.risk = 80.0;
-        r.login_successes = 3;
-        r.rate[0] = SlidingWindow { start_ms: 1, current: 10, previous: 0 };
-        r.rate[1] = SlidingWindow { start_ms: 2, current: 20, previous: 0 };
-        let mut bytes = [0u8; RECORD_BYTES];
-        r.encode(&mut bytes);
-        let old = manifest(RECORD_FORMAT, &["*/10s", "api/60s"]);
-        let new = manifest(RECORD_FORMAT, &["api/60s", "*/20s"]);
-        let m = migrate_client(&old, &new, &bytes).unwrap();
-        assert_eq!((m.penalty_until_ms, m.risk, m.login_successes), (5000, 80.0, 3));
-        assert_eq!(m.rate[0].current, 20, "api/60s moved to its new place");
-        assert_eq!(m.rate[1], SlidingWindow::default(), "*/20s counts something else: reset");
-        // Another record format: the stable prefix only.
-        let other = manifest(RECORD_FORMAT + 1, &["*/10s", "api/60s"]);
-        let m = migrate_client(&other, &old, &bytes).unwrap();
-        assert_eq!((m.key, m.penalty_until_ms, m.risk, m.login_successes), (9, 5000, 80.0, 0));
-        assert_eq!(m.rate[0], SlidingWindow::default());
-        assert!(migrate_client(&old, &new, &[0u8; RECORD_BYTES]).is_none());
     }
 
     #[test]

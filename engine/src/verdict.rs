@@ -1,7 +1,7 @@
 //! What the filter does with a request, and how it says so: the local reply
 //! body, the upstream headers, the structured log line.
 
-use crate::config::Mode;
+use crate::policy::Mode;
 use crate::identity::ClientAddr;
 use crate::reason::ReasonSet;
 use crate::state::store::UpdateStats;

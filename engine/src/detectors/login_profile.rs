@@ -26,7 +26,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::account::AccountRecord;
-use crate::config::DetectorAction;
+use crate::policy::DetectorAction;
 use crate::validate::{check_finite_range, check_header_name, check_range, err, ConfigError};
 use crate::profile::LoginPlace;
 

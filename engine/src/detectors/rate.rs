@@ -7,7 +7,8 @@
 //! - over the threshold: `rate_limit`, `weight` per request over `requests` (`shed` by default: the excess is refused with 429, no penalty box).
 
 use super::Signal;
-use crate::config::{RouteGroup, MAX_RATE_LIMITS};
+use crate::record::MAX_RATE_LIMITS;
+use crate::routes::RouteGroup;
 use crate::reason::Reason;
 use crate::record::ClientRecord;
 use crate::routes::{RouteMatch, RouteTable};
@@ -198,7 +199,6 @@ impl RequestRate {
 mod tests {
     use super::*;
     use super::RateLimit;
-    use crate::config::RouteGroup;
     use crate::record::Record;
 
     #[test]

@@ -20,6 +20,7 @@
 //! - over the threshold: `session_sharing` (`weight`), `session_churn` (`churn_weight`, tags), `impossible_travel` (`travel_weight`).
 
 use super::Signal;
+pub use crate::profile::country_code;
 use crate::reason::Reason;
 use crate::record::ClientRecord;
 use crate::session::SessionRecord;
@@ -84,17 +85,6 @@ pub struct Sessions {
     config: SessionConfig,
     window_ms: u64,
     min_travel_ms: u64,
-}
-
-/// A two-letter country code, if the header holds one.
-pub fn country_code(header: &str) -> Option<[u8; 2]> {
-    let b = header.trim().as_bytes();
-    match b {
-        [a, c] if a.is_ascii_alphabetic() && c.is_ascii_alphabetic() => {
-            Some([a.to_ascii_uppercase(), c.to_ascii_uppercase()])
-        }
-        _ => None,
-    }
 }
 
 impl Sessions {

@@ -71,7 +71,9 @@ impl Engine {
         let mut attempt_seen = look.attempt;
         // A quiet client's request stays in this worker's view (see `tiers`).
         let stays_local = |base: &ClientRecord, next: &ClientRecord| {
-            crate::state::tiers::client_stays_local(base, next, self.rate.as_ref(), now_ms)
+            crate::state::tiers::client_stays_local(base, next, now_ms, |base, next| {
+                self.rate.as_ref().is_none_or(|r| r.far_from_limits(base, next, now_ms))
+            })
         };
         let updated = self.clients.update_local(store, key, now_ms, stays_local, |record| {
             // 2. penalty

@@ -2,8 +2,7 @@
 //! their layout, at configuration time; their size in shared data.
 
 use super::Engine;
-use crate::state::layout::Migration;
-use crate::record::migrate_client;
+use crate::state::layout::{migrate_client, Migration};
 use crate::state::store::{ShardedTable, SharedStore};
 
 /// What [`Engine::prepare_state`] did.

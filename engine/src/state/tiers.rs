@@ -38,7 +38,6 @@
 //!   less than a tenth more before it goes to shared data; limits of 10 or
 //!   less are always counted in shared data, exactly.
 
-use crate::detectors::rate::RequestRate;
 use crate::record::ClientRecord;
 use crate::record::Record;
 use crate::state::store::{ShardedTable, SharedStore, UpdateFailed, UpdateStats};
@@ -62,12 +61,19 @@ impl Merge for ClientRecord {
 /// Whether a request's change to a client may stay in the worker's view:
 /// nothing but counts and times changed, no risk or penalty, and no rate
 /// limit near (see the module docs).
-pub fn client_stays_local(base: &ClientRecord, next: &ClientRecord, rate: Option<&RequestRate>, now_ms: u64) -> bool {
+/// `far_from_limits` is the rate detector's part of the rule (the state
+/// tiers sit below the detectors: they are told, not asked).
+pub fn client_stays_local(
+    base: &ClientRecord,
+    next: &ClientRecord,
+    now_ms: u64,
+    far_from_limits: impl FnOnce(&ClientRecord, &ClientRecord) -> bool,
+) -> bool {
     next.risk < 1.0
         && next.recent_reasons.is_empty()
         && !next.penalized_at(now_ms)
         && crate::state::merge::only_free_fields_changed(base, next)
-        && rate.is_none_or(|r| r.far_from_limits(base, next, now_ms))
+        && far_from_limits(base, next)
 }
 
 /// Keys are seeded hashes already: no need to hash them again.
