@@ -9,7 +9,6 @@
 
 use crate::codec::{Reader, Writer};
 use crate::profile::{AccountProfile, PROFILE_BYTES};
-use crate::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
@@ -25,47 +24,35 @@ pub struct AccountRecord {
     pub profile: AccountProfile,
 }
 
-impl Record for AccountRecord {
-    const BYTES: usize = ACCOUNT_BYTES;
-
-    fn new(key: u64) -> AccountRecord {
-        AccountRecord { key, ..AccountRecord::default() }
-    }
-
-    fn key(&self) -> u64 {
-        self.key
-    }
-
-    fn encode(&self, out: &mut [u8]) {
-        let mut w = Writer::new(out);
+impl AccountRecord {
+    /// Every field, in the order of the layout above.
+    fn encode_fields(&self, w: &mut Writer<'_>) {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.window(&self.failures);
         w.distinct(&self.failing_clients);
         w.u64(self.last_failure_ms);
-        self.profile.encode(&mut w);
+        self.profile.encode(w);
     }
 
-    fn decode(bytes: &[u8]) -> AccountRecord {
-        let mut r = Reader::new(bytes);
+    fn decode_fields(r: &mut Reader<'_>) -> AccountRecord {
         AccountRecord {
             key: r.u64(),
             last_seen_ms: r.u64(),
             failures: r.window(),
             failing_clients: r.distinct(),
             last_failure_ms: r.u64(),
-            profile: AccountProfile::decode(&mut r),
+            profile: AccountProfile::decode(r),
         }
     }
-
-    fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
-        (false, self.last_seen_ms)
-    }
 }
+
+crate::record::impl_record!(AccountRecord, ACCOUNT_BYTES);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Record;
     use crate::profile::LoginPlace;
 
     #[test]

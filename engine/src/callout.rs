@@ -17,7 +17,6 @@
 use crate::codec::{Reader, Writer};
 use crate::config::{FailureMode, ScorerConfig};
 use crate::reason::{Reason, ReasonSet};
-use crate::shard::Record;
 use crate::wire::{ScoreAction, ScoreResponse, WIRE_VERSION};
 use std::sync::Mutex;
 
@@ -37,19 +36,9 @@ pub struct VerdictRecord {
     pub reasons: ReasonSet,
 }
 
-impl Record for VerdictRecord {
-    const BYTES: usize = VERDICT_BYTES;
-
-    fn new(key: u64) -> VerdictRecord {
-        VerdictRecord { key, ..VerdictRecord::default() }
-    }
-
-    fn key(&self) -> u64 {
-        self.key
-    }
-
-    fn encode(&self, out: &mut [u8]) {
-        let mut w = Writer::new(out);
+impl VerdictRecord {
+    /// Every field, in the order of the layout above.
+    fn encode_fields(&self, w: &mut Writer<'_>) {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.u64(self.valid_until_ms);
@@ -60,8 +49,7 @@ impl Record for VerdictRecord {
         w.u32(0);
     }
 
-    fn decode(bytes: &[u8]) -> VerdictRecord {
-        let mut r = Reader::new(bytes);
+    fn decode_fields(r: &mut Reader<'_>) -> VerdictRecord {
         let key = r.u64();
         let last_seen_ms = r.u64();
         let valid_until_ms = r.u64();
@@ -77,11 +65,9 @@ impl Record for VerdictRecord {
             reasons: ReasonSet::from_bits(r.u32()),
         }
     }
-
-    fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
-        (false, self.last_seen_ms)
-    }
 }
+
+crate::record::impl_record!(VerdictRecord, VERDICT_BYTES);
 
 fn action_code(action: ScoreAction) -> u32 {
     match action {
@@ -297,6 +283,7 @@ impl Callouts {
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::record::Record;
 
     fn callouts() -> Callouts {
         Callouts::new(&ScorerConfig { enabled: true, ..ScorerConfig::default() }).unwrap()

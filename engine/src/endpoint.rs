@@ -11,7 +11,6 @@
 //! has (f32) 4.
 
 use crate::codec::{Reader, Writer};
-use crate::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
@@ -56,19 +55,9 @@ impl EndpointRecord {
     }
 }
 
-impl Record for EndpointRecord {
-    const BYTES: usize = ENDPOINT_BYTES;
-
-    fn new(key: u64) -> EndpointRecord {
-        EndpointRecord { key, ..EndpointRecord::default() }
-    }
-
-    fn key(&self) -> u64 {
-        self.key
-    }
-
-    fn encode(&self, out: &mut [u8]) {
-        let mut w = Writer::new(out);
+impl EndpointRecord {
+    /// Every field, in the order of the layout above.
+    fn encode_fields(&self, w: &mut Writer<'_>) {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.window(&self.attempts);
@@ -82,8 +71,7 @@ impl Record for EndpointRecord {
         w.f32(self.unknown_baseline);
     }
 
-    fn decode(bytes: &[u8]) -> EndpointRecord {
-        let mut r = Reader::new(bytes);
+    fn decode_fields(r: &mut Reader<'_>) -> EndpointRecord {
         let key = r.u64();
         let last_seen_ms = r.u64();
         let attempts = r.window();
@@ -104,11 +92,9 @@ impl Record for EndpointRecord {
             unknown_baseline: unit(r.f32()),
         }
     }
-
-    fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
-        (false, self.last_seen_ms)
-    }
 }
+
+crate::record::impl_record!(EndpointRecord, ENDPOINT_BYTES);
 
 /// One password (a keyed hash, the key rotating every window so that no
 /// hash outlives it) and the accounts it was tried on: a spray tries one
@@ -125,33 +111,20 @@ pub struct SprayRecord {
 
 pub const SPRAY_BYTES: usize = 32;
 
-impl Record for SprayRecord {
-    const BYTES: usize = SPRAY_BYTES;
-
-    fn new(key: u64) -> SprayRecord {
-        SprayRecord { key, ..SprayRecord::default() }
-    }
-
-    fn key(&self) -> u64 {
-        self.key
-    }
-
-    fn encode(&self, out: &mut [u8]) {
-        let mut w = Writer::new(out);
+impl SprayRecord {
+    /// Every field, in the order of the layout above.
+    fn encode_fields(&self, w: &mut Writer<'_>) {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.distinct(&self.accounts);
     }
 
-    fn decode(bytes: &[u8]) -> SprayRecord {
-        let mut r = Reader::new(bytes);
+    fn decode_fields(r: &mut Reader<'_>) -> SprayRecord {
         SprayRecord { key: r.u64(), last_seen_ms: r.u64(), accounts: r.distinct() }
     }
-
-    fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
-        (false, self.last_seen_ms)
-    }
 }
+
+crate::record::impl_record!(SprayRecord, SPRAY_BYTES);
 
 /// A client fingerprint's login outcomes (user agent + header-name order):
 /// a tool rotating addresses keeps its fingerprint. Only fingerprints that
@@ -169,38 +142,26 @@ pub struct FingerprintRecord {
 
 pub const FINGERPRINT_BYTES: usize = 48;
 
-impl Record for FingerprintRecord {
-    const BYTES: usize = FINGERPRINT_BYTES;
-
-    fn new(key: u64) -> FingerprintRecord {
-        FingerprintRecord { key, ..FingerprintRecord::default() }
-    }
-
-    fn key(&self) -> u64 {
-        self.key
-    }
-
-    fn encode(&self, out: &mut [u8]) {
-        let mut w = Writer::new(out);
+impl FingerprintRecord {
+    /// Every field, in the order of the layout above.
+    fn encode_fields(&self, w: &mut Writer<'_>) {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.window(&self.failures);
         w.window(&self.successes);
     }
 
-    fn decode(bytes: &[u8]) -> FingerprintRecord {
-        let mut r = Reader::new(bytes);
+    fn decode_fields(r: &mut Reader<'_>) -> FingerprintRecord {
         FingerprintRecord { key: r.u64(), last_seen_ms: r.u64(), failures: r.window(), successes: r.window() }
     }
-
-    fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
-        (false, self.last_seen_ms)
-    }
 }
+
+crate::record::impl_record!(FingerprintRecord, FINGERPRINT_BYTES);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Record;
 
     #[test]
     fn codecs_round_trip() {

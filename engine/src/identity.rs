@@ -7,10 +7,64 @@
 //! for detectors and logs. They are chosen by the client, so per-client state
 //! is keyed on the address, never on them.
 
-use crate::config::{parse_cidr, ClientConfig, ConfigError};
+use crate::validate::{parse_cidr, ConfigError};
+use serde::Deserialize;
 use base64::Engine as _;
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+// ---- configuration (`client`) ----
+
+/// How a client is identified.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// CIDRs of proxies/load balancers whose `X-Forwarded-For` is believed.
+    /// Empty (the default) means XFF is never believed.
+    pub trusted_proxies: Vec<String>,
+    /// How many proxies append to XFF in front of Envoy: the client is the
+    /// `trusted_hops`-th address from the right.
+    pub trusted_hops: u32,
+    pub forwarded_for_header: String,
+    /// IPv6 clients are grouped by this prefix length (a /64 is one subscriber).
+    pub ipv6_prefix_len: u8,
+    /// Header carrying an API key, if the API uses one.
+    pub api_key_header: Option<String>,
+    /// Name of the session cookie, if the API uses one.
+    pub session_cookie: Option<String>,
+    /// Claim of the `Authorization: Bearer` JWT naming the subject (decoded, not verified).
+    pub jwt_claim: Option<String>,
+    /// A client is its address *and* its user agent: the people behind one
+    /// office or carrier NAT are judged apart, so one of them abusing the
+    /// API is stopped without stopping the others.
+    pub key_by_user_agent: bool,
+    /// Header that Envoy's `header_mutation` filter, placed before this
+    /// one, fills with the peer address and the request's start time
+    /// (value `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)%
+    /// %TLS_JA4_FINGERPRINT%`, append_action OVERWRITE_IF_EXISTS_OR_ADD):
+    /// read in the header map instead of two host calls (`source.address`,
+    /// the clock). Only set it when that filter is in place, or a client
+    /// could name its own address. Unset: the host calls.
+    pub facts_header: Option<String>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            trusted_proxies: Vec::new(),
+            trusted_hops: 1,
+            forwarded_for_header: "x-forwarded-for".to_string(),
+            ipv6_prefix_len: 64,
+            api_key_header: None,
+            session_cookie: None,
+            jwt_claim: None,
+            key_by_user_agent: true,
+            facts_header: None,
+        }
+    }
+}
+
 
 /// Longest header value we look into; longer ones are ignored, not truncated.
 pub const MAX_HEADER_LEN: usize = 8192;

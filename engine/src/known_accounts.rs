@@ -19,7 +19,7 @@
 //! Envoy of the fleet hashes a username alike, so the scorer can keep the
 //! same bits in Redis across restarts and hand them to a fresh Envoy).
 
-use crate::store::{SharedStore, StoreError};
+use crate::state::store::{SharedStore, StoreError};
 
 pub const SHARDS: usize = 1024;
 const MAGIC: [u8; 4] = *b"KA01";
@@ -160,7 +160,7 @@ fn set_bit(value: &mut [u8], b: u32) {
 mod tests {
     use super::*;
     use crate::hash::KeyedHasher;
-    use crate::store::MemoryStore;
+    use crate::state::store::MemoryStore;
 
     #[test]
     fn inserted_accounts_are_known_and_others_mostly_not() {

@@ -208,7 +208,7 @@ pub fn network_tag(client: &crate::identity::ClientAddr) -> u32 {
 
 /// A two-letter country code (the GeoIP header) as a number (0: none or malformed).
 pub fn country_number(code: Option<&str>) -> u32 {
-    code.and_then(crate::detectors::session::country_code).map(|c| u32::from(u16::from_le_bytes(c))).unwrap_or(0)
+    code.and_then(country_code).map(|c| u32::from(u16::from_le_bytes(c))).unwrap_or(0)
 }
 
 /// An ASN header value (`15169`, or `AS15169`) as a number (0: none).
@@ -216,6 +216,17 @@ pub fn asn_number(value: Option<&str>) -> u32 {
     let v = value.unwrap_or("").trim();
     let digits = v.strip_prefix("AS").or_else(|| v.strip_prefix("as")).unwrap_or(v);
     digits.parse().unwrap_or(0)
+}
+
+/// A two-letter country code, if the header holds one.
+pub fn country_code(header: &str) -> Option<[u8; 2]> {
+    let b = header.trim().as_bytes();
+    match b {
+        [a, c] if a.is_ascii_alphabetic() && c.is_ascii_alphabetic() => {
+            Some([a.to_ascii_uppercase(), c.to_ascii_uppercase()])
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -75,7 +75,7 @@ impl Reason {
 
     /// The action a reason has unless configured otherwise: weak or
     /// collateral-prone signals only tag.
-    pub fn default_action(self) -> crate::config::DetectorAction {
+    pub fn default_action(self) -> crate::policy::DetectorAction {
         match self {
             // A partner ramping up is a spike too: its drivers are marked;
             // rate limits (or `"endpoint_spike": "block"`) stop floods.
@@ -86,12 +86,12 @@ impl Reason {
             | Reason::EndpointSpike
             | Reason::MachineRhythm
             | Reason::Anomaly => {
-                crate::config::DetectorAction::Tag
+                crate::policy::DetectorAction::Tag
             }
             // Over a rate is volume, not intent: shed the excess, keep the
             // penalty box for evidence of abuse (a NAT is many people).
-            Reason::RateLimit => crate::config::DetectorAction::Shed,
-            _ => crate::config::DetectorAction::Block,
+            Reason::RateLimit => crate::policy::DetectorAction::Shed,
+            _ => crate::policy::DetectorAction::Block,
         }
     }
 

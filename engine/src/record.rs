@@ -41,54 +41,88 @@
 //! another format are never misread. The first [`STABLE_PREFIX_BYTES`]
 //! (key to requests) never move, whatever the format: a reload that loads
 //! another format carries the penalty box, risk and timestamps over
-//! ([`migrate_client`]); a reload with the same format carries everything,
+//! ([`migrate_client`](crate::state::layout::migrate_client)); a reload with the same format carries everything,
 //! rate windows by what they count.
 
 use crate::codec::{Reader, Writer};
-use crate::layout::LayoutManifest;
-use crate::config::MAX_RATE_LIMITS;
 use crate::reason::ReasonSet;
-use crate::shard::Record;
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
+
+/// A fixed-size record kept in shards (clients, accounts, ...).
+pub trait Record: Copy + Default {
+    /// Encoded size.
+    const BYTES: usize;
+    fn new(key: u64) -> Self;
+    /// Seeded hash of what the record is about; 0 = empty slot.
+    fn key(&self) -> u64;
+    fn encode(&self, out: &mut [u8]);
+    /// Must accept any bytes without panicking.
+    fn decode(bytes: &[u8]) -> Self;
+    /// Records with lower ranks are evicted first.
+    fn eviction_rank(&self, now_ms: u64) -> (bool, u64);
+
+    /// The key of an encoded record, without decoding the rest: probing a
+    /// window must not decode eight whole records. Every layout starts
+    /// with the key.
+    fn key_of(bytes: &[u8]) -> u64 {
+        crate::codec::Reader::new(bytes).u64()
+    }
+
+    /// The eviction rank of an encoded record (decodes it unless overridden).
+    fn rank_of(bytes: &[u8], now_ms: u64) -> (bool, u64) {
+        Self::decode(bytes).eviction_rank(now_ms)
+    }
+}
+
+
+/// The [`Record`] impl every record type shares, written once: `BYTES`,
+/// `new` (an empty record with its key), `key`, and `encode` / `decode`
+/// through the type's own `encode_fields` / `decode_fields` (its layout,
+/// field by field). Eviction is by `last_seen_ms` (oldest first) unless the
+/// record brings its own `eviction_rank` (and `rank_of`) in braces.
+macro_rules! impl_record {
+    ($ty:ident, $bytes:expr) => {
+        $crate::record::impl_record!($ty, $bytes, {
+            fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
+                (false, self.last_seen_ms)
+            }
+        });
+    };
+    ($ty:ident, $bytes:expr, { $($item:item)* }) => {
+        impl $crate::record::Record for $ty {
+            const BYTES: usize = $bytes;
+
+            fn new(key: u64) -> $ty {
+                $ty { key, ..$ty::default() }
+            }
+
+            fn key(&self) -> u64 {
+                self.key
+            }
+
+            fn encode(&self, out: &mut [u8]) {
+                self.encode_fields(&mut $crate::codec::Writer::new(out));
+            }
+
+            fn decode(bytes: &[u8]) -> $ty {
+                $ty::decode_fields(&mut $crate::codec::Reader::new(bytes))
+            }
+
+            $($item)*
+        }
+    };
+}
+pub(crate) use impl_record;
+
+/// Most rate limits (`rate.limits`); each one owns a window in every client record.
+pub const MAX_RATE_LIMITS: usize = 4;
 
 pub const RECORD_FORMAT: u16 = 5;
 pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32 + 4;
 
 /// Bytes at the start of every record format that never change meaning.
 pub const STABLE_PREFIX_BYTES: usize = 48;
-
-/// Carries a client record over a layout change. Same format: the whole
-/// record, each rate window moved to where the new configuration counts the
-/// same thing (route group, window, anonymous only) and reset when none does.
-/// Another format: the stable prefix (penalty box, risk, timestamps).
-pub fn migrate_client(old: &LayoutManifest, new: &LayoutManifest, bytes: &[u8]) -> Option<ClientRecord> {
-    let decoded = ClientRecord::decode(bytes);
-    if decoded.key == 0 {
-        return None;
-    }
-    if old.format == new.format && old.record_bytes == new.record_bytes {
-        let mut rate = [SlidingWindow::default(); MAX_RATE_LIMITS];
-        for (dst, from) in rate.iter_mut().zip(old.field_map(new)) {
-            if let Some(window) = from.and_then(|i| decoded.rate.get(i)) {
-                *dst = *window;
-            }
-        }
-        return Some(ClientRecord { rate, ..decoded });
-    }
-    let prefix = ClientRecord::decode(bytes.get(..STABLE_PREFIX_BYTES).unwrap_or(bytes));
-    Some(ClientRecord {
-        key: prefix.key,
-        last_seen_ms: prefix.last_seen_ms,
-        first_seen_ms: prefix.first_seen_ms,
-        penalty_until_ms: prefix.penalty_until_ms,
-        penalty_reasons: prefix.penalty_reasons,
-        recent_reasons: prefix.recent_reasons,
-        risk: prefix.risk,
-        requests: prefix.requests,
-        ..ClientRecord::default()
-    })
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ClientRecord {
@@ -144,22 +178,9 @@ impl ClientRecord {
     }
 }
 
-impl Record for ClientRecord {
-    const BYTES: usize = RECORD_BYTES;
-
-    fn new(key: u64) -> ClientRecord {
-        ClientRecord {
-            key,
-            ..ClientRecord::default()
-        }
-    }
-
-    fn key(&self) -> u64 {
-        self.key
-    }
-
-    fn encode(&self, out: &mut [u8]) {
-        let mut w = Writer::new(out);
+impl ClientRecord {
+    /// Every field, in the order of the layout above.
+    fn encode_fields(&self, w: &mut Writer<'_>) {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.u64(self.first_seen_ms);
@@ -195,8 +216,7 @@ impl Record for ClientRecord {
         w.u32(self.login_attempts);
     }
 
-    fn decode(bytes: &[u8]) -> ClientRecord {
-        let mut r = Reader::new(bytes);
+    fn decode_fields(r: &mut Reader<'_>) -> ClientRecord {
         let key = r.u64();
         let last_seen_ms = r.u64();
         let first_seen_ms = r.u64();
@@ -244,7 +264,9 @@ impl Record for ClientRecord {
             login_attempts: r.u32(),
         }
     }
+}
 
+crate::record::impl_record!(ClientRecord, RECORD_BYTES, {
     /// Idle clients go first, oldest first; clients in the penalty box last,
     /// those whose penalty ends soonest first.
     fn eviction_rank(&self, now_ms: u64) -> (bool, u64) {
@@ -265,7 +287,7 @@ impl Record for ClientRecord {
             (false, last_seen_ms)
         }
     }
-}
+});
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
@@ -291,41 +313,6 @@ mod tests {
         assert_eq!(&bytes[0..8], &0x0102_0304_0506_0708u64.to_le_bytes());
         assert_eq!(&bytes[40..44], &1.5f32.to_le_bytes());
         assert_eq!(&bytes[236..240], &9u32.to_le_bytes());
-    }
-
-    fn manifest(format: u16, fields: &[&str]) -> LayoutManifest {
-        LayoutManifest {
-            shards: 4,
-            slots: 16,
-            record_bytes: RECORD_BYTES,
-            fingerprint: 1,
-            format,
-            fields: fields.iter().map(|f| f.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn migration_moves_rate_windows_by_what_they_count() {
-        let mut r = ClientRecord::new(9);
-        r.penalty_until_ms = 5000;
-        r.risk = 80.0;
-        r.login_successes = 3;
-        r.rate[0] = SlidingWindow { start_ms: 1, current: 10, previous: 0 };
-        r.rate[1] = SlidingWindow { start_ms: 2, current: 20, previous: 0 };
-        let mut bytes = [0u8; RECORD_BYTES];
-        r.encode(&mut bytes);
-        let old = manifest(RECORD_FORMAT, &["*/10s", "api/60s"]);
-        let new = manifest(RECORD_FORMAT, &["api/60s", "*/20s"]);
-        let m = migrate_client(&old, &new, &bytes).unwrap();
-        assert_eq!((m.penalty_until_ms, m.risk, m.login_successes), (5000, 80.0, 3));
-        assert_eq!(m.rate[0].current, 20, "api/60s moved to its new place");
-        assert_eq!(m.rate[1], SlidingWindow::default(), "*/20s counts something else: reset");
-        // Another record format: the stable prefix only.
-        let other = manifest(RECORD_FORMAT + 1, &["*/10s", "api/60s"]);
-        let m = migrate_client(&other, &old, &bytes).unwrap();
-        assert_eq!((m.key, m.penalty_until_ms, m.risk, m.login_successes), (9, 5000, 80.0, 0));
-        assert_eq!(m.rate[0], SlidingWindow::default());
-        assert!(migrate_client(&old, &new, &[0u8; RECORD_BYTES]).is_none());
     }
 
     #[test]

@@ -1,7 +1,27 @@
 //! Route groups: named parts of the API (path prefix + methods) that
 //! detectors are scoped to. Matching is on the path without its query.
 
-use crate::config::{Mode, RouteGroup};
+use crate::policy::Mode;
+use serde::Deserialize;
+
+// ---- configuration (`route_groups[]`) ----
+
+/// A named part of the API: a path prefix and optionally some methods.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RouteGroup {
+    pub name: String,
+    pub path_prefix: String,
+    /// Empty means every method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Overrides the global `mode` for requests on this group (e.g. try a
+    /// stricter policy in monitor mode on one route first).
+    #[serde(default)]
+    pub mode: Option<Mode>,
+}
+
 
 /// Set of matching route groups, as a bit set over their config order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -6,7 +6,6 @@
 //! home country (2 ASCII letters) 2 · reserved 6 · home_seen_ms 8.
 
 use crate::codec::{Reader, Writer};
-use crate::shard::Record;
 use crate::sketch::DistinctWindow;
 
 pub const SESSION_BYTES: usize = 64;
@@ -23,19 +22,9 @@ pub struct SessionRecord {
     pub home_seen_ms: u64,
 }
 
-impl Record for SessionRecord {
-    const BYTES: usize = SESSION_BYTES;
-
-    fn new(key: u64) -> SessionRecord {
-        SessionRecord { key, ..SessionRecord::default() }
-    }
-
-    fn key(&self) -> u64 {
-        self.key
-    }
-
-    fn encode(&self, out: &mut [u8]) {
-        let mut w = Writer::new(out);
+impl SessionRecord {
+    /// Every field, in the order of the layout above.
+    fn encode_fields(&self, w: &mut Writer<'_>) {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.distinct(&self.clients);
@@ -45,8 +34,7 @@ impl Record for SessionRecord {
         w.u64(self.home_seen_ms);
     }
 
-    fn decode(bytes: &[u8]) -> SessionRecord {
-        let mut r = Reader::new(bytes);
+    fn decode_fields(r: &mut Reader<'_>) -> SessionRecord {
         let key = r.u64();
         let last_seen_ms = r.u64();
         let clients = r.distinct();
@@ -55,15 +43,14 @@ impl Record for SessionRecord {
         let _reserved: [u8; 6] = r.take();
         SessionRecord { key, last_seen_ms, clients, user_agents, home_country, home_seen_ms: r.u64() }
     }
-
-    fn eviction_rank(&self, _now_ms: u64) -> (bool, u64) {
-        (false, self.last_seen_ms)
-    }
 }
+
+crate::record::impl_record!(SessionRecord, SESSION_BYTES);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Record;
 
     #[test]
     fn codec_round_trips() {

@@ -1,10 +1,10 @@
 //! What the filter does with a request, and how it says so: the local reply
 //! body, the upstream headers, the structured log line.
 
-use crate::config::Mode;
+use crate::policy::Mode;
 use crate::identity::ClientAddr;
 use crate::reason::ReasonSet;
-use crate::store::UpdateStats;
+use crate::state::store::UpdateStats;
 use serde_json::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

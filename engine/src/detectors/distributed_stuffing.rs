@@ -50,12 +50,100 @@
 //! site scores 3. A browser's fingerprint is never evidence: the attacker
 //! copies it and real users share it (and refused attempts would keep it
 //! "failing" for ever); a tool that says what it is, is.
+//!
+//! Scenario, in short:
+//! - counts: login attempts and failures, unknown accounts, a password's accounts, a tool fingerprint's failures;
+//! - grouped by: login endpoint (recognition); the attempt, its account, password and fingerprint (attribution);
+//! - over: sliding `credential_stuffing.distributed.window_s`, attack held `hold_s`;
+//! - over the threshold: during an attack an attempt with evidence `>= refuse_at` is refused, `credential_stuffing` (`weight`) to its client.
 
 use super::Signal;
-use crate::config::DistributedStuffingConfig;
 use crate::endpoint::{EndpointRecord, FingerprintRecord, SprayRecord};
 use crate::reason::Reason;
 use crate::record::ClientRecord;
+use crate::validate::{check_finite_range, check_range, ConfigError};
+use serde::Deserialize;
+
+// ---- configuration (`credential_stuffing.distributed`) ----
+
+/// Recognising an attack spread over many addresses from the login
+/// endpoint's failure ratio (see `detectors::distributed_stuffing`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedStuffingConfig {
+    pub enabled: bool,
+    pub window_s: u32,
+    /// Attempts in the window before the ratio is judged.
+    pub min_attempts: u32,
+    /// Failure ratio assumed before any traffic was seen, and the fixed
+    /// baseline while the real one is learned (an attack cannot drag it).
+    pub baseline_prior: f32,
+    /// Attack when the ratio exceeds `attack_factor` x baseline...
+    pub attack_factor: f32,
+    /// ...and at least this ratio.
+    pub attack_min_ratio: f32,
+    /// How long the endpoint stays "under attack" after the last sign of it.
+    pub hold_s: u32,
+    /// A client with more requests than this, or any successful login, is not "new".
+    pub new_client_max_requests: u32,
+    /// During an attack, an attempt whose evidence adds up to this is
+    /// refused before it reaches the upstream (see the detector's doc).
+    pub refuse_at: u32,
+    /// Successful logins the known-accounts table must have learned before
+    /// "unknown account" counts as evidence (0: from the first).
+    pub known_accounts_min: u32,
+    /// Also an attack: more than this share of the window's attempts are
+    /// on accounts not known to exist (once the baseline and the known
+    /// accounts have learned; 1 turns this off).
+    pub attack_unknown_share: f32,
+    /// One password failing on this many accounts in the window is a spray.
+    pub spray_min_accounts: u32,
+    /// Risk added to a client per refused attempt (two refusals reach the
+    /// default `block_at`: one refused attempt never boxes a person).
+    pub weight: f32,
+}
+
+impl Default for DistributedStuffingConfig {
+    fn default() -> Self {
+        DistributedStuffingConfig {
+            enabled: true,
+            window_s: 60,
+            min_attempts: 20,
+            baseline_prior: 0.2,
+            attack_factor: 2.5,
+            attack_min_ratio: 0.25,
+            hold_s: 300,
+            new_client_max_requests: 5,
+            refuse_at: 4,
+            known_accounts_min: 20,
+            attack_unknown_share: 0.6,
+            spray_min_accounts: 5,
+            weight: 50.0,
+        }
+    }
+}
+
+impl DistributedStuffingConfig {
+    /// `credential_stuffing.distributed`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = self;
+        check_range("credential_stuffing.distributed.window_s", d.window_s, 5, 86_400)?;
+        check_range("credential_stuffing.distributed.min_attempts", d.min_attempts, 1, 1_000_000)?;
+        check_finite_range("credential_stuffing.distributed.baseline_prior", d.baseline_prior, 0.0, 1.0)?;
+        check_finite_range("credential_stuffing.distributed.attack_factor", d.attack_factor, 1.0, 100.0)?;
+        check_finite_range("credential_stuffing.distributed.attack_min_ratio", d.attack_min_ratio, 0.01, 1.0)?;
+        check_range("credential_stuffing.distributed.hold_s", d.hold_s, 1, 86_400)?;
+        check_range("credential_stuffing.distributed.refuse_at", d.refuse_at, 1, 100)?;
+        check_range("credential_stuffing.distributed.known_accounts_min", d.known_accounts_min, 0, 1_000_000)?;
+        check_finite_range("credential_stuffing.distributed.attack_unknown_share", d.attack_unknown_share, 0.05, 1.0)?;
+        check_range("credential_stuffing.distributed.spray_min_accounts", d.spray_min_accounts, 2, 1_000)?;
+        check_range("credential_stuffing.distributed.new_client_max_requests", d.new_client_max_requests, 0, 1_000_000)?;
+        check_finite_range("credential_stuffing.distributed.weight", d.weight, 0.0, 10_000.0)?;
+        Ok(())
+    }
+}
+
 
 /// Time constant of the baseline's exponential average.
 pub const BASELINE_TAU_MS: f64 = 3_600_000.0;

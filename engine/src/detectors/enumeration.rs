@@ -10,11 +10,79 @@
 //! harvester: a run of consecutive ids only continues within one session
 //! (cookie, API key or JWT subject; none counts as one), and the distinct-id
 //! limit scales with the number of sessions the address holds.
+//!
+//! Scenario, in short:
+//! - counts: object ids (distinct, consecutive runs) and the 404/403 share of object answers;
+//! - grouped by: client; a consecutive run within one session;
+//! - over: sliding `enumeration.window_s`;
+//! - over the threshold: `enumeration`, `weight`, past `max_distinct_ids` (× sessions), `max_sequential_run`, or `max_miss_ratio` once `min_requests`.
 
 use super::Signal;
-use crate::config::EnumerationConfig;
 use crate::reason::Reason;
 use crate::record::ClientRecord;
+use crate::validate::{check_finite_range, check_range, err, ConfigError};
+use serde::Deserialize;
+
+// ---- configuration (`enumeration`) ----
+
+/// Iterating through object ids (BOLA, harvesting).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct EnumerationConfig {
+    pub enabled: bool,
+    /// Path templates whose `{...}` segment is an object id, e.g. `/api/users/{id}`.
+    pub object_routes: Vec<String>,
+    /// Also treat numeric, UUID and long hex path segments as object ids.
+    pub auto_normalize: bool,
+    pub window_s: u32,
+    pub max_distinct_ids: u32,
+    /// Consecutive ids (n, n+1, n+2, ...) in a row.
+    pub max_sequential_run: u32,
+    /// Share of 404/403 answers on object routes, once `min_requests` were made.
+    pub max_miss_ratio: f32,
+    pub min_requests: u32,
+    pub weight: f32,
+}
+
+impl Default for EnumerationConfig {
+    fn default() -> Self {
+        EnumerationConfig {
+            enabled: true,
+            object_routes: Vec::new(),
+            auto_normalize: true,
+            window_s: 60,
+            max_distinct_ids: 100,
+            max_sequential_run: 15,
+            max_miss_ratio: 0.5,
+            min_requests: 10,
+            weight: 100.0,
+        }
+    }
+}
+
+impl EnumerationConfig {
+    /// `enumeration`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let en = self;
+        if en.object_routes.len() > 32 {
+            return Err(err("enumeration.object_routes", "at most 32 object routes"));
+        }
+        for (i, t) in en.object_routes.iter().enumerate() {
+            if !t.starts_with('/') || !t.contains('{') {
+                return Err(err(format!("enumeration.object_routes[{i}]"), "must start with '/' and contain an {id} segment"));
+            }
+        }
+        check_range("enumeration.window_s", en.window_s, 1, 86_400)?;
+        check_range("enumeration.max_distinct_ids", en.max_distinct_ids, 2, 150)?;
+        check_range("enumeration.max_sequential_run", en.max_sequential_run, 2, 1_000_000)?;
+        check_finite_range("enumeration.max_miss_ratio", en.max_miss_ratio, 0.01, 1.0)?;
+        check_range("enumeration.min_requests", en.min_requests, 1, 1_000_000)?;
+        check_finite_range("enumeration.weight", en.weight, 0.0, 10_000.0)?;
+        Ok(())
+    }
+}
+
 
 /// An object id found in a path.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,12 +10,179 @@
 //!   on one account spread over many addresses is still seen;
 //! - a success on an account with many recent failures, or by a client
 //!   already suspected of stuffing, is `account_takeover`.
+//!
+//! Scenario, in short:
+//! - counts: failed logins, distinct usernames failed on, failures per account, successes after failures;
+//! - grouped by: client; account (username, hashed) across clients;
+//! - over: sliding `credential_stuffing.window_s`;
+//! - over the threshold: `credential_stuffing` (`weight`) past `max_failures_per_client` / `max_usernames_per_client` / `max_failures_per_account`; `account_takeover` (`account_takeover.weight`) for a success after `min_account_failures`.
 
 use super::Signal;
 use crate::account::AccountRecord;
-use crate::config::{AccountTakeoverConfig, CredentialStuffingConfig, LoginRoute};
+use super::distributed_stuffing::DistributedStuffingConfig;
+use super::login_profile::LoginProfileConfig;
 use crate::reason::Reason;
 use crate::record::ClientRecord;
+use crate::validate::{check_finite_range, check_range, err, ConfigError};
+use serde::Deserialize;
+
+// ---- configuration (`credential_stuffing`, `account_takeover`) ----
+
+/// A login endpoint and how to read its outcome.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LoginRoute {
+    /// Exact path (query ignored).
+    pub path: String,
+    #[serde(default = "default_post")]
+    pub method: String,
+    /// JSON field or form field holding the username.
+    #[serde(default = "default_username_field")]
+    pub username_field: String,
+    /// JSON field or form field holding the password (hashed with a rotating
+    /// key for spray detection; never stored or logged).
+    #[serde(default = "default_password_field")]
+    pub password_field: String,
+    #[serde(default = "default_failure_statuses")]
+    pub failure_statuses: Vec<u32>,
+    #[serde(default = "default_success_statuses")]
+    pub success_statuses: Vec<u32>,
+}
+
+fn default_password_field() -> String {
+    "password".to_string()
+}
+
+fn default_post() -> String {
+    "POST".to_string()
+}
+
+fn default_username_field() -> String {
+    "username".to_string()
+}
+
+fn default_failure_statuses() -> Vec<u32> {
+    vec![401, 403]
+}
+
+fn default_success_statuses() -> Vec<u32> {
+    vec![200]
+}
+
+/// Failed logins per client, distinct usernames a client fails on
+/// (stuffing, spraying), and failures per account across all clients.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialStuffingConfig {
+    pub enabled: bool,
+    pub login_routes: Vec<LoginRoute>,
+    pub window_s: u32,
+    pub max_failures_per_client: u32,
+    pub max_usernames_per_client: u32,
+    pub max_failures_per_account: u32,
+    pub weight: f32,
+    /// Login bodies longer than this are not read (the request still passes).
+    pub max_body_bytes: u32,
+    /// Hold a login request's headers until its body was read, so the
+    /// login-risk header carries the account-level evidence and a refused
+    /// attempt never reaches the upstream at all. Needs
+    /// `allow_on_headers_stop_iteration: true` in the Wasm filter's Envoy
+    /// config (Envoy >= 1.35); without it the filter releases held headers
+    /// on its next tick (<= 0.5 s) and logs a warning.
+    pub hold_login_headers: bool,
+    pub distributed: DistributedStuffingConfig,
+}
+
+impl Default for CredentialStuffingConfig {
+    fn default() -> Self {
+        // A user who mistypes a few times, or an office of 100 behind one
+        // address logging in each morning, stays well below these.
+        CredentialStuffingConfig {
+            enabled: true,
+            login_routes: Vec::new(),
+            window_s: 600,
+            max_failures_per_client: 10,
+            max_usernames_per_client: 5,
+            max_failures_per_account: 20,
+            weight: 100.0,
+            max_body_bytes: 8192,
+            hold_login_headers: false,
+            distributed: DistributedStuffingConfig::default(),
+        }
+    }
+}
+
+/// A successful login to an account that just had many failures, or by a
+/// client already suspected of stuffing.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountTakeoverConfig {
+    pub enabled: bool,
+    /// Failures on the account (within the stuffing window) that make a success suspicious.
+    pub min_account_failures: u32,
+    pub weight: f32,
+    /// Takeover with valid credentials: each login compared with its
+    /// account's profile (see `detectors::login_profile`).
+    pub profile: LoginProfileConfig,
+}
+
+impl Default for AccountTakeoverConfig {
+    fn default() -> Self {
+        AccountTakeoverConfig {
+            enabled: true,
+            min_account_failures: 5,
+            weight: 100.0,
+            profile: LoginProfileConfig::default(),
+        }
+    }
+}
+
+impl CredentialStuffingConfig {
+    /// `credential_stuffing` (its login routes, thresholds, and `distributed`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let cs = self;
+        if cs.login_routes.len() > 8 {
+            return Err(err("credential_stuffing.login_routes", "at most 8 login routes"));
+        }
+        for (i, r) in cs.login_routes.iter().enumerate() {
+            let key = format!("credential_stuffing.login_routes[{i}]");
+            if !r.path.starts_with('/') {
+                return Err(err(format!("{key}.path"), "must start with '/'"));
+            }
+            if r.method.is_empty() || !r.method.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(err(format!("{key}.method"), "must be an uppercase HTTP method"));
+            }
+            if r.username_field.is_empty() || r.username_field.len() > 64 {
+                return Err(err(format!("{key}.username_field"), "must be 1 to 64 characters"));
+            }
+            for (name, list) in [("failure_statuses", &r.failure_statuses), ("success_statuses", &r.success_statuses)] {
+                for (j, status) in list.iter().enumerate() {
+                    check_range(&format!("{key}.{name}[{j}]"), *status, 100, 599)?;
+                }
+            }
+        }
+        check_range("credential_stuffing.window_s", cs.window_s, 10, 86_400)?;
+        check_range("credential_stuffing.max_failures_per_client", cs.max_failures_per_client, 1, 100_000)?;
+        check_range("credential_stuffing.max_usernames_per_client", cs.max_usernames_per_client, 1, 100)?;
+        check_range("credential_stuffing.max_failures_per_account", cs.max_failures_per_account, 1, 100_000)?;
+        check_finite_range("credential_stuffing.weight", cs.weight, 0.0, 10_000.0)?;
+        check_range("credential_stuffing.max_body_bytes", cs.max_body_bytes, 64, 1_048_576)?;
+        cs.distributed.validate()
+    }
+}
+
+impl AccountTakeoverConfig {
+    /// `account_takeover` and its `profile`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_range("account_takeover.min_account_failures", self.min_account_failures, 1, 100_000)?;
+        check_finite_range("account_takeover.weight", self.weight, 0.0, 10_000.0)?;
+        self.profile.validate()
+    }
+}
+
 
 /// Usernames longer than this are cut (after trimming and lowercasing).
 const MAX_USERNAME: usize = 256;

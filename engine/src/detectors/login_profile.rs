@@ -15,12 +15,19 @@
 //! of one of `block_when`'s combinations.
 //!
 //! A new account (no profile yet) is never risky for lacking one.
+//!
+//! Scenario, in short:
+//! - counts: devices, countries, ASNs of an account's successful logins; where the last one was;
+//! - grouped by: account;
+//! - over: the profile's memory (four of each); `min_travel_s`;
+//! - over the threshold: a risk with reasons for the application (login-risk header); `account_takeover` refusal only for reasons or `block_when` combinations set to `block`.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::account::AccountRecord;
-use crate::config::{err, ConfigError, DetectorAction};
+use crate::policy::DetectorAction;
+use crate::validate::{check_finite_range, check_header_name, check_range, err, ConfigError};
 use crate::profile::LoginPlace;
 
 /// The reasons, in the header's order, with their points.
@@ -112,16 +119,16 @@ pub const MAX_BLOCK_WHEN: usize = 16;
 
 impl LoginProfileConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::config::check_range("account_takeover.profile.min_travel_s", self.min_travel_s, 1, 86_400 * 7)?;
-        crate::config::check_range(
+        check_range("account_takeover.profile.min_travel_s", self.min_travel_s, 1, 86_400 * 7)?;
+        check_range(
             "account_takeover.profile.failures_elsewhere_min",
             self.failures_elsewhere_min,
             1,
             100_000,
         )?;
-        crate::config::check_range("account_takeover.profile.medium_at", self.medium_at, 1, 100)?;
-        crate::config::check_range("account_takeover.profile.high_at", self.high_at, self.medium_at, 100)?;
-        crate::config::check_finite_range("account_takeover.profile.weight", self.weight, 0.0, 10_000.0)?;
+        check_range("account_takeover.profile.medium_at", self.medium_at, 1, 100)?;
+        check_range("account_takeover.profile.high_at", self.high_at, self.medium_at, 100)?;
+        check_finite_range("account_takeover.profile.weight", self.weight, 0.0, 10_000.0)?;
         for (name, action) in &self.actions {
             let key = format!("account_takeover.profile.actions.{name}");
             if ProfileReason::from_name(name).is_none() {
@@ -148,7 +155,7 @@ impl LoginProfileConfig {
             }
         }
         if let Some(h) = &self.ja4_header {
-            crate::config::check_header_name("account_takeover.profile.ja4_header", h)?;
+            check_header_name("account_takeover.profile.ja4_header", h)?;
         }
         Ok(())
     }

@@ -1,11 +1,87 @@
 //! Probing: forced browsing (many distinct paths answered 404), requests for
 //! files only attackers ask for (`/.env`, `/.git/`, backups), and the user
 //! agents of attack tools. Declared good bots are exempt (see `exemptions`).
+//!
+//! Scenario, in short:
+//! - counts: distinct paths answered 404; requests for `sensitive_paths`; `scanner_user_agents`;
+//! - grouped by: client;
+//! - over: sliding `probing.window_s` (404 paths); the paths and user agents on each request;
+//! - over the threshold: `probing`: `weight` on each 404 past `max_not_found_paths`, `sensitive_weight` / `scanner_weight` at once.
 
 use super::Signal;
-use crate::config::ProbingConfig;
 use crate::reason::Reason;
 use crate::record::ClientRecord;
+use crate::validate::{check_finite_range, check_range, err, ConfigError};
+use serde::Deserialize;
+
+// ---- configuration (`probing`) ----
+
+/// Forced browsing, sensitive files, scanner tools.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbingConfig {
+    pub enabled: bool,
+    pub window_s: u32,
+    /// Distinct paths answered 404 per client per window.
+    pub max_not_found_paths: u32,
+    pub weight: f32,
+    /// Case-insensitive path substrings that only probes ask for.
+    pub sensitive_paths: Vec<String>,
+    pub sensitive_weight: f32,
+    /// Case-insensitive user-agent substrings of attack tools.
+    pub scanner_user_agents: Vec<String>,
+    pub scanner_weight: f32,
+}
+
+impl Default for ProbingConfig {
+    fn default() -> Self {
+        let list = |items: &[&str]| items.iter().map(|s| s.to_string()).collect();
+        ProbingConfig {
+            enabled: true,
+            window_s: 60,
+            max_not_found_paths: 20,
+            weight: 100.0,
+            sensitive_paths: list(&[
+                "/.env", "/.git/", "/.svn/", "/.htaccess", "/.htpasswd", "/.aws/", "/.ssh/",
+                "/wp-login.php", "/wp-admin", "/xmlrpc.php", "/phpmyadmin", "/server-status",
+                "/config.php", "/web.config", "/.ds_store", "/backup.zip", "/backup.sql",
+                "/dump.sql", "/db.sql", ".bak", "/etc/passwd", "/actuator/env", "/cgi-bin/",
+            ]),
+            sensitive_weight: 60.0,
+            scanner_user_agents: list(&[
+                "sqlmap", "nikto", "hydra", "ffuf", "gobuster", "dirbuster", "wfuzz", "nmap",
+                "masscan", "zgrab", "nuclei", "acunetix", "nessus", "openvas", "w3af", "arachni",
+                "feroxbuster", "dirb/", "whatweb", "wpscan", "jaeles", "burpcollaborator",
+            ]),
+            scanner_weight: 100.0,
+        }
+    }
+}
+
+impl ProbingConfig {
+    /// `probing`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = self;
+        check_range("probing.window_s", p.window_s, 1, 86_400)?;
+        check_range("probing.max_not_found_paths", p.max_not_found_paths, 2, 150)?;
+        check_finite_range("probing.weight", p.weight, 0.0, 10_000.0)?;
+        check_finite_range("probing.sensitive_weight", p.sensitive_weight, 0.0, 10_000.0)?;
+        check_finite_range("probing.scanner_weight", p.scanner_weight, 0.0, 10_000.0)?;
+        for (name, list) in [("sensitive_paths", &p.sensitive_paths), ("scanner_user_agents", &p.scanner_user_agents)] {
+            if list.len() > 256 {
+                return Err(err(format!("probing.{name}"), "at most 256 entries"));
+            }
+            for (i, item) in list.iter().enumerate() {
+                if item.is_empty() || item.len() > 128 {
+                    return Err(err(format!("probing.{name}[{i}]"), "must be 1 to 128 characters"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 
 #[derive(Debug, Clone)]
 pub struct Probing {

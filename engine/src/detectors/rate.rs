@@ -1,10 +1,95 @@
 //! Request rate per client over sliding windows, per route group.
+//!
+//! Scenario, in short:
+//! - counts: requests (only those without credentials for an `anonymous_only` limit);
+//! - grouped by: client (address, + user-agent tag when configured), per limit and its route group;
+//! - over: sliding `rate.limits[].window_s`;
+//! - over the threshold: `rate_limit`, `weight` per request over `requests` (`shed` by default: the excess is refused with 429, no penalty box).
 
 use super::Signal;
-use crate::config::{RateConfig, MAX_RATE_LIMITS};
+use crate::record::MAX_RATE_LIMITS;
+use crate::routes::RouteGroup;
 use crate::reason::Reason;
 use crate::record::ClientRecord;
 use crate::routes::{RouteMatch, RouteTable};
+use crate::validate::{check_finite_range, check_range, err, ConfigError};
+use serde::Deserialize;
+
+// ---- configuration (`rate`) ----
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct RateConfig {
+    pub enabled: bool,
+    pub limits: Vec<RateLimit>,
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        // Generous on purpose: a NATed office of 100 people behind one
+        // address, or a partner at 50 requests/s, stays below 100/s.
+        RateConfig {
+            enabled: true,
+            limits: vec![RateLimit {
+                route_group: None,
+                requests: 6000,
+                window_s: 60,
+                weight: 100.0,
+                anonymous_only: false,
+            }],
+        }
+    }
+}
+
+/// At most `requests` per client in any sliding `window_s`, on `route_group`
+/// (all requests when absent).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    #[serde(default)]
+    pub route_group: Option<String>,
+    pub requests: u32,
+    pub window_s: u32,
+    /// Risk added for each request over the limit.
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+    /// Count only requests without credentials (no `Authorization`, no API
+    /// key header, no session cookie): a tight limit for anonymous floods
+    /// that logged-in users behind one NAT address never share.
+    #[serde(default)]
+    pub anonymous_only: bool,
+}
+
+fn default_weight() -> f32 {
+    100.0
+}
+
+impl RateConfig {
+    /// `rate.limits`: at most [`MAX_RATE_LIMITS`], each on a declared route group.
+    pub fn validate(&self, route_groups: &[RouteGroup]) -> Result<(), ConfigError> {
+        if self.limits.len() > MAX_RATE_LIMITS {
+            return Err(err("rate.limits", format!("at most {MAX_RATE_LIMITS} limits")));
+        }
+        for (i, l) in self.limits.iter().enumerate() {
+            let key = format!("rate.limits[{i}]");
+            if let Some(group) = &l.route_group {
+                if !route_groups.iter().any(|g| &g.name == group) {
+                    return Err(err(
+                        format!("{key}.route_group"),
+                        format!("no route group named {group:?} in route_groups"),
+                    ));
+                }
+            }
+            check_range(&format!("{key}.requests"), l.requests, 1, 10_000_000)?;
+            check_range(&format!("{key}.window_s"), l.window_s, 1, 86_400)?;
+            check_finite_range(&format!("{key}.weight"), l.weight, 0.0, 10_000.0)?;
+        }
+        Ok(())
+    }
+}
+
 
 #[derive(Debug, Clone, PartialEq)]
 struct Limit {
@@ -103,7 +188,7 @@ impl RequestRate {
     /// limit of 10 or less is always counted in shared data.
     pub fn far_from_limits(&self, base: &ClientRecord, next: &ClientRecord, now_ms: u64) -> bool {
         self.limits.iter().zip(base.rate.iter().zip(next.rate.iter())).all(|(limit, (b, n))| {
-            let unmerged = f64::from(crate::merge::window_delta(b, n));
+            let unmerged = f64::from(crate::state::merge::window_delta(b, n));
             unmerged == 0.0 || (unmerged < limit.requests / 10.0 && n.estimate(now_ms, limit.window_ms) < limit.requests / 2.0)
         })
     }
@@ -113,8 +198,8 @@ impl RequestRate {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::config::{RateLimit, RouteGroup};
-    use crate::shard::Record;
+    use super::RateLimit;
+    use crate::record::Record;
 
     #[test]
     fn fires_only_over_the_limit_and_only_on_its_group() {

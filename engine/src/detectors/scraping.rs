@@ -74,9 +74,15 @@
 //! `window_s` (`response_kib`); fires `weight` on each answer while over
 //! `max_kib_per_window`. Off by default (0): what is a normal volume depends
 //! entirely on the API.
+//!
+//! Scenario, in short:
+//! - counts: forward page runs, request rhythm, KiB answered;
+//! - grouped by: client;
+//! - over: the run's pace (`max_page_interval_ms`); exponentially weighted request intervals (rhythm); sliding `scraping.window_s` (volume);
+//! - over the threshold: `scraping`: `weight` past `max_page_run` or `max_kib_per_window`; `machine_rhythm` (`rhythm_action_weight`, tags alone) for a regular fast rhythm past `rhythm_min_requests`.
 
 use super::Signal;
-use crate::config::ConfigError;
+use crate::validate::ConfigError;
 use crate::reason::Reason;
 use crate::record::ClientRecord;
 use serde::Deserialize;

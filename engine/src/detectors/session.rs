@@ -12,29 +12,79 @@
 //!   (charged to the newcomer, not to the owner at home). A real journey
 //!   takes longer: after `min_travel_s` without home, the new country
 //!   becomes home.
+//!
+//! Scenario, in short:
+//! - counts: addresses and user agents per session; sessions per client; the session's home country;
+//! - grouped by: session (cookie, API key, JWT subject) and client;
+//! - over: `sessions.window_s`; `min_travel_s` for travel;
+//! - over the threshold: `session_sharing` (`weight`), `session_churn` (`churn_weight`, tags), `impossible_travel` (`travel_weight`).
 
 use super::Signal;
-use crate::config::SessionConfig;
+pub use crate::profile::country_code;
 use crate::reason::Reason;
 use crate::record::ClientRecord;
 use crate::session::SessionRecord;
+use crate::validate::{check_finite_range, check_range, ConfigError};
+use serde::Deserialize;
+
+// ---- configuration (`sessions`) ----
+
+/// Anomalous sessions (see `detectors::session`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    pub enabled: bool,
+    pub window_s: u32,
+    /// Addresses one session may use in the window (phone on Wi-Fi and LTE, laptop, ...).
+    pub max_addresses: u32,
+    pub max_user_agents: u32,
+    pub max_sessions_per_client: u32,
+    /// A session seen at home less than this long ago cannot be in another country.
+    pub min_travel_s: u32,
+    pub weight: f32,
+    pub churn_weight: f32,
+    pub travel_weight: f32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            enabled: true,
+            window_s: 600,
+            max_addresses: 4,
+            max_user_agents: 3,
+            max_sessions_per_client: 30,
+            min_travel_s: 3600,
+            weight: 100.0,
+            churn_weight: 40.0,
+            travel_weight: 100.0,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// `sessions`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let se = self;
+        check_range("sessions.window_s", se.window_s, 10, 86_400)?;
+        check_range("sessions.max_addresses", se.max_addresses, 1, 100)?;
+        check_range("sessions.max_user_agents", se.max_user_agents, 1, 100)?;
+        check_range("sessions.max_sessions_per_client", se.max_sessions_per_client, 1, 100)?;
+        check_range("sessions.min_travel_s", se.min_travel_s, 60, 86_400 * 7)?;
+        check_finite_range("sessions.weight", se.weight, 0.0, 10_000.0)?;
+        check_finite_range("sessions.churn_weight", se.churn_weight, 0.0, 10_000.0)?;
+        check_finite_range("sessions.travel_weight", se.travel_weight, 0.0, 10_000.0)?;
+        Ok(())
+    }
+}
+
 
 #[derive(Debug, Clone)]
 pub struct Sessions {
     config: SessionConfig,
     window_ms: u64,
     min_travel_ms: u64,
-}
-
-/// A two-letter country code, if the header holds one.
-pub fn country_code(header: &str) -> Option<[u8; 2]> {
-    let b = header.trim().as_bytes();
-    match b {
-        [a, c] if a.is_ascii_alphabetic() && c.is_ascii_alphabetic() => {
-            Some([a.to_ascii_uppercase(), c.to_ascii_uppercase()])
-        }
-        _ => None,
-    }
 }
 
 impl Sessions {

@@ -25,12 +25,70 @@
 //! threshold's worth of requests. A spike is therefore recognised after at
 //! most `max(EARLY_MERGE_MIN, R/4)` requests past the threshold `R` on one
 //! worker, or at the next tick, whichever comes first.
+//!
+//! Scenario, in short:
+//! - counts: requests per route group (per-worker counters merged on the tick) against the group's moving baseline; each client's recent requests;
+//! - grouped by: route group; the client for attribution;
+//! - over: sliding `spikes.window_s`, held `hold_s`;
+//! - over the threshold: `endpoint_spike` (`weight`) for clients with `client_share` of a spiking group's requests.
 
 use super::Signal;
-use crate::config::SpikeConfig;
 use crate::endpoint::EndpointRecord;
 use crate::reason::Reason;
 use crate::record::ClientRecord;
+use crate::validate::{check_finite_range, check_range, ConfigError};
+use serde::Deserialize;
+
+// ---- configuration (`spikes`) ----
+
+/// Spikes of a route group's traffic over its own baseline (see `detectors::spike`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct SpikeConfig {
+    pub enabled: bool,
+    pub window_s: u32,
+    /// A spike is a rate above `factor` x the baseline...
+    pub factor: f32,
+    /// ...and above this many requests per second.
+    pub min_rps: f32,
+    pub hold_s: u32,
+    /// Share of the group's requests that makes a client a driver of the spike.
+    pub client_share: f32,
+    pub min_client_requests: u32,
+    pub weight: f32,
+}
+
+impl Default for SpikeConfig {
+    fn default() -> Self {
+        SpikeConfig {
+            enabled: true,
+            window_s: 10,
+            factor: 5.0,
+            min_rps: 20.0,
+            hold_s: 60,
+            client_share: 0.1,
+            min_client_requests: 50,
+            weight: 100.0,
+        }
+    }
+}
+
+impl SpikeConfig {
+    /// `spikes`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let sp = self;
+        check_range("spikes.window_s", sp.window_s, 1, 3600)?;
+        check_finite_range("spikes.factor", sp.factor, 1.0, 1000.0)?;
+        check_finite_range("spikes.min_rps", sp.min_rps, 0.0, 10_000_000.0)?;
+        check_range("spikes.hold_s", sp.hold_s, 1, 86_400)?;
+        check_finite_range("spikes.client_share", sp.client_share, 0.0, 1.0)?;
+        check_range("spikes.min_client_requests", sp.min_client_requests, 1, 10_000_000)?;
+        check_finite_range("spikes.weight", sp.weight, 0.0, 10_000.0)?;
+        Ok(())
+    }
+}
+
 
 pub const BASELINE_TAU_MS: f64 = 600_000.0;
 pub const WARM_UP: u32 = 20;

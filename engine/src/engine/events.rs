@@ -27,7 +27,7 @@
 
 use super::{Engine, DOMAIN_ROUTE, STATE_PREFIX};
 use crate::codec::{Reader, Writer};
-use crate::store::SharedStore;
+use crate::state::store::SharedStore;
 use super::sample::{self, Observation, Reservoir};
 use crate::record::ClientRecord;
 use crate::routes::RouteMatch;
@@ -437,7 +437,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::hash::SEED_BYTES;
-    use crate::store::MemoryStore;
+    use crate::state::store::MemoryStore;
     use crate::wire::KnownShard;
 
     const T0: u64 = 1_700_000_000_000;

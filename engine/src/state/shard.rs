@@ -14,7 +14,7 @@
 //!
 //! A value whose header differs (older build, other config, corrupt) is
 //! never misread: a configuration that changes the layout migrates the
-//! records at configuration time (see [`crate::layout`]); until then a
+//! records at configuration time (see [`crate::state::layout`]); until then a
 //! shard of another layout is left alone, and anything that is not a shard
 //! at all is read as an empty one.
 //!
@@ -27,31 +27,7 @@
 
 use crate::record::RECORD_FORMAT;
 
-/// A fixed-size record kept in shards (clients, accounts, ...).
-pub trait Record: Copy + Default {
-    /// Encoded size.
-    const BYTES: usize;
-    fn new(key: u64) -> Self;
-    /// Seeded hash of what the record is about; 0 = empty slot.
-    fn key(&self) -> u64;
-    fn encode(&self, out: &mut [u8]);
-    /// Must accept any bytes without panicking.
-    fn decode(bytes: &[u8]) -> Self;
-    /// Records with lower ranks are evicted first.
-    fn eviction_rank(&self, now_ms: u64) -> (bool, u64);
-
-    /// The key of an encoded record, without decoding the rest: probing a
-    /// window must not decode eight whole records. Every layout starts
-    /// with the key.
-    fn key_of(bytes: &[u8]) -> u64 {
-        crate::codec::Reader::new(bytes).u64()
-    }
-
-    /// The eviction rank of an encoded record (decodes it unless overridden).
-    fn rank_of(bytes: &[u8], now_ms: u64) -> (bool, u64) {
-        Self::decode(bytes).eviction_rank(now_ms)
-    }
-}
+pub use crate::record::Record;
 
 pub const HEADER_BYTES: usize = 16;
 pub const PROBE: usize = 8;

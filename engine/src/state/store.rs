@@ -7,8 +7,8 @@
 //! and counts are exact across workers. The shard keys are created once at
 //! start, because Envoy only checks a CAS token for keys that exist.
 
-use crate::layout::{manifest_key, LayoutManifest, Migration};
-use crate::shard::{Record, ShardLayout};
+use crate::state::layout::{manifest_key, LayoutManifest, Migration};
+use crate::state::shard::{Record, ShardLayout};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Mutex;
@@ -56,7 +56,7 @@ pub struct ShardedTable<R> {
     layout: ShardLayout,
     shard_keys: Vec<String>,
     manifest_key: String,
-    /// Record format and field tags, for the manifest (see [`crate::layout`]).
+    /// Record format and field tags, for the manifest (see [`crate::state::layout`]).
     format: u16,
     fields: Vec<String>,
     record: PhantomData<R>,

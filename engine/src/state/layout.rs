@@ -17,11 +17,13 @@
 //! was already read is the few microseconds of the copy; such a write is
 //! lost, never misread. While the old configuration drains, its VMs find
 //! shards of another layout and fail open rather than overwrite them
-//! ([`crate::store::StoreError::OtherLayout`]).
+//! ([`crate::state::store::StoreError::OtherLayout`]).
 //!
-//! [`ShardedTable::adopt_layout`]: crate::store::ShardedTable::adopt_layout
+//! [`ShardedTable::adopt_layout`]: crate::state::store::ShardedTable::adopt_layout
 
-use crate::shard::ShardLayout;
+use crate::record::{ClientRecord, Record, MAX_RATE_LIMITS, STABLE_PREFIX_BYTES};
+use crate::state::shard::ShardLayout;
+use crate::window::SlidingWindow;
 use serde::{Deserialize, Serialize};
 
 /// A manifest larger than this is not one of ours (read as absent).
@@ -37,7 +39,7 @@ pub struct LayoutManifest {
     pub shards: usize,
     pub slots: usize,
     pub record_bytes: usize,
-    /// The shard header's fingerprint (see [`crate::shard`]).
+    /// The shard header's fingerprint (see [`crate::state::shard`]).
     pub fingerprint: u32,
     /// Record format version (0: the table has none beyond its fingerprint).
     pub format: u16,
@@ -118,10 +120,45 @@ impl Migration {
     }
 }
 
+// ---- the client table ----
+
+/// Carries a client record over a layout change. Same format: the whole
+/// record, each rate window moved to where the new configuration counts the
+/// same thing (route group, window, anonymous only) and reset when none does.
+/// Another format: the stable prefix (penalty box, risk, timestamps).
+pub fn migrate_client(old: &LayoutManifest, new: &LayoutManifest, bytes: &[u8]) -> Option<ClientRecord> {
+    let decoded = <ClientRecord as Record>::decode(bytes);
+    if decoded.key == 0 {
+        return None;
+    }
+    if old.format == new.format && old.record_bytes == new.record_bytes {
+        let mut rate = [SlidingWindow::default(); MAX_RATE_LIMITS];
+        for (dst, from) in rate.iter_mut().zip(old.field_map(new)) {
+            if let Some(window) = from.and_then(|i| decoded.rate.get(i)) {
+                *dst = *window;
+            }
+        }
+        return Some(ClientRecord { rate, ..decoded });
+    }
+    let prefix = <ClientRecord as Record>::decode(bytes.get(..STABLE_PREFIX_BYTES).unwrap_or(bytes));
+    Some(ClientRecord {
+        key: prefix.key,
+        last_seen_ms: prefix.last_seen_ms,
+        first_seen_ms: prefix.first_seen_ms,
+        penalty_until_ms: prefix.penalty_until_ms,
+        penalty_reasons: prefix.penalty_reasons,
+        recent_reasons: prefix.recent_reasons,
+        risk: prefix.risk,
+        requests: prefix.requests,
+        ..ClientRecord::default()
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::record::{RECORD_BYTES, RECORD_FORMAT};
 
     fn manifest(fields: &[&str]) -> LayoutManifest {
         LayoutManifest {
@@ -150,4 +187,40 @@ mod tests {
         let new = manifest(&["api/60s", "login/60s", "*/10s"]);
         assert_eq!(old.field_map(&new), vec![Some(1), None, Some(0)]);
     }
+
+    fn client_manifest(format: u16, fields: &[&str]) -> LayoutManifest {
+        LayoutManifest {
+            shards: 4,
+            slots: 16,
+            record_bytes: RECORD_BYTES,
+            fingerprint: 1,
+            format,
+            fields: fields.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn migration_moves_rate_windows_by_what_they_count() {
+        let mut r = ClientRecord::new(9);
+        r.penalty_until_ms = 5000;
+        r.risk = 80.0;
+        r.login_successes = 3;
+        r.rate[0] = SlidingWindow { start_ms: 1, current: 10, previous: 0 };
+        r.rate[1] = SlidingWindow { start_ms: 2, current: 20, previous: 0 };
+        let mut bytes = [0u8; RECORD_BYTES];
+        Record::encode(&r, &mut bytes);
+        let old = client_manifest(RECORD_FORMAT, &["*/10s", "api/60s"]);
+        let new = client_manifest(RECORD_FORMAT, &["api/60s", "*/20s"]);
+        let m = migrate_client(&old, &new, &bytes).unwrap();
+        assert_eq!((m.penalty_until_ms, m.risk, m.login_successes), (5000, 80.0, 3));
+        assert_eq!(m.rate[0].current, 20, "api/60s moved to its new place");
+        assert_eq!(m.rate[1], SlidingWindow::default(), "*/20s counts something else: reset");
+        // Another record format: the stable prefix only.
+        let other = client_manifest(RECORD_FORMAT + 1, &["*/10s", "api/60s"]);
+        let m = migrate_client(&other, &old, &bytes).unwrap();
+        assert_eq!((m.key, m.penalty_until_ms, m.risk, m.login_successes), (9, 5000, 80.0, 0));
+        assert_eq!(m.rate[0], SlidingWindow::default());
+        assert!(migrate_client(&old, &new, &[0u8; RECORD_BYTES]).is_none());
+    }
+
 }

@@ -1,5 +1,5 @@
 //! How a worker's local changes to a record merge into the shared record
-//! (see [`crate::tiers`]): `base` is the shared record as the worker last
+//! (see [`crate::state::tiers`]): `base` is the shared record as the worker last
 //! read it, `local` the worker's record since, `shared` the record as it is
 //! now (other workers may have written since `base`). The worker's *delta*
 //! (`local` minus `base`) is applied to `shared`, so no worker's increments
@@ -155,7 +155,7 @@ pub fn window_delta(base: &SlidingWindow, local: &SlidingWindow) -> u32 {
 mod tests {
     use super::*;
     use crate::reason::Reason;
-    use crate::shard::Record;
+    use crate::record::Record;
     use proptest::prelude::*;
 
     const W: u64 = 1000;

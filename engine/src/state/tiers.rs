@@ -5,7 +5,7 @@
 //!    entries, fixed memory): the shared record as last read (`base`) and
 //!    its own view since (`local`). A request of a quiet client changes only
 //!    `local`: no shared-data round trip.
-//! 2. **Shared** ([`crate::store::ShardedTable`]): one process-wide table in
+//! 2. **Shared** ([`crate::state::store::ShardedTable`]): one process-wide table in
 //!    Envoy shared data, the truth every worker merges into by CAS.
 //! 3. **Scorer** (the scoring service): fleet-wide, asked for borderline
 //!    clients and fed tick batches (see `engine/events.rs`).
@@ -16,11 +16,11 @@
 //!   `state.worker_sync_ms` (T);
 //! - the request changes anything but counts and times (a penalty, a risk,
 //!   a reason, a new distinct value, a login, an object or page run), see
-//!   [`crate::merge::only_free_fields_changed`] and [`client_stays_local`];
+//!   [`crate::state::merge::only_free_fields_changed`] and [`client_stays_local`];
 //! - the client is near a rate limit: its view is at half of a limit, or
 //!   the worker holds a tenth of a limit not yet merged.
 //!
-//! Merge rules: [`crate::merge`] (counts summed, sketches OR-ed, penalties
+//! Merge rules: [`crate::state::merge`] (counts summed, sketches OR-ed, penalties
 //! and risk max-ed). On each tick a worker merges every view it changed and
 //! that is T old, and forgets views unused for 2T (after merging them): a
 //! busy client costs one shared-data round trip per T, not one per request.
@@ -40,10 +40,9 @@
 //!   less than a tenth more before it goes to shared data; limits of 10 or
 //!   less are always counted in shared data, exactly.
 
-use crate::detectors::rate::RequestRate;
 use crate::record::ClientRecord;
-use crate::shard::Record;
-use crate::store::{ShardedTable, SharedStore, UpdateFailed, UpdateStats};
+use crate::record::Record;
+use crate::state::store::{ShardedTable, SharedStore, UpdateFailed, UpdateStats};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Deref;
@@ -57,19 +56,26 @@ pub trait Merge: Record {
 
 impl Merge for ClientRecord {
     fn merge(shared: &mut Self, base: &Self, local: &Self) {
-        crate::merge::merge_client(shared, base, local);
+        crate::state::merge::merge_client(shared, base, local);
     }
 }
 
 /// Whether a request's change to a client may stay in the worker's view:
 /// nothing but counts and times changed, no risk or penalty, and no rate
 /// limit near (see the module docs).
-pub fn client_stays_local(base: &ClientRecord, next: &ClientRecord, rate: Option<&RequestRate>, now_ms: u64) -> bool {
+/// `far_from_limits` is the rate detector's part of the rule (the state
+/// tiers sit below the detectors: they are told, not asked).
+pub fn client_stays_local(
+    base: &ClientRecord,
+    next: &ClientRecord,
+    now_ms: u64,
+    far_from_limits: impl FnOnce(&ClientRecord, &ClientRecord) -> bool,
+) -> bool {
     next.risk < 1.0
         && next.recent_reasons.is_empty()
         && !next.penalized_at(now_ms)
-        && crate::merge::only_free_fields_changed(base, next)
-        && rate.is_none_or(|r| r.far_from_limits(base, next, now_ms))
+        && crate::state::merge::only_free_fields_changed(base, next)
+        && far_from_limits(base, next)
 }
 
 /// Keys are seeded hashes already: no need to hash them again.
@@ -390,7 +396,7 @@ impl<R: Merge + std::fmt::Debug> TieredTable<R> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
+    use crate::state::store::MemoryStore;
 
     const W: u64 = 60_000;
     const T: u64 = 1000;
@@ -408,7 +414,7 @@ mod tests {
     /// and a tenth of `limit` unmerged (the rule of client_stays_local).
     fn count(t: &TieredTable<ClientRecord>, s: &MemoryStore, key: u64, limit: u32, now: u64) -> f64 {
         let stays = |b: &ClientRecord, n: &ClientRecord| {
-            let delta = crate::merge::window_delta(&b.rate[0], &n.rate[0]);
+            let delta = crate::state::merge::window_delta(&b.rate[0], &n.rate[0]);
             f64::from(delta) < f64::from(limit) / 10.0 && n.rate[0].estimate(now, W) < f64::from(limit) / 2.0
         };
         t.update_local(s, key, now, stays, |r| {

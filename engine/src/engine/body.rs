@@ -1,0 +1,157 @@
+//! The login body phase, [`Engine::on_request_body`]: the username (and,
+//! during an attack, a keyed hash of the password) from a login route's
+//! body; the account's profile and distributed-stuffing evidence judge the
+//! attempt before it reaches the application.
+
+use super::{Engine, Exchange, DOMAIN_USERNAME, DOMAIN_ENDPOINT, DOMAIN_PASSWORD};
+use crate::account::AccountRecord;
+use crate::detectors::Signal;
+use crate::detectors::login::LoginDetector;
+use crate::detectors::login_profile::LoginProfile;
+use crate::identity::ClientAddr;
+use crate::reason::Reason;
+use crate::state::store::SharedStore;
+use crate::verdict::Verdict;
+
+impl Engine {
+    /// How much request body to read for this exchange (login routes only).
+    pub fn wants_body(&self, exchange: &Exchange) -> Option<usize> {
+        match (&self.login, exchange.login_route) {
+            (Some(login), Some(_)) if exchange.judged => Some(login.max_body_bytes()),
+            _ => None,
+        }
+    }
+
+    /// Whether login requests wait for their body before their headers go
+    /// upstream (needs Envoy's `allow_on_headers_stop_iteration`).
+    pub fn holds_login_headers(&self, exchange: &Exchange) -> bool {
+        self.config.credential_stuffing.hold_login_headers && exchange.login_route.is_some() && exchange.judged
+    }
+
+    /// Keyed by the route's path, not its position: a reload that adds,
+    /// removes or reorders login routes keeps each endpoint's baseline and
+    /// attack state (the scorer names baselines by path too).
+    pub(super) fn endpoint_key(&self, route: usize) -> u64 {
+        let path = self.login.as_ref().and_then(|l| l.paths().nth(route)).unwrap_or_default();
+        self.hasher.key(DOMAIN_ENDPOINT, path.as_bytes())
+    }
+
+    /// The login body, read whole (never called for an oversized body).
+    /// During a recognised attack the account-level evidence is added to the
+    /// attempt's; returns the verdict when the attempt is refused.
+    pub fn on_request_body(&self, store: &dyn SharedStore, exchange: &mut Exchange, body: &[u8], now_ms: u64) -> Option<Verdict> {
+        let (Some(login), Some(route)) = (&self.login, exchange.login_route) else {
+            return None;
+        };
+        exchange.username = login.username(route, body);
+        if let Some(q) = exchange.score_request.as_mut() {
+            q.username = exchange.username.clone();
+        }
+        let username = exchange.username.as_deref()?;
+        let account_key = self.account_hasher.key(DOMAIN_USERNAME, username.as_bytes());
+        let account = self.accounts.peek(store, account_key).ok().flatten();
+        // The login compared with the account's profile, for the
+        // application (as if it succeeds: the outcome is not known yet).
+        if let Some(lp) = &self.login_profile {
+            let risk = lp.assess(account.as_ref(), &exchange.login_place, exchange.anonymous, exchange.client_key, now_ms);
+            exchange.profile_risk = Some(risk);
+        }
+        let mut signal = self.attempt_evidence(store, exchange, login, route, body, account_key, account.as_ref(), now_ms);
+        if let (Some(lp), true) = (&self.login_profile, exchange.profile_risk.is_some_and(|r| r.refuse)) {
+            signal.fire(Reason::AccountTakeover, lp.weight());
+        }
+        if signal.reasons.is_empty() {
+            return None;
+        }
+        let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
+            if let Some(penalized) = self.penalized(record, now_ms) {
+                return (penalized, false);
+            }
+            (self.apply(record, signal, now_ms), true)
+        });
+        let mode = exchange.mode.unwrap_or(self.config.mode);
+        let client = exchange.client.unwrap_or(ClientAddr::Unknown);
+        let mut verdict = self.verdict(client, updated, mode, now_ms);
+        verdict.agent = exchange.agent;
+        verdict.fired = verdict.fired.union(signal.reasons);
+        verdict.login_risk = self.login_risk(exchange);
+        // The attempt itself is refused, boxed or not.
+        verdict.reasons = verdict.reasons.union(signal.reasons);
+        verdict.block(403, verdict.retry_after_s.max(1));
+        verdict.on_response = true;
+        // No answer will be judged: the attempt never reaches the upstream.
+        exchange.judged = false;
+        Some(verdict)
+    }
+
+    /// Distributed stuffing's account-level evidence for the attempt: is
+    /// the account known, does the attempt look like its owner, is the
+    /// password sprayed. Returns the refusal signal (during an attack).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attempt_evidence(
+        &self,
+        store: &dyn SharedStore,
+        exchange: &mut Exchange,
+        login: &LoginDetector,
+        route: usize,
+        body: &[u8],
+        account_key: u64,
+        account: Option<&AccountRecord>,
+        now_ms: u64,
+    ) -> Signal {
+        let Some(d) = self.distributed.as_ref() else {
+            return Signal::default();
+        };
+        // Every attempt: the endpoint's share of unknown accounts is a
+        // recognition signal too (recorded with the outcome).
+        let known = self.known_accounts.contains(store, account_key);
+        exchange.account_unknown = Some(!known);
+        // The account-level evidence, always (it also goes to the login-risk
+        // header when the headers were held for the body); the spray and the
+        // refusal only during an attack.
+        let Some(mut attempt) = exchange.attempt else {
+            return Signal::default();
+        };
+        let endpoint = exchange.endpoint.unwrap_or_default();
+        if known {
+            attempt.unlike_owner =
+                account.is_some_and(|a| a.profile.is_known() && !a.profile.looks_like_owner(&exchange.login_place));
+        } else {
+            attempt.unknown_account = d.unknown_is_evidence(&endpoint);
+        }
+        if let Some(password) = login.password(route, body).filter(|_| attempt.under_attack) {
+            // Keyed and rotating: the hash means nothing after its window.
+            let epoch = now_ms / d.window_ms().max(1);
+            let mut text = epoch.to_le_bytes().to_vec();
+            text.extend_from_slice(password.as_bytes());
+            let key = self.hasher.key(DOMAIN_PASSWORD, &text);
+            // Only failures count (the answer records them): real users who
+            // share a common password log in, and are never a "spray".
+            exchange.password_key = Some(key);
+            attempt.sprayed_password = self
+                .sprays
+                .peek(store, key)
+                .ok()
+                .flatten()
+                .is_some_and(|p| d.is_sprayed(&p, now_ms));
+        }
+        exchange.attempt = Some(attempt);
+        d.refusal(&attempt)
+    }
+
+    /// The `x-abuse-login-risk` value once the body was read (for headers
+    /// held until then: `credential_stuffing.hold_login_headers`): the
+    /// attempt's evidence and the profile's reasons together.
+    pub fn login_risk(&self, exchange: &Exchange) -> Option<String> {
+        let attempt = match (&self.distributed, exchange.attempt) {
+            (Some(d), Some(a)) => Some((a, d.refuse_at())),
+            _ => None,
+        };
+        crate::login_risk::header(attempt, exchange.profile_risk.as_ref())
+    }
+
+    /// The header with the TLS JA4 fingerprint, when configured (login routes read it).
+    pub fn ja4_header(&self) -> Option<&str> {
+        self.login_profile.as_ref().and_then(LoginProfile::ja4_header)
+    }
+}

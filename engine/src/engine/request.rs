@@ -1,0 +1,285 @@
+//! The request phase, [`Engine::on_request`]: the pipeline of stages
+//! identify → penalty → count → detect → decide, in one read-modify-write
+//! of the client's record (see the module map in `engine/mod.rs`).
+
+use super::{Engine, Exchange, RequestFacts, DOMAIN_OBJECT, DOMAIN_PATH, DOMAIN_FINGERPRINT};
+use crate::config::Mode;
+use crate::detectors::enumeration::ObjectId;
+use crate::detectors::spike::GroupState;
+use crate::detectors::Signal;
+use crate::endpoint::EndpointRecord;
+use crate::identity::ClientAddr;
+use crate::routes::RouteMatch;
+use crate::detectors::distributed_stuffing::AttemptSignals;
+use crate::profile::{LoginPlace, asn_number, country_number, device_tag, network_tag};
+use crate::reason::Reason;
+use crate::record::ClientRecord;
+use crate::state::store::SharedStore;
+use crate::verdict::Verdict;
+
+/// What the request tells without the client's record: computed once,
+/// outside the CAS loop (the **look** before stage 2).
+struct Look<'a> {
+    key: u64,
+    good_bot: bool,
+    routes: RouteMatch,
+    probe: Signal,
+    object: Option<ObjectId<'a>>,
+    object_hash: Option<u64>,
+    login_route: Option<usize>,
+    tool_key: Option<u64>,
+    /// The login endpoint's record as the request found it.
+    endpoint: Option<EndpointRecord>,
+    attempt: Option<AttemptSignals>,
+    login_place: LoginPlace,
+    page: Option<u32>,
+    mode: Mode,
+    anonymous: bool,
+}
+
+/// What the count stage found outside the client's record.
+#[derive(Clone, Copy)]
+struct Counted {
+    session_hash: Option<u64>,
+    session_signal: Signal,
+    group_state: Option<GroupState>,
+}
+
+impl Engine {
+    /// The request phase: identify → (look) → count → penalty → detect →
+    /// decide, then the scorer and the sample.
+    pub fn on_request(&self, store: &dyn SharedStore, facts: &RequestFacts<'_>, now_ms: u64) -> (Verdict, Exchange) {
+        // 1. identify
+        let client = self
+            .identity
+            .client_addr(facts.identity.peer, facts.identity.forwarded_for);
+        let agent = self.agent_of(facts.user_agent);
+        let mut exchange = Exchange { client: Some(client), agent, ..Exchange::default() };
+        let api_key = facts.identity.api_key.and_then(|k| std::str::from_utf8(k).ok()).map(str::trim);
+        if self.exemptions.allowlisted(client, api_key) {
+            let mut v = Verdict::allow(client);
+            v.exempt = true;
+            return (v, exchange);
+        }
+        let key = self.client_key(client, agent);
+        let look = self.look(store, facts, client, key, now_ms);
+        // 3. count: the session and the route groups (their own tables).
+        let (session_hash, session_signal) = self.observe_session(store, facts, key, now_ms);
+        let group_state = self.count_route_groups(store, look.routes, now_ms);
+        let counted = Counted { session_hash, session_signal, group_state };
+        let mut snapshot: Option<ClientRecord> = None;
+        let mut attempt_seen = look.attempt;
+        // A quiet client's request stays in this worker's view (see `tiers`).
+        let stays_local = |base: &ClientRecord, next: &ClientRecord| {
+            crate::state::tiers::client_stays_local(base, next, now_ms, |base, next| {
+                self.rate.as_ref().is_none_or(|r| r.far_from_limits(base, next, now_ms))
+            })
+        };
+        let updated = self.clients.update_local(store, key, now_ms, stays_local, |record| {
+            // 2. penalty
+            if let Some(penalized) = self.penalized(record, now_ms) {
+                return (penalized, false);
+            }
+            // 4. detect
+            let signal = self.detect(record, facts, &look, &counted, &mut attempt_seen, now_ms);
+            // 5. decide
+            let outcome = self.apply(record, signal, now_ms);
+            if self.callouts.is_some() {
+                snapshot = Some(*record);
+            }
+            (outcome, true)
+        });
+        let mut verdict = self.verdict(client, updated, look.mode, now_ms);
+        verdict.agent = agent;
+        if let (Some(a), Some(d)) = (&attempt_seen, &self.distributed) {
+            if a.level(d.refuse_at()) != "low" {
+                verdict.login_risk = Some(a.header(d.refuse_at()));
+            }
+        }
+        if !verdict.would_block && !verdict.store_failed {
+            self.remember(&mut exchange, facts, &look, attempt_seen);
+            if let Some(record) = snapshot {
+                self.consult_scorer(store, facts, record, look.routes, session_hash, &mut verdict, &mut exchange, now_ms);
+            }
+        }
+        self.sample_client(key, &verdict, snapshot.as_ref(), look.routes, facts.anonymous, now_ms);
+        (verdict, exchange)
+    }
+
+    /// The look: stateless signals (probing paths and user agents, object
+    /// ids, pages), the route groups and mode, and on login routes what the
+    /// request itself tells about the attempt. The client's fingerprint
+    /// (header order + user agent) names its device in the account's
+    /// profile, and a user agent that claims no browser is also judged as a
+    /// tool by it.
+    fn look<'a>(&self, store: &dyn SharedStore, facts: &RequestFacts<'a>, client: ClientAddr, key: u64, now_ms: u64) -> Look<'a> {
+        let good_bot = self.exemptions.good_bot(client, facts.user_agent);
+        let routes = self.routes.matches(facts.method, facts.path);
+        let probe = match &self.probing {
+            Some(p) if !good_bot => p.on_request(facts.path, facts.user_agent),
+            _ => Signal::default(),
+        };
+        let object = match &self.enumeration {
+            Some(e) if !good_bot => e.object_id(facts.path),
+            _ => None,
+        };
+        let object_hash = object.as_ref().map(|o| self.hasher.key(DOMAIN_OBJECT, o.text.as_bytes()));
+        let login_route = self.login.as_ref().and_then(|l| l.route(facts.method, facts.path));
+        let header_shape = login_route.map(|_| self.client_header_shape(facts.header_names.unwrap_or("")));
+        let fingerprint_text = header_shape
+            .as_ref()
+            .map(|shape| format!("{shape}|{}", facts.user_agent.unwrap_or("")));
+        let tool_key = match (&self.distributed, &fingerprint_text) {
+            (Some(_), Some(text)) if !facts.user_agent.is_some_and(crate::detectors::browser::claims_browser) => {
+                Some(self.hasher.key(DOMAIN_FINGERPRINT, text.as_bytes()))
+            }
+            _ => None,
+        };
+        let endpoint = match (&self.distributed, login_route) {
+            (Some(_), Some(route)) => self.endpoints.peek(store, self.endpoint_key(route)).ok().flatten(),
+            _ => None,
+        };
+        let attempt = match (&self.distributed, login_route) {
+            (Some(d), Some(_)) => {
+                let under_attack = endpoint.is_some_and(|e| e.under_attack(now_ms));
+                let tool_fingerprint = under_attack
+                    && tool_key.is_some_and(|k| {
+                        self.fingerprints
+                            .peek(store, k)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|f| d.tool_is_attacking(&f, now_ms))
+                    });
+                Some(AttemptSignals {
+                    under_attack,
+                    tool_fingerprint,
+                    inconsistent_headers: crate::detectors::browser::inconsistent(
+                        facts.user_agent,
+                        facts.header_names.unwrap_or(""),
+                    ),
+                    ..AttemptSignals::default()
+                })
+            }
+            _ => None,
+        };
+        let login_place = match login_route {
+            Some(_) => LoginPlace {
+                device: device_tag(facts.user_agent.unwrap_or(""), header_shape.as_deref().unwrap_or(""), facts.ja4),
+                country: country_number(facts.country),
+                asn: asn_number(facts.asn),
+                network: network_tag(&client),
+            },
+            None => LoginPlace::default(),
+        };
+        let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
+        // Parsing the cookie is only worth it when a limit asks.
+        let anonymous = self.has_anonymous_limits() && self.is_anonymous(&facts.identity);
+        let page = match &self.scraping {
+            Some(sc) if !good_bot => sc.page_of(facts.path),
+            _ => None,
+        };
+        Look {
+            key,
+            good_bot,
+            routes,
+            probe,
+            object,
+            object_hash,
+            login_route,
+            tool_key,
+            endpoint,
+            attempt,
+            login_place,
+            page,
+            mode,
+            anonymous,
+        }
+    }
+
+    /// Stage 4, **detect**: every detector against the client's record, in
+    /// a fixed order (some count on the record as they go: the login
+    /// attempts before the rate limits, the request last).
+    fn detect(
+        &self,
+        record: &mut ClientRecord,
+        facts: &RequestFacts<'_>,
+        look: &Look<'_>,
+        counted: &Counted,
+        attempt: &mut Option<AttemptSignals>,
+        now_ms: u64,
+    ) -> Signal {
+        if record.first_seen_ms == 0 {
+            record.first_seen_ms = now_ms;
+        }
+        let mut signal = look.probe;
+        signal.add(counted.session_signal);
+        if let (Some(d), Some(h)) = (&self.sessions, counted.session_hash) {
+            signal.add(d.on_client(record, h, now_ms));
+        }
+        if facts.anonymous {
+            signal.fire(Reason::AnonymousNetwork, self.config.geo.anonymous_weight);
+        }
+        if let Some(spikes) = &self.spikes {
+            signal.add(spikes.on_request(record, counted.group_state, now_ms));
+        }
+        if let (Some(sc), false) = (&self.scraping, look.good_bot) {
+            signal.add(sc.on_request(record, look.page, now_ms));
+        }
+        if let (Some(a), Some(d)) = (attempt.as_mut(), &self.distributed) {
+            (a.new_client, a.never_browsed) = d.client_signals(record);
+            signal.add(d.refusal(a));
+        }
+        if look.login_route.is_some() {
+            record.login_attempts = record.login_attempts.saturating_add(1);
+        }
+        if let Some(rate) = &self.rate {
+            signal.add(rate.observe(look.routes, look.anonymous, record, now_ms));
+        }
+        if let (Some(e), Some(o), Some(h)) = (&self.enumeration, &look.object, look.object_hash) {
+            let session = counted.session_hash.map(|h| (h & 0xffff_ffff) as u32).unwrap_or(0);
+            let sessions = record.sessions.estimate();
+            signal.add(e.on_request(record, o, h, session, sessions, now_ms));
+        }
+        record.requests = record.requests.saturating_add(1);
+        signal
+    }
+
+    /// What the later phases (body, answer, scorer) need of a judged request.
+    fn remember(&self, exchange: &mut Exchange, facts: &RequestFacts<'_>, look: &Look<'_>, attempt: Option<AttemptSignals>) {
+        exchange.judged = true;
+        exchange.client_key = look.key;
+        exchange.good_bot = look.good_bot;
+        exchange.login_route = look.login_route;
+        exchange.attempt = attempt;
+        exchange.endpoint = look.endpoint;
+        exchange.tool_key = look.tool_key;
+        exchange.login_place = look.login_place;
+        exchange.anonymous = facts.anonymous;
+        exchange.mode = Some(look.mode);
+        exchange.object = look.object.is_some();
+        if self.probing.is_some() {
+            // Only probing reads it (distinct paths answered 404).
+            exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());
+        }
+    }
+
+    /// The request's header names as the client sent them: without those
+    /// the proxy adds (Envoy's `x-request-id`, `x-forwarded-*`, `x-envoy-*`,
+    /// the GeoIP filter's, the JA4 and facts headers), whose order and presence change
+    /// from one request to the next (the GeoIP filter adds its headers in no
+    /// fixed order) and say nothing about the client's device.
+    pub(super) fn client_header_shape(&self, names: &str) -> String {
+        let geo = &self.config.geo;
+        let added = |name: &str| {
+            name == "x-request-id"
+                || name.starts_with("x-forwarded-")
+                || name.starts_with("x-envoy-")
+                || geo.country_header.as_deref() == Some(name)
+                || geo.asn_header.as_deref() == Some(name)
+                || geo.anonymous_headers.iter().any(|h| h == name)
+                || self.ja4_header() == Some(name)
+                || self.config.client.facts_header.as_deref() == Some(name)
+        };
+        names.split(',').filter(|n| !added(n)).collect::<Vec<_>>().join(",")
+    }
+}
