@@ -174,9 +174,10 @@ impl Default for StateConfig {
         StateConfig {
             shards: 2048,
             slots_per_shard: 16,
-            // Enough for 10,000 clients active on one worker within 2T
-            // (`make bench`): ~12 MiB per worker, fixed.
-            worker_clients: 16_384,
+            // ~6 MiB per worker, fixed. Each worker sees only the clients
+            // whose connections it holds: size it to them (README "State
+            // tiers"); `make bench`'s one worker sees 10,000 and sets 16,384.
+            worker_clients: 8192,
             worker_sync_ms: 1000,
         }
     }
