@@ -156,7 +156,11 @@ def test_forced_browsing_is_blocked(envoy):
              "files", "download", "export", "dump", "cfg"]
     responses = [get(envoy, client, f"/{w}") for w in words]
     i = first_block(responses)
-    assert i is not None and i <= 18, [r.status for r in responses]
+    # 15 distinct paths, as a 64-bit sketch with the process's random seed
+    # counts them (it reaches 15 between the 14th and ~19th path), plus one
+    # request the other worker allows before its view (at most T old) sees
+    # the block: 1 time in ~20 the block came at the 20th or 21st.
+    assert i is not None and i <= 21, [r.status for r in responses]
     assert responses[i].json()["reasons"] == ["probing"]
 
 
