@@ -171,8 +171,8 @@ impl<R: Copy> Views<R> {
 
 /// Merges one tick may do per table: each is a shared-data round trip
 /// (a few µs on V8), and the tick runs on the worker between requests, so
-/// an unbounded tick stalls every request behind it (10,000 busy clients
-/// would cost ~30 ms every T).
+/// an unbounded tick holds every request behind it (10,000 busy clients
+/// due at once are 10,000 round trips, tens of milliseconds on V8).
 pub const MAX_TICK_MERGES: u32 = 256;
 
 /// What a tick did, for stats.
