@@ -94,6 +94,7 @@ run: build
 	$(VPY) tests/harness.py run
 
 lint: deps
+	python3 engine/check_layers.py engine/src
 	cargo clippy --release --target wasm32-wasip1 -p abuse-filter -- -D warnings
 	cargo clippy -p abuse-engine -p abuse-scorer -p abuse-filter-check --all-targets -- -D warnings
 
