@@ -410,6 +410,23 @@ def recognition(recs: list, t_live: float, envoy: int, horizon: float = 30) -> d
             "sequence": "".join("x" if r[2] < 0 else "." for r in att)}
 
 
+def attack_bursts(recs: list, start: float, gap: float = 2.0) -> list[dict]:
+    """The attack attempts that were not refused, per Envoy, grouped into
+    bursts (passed attempts less than `gap` seconds apart): when and how
+    long the filter let the attack through, fault or no fault."""
+    bursts = []
+    for envoy in (0, 1):
+        passed = sorted(r[0] for r in recs if r[1] == "attack" and r[4] == envoy and r[2] > 0)
+        for t in passed:
+            if bursts and bursts[-1]["envoy"] == "AB"[envoy] and t - bursts[-1]["_last"] < gap:
+                bursts[-1]["_last"], bursts[-1]["passed"] = t, bursts[-1]["passed"] + 1
+            else:
+                bursts.append({"envoy": "AB"[envoy], "at_s": round(t - start, 1), "_last": t, "passed": 1})
+    for b in bursts:
+        b["seconds"] = round(b.pop("_last") - start - b["at_s"], 1)
+    return bursts
+
+
 def penalized(port: int, addr: str) -> bool:
     r = request(port, "GET", "/api/products?page=1", {"x-forwarded-for": addr, **browser(BROWSERS[0])})
     return blocked(r)
@@ -504,12 +521,17 @@ def main():
               "borderline_vpn_requests": sum(1 for r in recs if r[1] == "vpn_browse"),
               "envoy_b_restart": {**restart, **recognition(recs, restart_live, 1)}, "fill": fill,
               "filter_counters": sum_counters([*stack.gone_envoy_counters, *stats], FILTER_COUNTERS),
-              "scorer_counters": scorer_totals, "windows": rows, "rss_kib": rss}
+              "scorer_counters": scorer_totals, "attack_passed_bursts": attack_bursts(recs, start),
+              "windows": rows, "rss_kib": rss}
     print_table(rows)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("windows", "rss_kib")}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("windows", "rss_kib", "attack_passed_bursts")}, indent=1))
+    print("Attack attempts not refused, in bursts (Envoy, seconds into the run, passed, lasting):",
+          ", ".join(f"{b['envoy']} {b['at_s']:.0f} s: {b['passed']} in {b['seconds']} s" for b in report["attack_passed_bursts"]))
     print("RSS KiB over time (envoy0 envoy1 scorer0 scorer1):",
           " | ".join(f"{s['t']}s {s['envoy0']} {s['envoy1']} {s['scorer0']} {s['scorer1']}" for s in rss[:: max(1, len(rss) // 10)]))
     (OUT / "report.json").write_text(json.dumps(report, indent=1))
+    # Every client-side answer, for a closer look (t relative to the start).
+    (OUT / "records.json").write_text(json.dumps([(round(r[0] - start, 3), r[1], r[2], round(r[3], 1), r[4]) for r in recs]))
 
 
 if __name__ == "__main__":
