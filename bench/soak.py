@@ -119,7 +119,7 @@ class Stack:
         self.redis_port = self.redis.port
         self.scorers = [Scorer(redis_url=self.redis.url, secret=SECRET) for _ in range(2)]
         self.gone_scorer_counters: list[dict] = []
-        self.gone_envoy_counters: list[dict] = []
+        self.gone_envoy_counters: dict[int, list[dict]] = {0: [], 1: []}
         self.access_logs = [OUT / f"access-{i}.log" for i in range(2)]
         for path in self.access_logs:
             path.unlink(missing_ok=True)
@@ -149,7 +149,7 @@ class Stack:
         if it fails, the old process is stopped and a new one started
         (cold, on a new port). Returns what happened."""
         envoy = self.envoys[i]
-        self.gone_envoy_counters.append(envoy.envoy.stats())
+        self.gone_envoy_counters[i].append(envoy.envoy.stats())
         t0 = time.monotonic()
         try:
             envoy.envoy.hot_restart()
@@ -216,6 +216,26 @@ class Traffic:
             addr = f"198.18.{user // 250 % 250}.{user % 250 + 1}"
             headers = {"x-forwarded-for": addr, "x-geo-anon-vpn": "true", **browser(BROWSERS[user % 5])}
             self.record("vpn_browse", user, lambda port: request(port, "GET", "/api/products?page=2", headers).status)
+            i += 1
+
+    def account_thief(self, rate: float):
+        """One account at a time guessed from new VPN addresses, alternating
+        Envoys: each address browses once, then tries the password (risk 2 x
+        30: in the scorer's band, so the scorer is asked, with the username).
+        From the 20th attempt on the account fleet-wide the scorer adds
+        credential_stuffing (+50), blocks, and publishes the block to the
+        fleet, which both Envoys poll: fleet verdicts to count."""
+        i, start = 0, time.monotonic()
+        while time.monotonic() < self.end:
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            n = i // 2
+            headers = {"x-forwarded-for": f"198.19.{n // 250 % 250}.{n % 250 + 1}", "x-geo-anon-vpn": "true",
+                       **browser(BROWSERS[3])}
+            if i % 2 == 0:
+                self.record("account_thief", n, lambda port: request(port, "GET", "/api/products?page=3", headers).status)
+            else:
+                body = {"username": f"victim{n // 30:04d}", "password": f"guess-{n}"}
+                self.record("account_thief", n, lambda port: request(port, "POST", "/api/login", headers, body).status)
             i += 1
 
     def attack(self, rate: float):
@@ -455,6 +475,7 @@ def main():
     threads = [threading.Thread(target=traffic.benign, args=(w, 15.0), daemon=True) for w in range(2)]
     threads.append(threading.Thread(target=traffic.attack, args=(10.0,), daemon=True))
     threads.append(threading.Thread(target=traffic.borderline, args=(2.0,), daemon=True))
+    threads.append(threading.Thread(target=traffic.account_thief, args=(0.8,), daemon=True))
     for t in threads:
         t.start()
     rss, windows = [], []
@@ -520,7 +541,10 @@ def main():
               "borderline_vpn_refused": sum(1 for r in recs if r[1] == "vpn_browse" and r[2] in (403, 429)),
               "borderline_vpn_requests": sum(1 for r in recs if r[1] == "vpn_browse"),
               "envoy_b_restart": {**restart, **recognition(recs, restart_live, 1)}, "fill": fill,
-              "filter_counters": sum_counters([*stack.gone_envoy_counters, *stats], FILTER_COUNTERS),
+              "account_thief_refused": sum(1 for r in recs if r[1] == "account_thief" and r[2] in (403, 429)),
+              "account_thief_requests": sum(1 for r in recs if r[1] == "account_thief"),
+              "filter_counters": {"AB"[i]: sum_counters([*stack.gone_envoy_counters[i], stats[i]], FILTER_COUNTERS)
+                                  for i in (0, 1)},
               "scorer_counters": scorer_totals, "attack_passed_bursts": attack_bursts(recs, start),
               "windows": rows, "rss_kib": rss}
     print_table(rows)
