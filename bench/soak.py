@@ -2,8 +2,10 @@
 
 Two Envoys (the built filter, LDS from a watched file), two scorers sharing
 one Redis, the demo API; benign traffic (browsing, real users logging into
-their own accounts) and a credential-stuffing tool rotating addresses, all
-paced by the clock, while a fault script runs: kill and restart a scorer,
+their own accounts), a credential-stuffing tool rotating addresses, VPN
+users in the scorer's band (the callouts) and an account guesser the
+scorer blocks (the fleet verdicts), all paced by the clock, while a fault
+script runs: kill and restart a scorer,
 kill and restart Redis, SIGSTOP Redis (calls hang) then SIGCONT, reload the
 filter configuration on a running Envoy, hot-restart the other Envoy (a new
 process takes its listen sockets over; a cold restart if hot restart
@@ -40,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import DemoApi, Redis, Scorer, request, wait_until  # noqa: E402
+from harness import DemoApi, Redis, Scorer, request  # noqa: E402
 from test_disguise_envoy import BROWSERS, blocked, browser, shipped_config  # noqa: E402
 from test_reload_envoy import LdsEnvoy  # noqa: E402
 
