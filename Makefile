@@ -186,6 +186,8 @@ bench-clients:
 	cargo run --release -q -p abuse-engine --example clients
 
 # Faults under load (not a test): two Envoys, two scorers, Redis, benign +
-# attack traffic, a fault script; SOAK_SECONDS (default 600), SOAK_FILL_SECONDS.
+# attack traffic, a fault script (scorer and Redis killed, Redis paused, a
+# reload, a hot restart, a million-address fill); SOAK_SECONDS (default 600),
+# SOAK_FILL_ADDRESSES (default 1000000), SOAK_FILL_SECONDS (default 180).
 soak: build test-deps
 	$(VPY) bench/soak.py

@@ -176,6 +176,7 @@ impl HttpContext for AbuseFilterHttp {
             if crate::waiters::park(waiter) {
                 // The shared answer decides; the waiter writes it when it resumes.
                 self.pending_decision = None;
+                write_filter_state(CALLOUT_PROPERTY, "waited");
                 return WasmAction::Pause;
             }
         }
@@ -305,6 +306,7 @@ impl AbuseFilterHttp {
             Ok(_token) => {
                 metrics::bump(metrics::Counter::CalloutsSent, 1);
                 self.callout_started_ms = Some(now_ms());
+                write_filter_state(CALLOUT_PROPERTY, "asked");
                 WasmAction::Pause
             }
             Err(_) => {
@@ -457,6 +459,14 @@ impl AbuseFilterHttp {
 /// `%FILTER_STATE(wasm.abuse_filter:PLAIN)%` (Envoy prefixes `wasm.`).
 pub const DECISION_PROPERTY: &str = "abuse_filter";
 
+/// Filter state key set on a request held for a scorer callout: `asked`
+/// (it sent the callout) or `waited` (it waited for another request's
+/// callout about the same client), for Envoy's access log:
+/// `%FILTER_STATE(wasm.abuse_filter_callout:PLAIN)%`. Such a request may
+/// take up to the scorer's timeout; no other request waits on the scorer
+/// (`make soak` tells the two apart by it). One host call per callout.
+pub const CALLOUT_PROPERTY: &str = "abuse_filter_callout";
+
 /// The access-log text of a decision worth logging — anything but a clean
 /// allow (a risk, a reason, a tag or a block) — else None:
 /// `action=block score=100 reasons=credential_stuffing` (`action` is
@@ -495,7 +505,12 @@ extern "C" {
 /// `wasm.`). One host call that returns nothing (about 1 µs on V8); the
 /// status is ignored — logging never changes what happens to the request.
 pub fn write_decision(text: &str) {
-    let path = DECISION_PROPERTY.as_bytes();
+    write_filter_state(DECISION_PROPERTY, text);
+}
+
+/// Writes filter state `wasm.<key>` (the status is ignored, as above).
+fn write_filter_state(key: &str, text: &str) {
+    let path = key.as_bytes();
     // SAFETY: both pointers are valid for their lengths for the whole call;
     // the host only reads them.
     let _status = unsafe { raw_proxy_set_property(path.as_ptr(), path.len(), text.as_ptr(), text.len()) };

@@ -185,11 +185,13 @@ def envoy_config(
     env_keys: list[str] | None = None,
     stop_iteration: bool = True,
     facts_header: str | None = None,
+    access_log: list[dict] | None = None,
 ) -> dict:
     """An Envoy bootstrap: the abuse filter in front of the demo API, plus a
     direct-response route `/direct` (no upstream) for load tests.
     `facts_header`: Envoy's header_mutation filter first, writing the
-    request's facts into that header (set `client.facts_header` to match)."""
+    request's facts into that header (set `client.facts_header` to match).
+    `access_log`: the connection manager's access loggers."""
     filters = [facts_filter(facts_header)] if facts_header else []
     filters += geoip_filters() if geoip else []
     if with_filter:
@@ -256,6 +258,7 @@ def envoy_config(
                                             ]
                                         },
                                         "http_filters": filters,
+                                        **({"access_log": access_log} if access_log else {}),
                                     },
                                 }
                             ]
@@ -388,34 +391,76 @@ class Redis:
 
 
 class Envoy:
-    """A real Envoy process with the given bootstrap, on free ports."""
+    """A real Envoy process with the given bootstrap, on free ports.
 
-    def __init__(self, bootstrap: dict, admin_port: int, port: int, concurrency: int = 2, wait: bool = True):
+    `hot_restart`: started as epoch 0 of Envoy's hot restart (else with it
+    disabled), so that `hot_restart()` can replace the process in place."""
+
+    def __init__(self, bootstrap: dict, admin_port: int, port: int, concurrency: int = 2, wait: bool = True,
+                 hot_restart: bool = False, drain_s: int = 2, parent_shutdown_s: int = 5):
         self.port = port
         self.admin_port = admin_port
+        self.concurrency = concurrency
         self.dir = Path(tempfile.mkdtemp(prefix="abuse-envoy-"))
         self.config_path = self.dir / "envoy.json"
         self.config_path.write_text(json.dumps(bootstrap, indent=1))
         self.log_path = self.dir / "envoy.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [
-                envoy_binary(),
-                "-c", str(self.config_path),
-                "--concurrency", str(concurrency),
-                "--base-id", str(port),  # lets several Envoys run side by side
-                "--log-level", "info",
-                "--disable-hot-restart",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        self.epoch = 0 if hot_restart else None
+        self.restart_flags = ["--drain-time-s", str(drain_s), "--parent-shutdown-time-s", str(parent_shutdown_s)]
+        self.parents: list[subprocess.Popen] = []
+        self.proc = self._spawn()
         if wait:
             try:
                 wait_until(self.ready, 30, 0.1, "envoy to be ready")
             except TimeoutError:
                 self.stop()
                 raise RuntimeError(f"envoy did not start:\n{self.log()[-4000:]}")
+
+    def _spawn(self) -> subprocess.Popen:
+        """The Envoy process of the current epoch (all epochs share the log:
+        the same open file, so their lines interleave, never overwrite)."""
+        restart = ["--disable-hot-restart"] if self.epoch is None else ["--restart-epoch", str(self.epoch), *self.restart_flags]
+        return subprocess.Popen(
+            [
+                envoy_binary(),
+                "-c", str(self.config_path),
+                "--concurrency", str(self.concurrency),
+                "--base-id", str(self.port),  # lets several Envoys run side by side
+                "--log-level", "info",
+                *restart,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def hot_restart(self, timeout: float = 30):
+        """Envoy's hot restart: a new process (the next epoch, same base id
+        and bootstrap) takes the listen sockets over from the running one
+        through the hot-restart domain socket; the old one drains for
+        `drain_s` and is told to exit after `parent_shutdown_s`. Returns
+        when the new process is ready: the admin (the old one closes its own
+        when the new one starts) says LIVE for the new epoch."""
+        if self.epoch is None:
+            raise RuntimeError("this Envoy was started with hot restart disabled")
+        self.epoch += 1
+        self.parents.append(self.proc)
+        self.proc = self._spawn()
+
+        def new_epoch_live() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy epoch {self.epoch} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                status, body = self.admin("/server_info")
+                info = json.loads(body) if status == 200 else {}
+            except (OSError, ValueError):
+                return False
+            return info.get("state") == "LIVE" and info.get("command_line_options", {}).get("restart_epoch") == self.epoch
+
+        try:
+            wait_until(new_epoch_live, timeout, 0.05, f"envoy epoch {self.epoch} to be live")
+        except TimeoutError:
+            raise RuntimeError(f"hot restart to epoch {self.epoch} failed:\n{self.log()[-4000:]}")
 
     @classmethod
     def with_filter(cls, plugin_config, upstream_port: int, concurrency: int = 2, wait: bool = True, **kw):
@@ -471,13 +516,14 @@ class Envoy:
     def stop(self):
         """Stops Envoy; fails if the filter ever trapped (a panic is a bug
         even when FAIL_RELOAD hides it from clients)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        for proc in [*self.parents, self.proc]:  # earlier epochs normally exited already
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         if self._log.closed:
             return
         log = self.log()

@@ -43,9 +43,10 @@ def base_config() -> dict:
 
 
 class LdsEnvoy:
-    """Envoy whose only listener is read from a watched LDS file."""
+    """Envoy whose only listener is read from a watched LDS file
+    (`hot_restart`: see harness.Envoy; other keywords go to envoy_config)."""
 
-    def __init__(self, config: dict, upstream_port: int, **kw):
+    def __init__(self, config: dict, upstream_port: int, hot_restart: bool = False, **kw):
         self.dir = Path(tempfile.mkdtemp(prefix="abuse-lds-"))
         self.lds = self.dir / "lds.json"
         port, admin = free_port(), free_port()
@@ -61,7 +62,7 @@ class LdsEnvoy:
                 "path_config_source": {"path": str(self.lds), "watched_directory": {"path": str(self.dir)}},
             }
         }
-        self.envoy = Envoy(bootstrap, admin, port)
+        self.envoy = Envoy(bootstrap, admin, port, hot_restart=hot_restart)
         wait_until(lambda: self.configured() >= 1, 30, 0.1, "the filter to configure")
 
     def write(self, config: dict):
