@@ -99,7 +99,7 @@ impl Engine {
         if !verdict.would_block && !verdict.store_failed {
             self.remember(&mut exchange, facts, &look, attempt_seen);
             if let Some(record) = snapshot {
-                self.consult_scorer(store, facts, record, look.routes, session_hash, &mut verdict, &mut exchange, now_ms);
+                self.consult_scorer(store, facts, record, look.routes, &mut verdict, &mut exchange, now_ms);
             }
         }
         self.sample_client(key, &verdict, snapshot.as_ref(), look.routes, facts.anonymous, now_ms);

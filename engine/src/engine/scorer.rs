@@ -22,7 +22,6 @@ impl Engine {
         facts: &RequestFacts<'_>,
         record: ClientRecord,
         routes: crate::routes::RouteMatch,
-        session_hash: Option<u64>,
         verdict: &mut Verdict,
         exchange: &mut Exchange,
         now_ms: u64,
@@ -63,7 +62,7 @@ impl Engine {
                 verdict.callout = CalloutPlan::Ask;
                 exchange.risk = verdict.risk;
                 exchange.reasons = verdict.reasons;
-                exchange.score_request = Some(self.score_request(facts, &record, routes, session_hash, verdict, now_ms));
+                exchange.score_request = Some(self.score_request(facts, &record, routes, verdict, now_ms));
             }
         }
     }
@@ -115,7 +114,6 @@ impl Engine {
         facts: &RequestFacts<'_>,
         r: &ClientRecord,
         routes: crate::routes::RouteMatch,
-        session_hash: Option<u64>,
         verdict: &Verdict,
         now_ms: u64,
     ) -> ScoreRequest {
@@ -138,7 +136,7 @@ impl Engine {
             reasons: verdict.reasons.names().into_iter().map(String::from).collect(),
             features,
             username: None,
-            session: session_hash.map(|h| format!("{h:016x}")),
+            session: self.fleet_session(&id),
             subject: id.subject.map(|s| short(&s, 128)),
             user_agent: facts.user_agent.map(|u| short(u, 256)),
             country: facts.country.map(|c| short(c, 8)),

@@ -4,6 +4,7 @@
 use super::{Engine, RequestFacts, DOMAIN_SESSION, DOMAIN_USER_AGENT};
 use crate::detectors::Signal;
 use crate::detectors::session::country_code;
+use crate::identity::ClientIdentity;
 use crate::state::store::SharedStore;
 
 impl Engine {
@@ -19,12 +20,8 @@ impl Engine {
             return (None, Signal::default());
         };
         let id = self.identity.identify(&facts.identity);
-        // One identity per request: the most specific one present.
-        let session = match (&id.session, &id.api_key, &id.subject) {
-            (Some(s), _, _) => format!("cookie:{s}"),
-            (None, Some(k), _) => format!("key:{k}"),
-            (None, None, Some(sub)) => format!("sub:{sub}"),
-            _ => return (None, Signal::default()),
+        let Some(session) = session_name(&id) else {
+            return (None, Signal::default());
         };
         let hash = self.hasher.key(DOMAIN_SESSION, session.as_bytes());
         let ua_hash = self.hasher.key(DOMAIN_USER_AGENT, facts.user_agent.unwrap_or("").as_bytes());
@@ -35,5 +32,23 @@ impl Engine {
             .map(|(signal, _)| signal)
             .unwrap_or_default();
         (Some(hash), signal)
+    }
+
+    /// The session as the scorer names it: hashed with the fleet's key
+    /// (the scorer's secret), so every Envoy names one cookie alike and the
+    /// scorer can count its addresses across the fleet. The session table's
+    /// own hash uses this process's random key, which no other Envoy shares.
+    pub(super) fn fleet_session(&self, id: &ClientIdentity) -> Option<String> {
+        session_name(id).map(|s| format!("{:016x}", self.account_hasher.key(DOMAIN_SESSION, s.as_bytes())))
+    }
+}
+
+/// One identity per request: the most specific one present.
+fn session_name(id: &ClientIdentity) -> Option<String> {
+    match (&id.session, &id.api_key, &id.subject) {
+        (Some(s), _, _) => Some(format!("cookie:{s}")),
+        (None, Some(k), _) => Some(format!("key:{k}")),
+        (None, None, Some(sub)) => Some(format!("sub:{sub}")),
+        _ => None,
     }
 }

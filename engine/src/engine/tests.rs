@@ -599,3 +599,33 @@ proptest::proptest! {
         }
     }
 }
+
+/// Two Envoys (each its own random seed) name one session cookie alike to
+/// the scorer when they share its secret, so the scorer can count the
+/// session's addresses across the fleet; the session table's own key stays
+/// this process's.
+#[test]
+fn every_envoy_names_a_session_alike_to_the_scorer() {
+    let json = r#"{"client":{"session_cookie":"sid"},"sessions":{},
+        "scorer":{"enabled":true,"secret":"fleet-secret"}}"#;
+    let config = Config::from_json(json.as_bytes()).unwrap();
+    let (a, b) = (Engine::new(&config, &[7; SEED_BYTES]).unwrap(), Engine::new(&config, &[9; SEED_BYTES]).unwrap());
+    let with_cookie = |cookie: &'static [u8]| {
+        let mut facts = request("192.0.2.1", None, "/api/me");
+        facts.identity.cookie = Some(cookie);
+        facts
+    };
+    let named = |e: &Engine, cookie: &'static [u8]| {
+        let facts = with_cookie(cookie);
+        let verdict = Verdict::allow(e.identity.client_addr(facts.identity.peer, None));
+        e.score_request(&facts, &<ClientRecord as crate::record::Record>::new(1), crate::routes::RouteMatch::default(), &verdict, T0)
+            .session
+    };
+    let (sa, sb) = (named(&a, b"sid=abc123; theme=dark"), named(&b, b"sid=abc123"));
+    assert!(sa.is_some());
+    assert_eq!(sa, sb);
+    assert_ne!(named(&a, b"sid=other"), sa, "another cookie is another session");
+    let facts = with_cookie(b"sid=abc123");
+    let (ha, hb) = (a.observe_session(&MemoryStore::new(), &facts, 1, T0).0, b.observe_session(&MemoryStore::new(), &facts, 1, T0).0);
+    assert_ne!(ha, hb, "the session table's key is per process");
+}
