@@ -6,8 +6,8 @@
 use abuse_engine::account::AccountRecord;
 use abuse_engine::callout::VerdictRecord;
 use abuse_engine::endpoint::{EndpointRecord, FingerprintRecord, SprayRecord};
-use abuse_engine::layout::LayoutManifest;
-use abuse_engine::record::{migrate_client, ClientRecord};
+use abuse_engine::layout::{migrate_client, LayoutManifest};
+use abuse_engine::record::ClientRecord;
 use abuse_engine::session::SessionRecord;
 use abuse_engine::shard::{Record, ShardLayout};
 use abuse_engine::store::ShardedTable;
