@@ -176,15 +176,9 @@ impl Engine {
             if flag.until_ms <= now_ms {
                 continue;
             }
-            let (addr, agent) = match flag.client.split_once('#') {
-                Some((addr, tag)) => (addr, u32::from_str_radix(tag, 16).ok()),
-                None => (flag.client.as_str(), None),
-            };
-            let client = self.identity.client_addr(Some(addr.as_bytes()), None);
-            if client == crate::identity::ClientAddr::Unknown {
+            let Some(key) = self.key_of_label(&flag.client) else {
                 continue;
-            }
-            let key = self.client_key(client, agent);
+            };
             let done = self.clients.update(store, key, now_ms, |r| {
                 if r.is_empty() || r.first_seen_ms == 0 {
                     // Never seen here: nothing to tag (and no slot taken).

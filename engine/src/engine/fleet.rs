@@ -4,7 +4,6 @@
 
 use super::{Engine, FLEET_LEASE_KEY};
 use crate::callout::reasons_from_names;
-use crate::identity::ClientAddr;
 use crate::state::store::SharedStore;
 use crate::wire::{FleetVerdicts, WIRE_VERSION};
 
@@ -41,16 +40,9 @@ impl Engine {
             if v.until_ms <= now_ms {
                 continue;
             }
-            // `addr` or `addr#tag` (see identity::client_label).
-            let (addr, agent) = match v.client.split_once('#') {
-                Some((addr, tag)) => (addr, u32::from_str_radix(tag, 16).ok()),
-                None => (v.client.as_str(), None),
-            };
-            let client = self.identity.client_addr(Some(addr.as_bytes()), None);
-            if client == ClientAddr::Unknown {
+            let Some(key) = self.key_of_label(&v.client) else {
                 continue;
-            }
-            let key = self.client_key(client, agent);
+            };
             let reasons = reasons_from_names(&v.reasons);
             let until = v.until_ms.min(now_ms.saturating_add(86_400_000));
             let done = self.clients.update(store, key, now_ms, |r| {

@@ -28,6 +28,20 @@ impl Engine {
         self.hasher.key(DOMAIN_CLIENT, &bytes)
     }
 
+    /// The key of the client a scorer's label names (`addr` or `addr#tag`,
+    /// as [`crate::identity::client_label`] writes it); None if the label
+    /// names no address.
+    pub(super) fn key_of_label(&self, label: &str) -> Option<u64> {
+        let (addr, agent) = match label.split_once('#') {
+            Some((addr, tag)) => (addr, u32::from_str_radix(tag, 16).ok()),
+            None => (label, None),
+        };
+        match self.identity.client_addr(Some(addr.as_bytes()), None) {
+            ClientAddr::Unknown => None,
+            client => Some(self.client_key(client, agent)),
+        }
+    }
+
     pub fn identify(&self, input: &IdentityInput<'_>) -> ClientIdentity {
         self.identity.identify(input)
     }
