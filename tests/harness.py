@@ -271,6 +271,10 @@ def envoy_config(
                     "name": "demo_api",
                     "type": "STATIC",
                     "connect_timeout": "1s",
+                    # Envoy closes an idle upstream connection before the demo
+                    # API does (60 s): else a request can go out on a connection
+                    # the upstream is closing, and Envoy answers 503.
+                    "typed_extension_protocol_options": UPSTREAM_IDLE,
                     "load_assignment": {
                         "cluster_name": "demo_api",
                         "endpoints": [
@@ -291,6 +295,15 @@ def envoy_config(
             ],
         },
     }
+
+
+UPSTREAM_IDLE = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "common_http_protocol_options": {"idle_timeout": "30s"},
+        "explicit_http_config": {"http_protocol_options": {}},
+    }
+}
 
 
 def scorer_cluster(port: int) -> dict:

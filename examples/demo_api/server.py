@@ -316,6 +316,10 @@ class Handler(BaseHTTPRequestHandler):
 
 class DemoServer(ThreadingHTTPServer):
     daemon_threads = True  # idle keep-alive connections must not block shutdown
+    # The listen backlog (socketserver's default is 5): a burst of new
+    # connections from Envoy's workers must wait in the queue, not be dropped
+    # into a connect timeout that Envoy answers with 503.
+    request_queue_size = 1024
 
     def __init__(self, address, store, tokens, verbose):
         self.store, self.tokens, self.verbose = store, tokens, verbose

@@ -26,7 +26,12 @@ struct ClientRow {
     score: f32,
     action: ScoreAction,
     reasons: Vec<String>,
+    /// The anomaly behind the row's score and reasons: the callout's, or
+    /// the highest a flag was raised at. A later ordinary sample does not
+    /// lower it (the row would then contradict its own `anomaly` reason).
     anomaly: Option<f32>,
+    /// The latest sampled anomaly, flagged or not.
+    last_anomaly: Option<f32>,
     last_seen_ms: u64,
     requests: u64,
 }
@@ -67,6 +72,7 @@ pub struct ClientView {
     pub action: &'static str,
     pub reasons: Vec<String>,
     pub anomaly: Option<f32>,
+    pub last_anomaly: Option<f32>,
     pub last_seen_ms: u64,
     pub requests: u64,
 }
@@ -163,6 +169,7 @@ impl Dashboard {
                 action: ScoreAction::Allow,
                 reasons: Vec::new(),
                 anomaly: None,
+                last_anomaly: None,
                 last_seen_ms: now_ms,
                 requests: 0,
             });
@@ -170,6 +177,9 @@ impl Dashboard {
         row.action = answer.action;
         row.reasons.clone_from(&answer.reasons);
         row.anomaly = answer.anomaly;
+        if answer.anomaly.is_some() {
+            row.last_anomaly = answer.anomaly;
+        }
         row.last_seen_ms = now_ms;
         row.requests += 1;
         let i = action_index(answer.action);
@@ -188,7 +198,8 @@ impl Dashboard {
 
     /// A sampled client's anomaly; `flag`, the tag the model asks for it:
     /// then the client gets (or updates) its row, with the score and
-    /// reason. A client already listed gets its latest anomaly either way.
+    /// reason. A client already listed gets its latest anomaly either way
+    /// (`last_anomaly`); its `anomaly` stays the one its reasons rest on.
     pub fn record_sample(&mut self, now_ms: u64, client: &str, anomaly: f32, flag: Option<&ScoreResponse>) {
         if self.sample_scores.len() >= SAMPLE_SCORES {
             self.sample_scores.pop_front();
@@ -202,6 +213,7 @@ impl Dashboard {
                     action: ScoreAction::Allow,
                     reasons: Vec::new(),
                     anomaly: None,
+                    last_anomaly: None,
                     last_seen_ms: now_ms,
                     requests: 0,
                 });
@@ -214,7 +226,8 @@ impl Dashboard {
                     row.reasons.push(r.clone());
                 }
             }
-            row.anomaly = Some(anomaly);
+            row.anomaly = Some(row.anomaly.map_or(anomaly, |a| a.max(anomaly)));
+            row.last_anomaly = Some(anomaly);
             row.last_seen_ms = now_ms;
             if let Some(bucket) = self.bucket(now_ms) {
                 for r in &answer.reasons {
@@ -222,7 +235,7 @@ impl Dashboard {
                 }
             }
         } else if let Some(row) = self.clients.get_mut(&client.to_string()) {
-            row.anomaly = Some(anomaly);
+            row.last_anomaly = Some(anomaly);
         }
     }
 
@@ -271,6 +284,7 @@ impl Dashboard {
                 action: action_name(r.action),
                 reasons: r.reasons.clone(),
                 anomaly: r.anomaly,
+                last_anomaly: r.last_anomaly,
                 last_seen_ms: r.last_seen_ms,
                 requests: r.requests,
             })
@@ -420,6 +434,22 @@ mod tests {
             .values()
             .all(|v| v.iter().all(|&n| n == 0)));
         assert_eq!(later.callouts.per_s.block, 0.0);
+    }
+
+    #[test]
+    fn a_flagged_row_keeps_the_anomaly_it_was_flagged_at() {
+        // A clean-clone CI run once read 0.485 on a row tagged `anomaly`:
+        // the client's next, ordinary sample had overwritten the figure.
+        let t0 = 1_700_000_000_000;
+        let mut d = Dashboard::new(t0);
+        let flag = answer(55.0, ScoreAction::Tag, &["anomaly"]);
+        d.record_sample(t0, "203.0.113.150", 0.97, Some(&flag));
+        d.record_sample(t0 + 5_000, "203.0.113.150", 0.485, None);
+        let (m, s) = views();
+        let data = d.data(t0 + 5_000, m, s);
+        let row = &data.top_clients[0];
+        assert_eq!((row.action, row.anomaly, row.last_anomaly), ("tag", Some(0.97), Some(0.485)));
+        assert_eq!(row.reasons, ["anomaly"]);
     }
 
     #[test]
