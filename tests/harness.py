@@ -44,7 +44,8 @@ GEO_HEADERS = {
 
 def geoip_filters(geoip_dir: Path = GEOIP_DIR) -> list[dict]:
     """Strip client-sent geo headers, then Envoy's own GeoIP filter (MaxMind),
-    looking up the address from the last X-Forwarded-For entry."""
+    looking up the connection manager's remote address: the peer, or the
+    X-Forwarded-For entry a trusted proxy vouches for (see trusted_xff)."""
     return [
         {
             "name": "envoy.filters.http.header_mutation",
@@ -57,7 +58,6 @@ def geoip_filters(geoip_dir: Path = GEOIP_DIR) -> list[dict]:
             "name": "envoy.filters.http.geoip",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.geoip.v3.Geoip",
-                "xff_config": {"xff_num_trusted_hops": 0},
                 "provider": {
                     "name": "envoy.geoip_providers.maxmind",
                     "typed_config": {
@@ -152,10 +152,40 @@ def plugin_config_value(config: dict | str) -> str:
     return config if isinstance(config, str) else json.dumps(config)
 
 
-# The peer address, the request's start time (epoch ms) and the TLS JA4
-# fingerprint, as the filter's `client.facts_header` reads them (the same
-# text as abuse_engine::facts::FACTS_HEADER_VALUE).
-FACTS_HEADER_VALUE = "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)% %TLS_JA4_FINGERPRINT%"
+# The direct peer's address, the request's start time (epoch ms) and the
+# TLS JA4 fingerprint, as the filter's `client.facts_header` reads them (the
+# same text as abuse_engine::facts::FACTS_HEADER_VALUE). The direct peer: the
+# filter decides itself whether that peer is a proxy whose XFF it believes.
+FACTS_HEADER_VALUE = "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)% %TLS_JA4_FINGERPRINT%"
+
+
+def trusted_xff(plugin_config: dict | str) -> list[dict]:
+    """The connection manager's original-IP detection for the filter's own
+    `client.trusted_proxies`: X-Forwarded-For is believed only from those
+    peers, so Envoy's remote address (GeoIP, access logs, source.address)
+    is the client the filter sees. None trusted: the peer, whatever XFF says."""
+    config = json.loads(plugin_config) if isinstance(plugin_config, str) else plugin_config
+    try:
+        proxies = (config.get("client") or {}).get("trusted_proxies") or []
+    except AttributeError:
+        proxies = []
+    cidrs = []
+    for text in proxies if isinstance(proxies, list) else []:
+        if not isinstance(text, str):
+            continue
+        address, _, length = text.partition("/")
+        if not length:
+            length = "128" if ":" in address else "32"
+        if not length.isdigit():
+            continue
+        cidrs.append({"address_prefix": address, "prefix_len": int(length)})
+    xff = {"@type": "type.googleapis.com/envoy.extensions.http.original_ip_detection.xff.v3.XffConfig"}
+    if cidrs:
+        xff["xff_trusted_cidrs"] = {"cidrs": cidrs}
+    else:
+        # No trusted proxy: the peer is the client (Envoy still appends it to XFF).
+        return []
+    return [{"name": "envoy.http.original_ip_detection.xff", "typed_config": xff}]
 
 
 def facts_filter(header: str, value: str = FACTS_HEADER_VALUE) -> dict:
@@ -171,6 +201,18 @@ def facts_filter(header: str, value: str = FACTS_HEADER_VALUE) -> dict:
             }}]},
         },
     }
+
+
+def remote_address(plugin_config: dict | str) -> dict:
+    """How the connection manager names the client: from trusted proxies'
+    XFF only (trusted_xff), else the peer itself (use_remote_address)."""
+    try:
+        detection = trusted_xff(plugin_config)
+    except (ValueError, TypeError):
+        detection = []
+    if detection:
+        return {"original_ip_detection_extensions": detection}
+    return {"use_remote_address": True}
 
 
 def envoy_config(
@@ -242,6 +284,7 @@ def envoy_config(
                                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "api",
                                         "http_protocol_options": {"accept_http_10": True},
+                                        **remote_address(plugin_config),
                                         "route_config": {
                                             "virtual_hosts": [
                                                 {

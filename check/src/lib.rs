@@ -5,6 +5,8 @@
 //! code the filter runs in `on_configure`. Also the JSON Schema of that
 //! configuration, generated from the engine's serde types.
 
+pub mod trust;
+
 use abuse_engine::Config;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -278,6 +280,36 @@ pub fn all_problems(json: &str) -> Vec<abuse_engine::config::ConfigError> {
         }
     }
     problems
+}
+
+/// The plugin configuration of an `http_filters` entry, when it is the abuse filter.
+fn ours_in_filter(filter: &Value) -> Option<Value> {
+    let typed = filter.get("typed_config")?;
+    if typed.get("@type").and_then(Value::as_str) != Some(WASM_FILTER_TYPE) {
+        return None;
+    }
+    let config = typed.get("config")?.as_object()?;
+    if !is_abuse_filter(config) {
+        return None;
+    }
+    let json = plugin_configuration(config).ok()?;
+    Some(serde_json::from_str(&json).unwrap_or(Value::Null))
+}
+
+/// Warnings about who chooses the client's address (see [`trust`]), at
+/// their locations: the connection managers of Envoy bootstraps holding the
+/// filter, and every configuration found.
+pub fn warnings(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for doc in documents(text)? {
+        out.extend(trust::bootstrap_warnings(&doc, &ours_in_filter));
+    }
+    for found in find(text)?.into_iter().flatten() {
+        if let Ok(config) = serde_json::from_str::<Value>(&found.json) {
+            out.extend(trust::config_warnings(&config).into_iter().map(|w| (found.location.clone(), w)));
+        }
+    }
+    Ok(out)
 }
 
 /// Finds and checks every configuration in a file's text.

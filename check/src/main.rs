@@ -3,6 +3,8 @@
 //! configuration files with the filter's own parser and validation, prints
 //! one line per configuration, or one per problem with its key, and exits 1
 //! if any is wrong or a file holds none. `--print-schema` prints the JSON Schema.
+//! Also warns (without failing) where a client could choose its own address:
+//! see `trust.rs`.
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -36,6 +38,12 @@ fn main() -> ExitCode {
                 continue;
             }
         };
+        // Warnings do not fail the check: a lab may trust loopback on purpose.
+        if let Ok(warnings) = abuse_filter_check::warnings(&text) {
+            for (location, warning) in warnings {
+                println!("warning: {file}: {location}: {warning}");
+            }
+        }
         match abuse_filter_check::check(&text) {
             Err(e) => {
                 println!("error: {file}: {e}");

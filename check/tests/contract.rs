@@ -64,6 +64,28 @@ fn command_line_passes_the_shipped_files() {
 }
 
 #[test]
+fn the_shipped_files_let_no_client_choose_its_address() {
+    let (_, out) = run(&SHIPPED, None);
+    assert!(!out.contains("warning:"), "{out}");
+}
+
+#[test]
+fn command_line_warns_where_a_client_chooses_its_address() {
+    // The pattern issue 20 found in the shipped config: the facts header and
+    // GeoIP on an address Envoy took from a client-written X-Forwarded-For.
+    let old = std::fs::read_to_string(root().join("envoy/envoy.yaml"))
+        .unwrap()
+        .replace("%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%", "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%")
+        .replace("original_ip_detection_extensions:", "unused_detection:")
+        .replace("- name: envoy.http.original_ip_detection.xff", "- unused_name: xff");
+    let (code, out) = run(&["-"], Some(&old));
+    assert_eq!(code, 0, "warnings do not fail the check: {out}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert!(warnings.iter().any(|w| w.contains("%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%")), "{out}");
+    assert!(warnings.iter().any(|w| w.contains("GeoIP")), "{out}");
+}
+
+#[test]
 fn command_line_names_the_key_and_exits_1() {
     let bad = std::fs::read_to_string(root().join("envoy/envoy.yaml"))
         .unwrap()

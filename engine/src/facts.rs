@@ -15,7 +15,10 @@
 //! then falls back to `source.address` and the clock.
 
 /// The `header_mutation` value that produces the facts header.
-pub const FACTS_HEADER_VALUE: &str = "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)% %TLS_JA4_FINGERPRINT%";
+/// The *direct* peer: with `use_remote_address` unset, Envoy's
+/// `%DOWNSTREAM_REMOTE_ADDRESS%` is the last `X-Forwarded-For` entry, which a
+/// client writes; the filter applies `client.trusted_proxies` to the real peer.
+pub const FACTS_HEADER_VALUE: &str = "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)% %TLS_JA4_FINGERPRINT%";
 
 /// Longest value read (an IPv6 address, 13 digits, a 36-character JA4).
 const MAX_LEN: usize = 160;

@@ -40,8 +40,8 @@ pub struct ClientConfig {
     /// API is stopped without stopping the others.
     pub key_by_user_agent: bool,
     /// Header that Envoy's `header_mutation` filter, placed before this
-    /// one, fills with the peer address and the request's start time
-    /// (value `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)%
+    /// one, fills with the direct peer's address and the request's start time
+    /// (value `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)%
     /// %TLS_JA4_FINGERPRINT%`, append_action OVERWRITE_IF_EXISTS_OR_ADD):
     /// read in the header map instead of two host calls (`source.address`,
     /// the clock). Only set it when that filter is in place, or a client
