@@ -39,6 +39,21 @@ pub struct ClientConfig {
     /// office or carrier NAT are judged apart, so one of them abusing the
     /// API is stopped without stopping the others.
     pub key_by_user_agent: bool,
+    /// With `key_by_user_agent`: an identity (address + user agent) becomes a
+    /// client of its own only once it comes back, a request at least this
+    /// many seconds after its first. Until then its requests are judged with
+    /// every other new identity of the address, as one client: the
+    /// address's *pool*. A user agent seen once is not a person, so rotating
+    /// the string buys no budget.
+    pub returning_after_s: u32,
+    /// The pool's rate limits are the per-client limits times
+    /// (`pool_budget` + one per eight returning identities seen at the
+    /// address in the last two minutes, at most `max_crowd` counted): a real
+    /// crowd behind one NAT earns room for its newcomers, invented strings
+    /// earn none. Over that budget the pool is boxed for `penalty.duration_s`
+    /// (its returning identities are not).
+    pub pool_budget: u32,
+    pub max_crowd: u32,
     /// Header that Envoy's `header_mutation` filter, placed before this
     /// one, fills with the direct peer's address and the request's start time
     /// (value `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)%
@@ -60,6 +75,9 @@ impl Default for ClientConfig {
             session_cookie: None,
             jwt_claim: None,
             key_by_user_agent: true,
+            returning_after_s: 2,
+            pool_budget: 4,
+            max_crowd: 64,
             facts_header: None,
         }
     }

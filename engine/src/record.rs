@@ -36,6 +36,7 @@
 //! | 16 | response KiB (sliding window) |
 //! | 16 | recent requests, for spike attribution (sliding window) |
 //! | 4 | login attempts (saturating; a client whose every request was one never browsed) |
+//! | 16 | an address pool's crowd: returning identities seen lately (distinct sketch) |
 //!
 //! Any change of this layout bumps [`RECORD_FORMAT`]; shards written with
 //! another format are never misread. The first [`STABLE_PREFIX_BYTES`]
@@ -118,8 +119,8 @@ pub(crate) use impl_record;
 /// Most rate limits (`rate.limits`); each one owns a window in every client record.
 pub const MAX_RATE_LIMITS: usize = 4;
 
-pub const RECORD_FORMAT: u16 = 5;
-pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32 + 4;
+pub const RECORD_FORMAT: u16 = 6;
+pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32 + 4 + 16;
 
 /// Bytes at the start of every record format that never change meaning.
 pub const STABLE_PREFIX_BYTES: usize = 48;
@@ -157,6 +158,10 @@ pub struct ClientRecord {
     pub response_kib: SlidingWindow,
     pub recent_requests: SlidingWindow,
     pub login_attempts: u32,
+    /// On an address's pool record (the address without a user agent, see
+    /// `engine/identify.rs`): the returning identities seen at the address
+    /// lately — the evidence of a real crowd behind it.
+    pub crowd: DistinctWindow,
 }
 
 /// Corrupt or negative floats read as 0.
@@ -214,6 +219,7 @@ impl ClientRecord {
         w.window(&self.response_kib);
         w.window(&self.recent_requests);
         w.u32(self.login_attempts);
+        w.distinct(&self.crowd);
     }
 
     fn decode_fields(r: &mut Reader<'_>) -> ClientRecord {
@@ -262,6 +268,7 @@ impl ClientRecord {
             response_kib: r.window(),
             recent_requests: r.window(),
             login_attempts: r.u32(),
+            crowd: r.distinct(),
         }
     }
 }
@@ -304,7 +311,7 @@ mod tests {
 
     #[test]
     fn layout_is_what_the_docs_say() {
-        assert_eq!(RECORD_BYTES, 332);
+        assert_eq!(RECORD_BYTES, 348);
         let mut r = ClientRecord::new(0x0102_0304_0506_0708);
         r.risk = 1.5;
         r.login_successes = 9;

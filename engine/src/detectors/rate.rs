@@ -162,8 +162,10 @@ impl RequestRate {
         self.limits.iter().any(|l| l.anonymous_only)
     }
 
-    /// Counts one request (`anonymous`: it carried no credentials).
-    pub fn observe(&self, routes: RouteMatch, anonymous: bool, record: &mut ClientRecord, now_ms: u64) -> Signal {
+    /// Counts one request (`anonymous`: it carried no credentials) against
+    /// the limits times `scale` (1 for a client; more for an address's pool
+    /// of new identities with a crowd behind it, see `engine/identify.rs`).
+    pub fn observe(&self, routes: RouteMatch, anonymous: bool, record: &mut ClientRecord, now_ms: u64, scale: f64) -> Signal {
         let mut signal = Signal::default();
         for (limit, window) in self.limits.iter().zip(record.rate.iter_mut()) {
             let applies = match limit.group {
@@ -174,7 +176,7 @@ impl RequestRate {
                 continue;
             }
             let count = window.record(now_ms, limit.window_ms);
-            if count > limit.requests {
+            if count > limit.requests * scale.max(1.0) {
                 signal.fire(Reason::RateLimit, limit.weight);
             }
         }
@@ -218,12 +220,12 @@ mod tests {
         let login = routes.matches("POST", "/login");
         let other = routes.matches("GET", "/login");
         for i in 0..3 {
-            assert_eq!(rate.observe(login, true, &mut rec, 1000 + i), Signal::default());
+            assert_eq!(rate.observe(login, true, &mut rec, 1000 + i, 1.0), Signal::default());
         }
         for i in 0..10 {
-            assert_eq!(rate.observe(other, true, &mut rec, 1000 + i), Signal::default());
+            assert_eq!(rate.observe(other, true, &mut rec, 1000 + i, 1.0), Signal::default());
         }
-        let s = rate.observe(login, true, &mut rec, 2000);
+        let s = rate.observe(login, true, &mut rec, 2000, 1.0);
         assert_eq!(s.risk, 40.0);
         assert_eq!(s.reasons.names(), vec!["rate_limit"]);
     }
@@ -239,11 +241,11 @@ mod tests {
         let mut rec = ClientRecord::new(1);
         let any = RouteTable::new(&[]).matches("GET", "/");
         for i in 0..10 {
-            assert_eq!(rate.observe(any, false, &mut rec, 1000 + i), Signal::default(), "logged-in request {i}");
+            assert_eq!(rate.observe(any, false, &mut rec, 1000 + i, 1.0), Signal::default(), "logged-in request {i}");
         }
-        assert_eq!(rate.observe(any, true, &mut rec, 1100), Signal::default());
-        assert_eq!(rate.observe(any, true, &mut rec, 1101), Signal::default());
-        assert_eq!(rate.observe(any, true, &mut rec, 1102).reasons.names(), vec!["rate_limit"]);
+        assert_eq!(rate.observe(any, true, &mut rec, 1100, 1.0), Signal::default());
+        assert_eq!(rate.observe(any, true, &mut rec, 1101, 1.0), Signal::default());
+        assert_eq!(rate.observe(any, true, &mut rec, 1102, 1.0).reasons.names(), vec!["rate_limit"]);
     }
 
     #[test]

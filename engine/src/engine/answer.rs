@@ -7,6 +7,7 @@ use crate::detectors::Signal;
 use crate::detectors::login::LoginOutcome;
 use crate::detectors::scraping::Scraping;
 use crate::reason::Reason;
+use crate::record::ClientRecord;
 use crate::state::store::SharedStore;
 use crate::verdict::Verdict;
 
@@ -120,7 +121,7 @@ impl Engine {
                 ((), true)
             });
         }
-        let updated = self.clients.update(store, exchange.client_key, now_ms, |record| {
+        let judge = |record: &mut ClientRecord| {
             if let Some(penalized) = self.penalized(record, now_ms) {
                 return (penalized, false);
             }
@@ -141,10 +142,22 @@ impl Engine {
                 signal.add(sc.on_response(record, kib, now_ms));
             }
             (self.apply(record, signal, now_ms), true)
-        });
+        };
+        let mut updated = self.clients.update(store, exchange.client_key, now_ms, judge);
+        let mut agent = exchange.agent;
+        if let Some(pool_key) = exchange.pool_key {
+            // A new identity's answer counts for its address's pool too: a
+            // failed login per invented user agent adds up there.
+            let pool = self.clients.update(store, pool_key, now_ms, judge);
+            let own_refuses = updated.as_ref().is_ok_and(|(o, _)| Self::refuses(o));
+            if !own_refuses && pool.as_ref().is_ok_and(|(o, _)| Self::refuses(o)) {
+                updated = pool;
+                agent = None;
+            }
+        }
         let mode = exchange.mode.unwrap_or(self.config.mode);
         let mut verdict = self.verdict(client, updated, mode, now_ms);
-        verdict.agent = exchange.agent;
+        verdict.agent = agent;
         verdict.on_response = true;
         if told {
             // What the application was told about this login, now that it

@@ -141,6 +141,9 @@ pub struct Exchange {
     client: Option<ClientAddr>,
     agent: Option<u32>,
     client_key: u64,
+    /// The address's pool record, when this request was also one of its
+    /// new identities' (see `identify`): the answer counts there too.
+    pool_key: Option<u64>,
     /// False when the client is allowlisted, blocked, or state failed.
     judged: bool,
     good_bot: bool,

@@ -2,6 +2,7 @@
 //! identify → penalty → count → detect → decide, in one read-modify-write
 //! of the client's record (see the module map in `engine/mod.rs`).
 
+use super::identify::{CROWD_MARK_MS, CROWD_WINDOW_MS};
 use super::{Engine, Exchange, RequestFacts, DOMAIN_OBJECT, DOMAIN_PATH, DOMAIN_FINGERPRINT};
 use crate::config::Mode;
 use crate::detectors::enumeration::ObjectId;
@@ -75,20 +76,55 @@ impl Engine {
                 self.rate.as_ref().is_none_or(|r| r.far_from_limits(base, next, now_ms))
             })
         };
-        let updated = self.clients.update_local(store, key, now_ms, stays_local, |record| {
-            // 2. penalty
+        // 2. penalty, 4. detect, 5. decide: on the record judged (the
+        // identity's own, or its address's pool), limits times `scale`.
+        let mut judge = |record: &mut ClientRecord, scale: f64| {
             if let Some(penalized) = self.penalized(record, now_ms) {
                 return (penalized, false);
             }
-            // 4. detect
-            let signal = self.detect(record, facts, &look, &counted, &mut attempt_seen, now_ms);
-            // 5. decide
+            let signal = self.detect(record, facts, &look, &counted, &mut attempt_seen, now_ms, scale);
             let outcome = self.apply(record, signal, now_ms);
             if self.callouts.is_some() {
                 snapshot = Some(*record);
             }
             (outcome, true)
+        };
+        let own = self.clients.update_local(store, key, now_ms, stays_local, |record| {
+            let newcomer = !self.returning(record, now_ms);
+            let mark = record.last_seen_ms / CROWD_MARK_MS != now_ms / CROWD_MARK_MS;
+            let (outcome, write) = judge(record, 1.0);
+            ((outcome, newcomer, mark), write)
         });
+        let (updated, pooled) = match (own, self.pool_key(client, agent)) {
+            (Ok(((outcome, newcomer, mark), stats)), Some(pool_key)) => {
+                if newcomer {
+                    // Also one request of the address's pool of new identities.
+                    exchange.pool_key = Some(pool_key);
+                    let pool = self.clients.update_local(store, pool_key, now_ms, stays_local, |record| {
+                        let scale = self.pool_scale(record, now_ms);
+                        let (mut outcome, write) = judge(record, scale);
+                        self.box_a_shed_pool(record, &mut outcome, now_ms);
+                        (outcome, write)
+                    });
+                    match pool {
+                        Ok((p, pool_stats)) if Self::refuses(&p) => (Ok((p, pool_stats)), true),
+                        _ => (Ok((outcome, stats)), false),
+                    }
+                } else {
+                    if mark {
+                        self.mark_crowd(store, pool_key, key, now_ms);
+                    }
+                    (Ok((outcome, stats)), false)
+                }
+            }
+            (Ok(((outcome, _, _), stats)), None) => (Ok((outcome, stats)), false),
+            (Err(failed), _) => (Err(failed), false),
+        };
+        // The pool is named by its address alone (scorer, fleet verdicts).
+        let agent = if pooled { None } else { agent };
+
+        exchange.agent = agent;
+        let key = look.key;
         let mut verdict = self.verdict(client, updated, look.mode, now_ms);
         verdict.agent = agent;
         if let (Some(a), Some(d)) = (&attempt_seen, &self.distributed) {
@@ -207,6 +243,7 @@ impl Engine {
         counted: &Counted,
         attempt: &mut Option<AttemptSignals>,
         now_ms: u64,
+        scale: f64,
     ) -> Signal {
         if record.first_seen_ms == 0 {
             record.first_seen_ms = now_ms;
@@ -233,7 +270,7 @@ impl Engine {
             record.login_attempts = record.login_attempts.saturating_add(1);
         }
         if let Some(rate) = &self.rate {
-            signal.add(rate.observe(look.routes, look.anonymous, record, now_ms));
+            signal.add(rate.observe(look.routes, look.anonymous, record, now_ms, scale));
         }
         if let (Some(e), Some(o), Some(h)) = (&self.enumeration, &look.object, look.object_hash) {
             let session = counted.session_hash.map(|h| (h & 0xffff_ffff) as u32).unwrap_or(0);
@@ -242,6 +279,14 @@ impl Engine {
         }
         record.requests = record.requests.saturating_add(1);
         signal
+    }
+
+    /// A returning identity counts in its address's crowd (see `identify`).
+    fn mark_crowd(&self, store: &dyn SharedStore, pool_key: u64, key: u64, now_ms: u64) {
+        let _ = self.clients.update(store, pool_key, now_ms, |pool| {
+            pool.crowd.insert(key, now_ms, CROWD_WINDOW_MS);
+            ((), true)
+        });
     }
 
     /// What the later phases (body, answer, scorer) need of a judged request.

@@ -629,3 +629,133 @@ fn every_envoy_names_a_session_alike_to_the_scorer() {
     let (ha, hb) = (a.observe_session(&MemoryStore::new(), &facts, 1, T0).0, b.observe_session(&MemoryStore::new(), &facts, 1, T0).0);
     assert_ne!(ha, hb, "the session table's key is per process");
 }
+
+// ---- rotation buys no budget (issue 20): the address's pool ----
+
+/// The shipped config's rate limits and login route, trusting the loopback proxy.
+const SHIPPED_RATE: &str = r#"{"mode":"block","client":{"trusted_proxies":["127.0.0.1"]},
+    "route_groups":[{"name":"login","path_prefix":"/login","methods":["POST"]},{"name":"api","path_prefix":"/api/"}],
+    "rate":{"limits":[{"route_group":"login","requests":120,"window_s":60},
+                      {"route_group":"api","requests":15,"window_s":1,"anonymous_only":true},
+                      {"route_group":"api","requests":100,"window_s":1},
+                      {"route_group":"api","requests":6000,"window_s":60}]},
+    "credential_stuffing":{"login_routes":[{"path":"/login","failure_statuses":[401],"success_statuses":[200]}]}}"#;
+
+/// A browser user agent of its own for every `n` (a new build number each).
+fn rotated_agent(n: u64) -> String {
+    format!("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/{}.0.{}.{} Safari/537.36", 110 + n % 20, 6000 + n, n % 200)
+}
+
+fn get(e: &Engine, s: &MemoryStore, xff: &str, ua: &str, path: &str, t: u64) -> Verdict {
+    let mut facts = request("127.0.0.1:1", Some(xff), path);
+    facts.user_agent = Some(ua);
+    e.on_request(s, &facts, t).0
+}
+
+#[test]
+fn a_flood_with_a_new_user_agent_per_request_is_cut_and_stays_cut() {
+    let (e, s) = (engine(SHIPPED_RATE), MemoryStore::new());
+    e.table().create_shards(&s).unwrap();
+    // 1,500 requests at 150/s from one address, each with a new string.
+    let refused: Vec<bool> = (0..1500u64)
+        .map(|i| {
+            let ua = rotated_agent(i);
+            get(&e, &s, "203.0.113.9", &ua, "/api/products", T0 + i * 1000 / 150).action == Action::Block
+        })
+        .collect();
+    let first = refused.iter().position(|&r| r).expect("never cut");
+    let later = &refused[first + 1..];
+    let share = later.iter().filter(|&&r| r).count() as f64 / later.len() as f64;
+    assert!(first < 100, "cut at request {first}");
+    assert!(share >= 0.9, "{:.1} % of later requests refused", share * 100.0);
+}
+
+#[test]
+fn stuffing_with_a_new_firefox_build_per_attempt_is_refused_within_ten() {
+    let (e, s) = (engine(SHIPPED_RATE), MemoryStore::new());
+    e.table().create_shards(&s).unwrap();
+    let attempts: Vec<bool> = (0..40u64)
+        .map(|i| {
+            let ua = format!("Mozilla/5.0 (X11; Linux x86_64; rv:{}.0) Gecko/20100101 Firefox/{}.0.{}", 100 + i, 100 + i, i % 7);
+            login(&e, &s, "203.0.113.10", &ua, &format!("victim{i}@mail.example"), false, T0 + i * 1500).0
+        })
+        .collect();
+    let first = attempts.iter().position(|&r| r).expect("never refused");
+    assert!(first < 10, "refused at attempt {first}");
+    assert!(attempts[first..].iter().all(|&r| r), "{attempts:?}");
+}
+
+#[test]
+fn an_office_and_a_carrier_nat_keep_their_people_while_a_rotating_flooder_inside_is_cut() {
+    let (e, s) = (engine(SHIPPED_RATE), MemoryStore::new());
+    e.table().create_shards(&s).unwrap();
+    // An office: 30 people, each with its own browser, a page every 2-6 s
+    // (seeded gaps) for 60 s; a carrier NAT: 120 phones, each its own app
+    // build, a request every 3-8 s. From t = 20 s a flooder behind the
+    // office address sends 150 requests/s, each with a new browser string.
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |lo: u64, hi: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        lo + rng % (hi - lo)
+    };
+    let mut events: Vec<(u64, u8, u64)> = Vec::new(); // (t ms, kind, who)
+    for person in 0..30 {
+        let mut t = next(0, 3000);
+        while t < 60_000 {
+            events.push((t, 0, person));
+            t += next(2000, 6000);
+        }
+    }
+    for phone in 0..120 {
+        let mut t = next(0, 8000);
+        while t < 60_000 {
+            events.push((t, 1, phone));
+            t += next(3000, 8000);
+        }
+    }
+    for i in 0..6000u64 {
+        events.push((20_000 + i * 1000 / 150, 2, i));
+    }
+    events.sort_unstable();
+    let (mut people_refused, mut flood) = (Vec::new(), Vec::new());
+    for (t, kind, who) in events {
+        let v = match kind {
+            0 => get(&e, &s, "198.51.100.1", &format!("Mozilla/5.0 (Macintosh) Firefox/13{}.0 person-{who}", who % 3), "/api/products", T0 + t),
+            1 => get(&e, &s, "100.64.20.1", &format!("ShopApp/5.{} (Android 14; Pixel {}; build {})", who % 7, who % 9, 1000 + who), "/api/products", T0 + t),
+            _ => get(&e, &s, "198.51.100.1", &rotated_agent(who), "/api/products", T0 + t),
+        };
+        if kind < 2 && v.action == Action::Block {
+            people_refused.push((kind, who, t));
+        }
+        if kind == 2 {
+            flood.push(v.action == Action::Block);
+        }
+    }
+    assert_eq!(people_refused, vec![], "people refused");
+    let first = flood.iter().position(|&r| r).expect("the flooder was never cut");
+    let later = &flood[first + 1..];
+    let share = later.iter().filter(|&&r| r).count() as f64 / later.len() as f64;
+    // The office's 30 returning people earn its pool ~4 more slots (one per
+    // eight): 7.75 × 15 new-identity requests a second, so the cut comes
+    // a little later than on a bare address — and then holds.
+    assert!(first < 200 && share >= 0.9, "cut at {first}, {:.1} % later refused", share * 100.0);
+}
+
+#[test]
+fn a_returning_identity_is_judged_alone_and_a_newcomer_with_the_pool() {
+    let (e, s) = (engine(SHIPPED_RATE), MemoryStore::new());
+    e.table().create_shards(&s).unwrap();
+    let fox = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0";
+    let (_, ex) = {
+        let mut f = request("127.0.0.1:1", Some("192.0.2.7"), "/api/x");
+        f.user_agent = Some(fox);
+        e.on_request(&s, &f, T0)
+    };
+    assert!(ex.pool_key.is_some(), "a first request is also the pool's");
+    let mut f = request("127.0.0.1:1", Some("192.0.2.7"), "/api/x");
+    f.user_agent = Some(fox);
+    assert!(e.on_request(&s, &f, T0 + 1000).1.pool_key.is_some(), "back too soon: still a newcomer");
+    assert!(e.on_request(&s, &f, T0 + 2500).1.pool_key.is_none(), "back after returning_after_s: its own client");
+}

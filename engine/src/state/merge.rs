@@ -109,6 +109,7 @@ pub fn merge_client(shared: &mut ClientRecord, base: &ClientRecord, local: &Clie
     out.not_found_paths = merge_distinct(&s.not_found_paths, &local.not_found_paths);
     out.object_ids = merge_distinct(&s.object_ids, &local.object_ids);
     out.sessions = merge_distinct(&s.sessions, &local.sessions);
+    out.crowd = merge_distinct(&s.crowd, &local.crowd);
     if local.last_seen_ms >= s.last_seen_ms {
         // The worker saw the client last: its sequence state is the latest.
         out.last_object_id = local.last_object_id;
