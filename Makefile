@@ -108,8 +108,8 @@ test-integration: build test-deps eval-deps
 
 test: lint test-unit test-integration fuzz-smoke
 
-# The configuration's JSON Schema from the engine's serde types, and the
-# README's key table from it. Run after changing engine/src/config.rs or a
+# The configuration's JSON Schema from the engine's serde types, and the key
+# table of docs/configuration-reference.md from it. Run after changing engine/src/config.rs or a
 # detector's config section (cargo test -p abuse-filter-check fails until then).
 schema:
 	cargo run --release -q -p abuse-filter-check -- --print-schema > schema/abuse-filter.schema.json

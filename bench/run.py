@@ -56,8 +56,8 @@ FILTER_CONFIG = {
             {"route_group": "direct", "requests": 10_000_000, "window_s": 60},
         ]
     },
-    # The one worker sees all 10,000 clients: views sized to them, as the
-    # README says to (the default 8,192 is for a share of the clients).
+    # The one worker sees all 10,000 clients: views sized to them, as
+    # docs/how-it-works.md says to (the default 8,192 is for a share of the clients).
     "state": {"worker_clients": 16_384},
 }
 

@@ -80,7 +80,7 @@ def test_client_over_its_rate_is_blocked_for_the_penalty_then_released(envoy_fac
     # The attacker stays blocked on every route during the penalty (even
     # where no limit applies: the penalty box comes first), on every worker
     # once their views of it are state.worker_sync_ms (1 s) old — the bound
-    # of the state tiers (README "State tiers"): probed from then on. Probed
+    # of the state tiers (docs/state-tiers.md): probed from then on. Probed
     # only until 2.5 s: 1.5 s before its earliest possible end, however slow
     # a probe is to arrive.
     sleep_until(answered + 1.0)
@@ -206,7 +206,7 @@ def test_100k_distinct_clients_leave_memory_bounded(envoy_factory):
     assert stats["abuse_filter.shared_data.evictions"] > 150_000
     assert stats["abuse_filter.shared_data.errors"] == 0
     print(f"RSS KiB: baseline {baseline}, +100k clients {after_first}, +200k clients {after_second}")
-    # Documented bound (README): shared state is 3 MiB whatever the clients;
+    # Documented bound (docs/how-it-works.md): shared state is 3 MiB whatever the clients;
     # allow 16 MiB of allocator noise for the first 100k and no trend after.
     assert after_first - baseline < 16 * 1024, (baseline, after_first)
     assert after_second - after_first < 4 * 1024, (after_first, after_second)

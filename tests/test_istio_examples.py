@@ -115,7 +115,7 @@ def test_examples_agree_with_each_other():
     shipped.pop("geo", None)  # no GeoIP filter in the mesh example
     shipped.pop("good_bots", None)
     # Istio's WasmPlugin cannot set Envoy's allow_on_headers_stop_iteration,
-    # so login headers are not held there (README "Deploying").
+    # so login headers are not held there (docs/detectors/credential-stuffing.md).
     shipped["credential_stuffing"].pop("hold_login_headers", None)
     assert istio == shipped, "examples/istio/wasmplugin.yaml's pluginConfig drifted from envoy/envoy.yaml"
 

@@ -1,5 +1,5 @@
 """Input limits on real Envoy, each at the limit and one past it (the
-README's "Input limits" table; the engine's own limits are unit-tested in
+"Input limits" table of docs/input-limits.md; the engine's own limits are unit-tested in
 engine/tests/limits.rs, the scorer's in scorer/tests/http.rs):
 
 - header bytes and header count are Envoy's (max_request_headers_kb 60,

@@ -63,8 +63,7 @@ def test_machine_rhythm_is_tagged_not_blocked(envoy):
     # Request i at start + i * 200 ms: the gaps stay regular however long
     # each request takes. 22 requests: judged at the 20th interval. One
     # keep-alive connection (one worker), as a script's HTTP session: a
-    # quiet client's requests stay in its worker's view (README "State
-    # tiers"), so the rhythm is that of the requests each worker sees.
+    # quiet client's requests stay in its worker's view (docs/state-tiers.md), so the rhythm is that of the requests each worker sees.
     start = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=10)
     try:

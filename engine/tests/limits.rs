@@ -1,5 +1,5 @@
 //! Every input limit of the engine, at the limit and one past it (the
-//! README's "Input limits" table). Header-level limits Envoy enforces itself
+//! "Input limits" table of docs/input-limits.md). Header-level limits Envoy enforces itself
 //! (header bytes and count) are in tests/test_limits_envoy.py.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]

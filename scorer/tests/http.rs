@@ -1118,7 +1118,7 @@ fn scorers_on_one_redis_share_the_warm_start_and_keep_it_over_restarts() {
     assert!(metric(&a, "abuse_scorer_store_fallbacks_total") >= 2.0);
 }
 
-// ---- Input limits (README "Input limits"): each at the limit and one past it.
+// ---- Input limits (docs/input-limits.md): each at the limit and one past it.
 
 /// `body` padded with trailing spaces (JSON whitespace) to exactly `len` bytes.
 fn padded(body: &str, len: usize) -> String {
