@@ -359,9 +359,16 @@ impl DistributedStuffing {
     }
 
     /// The signal for a refused attempt: charged to the client.
+    /// Refuses an attempt during an attack only on evidence specific to the
+    /// attempt — an account nobody logs into, a sprayed password, a tool's
+    /// fingerprint, headers that contradict the user agent. Being new to
+    /// the account (`unlike_owner`, `new_client`, `never_browsed`) is what
+    /// an owner's new phone looks like too: it raises the login-risk header
+    /// for a second factor, it never refuses by itself.
     pub fn refusal(&self, signals: &AttemptSignals) -> Signal {
         let mut signal = Signal::default();
-        if signals.under_attack && signals.score() >= self.config.refuse_at {
+        let specific = signals.unknown_account || signals.sprayed_password || signals.tool_fingerprint || signals.inconsistent_headers;
+        if signals.under_attack && specific && signals.score() >= self.config.refuse_at {
             signal.fire(Reason::CredentialStuffing, self.config.weight);
         }
         signal

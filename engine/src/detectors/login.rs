@@ -257,6 +257,11 @@ impl LoginDetector {
         account.failures.record(now_ms, self.window_ms)
     }
 
+    /// The stuffing window, ms.
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
     /// Failures on the account in the window, without recording.
     pub fn account_failures(&self, account: &AccountRecord, now_ms: u64) -> f64 {
         account.failures.estimate(now_ms, self.window_ms)

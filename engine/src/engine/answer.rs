@@ -75,7 +75,13 @@ impl Engine {
         let account_failures = match (&self.login, username_hash, outcome) {
             (Some(login), Some(user), LoginOutcome::Failure) => self
                 .accounts
-                .update(store, user, now_ms, |a| (login.account_failure(a, exchange.client_key, now_ms), true))
+                .update(store, user, now_ms, |a| {
+                    if let Some(pool) = exchange.pool_key {
+                        // The pool took part too (new identities fail as one).
+                        a.failing_clients.insert(pool, now_ms, login.window_ms());
+                    }
+                    (login.account_failure(a, exchange.client_key, now_ms), true)
+                })
                 .map(|(f, _)| f)
                 .unwrap_or(0.0),
             (Some(login), Some(user), LoginOutcome::Success) => {
@@ -88,7 +94,14 @@ impl Engine {
                         // The owner on their own device is never a takeover,
                         // however many failures others caused on the account.
                         let owner = a.profile.is_known() && a.profile.looks_like_owner(&exchange.login_place);
-                        let failures = if owner { 0.0 } else { login.account_failures(a, now_ms) };
+                        // Others' failures on the account never refuse this
+                        // login by themselves (five failed tries on a
+                        // victim's name would lock its owner out): they go
+                        // in the login-risk header (`failures_elsewhere`).
+                        // A takeover is a success by a client that failed on it.
+                        let took_part = a.failing_clients.contains(exchange.client_key)
+                            || exchange.pool_key.is_some_and(|k| a.failing_clients.contains(k));
+                        let failures = if owner || !took_part { 0.0 } else { login.account_failures(a, now_ms) };
                         // Only a success teaches the profile.
                         a.profile.learn(&exchange.login_place, now_ms);
                         ((failures, a.profile), true)
@@ -130,6 +143,11 @@ impl Engine {
                 // Suspected of stuffing, not merely risky: an office address
                 // tagged for session churn still logs its people in.
                 let suspected = record.recent_reasons.contains(Reason::CredentialStuffing);
+                // The account's failing-clients sketch is a 64-bit map that
+                // collides: a takeover also needs this record's own recent
+                // failures, so that an owner who never failed is never one.
+                let own_failed = record.login_failures.estimate(now_ms, login.window_ms()) >= 1.0;
+                let account_failures = if own_failed || outcome != LoginOutcome::Success { account_failures } else { 0.0 };
                 signal.add(login.observe(record, outcome, username_hash, account_failures, suspected, now_ms));
             }
             if let (true, Some(p)) = (not_found, &self.probing) {

@@ -343,8 +343,10 @@ fn login(e: &Engine, s: &MemoryStore, xff: &str, ua: &str, user: &str, ok: bool,
     if let Some(refused) = e.on_request_body(s, &mut ex, body.as_bytes(), t) {
         return (refused.action == Action::Block, refused.login_risk);
     }
+    // What the application is told once the body is in (hold_login_headers).
+    let told = e.login_risk(&ex).or(v.login_risk);
     let answer = e.on_response(s, &ex, if ok { 200 } else { 401 }, None, t + 5);
-    (answer.is_some_and(|a| a.action == Action::Block), v.login_risk)
+    (answer.is_some_and(|a| a.action == Action::Block), told)
 }
 
 /// A login with valid credentials from `country`; returns (refused, the
@@ -483,14 +485,19 @@ fn stuffing_disguised_as_browsers_is_refused_and_real_users_are_not() {
         for k in 0..(1 + a % 3) {
             t += 60;
             let user = if (a + k) % 10 == 0 { format!("user{:04}", (a + k) % 100) } else { format!("leak{a}x{k}@mail.example") };
-            let (refused, _) = login(&e, &s, &format!("100.{}.{}.{}", 64 + a % 50, a / 50, k + 1), CHROME, &user, false, t);
+            let (refused, risk) = login(&e, &s, &format!("100.{}.{}.{}", 64 + a % 50, a / 50, k + 1), CHROME, &user, false, t);
             attempts += 1;
             if recognised_at.is_none() && e.login_under_attack(&s, t) {
                 recognised_at = Some(attempts);
             }
             if recognised_at.is_some_and(|r| attempts > r) {
                 later += 1;
-                refused_after += u32::from(refused);
+                // On a real account, the copied browser from a new address
+                // looks like its owner's new phone: no evidence specific
+                // to the attempt, so it is told (`high`, for a second
+                // factor), never refused on "new to this account" alone.
+                let told_high = risk.as_deref().is_some_and(|r| r.starts_with("high"));
+                refused_after += u32::from(refused || (user.starts_with("user") && told_high));
             }
         }
         if a % 10 == 0 {
@@ -518,7 +525,7 @@ fn stuffing_disguised_as_browsers_is_refused_and_real_users_are_not() {
     let recognised_at = recognised_at.unwrap_or(u32::MAX);
     assert!(recognised_at <= 200, "recognised at attempt {recognised_at}");
     let share = f64::from(refused_after) / f64::from(later);
-    assert!(share >= 0.95, "{refused_after} of {later} later attempts refused");
+    assert!(share >= 0.95, "{refused_after} of {later} later attempts refused (or, on real accounts, told high)");
     assert_eq!(real_refused, 0, "real users logging into their own accounts");
     assert_eq!(first_timers_refused, 0, "first-time logins after browsing");
 }
@@ -666,6 +673,7 @@ fn a_flood_with_a_new_user_agent_per_request_is_cut_and_stays_cut() {
     let first = refused.iter().position(|&r| r).expect("never cut");
     let later = &refused[first + 1..];
     let share = later.iter().filter(|&&r| r).count() as f64 / later.len() as f64;
+    println!("UA-rotating flood: cut at request {first}, {:.1} % of the later ones refused", share * 100.0);
     assert!(first < 100, "cut at request {first}");
     assert!(share >= 0.9, "{:.1} % of later requests refused", share * 100.0);
 }
@@ -681,6 +689,7 @@ fn stuffing_with_a_new_firefox_build_per_attempt_is_refused_within_ten() {
         })
         .collect();
     let first = attempts.iter().position(|&r| r).expect("never refused");
+    println!("UA-rotating stuffing: first refused attempt {first} (0-based)");
     assert!(first < 10, "refused at attempt {first}");
     assert!(attempts[first..].iter().all(|&r| r), "{attempts:?}");
 }
@@ -740,6 +749,7 @@ fn an_office_and_a_carrier_nat_keep_their_people_while_a_rotating_flooder_inside
     // The office's 30 returning people earn its pool ~4 more slots (one per
     // eight): 7.75 × 15 new-identity requests a second, so the cut comes
     // a little later than on a bare address — and then holds.
+    println!("office flooder: cut at {first}, {:.1} % later refused", share * 100.0);
     assert!(first < 200 && share >= 0.9, "cut at {first}, {:.1} % later refused", share * 100.0);
 }
 
@@ -758,4 +768,34 @@ fn a_returning_identity_is_judged_alone_and_a_newcomer_with_the_pool() {
     f.user_agent = Some(fox);
     assert!(e.on_request(&s, &f, T0 + 1000).1.pool_key.is_some(), "back too soon: still a newcomer");
     assert!(e.on_request(&s, &f, T0 + 2500).1.pool_key.is_none(), "back after returning_after_s: its own client");
+}
+
+// ---- a victim's name is not a weapon (issue 20) ----
+
+#[test]
+fn failures_by_others_on_a_name_never_refuse_its_owners_correct_login() {
+    for failures in [5u64, 50] {
+        let (e, s) = (engine(LOGIN), MemoryStore::new());
+        e.table().create_shards(&s).unwrap();
+        // Five (fifty) wrong passwords on the owner's name, from other
+        // addresses, before the owner ever logged in here (no profile: a
+        // restart, or a new account).
+        for i in 0..failures {
+            login(&e, &s, &format!("203.0.113.{}", i % 200 + 1), FIREFOX, "owner@mail.example", false, T0 + i * 1000);
+        }
+        let (refused, told, answer) = valid_login(&e, &s, "198.51.100.50", IPHONE, "GB", T0 + failures * 1000 + 60_000);
+        assert!(!refused && answer.as_ref().is_none_or(|a| a.action != Action::Block), "{failures} failures by others: {answer:?}");
+        assert!(told.is_some_and(|t| t.contains("failures_elsewhere")), "the application is told, for a second factor");
+    }
+}
+
+#[test]
+fn a_client_that_failed_on_an_account_then_gets_in_is_a_takeover() {
+    let (e, s) = (engine(LOGIN), MemoryStore::new());
+    e.table().create_shards(&s).unwrap();
+    for i in 0..6u64 {
+        login(&e, &s, "203.0.113.77", FIREFOX, "owner@mail.example", false, T0 + i * 1000);
+    }
+    let (refused, _, answer) = valid_login(&e, &s, "203.0.113.77", FIREFOX, "GB", T0 + 10_000);
+    assert!(refused || answer.is_some_and(|a| a.action == Action::Block && a.reasons_header().contains("account_takeover")));
 }
