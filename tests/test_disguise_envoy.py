@@ -116,7 +116,13 @@ def stuffing_run(envoy, rng, addresses: int):
                 user = f"{rng.choice(['anna', 'li', 'omar', 'kate'])}{rng.randrange(10**6)}@mail.example"
             r = login(envoy, address, browser(ua), user, f"Summer{rng.randrange(10**4)}!")
             assert r.status in (401, 403), r.status
-            outcomes.append(blocked(r))
+            # On an account that exists, the copied browser from a new
+            # address is what its owner's new phone looks like: with nothing
+            # specific to the attempt it is told to the application as
+            # `high` (a right password would then need the second factor),
+            # never refused for being new to the account (issue 20).
+            told_high = r.status == 401 and r.headers.get("x-demo-login-risk", "").startswith("high")
+            outcomes.append(blocked(r) or (user.startswith("user") and told_high))
         if a % 8 == 0:
             u = 1 + a // 8 % 120
             r = login(envoy, f"203.0.114.{a // 8 % 250 + 1}", browser(BROWSERS[u % 3]), f"user{u:04d}", f"pass-{u:04d}")
@@ -191,7 +197,7 @@ def test_stuffing_that_copies_real_browsers_is_refused_before_and_after_a_restar
             assert recognised is not None and recognised < 200, f"recognised at attempt {recognised}"
             # After the restart the owners' profiles come back from the
             # scorer too (the tick batches carried them): attempts on the
-            # accounts that exist are still unlike their owners.
+            # accounts that exist are still unlike their owners (told high).
             assert share >= 0.95, f"{share:.1%}"
             assert real == [200] * len(real), "a real user was refused logging into their own account"
             assert set(first_timers) <= {200, 202}, f"first-time logins refused: {first_timers}"

@@ -136,11 +136,23 @@ pub fn agent_tag(user_agent: &str) -> u32 {
     user_agent.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
+/// The tag naming an address's pool of new identities in labels (`addr#pool`).
+pub const POOL_TAG: &str = "pool";
+
 /// `addr` or `addr#tag`: how a client is named to the scorer and in fleet verdicts.
 pub fn client_label(addr: ClientAddr, agent: Option<u32>) -> String {
     match agent {
         Some(tag) => format!("{addr}#{tag:08x}"),
         None => addr.to_string(),
+    }
+}
+
+/// How a verdict names its client: the identity, or its address's pool.
+pub fn verdict_label(addr: ClientAddr, agent: Option<u32>, pool: bool) -> String {
+    if pool {
+        format!("{addr}#{POOL_TAG}")
+    } else {
+        client_label(addr, agent)
     }
 }
 

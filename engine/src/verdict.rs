@@ -65,6 +65,9 @@ pub struct Verdict {
     pub client: ClientAddr,
     /// The user-agent tag that, with the address, names the client.
     pub agent: Option<u32>,
+    /// The verdict is about the address's pool of new identities (see
+    /// `engine/identify.rs`), named `addr#pool`.
+    pub pool: bool,
     /// On login routes: the `x-abuse-login-risk` value, when there is a risk.
     pub login_risk: Option<String>,
     /// A successful login's risk against its account's profile, when it
@@ -94,6 +97,7 @@ impl Verdict {
             risk: 0.0,
             status: 0,
             retry_after_s: 0,
+            pool: false,
             client,
             agent: None,
             login_risk: None,
@@ -139,16 +143,17 @@ impl Verdict {
         .to_string()
     }
 
-    /// One structured line for a block or a would-block.
+    /// One structured line for a block or a would-block. The path goes
+    /// without its query string: tokens travel in URLs, logs travel far.
     pub fn log_line(&self, method: &str, path: &str) -> String {
         let mode = self.mode;
-        let path: String = path.chars().take(256).collect();
+        let path: String = path.split('?').next().unwrap_or("").chars().take(256).collect();
         let method: String = method.chars().take(16).collect();
         json!({
             "event": if self.action == Action::Block { "block" } else { "would_block" },
             "mode": match mode { Mode::Block => "block", Mode::Monitor => "monitor" },
             "client": self.client.to_string(),
-            "agent": self.agent.map(|a| format!("{a:08x}")),
+            "agent": if self.pool { Some(crate::identity::POOL_TAG.to_string()) } else { self.agent.map(|a| format!("{a:08x}")) },
             "reasons": self.reasons.names(),
             "risk": (f64::from(self.risk) * 10.0).round() / 10.0,
             "status": self.status,
@@ -182,6 +187,11 @@ mod tests {
         assert_eq!(log["event"], "block");
         assert_eq!(log["client"], "192.0.2.1");
         assert_eq!(log["path"], "/x\"y");
+        let log: serde_json::Value = serde_json::from_str(&v.log_line("GET", "/reset?token=s3cret&u=1")).unwrap();
+        assert_eq!(log["path"], "/reset", "no query string (tokens) in logs");
+        v.pool = true;
+        let log: serde_json::Value = serde_json::from_str(&v.log_line("GET", "/x")).unwrap();
+        assert_eq!(log["agent"], "pool");
         assert_eq!(v.score_header(), "123");
         assert_eq!(v.reasons_header(), "rate_limit");
     }

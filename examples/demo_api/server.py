@@ -247,16 +247,18 @@ class Handler(BaseHTTPRequestHandler):
     def login(self, query, body):
         username, password = self.credentials(body)
         account = self.server.store.by_name.get(username)
+        risk = self.headers.get("x-abuse-login-risk")
         # Constant-time compare; surrogatepass because JSON can smuggle lone surrogates.
         if account is None or not hmac.compare_digest(
             account[1].encode(), password.encode("utf-8", "surrogatepass")
         ):
-            raise HTTPError(401, "invalid credentials")
+            # What the filter told the application, shown so that scripts
+            # and tests can see it (a real API would keep it to itself).
+            raise HTTPError(401, "invalid credentials", {"x-demo-login-risk": risk} if risk else None)
         # Step-up, the way an application uses the filter's login risk: a
         # "high" login must also give its second factor (the demo's code is
         # 000000). 202 is neither a success nor a failure for the filter, so
         # a stepped-up attempt teaches the account's profile nothing.
-        risk = self.headers.get("x-abuse-login-risk")
         if risk and risk.startswith("high") and self.login_fields.get("otp") != "000000":
             return 202, {"mfa_required": True, "login_risk": risk}
         return 200, {"token": self.server.tokens.issue(username), "username": username, "login_risk": risk}

@@ -162,7 +162,7 @@ impl Engine {
             (self.apply(record, signal, now_ms), true)
         };
         let mut updated = self.clients.update(store, exchange.client_key, now_ms, judge);
-        let mut agent = exchange.agent;
+        let mut pooled = false;
         if let Some(pool_key) = exchange.pool_key {
             // A new identity's answer counts for its address's pool too: a
             // failed login per invented user agent adds up there.
@@ -170,12 +170,13 @@ impl Engine {
             let own_refuses = updated.as_ref().is_ok_and(|(o, _)| Self::refuses(o));
             if !own_refuses && pool.as_ref().is_ok_and(|(o, _)| Self::refuses(o)) {
                 updated = pool;
-                agent = None;
+                pooled = true;
             }
         }
         let mode = exchange.mode.unwrap_or(self.config.mode);
         let mut verdict = self.verdict(client, updated, mode, now_ms);
-        verdict.agent = agent;
+        verdict.agent = exchange.agent;
+        verdict.pool = pooled;
         verdict.on_response = true;
         if told {
             // What the application was told about this login, now that it

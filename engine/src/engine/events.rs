@@ -153,7 +153,7 @@ impl Engine {
             out.samples.offer(key, penalized, now_ms, || {
                 let r = record?;
                 Some(Observation {
-                    client: crate::identity::client_label(verdict.client, verdict.agent),
+                    client: crate::identity::verdict_label(verdict.client, verdict.agent, verdict.pool),
                     group: (0..self.config.route_groups.len()).find(|g| routes.contains(*g)),
                     features: self.features_of(r, verdict.risk, anonymous, now_ms).to_vector(),
                 })

@@ -11,18 +11,27 @@
 //! requests are judged on the address's **pool** record (the address
 //! without a user agent, the same key a request without one gets): one
 //! client for all the address's new identities, with its own limits,
-//! detectors and penalty box. The pool's rate limits grow only with the
+//! detectors and penalty box. (Its key is of its own domain: neither a
+//! client without a user agent nor any tag names it.) An identity counts in
+//! the pool for its first [`NEWCOMER_REQUESTS`] requests; while it is not
+//! yet returning it also meets the pool's penalty box. The pool's rate limits grow only with the
 //! evidence of a real crowd: `client.pool_budget` plus one slot per eight
 //! returning identities seen at the address in the last two minutes (at
 //! most `client.max_crowd` counted) — invented strings never return, so
 //! they add none. A pool over its budget is boxed (new identities in a
 //! burst no crowd makes); its returning identities go on.
 
-use super::{Engine, DOMAIN_CLIENT};
+use super::{Engine, DOMAIN_CLIENT, DOMAIN_POOL};
 use crate::detectors::rate::RequestRate;
 use crate::identity::{ClientAddr, ClientIdentity, IdentityInput};
 use crate::record::ClientRecord;
 
+/// An identity with fewer requests than this, and not yet returning, is
+/// counted in its address's pool; a younger one with more only meets the
+/// pool's penalty box. A steady client's first requests cannot box the pool
+/// by themselves, an identity invented per request (or reused a few times)
+/// is all pool.
+pub(super) const NEWCOMER_REQUESTS: u32 = 2;
 /// A returning identity marks its address's crowd at most once per this
 /// clock bucket (one extra write per identity per bucket, not per request).
 pub(super) const CROWD_MARK_MS: u64 = 10_000;
@@ -57,7 +66,7 @@ impl Engine {
     /// The key of the address's pool record, when the request's identity
     /// has a user agent of its own (see the module doc).
     pub(super) fn pool_key(&self, client: ClientAddr, agent: Option<u32>) -> Option<u64> {
-        agent.map(|_| self.client_key(client, None))
+        agent.map(|_| self.hasher.key(DOMAIN_POOL, &client.key_bytes()))
     }
 
     /// Whether an identity's record shows it returning: seen before, at
@@ -75,17 +84,22 @@ impl Engine {
         f64::from(self.config.client.pool_budget) + crowd / CROWD_PER_SLOT
     }
 
-    /// The key of the client a scorer's label names (`addr` or `addr#tag`,
-    /// as [`crate::identity::client_label`] writes it); None if the label
-    /// names no address.
+    /// The key of the client a scorer's label names (`addr`, `addr#tag` or
+    /// an address's pool `addr#pool`, as [`crate::identity::client_label`]
+    /// writes it); None if the label names no address.
     pub(super) fn key_of_label(&self, label: &str) -> Option<u64> {
-        let (addr, agent) = match label.split_once('#') {
-            Some((addr, tag)) => (addr, u32::from_str_radix(tag, 16).ok()),
+        let (addr, tag) = match label.split_once('#') {
+            Some((addr, tag)) => (addr, Some(tag)),
             None => (label, None),
         };
-        match self.identity.client_addr(Some(addr.as_bytes()), None) {
-            ClientAddr::Unknown => None,
-            client => Some(self.client_key(client, agent)),
+        let client = match self.identity.client_addr(Some(addr.as_bytes()), None) {
+            ClientAddr::Unknown => return None,
+            client => client,
+        };
+        match tag {
+            Some(crate::identity::POOL_TAG) => self.pool_key(client, Some(0)),
+            Some(tag) => Some(self.client_key(client, u32::from_str_radix(tag, 16).ok())),
+            None => Some(self.client_key(client, None)),
         }
     }
 

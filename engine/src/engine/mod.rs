@@ -94,6 +94,9 @@ const DOMAIN_FINGERPRINT: u8 = 10;
 const DOMAIN_SESSION: u8 = 7;
 const DOMAIN_USER_AGENT: u8 = 8;
 const DOMAIN_ROUTE: u8 = 9;
+/// An address's pool of new identities (see `identify`): a key no client
+/// (with or without a user agent) can have.
+const DOMAIN_POOL: u8 = 11;
 
 /// Accounts tracked: 256 shards x 64 slots of 56 bytes = 0.9 MiB.
 const ACCOUNT_SHARDS: usize = 256;

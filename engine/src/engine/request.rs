@@ -2,7 +2,7 @@
 //! identify → penalty → count → detect → decide, in one read-modify-write
 //! of the client's record (see the module map in `engine/mod.rs`).
 
-use super::identify::{CROWD_MARK_MS, CROWD_WINDOW_MS};
+use super::identify::{CROWD_MARK_MS, CROWD_WINDOW_MS, NEWCOMER_REQUESTS};
 use super::{Engine, Exchange, RequestFacts, DOMAIN_OBJECT, DOMAIN_PATH, DOMAIN_FINGERPRINT};
 use crate::config::Mode;
 use crate::detectors::enumeration::ObjectId;
@@ -90,43 +90,49 @@ impl Engine {
             (outcome, true)
         };
         let own = self.clients.update_local(store, key, now_ms, stays_local, |record| {
-            let newcomer = !self.returning(record, now_ms);
+            let young = !self.returning(record, now_ms);
+            let newcomer = young && record.requests < NEWCOMER_REQUESTS;
             let mark = record.last_seen_ms / CROWD_MARK_MS != now_ms / CROWD_MARK_MS;
             let (outcome, write) = judge(record, 1.0);
-            ((outcome, newcomer, mark), write)
+            ((outcome, young, newcomer, mark), write)
         });
         let (updated, pooled) = match (own, self.pool_key(client, agent)) {
-            (Ok(((outcome, newcomer, mark), stats)), Some(pool_key)) => {
-                if newcomer {
-                    // Also one request of the address's pool of new identities.
+            (Ok(((outcome, young, newcomer, mark), stats)), Some(pool_key)) => {
+                let pool = if newcomer {
+                    // One request of the address's pool of new identities.
                     exchange.pool_key = Some(pool_key);
-                    let pool = self.clients.update_local(store, pool_key, now_ms, stays_local, |record| {
-                        let scale = self.pool_scale(record, now_ms);
-                        let (mut outcome, write) = judge(record, scale);
-                        self.box_a_shed_pool(record, &mut outcome, now_ms);
-                        (outcome, write)
-                    });
-                    match pool {
-                        Ok((p, pool_stats)) if Self::refuses(&p) => (Ok((p, pool_stats)), true),
-                        _ => (Ok((outcome, stats)), false),
-                    }
+                    self.clients
+                        .update_local(store, pool_key, now_ms, stays_local, |record| {
+                            let scale = self.pool_scale(record, now_ms);
+                            let (mut outcome, write) = judge(record, scale);
+                            self.box_a_shed_pool(record, &mut outcome, now_ms);
+                            (Some(outcome), write)
+                        })
+                        .ok()
+                } else if young {
+                    // Not counted any more, but not yet returning: the pool's box holds.
+                    self.clients
+                        .update_local(store, pool_key, now_ms, stays_local, |record| (self.penalized(record, now_ms), false))
+                        .ok()
                 } else {
                     if mark {
                         self.mark_crowd(store, pool_key, key, now_ms);
                     }
-                    (Ok((outcome, stats)), false)
+                    None
+                };
+                match pool {
+                    Some((Some(p), pool_stats)) if Self::refuses(&p) => (Ok((p, pool_stats)), true),
+                    _ => (Ok((outcome, stats)), false),
                 }
             }
-            (Ok(((outcome, _, _), stats)), None) => (Ok((outcome, stats)), false),
+            (Ok(((outcome, ..), stats)), None) => (Ok((outcome, stats)), false),
             (Err(failed), _) => (Err(failed), false),
         };
-        // The pool is named by its address alone (scorer, fleet verdicts).
-        let agent = if pooled { None } else { agent };
-
         exchange.agent = agent;
         let key = look.key;
         let mut verdict = self.verdict(client, updated, look.mode, now_ms);
         verdict.agent = agent;
+        verdict.pool = pooled;
         if let (Some(a), Some(d)) = (&attempt_seen, &self.distributed) {
             if a.level(d.refuse_at()) != "low" {
                 verdict.login_risk = Some(a.header(d.refuse_at()));

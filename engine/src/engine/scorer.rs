@@ -129,7 +129,7 @@ impl Engine {
         let short = |s: &str, n: usize| s.chars().take(n).collect::<String>();
         ScoreRequest {
             version: WIRE_VERSION,
-            client: crate::identity::client_label(verdict.client, verdict.agent),
+            client: crate::identity::verdict_label(verdict.client, verdict.agent, verdict.pool),
             route_group,
             method: short(facts.method, 16),
             path: short(facts.path.split('?').next().unwrap_or(""), 256),
