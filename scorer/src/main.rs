@@ -147,6 +147,7 @@
 //! expires; in memory it is fixed in size and saved to `STATE_DIR/warm.json`
 //! every 30 s when it changed and at shutdown. See `known.rs`.
 
+mod access;
 mod app;
 mod bounded;
 mod clock;
@@ -157,6 +158,7 @@ mod metrics;
 mod model;
 mod models;
 mod profiles;
+mod quota;
 mod sample_log;
 mod scoring;
 mod snapshot;
@@ -193,6 +195,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: config::Cli) -> Result<(), String> {
+    // Before anything else: a scorer that should not start must not
+    // half-start (bind, load state) first.
+    let warnings = config::check_deployment(cli.listen, cli.secret(), cli.operator_token())?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     let metrics = metrics::Metrics::new().map_err(|e| format!("metrics: {e}"))?;
     let params = model::Params {
         warm_up: cli.warm_up,
@@ -212,11 +220,6 @@ async fn run(cli: config::Cli) -> Result<(), String> {
         None => store::Fleet::memory(),
     };
     snapshot::load_warm(&cli.state_dir, fleet.local());
-    if cli.secret().is_none() {
-        tracing::warn!(
-            "no secret configured: anyone who can reach the port can score and read verdicts"
-        );
-    }
     let policy = scoring::Policy::new(cli.block_at, cli.ttl_s);
     let sample_log = match &cli.sample_log {
         Some(path) => sample_log::SampleLog::open(path).map_err(|e| format!("--sample-log {}: {e}", path.display()))?,
@@ -231,7 +234,13 @@ async fn run(cli: config::Cli) -> Result<(), String> {
             metrics,
             cli.state_dir.clone(),
         )
-        .with_sample_log(sample_log),
+        .with_sample_log(sample_log)
+        .with_operator_token(cli.operator_token())
+        .with_quotas(quota::Limits {
+            known_accounts_per_min: cli.caller_known_accounts_per_min,
+            profiles_per_min: cli.caller_profiles_per_min,
+            blocks_per_min: cli.caller_blocks_per_min,
+        }),
     );
 
     let signals = shutdown_signals();
@@ -247,10 +256,13 @@ async fn run(cli: config::Cli) -> Result<(), String> {
 
     let saver = tokio::spawn(snapshot::every(app.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server =
-        axum::serve(listener, app::router(app.clone())).with_graceful_shutdown(async move {
-            let _ = stopped.await;
-        });
+    // The peer address reaches the handlers (`access::Peer`): the operator
+    // routes without a token answer only to this machine, quotas are per peer.
+    let service = app::router(app.clone())
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
+        let _ = stopped.await;
+    });
     let mut serving = tokio::spawn(async move { server.await });
 
     tokio::select! {
