@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -365,7 +366,7 @@ class Scorer:
     """The scoring service binary on a free port (memory store unless redis_url)."""
 
     def __init__(self, *args: str, port: int = 0, redis_url: str | None = None, secret: str | None = None,
-                 state_dir: Path | None = None, env: dict | None = None):
+                 state_dir: Path | None = None, env: dict | None = None, operator_token: str | None = None):
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="abuse-scorer-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cmd = [str(SCORER), "--listen", f"127.0.0.1:{port}", "--state-dir", str(self.state_dir), *args]
@@ -373,8 +374,14 @@ class Scorer:
             cmd += ["--redis-url", redis_url]
         full_env = dict(os.environ, **(env or {}))
         full_env.pop("ABUSE_SCORER_SECRET", None)
+        full_env.pop("ABUSE_OPERATOR_TOKEN", None)
         if secret:
             full_env["ABUSE_SCORER_SECRET"] = secret
+        # Without a token the dashboard and /metrics answer 127.0.0.1 only
+        # (the harness's own address); with one they need it as a bearer.
+        self.operator_token = operator_token
+        if operator_token:
+            full_env["ABUSE_OPERATOR_TOKEN"] = operator_token
         self.log_path = self.state_dir / "scorer.log"
         self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=full_env)
@@ -390,8 +397,13 @@ class Scorer:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def operator_headers(self) -> dict:
+        return {"authorization": f"Bearer {self.operator_token}"} if self.operator_token else {}
+
     def metrics(self) -> str:
-        return request(self.port, "GET", "/metrics").body.decode()
+        resp = request(self.port, "GET", "/metrics", headers=self.operator_headers())
+        assert resp.status == 200, f"/metrics: {resp.status} {resp.body[:200]!r}"
+        return resp.body.decode()
 
     def metric(self, name: str, **labels) -> float:
         """Sum of a Prometheus metric's samples whose labels include `labels`."""
@@ -726,7 +738,9 @@ def demo_stack(bootstrap, api_port: int = 8080, scorer_port: int = 8081, port: i
     `bootstrap` is a path, or a function (api_port, scorer_port) -> path for
     when the servers pick free ports (api_port/scorer_port 0); `port` and
     `admin_port` must be the ones the bootstrap uses."""
-    os.environ.setdefault("ABUSE_SCORER_SECRET", "demo-secret")
+    # Envoy and the scorer share it through the environment; a fresh random
+    # one per run unless the caller set one (never a published placeholder).
+    os.environ.setdefault("ABUSE_SCORER_SECRET", secrets.token_hex(32))
     api = DemoApi(api_port)
     scorer = stack = None
     try:

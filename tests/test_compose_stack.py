@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -50,6 +51,25 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
 
 
+# What a user puts in deploy/compose/.env: the stack has no defaults for them.
+REQUIRED_ENV = {
+    "ABUSE_SCORER_SECRET": "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
+    "ABUSE_OPERATOR_TOKEN": "9a8b7c6d5e4f30211203f4e5d6c7b8a99a8b7c6d5e4f30211203f4e5d6c7b8a9",
+    "GRAFANA_ADMIN_PASSWORD": "5c4b3a29180716f5e4d3c2b1a0f9e8d7",
+}
+
+
+def compose_env(**overrides) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in REQUIRED_ENV}
+    env.update(REQUIRED_ENV)
+    for k, v in overrides.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
 def filter_json(bootstrap: dict) -> dict:
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     wasm = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
@@ -62,9 +82,9 @@ def test_compose_files_follow_the_compose_spec(tmp_path):
     dc = compose_binary()
     for files in ([COMPOSE], [COMPOSE, HOST_WASM]):
         args = [a for f in files for a in ("-f", str(f))]
-        result = run([dc, *args, "config", "-q"], cwd=COMPOSE_DIR)
+        result = run([dc, *args, "config", "-q"], cwd=COMPOSE_DIR, env=compose_env())
         assert result.returncode == 0, result.stderr
-        merged = run([dc, *args, "config"], cwd=COMPOSE_DIR)
+        merged = run([dc, *args, "config"], cwd=COMPOSE_DIR, env=compose_env())
         assert merged.returncode == 0, merged.stderr
         (tmp_path / "merged.yml").write_text(merged.stdout)
         checked = run([str(VENV_BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(tmp_path / "merged.yml")])
@@ -74,8 +94,39 @@ def test_compose_files_follow_the_compose_spec(tmp_path):
     # Both validators refuse a misspelt key (so the checks above mean something).
     bad = tmp_path / "bad.yml"
     bad.write_text(COMPOSE.read_text().replace("    restart: unless-stopped\n", "    restrat: unless-stopped\n", 1))
-    assert run([dc, "-f", str(bad), "config", "-q"], cwd=COMPOSE_DIR).returncode != 0
+    assert run([dc, "-f", str(bad), "config", "-q"], cwd=COMPOSE_DIR, env=compose_env()).returncode != 0
     assert run([str(VENV_BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(bad)]).returncode != 0
+
+
+def test_compose_stack_requires_its_secrets():
+    """No placeholder defaults: compose refuses to start without each
+    secret, naming it; Grafana has no anonymous access; Prometheus reads the
+    operator token from a compose secret; Envoy's admin is Envoy-local."""
+    dc = compose_binary()
+    for name in REQUIRED_ENV:
+        result = run([dc, "-f", str(COMPOSE), "config", "-q"], cwd=COMPOSE_DIR, env=compose_env(**{name: None}))
+        assert result.returncode != 0, name
+        assert name in result.stderr and "missing a value" in result.stderr, result.stderr
+    text = COMPOSE.read_text()
+    for placeholder in ("demo-secret", "change-me", ":-admin", ":-"):
+        assert placeholder not in text, placeholder
+    stack = yaml.safe_load(text)
+    services = stack["services"]
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert services["scorer"]["environment"]["ABUSE_OPERATOR_TOKEN"].startswith("${ABUSE_OPERATOR_TOKEN:?")
+    assert stack["secrets"]["abuse_operator_token"] == {"environment": "ABUSE_OPERATOR_TOKEN"}
+    assert services["prometheus"]["secrets"] == ["abuse_operator_token"]
+    prom = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    (scorer_job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "abuse-scorer"]
+    assert scorer_job["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/abuse_operator_token"}
+    for svc in services.values():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), port
+    assert "127.0.0.1:9901:9901" not in services["envoy"]["ports"]
+    envoy = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
+    assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
 def test_compose_stack_has_every_part():
@@ -104,9 +155,11 @@ def test_compose_stack_has_every_part():
 
 
 def test_envoy_configs_parse_against_envoys_api():
-    for path in (ROOT / "envoy" / "envoy.yaml", COMPOSE_DIR / "envoy.yaml"):
+    # The compose Envoy has a third cluster: its own admin, behind the
+    # read-only stats listener.
+    for path, clusters in ((ROOT / "envoy" / "envoy.yaml", 2), (COMPOSE_DIR / "envoy.yaml", 3)):
         parsed = parse_bootstrap(yaml.safe_load(path.read_text()))
-        assert len(parsed.static_resources.clusters) == 2, path
+        assert len(parsed.static_resources.clusters) == clusters, path
     from google.protobuf import json_format
 
     bad = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
@@ -125,10 +178,16 @@ def test_compose_filter_config_is_the_shipped_one():
     assert compose == shipped, "deploy/compose/envoy.yaml's filter configuration drifted from envoy/envoy.yaml"
 
 
-def test_prometheus_and_grafana_provisioning():
+def test_prometheus_and_grafana_provisioning(tmp_path):
     promtool = shutil.which("promtool")
     assert promtool, "promtool is needed (Debian: apt-get install prometheus)"
-    result = run([promtool, "check", "config", str(COMPOSE_DIR / "prometheus.yml")])
+    # promtool opens the token file: the compose secret's path, here a temporary file.
+    token_file = tmp_path / "abuse_operator_token"
+    token_file.write_text("t\n")
+    text = (COMPOSE_DIR / "prometheus.yml").read_text()
+    assert text.count("/run/secrets/abuse_operator_token") == 1
+    (tmp_path / "prometheus.yml").write_text(text.replace("/run/secrets/abuse_operator_token", str(token_file)))
+    result = run([promtool, "check", "config", str(tmp_path / "prometheus.yml")])
     assert result.returncode == 0, result.stdout + result.stderr
     ds = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/datasources/prometheus.yml").read_text())
     uid = ds["datasources"][0]["uid"]
@@ -146,14 +205,17 @@ def test_prometheus_and_grafana_provisioning():
 
 # --- the same topology, run natively -------------------------------------
 
-def native_bootstrap(port: int, admin: int, api_port: int, scorer_port: int) -> dict:
+def native_bootstrap(port: int, admin: int, api_port: int, scorer_port: int, stats_port: int) -> dict:
     """deploy/compose/envoy.yaml with loopback addresses, the repository's
     .wasm and GeoIP test databases; the filter configuration untouched."""
     original = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
     cfg = copy.deepcopy(original)
     cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin}
-    cfg["static_resources"]["listeners"][0]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
-    ports = {"demo_api": api_port, "abuse_scorer": scorer_port}
+    api, stats = cfg["static_resources"]["listeners"]
+    api["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
+    assert stats["name"] == "prometheus"
+    stats["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": stats_port}
+    ports = {"demo_api": api_port, "abuse_scorer": scorer_port, "envoy_admin": admin}
     for cluster in cfg["static_resources"]["clusters"]:
         cluster["type"] = "STATIC"
         for group in cluster["load_assignment"]["endpoints"]:
@@ -166,13 +228,19 @@ def native_bootstrap(port: int, admin: int, api_port: int, scorer_port: int) -> 
     return cfg
 
 
-def native_prometheus_config(targets: dict[str, str]) -> str:
+def native_prometheus_config(targets: dict[str, str], files: dict[str, Path]) -> str:
+    """The compose prometheus.yml with loopback targets and the secret
+    files where this machine has them."""
     cfg = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
     cfg["global"]["scrape_interval"] = "1s"
     cfg["global"]["evaluation_interval"] = "1s"
     for job in cfg["scrape_configs"]:
         for sc in job["static_configs"]:
             sc["targets"] = [targets.pop(t) for t in sc["targets"]]
+        if "authorization" in job:
+            auth = job["authorization"]
+            auth["credentials_file"] = str(files.pop(auth["credentials_file"]))
+    assert not files, f"secret files not used in the compose prometheus.yml: {files}"
     assert not targets, f"targets not scraped in the compose prometheus.yml: {targets}"
     return yaml.safe_dump(cfg)
 
@@ -244,10 +312,23 @@ def test_compose_topology_natively_with_prometheus(tmp_path, monkeypatch):
     api = scorer = envoy = prom = None
     try:
         api = DemoApi()
-        scorer = Scorer(redis_url=redis.url, secret="compose-test-secret", state_dir=tmp_path / "scorer")
-        port, admin = free_port(), free_port()
-        envoy = Envoy(native_bootstrap(port, admin, api.port, scorer.port), admin, port)
-        prom = Prometheus(native_prometheus_config({"envoy:9901": f"127.0.0.1:{admin}", "scorer:8081": f"127.0.0.1:{scorer.port}"}), tmp_path)
+        token = REQUIRED_ENV["ABUSE_OPERATOR_TOKEN"]
+        scorer = Scorer(redis_url=redis.url, secret="compose-test-secret", state_dir=tmp_path / "scorer",
+                        operator_token=token)
+        port, admin, stats = free_port(), free_port(), free_port()
+        envoy = Envoy(native_bootstrap(port, admin, api.port, scorer.port, stats), admin, port)
+        # Compose mounts the token as /run/secrets/abuse_operator_token.
+        token_file = tmp_path / "abuse_operator_token"
+        token_file.write_text(token + "\n")
+        prom = Prometheus(native_prometheus_config({"envoy:9902": f"127.0.0.1:{stats}", "scorer:8081": f"127.0.0.1:{scorer.port}"},
+                                                   {"/run/secrets/abuse_operator_token": token_file}), tmp_path)
+        # Envoy's stats listener serves GET /stats/prometheus and nothing
+        # else of the admin; the scorer's /metrics wants the token.
+        assert request(stats, "GET", "/stats/prometheus").status == 200
+        for method, path in (("POST", "/quitquitquit"), ("GET", "/config_dump"), ("POST", "/stats/prometheus"),
+                             ("GET", "/stats")):
+            assert request(stats, method, path).status == 404, (method, path)
+        assert request(scorer.port, "GET", "/metrics").status == 401
 
         # The attack: stuffing from one address, a scanner, and a probe of a
         # sensitive file (risk 60: borderline, so the scorer is asked).

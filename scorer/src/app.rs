@@ -10,12 +10,25 @@
 //! Besides scoring, the filters feed the fleet's warm-start state through
 //! `POST /v1/events` (tick batches: known accounts, baselines) and a fresh
 //! Envoy reads it back from `GET /v1/warm?from=N` (see [`events`], [`warm`]).
+//!
+//! What a caller writes is bounded beyond its shape: baselines clamped to a
+//! plausible range (`validate::sanitize_baseline`), a claimed risk capped at
+//! `block_at`, per-caller quotas on known accounts, profile updates and
+//! published blocks (`quota`), profile merges bounded
+//! (`profiles::merge_bounded`) — each counted in
+//! `abuse_scorer_rejected_total{kind}`. The operator routes (`GET /`,
+//! `/v1/dashboard`, `/metrics`) take the operator token or, without one,
+//! only this machine (`access`). Logs carry no client address, username,
+//! session, query string or credential: a fleet block is logged by a
+//! keyed hash of its client.
 
+use crate::access::{self, same_secret, Denied, Peer};
 use crate::clock::now_ms;
 use crate::dashboard::{self, Dashboard, ModelView, StoreView};
 use crate::known;
 use crate::metrics::{action_name, reason_label, Metrics};
 use crate::models::Models;
+use crate::quota::{self, Quotas};
 use crate::sample_log::{self, SampleLog};
 use crate::scoring::{self, FleetSignals, Policy};
 use crate::store::Fleet;
@@ -38,12 +51,16 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 pub struct App {
     secret: Option<String>,
+    /// Guards the operator routes; None: this machine only (see `access`).
+    operator_token: Option<String>,
+    quotas: Quotas,
     policy: Policy,
     model: Mutex<Models>,
     pub fleet: Fleet,
@@ -70,16 +87,6 @@ fn username_hasher(secret: Option<&str>) -> KeyedHasher {
     k0.copy_from_slice(&base.key(1, s).to_le_bytes());
     k1.copy_from_slice(&base.key(2, s).to_le_bytes());
     KeyedHasher::from_seed(&seed)
-}
-
-/// Compares without an early exit, so response time says nothing about how
-/// much of a guessed secret was right.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = given.len() ^ expected.len();
-    for (i, e) in expected.iter().enumerate() {
-        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ e);
-    }
-    diff == 0
 }
 
 pub struct ApiError {
@@ -110,6 +117,22 @@ impl ApiError {
             message,
         }
     }
+    fn operator(denied: Denied) -> Self {
+        match denied {
+            Denied::Unauthorized => ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                kind: "operator_unauthorized",
+                message: "missing or wrong operator token (Authorization: Bearer ...)".into(),
+            },
+            Denied::NotLocal => ApiError {
+                status: StatusCode::FORBIDDEN,
+                kind: "not_local",
+                message: "without an operator token (ABUSE_OPERATOR_TOKEN) this answers only to \
+                          127.0.0.1 and ::1"
+                    .into(),
+            },
+        }
+    }
 }
 
 fn error_response(status: StatusCode, message: &str) -> Response {
@@ -131,6 +154,8 @@ impl App {
         metrics.model_warm.set(i64::from(model.is_warm()));
         App {
             secret: secret.map(str::to_string),
+            operator_token: None,
+            quotas: Quotas::new(quota::Limits::default()),
             policy,
             snapshot_written: Mutex::new(model.trained()),
             warm_written: Mutex::new(fleet.local().warm_changes()),
@@ -146,6 +171,27 @@ impl App {
 
     pub fn with_sample_log(self, log: SampleLog) -> App {
         App { sample_log: Mutex::new(log), ..self }
+    }
+
+    /// Requires `token` (as `Authorization: Bearer`) on the operator routes.
+    pub fn with_operator_token(self, token: Option<&str>) -> App {
+        App { operator_token: token.map(str::to_string), ..self }
+    }
+
+    pub fn with_quotas(self, limits: quota::Limits) -> App {
+        App { quotas: Quotas::new(limits), ..self }
+    }
+
+    /// A client's address as logs may show it: a keyed hash (the key comes
+    /// from the secret), enough to follow one client through the log, not
+    /// to read its address.
+    fn log_key(&self, client: &str) -> String {
+        format!("{:08x}", self.usernames.key(3, client.as_bytes()) >> 32)
+    }
+
+    /// Whether a request may read an operator route; refusals are counted.
+    fn operator_access(&self, headers: &HeaderMap, peer: Peer) -> Result<(), ApiError> {
+        access::operator(self.operator_token.as_deref(), headers, peer).map_err(ApiError::operator)
     }
 
     /// The model is only ever touched for microseconds, and a panic while
@@ -232,7 +278,12 @@ impl App {
             .then(|| format!("{:016x}", self.usernames.key(1, normalised.as_bytes())))
     }
 
-    async fn score(&self, headers: &HeaderMap, body: Body) -> Result<ScoreResponse, ApiError> {
+    async fn score(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        caller: IpAddr,
+    ) -> Result<ScoreResponse, ApiError> {
         self.authorize(headers)?;
         let req = self.read_request(headers, body).await?;
         let now = now_ms();
@@ -265,10 +316,16 @@ impl App {
             .score(req.route_group.as_deref(), &req.features.to_vector());
 
         let decision = scoring::combine(&self.policy, &req, assessment.as_ref(), &fleet, now);
+        self.metrics.rejected("risk_capped", u64::from(decision.risk_capped));
         if let Some(verdict) = &decision.new_verdict {
-            self.fleet.record_verdict(verdict, now).await;
-            self.metrics.fleet_verdicts.inc();
-            tracing::info!(client = %verdict.client, reasons = ?verdict.reasons, until_ms = verdict.until_ms, "fleet block");
+            // Over its quota a caller still gets its block; the fleet does not.
+            if self.quotas.take(caller, quota::Kind::Blocks, 1, now) == 1 {
+                self.fleet.record_verdict(verdict, now).await;
+                self.metrics.fleet_verdicts.inc();
+                tracing::info!(client = %self.log_key(&verdict.client), reasons = ?verdict.reasons, until_ms = verdict.until_ms, "fleet block");
+            } else {
+                self.metrics.rejected("block_quota", 1);
+            }
         }
         let answer = decision.response;
         self.metrics
@@ -362,34 +419,81 @@ impl App {
     }
 
     /// `POST /v1/events`: one worker's tick batch.
-    async fn events(&self, headers: &HeaderMap, body: Body) -> Result<EventsAnswer, ApiError> {
+    async fn events(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        caller: IpAddr,
+    ) -> Result<EventsAnswer, ApiError> {
         self.authorize(headers)?;
         let batch: EventBatch =
             Self::read_json(headers, body, MAX_BATCH_BYTES, "event batch").await?;
         validate::check_batch(&batch).map_err(ApiError::bad_request)?;
         let now = now_ms();
-        let mut baselines = batch.baselines;
-        let before = baselines.len();
-        baselines.retain(|b| match validate::check_baseline(b) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, "skipping a baseline of a batch");
-                false
+        let before = batch.baselines.len();
+        let mut baselines = Vec::with_capacity(before);
+        let mut clamped = 0;
+        for b in &batch.baselines {
+            match validate::sanitize_baseline(b) {
+                Ok(s) => {
+                    clamped += u64::from(s.clamped);
+                    baselines.push(s.baseline);
+                }
+                Err(e) => tracing::debug!(error = %e, "skipping a baseline of a batch"),
             }
-        });
+        }
+        let bad_baselines = (before - baselines.len()) as u64;
+        self.metrics.rejected("baseline_invalid", bad_baselines);
+        self.metrics.rejected("baseline_clamped", clamped);
+
+        // Per-caller quotas: what is over is dropped (and counted), the
+        // rest of the batch still counts.
+        let accounts_allowed = self.quotas.take(
+            caller,
+            quota::Kind::KnownAccounts,
+            batch.known_accounts.len() as u64,
+            now,
+        );
+        let accounts = batch
+            .known_accounts
+            .get(..usize::try_from(accounts_allowed).unwrap_or(usize::MAX))
+            .unwrap_or(&batch.known_accounts);
+        let over_accounts = (batch.known_accounts.len() - accounts.len()) as u64;
+        self.metrics.rejected("known_accounts_quota", over_accounts);
+        let profiles_allowed = self.quotas.take(
+            caller,
+            quota::Kind::Profiles,
+            batch.profiles.len() as u64,
+            now,
+        );
+        let mut profiles: Vec<_> = batch
+            .profiles
+            .iter()
+            .take(usize::try_from(profiles_allowed).unwrap_or(usize::MAX))
+            .cloned()
+            .collect();
+        let over_profiles = (batch.profiles.len() - profiles.len()) as u64;
+        self.metrics.rejected("profiles_quota", over_profiles);
+        let future = profiles
+            .iter_mut()
+            .filter_map(|u| validate::clamp_profile_times(u, now).then_some(()))
+            .count() as u64;
+        self.metrics.rejected("profile_time_clamped", future);
+
         let (flags, bad_samples) = self.learn_samples(&batch.samples, now);
-        let invalid = (before - baselines.len()) as u64 + bad_samples;
+        let invalid = bad_baselines + bad_samples;
         self.metrics
             .samples
             .with_label_values(&["invalid"])
             .inc_by(bad_samples);
-        let (added, no_room, profiles) = tokio::join!(
-            self.fleet.add_known_accounts(&batch.known_accounts, now),
+        let (added, no_room, (merged, new_values)) = tokio::join!(
+            self.fleet.add_known_accounts(accounts, now),
             self.fleet.merge_baselines(&baselines, now),
-            self.fleet.merge_profiles(&batch.profiles, now)
+            self.fleet.merge_profiles(&profiles, now)
         );
-        self.metrics.profiles_merged.inc_by(profiles);
-        let refused = invalid + no_room;
+        self.metrics.profiles_merged.inc_by(merged);
+        self.metrics.rejected("profile_new_values", new_values);
+        let refused = invalid + no_room + over_accounts + over_profiles;
         self.metrics.batches.inc();
         self.metrics.known_accounts_added.inc_by(added);
         self.metrics
@@ -427,7 +531,15 @@ impl App {
         }
         let page = self.fleet.known_shards(start, WARM_PAGE_SHARDS, now).await;
         let baselines = if from == 0 {
-            self.fleet.baselines(now).await
+            // Bounded again on the way out: state stored before the bounds
+            // (or by another version) is handed out within them.
+            self.fleet
+                .baselines(now)
+                .await
+                .iter()
+                .filter_map(|b| validate::sanitize_baseline(b).ok())
+                .map(|s| s.baseline)
+                .collect()
         } else {
             Vec::new()
         };
@@ -477,7 +589,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route(WARM_PATH, get(warm))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/", get(|| async { Html(dashboard::HTML) }))
+        .route("/", get(dashboard_page))
         .route("/v1/dashboard", get(dashboard_data))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(app)
@@ -510,9 +622,14 @@ fn authorized_query<Q>(
         .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
 }
 
-async fn score(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+async fn score(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     timed(&app, "score", async {
-        match app.score(&headers, body).await {
+        match app.score(&headers, body, peer.caller()).await {
             Ok(answer) => Json(answer).into_response(),
             Err(e) => app.refuse(e),
         }
@@ -534,7 +651,16 @@ async fn verdicts(
 ) -> Response {
     timed(&app, "verdicts", async {
         match authorized_query(&app, &headers, query) {
-            Ok(q) => Json(app.fleet.verdicts_since(q.since, now_ms()).await).into_response(),
+            Ok(q) => {
+                let now = now_ms();
+                let mut answer = app.fleet.verdicts_since(q.since, now).await;
+                let mut capped = 0;
+                for v in &mut answer.verdicts {
+                    capped += u64::from(scoring::cap_verdict(&app.policy, v, now));
+                }
+                app.metrics.rejected("block_ttl_capped", capped);
+                Json(answer).into_response()
+            }
             Err(e) => app.refuse(e),
         }
     })
@@ -557,9 +683,14 @@ async fn verdicts(
 /// clients to tag for anomaly; 401, 413 or 400 (bad JSON, unknown
 /// field, another version, over a limit) as `{"error": "..."}`.
 /// A Redis failure is never an error: the batch lands in the memory store.
-async fn events(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+async fn events(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     timed(&app, "events", async {
-        match app.events(&headers, body).await {
+        match app.events(&headers, body, peer.caller()).await {
             Ok(accepted) => Json(accepted).into_response(),
             Err(e) => app.refuse(e),
         }
@@ -628,7 +759,11 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     .into_response()
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+/// `GET /metrics` (operator): Prometheus text.
+async fn metrics(State(app): State<Arc<App>>, peer: Peer, headers: HeaderMap) -> Response {
+    if let Err(e) = app.operator_access(&headers, peer) {
+        return app.refuse(e);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -639,7 +774,36 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-async fn dashboard_data(State(app): State<Arc<App>>) -> Response {
+/// `GET /` (operator): the dashboard page. Without the token the same page
+/// is served with a 401 — it holds no data, only the form that asks for the
+/// token (kept in the tab's sessionStorage and sent as a bearer token on
+/// its `/v1/dashboard` calls): a browser cannot send the header on a
+/// navigation. Off this machine without a token configured: 403.
+async fn dashboard_page(State(app): State<Arc<App>>, peer: Peer, headers: HeaderMap) -> Response {
+    let status = match app.operator_access(&headers, peer) {
+        Ok(()) => StatusCode::OK,
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+            app.metrics.error(e.kind);
+            StatusCode::UNAUTHORIZED
+        }
+        Err(e) => return app.refuse(e),
+    };
+    (
+        status,
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(dashboard::HTML),
+    )
+        .into_response()
+}
+
+/// `GET /v1/dashboard` (operator): the dashboard's data.
+async fn dashboard_data(State(app): State<Arc<App>>, peer: Peer, headers: HeaderMap) -> Response {
+    if let Err(e) = app.operator_access(&headers, peer) {
+        return app.refuse(e);
+    }
     let model: ModelView = app.model().view();
     let store = StoreView {
         kind: app.fleet.kind(),
@@ -650,22 +814,92 @@ async fn dashboard_data(State(app): State<Arc<App>>) -> Response {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"s3cret", b"s3cret"));
-        assert!(!same_secret(b"s3cre", b"s3cret"));
-        assert!(!same_secret(b"s3cretX", b"s3cret"));
-        assert!(!same_secret(b"", b"s3cret"));
-        assert!(!same_secret(b"S3cret", b"s3cret"));
-    }
+    use axum::extract::ConnectInfo;
+    use axum::http::Request;
+    use std::net::SocketAddr;
+    use tower::ServiceExt;
 
     #[test]
     fn usernames_are_keyed_by_the_secret() {
         let a = username_hasher(Some("one")).key(1, b"alice");
         assert_eq!(a, username_hasher(Some("one")).key(1, b"alice"));
         assert_ne!(a, username_hasher(Some("two")).key(1, b"alice"));
+    }
+
+    const TOKEN: &str = "0f4c1e2d3b5a69788796a5b4c3d2e1f00f4c1e2d3b5a69788796a5b4c3d2e1f0";
+
+    fn app(token: Option<&str>) -> Arc<App> {
+        let app = App::new(
+            Some("filters-secret"),
+            Policy::new(100.0, 30),
+            Models::new(crate::model::Params::default()),
+            Fleet::memory(),
+            Metrics::new().unwrap(),
+            PathBuf::from("unused"),
+        )
+        .with_operator_token(token);
+        Arc::new(app)
+    }
+
+    /// The status of `GET path` from `peer` (None: no ConnectInfo), with
+    /// `Authorization: auth` if given.
+    async fn status(app: &Arc<App>, path: &str, peer: Option<&str>, auth: Option<&str>) -> u16 {
+        let mut req = Request::get(path);
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let mut req = req.body(Body::empty()).unwrap();
+        if let Some(p) = peer {
+            req.extensions_mut().insert(ConnectInfo(p.parse::<SocketAddr>().unwrap()));
+        }
+        router(app.clone()).oneshot(req).await.unwrap().status().as_u16()
+    }
+
+    fn errors(app: &App, kind: &str) -> u64 {
+        app.metrics.errors.with_label_values(&[kind]).get()
+    }
+
+    #[tokio::test]
+    async fn with_an_operator_token_the_operator_routes_need_it() {
+        let app = app(Some(TOKEN));
+        let good = format!("Bearer {TOKEN}");
+        for path in ["/", "/v1/dashboard", "/metrics"] {
+            assert_eq!(status(&app, path, Some("127.0.0.1:4000"), None).await, 401, "{path}: even from this machine");
+            assert_eq!(status(&app, path, Some("10.0.0.7:4000"), Some("Bearer wrong")).await, 401, "{path}");
+            assert_eq!(status(&app, path, Some("10.0.0.7:4000"), Some(&good)).await, 200, "{path}");
+            assert_eq!(status(&app, path, None, Some(&good)).await, 200, "{path}");
+        }
+        assert_eq!(errors(&app, "operator_unauthorized"), 6);
+        assert_eq!(status(&app, "/metrics", Some("10.0.0.7:4000"), Some("Bearer filters-secret")).await, 401,
+                   "the filters' secret is not the token");
+        assert_eq!(status(&app, "/healthz", Some("10.0.0.7:4000"), None).await, 200, "probes need nothing");
+    }
+
+    #[tokio::test]
+    async fn without_one_they_answer_this_machine_only() {
+        let app = app(None);
+        for path in ["/", "/v1/dashboard", "/metrics"] {
+            assert_eq!(status(&app, path, Some("127.0.0.1:4000"), None).await, 200, "{path}");
+            assert_eq!(status(&app, path, Some("[::1]:4000"), None).await, 200, "{path}");
+            assert_eq!(status(&app, path, Some("10.0.0.7:4000"), None).await, 403, "{path}");
+            assert_eq!(status(&app, path, Some("127.0.0.6:4000"), None).await, 403, "{path}: Istio's inbound");
+            assert_eq!(status(&app, path, None, None).await, 403, "{path}: unknown peer");
+        }
+        assert_eq!(errors(&app, "not_local"), 9);
+        let text = app.metrics.render();
+        assert!(text.contains("abuse_scorer_errors_total{kind=\"not_local\"} 9"), "{text}");
+    }
+
+    #[test]
+    fn logs_name_clients_by_a_keyed_hash() {
+        let app = app(None);
+        let key = app.log_key("203.0.113.7");
+        assert_eq!(key.len(), 8);
+        assert!(!key.contains("203"));
+        assert_eq!(key, app.log_key("203.0.113.7"));
+        assert_ne!(key, app.log_key("203.0.113.8"));
     }
 }

@@ -9,41 +9,79 @@
 //! ```sh
 //! cargo build -p abuse-scorer
 //! target/debug/abuse-scorer --listen 127.0.0.1:8081 \
-//!     [--redis-url redis://127.0.0.1:6379] [--secret S] \
+//!     [--redis-url redis://127.0.0.1:6379] [--secret S] [--operator-token T] \
 //!     [--state-dir ./target/scorer] [--warm-up 200] [--block-at 100] [--ttl-s 30]
 //! # abuse-scorer listening on http://127.0.0.1:8081
 //! ```
+//!
+//! **Two credentials** (pass both through the environment: a command line
+//! is visible to every user of the machine): the filters' *secret* guards
+//! what the filters call, the *operator token* what people and Prometheus
+//! read. Off loopback (`0.0.0.0`, a pod address) the scorer **refuses to
+//! start** without a strong secret — at least 32 bytes, 8 distinct
+//! characters, not a published placeholder (`demo-secret`, `change-me`,
+//! `secret`, …) — and says which rule failed, never the value. An operator
+//! token, if set, must be as strong and differ from the secret. See
+//! `docs/security-scorer.md` and `config::check_deployment`.
 //!
 //! | flag | env | default | meaning |
 //! |---|---|---|---|
 //! | `--listen` | `LISTEN` | `127.0.0.1:8081` | address; port 0 picks a free one, printed in the banner |
 //! | `--redis-url` | `REDIS_URL` | none | share fleet state through Redis; without it, state is per process |
-//! | `--secret` | `ABUSE_SCORER_SECRET` | none | required in `x-abuse-scorer-secret` on `/v1/score`, `/v1/verdicts`, `/v1/events` and `/v1/warm` |
+//! | `--secret` | `ABUSE_SCORER_SECRET` | none | required in `x-abuse-scorer-secret` on `/v1/score`, `/v1/verdicts`, `/v1/events` and `/v1/warm`; required (and strong) to listen off loopback |
+//! | `--operator-token` | `ABUSE_OPERATOR_TOKEN` | none | required as `Authorization: Bearer` on `GET /`, `/v1/dashboard` and `/metrics`; without one those answer only to 127.0.0.1 and ::1 |
+//! | `--caller-known-accounts-per-min` | `CALLER_KNOWN_ACCOUNTS_PER_MIN` | 12000 | known accounts one caller (peer address) may add per minute; the rest are dropped and counted |
+//! | `--caller-profiles-per-min` | `CALLER_PROFILES_PER_MIN` | 12000 | account-profile updates one caller may merge per minute |
+//! | `--caller-blocks-per-min` | `CALLER_BLOCKS_PER_MIN` | 600 | fleet blocks one caller's score requests may publish per minute (past it the caller still gets its block answer) |
 //! | `--state-dir` | `STATE_DIR` | `./target/scorer` | where `model.json` (the model snapshot) and `warm.json` (the warm-start state) are kept |
 //! | `--warm-up` | `WARM_UP` | 200 | vectors learned before the model scores |
 //! | `--block-at` | `BLOCK_AT` | 100 | score that blocks (match the filter's `risk.block_at`) |
 //! | `--ttl-s` | `TTL_S` | 30 | how long the filter may reuse an answer; blocks go to the fleet for 4× (≥ 60 s) |
 //! | `--sample-log` | `SAMPLE_LOG` | none | append every scored feature sample to this file as a JSON line (offline evaluation; `make eval` sets it) |
 //!
-//! Logs go to stderr (`RUST_LOG`, default `info`). SIGTERM or SIGINT stop
+//! Logs go to stderr (`RUST_LOG`, default `info`); they carry no secret,
+//! token, query string, username, session or client address (a fleet
+//! block names its client by a keyed hash). SIGTERM or SIGINT stop
 //! it gracefully (in-flight requests finish, up to 5 s) and save the model
 //! and the warm-start state.
 //!
 //! ## Endpoints
 //!
-//! | endpoint | secret | answer |
+//! | endpoint | credential | answer |
 //! |---|---|---|
 //! | `POST /v1/score` | yes | `ScoreRequest` → `ScoreResponse`; 401 bad secret, 413 body > 16 KiB, 400 bad JSON, unknown field, wrong `version` or out-of-range values, each as `{"error": "..."}` |
 //! | `GET /v1/verdicts?since=N` | yes | `FleetVerdicts`: live blocks decided by any scorer after cursor N, at most 1,000; pass `next` back as `since` |
 //! | `POST /v1/events` | yes | `EventBatch` (a filter worker's tick batch) → `{"accepted": n, "flags": [...]}` (flags: sampled clients the model asks the filter to tag); 401, 413 body > 64 KiB, 400 bad JSON, another `version`, > 2,048 `known_accounts`, > 64 `baselines` or > 64 `samples` (a baseline or sample with a bad name or value is skipped and counted) |
 //! | `GET /v1/warm?from=N` | yes | `WarmState`: up to 64 non-empty known-accounts shards of index ≥ N (default 0), `next` = where the next page starts (null: done); the baselines on the first page (`from=0`) only |
-//! | `GET /healthz` | no | `{"status":"ok","store":"memory"\|"redis","redis_ok":bool,"model":{"trained":n,"warm":bool}}` |
-//! | `GET /metrics` | no | Prometheus text (below) |
-//! | `GET /` | no | the dashboard |
-//! | `GET /v1/dashboard` | no | the dashboard's data: client addresses, scores, reasons and counts only |
+//! | `GET /healthz` | none | `{"status":"ok","store":"memory"\|"redis","redis_ok":bool,"model":{"trained":n,"warm":bool}}` (probes) |
+//! | `GET /metrics` | operator | Prometheus text (below) |
+//! | `GET /` | operator | the dashboard; without the token a 401 carrying the same page, whose form asks for it (or takes `?token=` once) and keeps it in the tab's sessionStorage |
+//! | `GET /v1/dashboard` | operator | the dashboard's data: client addresses, scores, reasons and counts only |
+//!
+//! *secret*: `x-abuse-scorer-secret` (401 `unauthorized`). *operator*:
+//! `Authorization: Bearer <ABUSE_OPERATOR_TOKEN>` (401
+//! `operator_unauthorized`, even from this machine); with no token
+//! configured, a peer at exactly 127.0.0.1 or ::1, else 403 `not_local`
+//! (not all of 127/8: Istio's sidecar delivers inbound connections from
+//! 127.0.0.6).
+//!
+//! **What callers write is bounded** beyond its shape, every refusal, cap
+//! and clamp counted in `abuse_scorer_rejected_total{kind}`:
+//!
+//! | what | bound | kind |
+//! |---|---|---|
+//! | batch baselines | only `login:`/`group:` names, 1 to 10⁹ samples, finite ≥ 0 values (else skipped) | `baseline_invalid` |
+//! | | login failure ratio and unknown share ≤ 0.35 (a posted 1.0 would switch recognition off in every Envoy warming from it), group rate ≤ 100,000 req/s; samples stored capped at 10⁶ so no made-up count outranks real ones forever; applied again to what `/v1/warm` hands out | `baseline_clamped` |
+//! | score requests | `features.risk` counts at most `block_at`: a `risk: 1e6` is one ordinary block for `4 · ttl_s` | `risk_capped` |
+//! | fleet blocks | `--caller-blocks-per-min` per caller; stored blocks handed out by `/v1/verdicts` end at most `4 · ttl_s` from now | `block_quota`, `block_ttl_capped` |
+//! | known accounts | `--caller-known-accounts-per-min` per caller | `known_accounts_quota` |
+//! | profiles | `--caller-profiles-per-min` per caller; no time after now + 60 s; into a known profile one new value per set (device, country, ASN, network) per update | `profiles_quota`, `profile_time_clamped`, `profile_new_values` |
+//!
+//! A caller is the connection's peer address (at most 10,000 tracked).
 //!
 //! Metrics: `abuse_scorer_score_requests_total{action}`,
-//! `abuse_scorer_errors_total{kind=unauthorized|too_large|bad_request}`,
+//! `abuse_scorer_errors_total{kind=unauthorized|too_large|bad_request|operator_unauthorized|not_local}`,
+//! `abuse_scorer_rejected_total{kind}` (the bounds above),
 //! `abuse_scorer_request_duration_seconds{route}` (histogram),
 //! `abuse_scorer_model_samples`, `abuse_scorer_model_warm`,
 //! `abuse_scorer_store_errors_total`, `abuse_scorer_store_fallbacks_total`,
@@ -118,8 +156,9 @@
 //!                           "above_half": 0.08, "samples": 812}}
 //! ```
 //!
-//! Only addresses, scores, reasons and counts: the endpoint has no secret.
-//! Its history is bounded (1,000 clients, 60 buckets).
+//! Only addresses, scores, reasons and counts — still personal data: the
+//! endpoint takes the operator token (or this machine only). Its history is
+//! bounded (1,000 clients, 60 buckets).
 //!
 //! ## Fleet state
 //!
@@ -127,7 +166,8 @@
 //! derived from the secret, never stored in clear), distinct addresses per
 //! session hash, live blocks, and the verdict log with its cursor (last
 //! 10,000). In memory every map is capped (100,000 entries, CLOCK-style
-//! eviction); in Redis keys expire with their window. If a Redis call fails
+//! eviction); in Redis keys expire with their window (the verdict log and
+//! cursor 7 days after the last block). If a Redis call fails
 //! or takes over 250 ms the in-process store answers (it mirrors every
 //! write), a warning is logged at most every 10 s, and
 //! `abuse_scorer_store_fallbacks_total` counts it: never a 500. See
@@ -143,10 +183,12 @@
 //! most 64 names, a name unmentioned for a day making room for a new one
 //! when all are taken). A fresh Envoy pages through `GET /v1/warm` and ORs
 //! the shards into its own filter. In Redis the state lives under versioned
-//! keys (`abuse:v1:known_accounts:{shard}`, `abuse:v1:baselines`) and never
-//! expires; in memory it is fixed in size and saved to `STATE_DIR/warm.json`
+//! keys (`abuse:v1:known_accounts:{shard}`, `abuse:v1:baselines`,
+//! `abuse:v1:profiles`) that expire 30 days after their last write; in
+//! memory it is fixed in size and saved to `STATE_DIR/warm.json`
 //! every 30 s when it changed and at shutdown. See `known.rs`.
 
+mod access;
 mod app;
 mod bounded;
 mod clock;
@@ -157,6 +199,7 @@ mod metrics;
 mod model;
 mod models;
 mod profiles;
+mod quota;
 mod sample_log;
 mod scoring;
 mod snapshot;
@@ -193,6 +236,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: config::Cli) -> Result<(), String> {
+    // Before anything else: a scorer that should not start must not
+    // half-start (bind, load state) first.
+    let warnings = config::check_deployment(cli.listen, cli.secret(), cli.operator_token())?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     let metrics = metrics::Metrics::new().map_err(|e| format!("metrics: {e}"))?;
     let params = model::Params {
         warm_up: cli.warm_up,
@@ -212,11 +261,6 @@ async fn run(cli: config::Cli) -> Result<(), String> {
         None => store::Fleet::memory(),
     };
     snapshot::load_warm(&cli.state_dir, fleet.local());
-    if cli.secret().is_none() {
-        tracing::warn!(
-            "no secret configured: anyone who can reach the port can score and read verdicts"
-        );
-    }
     let policy = scoring::Policy::new(cli.block_at, cli.ttl_s);
     let sample_log = match &cli.sample_log {
         Some(path) => sample_log::SampleLog::open(path).map_err(|e| format!("--sample-log {}: {e}", path.display()))?,
@@ -231,7 +275,13 @@ async fn run(cli: config::Cli) -> Result<(), String> {
             metrics,
             cli.state_dir.clone(),
         )
-        .with_sample_log(sample_log),
+        .with_sample_log(sample_log)
+        .with_operator_token(cli.operator_token())
+        .with_quotas(quota::Limits {
+            known_accounts_per_min: cli.caller_known_accounts_per_min,
+            profiles_per_min: cli.caller_profiles_per_min,
+            blocks_per_min: cli.caller_blocks_per_min,
+        }),
     );
 
     let signals = shutdown_signals();
@@ -247,10 +297,13 @@ async fn run(cli: config::Cli) -> Result<(), String> {
 
     let saver = tokio::spawn(snapshot::every(app.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server =
-        axum::serve(listener, app::router(app.clone())).with_graceful_shutdown(async move {
-            let _ = stopped.await;
-        });
+    // The peer address reaches the handlers (`access::Peer`): the operator
+    // routes without a token answer only to this machine, quotas are per peer.
+    let service = app::router(app.clone())
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
+        let _ = stopped.await;
+    });
     let mut serving = tokio::spawn(async move { server.await });
 
     tokio::select! {

@@ -12,7 +12,35 @@ use prometheus::{
     TextEncoder,
 };
 
-pub const ERROR_KINDS: [&str; 3] = ["unauthorized", "too_large", "bad_request"];
+/// `unauthorized`: a filter route without the right secret (401);
+/// `operator_unauthorized`: the dashboard or /metrics without the right
+/// operator token (401); `not_local`: those without a token configured,
+/// from a peer that is not this machine (403).
+pub const ERROR_KINDS: [&str; 5] = [
+    "unauthorized",
+    "too_large",
+    "bad_request",
+    "operator_unauthorized",
+    "not_local",
+];
+/// What the scorer refused, capped or clamped of what callers write (see
+/// `validate`, `quota`, `profiles`): baselines skipped (bad name, value or
+/// sample count) or clamped to their plausible range, a score request's
+/// risk capped at `block_at`, blocks not published over a caller's quota,
+/// stored blocks handed out with their end capped, known accounts and
+/// profile updates over a caller's quota, profile times clamped to now,
+/// new profile values past the per-update bound.
+pub const REJECTED_KINDS: [&str; 9] = [
+    "baseline_invalid",
+    "baseline_clamped",
+    "risk_capped",
+    "block_quota",
+    "block_ttl_capped",
+    "known_accounts_quota",
+    "profiles_quota",
+    "profile_time_clamped",
+    "profile_new_values",
+];
 pub const ROUTES: [&str; 4] = ["score", "verdicts", "events", "warm"];
 /// Who dropped batch items: the filter (the batch's `dropped`) or the scorer
 /// (baselines finding no free name).
@@ -40,6 +68,7 @@ pub struct Metrics {
     pub batch_items_dropped: IntCounterVec,
     pub samples: IntCounterVec,
     pub anomaly_flags: IntCounter,
+    pub rejected: IntCounterVec,
 }
 
 pub fn action_name(a: ScoreAction) -> &'static str {
@@ -147,8 +176,16 @@ impl Metrics {
             "abuse_scorer_anomaly_flags_total",
             "Sampled clients the model flagged for the filter to tag",
         )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "abuse_scorer_rejected_total",
+                "What callers wrote that the scorer refused, capped or clamped, by kind",
+            ),
+            &["kind"],
+        )?;
         for c in [
-            Box::new(samples.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rejected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(samples.clone()),
             Box::new(anomaly_flags.clone()),
             Box::new(score_requests.clone()),
             Box::new(errors.clone()),
@@ -181,6 +218,9 @@ impl Metrics {
         for r in ROUTES {
             latency.with_label_values(&[r]);
         }
+        for k in REJECTED_KINDS {
+            rejected.with_label_values(&[k]);
+        }
         for by in DROPPED_BY {
             batch_items_dropped.with_label_values(&[by]);
         }
@@ -202,11 +242,20 @@ impl Metrics {
             batch_items_dropped,
             samples,
             anomaly_flags,
+            rejected,
         })
     }
 
     pub fn error(&self, kind: &'static str) {
         self.errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts `n` of what callers wrote as refused, capped or clamped
+    /// (`kind` from [`REJECTED_KINDS`]).
+    pub fn rejected(&self, kind: &'static str, n: u64) {
+        if n > 0 {
+            self.rejected.with_label_values(&[kind]).inc_by(n);
+        }
     }
 
     pub fn render(&self) -> String {
@@ -249,6 +298,8 @@ mod tests {
             "abuse_scorer_batch_items_dropped_total{by=\"filter\"} 0",
             "abuse_scorer_batch_items_dropped_total{by=\"scorer\"} 0",
             "abuse_scorer_request_duration_seconds_count{route=\"warm\"} 0",
+            "abuse_scorer_rejected_total{kind=\"baseline_clamped\"} 0",
+            "abuse_scorer_errors_total{kind=\"not_local\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -3,7 +3,7 @@
 //! signals, time), so every rule below is unit-tested.
 //!
 //! ```text
-//! score = risk                                   the filter's own score
+//! score = min(risk, block_at)                    the filter's own score
 //!       + 60 · max(0, anomaly - 0.5) · 2         model, once warm
 //!       + 50 if the username had ≥ 20 attempts fleet-wide in 10 min   (credential_stuffing)
 //!       + 50 if the session was used from ≥ 5 addresses in 10 min     (session_sharing)
@@ -23,6 +23,11 @@
 //! learned guess marks and explains; evidence blocks. Each fleet signal is strong evidence seen nowhere else, worth
 //! half a block. A new block is published to the fleet for `4 · ttl_s`
 //! (at least 60 s): long enough to outlive several filter polls.
+//!
+//! Bounds on what a caller claims: the request's risk counts at most
+//! `block_at` (a `risk: 1e6` is a block, not a bigger or longer one: every
+//! block lasts the policy's `verdict_ms`), and a stored block handed out
+//! again never ends later than `verdict_ms` from now ([`cap_verdict`]).
 
 use crate::model::Assessment;
 use abuse_engine::wire::{FleetVerdict, ScoreAction, ScoreRequest, ScoreResponse, WIRE_VERSION};
@@ -84,6 +89,18 @@ pub struct Decision {
     pub new_verdict: Option<FleetVerdict>,
     /// What the model added to the score.
     pub model_points: f32,
+    /// The request claimed a risk above `block_at` (counted there).
+    pub risk_capped: bool,
+}
+
+/// Caps a stored block's end at `verdict_ms` from now (a block written by
+/// another version, or into Redis by hand, cannot outlast the policy);
+/// whether it was capped.
+pub fn cap_verdict(policy: &Policy, verdict: &mut FleetVerdict, now_ms: u64) -> bool {
+    let latest = now_ms.saturating_add(policy.verdict_ms());
+    let capped = verdict.until_ms > latest;
+    verdict.until_ms = verdict.until_ms.min(latest);
+    capped
 }
 
 fn push_reason(reasons: &mut Vec<String>, reason: &str) {
@@ -99,11 +116,13 @@ pub fn combine(
     fleet: &FleetSignals,
     now_ms: u64,
 ) -> Decision {
-    let risk = if req.features.risk.is_finite() {
-        req.features.risk.clamp(0.0, 1e6)
+    let claimed = if req.features.risk.is_finite() {
+        req.features.risk.max(0.0)
     } else {
         0.0
     };
+    let risk_capped = claimed > policy.block_at;
+    let risk = claimed.min(policy.block_at);
     let mut score = risk;
     let mut reasons = Vec::new();
     for r in &req.reasons {
@@ -174,6 +193,7 @@ pub fn combine(
         },
         new_verdict,
         model_points,
+        risk_capped,
     }
 }
 
@@ -359,6 +379,23 @@ mod tests {
             NOW,
         );
         assert!(huge.response.score.is_finite());
+        assert!(huge.risk_capped);
+    }
+
+    #[test]
+    fn a_huge_risk_is_one_ordinary_block() {
+        let quiet = FleetSignals::default();
+        let d = combine(&policy(), &req(1e6, &["probing"]), None, &quiet, NOW);
+        assert!(d.risk_capped);
+        assert_eq!((d.response.action, d.response.score), (ScoreAction::Block, 100.0));
+        let v = d.new_verdict.unwrap();
+        assert_eq!(v.until_ms, NOW + policy().verdict_ms(), "the policy's block, not a longer one");
+        assert!(!combine(&policy(), &req(100.0, &[]), None, &quiet, NOW).risk_capped);
+        // A stored block that claims a day is handed out for the policy's time.
+        let mut day = FleetVerdict { client: "c".into(), reasons: vec![], until_ms: NOW + 86_400_000 };
+        assert!(cap_verdict(&policy(), &mut day, NOW));
+        assert_eq!(day.until_ms, NOW + 120_000);
+        assert!(!cap_verdict(&policy(), &mut day, NOW));
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! up in store keys, metric labels and the dashboard, so each string is
 //! bounded here.
 
+use abuse_engine::profile::SeenSet;
 use abuse_engine::wire::{
-    BaselineSnapshot, EventBatch, FeatureSample, ScoreRequest, FEATURE_NAMES, MAX_BASELINES,
-    MAX_BATCH_ACCOUNTS, MAX_BATCH_PROFILES, MAX_BATCH_SAMPLES, WIRE_VERSION,
+    BaselineSnapshot, EventBatch, FeatureSample, ProfileUpdate, ScoreRequest, FEATURE_NAMES,
+    MAX_BASELINES, MAX_BATCH_ACCOUNTS, MAX_BATCH_PROFILES, MAX_BATCH_SAMPLES, WIRE_VERSION,
 };
 /// Route group names come from the filter's configuration.
 const MAX_GROUP_LEN: usize = 64;
@@ -109,7 +110,12 @@ pub fn check_batch(batch: &EventBatch) -> Result<(), String> {
 /// One feature sample of a batch, as the model's vector; a bad one is
 /// skipped and counted (like a baseline), not a 400.
 pub fn check_sample(s: &FeatureSample) -> Result<[f32; FEATURE_NAMES.len()], String> {
-    token("client", &s.client, MAX_CLIENT_LEN)?;
+    // The message is logged: it names the field, never the client.
+    if token("client", &s.client, MAX_CLIENT_LEN).is_err() {
+        return Err(format!(
+            "a sample's `client` is not 1 to {MAX_CLIENT_LEN} printable ASCII characters"
+        ));
+    }
     if let Some(g) = &s.route_group {
         token("route_group", g, MAX_GROUP_LEN)?;
     }
@@ -153,10 +159,156 @@ pub fn check_baseline(b: &BaselineSnapshot) -> Result<(), String> {
     Ok(())
 }
 
+/// Highest failure ratio — and share of attempts on accounts not known to
+/// exist — a login baseline may carry. The filter calls an attack when the
+/// ratio exceeds `max(attack_factor · baseline, attack_min_ratio)`: with
+/// the default factor 2.5, a baseline of 0.4 or more puts that above 1 and
+/// switches recognition off wherever the baseline is warmed in. At 0.35 the
+/// line stays at 0.875 (stuffing fails 95 % or more); a real endpoint with
+/// more failures than that is better served by its own local learning.
+pub const MAX_LOGIN_RATIO: f32 = 0.35;
+/// Highest rate (requests/s) a route group's baseline may carry: a group's
+/// baseline is one Envoy's rate, and one Envoy serves well under this.
+pub const MAX_GROUP_RPS: f32 = 100_000.0;
+/// Samples past which a baseline is simply warm: stored and handed out
+/// capped here, so that a made-up count cannot outrank every real
+/// baseline forever (at the cap a tie goes to the newer).
+pub const WARM_SAMPLES: u32 = 1_000_000;
+/// More samples (or successes) than this is not a count a filter makes
+/// (it would take years at thousands a second): skipped.
+pub const MAX_PLAUSIBLE_SAMPLES: u32 = 1_000_000_000;
+
+/// What [`sanitize_baseline`] made of a baseline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sanitized {
+    pub baseline: BaselineSnapshot,
+    /// A value was out of its plausible range and was clamped.
+    pub clamped: bool,
+}
+
+/// A baseline as the fleet may keep and hand out: checked
+/// ([`check_baseline`]), named `login:<path>` or `group:<name>` (the only
+/// names a filter reads), with a plausible sample count; its values
+/// clamped to their plausible range ([`MAX_LOGIN_RATIO`],
+/// [`MAX_GROUP_RPS`]) and its counts to [`WARM_SAMPLES`]. Applied to what
+/// batches post and again to what warm answers hand out (state written
+/// before these bounds existed).
+pub fn sanitize_baseline(b: &BaselineSnapshot) -> Result<Sanitized, String> {
+    check_baseline(b)?;
+    let login = b.name.starts_with("login:");
+    if !login && !b.name.starts_with("group:") {
+        return Err(format!(
+            "baseline name {} is neither `login:<path>` nor `group:<name>`",
+            excerpt(&b.name)
+        ));
+    }
+    if b.samples == 0 {
+        return Err(format!("baseline {} has no samples", excerpt(&b.name)));
+    }
+    for (field, v) in [("samples", b.samples), ("successes_seen", b.successes_seen)] {
+        if v > MAX_PLAUSIBLE_SAMPLES {
+            return Err(format!(
+                "baseline {} claims {v} `{field}` (more than {MAX_PLAUSIBLE_SAMPLES} is not plausible)",
+                excerpt(&b.name)
+            ));
+        }
+    }
+    let mut out = b.clone();
+    if login {
+        out.baseline = out.baseline.min(MAX_LOGIN_RATIO);
+        out.unknown_baseline = out.unknown_baseline.min(MAX_LOGIN_RATIO);
+    } else {
+        out.baseline = out.baseline.min(MAX_GROUP_RPS);
+    }
+    let clamped = out.baseline != b.baseline || out.unknown_baseline != b.unknown_baseline;
+    out.samples = out.samples.min(WARM_SAMPLES);
+    out.successes_seen = out.successes_seen.min(WARM_SAMPLES);
+    Ok(Sanitized { baseline: out, clamped })
+}
+
+/// How far ahead of the scorer's clock a filter's clock may be.
+pub const CLOCK_SKEW_MS: u64 = 60_000;
+
+/// A profile update with no time after now (+ [`CLOCK_SKEW_MS`]): a
+/// device "seen" in 2100 would never be replaced by the owner's real ones.
+/// Whether anything was clamped.
+pub fn clamp_profile_times(u: &mut ProfileUpdate, now_ms: u64) -> bool {
+    let latest_ms = now_ms.saturating_add(CLOCK_SKEW_MS);
+    let latest_s = u32::try_from(latest_ms / 1000).unwrap_or(u32::MAX);
+    let mut clamped = false;
+    let p = &mut u.profile;
+    for set in [&mut p.devices, &mut p.countries, &mut p.asns, &mut p.networks] {
+        let SeenSet(slots) = set;
+        for s in slots.iter_mut() {
+            if s.at_s > latest_s {
+                s.at_s = latest_s;
+                clamped = true;
+            }
+        }
+    }
+    if p.last_success_ms > latest_ms {
+        p.last_success_ms = latest_ms;
+        clamped = true;
+    }
+    clamped
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    fn snap(name: &str, baseline: f32, unknown: f32, samples: u32) -> BaselineSnapshot {
+        BaselineSnapshot {
+            name: name.into(),
+            baseline,
+            unknown_baseline: unknown,
+            samples,
+            successes_seen: 10,
+        }
+    }
+
+    #[test]
+    fn a_login_baseline_of_one_is_clamped_and_leaves_recognition_on() {
+        let s = sanitize_baseline(&snap("login:/api/login", 1.0, 1.0, 500)).unwrap();
+        assert!(s.clamped);
+        assert_eq!((s.baseline.baseline, s.baseline.unknown_baseline), (MAX_LOGIN_RATIO, MAX_LOGIN_RATIO));
+        // The filter's default attack line stays below a ratio of 1.
+        let defaults = abuse_engine::detectors::distributed_stuffing::DistributedStuffingConfig::default();
+        assert!(s.baseline.baseline * defaults.attack_factor < 0.9);
+        let ok = sanitize_baseline(&snap("login:/l", 0.1, 0.2, 50)).unwrap();
+        assert_eq!((ok.clamped, ok.baseline), (false, snap("login:/l", 0.1, 0.2, 50)));
+    }
+
+    #[test]
+    fn group_baselines_and_sample_counts_are_bounded() {
+        let g = sanitize_baseline(&snap("group:api", 1e9, 0.0, 40)).unwrap();
+        assert!(g.clamped);
+        assert_eq!(g.baseline.baseline, MAX_GROUP_RPS);
+        assert!(!sanitize_baseline(&snap("group:api", 12.5, 0.5, 40)).unwrap().clamped, "a group's unknown share means nothing");
+        let warm = sanitize_baseline(&snap("group:api", 12.5, 0.0, 5_000_000)).unwrap();
+        assert_eq!((warm.clamped, warm.baseline.samples), (false, WARM_SAMPLES));
+        let e = |b: BaselineSnapshot| sanitize_baseline(&b).unwrap_err();
+        assert!(e(snap("group:api", 1.0, 0.0, u32::MAX)).contains("not plausible"));
+        assert!(e(BaselineSnapshot { successes_seen: u32::MAX, ..snap("login:/l", 0.1, 0.1, 5) }).contains("`successes_seen`"));
+        assert!(e(snap("group:api", 1.0, 0.0, 0)).contains("no samples"));
+        assert!(e(snap("other:x", 0.1, 0.0, 5)).contains("neither"));
+        assert!(e(snap("login:/l", f32::NAN, 0.0, 5)).contains("not a finite number"));
+    }
+
+    #[test]
+    fn profile_times_never_lie_in_the_future() {
+        use abuse_engine::profile::{AccountProfile, LoginPlace};
+        let now = 1_700_000_000_000u64;
+        let mut p = AccountProfile::default();
+        p.learn(&LoginPlace { device: 7, country: 1, asn: 2, network: 3 }, u64::from(u32::MAX) * 1000);
+        let mut u = ProfileUpdate { account: 1, profile: p };
+        assert!(clamp_profile_times(&mut u, now));
+        let latest = (now + CLOCK_SKEW_MS) / 1000;
+        assert!(u.profile.devices.0.iter().all(|s| u64::from(s.at_s) <= latest));
+        assert_eq!(u.profile.last_success_ms, now + CLOCK_SKEW_MS);
+        assert!(!clamp_profile_times(&mut u, now), "already within");
+    }
 
     fn e_samples(b: EventBatch) -> bool {
         check_batch(&b).err().unwrap_or_default().contains("too many `samples`")

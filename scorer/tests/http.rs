@@ -658,7 +658,7 @@ fn account(i: u64) -> u64 {
 }
 
 fn baseline(name: &str, samples: u32, value: f64) -> Value {
-    json!({"name": name, "baseline": value, "unknown_baseline": 0.5, "samples": samples, "successes_seen": 2})
+    json!({"name": name, "baseline": value, "unknown_baseline": 0.2, "samples": samples, "successes_seen": 2})
 }
 
 /// A sampled client: ordinary browsing with `requests` in it, varied.
@@ -1220,4 +1220,218 @@ fn samples_warm_the_model_and_flag_only_the_odd_unpenalized_client() {
     let row = dash["top_clients"].as_array().unwrap().iter().find(|c| c["client"] == "10.9.9.9").cloned().unwrap();
     assert_eq!((row["action"].as_str(), row["reasons"].clone()), (Some("tag"), json!(["anomaly"])));
     assert!(row["anomaly"].as_f64().unwrap() > 0.9, "{row}");
+}
+
+// ---- issue 20: the scorer trusts no caller's word beyond bounds ----
+
+const STRONG_SECRET: &str = "3d1f5b7a9c0e2f4a6b8c0d1e3f5a7b9c1d3e5f7a9b0c2d4e6f8a0b1c3d5e7f9a";
+const OPERATOR_TOKEN: &str = "a7f3c9e1b5d7f9a1c3e5b7d9f1a3c5e7b9d1f3a5c7e9b1d3f5a7c9e1b3d5f7a9";
+
+/// Runs the binary to its exit with `args` (no inherited configuration);
+/// whether it started (printed its banner) and its stderr.
+fn start_or_refuse(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_abuse-scorer"));
+    for var in SCORER_ENV.iter().chain(&["ABUSE_OPERATOR_TOKEN"]) {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd
+        .args(["--state-dir"])
+        .arg(dir.path())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let line = BufReader::new(stdout).lines().next();
+        let _ = tx.send(line.and_then(Result::ok).unwrap_or_default());
+    });
+    let banner = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let started = banner.starts_with("abuse-scorer listening on ");
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (started, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn refuses_to_start_off_loopback_without_a_strong_secret() {
+    let (started, log) = start_or_refuse(&["--listen", "0.0.0.0:0"], &[]);
+    assert!(!started, "{log}");
+    assert!(log.contains("refusing to listen on 0.0.0.0:0 without a secret"), "{log}");
+    assert!(log.contains("ABUSE_SCORER_SECRET"), "{log}");
+
+    for weak in ["demo-secret", "change-me", "secret", "0123456789"] {
+        let (started, log) = start_or_refuse(&["--listen", "0.0.0.0:0"], &[("ABUSE_SCORER_SECRET", weak)]);
+        assert!(!started, "{weak}: {log}");
+        assert!(log.contains("weak ABUSE_SCORER_SECRET"), "{weak}: {log}");
+    }
+    // An operator token must be strong and not the secret, wherever it listens.
+    let (started, log) = start_or_refuse(
+        &["--listen", "127.0.0.1:0", "--secret", STRONG_SECRET, "--operator-token", "admin"],
+        &[],
+    );
+    assert!(!started && log.contains("ABUSE_OPERATOR_TOKEN is 5 bytes long"), "{log}");
+    let (started, log) = start_or_refuse(
+        &["--listen", "127.0.0.1:0", "--secret", STRONG_SECRET],
+        &[("ABUSE_OPERATOR_TOKEN", STRONG_SECRET)],
+    );
+    assert!(!started && log.contains("must differ"), "{log}");
+
+    // A strong one starts, and says who may read the dashboard.
+    let (started, log) = start_or_refuse(&["--listen", "0.0.0.0:0"], &[("ABUSE_SCORER_SECRET", STRONG_SECRET)]);
+    assert!(started, "{log}");
+    assert!(!log.contains(STRONG_SECRET), "the secret is never logged");
+    // On loopback a weak secret is a warning only (tests, `make run`).
+    let (started, log) = start_or_refuse(&["--listen", "127.0.0.1:0", "--secret", "demo-secret"], &[]);
+    assert!(started && log.contains("refused on any other address"), "{log}");
+}
+
+/// (status, body) of a GET with `Authorization: Bearer token`.
+fn get_bearer(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = agent().get(url);
+    if let Some(t) = token {
+        req = req.header("authorization", &format!("Bearer {t}"));
+    }
+    let mut resp = req.call().unwrap();
+    (
+        resp.status().as_u16(),
+        resp.body_mut().read_to_string().unwrap(),
+    )
+}
+
+fn metric_with(s: &Scorer, token: Option<&str>, name: &str) -> f64 {
+    get_bearer(&s.url("/metrics"), token)
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[test]
+fn the_operator_token_guards_the_dashboard_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Scorer::start(dir.path(), &["--operator-token", OPERATOR_TOKEN]);
+    score(&s, &request("198.51.100.40", 150.0, &["probing"]));
+    for path in ["/metrics", "/v1/dashboard"] {
+        let (status, body) = get_bearer(&s.url(path), None);
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(error_of(&body).contains("operator token"), "{body}");
+        assert_eq!(get_bearer(&s.url(path), Some("wrong")).0, 401, "{path}");
+        assert_eq!(get_bearer(&s.url(path), Some(SECRET)).0, 401, "{path}: the filters' secret is not it");
+        let (status, body) = get_bearer(&s.url(path), Some(OPERATOR_TOKEN));
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    // The page itself: without the token a 401 carrying only the form that
+    // asks for it (a browser cannot send a header on a navigation).
+    let (status, page) = get_bearer(&s.url("/?token=nope"), None);
+    assert_eq!(status, 401);
+    assert!(page.contains("id=\"login\"") && page.contains("sessionStorage"), "the login form");
+    assert!(!page.contains("198.51.100.40"), "no data in it");
+    let (status, page) = get_bearer(&s.url("/"), Some(OPERATOR_TOKEN));
+    assert_eq!(status, 200);
+    assert!(page.contains("id=\"top-clients\""));
+    assert_eq!(
+        metric_with(&s, Some(OPERATOR_TOKEN), "abuse_scorer_errors_total{kind=\"operator_unauthorized\"}"),
+        7.0
+    );
+    assert_eq!(get(&s.url("/healthz"), None).0, 200, "probes need nothing");
+    let log = s.log();
+    for never in [OPERATOR_TOKEN, SECRET, "198.51.100.40", "token=nope"] {
+        assert!(!log.contains(never), "the log shows {never}:\n{log}");
+    }
+    assert!(log.contains("fleet block"), "{log}");
+}
+
+#[test]
+fn what_callers_write_is_bounded_and_every_refusal_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Scorer::start(
+        dir.path(),
+        &["--ttl-s", "30", "--caller-known-accounts-per-min", "100", "--caller-blocks-per-min", "2"],
+    );
+    let rejected = |kind: &str| metric(&s, &format!("abuse_scorer_rejected_total{{kind=\"{kind}\"}}"));
+
+    // A login-failure baseline of 1.0 (and an unknown share of 1.0) would
+    // switch recognition off in every Envoy that warms from it: clamped.
+    let poisoned = json!({"name": "login:/api/login", "baseline": 1.0, "unknown_baseline": 1.0,
+                          "samples": 500, "successes_seen": 9});
+    let huge_group = json!({"name": "group:api", "baseline": 1e12, "unknown_baseline": 0.0,
+                            "samples": 50, "successes_seen": 0});
+    let implausible = json!({"name": "group:other", "baseline": 3.0, "unknown_baseline": 0.0,
+                             "samples": u32::MAX, "successes_seen": 0});
+    let odd_name = json!({"name": "admin:everything", "baseline": 0.1, "unknown_baseline": 0.0,
+                          "samples": 5, "successes_seen": 0});
+    assert_eq!(send(&s, &batch(&[], &[poisoned, huge_group, implausible, odd_name], 0)), 2);
+    let warm = get_json(&s.url("/v1/warm"), Some(SECRET));
+    assert_eq!(
+        warm["baselines"],
+        json!([
+            {"name": "group:api", "baseline": 100_000.0, "unknown_baseline": 0.0, "samples": 50, "successes_seen": 0},
+            {"name": "login:/api/login", "baseline": 0.35, "unknown_baseline": 0.35, "samples": 500, "successes_seen": 9},
+        ])
+    );
+    assert_eq!(rejected("baseline_clamped"), 2.0);
+    assert_eq!(rejected("baseline_invalid"), 2.0);
+
+    // risk 1e6: an ordinary block (score block_at), published for 4 × ttl_s.
+    let answer = score(&s, &request("198.51.100.50", 1e6, &["probing"]));
+    assert_eq!((answer["action"].as_str(), answer["score"].as_f64()), (Some("block"), Some(100.0)));
+    assert_eq!(rejected("risk_capped"), 1.0);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let verdicts = get_json(&s.url("/v1/verdicts?since=0"), Some(SECRET));
+    let until = verdicts["verdicts"][0]["until_ms"].as_u64().unwrap();
+    assert!(until <= now_ms + 120_000 + 1_000, "no 24-hour block: {until} vs {now_ms}");
+
+    // Blocks: 2 a minute per caller reach the fleet; the third still
+    // answers block to its caller, but is not published.
+    let second = score(&s, &request("198.51.100.51", 150.0, &["probing"]));
+    let third = score(&s, &request("198.51.100.52", 150.0, &["probing"]));
+    assert_eq!((second["action"].as_str(), third["action"].as_str()), (Some("block"), Some("block")));
+    let published = get_json(&s.url("/v1/verdicts?since=0"), Some(SECRET))["verdicts"].as_array().unwrap().len();
+    assert_eq!(published, 2);
+    assert_eq!(rejected("block_quota"), 1.0);
+    assert_eq!(metric(&s, "abuse_scorer_fleet_verdicts_total"), 2.0);
+
+    // Known accounts: 100 a minute per caller.
+    let accounts: Vec<u64> = (0..150).map(account).collect();
+    assert_eq!(send(&s, &batch(&accounts, &[], 0)), 100);
+    assert_eq!(metric(&s, "abuse_scorer_known_accounts_added_total"), 100.0);
+    assert_eq!(rejected("known_accounts_quota"), 50.0);
+    assert_eq!(send(&s, &batch(&accounts[..5], &[], 0)), 0, "the minute's allowance is spent");
+
+    // Profiles: times after now are clamped; into a known profile an
+    // update adds one new device at a time.
+    let t0 = now_ms - 3_600_000;
+    let owner = profile(77, 7, t0);
+    let far = now_ms + 10 * 365 * 86_400_000;
+    let forged = json!({"account": 77, "profile": {
+        "devices": [[100, far / 1000], [101, far / 1000], [102, far / 1000], [103, far / 1000]],
+        "countries": [[0, 0], [0, 0], [0, 0], [0, 0]],
+        "asns": [[0, 0], [0, 0], [0, 0], [0, 0]],
+        "networks": [[0, 0], [0, 0], [0, 0], [0, 0]],
+        "last_success_ms": far, "last_country": 0}});
+    for p in [owner, forged] {
+        let body = json!({"version": 1, "profiles": [p]});
+        send(&s, &body.to_string());
+    }
+    let pages = warm_pages(&s);
+    let kept = pages.iter().flat_map(|p| p["profiles"].as_array().unwrap()).find(|p| p["account"] == 77).unwrap();
+    let devices: Vec<u64> = kept["profile"]["devices"].as_array().unwrap().iter().map(|d| d[0].as_u64().unwrap()).collect();
+    assert!(devices.contains(&7), "the owner's device stays: {devices:?}");
+    assert_eq!(devices.iter().filter(|d| **d >= 100).count(), 1, "{devices:?}");
+    assert!(kept["profile"]["last_success_ms"].as_u64().unwrap() <= now_ms + 120_000);
+    assert_eq!(rejected("profile_time_clamped"), 1.0);
+    assert_eq!(rejected("profile_new_values"), 3.0);
+
+    let log = s.log();
+    assert!(!log.contains("198.51.100.5"), "no client address in the log:\n{log}");
 }

@@ -126,14 +126,20 @@ impl MemoryStore {
         dropped
     }
 
-    /// Merges account profiles; how many changed.
-    pub fn merge_profile_list(&self, updates: &[ProfileUpdate], now_ms: u64) -> u64 {
+    /// Merges account profiles (`profiles::merge_bounded`); how many
+    /// changed, and how many new values the bound dropped.
+    pub fn merge_profile_list(&self, updates: &[ProfileUpdate], now_ms: u64) -> (u64, u64) {
         let mut warm = self.warm();
-        let changed = updates.iter().filter(|u| warm.profiles.merge(u, now_ms)).count() as u64;
+        let (mut changed, mut dropped) = (0, 0);
+        for u in updates {
+            let (c, d) = warm.profiles.merge(u, now_ms);
+            changed += u64::from(c);
+            dropped += d;
+        }
         if changed > 0 {
             warm.changes += 1;
         }
-        changed
+        (changed, dropped)
     }
 
     pub fn profiles_page(&self, k: usize) -> (Vec<ProfileUpdate>, bool) {
@@ -329,7 +335,7 @@ impl FleetStore for MemoryStore {
     }
 
     async fn merge_profiles(&self, updates: &[ProfileUpdate], now_ms: u64) -> Result<u64, StoreError> {
-        Ok(self.merge_profile_list(updates, now_ms))
+        Ok(self.merge_profile_list(updates, now_ms).0)
     }
 
     async fn profile_page(&self, k: usize) -> Result<(Vec<ProfileUpdate>, bool), StoreError> {

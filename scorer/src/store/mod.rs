@@ -15,7 +15,8 @@
 //! * what a fresh Envoy warms from (`GET /v1/warm`), learned from the
 //!   filters' tick batches (`POST /v1/events`): the known-accounts Bloom
 //!   filter (1,024 shards of 1 KiB, bits only ever set) and the learned
-//!   baselines, the warmest per name (see `known`). These never expire.
+//!   baselines, the warmest per name (see `known`). In Redis these expire
+//!   [`WARM_TTL_MS`] after their last write; in memory they are bounded.
 //!
 //! [`memory::MemoryStore`] keeps them in this process (one scorer, or a
 //! fallback); [`redis::RedisStore`] keeps them in Redis, shared by every
@@ -41,6 +42,13 @@ pub const WINDOW_MS: u64 = 10 * 60 * 1000;
 pub const VERDICT_LOG_CAP: usize = 10_000;
 /// Most verdicts answered per poll; the cursor pages through the rest.
 pub const VERDICTS_PAGE: usize = 1_000;
+/// How long Redis keeps warm-start state (known accounts, baselines,
+/// profiles) and the verdict log after their last write: state nobody
+/// feeds any more goes away by itself.
+pub const WARM_TTL_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+/// How long Redis keeps the verdict log and its cursor after the last
+/// block (longer than any block lasts: `4 · ttl_s` ≤ 4 days).
+pub const VERDICT_LOG_TTL_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 /// Addresses remembered per session: enough to see sharing (5), bounded.
 pub const SESSION_ADDRESS_CAP: usize = 32;
 /// At most one "Redis failed" warning per this many ms (the rest are counted).
@@ -356,21 +364,24 @@ impl Fleet {
         }
     }
 
-    /// Merges the profiles; how many changed.
-    pub async fn merge_profiles(&self, updates: &[ProfileUpdate], now_ms: u64) -> u64 {
+    /// Merges the profiles; how many changed, and how many new values the
+    /// bound (`profiles::merge_bounded`) dropped — as the local mirror saw
+    /// them (Redis applies the same bound).
+    pub async fn merge_profiles(&self, updates: &[ProfileUpdate], now_ms: u64) -> (u64, u64) {
         match self {
             Fleet::Memory(m) => m.merge_profile_list(updates, now_ms),
             Fleet::Redis(r) => {
-                let local = r.local.merge_profile_list(updates, now_ms);
+                let (local, dropped) = r.local.merge_profile_list(updates, now_ms);
                 if updates.is_empty() {
-                    return local;
+                    return (local, dropped);
                 }
-                r.or_local(
+                let changed = r.or_local(
                     "merge_profiles",
                     r.redis.merge_profiles(updates, now_ms).await,
                     local,
                     now_ms,
-                )
+                );
+                (changed, dropped)
             }
         }
     }

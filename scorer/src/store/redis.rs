@@ -7,13 +7,17 @@
 //! | `abuse:u:{bucket}:{user}` | string (INCR) | attempts in one 10-min bucket; expires after two |
 //! | `abuse:s:{session}` | sorted set | address → last seen ms; trimmed to the window and 32 members |
 //! | `abuse:b:{client}` | string (JSON verdict) | live block, expires with it |
-//! | `abuse:v:seq` | string (INCR) | the verdict cursor |
-//! | `abuse:v:log` | sorted set | `{cursor}:{verdict JSON}` scored by cursor; last 10,000 |
-//! | `abuse:v1:known_accounts:{shard}` | string (SETBIT) | shard 0–1023 of the known-accounts Bloom filter: its bytes are the wire layout (bit `b` = bit `b % 8` of byte `b / 8`, LSB first, set at Redis offset `(b / 8)·8 + 7 − b % 8`); up to 1 KiB, shorter until its high bits are set; never expires |
-//! | `abuse:v1:baselines` | hash | baseline name → `BaselineSnapshot` JSON, the warmest per name; at most 64 names; never expires |
+//! | `abuse:v:seq` | string (INCR) | the verdict cursor; expires 7 days after the last block (filters ahead of a reset cursor start over) |
+//! | `abuse:v:log` | sorted set | `{cursor}:{verdict JSON}` scored by cursor; last 10,000; expires 7 days after the last block |
+//! | `abuse:v1:known_accounts:{shard}` | string (SETBIT) | shard 0–1023 of the known-accounts Bloom filter: its bytes are the wire layout (bit `b` = bit `b % 8` of byte `b / 8`, LSB first, set at Redis offset `(b / 8)·8 + 7 − b % 8`); up to 1 KiB, shorter until its high bits are set; expires 30 days after its last write |
+//! | `abuse:v1:baselines` | hash | baseline name → `BaselineSnapshot` JSON (bounded: `validate::sanitize_baseline`), the warmest per name; at most 64 names; expires 30 days after the last merge |
 //! | `abuse:v1:baselines:seen` | sorted set | baseline name scored by the last time (ms) a batch mentioned it: decides which name makes room when all 64 are taken |
 //! | `abuse:v1:profiles` | hash | account fleet key (hex) → `AccountProfile` JSON: the devices, countries and ASNs of its successful logins; at most `profiles::PROFILES_CAP` accounts |
 //! | `abuse:v1:profiles:recent` | sorted set | account fleet key (hex) scored by its last success (ms): the warm start's order, and which accounts go first past the cap |
+//!
+//! The profile keys (and `abuse:v1:baselines:seen`) expire 30 days after
+//! their last write, like the rest of the warm-start state
+//! ([`WARM_TTL_MS`]): a fleet that stops feeding them does not keep them forever.
 //!
 //! The warm-start keys carry a version (`v1`): a future layout gets new
 //! keys instead of misreading these. Baselines are merged by a Lua script
@@ -28,11 +32,11 @@
 
 use super::{
     sliding_estimate, FleetStore, StoreError, SESSION_ADDRESS_CAP, VERDICTS_PAGE, VERDICT_LOG_CAP,
-    WINDOW_MS,
+    VERDICT_LOG_TTL_MS, WARM_TTL_MS, WINDOW_MS,
 };
 use crate::known::{self, is_empty, redis_offset, shard_from, ShardPage};
 use abuse_engine::known_accounts::{bit_positions, BITS_PER_ACCOUNT, SHARDS};
-use crate::profiles::{PROFILES_CAP, WARM_PROFILES};
+use crate::profiles::{merge_bounded, PROFILES_CAP, WARM_PROFILES};
 use abuse_engine::profile::AccountProfile;
 use abuse_engine::wire::{
     BaselineSnapshot, FleetVerdict, FleetVerdicts, ProfileUpdate, MAX_BASELINES, MAX_BATCH_PROFILES,
@@ -57,7 +61,8 @@ fn known_key(shard: usize) -> String {
 }
 
 /// KEYS: the baselines hash, the seen sorted set. ARGV: now (ms), the name
-/// cap, the staleness (ms), then (name, samples, JSON) per baseline. Keeps
+/// cap, the staleness (ms), the keys' time to live (ms), then (name,
+/// samples, JSON) per baseline. Keeps
 /// the warmer per name (the newer on a tie; a value it cannot read loses),
 /// notes every name mentioned as seen now, and when all names are taken
 /// lets a new one replace the one mentioned longest ago if that is stale
@@ -66,7 +71,7 @@ fn known_key(shard: usize) -> String {
 const MERGE_BASELINES: &str = r"
 local now, cap, stale = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local dropped = 0
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local name, samples, json = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local old = redis.call('HGET', KEYS[1], name)
   if old then
@@ -103,6 +108,8 @@ for i = 4, #ARGV, 3 do
     end
   end
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return dropped
 ";
 
@@ -266,6 +273,14 @@ impl FleetStore for RedisStore {
                 .arg("PX")
                 .arg(ttl_ms)
                 .ignore()
+                .cmd("PEXPIRE")
+                .arg(LOG_KEY)
+                .arg(VERDICT_LOG_TTL_MS)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(SEQ_KEY)
+                .arg(VERDICT_LOG_TTL_MS)
+                .ignore()
                 .query_async::<()>(&mut conn)
                 .await
         })
@@ -301,12 +316,18 @@ impl FleetStore for RedisStore {
             return Ok(0);
         }
         let mut pipe = redis::pipe();
+        let mut touched = std::collections::BTreeSet::new();
         for account in accounts {
             let (shard, bits) = bit_positions(*account);
             let key = known_key(shard);
             for b in bits {
                 pipe.cmd("SETBIT").arg(&key).arg(redis_offset(b)).arg(1);
             }
+            touched.insert(key);
+        }
+        // A shard lives as long as accounts of it keep logging in.
+        for key in &touched {
+            pipe.cmd("PEXPIRE").arg(key).arg(WARM_TTL_MS).ignore();
         }
         let mut conn = self.conn.clone();
         let previous: Vec<i64> = bounded(async move { pipe.query_async(&mut conn).await }).await?;
@@ -375,7 +396,8 @@ impl FleetStore for RedisStore {
             .arg(BASELINES_SEEN_KEY)
             .arg(now_ms)
             .arg(known::BASELINE_NAMES)
-            .arg(known::BASELINE_STALE_MS);
+            .arg(known::BASELINE_STALE_MS)
+            .arg(WARM_TTL_MS);
         for b in baselines {
             let json = serde_json::to_string(b).map_err(|e| StoreError(e.to_string()))?;
             cmd.arg(&b.name).arg(b.samples).arg(json);
@@ -402,7 +424,7 @@ impl FleetStore for RedisStore {
             let mut profile: AccountProfile =
                 old.and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default();
             let before = profile;
-            profile.merge(&update.profile);
+            merge_bounded(&mut profile, &update.profile);
             if profile == before {
                 continue;
             }
@@ -415,6 +437,8 @@ impl FleetStore for RedisStore {
             return Ok(0);
         }
         // Past the cap, the accounts whose last success is oldest go.
+        pipe.cmd("PEXPIRE").arg(PROFILES_KEY).arg(WARM_TTL_MS).ignore();
+        pipe.cmd("PEXPIRE").arg(PROFILES_RECENT_KEY).arg(WARM_TTL_MS).ignore();
         let excess = format!("-{}", PROFILES_CAP + 1);
         pipe.cmd("ZRANGE").arg(PROFILES_RECENT_KEY).arg(0).arg(&excess);
         let mut conn = self.conn.clone();
@@ -585,6 +609,38 @@ mod tests {
             // Real TTLs apply in Redis, so the verdicts must be live in real time.
             let t0 = crate::clock::now_ms();
             contract(&store, t0).await;
+        });
+    }
+
+    #[test]
+    fn every_key_expires() {
+        let Some(server) = start_redis() else { return };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let url = format!("redis://127.0.0.1:{}", server.port);
+            let store = RedisStore::connect_lazy(&url).unwrap();
+            let t = crate::clock::now_ms();
+            store.add_known_accounts(&[7]).await.unwrap();
+            let b = BaselineSnapshot { name: "login:/l".into(), samples: 5, ..BaselineSnapshot::default() };
+            store.merge_baselines(&[b], t).await.unwrap();
+            let mut profile = AccountProfile::default();
+            let place = abuse_engine::profile::LoginPlace { device: 3, country: 1, asn: 0, network: 0 };
+            profile.learn(&place, t);
+            store.merge_profiles(&[ProfileUpdate { account: 9, profile }], t).await.unwrap();
+            let v = FleetVerdict { client: "c".into(), reasons: vec![], until_ms: t + 60_000 };
+            store.record_verdict(&v, t).await.unwrap();
+            store.username_attempt("u", t).await.unwrap();
+            store.session_seen("s", "c", t).await.unwrap();
+            let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS").arg("abuse:*").query_async(&mut conn).await.unwrap();
+            assert!(keys.len() >= 10, "{keys:?}");
+            for key in keys {
+                let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
+                assert!(ttl > 0, "{key} never expires ({ttl})");
+            }
         });
     }
 
