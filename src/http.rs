@@ -120,6 +120,7 @@ impl HttpContext for AbuseFilterHttp {
             .any(|h| headers.get(h).is_some_and(|v| v.eq_ignore_ascii_case(b"true")));
         let cookie = if engine.reads_cookie() { headers.get("cookie") } else { None };
         let authorization = if engine.reads_authorization() { headers.get("authorization") } else { None };
+        let verified_subject = policy.verified_subject_header.as_deref().and_then(|h| headers.get(h));
         // Header names in the client's order, on login routes only.
         let header_names = engine.wants_fingerprint(&method, &path).then(|| headers.names(64));
         // The TLS fingerprint for the login's device: a header named for it,
@@ -139,6 +140,7 @@ impl HttpContext for AbuseFilterHttp {
                 api_key,
                 cookie,
                 authorization,
+                verified_subject,
             },
             method: &method,
             path: &path,
@@ -424,6 +426,13 @@ impl AbuseFilterHttp {
         let Some(status) = status_of(MapType::HttpResponseHeaders) else {
             return WasmAction::Continue;
         };
+        if let (Some(name), true) = (engine.credential_header_for(&self.exchange), (200..300).contains(&status)) {
+            // The upstream says it accepted the request's credential (one
+            // header read, only while the credential is not yet accepted).
+            if hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name).ok().flatten().is_some() {
+                engine.on_credential_accepted(&EnvoySharedData, &self.exchange, now_ms());
+            }
+        }
         if !engine.answer_matters(&self.exchange, status) {
             return WasmAction::Continue;
         }

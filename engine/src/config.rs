@@ -345,6 +345,12 @@ impl Config {
         check_header_name("client.forwarded_for_header", &c.forwarded_for_header)?;
         check_range("client.ipv6_prefix_len", c.ipv6_prefix_len, 32, 128)?;
         check_range("client.returning_after_s", c.returning_after_s, 0, 3600)?;
+        if let Some(h) = &c.verified_subject_header {
+            check_header_name("client.verified_subject_header", h)?;
+        }
+        if let Some(h) = &c.accepted_credential_header {
+            check_header_name("client.accepted_credential_header", h)?;
+        }
         check_range("client.pool_budget", c.pool_budget, 1, 1000)?;
         check_range("client.max_crowd", c.max_crowd, 0, 1000)?;
         if let Some(h) = &c.api_key_header {

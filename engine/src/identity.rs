@@ -33,8 +33,22 @@ pub struct ClientConfig {
     pub api_key_header: Option<String>,
     /// Name of the session cookie, if the API uses one.
     pub session_cookie: Option<String>,
-    /// Claim of the `Authorization: Bearer` JWT naming the subject (decoded, not verified).
+    /// Claim of the `Authorization: Bearer` JWT naming the subject — decoded,
+    /// NOT verified: for logs only. It never names a session nor lifts a
+    /// limit; the bearer token itself is the session (a forged token is its
+    /// own session, never its claimed subject's). See `verified_subject_header`.
     pub jwt_claim: Option<String>,
+    /// Header that Envoy's `header_mutation` filter, placed after
+    /// `jwt_authn` and before this one, fills with the *verified* subject
+    /// (`%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt_payload:sub)%`,
+    /// after a `remove` of any copy the client sent). Its subject is the
+    /// session, and an accepted credential. Only set it with that filter.
+    pub verified_subject_header: Option<String>,
+    /// Response header by which the upstream says it accepted the request's
+    /// credential (session cookie, API key or bearer token), e.g. the demo
+    /// API's `x-api-credential: valid`. An accepted credential lifts its
+    /// client from the `anonymous_only` limits; an invented one never does.
+    pub accepted_credential_header: Option<String>,
     /// A client is its address *and* its user agent: the people behind one
     /// office or carrier NAT are judged apart, so one of them abusing the
     /// API is stopped without stopping the others.
@@ -74,6 +88,8 @@ impl Default for ClientConfig {
             api_key_header: None,
             session_cookie: None,
             jwt_claim: None,
+            verified_subject_header: None,
+            accepted_credential_header: None,
             key_by_user_agent: true,
             returning_after_s: 2,
             pool_budget: 4,
@@ -162,7 +178,12 @@ pub struct ClientIdentity {
     pub addr: Option<ClientAddr>,
     pub api_key: Option<String>,
     pub session: Option<String>,
+    /// The unverified JWT claim (`client.jwt_claim`): for logs only.
     pub subject: Option<String>,
+    /// The subject `jwt_authn` verified (`client.verified_subject_header`).
+    pub verified_subject: Option<String>,
+    /// The `Authorization: Bearer` token itself, as a session of its own.
+    pub bearer: Option<String>,
 }
 
 impl ClientIdentity {
@@ -180,6 +201,8 @@ pub struct IdentityInput<'a> {
     pub api_key: Option<&'a [u8]>,
     pub cookie: Option<&'a [u8]>,
     pub authorization: Option<&'a [u8]>,
+    /// The `client.verified_subject_header`'s value.
+    pub verified_subject: Option<&'a [u8]>,
 }
 
 /// The compiled identity part of the configuration.
@@ -192,6 +215,8 @@ pub struct IdentityPolicy {
     pub api_key_header: Option<String>,
     pub session_cookie: Option<String>,
     pub jwt_claim: Option<String>,
+    pub verified_subject_header: Option<String>,
+    pub accepted_credential_header: Option<String>,
 }
 
 impl IdentityPolicy {
@@ -211,6 +236,8 @@ impl IdentityPolicy {
             api_key_header: config.api_key_header.clone(),
             session_cookie: config.session_cookie.clone(),
             jwt_claim: config.jwt_claim.clone(),
+            verified_subject_header: config.verified_subject_header.clone(),
+            accepted_credential_header: config.accepted_credential_header.clone(),
         })
     }
 
@@ -251,6 +278,11 @@ impl IdentityPolicy {
                 (Some(claim), Some(auth)) => jwt_claim(auth, claim),
                 _ => None,
             },
+            verified_subject: match (&self.verified_subject_header, input.verified_subject) {
+                (Some(_), Some(v)) => clean_token(v).filter(|s| s != "-"),
+                _ => None,
+            },
+            bearer: input.authorization.and_then(bearer_token),
         }
     }
 
@@ -327,6 +359,18 @@ pub fn cookie_value(header: &[u8], name: &str) -> Option<String> {
             None
         }
     })
+}
+
+/// The token of an `Authorization: Bearer` header (at most 4 KiB).
+pub fn bearer_token(authorization: &[u8]) -> Option<String> {
+    if authorization.len() > 4096 {
+        return None;
+    }
+    let text = std::str::from_utf8(authorization).ok()?.trim();
+    let (scheme, token) = text.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.chars().any(|c| c.is_control()))
+        .then(|| token.to_string())
 }
 
 /// The claim `claim` of a `Bearer` JWT, decoded but NOT verified: it names a

@@ -3,7 +3,7 @@
 //!
 //! Layout, [`SESSION_BYTES`] bytes: key 8 · last_seen_ms 8 · distinct
 //! clients (distinct window) 16 · distinct user agents (distinct window) 16 ·
-//! home country (2 ASCII letters) 2 · reserved 6 · home_seen_ms 8.
+//! home country (2 ASCII letters) 2 · accepted 1 · reserved 5 · home_seen_ms 8.
 
 use crate::codec::{Reader, Writer};
 use crate::sketch::DistinctWindow;
@@ -20,6 +20,10 @@ pub struct SessionRecord {
     pub home_country: [u8; 2],
     /// Last time the session was seen from its home country.
     pub home_seen_ms: u64,
+    /// The credential is the API's: verified (a `jwt_authn` subject) or
+    /// accepted by the upstream (`client.accepted_credential_header`). Only
+    /// then does it lift a client from the anonymous limits.
+    pub accepted: bool,
 }
 
 impl SessionRecord {
@@ -30,7 +34,7 @@ impl SessionRecord {
         w.distinct(&self.clients);
         w.distinct(&self.user_agents);
         w.bytes(&self.home_country);
-        w.bytes(&[0u8; 6]);
+        w.bytes(&[u8::from(self.accepted), 0, 0, 0, 0, 0]);
         w.u64(self.home_seen_ms);
     }
 
@@ -40,8 +44,9 @@ impl SessionRecord {
         let clients = r.distinct();
         let user_agents = r.distinct();
         let home_country: [u8; 2] = r.take();
-        let _reserved: [u8; 6] = r.take();
-        SessionRecord { key, last_seen_ms, clients, user_agents, home_country, home_seen_ms: r.u64() }
+        let [accepted, ..]: [u8; 6] = r.take();
+        let accepted = accepted == 1;
+        SessionRecord { key, last_seen_ms, clients, user_agents, home_country, home_seen_ms: r.u64(), accepted }
     }
 }
 
@@ -61,6 +66,7 @@ mod tests {
             user_agents: DistinctWindow { start_ms: 5, bits: 6 },
             home_country: *b"GB",
             home_seen_ms: 7,
+            accepted: true,
         };
         let mut buf = [0u8; SESSION_BYTES];
         s.encode(&mut buf);

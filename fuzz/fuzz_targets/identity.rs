@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         api_key: Some(api_key),
         cookie: Some(cookie),
         authorization: Some(authorization),
+        verified_subject: Some(cookie),
     };
     let _ = engine.identity_policy().identify(&input);
 });

@@ -45,7 +45,12 @@ impl Engine {
         };
         exchange.username = login.username(route, body);
         if let Some(q) = exchange.score_request.as_mut() {
-            q.username = exchange.username.clone();
+            // The scorer hears the account by its fleet-wide name (keyed with
+            // the scorer's secret, like sessions), never the raw username.
+            q.username = exchange
+                .username
+                .as_deref()
+                .map(|u| format!("{:016x}", self.account_hasher.key(DOMAIN_USERNAME, u.as_bytes())));
         }
         let username = exchange.username.as_deref()?;
         let account_key = self.account_hasher.key(DOMAIN_USERNAME, username.as_bytes());

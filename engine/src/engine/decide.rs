@@ -63,20 +63,6 @@ impl Engine {
         Outcome::Scored { risk, fired: signal.reasons, reasons: record.recent_reasons, blocked_until_ms, shed }
     }
 
-    /// An address's pool over its budget is boxed, not only shed: the
-    /// budget already has room for a crowd's newcomers (`client.pool_budget`
-    /// plus the returning identities), so overflowing it means new
-    /// identities in a burst that no crowd makes — strings invented per
-    /// request. Returning identities at the address are not affected.
-    pub(super) fn box_a_shed_pool(&self, record: &mut ClientRecord, outcome: &mut Outcome, now_ms: u64) {
-        if let Outcome::Scored { shed: true, blocked_until_ms: blocked @ None, reasons, .. } = outcome {
-            let until = now_ms.saturating_add(self.penalty_ms);
-            record.penalty_until_ms = until;
-            record.penalty_reasons = *reasons;
-            *blocked = Some(until);
-        }
-    }
-
     /// Whether an outcome refuses the request (a box, a block, a shed).
     pub(super) fn refuses(outcome: &Outcome) -> bool {
         match outcome {

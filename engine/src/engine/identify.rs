@@ -110,14 +110,4 @@ impl Engine {
     pub(super) fn has_anonymous_limits(&self) -> bool {
         self.rate.as_ref().is_some_and(RequestRate::has_anonymous_limits)
     }
-
-    /// A request without credentials: no `Authorization`, no API key, no
-    /// session cookie (for `anonymous_only` rate limits).
-    pub(super) fn is_anonymous(&self, input: &IdentityInput<'_>) -> bool {
-        let session_cookie = match (input.cookie, &self.identity.session_cookie) {
-            (Some(cookie), Some(name)) => crate::identity::cookie_value(cookie, name).is_some(),
-            _ => false,
-        };
-        input.authorization.is_none() && input.api_key.is_none() && !session_cookie
-    }
 }

@@ -144,6 +144,9 @@ pub struct Exchange {
     client: Option<ClientAddr>,
     agent: Option<u32>,
     client_key: u64,
+    /// The session whose credential the upstream may accept with this
+    /// answer (`client.accepted_credential_header`): not accepted yet.
+    session_to_accept: Option<u64>,
     /// The address's pool record, when this request was also one of its
     /// new identities' (see `identify`): the answer counts there too.
     pool_key: Option<u64>,

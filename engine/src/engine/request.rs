@@ -63,9 +63,16 @@ impl Engine {
             return (v, exchange);
         }
         let key = self.client_key(client, agent);
-        let look = self.look(store, facts, client, key, now_ms);
+        let mut look = self.look(store, facts, client, key, now_ms);
         // 3. count: the session and the route groups (their own tables).
-        let (session_hash, session_signal) = self.observe_session(store, facts, key, now_ms);
+        let seen = self.observe_session(store, facts, key, now_ms);
+        let (session_hash, session_signal) = (seen.hash, seen.signal);
+        // Only a credential the API verified or accepted lifts the client
+        // from the anonymous limits: anyone can send an invented one.
+        look.anonymous = self.has_anonymous_limits() && !seen.accepted;
+        if !seen.accepted && self.identity.accepted_credential_header.is_some() {
+            exchange.session_to_accept = seen.hash;
+        }
         let group_state = self.count_route_groups(store, look.routes, now_ms);
         let counted = Counted { session_hash, session_signal, group_state };
         let mut snapshot: Option<ClientRecord> = None;
@@ -103,9 +110,13 @@ impl Engine {
                     exchange.pool_key = Some(pool_key);
                     self.clients
                         .update_local(store, pool_key, now_ms, stays_local, |record| {
+                            // Over its budget the pool sheds: every request
+                            // counts, refused ones included, so a sustained
+                            // burst stays refused and the pool opens again
+                            // as soon as the burst ends (no box on newcomers
+                            // arriving after it).
                             let scale = self.pool_scale(record, now_ms);
-                            let (mut outcome, write) = judge(record, scale);
-                            self.box_a_shed_pool(record, &mut outcome, now_ms);
+                            let (outcome, write) = judge(record, scale);
                             (Some(outcome), write)
                         })
                         .ok()
@@ -214,8 +225,8 @@ impl Engine {
             None => LoginPlace::default(),
         };
         let mode = self.routes.mode_for(routes).unwrap_or(self.config.mode);
-        // Parsing the cookie is only worth it when a limit asks.
-        let anonymous = self.has_anonymous_limits() && self.is_anonymous(&facts.identity);
+        // Set by the count stage (it reads the session's record).
+        let anonymous = false;
         let page = match &self.scraping {
             Some(sc) if !good_bot => sc.page_of(facts.path),
             _ => None,

@@ -137,7 +137,10 @@ impl Engine {
             features,
             username: None,
             session: self.fleet_session(&id),
-            subject: id.subject.map(|s| short(&s, 128)),
+            // Only a verified subject, and by its fleet-wide keyed name.
+            subject: id
+                .verified_subject
+                .map(|s| format!("{:016x}", self.account_hasher.key(super::DOMAIN_SESSION, format!("sub:{s}").as_bytes()))),
             user_agent: facts.user_agent.map(|u| short(u, 256)),
             country: facts.country.map(|c| short(c, 8)),
             asn: facts.asn.map(|a| short(a, 16)),

@@ -1,37 +1,60 @@
 //! Stage 3 (**count**), sessions: the request's session (cookie, API key or
 //! JWT subject) updates the session's footprint in the `sessions` table.
 
-use super::{Engine, RequestFacts, DOMAIN_SESSION, DOMAIN_USER_AGENT};
+use super::{Engine, Exchange, RequestFacts, DOMAIN_SESSION, DOMAIN_USER_AGENT};
 use crate::detectors::Signal;
 use crate::detectors::session::country_code;
 use crate::identity::ClientIdentity;
 use crate::state::store::SharedStore;
 
 impl Engine {
-    /// Updates the session's footprint; returns its hash and what it showed.
+    /// Updates the session's footprint; returns its hash, what it showed,
+    /// and whether its credential is accepted (verified, or accepted by the
+    /// upstream: see [`Engine::on_credential_accepted`]).
     pub(super) fn observe_session(
         &self,
         store: &dyn SharedStore,
         facts: &RequestFacts<'_>,
         client_key: u64,
         now_ms: u64,
-    ) -> (Option<u64>, Signal) {
-        let Some(sessions) = &self.sessions else {
-            return (None, Signal::default());
-        };
+    ) -> SessionSeen {
         let id = self.identity.identify(&facts.identity);
+        let verified = id.verified_subject.is_some();
+        let Some(sessions) = &self.sessions else {
+            return SessionSeen { accepted: verified, ..SessionSeen::default() };
+        };
         let Some(session) = session_name(&id) else {
-            return (None, Signal::default());
+            return SessionSeen::default();
         };
         let hash = self.hasher.key(DOMAIN_SESSION, session.as_bytes());
         let ua_hash = self.hasher.key(DOMAIN_USER_AGENT, facts.user_agent.unwrap_or("").as_bytes());
         let country = facts.country.and_then(country_code);
-        let signal = self
+        let (signal, accepted) = self
             .session_table
-            .update(store, hash, now_ms, |s| (sessions.on_request(s, client_key, ua_hash, country, now_ms), true))
-            .map(|(signal, _)| signal)
-            .unwrap_or_default();
-        (Some(hash), signal)
+            .update(store, hash, now_ms, |s| {
+                s.accepted |= verified;
+                (( sessions.on_request(s, client_key, ua_hash, country, now_ms), s.accepted), true)
+            })
+            .map(|(seen, _)| seen)
+            .unwrap_or((Signal::default(), verified));
+        SessionSeen { hash: Some(hash), signal, accepted }
+    }
+
+    /// The upstream accepted the credential of a request whose session was
+    /// not yet (its answer carried `client.accepted_credential_header`):
+    /// the session now lifts its clients from the anonymous limits.
+    pub fn on_credential_accepted(&self, store: &dyn SharedStore, exchange: &Exchange, now_ms: u64) {
+        if let Some(hash) = exchange.session_to_accept {
+            let _ = self.session_table.update(store, hash, now_ms, |s| {
+                s.accepted = true;
+                ((), true)
+            });
+        }
+    }
+
+    /// The response header the host must read for this exchange (None: none).
+    pub fn credential_header_for(&self, exchange: &Exchange) -> Option<&str> {
+        exchange.session_to_accept.and(self.identity.accepted_credential_header.as_deref())
     }
 
     /// The session as the scorer names it: hashed with the fleet's key
@@ -43,12 +66,26 @@ impl Engine {
     }
 }
 
-/// One identity per request: the most specific one present.
+/// What the count stage learned of the request's session.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct SessionSeen {
+    pub hash: Option<u64>,
+    pub signal: Signal,
+    pub accepted: bool,
+}
+
+/// One identity per request: the most specific one present. Never the
+/// unverified JWT claim (anyone can write one): a bearer token is its own
+/// session, and only a subject `jwt_authn` verified names one.
 fn session_name(id: &ClientIdentity) -> Option<String> {
-    match (&id.session, &id.api_key, &id.subject) {
-        (Some(s), _, _) => Some(format!("cookie:{s}")),
-        (None, Some(k), _) => Some(format!("key:{k}")),
-        (None, None, Some(sub)) => Some(format!("sub:{sub}")),
-        _ => None,
+    if let Some(s) = &id.session {
+        return Some(format!("cookie:{s}"));
     }
+    if let Some(k) = &id.api_key {
+        return Some(format!("key:{k}"));
+    }
+    if let Some(sub) = &id.verified_subject {
+        return Some(format!("sub:{sub}"));
+    }
+    id.bearer.as_ref().map(|t| format!("bearer:{t}"))
 }

@@ -584,6 +584,7 @@ proptest::proptest! {
                     api_key: Some(&cookie),
                     cookie: Some(&cookie),
                     authorization: Some(&auth),
+                    verified_subject: Some(&cookie),
                 },
                 method,
                 path,
@@ -633,7 +634,7 @@ fn every_envoy_names_a_session_alike_to_the_scorer() {
     assert_eq!(sa, sb);
     assert_ne!(named(&a, b"sid=other"), sa, "another cookie is another session");
     let facts = with_cookie(b"sid=abc123");
-    let (ha, hb) = (a.observe_session(&MemoryStore::new(), &facts, 1, T0).0, b.observe_session(&MemoryStore::new(), &facts, 1, T0).0);
+    let (ha, hb) = (a.observe_session(&MemoryStore::new(), &facts, 1, T0).hash, b.observe_session(&MemoryStore::new(), &facts, 1, T0).hash);
     assert_ne!(ha, hb, "the session table's key is per process");
 }
 
