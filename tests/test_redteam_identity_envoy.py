@@ -371,7 +371,13 @@ def run_attacker(kind, port, source, rng, result):
                 out.append(peer.request("POST", "/api/login", browser_headers(uas[i], "en-US,en;q=0.5"),
                                         {"username": names[i], "password": passwords[i]}).status)
         result["statuses"] = out
-        result["within"] = 10
+        # Alone, rotating stuffing must be refused within 10 (issue item 2).
+        # Inside a NAT the issue asks that the attacker be "still stopped":
+        # the people who just logged in from the address are successes on
+        # its pool of new identities, which an office that mostly succeeds
+        # earns (the pool is not judged a stuffer while its logins mostly
+        # succeed), so the cut comes later — and then holds.
+        result["within"] = 30
 
 
 def nat_scenario(envoy, people, attacker, rng, gap_s, visits, arrivals_before_attack):
