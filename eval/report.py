@@ -116,6 +116,11 @@ def block_reasons(envoy_log: Path) -> dict[tuple[str, str | None], dict[str, int
     return out
 
 
+def stepped_up(r: Req) -> bool:
+    """A login that reached the application marked `high` (second factor)."""
+    return r.login and not r.blocked and (r.login_risk or "").startswith("high")
+
+
 def scenario_metrics(reqs: list[Req], kind: str, t_start: float, reasons_by_addr: dict) -> dict:
     n = len(reqs)
     blocked = [r for r in reqs if r.blocked]
@@ -156,6 +161,12 @@ def scenario_metrics(reqs: list[Req], kind: str, t_start: float, reasons_by_addr
         "after_first_block": len(after),
         "blocked_after_first_block": sum(r.blocked for r in after),
         "share_blocked_after_first": (sum(r.blocked for r in after) / len(after)) if after else None,
+        # Refused, or let through to the application told `high` (a login it
+        # then steps up to a second factor): during an attack an attempt on
+        # an account that exists, with nothing specific to it, is told, not
+        # refused, since an owner's new phone looks the same (docs/security.md).
+        "stepped_up_after_first": sum(1 for r in after if stepped_up(r)),
+        "share_handled_after_first": (sum(r.blocked or stepped_up(r) for r in after) / len(after)) if after else None,
         "clients_blocked": len({r.client for r in blocked}),
         "blocked_clients": sorted({r.client for r in blocked})[:20],
         "statuses": dict(sorted(statuses.items())),
@@ -427,7 +438,7 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
         d = rows.get(name)
         if not d or not d["requests"]:
             continue
-        fb, share = d["first_block_request"], d["share_blocked_after_first"]
+        fb, share = d["first_block_request"], d["share_handled_after_first"]
         lg = d.get("logins") or {}
         seen = lg.get("first_under_attack_attempt")
         missed = {k: v for k, v in (lg.get("upstream_scores") or {}).items()}
@@ -440,9 +451,10 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
                          f"attempts already scored >= {REFUSE_AT}" if fb and lg else ""),
         })
         targets.append({
-            "target": f"{name}: >= {DISTRIBUTED_MIN_LATER_SHARE:.0%} of later attempts blocked",
+            "target": f"{name}: >= {DISTRIBUTED_MIN_LATER_SHARE:.0%} of later attempts blocked or stepped up",
             "pass": share is not None and share >= DISTRIBUTED_MIN_LATER_SHARE,
-            "detail": ("n/a" if share is None else f"{d['blocked_after_first_block']}/{d['after_first_block']} = {share:.1%}")
+            "detail": ("n/a" if share is None else f"{d['blocked_after_first_block']} blocked + {d['stepped_up_after_first']} "
+                       f"stepped up of {d['after_first_block']} = {share:.1%}")
                       + (f"; attempts that reached the upstream by login-risk score: {missed}" if missed else ""),
         })
     for name, what in (("returning_users", "real users logging into their own accounts during the attack"),

@@ -188,6 +188,15 @@ impl HttpContext for AbuseFilterHttp {
             // refused attempt never reaches the upstream. The scorer, when
             // asked, is asked after the body too.
             self.ask_after_body = self.exchange.asks_scorer();
+            if self.forged_risk_headers {
+                // Removed now, not when the body is in: should Envoy not
+                // hold the headers (allow_on_headers_stop_iteration off),
+                // they go upstream without the client's own risk headers.
+                let h = &engine.config().headers;
+                for name in [&h.score, &h.reasons, &h.login_risk] {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+                }
+            }
             self.held_headers = Some(verdict);
             return WasmAction::Pause;
         }

@@ -229,13 +229,17 @@ def envoy_config(
     stop_iteration: bool = True,
     facts_header: str | None = None,
     access_log: list[dict] | None = None,
+    pre_filters: list[dict] | None = None,
 ) -> dict:
     """An Envoy bootstrap: the abuse filter in front of the demo API, plus a
     direct-response route `/direct` (no upstream) for load tests.
     `facts_header`: Envoy's header_mutation filter first, writing the
     request's facts into that header (set `client.facts_header` to match).
     `access_log`: the connection manager's access loggers."""
-    filters = [facts_filter(facts_header)] if facts_header else []
+    # `pre_filters`: HTTP filters first of all (say jwt_authn and the
+    # header_mutation writing its verified subject).
+    filters = list(pre_filters or [])
+    filters += [facts_filter(facts_header)] if facts_header else []
     filters += geoip_filters() if geoip else []
     if with_filter:
         filters.append(

@@ -361,5 +361,10 @@ def test_held_login_headers_are_released_when_envoy_does_not_hold_them(api):
         r = login(envoy, "198.51.100.77", browser(BROWSERS[0]), "user0001", "pass-0001")
         assert r.status == 200
         assert "allow_on_headers_stop_iteration" in envoy.log()
+        # Released unwritten, the headers still carry no forged login risk:
+        # the client's copy is removed before the headers are held (issue 20).
+        forged = login(envoy, "198.51.100.78", {**browser(BROWSERS[0]), "x-abuse-login-risk": "low; score=0"},
+                       "user0002", "pass-0002")
+        assert forged.status == 200 and forged.json()["login_risk"] != "low; score=0", forged.json()
     finally:
         envoy.stop()

@@ -26,7 +26,8 @@ def report(tmp_path_factory):
 
 
 def describe(rows, names):
-    return {n: {k: rows[n][k] for k in ("requests", "blocked", "first_block_request", "share_blocked_after_first",
+    return {n: {k: rows[n].get(k) for k in ("requests", "blocked", "first_block_request", "share_blocked_after_first",
+                                         "share_handled_after_first",
                                          "clients_blocked", "block_reasons")} for n in names}
 
 
@@ -82,7 +83,9 @@ def test_history_phase_warmed_the_restarted_envoy(report):
 def test_browser_copying_stuffing_is_recognised_and_then_refused(report):
     d = report["scenarios"]["browser_stuffing"]
     assert d["first_block_request"] is not None and d["first_block_request"] <= 200, describe(report["scenarios"], ["browser_stuffing"])
-    assert d["share_blocked_after_first"] >= 0.95, describe(report["scenarios"], ["browser_stuffing"])
+    # Refused, or (on accounts that exist, nothing specific to the attempt)
+    # told `high` so the application asks for a second factor (issue 20).
+    assert d["share_handled_after_first"] >= 0.95, describe(report["scenarios"], ["browser_stuffing"])
 
 
 def test_real_users_log_in_during_the_browser_copying_attack(report):

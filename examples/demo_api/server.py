@@ -44,6 +44,11 @@ ADJECTIVES = ["Sturdy", "Shiny", "Compact", "Deluxe", "Rustic", "Quiet", "Rapid"
 NOUNS = ["Widget", "Gadget", "Lamp", "Kettle", "Backpack", "Notebook", "Speaker", "Chair"]
 
 
+# The API keys this API issued to its partners (x-api-key); any other value
+# is unknown to it.
+API_KEYS = frozenset({"partner-key-1", "partner-key-2"})
+
+
 class HTTPError(Exception):
     """Raised by handlers; turned into a JSON error response."""
 
@@ -161,7 +166,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
 
     def credential_valid(self):
-        """The request's bearer token is one this API issued (and unexpired)."""
+        """The request's bearer token is one this API issued (and unexpired),
+        or its x-api-key one of the API keys it gave its partners."""
+        if self.headers.get("x-api-key", "").strip() in API_KEYS:
+            return True
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "bearer" and self.server.tokens.verify(token.strip()) is not None
 

@@ -149,6 +149,12 @@ impl DistributedStuffingConfig {
 pub const BASELINE_TAU_MS: f64 = 3_600_000.0;
 /// Judged logins during which the baseline stays at the prior.
 pub const WARM_UP: u32 = 50;
+/// The highest failure-ratio baseline the endpoint learns: an attacker who
+/// fails on purpose right after a restart (while the baseline is learned)
+/// could otherwise lift it to where no attack line can be crossed (with the
+/// default `attack_factor` 2.5, a baseline of 0.4 puts the line at 1). The
+/// scorer clamps the fleet's baselines alike.
+pub const MAX_BASELINE: f32 = 0.35;
 /// "Unknown account" is evidence only while the endpoint's real logins are
 /// to unknown accounts at most this often.
 pub const UNKNOWN_RARE: f32 = 0.25;
@@ -331,12 +337,13 @@ impl DistributedStuffing {
             endpoint.learning_mean += (ratio - endpoint.learning_mean) * step;
             endpoint.unknown_baseline += (unknown_share - endpoint.unknown_baseline) * step;
             if n == WARM_UP {
-                endpoint.baseline = endpoint.learning_mean;
+                endpoint.baseline = endpoint.learning_mean.min(MAX_BASELINE);
             }
             return;
         }
         let alpha = ((1.0 - (-since_ms / BASELINE_TAU_MS).exp()) as f32).clamp(0.0, 1.0);
         endpoint.baseline += alpha * (ratio - endpoint.baseline);
+        endpoint.baseline = endpoint.baseline.min(MAX_BASELINE);
         endpoint.unknown_baseline += alpha * (unknown_share - endpoint.unknown_baseline);
     }
 
@@ -395,6 +402,23 @@ mod tests {
         }
         assert!((e.baseline - 0.15).abs() < 0.05, "{}", e.baseline);
         assert!(!d.learning(&e));
+    }
+
+    #[test]
+    fn an_attacker_failing_through_the_warm_up_cannot_lift_the_baseline_out_of_reach() {
+        let d = detector();
+        let mut e = EndpointRecord::default();
+        // Right after a restart, every judged window ~49 % failures.
+        for i in 0..3000u64 {
+            d.on_outcome(&mut e, i % 100 < 49, Some(false), 1_000_000 + i * 100);
+        }
+        assert!(e.baseline <= MAX_BASELINE, "{}", e.baseline);
+        // Then the real attack, 95 % failures, is still one.
+        let t = 1_000_000 + 3000 * 100;
+        for i in 0..400u64 {
+            d.on_outcome(&mut e, i % 20 != 0, Some(false), t + i * 10);
+        }
+        assert!(e.under_attack(t + 4000), "{e:?}");
     }
 
     #[test]

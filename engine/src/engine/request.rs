@@ -36,6 +36,21 @@ struct Look<'a> {
     page: Option<u32>,
     mode: Mode,
     anonymous: bool,
+    /// The request carries a credential the API has not verified or
+    /// accepted yet (it stays anonymous unless its client logged in).
+    unaccepted_credential: bool,
+}
+
+/// Which record a request is judged on: the identity's own (limits × 1), or
+/// its address's pool of new identities (limits × the pool's scale).
+#[derive(Clone, Copy)]
+struct Budget {
+    scale: f64,
+    pool: bool,
+}
+
+impl Budget {
+    const OWN: Budget = Budget { scale: 1.0, pool: false };
 }
 
 /// What the count stage found outside the client's record.
@@ -44,6 +59,8 @@ struct Counted {
     session_hash: Option<u64>,
     session_signal: Signal,
     group_state: Option<GroupState>,
+    /// The record judged and its budget (set per record).
+    budget: Budget,
 }
 
 impl Engine {
@@ -70,11 +87,12 @@ impl Engine {
         // Only a credential the API verified or accepted lifts the client
         // from the anonymous limits: anyone can send an invented one.
         look.anonymous = self.has_anonymous_limits() && !seen.accepted;
+        look.unaccepted_credential = look.anonymous && seen.hash.is_some();
         if !seen.accepted && self.identity.accepted_credential_header.is_some() {
             exchange.session_to_accept = seen.hash;
         }
         let group_state = self.count_route_groups(store, look.routes, now_ms);
-        let counted = Counted { session_hash, session_signal, group_state };
+        let counted = Counted { session_hash, session_signal, group_state, budget: Budget::OWN };
         let mut snapshot: Option<ClientRecord> = None;
         let mut attempt_seen = look.attempt;
         // A quiet client's request stays in this worker's view (see `tiers`).
@@ -85,11 +103,11 @@ impl Engine {
         };
         // 2. penalty, 4. detect, 5. decide: on the record judged (the
         // identity's own, or its address's pool), limits times `scale`.
-        let mut judge = |record: &mut ClientRecord, scale: f64| {
+        let mut judge = |record: &mut ClientRecord, budget: Budget| {
             if let Some(penalized) = self.penalized(record, now_ms) {
                 return (penalized, false);
             }
-            let signal = self.detect(record, facts, &look, &counted, &mut attempt_seen, now_ms, scale);
+            let signal = self.detect(record, facts, &look, &Counted { budget, ..counted }, &mut attempt_seen, now_ms);
             let outcome = self.apply(record, signal, now_ms);
             if self.callouts.is_some() {
                 snapshot = Some(*record);
@@ -100,7 +118,7 @@ impl Engine {
             let young = !self.returning(record, now_ms);
             let newcomer = young && record.requests < NEWCOMER_REQUESTS;
             let mark = record.last_seen_ms / CROWD_MARK_MS != now_ms / CROWD_MARK_MS;
-            let (outcome, write) = judge(record, 1.0);
+            let (outcome, write) = judge(record, Budget::OWN);
             ((outcome, young, newcomer, mark), write)
         });
         let (updated, pooled) = match (own, self.pool_key(client, agent)) {
@@ -116,7 +134,7 @@ impl Engine {
                             // as soon as the burst ends (no box on newcomers
                             // arriving after it).
                             let scale = self.pool_scale(record, now_ms);
-                            let (outcome, write) = judge(record, scale);
+                            let (outcome, write) = judge(record, Budget { scale, pool: true });
                             (Some(outcome), write)
                         })
                         .ok()
@@ -246,6 +264,7 @@ impl Engine {
             page,
             mode,
             anonymous,
+            unaccepted_credential: false,
         }
     }
 
@@ -260,8 +279,8 @@ impl Engine {
         counted: &Counted,
         attempt: &mut Option<AttemptSignals>,
         now_ms: u64,
-        scale: f64,
     ) -> Signal {
+        let budget = counted.budget;
         if record.first_seen_ms == 0 {
             record.first_seen_ms = now_ms;
         }
@@ -287,7 +306,12 @@ impl Engine {
             record.login_attempts = record.login_attempts.saturating_add(1);
         }
         if let Some(rate) = &self.rate {
-            signal.add(rate.observe(look.routes, look.anonymous, record, now_ms, scale));
+            // A client that logged in carries the credential it was just
+            // given: keyed at once, not only after the API accepted it (its
+            // first requests with it would else count as anonymous). Never
+            // on a pool: a newcomer's login is not another's.
+            let logged_in = look.unaccepted_credential && record.login_successes > 0 && !budget.pool;
+            signal.add(rate.observe(look.routes, look.anonymous && !logged_in, record, now_ms, budget.scale));
         }
         if let (Some(e), Some(o), Some(h)) = (&self.enumeration, &look.object, look.object_hash) {
             let session = counted.session_hash.map(|h| (h & 0xffff_ffff) as u32).unwrap_or(0);
