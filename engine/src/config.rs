@@ -352,6 +352,7 @@ impl Config {
             check_header_name("client.accepted_credential_header", h)?;
         }
         check_range("client.pool_budget", c.pool_budget, 1, 1000)?;
+        check_range("client.pool_prefix_v4", c.pool_prefix_v4, 8, 32)?;
         check_range("client.max_crowd", c.max_crowd, 0, 1000)?;
         if let Some(h) = &c.api_key_header {
             check_header_name("client.api_key_header", h)?;

@@ -68,6 +68,12 @@ pub struct ClientConfig {
     /// (its returning identities are not).
     pub pool_budget: u32,
     pub max_crowd: u32,
+    /// The pool of new identities spans the IPv4 prefix of this length
+    /// (32, the default: per address; 24: addresses rotating within a /24
+    /// share one pool — but so do the neighbours of a /24, and attempts the
+    /// pool refuses are no longer seen by the login endpoint's recognition).
+    /// IPv6 clients are already grouped by `ipv6_prefix_len` (a /64).
+    pub pool_prefix_v4: u8,
     /// Header that Envoy's `header_mutation` filter, placed before this
     /// one, fills with the direct peer's address and the request's start time
     /// (value `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% %START_TIME(%s%3f)%
@@ -94,6 +100,7 @@ impl Default for ClientConfig {
             returning_after_s: 2,
             pool_budget: 4,
             max_crowd: 64,
+            pool_prefix_v4: 32,
             facts_header: None,
         }
     }
@@ -116,6 +123,17 @@ pub enum ClientAddr {
 }
 
 impl ClientAddr {
+    /// The address's IPv4 prefix of `len` bits (IPv6 and unknown as they are).
+    pub fn v4_prefix(&self, len: u8) -> ClientAddr {
+        match self {
+            ClientAddr::Ip(IpAddr::V4(v4)) => {
+                let mask = u32::MAX.checked_shl(32u32.saturating_sub(u32::from(len.min(32)))).unwrap_or(0);
+                ClientAddr::Ip(IpAddr::V4((u32::from(*v4) & mask).into()))
+            }
+            other => *other,
+        }
+    }
+
     /// Bytes hashed into the client key.
     pub fn key_bytes(&self) -> [u8; 17] {
         let mut out = [0u8; 17];

@@ -66,7 +66,8 @@ impl Engine {
     /// The key of the address's pool record, when the request's identity
     /// has a user agent of its own (see the module doc).
     pub(super) fn pool_key(&self, client: ClientAddr, agent: Option<u32>) -> Option<u64> {
-        agent.map(|_| self.hasher.key(DOMAIN_POOL, &client.key_bytes()))
+        let prefix = client.v4_prefix(self.config.client.pool_prefix_v4);
+        agent.map(|_| self.hasher.key(DOMAIN_POOL, &prefix.key_bytes()))
     }
 
     /// Whether an identity's record shows it returning: seen before, at

@@ -800,3 +800,29 @@ fn a_client_that_failed_on_an_account_then_gets_in_is_a_takeover() {
     let (refused, _, answer) = valid_login(&e, &s, "203.0.113.77", FIREFOX, "GB", T0 + 10_000);
     assert!(refused || answer.is_some_and(|a| a.action == Action::Block && a.reasons_header().contains("account_takeover")));
 }
+
+#[test]
+fn a_slash_24_pool_holds_an_address_rotating_within_it() {
+    // With client.pool_prefix_v4 = 24 new identities anywhere in the /24
+    // share one pool: a flood rotating both address and user agent is cut.
+    let json = SHIPPED_RATE.replace(r#""client":{"#, r#""client":{"pool_prefix_v4":24,"#);
+    let (e, s) = (engine(&json), MemoryStore::new());
+    e.table().create_shards(&s).unwrap();
+    let refused: Vec<bool> = (0..600u64)
+        .map(|i| {
+            let xff = format!("203.0.113.{}", i % 250 + 1);
+            get(&e, &s, &xff, &rotated_agent(i), "/api/products", T0 + i * 1000 / 150).action == Action::Block
+        })
+        .collect();
+    let first = refused.iter().position(|&r| r).unwrap();
+    let later = &refused[first + 1..];
+    let share = later.iter().filter(|&&r| r).count() as f64 / later.len() as f64;
+    assert!(first < 100 && share >= 0.9, "cut at {first}, {:.1} % later refused", share * 100.0);
+    // Per address (the default), the same flood spreads over 250 pools.
+    let (e, s) = (engine(SHIPPED_RATE), MemoryStore::new());
+    e.table().create_shards(&s).unwrap();
+    let refused = (0..600u64)
+        .filter(|&i| get(&e, &s, &format!("203.0.113.{}", i % 250 + 1), &rotated_agent(i), "/api/products", T0 + i * 1000 / 150).action == Action::Block)
+        .count();
+    assert_eq!(refused, 0, "each address alone stays under its limits");
+}
