@@ -1,7 +1,7 @@
 //! Request rate per client over sliding windows, per route group.
 //!
 //! Scenario, in short:
-//! - counts: requests (only those without credentials for an `anonymous_only` limit);
+//! - counts: requests (for an `anonymous_only` limit, only those without a verified or accepted credential);
 //! - grouped by: client (address, + user-agent tag when configured), per limit and its route group;
 //! - over: sliding `rate.limits[].window_s`;
 //! - over the threshold: `rate_limit`, `weight` per request over `requests` (`shed` by default: the excess is refused with 429, no penalty box).
@@ -55,9 +55,12 @@ pub struct RateLimit {
     /// Risk added for each request over the limit.
     #[serde(default = "default_weight")]
     pub weight: f32,
-    /// Count only requests without credentials (no `Authorization`, no API
-    /// key header, no session cookie): a tight limit for anonymous floods
-    /// that logged-in users behind one NAT address never share.
+    /// Count only requests without a credential the API verified or
+    /// accepted (`client.verified_subject_header`,
+    /// `client.accepted_credential_header`, or one its client just logged in
+    /// to get; an invented `Authorization`, API key or cookie counts): a
+    /// tight limit for anonymous floods that logged-in users behind one NAT
+    /// address never share.
     #[serde(default)]
     pub anonymous_only: bool,
 }
