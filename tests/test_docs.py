@@ -228,6 +228,22 @@ def same(expected, actual, path="") -> list[str]:
     return [] if expected == actual else [f"{path or 'value'}: {actual!r} printed, {expected!r} shown"]
 
 
+def one_refusal_later(shown: list[str], got: list[str]) -> bool:
+    """A run of statuses whose first refusal came one or two attempts after
+    the one shown: the stuffing detector counts usernames in a 64-bit sketch
+    (linear counting, docs/detectors/credential-stuffing.md) whose hash key
+    is random per process; two of six usernames share a bit in ~21 % of
+    runs (one later), two pairs of seven in ~3 % (two later), three of
+    eight in ~0.2 %. The README says so next to the command."""
+    codes = lambda xs: all(x.isdigit() and len(x) == 3 for x in xs)
+    if not (codes(shown) and codes(got)) or len(shown) != len(got):
+        return False
+    first = next((i for i, x in enumerate(shown) if x != shown[0]), None)
+    if first is None:
+        return False
+    return any(got == shown[:first] + [shown[0]] * late + shown[first:len(shown) - late] for late in (1, 2))
+
+
 def compare(expected: list[str], printed: list[str]) -> list[str]:
     if len(expected) != len(printed):
         return [f"{len(printed)} lines printed, {len(expected)} shown: {printed!r}"]
@@ -238,9 +254,18 @@ def compare(expected: list[str], printed: list[str]) -> list[str]:
                 problems += same(json.loads(shown), json.loads(got))
             except ValueError:
                 problems.append(f"not JSON: {got!r} (shown: {shown!r})")
-        elif shown.split() != got.split():
+        elif shown.split() != got.split() and not one_refusal_later(shown.split(), got.split()):
             problems.append(f"{got!r} printed, {shown!r} shown")
     return problems
+
+
+def test_a_refusal_one_attempt_later_is_the_only_tolerance():
+    shown = "401 401 401 401 401 403 403 403".split()
+    assert one_refusal_later(shown, "401 401 401 401 401 401 403 403".split())
+    assert one_refusal_later(shown, "401 401 401 401 401 401 401 403".split())
+    assert not one_refusal_later(shown, "401 401 401 401 401 401 401 401".split())
+    assert not one_refusal_later(shown, "401 401 401 401 403 403 403 403".split())
+    assert not one_refusal_later(shown, "401 401 401 401 401 429 403 403".split())
 
 
 def test_try_it_commands_print_what_the_readme_shows(tmp_path):
