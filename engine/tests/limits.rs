@@ -133,6 +133,7 @@ fn verdicts(n: usize) -> FleetVerdicts {
                 until_ms: 2_000_000_000_000,
             })
             .collect(),
+        ..FleetVerdicts::default()
     }
 }
 

@@ -274,7 +274,7 @@ impl Engine {
             .collect();
         let items = (accounts.len() + baselines.len() + profiles.len() + samples.len()) as u64;
         let mut batch =
-            EventBatch { version: WIRE_VERSION, known_accounts: accounts, baselines, profiles, dropped, samples };
+            EventBatch { version: WIRE_VERSION, known_accounts: accounts, baselines, profiles, dropped, samples, ..EventBatch::default() };
         // Within the scorer's byte limit whatever the names: what does not
         // fit is dropped and counted (an account comes back with its next success).
         loop {
