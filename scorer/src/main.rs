@@ -189,15 +189,21 @@
 //! every 30 s when it changed and at shutdown. See `known.rs`.
 
 mod access;
+mod allow;
 mod app;
+mod audit;
 mod bounded;
 mod clock;
 mod config;
 mod dashboard;
+mod decisions;
+mod fleetview;
 mod known;
 mod metrics;
 mod model;
 mod models;
+mod operator;
+mod ops_store;
 mod profiles;
 mod quota;
 mod sample_log;
