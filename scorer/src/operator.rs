@@ -605,3 +605,198 @@ async fn stream(
     )
         .into_response()
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::decisions::tests::event;
+    use crate::metrics::Metrics;
+    use crate::models::Models;
+    use crate::scoring::Policy;
+    use crate::store::Fleet;
+    use abuse_engine::wire::{EventBatch, FleetVerdict, FleetVerdicts, SECRET_HEADER, WIRE_VERSION};
+    use axum::extract::ConnectInfo;
+    use axum::http::Request;
+    use serde_json::Value;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "0f4c1e2d3b5a69788796a5b4c3d2e1f00f4c1e2d3b5a69788796a5b4c3d2e1f0";
+    const SECRET: &str = "filters-secret";
+
+    fn app() -> Arc<App> {
+        Arc::new(
+            App::new(
+                Some(SECRET),
+                Policy::new(100.0, 30),
+                Models::new(crate::model::Params::default()),
+                Fleet::memory(),
+                Metrics::new().unwrap(),
+                PathBuf::from("unused"),
+            )
+            .with_operator_token(Some(TOKEN)),
+        )
+    }
+
+    async fn call(app: &Arc<App>, method: &str, path: &str, auth: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {a}"));
+        }
+        req = req.header(SECRET_HEADER, SECRET).header(OPERATOR_HEADER, "alice");
+        let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
+        let mut req = req.header(header::CONTENT_TYPE, "application/json").body(body).unwrap();
+        req.extensions_mut().insert(ConnectInfo("10.0.0.9:5000".parse::<SocketAddr>().unwrap()));
+        let resp = crate::app::router(app.clone()).oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn post_batch(app: &Arc<App>, decisions: Vec<abuse_engine::wire::DecisionEvent>, dropped: u64) -> Value {
+        let batch = EventBatch { version: WIRE_VERSION, decisions, decisions_dropped: dropped, ..EventBatch::default() };
+        let (s, v) = call(app, "POST", "/v1/events", None, Some(serde_json::to_value(batch).unwrap())).await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    #[tokio::test]
+    async fn every_operator_route_needs_the_token() {
+        let app = app();
+        let routes = [
+            ("GET", "/v1/decisions?client=203.0.113.7"),
+            ("GET", "/v1/decisions/a-1"),
+            ("DELETE", "/v1/decisions?client=203.0.113.7"),
+            ("GET", "/v1/decisions/stream"),
+            ("GET", "/v1/allow"),
+            ("POST", "/v1/allow"),
+            ("DELETE", "/v1/allow/al-1"),
+            ("GET", "/v1/audit"),
+        ];
+        for (m, p) in routes {
+            assert_eq!(call(&app, m, p, None, None).await.0, 401, "{m} {p}");
+            assert_eq!(call(&app, m, p, Some("wrong"), None).await.0, 401, "{m} {p}");
+            assert_eq!(call(&app, m, p, Some(SECRET), None).await.0, 401, "{m} {p}: the filters' secret is not the token");
+        }
+        assert_eq!(app.metrics.errors.with_label_values(&["operator_unauthorized"]).get(), 24);
+        assert_eq!(app.ops.audit_log(&app.fleet, now_ms()).await.0.len(), 0, "nothing changed");
+    }
+
+    #[tokio::test]
+    async fn a_clients_story_and_an_unblock_that_sticks() {
+        let app = app();
+        let t = now_ms();
+        let mut tagged = event("e1-0-2", "203.0.113.7#1a2b3c4d", "shed", t);
+        tagged.agent = Some("1a2b3c4d".into());
+        let mut bad = event("bad id", "203.0.113.7", "block", t);
+        bad.time_ms = t;
+        let answer = post_batch(&app, vec![event("e1-0-1", "203.0.113.7", "block", t), tagged, bad], 3).await;
+        assert_eq!(answer["accepted"], 2);
+        post_batch(&app, vec![event("e1-0-1", "203.0.113.7", "penalty", t + 100)], 0).await;
+        let m = &app.metrics;
+        assert_eq!(m.decisions.with_label_values(&["stored"]).get(), 2);
+        assert_eq!(m.decisions.with_label_values(&["aggregated"]).get(), 1);
+        assert_eq!(m.decisions_dropped.with_label_values(&["filter"]).get(), 3);
+        assert_eq!(m.decisions_dropped.with_label_values(&["scorer"]).get(), 1);
+
+        let (s, story) = call(&app, "GET", "/v1/decisions?client=203.0.113.7", Some(TOKEN), None).await;
+        assert_eq!(s, 200);
+        assert_eq!(story["decisions"].as_array().unwrap().len(), 2);
+        assert_eq!(story["decisions"][0]["decision"]["id"], "e1-0-2", "newest first");
+        assert_eq!(story["decisions"][1]["penalty_hits"], 7);
+        assert_eq!(story["decisions"][1]["decision"]["reasons"][0]["text"], "29 failed-login usernames in 600 s; limit 5");
+        assert_eq!(story["state"]["penalty_until_ms"], t + 60_000);
+        let (s, one) = call(&app, "GET", "/v1/decisions/e1-0-1", Some(TOKEN), None).await;
+        assert_eq!((s, one["decision"]["reasons"][0]["value"].as_f64()), (200, Some(29.0)));
+        assert_eq!(call(&app, "GET", "/v1/decisions/nope", Some(TOKEN), None).await.0, 404);
+        assert_eq!(call(&app, "GET", "/v1/decisions?id=e1-0-2", Some(TOKEN), None).await.1["decisions"][0]["decision"]["action"], "shed");
+        // By the API key as the operator has it: hashed here as the filters hash it.
+        let key = app.names.credential("key", "raw-partner-key").unwrap();
+        let mut keyed = event("e1-0-3", "198.51.100.4", "block", t);
+        keyed.session = Some(key.clone());
+        post_batch(&app, vec![keyed], 0).await;
+        let by_key = call(&app, "GET", "/v1/decisions?api_key=raw-partner-key", Some(TOKEN), None).await.1;
+        assert_eq!(by_key["decisions"][0]["decision"]["id"], "e1-0-3");
+        assert_eq!(call(&app, "GET", &format!("/v1/decisions?api_key={key}"), Some(TOKEN), None).await.1, by_key);
+
+        // A fleet block the scorer holds: the unblock forgets it.
+        let before = app.fleet.verdicts_since(0, t).await.next;
+        app.fleet.record_verdict(&FleetVerdict { client: "203.0.113.7#1a2b3c4d".into(), reasons: vec![], until_ms: t + 600_000 }, t).await;
+        let (s, un) = call(&app, "DELETE", "/v1/decisions?client=203.0.113.7&quiet_s=120&note=customer%20call", Some(TOKEN), None).await;
+        assert_eq!(s, 200, "{un}");
+        let lifted: Vec<&str> = un["lifted"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(lifted, vec!["203.0.113.7", "203.0.113.7#1a2b3c4d", "203.0.113.7#pool"]);
+        let (_, polled) = call(&app, "GET", &format!("/v1/verdicts?since={before}"), None, None).await;
+        let polled: FleetVerdicts = serde_json::from_value(polled).unwrap();
+        assert!(polled.verdicts.is_empty(), "the lifted client's block is gone: {polled:?}");
+        assert_eq!(polled.lifts.len(), 3);
+        assert!(polled.lifts.iter().all(|l| l.quiet_until_ms >= t + 120_000));
+        assert_eq!(polled.next, un["cursor"].as_u64().unwrap());
+        assert!(app.fleet.blocked("203.0.113.7#1a2b3c4d", t).await.is_none());
+        let state = call(&app, "GET", "/v1/decisions?client=203.0.113.7", Some(TOKEN), None).await.1["state"].clone();
+        assert_eq!(state["penalty_until_ms"], 0, "lifted: {state}");
+        assert!(state["quiet_until_ms"].as_u64().unwrap() >= t + 120_000);
+        let audit = call(&app, "GET", "/v1/audit", Some(TOKEN), None).await.1;
+        assert_eq!(audit["records"][0]["author"], "alice");
+        assert_eq!(audit["records"][0]["note"], "customer call");
+        assert_eq!(audit["records"][0]["change"]["unblock"]["labels"].as_array().unwrap().len(), 3);
+        for bad in ["client=nope", "client=203.0.113.7&quiet_s=999999", "client=1.2.3.4%23zz", "client=1.2.3.4&reason=a%20b"] {
+            assert_eq!(call(&app, "DELETE", &format!("/v1/decisions?{bad}"), Some(TOKEN), None).await.0, 400, "{bad}");
+        }
+        assert_eq!(call(&app, "GET", "/v1/decisions?client=1.2.3.4&id=x", Some(TOKEN), None).await.0, 400);
+        assert_eq!(call(&app, "GET", "/v1/decisions?limit=0", Some(TOKEN), None).await.0, 400);
+    }
+
+    #[tokio::test]
+    async fn allow_entries_reach_every_poll_lift_and_are_audited() {
+        let app = app();
+        let t = now_ms();
+        post_batch(&app, vec![event("e2-0-1", "198.51.100.7", "block", t)], 0).await;
+        let new = serde_json::json!({"kind": "cidr", "value": "198.51.100.0/24", "ttl_s": 3600, "note": "partner X"});
+        let (s, added) = call(&app, "POST", "/v1/allow", Some(TOKEN), Some(new)).await;
+        assert_eq!(s, 201, "{added}");
+        let id = added["entry"]["id"].as_str().unwrap().to_string();
+        assert_eq!(added["entry"]["author"], "alice");
+        assert!(added["lifted"].as_array().unwrap().iter().any(|l| l == "198.51.100.7"), "{added}");
+        let polled: FleetVerdicts = serde_json::from_value(call(&app, "GET", "/v1/verdicts?since=0", None, None).await.1).unwrap();
+        assert_eq!(polled.allows.len(), 1);
+        assert_eq!((polled.allows[0].kind.as_str(), polled.allows[0].value.as_str()), ("cidr", "198.51.100.0/24"));
+        assert!(polled.lifts.iter().any(|l| l.client == "198.51.100.7"));
+        let story = call(&app, "GET", "/v1/decisions?client=198.51.100.7", Some(TOKEN), None).await.1;
+        assert_eq!(story["state"]["allowed_by"][0], id.as_str());
+        for bad in [
+            serde_json::json!({"kind": "cidr", "value": "0.0.0.0/0"}),
+            serde_json::json!({"kind": "cidr", "value": "1.2.3.4", "ttl_s": 10}),
+            serde_json::json!({"kind": "agent", "value": "not-hex"}),
+            serde_json::json!({"kind": "api_key", "value": "k", "extra": 1}),
+        ] {
+            assert_eq!(call(&app, "POST", "/v1/allow", Some(TOKEN), Some(bad.clone())).await.0, 400, "{bad}");
+        }
+        // The removal comes strictly after the addition's millisecond.
+        let after_add = added["entry"]["created_ms"].as_u64().unwrap();
+        while now_ms() <= after_add {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let (s, removed) = call(&app, "DELETE", &format!("/v1/allow/{id}?note=contract%20ended"), Some(TOKEN), None).await;
+        assert_eq!((s, removed["removed"]["id"].as_str()), (200, Some(id.as_str())));
+        assert_eq!(call(&app, "DELETE", &format!("/v1/allow/{id}"), Some(TOKEN), None).await.0, 404);
+        assert!(call(&app, "GET", "/v1/allow", Some(TOKEN), None).await.1["allows"].as_array().unwrap().is_empty());
+        let polled: FleetVerdicts = serde_json::from_value(call(&app, "GET", "/v1/verdicts?since=0", None, None).await.1).unwrap();
+        assert!(polled.allows.is_empty());
+        // The list as it stood: with the entry between add and removal.
+        let then = call(&app, "GET", &format!("/v1/audit?at={after_add}"), Some(TOKEN), None).await.1;
+        assert_eq!(then["allows"][0]["id"], id.as_str(), "{then}");
+        let before = call(&app, "GET", &format!("/v1/audit?at={}", t - 1), Some(TOKEN), None).await.1;
+        assert!(before["allows"].as_array().unwrap().is_empty());
+        let kinds: Vec<String> = call(&app, "GET", "/v1/audit", Some(TOKEN), None).await.1["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["change"].as_object().unwrap().keys().next().unwrap().clone())
+            .collect();
+        assert_eq!(kinds, vec!["allow_remove", "unblock", "allow_add"]);
+        assert_eq!(app.metrics.operator_changes.with_label_values(&["allow_add"]).get(), 1);
+    }
+}

@@ -487,6 +487,23 @@ pub(crate) mod tests {
             all.verdicts.len() + first.verdicts.len()
         );
 
+        // Lifts ride the same cursor, after the verdicts; forgetting a
+        // client removes its block and its verdicts from the log.
+        let lift = FleetLift { client: "x".into(), reasons: vec![], quiet_until_ms: t0 + 120_000 };
+        let c3 = store.record_lift(&lift, t0).await.unwrap();
+        assert!(c3 > c2);
+        let polled = store.verdicts_since(c2, t0).await.unwrap();
+        assert_eq!((polled.lifts.clone(), polled.next), (vec![lift.clone()], c3));
+        assert!(polled.verdicts.is_empty());
+        store.forget(&["x".to_string()]).await.unwrap();
+        assert!(store.blocked("x", t0 + 1).await.unwrap().is_none());
+        let from_start = store.verdicts_since(first.next, t0).await.unwrap();
+        assert!(from_start.verdicts.iter().all(|v| v.client != "x"), "{from_start:?}");
+        assert_eq!(from_start.lifts, vec![lift.clone()]);
+        // A lift is handed out for a day, or to its quiet period's end.
+        let day = super::super::LIFT_KEEP_MS;
+        assert!(store.verdicts_since(c2, t0 + day + 1).await.unwrap().lifts.is_empty());
+
         warm_contract(store, t0).await;
         profile_contract(store, t0).await;
     }
