@@ -195,6 +195,7 @@ mod audit;
 mod bounded;
 mod clock;
 mod config;
+mod ctl;
 mod dashboard;
 mod decisions;
 mod fleetview;
@@ -224,7 +225,14 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = config::Cli::parse();
+    let mut cli = config::Cli::parse();
+    if let Some(config::Command::Ctl(ctl)) = cli.command.take() {
+        // Blocking HTTP calls: off the runtime's worker.
+        let token = cli.operator_token().map(str::to_string);
+        return tokio::task::spawn_blocking(move || ctl::run(&ctl, token.as_deref()))
+            .await
+            .unwrap_or(ExitCode::FAILURE);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
