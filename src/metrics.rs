@@ -37,9 +37,12 @@ pub enum Counter {
     WarmShards,
     SamplesSent,
     AnomalyFlags,
+    DecisionsSent,
+    DecisionsDropped,
+    LiftsApplied,
 }
 
-const FIXED: [(Counter, &str); 25] = [
+const FIXED: [(Counter, &str); 28] = [
     (Counter::Requests, "abuse_filter.requests"),
     (Counter::Allow, "abuse_filter.decisions.allow"),
     (Counter::Tag, "abuse_filter.decisions.tag"),
@@ -65,6 +68,9 @@ const FIXED: [(Counter, &str); 25] = [
     (Counter::WarmShards, "abuse_filter.scorer.warm_shards"),
     (Counter::SamplesSent, "abuse_filter.scorer.samples_sent"),
     (Counter::AnomalyFlags, "abuse_filter.scorer.anomaly_flags_applied"),
+    (Counter::DecisionsSent, "abuse_filter.decision_events.sent"),
+    (Counter::DecisionsDropped, "abuse_filter.decision_events.dropped"),
+    (Counter::LiftsApplied, "abuse_filter.operator.lifts_applied"),
 ];
 
 /// Per reason: requests on which its detector fired, and requests blocked

@@ -83,7 +83,18 @@ pub struct Verdict {
     /// The mode in force for this request (global, or its route group's).
     pub mode: Mode,
     pub callout: CalloutPlan,
+    /// The decision's id (0: none): the box's, or one minted for this decision.
+    pub decision: u64,
+    /// The id as the refusal shows it (`x-abuse-decision`, `decision_id`).
+    pub decision_id: Option<String>,
+    /// The detectors' figures behind `fired`.
+    pub figures: Figures,
+    /// In the penalty box until (ms; 0: not boxed).
+    pub penalty_until_ms: u64,
 }
+
+/// A signal's figures, as a verdict carries them.
+pub type Figures = [Option<(crate::reason::Reason, crate::detectors::Figure)>; crate::detectors::MAX_FIGURES];
 
 impl Verdict {
     pub fn allow(client: ClientAddr) -> Verdict {
@@ -108,6 +119,10 @@ impl Verdict {
             on_response: false,
             mode: Mode::Monitor,
             callout: CalloutPlan::NotAsked,
+            decision: 0,
+            decision_id: None,
+            figures: Figures::default(),
+            penalty_until_ms: 0,
         }
     }
 
@@ -133,12 +148,14 @@ impl Verdict {
         self.reasons.names().join(",")
     }
 
-    /// Body of the local reply: `{"error","reasons","retry_after_s"}`.
+    /// Body of the local reply: `{"error","reasons","retry_after_s","decision_id"}`
+    /// (the id is what a refused user quotes to support).
     pub fn block_body(&self) -> String {
         json!({
             "error": "request blocked",
             "reasons": self.reasons.names(),
             "retry_after_s": self.retry_after_s,
+            "decision_id": self.decision_id,
         })
         .to_string()
     }
@@ -160,6 +177,7 @@ impl Verdict {
             "retry_after_s": self.retry_after_s,
             "method": method,
             "path": path,
+            "decision_id": self.decision_id,
         })
         .to_string()
     }
