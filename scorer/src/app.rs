@@ -267,9 +267,10 @@ impl App {
         let mut events = Vec::with_capacity(batch.decisions.len());
         let mut clamped = 0;
         for d in &batch.decisions {
-            match decisions::check(d) {
+            let mut d = d.clone();
+            decisions::clamp_path(&mut d);
+            match decisions::check(&d) {
                 Ok(()) => {
-                    let mut d = d.clone();
                     clamped += u64::from(decisions::clamp_time(&mut d, now));
                     events.push(d);
                 }

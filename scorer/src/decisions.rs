@@ -43,6 +43,8 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1_000;
 /// An event stamped later than this past the scorer's clock is stamped now.
 const FUTURE_SLACK_MS: u64 = 60_000;
+/// Longest path template kept.
+pub const MAX_PATH: usize = 256;
 
 const ACTIONS: [&str; 4] = ["block", "shed", "tag", "penalty"];
 const MODES: [&str; 2] = ["block", "monitor"];
@@ -168,7 +170,7 @@ pub fn check(d: &DecisionEvent) -> Result<(), String> {
         printable(g, 64, "route_group")?;
     }
     printable(&d.method, 16, "method")?;
-    printable(&d.path, 256, "path")?;
+    printable(&d.path, MAX_PATH, "path")?;
     if !ACTIONS.contains(&d.action.as_str()) {
         return Err("`action` must be block, shed, tag or penalty".into());
     }
@@ -190,6 +192,20 @@ pub fn check(d: &DecisionEvent) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Cuts an over-long path template (at a character boundary) rather than
+/// lose the decision for it; whether it did.
+pub fn clamp_path(d: &mut DecisionEvent) -> bool {
+    if d.path.len() <= MAX_PATH {
+        return false;
+    }
+    let mut end = MAX_PATH;
+    while !d.path.is_char_boundary(end) {
+        end -= 1;
+    }
+    d.path.truncate(end);
+    true
 }
 
 /// Stamps an event from the future now (a filter's clock ahead of ours
@@ -577,7 +593,6 @@ pub(crate) mod tests {
             DecisionEvent { mode: "x".into(), ..event("x", "1.2.3.4", "block", t) },
             DecisionEvent { client: "9.9.9.9".into(), ..event("x", "1.2.3.4", "block", t) },
             DecisionEvent { session: Some("raw-cookie-value".into()), ..event("x", "1.2.3.4", "block", t) },
-            DecisionEvent { path: "/".repeat(300), ..event("x", "1.2.3.4", "block", t) },
             DecisionEvent { risk: f32::NAN, ..event("x", "1.2.3.4", "block", t) },
             DecisionEvent { reasons: vec![ReasonFigure::default(); 9], ..event("x", "1.2.3.4", "block", t) },
             DecisionEvent { credential: Some("password".into()), ..event("x", "1.2.3.4", "block", t) },
@@ -585,6 +600,8 @@ pub(crate) mod tests {
         for b in bad {
             assert!(check(&b).is_err(), "{b:?}");
         }
+        let mut long = DecisionEvent { path: "/é".repeat(200), ..event("x", "1.2.3.4", "block", t) };
+        assert!(clamp_path(&mut long) && long.path.len() <= MAX_PATH && check(&long).is_ok());
         let mut future = event("x", "1.2.3.4", "block", t + 3_600_000);
         assert!(clamp_time(&mut future, t));
         assert_eq!(future.time_ms, t);

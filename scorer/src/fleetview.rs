@@ -115,8 +115,9 @@ impl FleetView {
     /// Counts one decision event, received at `now_ms` (the scorer's
     /// clock: filters' clocks may differ).
     pub fn record(&mut self, now_ms: u64, d: &DecisionEvent) {
-        // A penalty event stands for `hits` refused requests.
-        let n = if d.action == "penalty" { u64::from(d.hits.max(1)) } else { 1 };
+        // The filter aggregates penalty refusals, sheds and tags per client
+        // per batch: one event stands for `hits` requests.
+        let n = u64::from(d.hits.max(1));
         let endpoint = format!("{} {}", d.method, d.path);
         let reasons: Vec<String> = d.reasons.iter().map(|r| r.reason.clone()).collect();
         let refused = d.mode == "block" && d.action != "tag";
@@ -154,7 +155,9 @@ impl FleetView {
             row.refusals += n;
         } else {
             row.decisions += 1;
-            row.refusals += u64::from(refused);
+            if refused {
+                row.refusals += n;
+            }
             row.last_id.clone_from(&d.id);
             row.reasons = reasons;
         }
