@@ -153,13 +153,16 @@ class Browser:
                 raise TimeoutError(f"timed out after {timeout}s waiting for {what or expression}")
             time.sleep(0.1)
 
-    def screenshot(self, path: Path, selector: str | None = None) -> bytes:
-        """A PNG of the page (or of one element, scrolled into view)."""
+    def screenshot(self, path: Path, selector: str | None = None, through: str | None = None) -> bytes:
+        """A PNG of the page, or of the region from one element's top-left
+        to another's (`through`, default the same) bottom-right."""
         params = {"format": "png", "captureBeyondViewport": True}
         if selector:
-            box = self.eval(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
-                            " const r = e.getBoundingClientRect();"
-                            " return {x: r.left + scrollX, y: r.top + scrollY, width: r.width, height: r.height}; })()")
+            box = self.eval(f"(() => {{ const a = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+                            f" const b = document.querySelector({json.dumps(through or selector)}).getBoundingClientRect();"
+                            " const x = Math.min(a.left, b.left) + scrollX, y = Math.min(a.top, b.top) + scrollY;"
+                            " return {x, y, width: Math.max(a.right, b.right) + scrollX - x,"
+                            " height: Math.max(a.bottom, b.bottom) + scrollY - y}; })()")
             params["clip"] = {**box, "scale": 1}
         data = base64.b64decode(self.send("Page.captureScreenshot", **params)["data"])
         path.parent.mkdir(parents=True, exist_ok=True)

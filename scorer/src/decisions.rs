@@ -400,87 +400,82 @@ impl Decisions {
     }
 }
 
+/// Queues the commands that keep `d` as a new record (with `hits` penalty
+/// refusals already on it) and index it.
+fn add_record(pipe: &mut redis::Pipeline, d: &DecisionEvent, hits: u32, now_ms: u64) -> Result<(), StoreError> {
+    let record = Record { decision: d.clone(), penalty_hits: 0, last_hit_ms: 0, received_ms: now_ms };
+    let json = serde_json::to_string(&record).map_err(|e| StoreError(e.to_string()))?;
+    let key = record_key(&d.id);
+    pipe.cmd("HSET")
+        .arg(&key)
+        .arg("json")
+        .arg(json)
+        .arg("hits")
+        .arg(hits)
+        .arg("last_hit_ms")
+        .arg(if hits > 0 { d.time_ms } else { 0 })
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(&key)
+        .arg(MAX_AGE_MS)
+        .ignore()
+        .cmd("ZADD")
+        .arg(ALL_KEY)
+        .arg(now_ms)
+        .arg(&d.id)
+        .ignore();
+    let mut indexes = vec![address_index(&d.address)];
+    indexes.extend(d.session.as_ref().map(|h| format!("abuse:v1:dec:s:{h}")));
+    indexes.extend(d.username.as_ref().map(|h| format!("abuse:v1:dec:u:{h}")));
+    for index in indexes {
+        pipe.cmd("ZADD")
+            .arg(&index)
+            .arg(now_ms)
+            .arg(&d.id)
+            .ignore()
+            .cmd("ZREMRANGEBYRANK")
+            .arg(&index)
+            .arg(0)
+            .arg(-(PER_KEY_CAP as i64) - 1)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&index)
+            .arg(MAX_AGE_MS)
+            .ignore();
+    }
+    Ok(())
+}
+
 async fn store_redis(conn: &ConnectionManager, events: &[DecisionEvent], now_ms: u64) -> Result<Stored, StoreError> {
     let mut stored = Stored::default();
-    // Penalties first: which of them found their decision.
-    let penalties: Vec<&DecisionEvent> = events.iter().filter(|d| d.action == "penalty").collect();
-    let mut found = Vec::new();
-    if !penalties.is_empty() {
-        let mut pipe = redis::pipe();
-        for d in &penalties {
-            pipe.cmd("EVAL")
-                .arg(ADD_HITS)
-                .arg(1)
-                .arg(record_key(&d.id))
-                .arg(d.hits)
-                .arg(d.time_ms)
-                .arg(MAX_AGE_MS);
-        }
+    // In the batch's order: the decisions first, so that a penalty in the
+    // same batch finds the block it quotes; then the penalties.
+    let (penalties, decisions): (Vec<&DecisionEvent>, Vec<&DecisionEvent>) =
+        events.iter().partition(|d| d.action == "penalty");
+    let mut pipe = redis::pipe();
+    for d in &decisions {
+        add_record(&mut pipe, d, 0, now_ms)?;
+    }
+    let mut found: Vec<i64> = Vec::new();
+    for d in &penalties {
+        pipe.cmd("EVAL").arg(ADD_HITS).arg(1).arg(record_key(&d.id)).arg(d.hits).arg(d.time_ms).arg(MAX_AGE_MS);
+    }
+    if !events.is_empty() {
         let mut c = conn.clone();
         found = bounded(async move { pipe.query_async::<Vec<i64>>(&mut c).await }).await?;
     }
+    stored.records = decisions.len() as u64;
+    // A penalty whose decision is not here (aged out, trimmed) is a record of its own.
     let mut pipe = redis::pipe();
-    let mut new = 0;
-    let mut penalty_i = 0;
-    for d in events {
-        let mut hits = 0;
-        if d.action == "penalty" {
-            let hit = found.get(penalty_i).copied().unwrap_or(0) == 1;
-            penalty_i += 1;
-            if hit {
-                stored.aggregated += 1;
-                continue;
-            }
-            hits = d.hits;
+    for (d, hit) in penalties.iter().zip(found.iter().chain(std::iter::repeat(&0))) {
+        if *hit == 1 {
+            stored.aggregated += 1;
+        } else {
+            add_record(&mut pipe, d, d.hits, now_ms)?;
+            stored.records += 1;
         }
-        let record = Record {
-            decision: d.clone(),
-            penalty_hits: 0,
-            last_hit_ms: 0,
-            received_ms: now_ms,
-        };
-        let json = serde_json::to_string(&record).map_err(|e| StoreError(e.to_string()))?;
-        let key = record_key(&d.id);
-        pipe.cmd("HSET")
-            .arg(&key)
-            .arg("json")
-            .arg(json)
-            .arg("hits")
-            .arg(hits)
-            .arg("last_hit_ms")
-            .arg(if hits > 0 { d.time_ms } else { 0 })
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(MAX_AGE_MS)
-            .ignore()
-            .cmd("ZADD")
-            .arg(ALL_KEY)
-            .arg(now_ms)
-            .arg(&d.id)
-            .ignore();
-        let mut indexes = vec![address_index(&d.address)];
-        indexes.extend(d.session.as_ref().map(|h| format!("abuse:v1:dec:s:{h}")));
-        indexes.extend(d.username.as_ref().map(|h| format!("abuse:v1:dec:u:{h}")));
-        for index in indexes {
-            pipe.cmd("ZADD")
-                .arg(&index)
-                .arg(now_ms)
-                .arg(&d.id)
-                .ignore()
-                .cmd("ZREMRANGEBYRANK")
-                .arg(&index)
-                .arg(0)
-                .arg(-(PER_KEY_CAP as i64) - 1)
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&index)
-                .arg(MAX_AGE_MS)
-                .ignore();
-        }
-        new += 1;
     }
-    if new > 0 {
+    if stored.records > 0 {
         pipe.cmd("PEXPIRE").arg(ALL_KEY).arg(MAX_AGE_MS).ignore();
         pipe.cmd("EVAL")
             .arg(TRIM_ALL)
@@ -493,7 +488,6 @@ async fn store_redis(conn: &ConnectionManager, events: &[DecisionEvent], now_ms:
         let mut c = conn.clone();
         bounded(async move { pipe.query_async::<()>(&mut c).await }).await?;
     }
-    stored.records = new;
     Ok(stored)
 }
 
@@ -618,12 +612,13 @@ pub(crate) mod tests {
         };
         let batch = vec![
             event("a-0-1", "203.0.113.7", "block", t),
+            event("a-0-1", "203.0.113.7", "penalty", t + 1),
             event("a-0-2", "203.0.113.7#1a2b3c4d", "shed", t + 1),
             event("a-0-3", "198.51.100.1", "tag", t + 2),
         ];
         let (s, r) = d.store(&batch, t).await;
         r.unwrap();
-        assert_eq!(s, Stored { records: 3, aggregated: 0 });
+        assert_eq!(s, Stored { records: 3, aggregated: 1 }, "a penalty finds its block in the same batch");
         // Penalty hits add up on the decision they quote; an unknown one is its own.
         let (s, r) = d
             .store(&[event("a-0-1", "203.0.113.7", "penalty", t + 5), event("zz-9", "192.0.2.1", "penalty", t + 6)], t + 6)
@@ -636,7 +631,7 @@ pub(crate) mod tests {
         assert_eq!(ids.len(), 2);
         assert!(ids.contains(&"a-0-1") && ids.contains(&"a-0-2"), "{ids:?}");
         let boxed = at.iter().find(|r| r.decision.id == "a-0-1").unwrap();
-        assert_eq!((boxed.penalty_hits, boxed.last_hit_ms), (7, t + 5));
+        assert_eq!((boxed.penalty_hits, boxed.last_hit_ms), (14, t + 5));
         assert_eq!(boxed.decision.reasons[0].value, 29.0);
         let label = find(Key::Label("203.0.113.7#1a2b3c4d".into())).await;
         assert_eq!(label.len(), 1);
