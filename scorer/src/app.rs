@@ -299,7 +299,9 @@ impl App {
         }
         if self.export.receiver_count() > 0 {
             for d in &events {
-                let line = serde_json::json!({ "received_ms": now, "decision": d }).to_string();
+                // The shape of a stored record: a SIEM reads one kind of line.
+                let line = serde_json::json!({ "decision": d, "penalty_hits": 0, "last_hit_ms": 0, "received_ms": now })
+                    .to_string();
                 let _ = self.export.send(Arc::from(line));
             }
         }

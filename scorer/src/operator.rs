@@ -799,4 +799,77 @@ mod tests {
         assert_eq!(kinds, vec!["allow_remove", "unblock", "allow_add"]);
         assert_eq!(app.metrics.operator_changes.with_label_values(&["allow_add"]).get(), 1);
     }
+
+    #[tokio::test]
+    async fn the_export_streams_replay_then_live_lines() {
+        use http_body_util::BodyExt;
+        let app = app();
+        let t = now_ms();
+        post_batch(&app, vec![event("s-0-1", "203.0.113.7", "block", t)], 0).await;
+        let open = |auth: bool| {
+            let app = app.clone();
+            async move {
+                let mut req = Request::get("/v1/decisions/stream?since_ms=0");
+                if auth {
+                    req = req.header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+                }
+                crate::app::router(app).oneshot(req.body(Body::empty()).unwrap()).await.unwrap()
+            }
+        };
+        assert_eq!(open(false).await.status(), 401);
+        let resp = open(true).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/x-ndjson");
+        let mut body = resp.into_body();
+        async fn next_line(body: &mut Body) -> Value {
+            let bytes = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            serde_json::from_slice::<Value>(&bytes).unwrap()
+        }
+        let replayed = next_line(&mut body).await;
+        assert_eq!(replayed["decision"]["id"], "s-0-1");
+        post_batch(&app, vec![event("s-0-2", "198.51.100.1", "shed", t)], 0).await;
+        let live = next_line(&mut body).await;
+        assert_eq!((live["decision"]["id"].as_str(), live["decision"]["action"].as_str()), (Some("s-0-2"), Some("shed")));
+        // At most MAX_STREAMS at once; a closed one gives its slot back.
+        let mut held = Vec::new();
+        for _ in 1..MAX_STREAMS {
+            held.push(open(true).await);
+        }
+        let over = open(true).await;
+        assert_eq!(over.status(), 503);
+        drop(body);
+        drop(held);
+        assert_eq!(open(true).await.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn with_redis_away_the_memory_store_answers() {
+        // A port nobody listens on: Redis "down" from the start.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let metrics = Metrics::new().unwrap();
+        let fleet = Fleet::redis(
+            &format!("redis://127.0.0.1:{port}"),
+            crate::store::FleetMetrics {
+                errors: metrics.store_errors.clone(),
+                fallbacks: metrics.store_fallbacks.clone(),
+                redis_up: metrics.redis_up.clone(),
+            },
+        )
+        .unwrap();
+        let app = Arc::new(
+            App::new(Some(SECRET), Policy::new(100.0, 30), Models::new(crate::model::Params::default()), fleet, metrics, PathBuf::from("unused"))
+                .with_operator_token(Some(TOKEN)),
+        );
+        let t = now_ms();
+        post_batch(&app, vec![event("r-0-1", "203.0.113.7", "block", t)], 0).await;
+        let story = call(&app, "GET", "/v1/decisions?client=203.0.113.7", Some(TOKEN), None).await.1;
+        assert_eq!(story["decisions"][0]["decision"]["id"], "r-0-1");
+        let (s, _) = call(&app, "DELETE", "/v1/decisions?client=203.0.113.7", Some(TOKEN), None).await;
+        assert_eq!(s, 200);
+        let new = serde_json::json!({"kind": "agent", "value": "1a2b3c4d"});
+        assert_eq!(call(&app, "POST", "/v1/allow", Some(TOKEN), Some(new)).await.0, 201);
+        let polled: FleetVerdicts = serde_json::from_value(call(&app, "GET", "/v1/verdicts?since=0", None, None).await.1).unwrap();
+        assert_eq!((polled.lifts.len(), polled.allows.len()), (2, 1));
+        assert!(app.metrics.store_fallbacks.get() >= 5, "every Redis call fell back and was counted");
+    }
 }
