@@ -73,6 +73,14 @@ def test_dashboard_shows_a_detection_caused_through_envoy(monkeypatch):
         # filter asks the scorer, the scorer records the detection.
         request(envoy.port, "GET", "/.env", {"x-forwarded-for": client})
         envoy.wait_stat("abuse_filter.scorer.answered", 1)
+        # The filter's own decision reaches the scorer on a tick batch, with
+        # its reasons, and passes the scorer's checks.
+        def story():
+            d = json.loads(request(scorer.port, "GET", f"/v1/decisions?client={client}").body)
+            return d["decisions"] and d
+        found = wait_until(story, 10, 0.2, "the decision event at the scorer")
+        assert any(r["reason"] == "probing" for r in found["decisions"][0]["decision"]["reasons"]), found
+        assert scorer.metric("abuse_scorer_decisions_dropped_total", by="scorer") == 0
         wait_until(lambda: client in request(scorer.port, "GET", "/v1/dashboard").body.decode(), 10, 0.2,
                    "the dashboard data")
 
@@ -87,7 +95,9 @@ def test_dashboard_shows_a_detection_caused_through_envoy(monkeypatch):
         bars = re.findall(r'data-bin="\d+" data-count="(\d+)"', dom)
         assert len(bars) == 20 and sum(map(int, bars)) > 0, bars
         assert "sampled clients scored" in dom
-        row = re.search(r'<tr data-client="203\.0\.113\.99">(.*?)</tr>', dom).group(1)
+        # The callouts' table (the fleet's top clients list it too, first).
+        callouts = dom[dom.index('id="top-clients"'):]
+        row = re.search(r'<tr data-client="203\.0\.113\.99">(.*?)</tr>', callouts).group(1)
         cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
         assert re.fullmatch(r"\d\.\d\d", cells[4]), f"the client's anomaly is shown: {cells}"
     finally:
