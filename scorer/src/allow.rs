@@ -7,7 +7,7 @@
 //! What an operator posts is checked here: the kind, the value's shape (a
 //! prefix no wider than /16 in IPv4 or /32 in IPv6 — wider would switch the
 //! filter off for a large part of the internet), an expiry between one
-//! minute and 90 days, bounded author and note. A raw API key is hashed
+//! second and 90 days, bounded author and note. A raw API key is hashed
 //! here with the fleet's key, exactly as the filters hash it, and never kept.
 
 use abuse_engine::hash::KeyedHasher;
@@ -16,7 +16,7 @@ pub use abuse_engine::wire::MAX_ALLOW_ENTRIES;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
-pub const MIN_TTL_S: u64 = 60;
+pub const MIN_TTL_S: u64 = 1;
 pub const MAX_TTL_S: u64 = 90 * 24 * 60 * 60;
 pub const MAX_NOTE: usize = 256;
 pub const MAX_AUTHOR: usize = 64;
@@ -37,7 +37,7 @@ pub const DOMAIN_SESSION: u8 = 7;
 pub struct NewAllow {
     pub kind: String,
     pub value: String,
-    /// How long it lasts (60 s to 90 days; default 1 day).
+    /// How long it lasts (1 s to 90 days; default 1 day).
     #[serde(default)]
     pub ttl_s: Option<u64>,
     #[serde(default)]
@@ -236,7 +236,7 @@ pub fn build(
     };
     let ttl_s = new.ttl_s.unwrap_or(86_400);
     if !(MIN_TTL_S..=MAX_TTL_S).contains(&ttl_s) {
-        return Err(format!("`ttl_s` must be {MIN_TTL_S}-{MAX_TTL_S} (1 minute to 90 days)"));
+        return Err(format!("`ttl_s` must be {MIN_TTL_S}-{MAX_TTL_S} (up to 90 days)"));
     }
     let author = check_text(new.author.as_deref().unwrap_or(author), MAX_AUTHOR, "author")?;
     Ok(AllowRecord {
@@ -290,7 +290,7 @@ mod tests {
         for (kind, value) in [("agent", "xyz"), ("ip", "1.2.3.4"), ("cidr", "10.0.0.0/8"), ("api_key", "")] {
             assert!(build(&new(kind, value), "a", &names, "x".into(), t).is_err(), "{kind} {value}");
         }
-        for ttl in [0, 59, MAX_TTL_S + 1] {
+        for ttl in [0, MAX_TTL_S + 1] {
             let n = NewAllow { ttl_s: Some(ttl), ..new("agent", "1a2b3c4d") };
             assert!(build(&n, "a", &names, "x".into(), t).unwrap_err().contains("ttl_s"));
         }

@@ -299,9 +299,9 @@ impl App {
         }
         if self.export.receiver_count() > 0 {
             for d in &events {
-                // The shape of a stored record: a SIEM reads one kind of line.
-                let line = serde_json::json!({ "decision": d, "penalty_hits": 0, "last_hit_ms": 0, "received_ms": now })
-                    .to_string();
+                // The shape of a record (as replayed): a SIEM reads one kind of line.
+                let view = decisions::RecordView { decision: d.clone(), penalty_hits: 0, last_hit_ms: 0, received_ms: now };
+                let Ok(line) = serde_json::to_string(&view) else { continue };
                 let _ = self.export.send(Arc::from(line));
             }
         }

@@ -102,7 +102,7 @@ pub enum AllowCommand {
         /// hash, a user-agent tag.
         #[arg(long)]
         value: String,
-        /// How long it lasts (60 s to 90 days).
+        /// How long it lasts (1 s to 90 days).
         #[arg(long, default_value_t = 86_400)]
         ttl_s: u64,
         #[arg(long, default_value = "")]
@@ -239,7 +239,7 @@ fn reasons_line(d: &Value) -> String {
 }
 
 fn print_record(r: &Value) {
-    let d = &r["decision"];
+    let d = r;
     println!(
         "{}  {}  {}  {}  {}/{}  {}  {} {}  {}{}",
         s(d, "id"),
@@ -257,7 +257,7 @@ fn print_record(r: &Value) {
 }
 
 fn explain(r: &Value) {
-    let d = &r["decision"];
+    let d = r;
     let line = |k: &str, v: String| {
         if !v.is_empty() {
             println!("{k:<16}{v}");

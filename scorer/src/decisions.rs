@@ -60,6 +60,23 @@ pub struct Record {
     pub received_ms: u64,
 }
 
+/// A record as the API answers it: the event's fields, flat, and what the
+/// scorer added (penalty refusals since, when it arrived).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecordView {
+    #[serde(flatten)]
+    pub decision: DecisionEvent,
+    pub penalty_hits: u64,
+    pub last_hit_ms: u64,
+    pub received_ms: u64,
+}
+
+impl From<Record> for RecordView {
+    fn from(r: Record) -> RecordView {
+        RecordView { decision: r.decision, penalty_hits: r.penalty_hits, last_hit_ms: r.last_hit_ms, received_ms: r.received_ms }
+    }
+}
+
 /// What to look records up by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {

@@ -21,7 +21,7 @@ use crate::allow::{self, check_text, AllowRecord, NewAllow, MAX_ALLOW_ENTRIES};
 use crate::app::{ApiError, App};
 use crate::audit::{allows_at, AuditRecord, Change};
 use crate::clock::now_ms;
-use crate::decisions::{address_of, valid_id, Key, Record, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::decisions::{address_of, valid_id, Key, Record, RecordView, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::ops_store::AddError;
 use abuse_engine::wire::{FleetLift, MAX_DECISION_REASONS};
 use axum::body::{Body, Bytes};
@@ -139,7 +139,7 @@ struct ClientState {
 
 #[derive(Debug, Serialize)]
 struct DecisionsAnswer {
-    decisions: Vec<Record>,
+    decisions: Vec<RecordView>,
     state: Option<ClientState>,
 }
 
@@ -270,7 +270,7 @@ impl App {
             if !valid_id(id) {
                 return Err(ApiError::bad_request("`id` must be 1-64 of [A-Za-z0-9._:-]".into()));
             }
-            let decisions = self.get_decision(id, now).await.into_iter().collect();
+            let decisions = self.get_decision(id, now).await.into_iter().map(RecordView::from).collect();
             return Ok(DecisionsAnswer { decisions, state: None });
         }
         let key = if let Some(c) = &q.client {
@@ -294,7 +294,7 @@ impl App {
             Key::Address(c) | Key::Label(c) => Some(self.client_state(c, &decisions, now).await),
             _ => None,
         };
-        Ok(DecisionsAnswer { decisions, state })
+        Ok(DecisionsAnswer { decisions: decisions.into_iter().map(RecordView::from).collect(), state })
     }
 
     /// Lifts `client` everywhere: the address itself, its pool, and every
@@ -392,7 +392,7 @@ async fn one_decision(State(app): State<Arc<App>>, peer: Peer, headers: HeaderMa
         return app.refuse(ApiError::bad_request("a decision id is 1-64 of [A-Za-z0-9._:-]".into()));
     }
     match app.get_decision(&id, now_ms()).await {
-        Some(r) => Json(r).into_response(),
+        Some(r) => Json(RecordView::from(r)).into_response(),
         None => app.refuse(ApiError::not_found("no such decision (unknown, or older than the store keeps)")),
     }
 }
@@ -581,8 +581,8 @@ async fn stream(
     let replay: Vec<Result<Bytes, std::io::Error>> = app
         .decisions
         .since_local(since, REPLAY_MAX)
-        .iter()
-        .filter_map(|r| serde_json::to_string(r).ok())
+        .into_iter()
+        .filter_map(|r| serde_json::to_string(&RecordView::from(r)).ok())
         .map(|line| Ok(Bytes::from(line + "\n")))
         .collect();
     let lagged = app.metrics.export_lagged.clone();
@@ -704,21 +704,21 @@ mod tests {
         let (s, story) = call(&app, "GET", "/v1/decisions?client=203.0.113.7", Some(TOKEN), None).await;
         assert_eq!(s, 200);
         assert_eq!(story["decisions"].as_array().unwrap().len(), 2);
-        assert_eq!(story["decisions"][0]["decision"]["id"], "e1-0-2", "newest first");
+        assert_eq!(story["decisions"][0]["id"], "e1-0-2", "newest first");
         assert_eq!(story["decisions"][1]["penalty_hits"], 7);
-        assert_eq!(story["decisions"][1]["decision"]["reasons"][0]["text"], "29 failed-login usernames in 600 s; limit 5");
+        assert_eq!(story["decisions"][1]["reasons"][0]["text"], "29 failed-login usernames in 600 s; limit 5");
         assert_eq!(story["state"]["penalty_until_ms"], t + 60_000);
         let (s, one) = call(&app, "GET", "/v1/decisions/e1-0-1", Some(TOKEN), None).await;
-        assert_eq!((s, one["decision"]["reasons"][0]["value"].as_f64()), (200, Some(29.0)));
+        assert_eq!((s, one["reasons"][0]["value"].as_f64()), (200, Some(29.0)));
         assert_eq!(call(&app, "GET", "/v1/decisions/nope", Some(TOKEN), None).await.0, 404);
-        assert_eq!(call(&app, "GET", "/v1/decisions?id=e1-0-2", Some(TOKEN), None).await.1["decisions"][0]["decision"]["action"], "shed");
+        assert_eq!(call(&app, "GET", "/v1/decisions?id=e1-0-2", Some(TOKEN), None).await.1["decisions"][0]["action"], "shed");
         // By the API key as the operator has it: hashed here as the filters hash it.
         let key = app.names.credential("key", "raw-partner-key").unwrap();
         let mut keyed = event("e1-0-3", "198.51.100.4", "block", t);
         keyed.session = Some(key.clone());
         post_batch(&app, vec![keyed], 0).await;
         let by_key = call(&app, "GET", "/v1/decisions?api_key=raw-partner-key", Some(TOKEN), None).await.1;
-        assert_eq!(by_key["decisions"][0]["decision"]["id"], "e1-0-3");
+        assert_eq!(by_key["decisions"][0]["id"], "e1-0-3");
         assert_eq!(call(&app, "GET", &format!("/v1/decisions?api_key={key}"), Some(TOKEN), None).await.1, by_key);
 
         // A fleet block the scorer holds: the unblock forgets it.
@@ -768,7 +768,7 @@ mod tests {
         assert_eq!(story["state"]["allowed_by"][0], id.as_str());
         for bad in [
             serde_json::json!({"kind": "cidr", "value": "0.0.0.0/0"}),
-            serde_json::json!({"kind": "cidr", "value": "1.2.3.4", "ttl_s": 10}),
+            serde_json::json!({"kind": "cidr", "value": "1.2.3.4", "ttl_s": 0}),
             serde_json::json!({"kind": "agent", "value": "not-hex"}),
             serde_json::json!({"kind": "api_key", "value": "k", "extra": 1}),
         ] {
@@ -826,10 +826,10 @@ mod tests {
             serde_json::from_slice::<Value>(&bytes).unwrap()
         }
         let replayed = next_line(&mut body).await;
-        assert_eq!(replayed["decision"]["id"], "s-0-1");
+        assert_eq!(replayed["id"], "s-0-1");
         post_batch(&app, vec![event("s-0-2", "198.51.100.1", "shed", t)], 0).await;
         let live = next_line(&mut body).await;
-        assert_eq!((live["decision"]["id"].as_str(), live["decision"]["action"].as_str()), (Some("s-0-2"), Some("shed")));
+        assert_eq!((live["id"].as_str(), live["action"].as_str()), (Some("s-0-2"), Some("shed")));
         // At most MAX_STREAMS at once; a closed one gives its slot back.
         let mut held = Vec::new();
         for _ in 1..MAX_STREAMS {
@@ -863,7 +863,7 @@ mod tests {
         let t = now_ms();
         post_batch(&app, vec![event("r-0-1", "203.0.113.7", "block", t)], 0).await;
         let story = call(&app, "GET", "/v1/decisions?client=203.0.113.7", Some(TOKEN), None).await.1;
-        assert_eq!(story["decisions"][0]["decision"]["id"], "r-0-1");
+        assert_eq!(story["decisions"][0]["id"], "r-0-1");
         let (s, _) = call(&app, "DELETE", "/v1/decisions?client=203.0.113.7", Some(TOKEN), None).await;
         assert_eq!(s, 200);
         let new = serde_json::json!({"kind": "agent", "value": "1a2b3c4d"});
