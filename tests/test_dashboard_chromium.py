@@ -79,7 +79,7 @@ def test_dashboard_shows_a_detection_caused_through_envoy(monkeypatch):
             d = json.loads(request(scorer.port, "GET", f"/v1/decisions?client={client}").body)
             return d["decisions"] and d
         found = wait_until(story, 10, 0.2, "the decision event at the scorer")
-        assert any(r["reason"] == "probing" for r in found["decisions"][0]["decision"]["reasons"]), found
+        assert any(r["reason"] == "probing" for r in found["decisions"][0]["reasons"]), found
         assert scorer.metric("abuse_scorer_decisions_dropped_total", by="scorer") == 0
         wait_until(lambda: client in request(scorer.port, "GET", "/v1/dashboard").body.decode(), 10, 0.2,
                    "the dashboard data")
