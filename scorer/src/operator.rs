@@ -50,6 +50,9 @@ pub const MAX_STREAMS: usize = 8;
 /// Records an export stream replays before it goes live.
 const REPLAY_MAX: usize = 1_000;
 pub const OPERATOR_HEADER: &str = "x-abuse-operator";
+/// Audit records a client's state looks through for its latest lift (the
+/// dashboard asks every 2 s: not the whole log).
+const STATE_AUDIT: usize = 1_000;
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
@@ -214,7 +217,7 @@ impl App {
 
     async fn client_state(&self, client: &str, records: &[Record], now: u64) -> ClientState {
         let address = address_of(client);
-        let (log, _) = self.ops.audit_log(&self.fleet, now).await;
+        let (log, _) = self.ops.audit_newest(&self.fleet, STATE_AUDIT, now).await;
         let lift = log.iter().find_map(|r| match &r.change {
             Change::Unblock { labels, quiet_until_ms, .. }
                 if labels.iter().any(|l| l == client || l == address) =>

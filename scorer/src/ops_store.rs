@@ -158,19 +158,26 @@ impl OpsStore {
     /// The audit log, newest first, and whether it is complete (nothing
     /// ever trimmed from it).
     pub async fn audit_log(&self, fleet: &Fleet, now_ms: u64) -> (Vec<AuditRecord>, bool) {
+        self.audit_newest(fleet, AUDIT_CAP, now_ms).await
+    }
+
+    /// The newest `n` audit records (a client's state needs only recent
+    /// lifts: a quiet period lasts a day at most), and whether the log is complete.
+    pub async fn audit_newest(&self, fleet: &Fleet, n: usize, now_ms: u64) -> (Vec<AuditRecord>, bool) {
         let local = {
             let l = self.local();
-            (l.audit.iter().cloned().collect::<Vec<_>>(), !l.trimmed)
+            (l.audit.iter().take(n).cloned().collect::<Vec<_>>(), !l.trimmed)
         };
         let Some(conn) = &self.redis else { return local };
         let mut c = conn.clone();
+        let last = i64::try_from(n).unwrap_or(i64::MAX).saturating_sub(1);
         let result = bounded(async move {
-            redis::cmd("LRANGE").arg(AUDIT_KEY).arg(0).arg(-1).query_async::<Vec<String>>(&mut c).await
+            redis::cmd("LRANGE").arg(AUDIT_KEY).arg(0).arg(last).query_async::<Vec<String>>(&mut c).await
         })
         .await;
         match fleet.redis_result("audit_log", result, now_ms) {
             Some(rows) => {
-                let complete = rows.len() < AUDIT_CAP;
+                let complete = rows.len() < n.min(AUDIT_CAP);
                 let records = rows.iter().filter_map(|j| serde_json::from_str(j).ok()).collect();
                 (records, complete)
             }
