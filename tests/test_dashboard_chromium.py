@@ -182,6 +182,8 @@ def test_dashboard_shows_the_fleet_a_clients_story_and_unblocks(tmp_path):
         story_png = browser.screenshot(tmp_path / "story.png", "#story")
 
         # The unblock button: a DELETE lands, the lift is on every poll.
+        browser.eval("const n = document.getElementById('operator-name'); n.value = 'alice';"
+                     "n.dispatchEvent(new Event('change'))")
         browser.eval("document.getElementById('unblock-quiet').value = '600';"
                      "document.getElementById('unblock-note').value = 'customer called: shared office NAT'")
         browser.eval("document.getElementById('unblock-button').click()")
@@ -197,6 +199,7 @@ def test_dashboard_shows_the_fleet_a_clients_story_and_unblocks(tmp_path):
         assert "not boxed" in browser.eval("document.querySelector('[data-state=\"penalty until\"]').textContent")
         audit = request(scorer.port, "GET", "/v1/audit", scorer.operator_headers()).json()
         assert audit["records"][0]["note"] == "customer called: shared office NAT"
+        assert audit["records"][0]["author"] == "alice"
         assert "unblock" in audit["records"][0]["change"]
 
         # Screenshot-checked: real PNGs of the rendered page, with the

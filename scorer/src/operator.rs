@@ -284,7 +284,19 @@ impl App {
                 Key::Address(c)
             }
         } else if let Some(s) = &q.session {
-            Key::Session(self.names.credential("cookie", s).map_err(ApiError::bad_request)?)
+            // A raw value may be a cookie, a bearer token or a subject: the
+            // filters hash each with its own prefix, so look under all three.
+            let mut hashes = BTreeSet::new();
+            for prefix in ["cookie", "bearer", "sub"] {
+                hashes.insert(self.names.credential(prefix, s).map_err(ApiError::bad_request)?);
+            }
+            let mut found = Vec::new();
+            for h in hashes {
+                found.extend(self.find(&Key::Session(h), limit, now).await);
+            }
+            found.sort_by(|a, b| b.received_ms.cmp(&a.received_ms).then(b.decision.time_ms.cmp(&a.decision.time_ms)));
+            found.truncate(limit);
+            return Ok(DecisionsAnswer { decisions: found.into_iter().map(RecordView::from).collect(), state: None });
         } else if let Some(k) = &q.api_key {
             Key::Session(self.names.credential("key", k).map_err(ApiError::bad_request)?)
         } else if let Some(u) = &q.username {
@@ -715,6 +727,13 @@ mod tests {
         assert_eq!((s, one["reasons"][0]["value"].as_f64()), (200, Some(29.0)));
         assert_eq!(call(&app, "GET", "/v1/decisions/nope", Some(TOKEN), None).await.0, 404);
         assert_eq!(call(&app, "GET", "/v1/decisions?id=e1-0-2", Some(TOKEN), None).await.1["decisions"][0]["action"], "shed");
+        // By a session cookie's or bearer token's raw value, or its hash.
+        let mut cookie = event("e1-0-4", "198.51.100.5", "tag", t);
+        cookie.session = Some(app.names.credential("bearer", "eyJ-raw-token").unwrap());
+        cookie.credential = Some("bearer".into());
+        post_batch(&app, vec![cookie], 0).await;
+        let by_token = call(&app, "GET", "/v1/decisions?session=eyJ-raw-token", Some(TOKEN), None).await.1;
+        assert_eq!(by_token["decisions"][0]["id"], "e1-0-4", "{by_token}");
         // By the API key as the operator has it: hashed here as the filters hash it.
         let key = app.names.credential("key", "raw-partner-key").unwrap();
         let mut keyed = event("e1-0-3", "198.51.100.4", "block", t);
