@@ -6,8 +6,9 @@
 //!
 //! Bounded by count **and** age, in both stores:
 //!
-//! * memory: a ring of the last [`MEMORY_CAP`] records (a few KiB at most
-//!   each: every string of an event is bounded by [`check`]), an id index
+//! * memory: a ring of the last [`MEMORY_CAP`] records and at most
+//!   [`MEMORY_BYTES`] of them (every string of an event is bounded by
+//!   [`check`]: ~1 KiB typical, ~6 KiB at most), an id index
 //!   that only points into the ring, records older than [`MAX_AGE_MS`]
 //!   dropped; queries scan the ring (operator queries are rare, the ring
 //!   small);
@@ -34,6 +35,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub const MEMORY_CAP: usize = 20_000;
+/// And at most this many bytes of records in memory (a typical record is
+/// ~1 KiB, a largest one ~6 KiB: the count alone would allow 120 MiB).
+pub const MEMORY_BYTES: usize = 32 << 20;
 pub const REDIS_CAP: usize = 200_000;
 pub const MAX_AGE_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 /// Newest decisions indexed per address / session / username in Redis.
@@ -239,9 +243,33 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Approximate heap bytes of a record: its strings and a fixed overhead
+/// for the struct, the strings' headers and the id index entry.
+fn approx_bytes(d: &DecisionEvent) -> usize {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let reasons: usize = d.reasons.iter().map(|r| r.reason.len() + r.what.len() + r.text.len() + 96).sum();
+    d.id.len() * 2
+        + d.instance.len()
+        + d.client.len()
+        + d.address.len()
+        + opt(&d.agent)
+        + opt(&d.session)
+        + opt(&d.credential)
+        + opt(&d.username)
+        + opt(&d.route_group)
+        + d.method.len()
+        + d.path.len()
+        + d.action.len()
+        + d.mode.len()
+        + reasons
+        + 512
+}
+
 /// The memory store: a ring with an id index into it.
 struct Ring {
     cap: usize,
+    max_bytes: usize,
+    bytes: usize,
     records: VecDeque<Record>,
     /// id → position counted from the first record ever pushed.
     by_id: HashMap<String, u64>,
@@ -258,14 +286,16 @@ impl Ring {
     fn push(&mut self, r: Record) {
         let at = self.first + self.records.len() as u64;
         self.by_id.insert(r.decision.id.clone(), at);
+        self.bytes += approx_bytes(&r.decision);
         self.records.push_back(r);
-        while self.records.len() > self.cap {
+        while self.records.len() > self.cap || (self.bytes > self.max_bytes && self.records.len() > 1) {
             self.pop_front();
         }
     }
 
     fn pop_front(&mut self) {
         if let Some(old) = self.records.pop_front() {
+            self.bytes = self.bytes.saturating_sub(approx_bytes(&old.decision));
             if self.by_id.get(&old.decision.id) == Some(&self.first) {
                 self.by_id.remove(&old.decision.id);
             }
@@ -327,6 +357,8 @@ impl Decisions {
         Decisions {
             ring: Mutex::new(Ring {
                 cap: cap.max(1),
+                max_bytes: MEMORY_BYTES,
+                bytes: 0,
                 records: VecDeque::new(),
                 by_id: HashMap::new(),
                 first: 0,
@@ -677,6 +709,20 @@ pub(crate) mod tests {
         assert!(d.get_local("b-20").is_some());
         assert_eq!(lock(&d.ring).by_id.len(), 10);
         assert!(d.find_local(&Key::Recent, 100, t + MAX_AGE_MS + 1).is_empty(), "aged out");
+        assert_eq!(lock(&d.ring).bytes, 0, "the byte count follows the ring");
+        // The byte budget holds whatever the count: largest records.
+        let big = Decisions::with_cap(MEMORY_CAP, None);
+        let mut e = event("x", "203.0.113.7", "block", t);
+        e.path = "p".repeat(MAX_PATH);
+        e.reasons = vec![e.reasons[0].clone(); MAX_DECISION_REASONS];
+        for r in &mut e.reasons {
+            r.text = "t".repeat(256);
+        }
+        let per = approx_bytes(&e);
+        let batch: Vec<_> = (0..MEMORY_BYTES / per + 100).map(|i| DecisionEvent { id: format!("x-{i}"), ..e.clone() }).collect();
+        big.store(&batch, t).await.1.unwrap();
+        let ring = lock(&big.ring);
+        assert!(ring.bytes <= MEMORY_BYTES && ring.records.len() < batch.len(), "{} records, {} bytes", ring.records.len(), ring.bytes);
         assert_eq!(d.since_local(t - 1, 5).len(), 0);
     }
 
