@@ -82,6 +82,8 @@ pub struct App {
     pub decisions: Decisions,
     /// Allow entries and the audit log (see `ops_store`).
     pub ops: OpsStore,
+    /// Operators' quiet periods (see `quiet`).
+    pub quiet: crate::quiet::Quiet,
     fleet_view: Mutex<FleetView>,
     /// Hashes what an operator types as the filters do (see `allow`).
     pub names: FleetNames,
@@ -196,7 +198,8 @@ impl App {
             state_dir,
             sample_log: Mutex::new(SampleLog::off()),
             decisions: Decisions::redis(fleet_conn.clone()),
-            ops: OpsStore::new(fleet_conn),
+            ops: OpsStore::new(fleet_conn.clone()),
+            quiet: crate::quiet::Quiet::new(fleet_conn),
             fleet_view: Mutex::new(FleetView::new()),
             names: FleetNames::new(secret),
             export: tokio::sync::broadcast::channel(EXPORT_BUFFER).0,
@@ -411,8 +414,19 @@ impl App {
             .model()
             .score(req.route_group.as_deref(), &req.features.to_vector());
 
-        let decision = scoring::combine(&self.policy, &req, assessment.as_ref(), &fleet, now);
+        let mut decision = scoring::combine(&self.policy, &req, assessment.as_ref(), &fleet, now);
         self.metrics.rejected("risk_capped", u64::from(decision.risk_capped));
+        if let Some(verdict) = &decision.new_verdict {
+            // An operator lifted this client with a quiet period: no new
+            // fleet block on those reasons, at most a tag, until it ends.
+            let labels = [req.client.as_str(), crate::decisions::address_of(&req.client)];
+            let periods = self.quiet.get(&self.fleet, &labels, now).await;
+            if periods.iter().any(|p| p.holds_off(&verdict.reasons, now)) {
+                decision.new_verdict = None;
+                decision.response.action = abuse_engine::wire::ScoreAction::Tag;
+                self.metrics.rejected("quiet_period", 1);
+            }
+        }
         if let Some(verdict) = &decision.new_verdict {
             // Over its quota a caller still gets its block; the fleet does not.
             if self.quotas.take(caller, quota::Kind::Blocks, 1, now) == 1 {

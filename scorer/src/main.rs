@@ -216,6 +216,7 @@ mod models;
 mod operator;
 mod ops_store;
 mod profiles;
+mod quiet;
 mod quota;
 mod sample_log;
 mod scoring;

@@ -35,7 +35,8 @@ pub const ERROR_KINDS: [&str; 8] = [
 /// stored blocks handed out with their end capped, known accounts and
 /// profile updates over a caller's quota, profile times clamped to now,
 /// new profile values past the per-update bound.
-pub const REJECTED_KINDS: [&str; 11] = [
+pub const REJECTED_KINDS: [&str; 12] = [
+    "quiet_period",
     "decision_invalid",
     "decision_time_clamped",
     "baseline_invalid",

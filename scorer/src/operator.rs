@@ -346,6 +346,8 @@ impl App {
             let lift = FleetLift { client: l.clone(), reasons: reasons.clone(), quiet_until_ms };
             cursor = self.fleet.record_lift(&lift, now).await;
         }
+        let period = crate::quiet::QuietPeriod { until_ms: quiet_until_ms, reasons: reasons.clone() };
+        self.quiet.set(&self.fleet, &labels, &period, now).await;
         let record = AuditRecord {
             at_ms: now,
             author: who.author.clone(),
@@ -764,6 +766,17 @@ mod tests {
         assert_eq!(audit["records"][0]["author"], "alice");
         assert_eq!(audit["records"][0]["note"], "customer call");
         assert_eq!(audit["records"][0]["change"]["unblock"]["labels"].as_array().unwrap().len(), 3);
+        // The scorer itself holds the quiet period: a callout that would
+        // block gets a tag, and nothing is published to the fleet.
+        let ask = serde_json::json!({"version": 1, "client": "203.0.113.7#1a2b3c4d", "method": "POST", "path": "/api/login",
+                                     "reasons": ["credential_stuffing"], "features": {"risk": 150.0}});
+        let (s, answer) = call(&app, "POST", "/v1/score", None, Some(ask.clone())).await;
+        assert_eq!((s, answer["action"].as_str()), (200, Some("tag")), "{answer}");
+        assert!(app.fleet.blocked("203.0.113.7#1a2b3c4d", now_ms()).await.is_none());
+        assert_eq!(app.metrics.rejected.with_label_values(&["quiet_period"]).get(), 1);
+        let other = serde_json::json!({"version": 1, "client": "192.0.2.50", "method": "POST", "path": "/api/login",
+                                       "reasons": ["credential_stuffing"], "features": {"risk": 150.0}});
+        assert_eq!(call(&app, "POST", "/v1/score", None, Some(other)).await.1["action"], "block", "others are not quiet");
         for bad in ["client=nope", "client=203.0.113.7&quiet_s=999999", "client=1.2.3.4%23zz", "client=1.2.3.4&reason=a%20b"] {
             assert_eq!(call(&app, "DELETE", &format!("/v1/decisions?{bad}"), Some(TOKEN), None).await.0, 400, "{bad}");
         }
