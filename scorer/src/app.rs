@@ -85,6 +85,9 @@ pub struct App {
     /// Operators' quiet periods (see `quiet`).
     pub quiet: crate::quiet::Quiet,
     fleet_view: Mutex<FleetView>,
+    /// With Redis the fleet view is kept there too, so that every
+    /// replica's dashboard shows every filter's decisions (`fleetview_redis`).
+    view_redis: Option<redis::aio::ConnectionManager>,
     /// Hashes what an operator types as the filters do (see `allow`).
     pub names: FleetNames,
     /// Every new decision record as a JSON line, for the export streams.
@@ -199,8 +202,9 @@ impl App {
             sample_log: Mutex::new(SampleLog::off()),
             decisions: Decisions::redis(fleet_conn.clone()),
             ops: OpsStore::new(fleet_conn.clone()),
-            quiet: crate::quiet::Quiet::new(fleet_conn),
+            quiet: crate::quiet::Quiet::new(fleet_conn.clone()),
             fleet_view: Mutex::new(FleetView::new()),
+            view_redis: fleet_conn,
             names: FleetNames::new(secret),
             export: tokio::sync::broadcast::channel(EXPORT_BUFFER).0,
             streams: Arc::new(AtomicUsize::new(0)),
@@ -299,6 +303,10 @@ impl App {
             for d in &events {
                 view.record(now, d);
             }
+        }
+        if let Some(conn) = &self.view_redis {
+            let result = crate::fleetview_redis::record(conn, &events, now).await;
+            self.fleet.redis_result("record_view", result, now);
         }
         if self.export.receiver_count() > 0 {
             for d in &events {
@@ -937,7 +945,15 @@ async fn dashboard_data(State(app): State<Arc<App>>, peer: Peer, headers: Header
     };
     let now = now_ms();
     let data = app.dashboard().data(now, model, store);
-    let fleet = app.fleet_view().data(now);
+    let from_redis = match &app.view_redis {
+        Some(conn) => app.fleet.redis_result("read_view", crate::fleetview_redis::read(conn, now).await, now),
+        None => None,
+    };
+    let fleet = match from_redis {
+        Some((buckets, clients)) => crate::fleetview::data_of(buckets.iter(), clients, now),
+        // Without Redis, or while it fails: this scorer's own view.
+        None => app.fleet_view().data(now),
+    };
     // The callouts' view and the filters' decisions side by side.
     let mut value = serde_json::to_value(data).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {

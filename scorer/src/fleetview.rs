@@ -19,15 +19,32 @@ pub const TOP_CLIENTS: usize = 20;
 const NOW_BUCKETS: u64 = 6;
 const OTHER: &str = "other";
 
-#[derive(Default)]
-struct Bucket {
-    start_ms: u64,
-    reasons: BTreeMap<String, u64>,
-    endpoints: BTreeMap<String, (u64, BTreeSet<String>)>,
-    instances: BTreeMap<String, u64>,
-    refused: u64,
-    tagged: u64,
-    monitored: u64,
+/// One 10 s bucket's counts.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Bucket {
+    pub start_ms: u64,
+    pub reasons: BTreeMap<String, u64>,
+    /// Per endpoint: requests decided, and the reasons seen on it.
+    pub endpoints: BTreeMap<String, (u64, BTreeSet<String>)>,
+    pub instances: BTreeMap<String, u64>,
+    pub refused: u64,
+    pub tagged: u64,
+    pub monitored: u64,
+}
+
+/// How many requests an event stands for: the filter aggregates penalty
+/// refusals, sheds and tags per client per batch (`hits` of them).
+pub fn requests_of(d: &DecisionEvent) -> u64 {
+    u64::from(d.hits.max(1))
+}
+
+/// Whether an event refused its requests (block mode, not a tag).
+pub fn refused(d: &DecisionEvent) -> bool {
+    d.mode == "block" && d.action != "tag"
+}
+
+pub fn endpoint_of(d: &DecisionEvent) -> String {
+    format!("{} {}", d.method, d.path)
 }
 
 /// Adds `n` under `name`, or under `other` once `NAMES_CAP` names are taken.
@@ -115,12 +132,10 @@ impl FleetView {
     /// Counts one decision event, received at `now_ms` (the scorer's
     /// clock: filters' clocks may differ).
     pub fn record(&mut self, now_ms: u64, d: &DecisionEvent) {
-        // The filter aggregates penalty refusals, sheds and tags per client
-        // per batch: one event stands for `hits` requests.
-        let n = u64::from(d.hits.max(1));
-        let endpoint = format!("{} {}", d.method, d.path);
+        let n = requests_of(d);
+        let endpoint = endpoint_of(d);
         let reasons: Vec<String> = d.reasons.iter().map(|r| r.reason.clone()).collect();
-        let refused = d.mode == "block" && d.action != "tag";
+        let refused = refused(d);
         if let Some(b) = self.bucket(now_ms) {
             for r in &reasons {
                 add(&mut b.reasons, r, n);
@@ -166,6 +181,35 @@ impl FleetView {
     }
 
     pub fn data(&self, now_ms: u64) -> FleetData {
+        let window_ms = BUCKET_MS * BUCKETS as u64;
+        let mut rows: Vec<(&String, &ClientRow)> =
+            self.clients.values().filter(|(_, r)| now_ms.saturating_sub(r.last_ms) < window_ms).collect();
+        rows.sort_by(|a, b| {
+            (b.1.refusals + b.1.decisions)
+                .cmp(&(a.1.refusals + a.1.decisions))
+                .then(b.1.last_ms.cmp(&a.1.last_ms))
+        });
+        let top_clients = rows
+            .into_iter()
+            .take(TOP_CLIENTS)
+            .map(|(client, r)| TopClient {
+                client: client.clone(),
+                address: r.address.clone(),
+                decisions: r.decisions,
+                refusals: r.refusals,
+                reasons: r.reasons.clone(),
+                last_ms: r.last_ms,
+                last_id: r.last_id.clone(),
+                last_endpoint: r.last_endpoint.clone(),
+            })
+            .collect();
+        data_of(self.buckets.iter(), top_clients, now_ms)
+    }
+}
+
+/// The dashboard's fleet data from buckets (any order) and the top clients.
+pub fn data_of<'a>(buckets: impl Iterator<Item = &'a Bucket>, top_clients: Vec<TopClient>, now_ms: u64) -> FleetData {
+    {
         let current = now_ms - now_ms % BUCKET_MS;
         let start_ms = current.saturating_sub(BUCKET_MS * (BUCKETS as u64 - 1));
         let mut reasons: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -176,7 +220,7 @@ impl FleetView {
         let (mut r_all, mut all) = (0u64, 0u64);
         let mut now: BTreeMap<&str, (u64, BTreeSet<&str>)> = BTreeMap::new();
         let now_from = current.saturating_sub(BUCKET_MS * (NOW_BUCKETS - 1));
-        for b in self.buckets.iter().filter(|b| b.start_ms >= start_ms) {
+        for b in buckets.filter(|b| b.start_ms >= start_ms && b.start_ms <= current) {
             let Ok(i) = usize::try_from((b.start_ms - start_ms) / BUCKET_MS) else { continue };
             let put = |series: &mut BTreeMap<String, Vec<u64>>, name: &str, n: u64| {
                 if let Some(slot) = series.entry(name.to_string()).or_insert_with(|| vec![0; BUCKETS]).get_mut(i) {
@@ -218,28 +262,6 @@ impl FleetView {
             .collect();
         under_attack.sort_by(|a, b| b.decisions.cmp(&a.decisions).then(a.endpoint.cmp(&b.endpoint)));
         under_attack.truncate(10);
-        let window_ms = BUCKET_MS * BUCKETS as u64;
-        let mut rows: Vec<(&String, &ClientRow)> =
-            self.clients.values().filter(|(_, r)| now_ms.saturating_sub(r.last_ms) < window_ms).collect();
-        rows.sort_by(|a, b| {
-            (b.1.refusals + b.1.decisions)
-                .cmp(&(a.1.refusals + a.1.decisions))
-                .then(b.1.last_ms.cmp(&a.1.last_ms))
-        });
-        let top_clients = rows
-            .into_iter()
-            .take(TOP_CLIENTS)
-            .map(|(client, r)| TopClient {
-                client: client.clone(),
-                address: r.address.clone(),
-                decisions: r.decisions,
-                refusals: r.refusals,
-                reasons: r.reasons.clone(),
-                last_ms: r.last_ms,
-                last_id: r.last_id.clone(),
-                last_endpoint: r.last_endpoint.clone(),
-            })
-            .collect();
         FleetData {
             start_ms,
             bucket_s: BUCKET_MS / 1000,

@@ -209,6 +209,7 @@ mod ctl;
 mod dashboard;
 mod decisions;
 mod fleetview;
+mod fleetview_redis;
 mod known;
 mod metrics;
 mod model;
