@@ -27,9 +27,8 @@ pub const MIN_PREFIX_V6: u8 = 32;
 
 /// The engine's hash domains (`engine/src/engine/mod.rs`): the fleet names
 /// a session / API key with `DOMAIN_SESSION`, a username with
-/// `DOMAIN_USERNAME`. They must stay equal to the engine's.
-pub const DOMAIN_USERNAME: u8 = 2;
-pub const DOMAIN_SESSION: u8 = 7;
+/// `DOMAIN_USERNAME` (the engine's own constants: they cannot drift).
+pub use abuse_engine::engine::{DOMAIN_SESSION, DOMAIN_USERNAME};
 
 /// An operator's request to allow something (`POST /v1/allow`).
 #[derive(Debug, Clone, Deserialize)]
