@@ -71,6 +71,9 @@ impl Context for AbuseFilterRoot {
                     if let Some(body) = body(64 * 1024) {
                         let flagged = engine.apply_events_answer(&EnvoySharedData, &body, now);
                         metrics::bump(metrics::Counter::AnomalyFlags, flagged as u64);
+                        // The fleet rules' keys the fleet put over.
+                        let over = engine.apply_rule_keys(&EnvoySharedData, &body, now);
+                        metrics::bump(metrics::Counter::RuleKeysApplied, over as u64);
                     }
                 } else {
                     engine.batch_failed(items);
@@ -191,7 +194,7 @@ impl RootContext for AbuseFilterRoot {
             // Not fatal: shards are also created on first write.
             Err(e) => log::warn!("abuse_filter: creating shared-data shards failed: {e:?}"),
         }
-        metrics::define();
+        metrics::define(engine.rule_names());
         metrics::shared_data_bytes(engine.state_bytes());
         metrics::baselines_learning(engine.baselines_learning(&EnvoySharedData));
         if hostcalls::set_tick_period(TICK).is_err() {

@@ -55,7 +55,7 @@ pub mod window;
 pub mod wire;
 
 pub use config::{Config, ConfigError, Mode};
-pub use engine::{Engine, Exchange, RequestFacts, SEED_KEY, STATE_PREFIX};
+pub use engine::{Engine, Exchange, RequestFacts, RuleAnswer, SEED_KEY, STATE_PREFIX};
 pub use hash::SEED_BYTES;
 pub use identity::{ClientAddr, IdentityInput};
 pub use reason::{Reason, ReasonSet};

@@ -268,6 +268,9 @@ pub struct RuleCount {
     /// The rule's window and threshold, for the scorer to judge the fleet's sum.
     pub window_s: u32,
     pub threshold: f64,
+    /// How long a key over the threshold stays over (the rule's penalty;
+    /// 0: until the next batch finds it under).
+    pub penalty_s: u32,
 }
 
 /// A rule key the fleet put over its rule's threshold: every Envoy acts on

@@ -73,6 +73,8 @@ pub struct App {
     /// `warm_changes` of the warm-start state on disk (see `snapshot::save_warm`).
     warm_written: Mutex<u64>,
     sample_log: Mutex<SampleLog>,
+    /// The filters' `fleet` rules, counted fleet-wide (see `rules`).
+    pub fleet_rules: crate::rules::FleetRules,
 }
 
 /// The key usernames are hashed with before they reach any store. Derived
@@ -166,6 +168,7 @@ impl App {
             usernames: username_hasher(secret),
             state_dir,
             sample_log: Mutex::new(SampleLog::off()),
+            fleet_rules: crate::rules::FleetRules::default(),
         }
     }
 
@@ -507,10 +510,17 @@ impl App {
         if no_room > 0 {
             tracing::debug!(no_room, "baselines without a free name were dropped");
         }
-        let items = batch.known_accounts.len() + before + batch.profiles.len() + batch.samples.len();
+        // Fleet rules: this batch's counts join the fleet's; every batch
+        // hears every key over its threshold.
+        let bad_rule_counts = self.fleet_rules.add(&batch.rule_counts, now);
+        self.metrics.rejected("rule_count_invalid", bad_rule_counts);
+        let rule_keys = self.fleet_rules.over(now);
+        let refused = refused + bad_rule_counts;
+        let items = batch.known_accounts.len() + before + batch.profiles.len() + batch.samples.len() + batch.rule_counts.len();
         Ok(EventsAnswer {
             accepted: (items as u64).saturating_sub(refused),
             flags,
+            rule_keys,
         })
     }
 

@@ -200,6 +200,7 @@ mod model;
 mod models;
 mod profiles;
 mod quota;
+mod rules;
 mod sample_log;
 mod scoring;
 mod snapshot;

@@ -98,6 +98,13 @@ pub fn check_batch(batch: &EventBatch) -> Result<(), String> {
             batch.samples.len()
         ));
     }
+    if batch.rule_counts.len() > abuse_engine::wire::MAX_BATCH_RULE_COUNTS {
+        return Err(format!(
+            "too many `rule_counts`: {} (at most {} per batch)",
+            batch.rule_counts.len(),
+            abuse_engine::wire::MAX_BATCH_RULE_COUNTS
+        ));
+    }
     if batch.baselines.len() > MAX_BASELINES {
         return Err(format!(
             "too many `baselines`: {} (at most {MAX_BASELINES} per batch)",

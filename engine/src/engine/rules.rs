@@ -119,6 +119,7 @@ impl Engine {
     /// The rules on the request's headers: those whose key is in the body
     /// wait for it, those counted at the answer are checked (and noted for
     /// it), the others counted now. Returns what they do to the request.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn rules_on_request(
         &self,
         store: &dyn SharedStore,
@@ -394,18 +395,21 @@ impl Engine {
         }
     }
 
-    /// One log line per shadow rule that would have acted (what it would have done).
+    /// One log line per shadow rule that would have acted (`rule_shadow`:
+    /// what it would have done), and per rule that fired on an answer
+    /// (`rule_fired`: its key is refused from its next request on).
     pub fn shadow_lines(&self, verdict: &Verdict, method: &str, path: &str) -> Vec<String> {
         let path: String = path.split('?').next().unwrap_or("").chars().take(256).collect();
-        let bits = verdict.rules.shadow;
+        let shadow = verdict.rules.shadow;
+        let fired = if verdict.on_response && !verdict.would_block { verdict.rules.fired & !shadow } else { 0 };
         self.rules
             .rules
             .iter()
             .enumerate()
-            .filter(|(i, _)| bits & (1u32 << i) != 0)
-            .map(|(_, r)| {
+            .filter(|(i, _)| (shadow | fired) & (1u32 << i) != 0)
+            .map(|(i, r)| {
                 serde_json::json!({
-                    "event": "rule_shadow",
+                    "event": if shadow & (1u32 << i) != 0 { "rule_shadow" } else { "rule_fired" },
                     "rule": r.name,
                     "would": match r.action {
                         crate::policy::DetectorAction::Block => "block",
@@ -467,6 +471,7 @@ impl Engine {
                     count,
                     window_s: rule.window_s,
                     threshold: rule.counting.threshold,
+                    penalty_s: u32::try_from(rule.counting.penalty_ms / 1000).unwrap_or(u32::MAX),
                 })
             })
             .collect();

@@ -54,7 +54,8 @@ impl PathTemplate {
         let Some(body) = path.strip_prefix('/') else {
             return false;
         };
-        let mut parts = if body.is_empty() { "".split('/').skip(1) } else { body.split('/').skip(0) };
+        // "/" has no segment (not one empty segment).
+        let mut parts = body.split('/').filter(|_| !body.is_empty());
         for segment in &self.segments {
             match (segment, parts.next()) {
                 (Segment::Literal(l), Some(p)) if l == p => {}
