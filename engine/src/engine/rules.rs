@@ -384,7 +384,7 @@ impl Engine {
         verdict.rule_names = self.rules.names.clone();
         verdict.reasons = verdict.reasons.union(acted.reasons);
         verdict.fired = verdict.fired.union(acted.reasons);
-        if acted.signal.risk > 0.0 && verdict.action == Action::Allow {
+        if (acted.tag || acted.signal.risk > 0.0) && verdict.action == Action::Allow {
             verdict.action = Action::Tag;
         }
         if let Some((status, retry_s)) = acted.refuse {

@@ -221,6 +221,8 @@ pub struct Acted {
     pub refuse: Option<(u32, u64)>,
     /// A key was put in the penalty this very request (logged once).
     pub newly: bool,
+    /// A `tag` rule fired: the request is tagged, whatever its weight.
+    pub tag: bool,
 }
 
 impl Acted {
@@ -238,6 +240,7 @@ impl Acted {
         if rule.action != DetectorAction::Monitor {
             self.signal.fire_rule(index, rule.weight);
         }
+        self.tag |= rule.action == DetectorAction::Tag;
         if let Some(status) = rule.refusal_status() {
             self.hits.blocked |= bit;
             let retry_s = until_ms.map(|u| u.saturating_sub(now_ms).div_ceil(1000)).unwrap_or(1).max(1);
