@@ -62,6 +62,7 @@ pub struct Config {
     /// Per-reason action (`"anonymous_network": "tag"`); reasons not listed block.
     pub actions: std::collections::BTreeMap<String, DetectorAction>,
     /// Your own detectors, as data (at most 32): see docs/rules.md.
+    #[cfg_attr(feature = "schema", schemars(length(max = 32)))]
     pub rules: Vec<RuleConfig>,
 }
 

@@ -29,6 +29,7 @@ pub struct RuleConfig {
     /// The rule's reason name (in refusal bodies, `x-abuse-reasons`, logs,
     /// stats `abuse_filter.rule.<name>.*`): 1 to 48 of `a-z 0-9 _`, not a
     /// built-in reason's name.
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^[a-z0-9_]{1,48}$")))]
     pub name: String,
     /// Which requests the rule counts.
     #[serde(rename = "match", default)]
@@ -37,14 +38,17 @@ pub struct RuleConfig {
     /// (the address's /24 or /64), `session`, `api_key`, `jwt_claim`,
     /// `header:<name>`, `username`, `json:<field>`, `form:<field>`,
     /// `endpoint`. A request missing a part is not counted by this rule.
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 2)))]
     pub key: Vec<String>,
     /// `requests` (default), `distinct:<field>` (field: `path_id`,
     /// `query:<name>`, `header:<name>`, `username`, `json:<field>`,
     /// `form:<field>`), or `cost:<source>` (`response_bytes`,
     /// `upstream_ms`, `header:<name>`).
     #[serde(default = "default_count")]
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^(requests|distinct:.+|cost:(response_bytes|upstream_ms|header:[a-z0-9_-]+))$")))]
     pub count: String,
     /// The counting window, seconds (1 to 86400).
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 86400)))]
     pub window_s: u32,
     /// The rule fires when its key's count in the window reaches this.
     pub threshold: f64,
