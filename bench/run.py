@@ -110,6 +110,10 @@ LOCAL_RATELIMIT = {
 # Extra builds of the filter to compare in the same interleaved rounds
 # (--also LABEL=PATH, monitor mode), e.g. the build before a change.
 EXTRA_WASM: dict[str, Path] = {}
+# The scorer section of the "decision events on" variant: batches and the
+# fleet poll on, callouts never (nobody in the benchmark is borderline).
+EVENTS_SCORER = {"enabled": True, "cluster": "abuse_scorer_absent", "events": True, "fleet_verdicts": True,
+                 "warm_start": False, "secret": "bench-secret"}
 # --ablation: this build without one design step at a time.
 ABLATION = False
 # --phases: builds of this filter that stop early (cargo features
@@ -180,6 +184,10 @@ def variants() -> dict[str, list[dict]]:
             "monitor, no worker tier": [facts, wasm_filter("abuse_filter", WASM, no_tier)],
             "monitor, 8,192 views": [facts, wasm_filter("abuse_filter", WASM, default_tier)],
         }
+    # Decision events and the tick batch on (issue 21), the scorer away (no
+    # such cluster: every batch fails and is counted): the request path's
+    # share of the operator's view, beside the same filter without it.
+    events = json.dumps(with_facts(dict(FILTER_CONFIG, mode="block", scorer=EVENTS_SCORER)))
     # Rules (issue 22): the shipped examples, which the benchmark's route
     # does not match (the common request: each rule's match only), and one
     # more rule that counts every request (a shared-data update each).
@@ -191,6 +199,7 @@ def variants() -> dict[str, list[dict]]:
         "no-op wasm": [wasm_filter("noop", NOOP_WASM, "")],
         "abuse filter (monitor)": [facts, wasm_filter("abuse_filter", WASM, monitor)],
         "abuse filter (block)": [facts, wasm_filter("abuse_filter", WASM, block)],
+        "abuse filter (block, decision events on)": [facts, wasm_filter("abuse_filter", WASM, events)],
         "abuse filter (block, example rules on)": [facts, wasm_filter("abuse_filter", WASM, rules)],
         "abuse filter (block, rules + one counting every request)": [facts, wasm_filter("abuse_filter", WASM, counting)],
         "native local_ratelimit": [LOCAL_RATELIMIT],

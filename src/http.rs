@@ -158,16 +158,18 @@ impl HttpContext for AbuseFilterHttp {
             ja4: ja4.as_deref(),
             rule_headers: &rule_headers,
         };
-        let (verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now);
+        let (mut verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now);
         self.body_limit = engine.wants_body(&exchange);
         self.exchange = exchange;
-        if self.exchange.judged() && engine.config().log_blocks {
-            // For the log line of a block decided later (the answer, the scorer).
+        let refused_now = verdict.action != Action::Allow || verdict.would_block;
+        if (self.exchange.judged() || refused_now) && (engine.config().log_blocks || engine.events_enabled()) {
+            // For the log line and the decision event of a block decided
+            // now or later (the answer, the scorer).
             self.method = method.chars().take(16).collect();
-            self.path = path.chars().take(256).collect();
+            self.path = path.split('?').next().unwrap_or("").chars().take(256).collect();
         }
         metrics::record(&verdict);
-        self.note_decision(&verdict);
+        self.note_decision(&engine, &mut verdict, now);
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
             log::warn!("{}", verdict.log_line(&method, &path));
@@ -330,10 +332,10 @@ impl AbuseFilterHttp {
             }
             Err(_) => {
                 // No such cluster, or Envoy refused: a failure like any other.
-                let verdict =
+                let mut verdict =
                     engine.on_score_answer(&EnvoySharedData, &self.exchange, Err(CalloutFailure::Dispatch), now_ms());
                 metrics::record_callout(&verdict);
-                self.note_decision(&verdict);
+                self.note_decision(engine, &mut verdict, now_ms());
                 if verdict.action == Action::Block {
                     self.flush_decision();
                     return reply_blocked(&verdict);
@@ -349,7 +351,7 @@ impl AbuseFilterHttp {
     /// Acts on the scorer's verdict for the held request.
     fn finish_callout(&mut self, engine: &Rc<Engine>, mut verdict: Verdict) {
         metrics::record_callout(&verdict);
-        self.note_decision(&verdict);
+        self.note_decision(engine, &mut verdict, now_ms());
         if let Some(b) = engine.callouts() {
             metrics::breaker_open(b.breaker.position(now_ms()) != abuse_engine::callout::BreakerPosition::Closed);
         }
@@ -437,15 +439,15 @@ impl AbuseFilterHttp {
             _ => None,
         };
         self.body_limit = None;
-        if let Some(verdict) = refused {
+        if let Some(mut verdict) = refused {
             // Refused before the upstream saw the body: the attempt never runs.
             metrics::record_answer(&verdict);
+            self.note_decision(engine, &mut verdict, now_ms());
             if verdict.newly_blocked && engine.config().log_blocks {
                 log::warn!("{}", verdict.log_line(&self.method, &self.path));
             }
             if verdict.action == Action::Block {
                 self.ask_after_body = false;
-                self.note_decision(&verdict);
                 self.flush_decision();
                 return reply_blocked(&verdict);
             }
@@ -486,11 +488,11 @@ impl AbuseFilterHttp {
         } else {
             None
         };
-        let Some(verdict) = engine.on_response(&EnvoySharedData, &self.exchange, status, kib, now_ms()) else {
+        let Some(mut verdict) = engine.on_response(&EnvoySharedData, &self.exchange, status, kib, now_ms()) else {
             return WasmAction::Continue;
         };
         metrics::record_answer(&verdict);
-        self.note_decision(&verdict);
+        self.note_decision(&engine, &mut verdict, now_ms());
         let config = engine.config();
         if verdict.newly_blocked && config.log_blocks {
             log::warn!("{}", verdict.log_line(&self.method, &self.path));
@@ -552,6 +554,9 @@ pub const DECISION_PROPERTY: &str = "abuse_filter";
 /// (`make soak` tells the two apart by it). One host call per callout.
 pub const CALLOUT_PROPERTY: &str = "abuse_filter_callout";
 
+/// Response header of a refusal naming its decision (`3fa2-1-2c`).
+pub const DECISION_HEADER: &str = "x-abuse-decision";
+
 /// The access-log text of a decision worth logging — anything but a clean
 /// allow (a risk, a reason, a tag or a block) — else None:
 /// `action=block score=100 reasons=credential_stuffing` (`action` is
@@ -568,7 +573,11 @@ pub fn decision_text(verdict: &Verdict) -> Option<String> {
         return None;
     }
     let action = if verdict.would_block && verdict.action != Action::Block { "would_block" } else { verdict.action.name() };
-    let text = format!("action={action} score={} reasons={}", verdict.score_header(), verdict.reasons_header());
+    let mut text = format!("action={action} score={} reasons={}", verdict.score_header(), verdict.reasons_header());
+    if let Some(id) = &verdict.decision_id {
+        text.push_str(" decision=");
+        text.push_str(id);
+    }
     // A successful login's risk, as the application was told it.
     Some(match &verdict.login_risk {
         Some(risk) if verdict.profile_risk.is_some() => format!("{text} login_risk=\"{risk}\""),
@@ -604,7 +613,9 @@ fn write_filter_state(key: &str, text: &str) {
 impl AbuseFilterHttp {
     /// Keeps the latest decision worth logging (the common clean request
     /// keeps nothing and costs nothing).
-    fn note_decision(&mut self, verdict: &Verdict) {
+    fn note_decision(&mut self, engine: &Engine, verdict: &mut Verdict, now: u64) {
+        // The decision's id and event (a clean allow costs a comparison).
+        engine.decided(&self.exchange, verdict, &self.method, &self.path, now);
         if let Some(text) = decision_text(verdict) {
             self.pending_decision = Some(text);
         }
@@ -624,7 +635,11 @@ impl AbuseFilterHttp {
 pub fn reply_blocked(verdict: &Verdict) -> WasmAction {
     let body = verdict.block_body();
     let retry_after = verdict.retry_after_s.to_string();
-    let headers = vec![("content-type", "application/json"), ("retry-after", retry_after.as_str())];
+    let mut headers = vec![("content-type", "application/json"), ("retry-after", retry_after.as_str())];
+    if let Some(id) = &verdict.decision_id {
+        // What a refused user quotes to support (also in the body).
+        headers.push((DECISION_HEADER, id.as_str()));
+    }
     match hostcalls::send_http_response(verdict.status, headers, Some(body.as_bytes())) {
         Ok(()) => WasmAction::Pause,
         // Could not reply: fail open rather than hang the request.

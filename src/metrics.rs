@@ -37,10 +37,13 @@ pub enum Counter {
     WarmShards,
     SamplesSent,
     AnomalyFlags,
+    DecisionsSent,
+    DecisionsDropped,
+    LiftsApplied,
     RuleKeysApplied,
 }
 
-const FIXED: [(Counter, &str); 26] = [
+const FIXED: [(Counter, &str); 29] = [
     (Counter::Requests, "abuse_filter.requests"),
     (Counter::Allow, "abuse_filter.decisions.allow"),
     (Counter::Tag, "abuse_filter.decisions.tag"),
@@ -66,6 +69,9 @@ const FIXED: [(Counter, &str); 26] = [
     (Counter::WarmShards, "abuse_filter.scorer.warm_shards"),
     (Counter::SamplesSent, "abuse_filter.scorer.samples_sent"),
     (Counter::AnomalyFlags, "abuse_filter.scorer.anomaly_flags_applied"),
+    (Counter::DecisionsSent, "abuse_filter.decision_events.sent"),
+    (Counter::DecisionsDropped, "abuse_filter.decision_events.dropped"),
+    (Counter::LiftsApplied, "abuse_filter.operator.lifts_applied"),
     (Counter::RuleKeysApplied, "abuse_filter.scorer.rule_keys_applied"),
 ];
 

@@ -20,8 +20,9 @@ const TICK: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Copy)]
 enum Call {
     FleetPoll,
-    /// A tick batch carrying this many items, of which that many samples.
-    Batch(u64, u64),
+    /// A tick batch carrying this many items, of which that many samples,
+    /// and that many decision events (reporting that many dropped ones).
+    Batch(u64, u64, u64, u64),
     WarmPage,
 }
 
@@ -59,14 +60,16 @@ impl Context for AbuseFilterRoot {
                 // Bounded: one byte past the limit, so that a larger answer is refused, not cut.
                 if let (true, Some(body)) = (ok, body(abuse_engine::wire::MAX_FLEET_BYTES + 1)) {
                     let applied = engine.apply_fleet_verdicts(&EnvoySharedData, &body, now);
-                    metrics::bump(metrics::Counter::FleetVerdictsApplied, applied as u64);
+                    metrics::bump(metrics::Counter::FleetVerdictsApplied, applied.verdicts as u64);
+                    metrics::bump(metrics::Counter::LiftsApplied, applied.lifts as u64);
                 }
             }
-            Call::Batch(items, samples) => {
+            Call::Batch(items, samples, decisions, decisions_dropped) => {
                 self.batch_in_flight_until = 0;
                 if ok {
                     metrics::bump(metrics::Counter::BatchesSent, 1);
                     metrics::bump(metrics::Counter::SamplesSent, samples);
+                    metrics::bump(metrics::Counter::DecisionsSent, decisions);
                     // The sampled clients the model flags (a few KiB at most).
                     if let Some(body) = body(64 * 1024) {
                         let flagged = engine.apply_events_answer(&EnvoySharedData, &body, now);
@@ -77,6 +80,7 @@ impl Context for AbuseFilterRoot {
                     }
                 } else {
                     engine.batch_failed(items);
+                    engine.decisions_failed(decisions, decisions_dropped);
                     metrics::bump(metrics::Counter::BatchItemsDropped, items);
                 }
             }
@@ -138,14 +142,17 @@ impl AbuseFilterRoot {
         if self.batch_in_flight_until > now {
             return;
         }
-        if let Some((body, items, samples)) = engine.tick_batch(&EnvoySharedData, now) {
-            if self.call(engine, "POST", EVENTS_PATH, Some(&body), Call::Batch(items, samples)) {
+        if let Some(batch) = engine.tick_batch(&EnvoySharedData, now) {
+            let call = Call::Batch(batch.items, batch.samples, batch.decisions, batch.decisions_dropped);
+            if self.call(engine, "POST", EVENTS_PATH, Some(&batch.body), call) {
                 self.batch_in_flight_until = now.saturating_add(1500);
             } else {
-                engine.batch_failed(items);
-                metrics::bump(metrics::Counter::BatchItemsDropped, items);
+                engine.batch_failed(batch.items);
+                engine.decisions_failed(batch.decisions, batch.decisions_dropped);
+                metrics::bump(metrics::Counter::BatchItemsDropped, batch.items);
             }
         }
+        metrics::bump(metrics::Counter::DecisionsDropped, engine.decisions_lost());
     }
 
     /// Asks for the next warm-start page when this worker holds the lease.
@@ -194,6 +201,9 @@ impl RootContext for AbuseFilterRoot {
             // Not fatal: shards are also created on first write.
             Err(e) => log::warn!("abuse_filter: creating shared-data shards failed: {e:?}"),
         }
+        // The Envoy's name in decision events, and this worker's number in ids.
+        let node_id = hostcalls::get_property(vec!["node", "id"]).ok().flatten();
+        engine.start_decisions(&EnvoySharedData, node_id.as_deref().and_then(|b| std::str::from_utf8(b).ok()));
         metrics::define(engine.rule_names());
         metrics::shared_data_bytes(engine.state_bytes());
         metrics::baselines_learning(engine.baselines_learning(&EnvoySharedData));

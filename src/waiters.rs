@@ -63,6 +63,8 @@ pub fn resume_ready(engine: &Engine, now_ms: u64, client_key: Option<u64>) {
         if hostcalls::set_effective_context(waiter.context_id).is_err() {
             continue;
         }
+        let mut verdict = verdict;
+        engine.decided(&waiter.exchange, &mut verdict, "", "", crate::http::now_ms());
         metrics::record_callout(&verdict);
         // The shared answer, written now (the waiter kept no decision of its
         // own; a decision on its answer would overwrite this one, later).

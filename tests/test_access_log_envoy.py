@@ -83,7 +83,7 @@ def test_monitor_mode_logs_would_block(tmp_path):
     records = sorted((json.loads(l) for l in log.read_text().splitlines()), key=lambda r: r["path"])
     assert [r["abuse"] for r in records[:2]] == [None, None], records
     for r in records[2:]:
-        assert r["abuse"].startswith("action=would_block score=") and r["abuse"].endswith("reasons=rate_limit"), records
+        assert re.fullmatch(r"action=would_block score=\d+ reasons=rate_limit decision=[0-9a-f]{4}-[0-9a-f]+-[0-9a-f]+", r["abuse"]), records
 
 
 def test_a_request_and_its_answer_both_decided_log_the_answers(tmp_path):
@@ -118,7 +118,8 @@ def test_a_request_and_its_answer_both_decided_log_the_answers(tmp_path):
         api.stop()
     records = {r["path"]: r for r in (json.loads(l) for l in log.read_text().splitlines())}
     # Risk 60 (decaying: 59 once a few ms passed), tagged.
-    assert re.fullmatch(r"action=tag score=(59|60) reasons=probing", records["/.env"]["abuse"]), records
+    # (a tag is a decision too: it carries its id, as blocks do)
+    assert re.fullmatch(r"action=tag score=(59|60) reasons=probing decision=[0-9a-f]{4}-[0-9a-f]+-[0-9a-f]+", records["/.env"]["abuse"]), records
     # /nope-0: tagged when it arrived (risk 59), blocked on its 404 answer
     # (the second distinct 404 path): the log shows the answer's decision.
     assert records["/nope-0"]["status"] == 403, records

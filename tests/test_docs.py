@@ -33,7 +33,7 @@ FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*(.*)$")
 TRY_IT = "<!-- docs-test: try-it"
 # Fields of the try-it outputs that differ from run to run (or machine to
 # machine): compared for presence and type only.
-VOLATILE = {"host", "user-agent", "x-request-id", "retry_after_s"}
+VOLATILE = {"host", "user-agent", "x-request-id", "retry_after_s", "decision_id"}
 
 
 def rel(path: Path) -> str:

@@ -72,7 +72,10 @@ def test_client_over_its_rate_is_blocked_for_the_penalty_then_released(envoy_fac
     assert blocked.status == 429
     assert blocked.headers["content-type"] == "application/json"
     assert blocked.headers["retry-after"] == "4"
-    assert blocked.json() == {"error": "request blocked", "reasons": ["rate_limit"], "retry_after_s": 4}
+    body = blocked.json()
+    decision = blocked.headers["x-abuse-decision"]
+    assert body == {"error": "request blocked", "reasons": ["rate_limit"], "retry_after_s": 4, "decision_id": decision}
+    assert re.fullmatch(r"[0-9a-f]{4}-[0-9a-f]+-[0-9a-f]+", decision), decision
 
     # Another client is unaffected, on the same route.
     assert get(envoy, "/api/products?page=1", bystander).status == 200
@@ -88,6 +91,8 @@ def test_client_over_its_rate_is_blocked_for_the_penalty_then_released(envoy_fac
     while time.monotonic() < sent + 2.5:
         r = get(envoy, "/health", attacker)
         statuses.append(r.status)
+        # Every refusal of the box quotes the block it comes from.
+        assert r.headers.get("x-abuse-decision") == decision, r.headers
         assert 1 <= int(r.headers.get("retry-after", "0")) <= 4
         time.sleep(0.2)
     assert statuses and set(statuses) == {429}

@@ -114,8 +114,9 @@ def test_distinct_coupon_codes_per_client_block_the_enumerator(fleet):
         if r.status == 403:
             assert refused_by(r, "coupon_enumeration")
             break
-    # Counted in a 64-bit sketch: refused around the 20th code (±10 %).
-    assert statuses[-1] == 403 and 14 <= len(statuses) <= 26, statuses
+    # Counted in a 64-bit sketch: refused at the 21st code on average, the
+    # 18th to 27th in 98 % of runs (docs/rules.md); 32 is far in the tail.
+    assert statuses[-1] == 403 and 17 <= len(statuses) <= 32, statuses
     assert set(statuses[:-1]) == {404}
 
 

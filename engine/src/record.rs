@@ -37,6 +37,11 @@
 //! | 16 | recent requests, for spike attribution (sliding window) |
 //! | 4 | login attempts (saturating; a client whose every request was one never browsed) |
 //! | 16 | an address pool's crowd: returning identities seen lately (distinct sketch) |
+//! | 8 | decision: the id of the decision that boxed the client (0 = none; see `engine/decisions.rs`) |
+//! | 8 | lifted_at_ms: an operator lifted the client's block then (0 = never) |
+//! | 8 | quiet_until_ms: until then, `quiet_reasons` cannot box the client again |
+//! | 4 | quiet_reasons (bit set; empty = every reason) |
+//! | 4 | reserved (0) |
 //!
 //! Any change of this layout bumps [`RECORD_FORMAT`]; shards written with
 //! another format are never misread. The first [`STABLE_PREFIX_BYTES`]
@@ -119,8 +124,8 @@ pub(crate) use impl_record;
 /// Most rate limits (`rate.limits`); each one owns a window in every client record.
 pub const MAX_RATE_LIMITS: usize = 4;
 
-pub const RECORD_FORMAT: u16 = 6;
-pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32 + 4 + 16;
+pub const RECORD_FORMAT: u16 = 7;
+pub const RECORD_BYTES: usize = 48 + MAX_RATE_LIMITS * 16 + 7 * 16 + 16 + 16 + 8 + 16 + 8 + 8 + 32 + 4 + 16 + 32;
 
 /// Bytes at the start of every record format that never change meaning.
 pub const STABLE_PREFIX_BYTES: usize = 48;
@@ -162,6 +167,14 @@ pub struct ClientRecord {
     /// `engine/identify.rs`): the returning identities seen at the address
     /// lately — the evidence of a real crowd behind it.
     pub crowd: DistinctWindow,
+    /// The decision that boxed the client (what its refusals quote).
+    pub decision: u64,
+    /// An operator lifted the client's block at this time: whatever a
+    /// worker's view held from before it is dropped when it merges.
+    pub lifted_at_ms: u64,
+    /// After a lift: until then, `quiet_reasons` cannot box the client again.
+    pub quiet_until_ms: u64,
+    pub quiet_reasons: ReasonSet,
 }
 
 /// Corrupt or negative floats read as 0.
@@ -180,6 +193,25 @@ impl ClientRecord {
 
     pub fn penalized_at(&self, now_ms: u64) -> bool {
         self.penalty_until_ms > now_ms
+    }
+
+    /// Whether an operator's quiet period keeps `reason` from boxing the
+    /// client now (after a lift: the same evidence must not re-block it).
+    pub fn quiet_for(&self, reason: crate::reason::Reason, now_ms: u64) -> bool {
+        now_ms < self.quiet_until_ms && (self.quiet_reasons.is_empty() || self.quiet_reasons.contains(reason))
+    }
+
+    /// An operator's lift: out of the box, risk forgotten, and for a while
+    /// the same reasons cannot box it again.
+    pub fn lift(&mut self, now_ms: u64, quiet_until_ms: u64, quiet_reasons: ReasonSet) {
+        self.penalty_until_ms = 0;
+        self.penalty_reasons = ReasonSet::default();
+        self.recent_reasons = ReasonSet::default();
+        self.risk = 0.0;
+        self.decision = 0;
+        self.lifted_at_ms = self.lifted_at_ms.max(now_ms).max(1);
+        self.quiet_until_ms = quiet_until_ms;
+        self.quiet_reasons = quiet_reasons;
     }
 }
 
@@ -220,6 +252,11 @@ impl ClientRecord {
         w.window(&self.recent_requests);
         w.u32(self.login_attempts);
         w.distinct(&self.crowd);
+        w.u64(self.decision);
+        w.u64(self.lifted_at_ms);
+        w.u64(self.quiet_until_ms);
+        w.u32(self.quiet_reasons.bits());
+        w.u32(0);
     }
 
     fn decode_fields(r: &mut Reader<'_>) -> ClientRecord {
@@ -269,6 +306,14 @@ impl ClientRecord {
             recent_requests: r.window(),
             login_attempts: r.u32(),
             crowd: r.distinct(),
+            decision: r.u64(),
+            lifted_at_ms: r.u64(),
+            quiet_until_ms: r.u64(),
+            quiet_reasons: {
+                let bits = ReasonSet::from_bits(r.u32());
+                let _reserved = r.u32();
+                bits
+            },
         }
     }
 }
@@ -311,7 +356,7 @@ mod tests {
 
     #[test]
     fn layout_is_what_the_docs_say() {
-        assert_eq!(RECORD_BYTES, 348);
+        assert_eq!(RECORD_BYTES, 380);
         let mut r = ClientRecord::new(0x0102_0304_0506_0708);
         r.risk = 1.5;
         r.login_successes = 9;

@@ -31,6 +31,11 @@ impl RouteMatch {
     pub fn contains(self, group: usize) -> bool {
         group < 64 && self.0 & (1u64 << group) != 0
     }
+
+    /// The first matching group (in config order), if any.
+    pub fn first(self) -> Option<usize> {
+        (self.0 != 0).then(|| self.0.trailing_zeros() as usize)
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -89,6 +89,17 @@ pub struct Verdict {
     /// The configured rule names, so that a rule's reason bit can be named
     /// (shared with the engine; empty without rules).
     pub rule_names: Arc<[String]>,
+    /// The fired rules' counts (rule index, the key's count), for the
+    /// figure a decision event shows against each rule's threshold.
+    pub rule_figures: Vec<(usize, f32)>,
+    /// The decision's id (0: none): the box's, or one minted for this decision.
+    pub decision: u64,
+    /// The id as the refusal shows it (`x-abuse-decision`, `decision_id`).
+    pub decision_id: Option<String>,
+    /// The detectors' figures behind `fired`.
+    pub figures: Figures,
+    /// In the penalty box until (ms; 0: not boxed).
+    pub penalty_until_ms: u64,
 }
 
 /// Per-rule outcome of one request, as bit sets by rule index.
@@ -117,6 +128,9 @@ impl RuleHits {
     }
 }
 
+/// A signal's figures, as a verdict carries them.
+pub type Figures = [Option<(crate::reason::Reason, crate::detectors::Figure)>; crate::detectors::MAX_FIGURES];
+
 impl Verdict {
     pub fn allow(client: ClientAddr) -> Verdict {
         Verdict {
@@ -142,6 +156,11 @@ impl Verdict {
             callout: CalloutPlan::NotAsked,
             rules: RuleHits::default(),
             rule_names: Arc::from(Vec::new()),
+            rule_figures: Vec::new(),
+            decision: 0,
+            decision_id: None,
+            figures: Figures::default(),
+            penalty_until_ms: 0,
         }
     }
 
@@ -172,12 +191,14 @@ impl Verdict {
         self.reason_names().join(",")
     }
 
-    /// Body of the local reply: `{"error","reasons","retry_after_s"}`.
+    /// Body of the local reply: `{"error","reasons","retry_after_s","decision_id"}`
+    /// (the id is what a refused user quotes to support).
     pub fn block_body(&self) -> String {
         json!({
             "error": "request blocked",
             "reasons": self.reason_names(),
             "retry_after_s": self.retry_after_s,
+            "decision_id": self.decision_id,
         })
         .to_string()
     }
@@ -199,6 +220,7 @@ impl Verdict {
             "retry_after_s": self.retry_after_s,
             "method": method,
             "path": path,
+            "decision_id": self.decision_id,
         })
         .to_string()
     }

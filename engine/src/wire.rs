@@ -162,13 +162,20 @@ pub struct FleetVerdict {
     pub until_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetVerdicts {
     pub version: u32,
     /// Cursor to pass as `since` next time.
     pub next: u64,
     pub verdicts: Vec<FleetVerdict>,
+    /// Operator lifts since `since` (at most [`MAX_FLEET_LIFTS`]).
+    #[serde(default)]
+    pub lifts: Vec<FleetLift>,
+    /// The operator allow entries in force, all of them, every answer (at
+    /// most [`MAX_ALLOW_ENTRIES`]): an Envoy replaces its list with this one.
+    #[serde(default)]
+    pub allows: Vec<AllowEntry>,
 }
 
 #[cfg(test)]
@@ -244,6 +251,10 @@ pub struct EventBatch {
     /// sample window (see `engine::sample`): what the scorer's model learns
     /// "normal" from.
     pub samples: Vec<FeatureSample>,
+    /// Decisions since the last batch (at most [`MAX_BATCH_DECISIONS`]).
+    pub decisions: Vec<DecisionEvent>,
+    /// Decision events this worker dropped since its last delivered batch.
+    pub decisions_dropped: u64,
     /// `fleet` rules' counts since the last batch, per rule key (left out
     /// when empty, so that a scorer without rules still takes the batch).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -347,4 +358,103 @@ pub struct WarmState {
     /// (`next` ≥ the shard count) carry them, [`MAX_BATCH_PROFILES`] a page.
     pub profiles: Vec<ProfileUpdate>,
     pub next: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------
+// The operator's view (issue 21): decisions on the tick batch, lifts and
+// allow entries on the fleet-verdicts poll.
+
+/// Decision events per tick batch, at most (the worker's buffer holds
+/// [`MAX_BATCH_DECISIONS`] × 4; beyond it the oldest are dropped and counted).
+pub const MAX_BATCH_DECISIONS: usize = 128;
+/// Reasons (with figures) per decision event, at most.
+pub const MAX_DECISION_REASONS: usize = 8;
+/// Lifts per fleet-verdicts answer, at most.
+pub const MAX_FLEET_LIFTS: usize = 1_000;
+/// Operator allow entries in force, at most (the scorer refuses more).
+pub const MAX_ALLOW_ENTRIES: usize = 256;
+
+/// One reason of a decision with the detector's figure against its limit,
+/// e.g. `{"reason":"credential_stuffing","what":"failed-login usernames",
+/// "value":29,"limit":5,"window_s":600}`; `text` says it in words.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReasonFigure {
+    pub reason: String,
+    /// What was counted ("failed-login usernames"); empty when the reason
+    /// carries no figure (e.g. `anomaly`, set by the model).
+    pub what: String,
+    pub value: f32,
+    pub limit: f32,
+    /// The window the value was counted over (0: not windowed).
+    pub window_s: u32,
+    /// "29 failed-login usernames in 600 s; limit 5".
+    pub text: String,
+}
+
+/// One decision of the filter: a block (the request that boxed the client),
+/// a shed with evidence, a tag, or — aggregated per client — the penalty
+/// box's refusals since the last batch (`action` `penalty`, `hits` of them,
+/// quoting the id of the block that boxed the client).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecisionEvent {
+    /// Short and unique per Envoy (`<instance>-<worker>-<counter>`, hex):
+    /// what a refused user quotes from the body or `x-abuse-decision`.
+    pub id: String,
+    pub time_ms: u64,
+    /// The Envoy (its node id, else a per-process tag).
+    pub instance: String,
+    /// The client as fleet verdicts name it (`addr`, `addr#agenttag`, `addr#pool`).
+    pub client: String,
+    pub address: String,
+    /// The user-agent tag (8 hex digits), when it is part of the client key.
+    pub agent: Option<String>,
+    /// The session / API key / verified subject / bearer token hashed with the
+    /// fleet's secret (16 hex digits): never the raw value.
+    pub session: Option<String>,
+    /// Which credential `session` hashes: `cookie`, `key`, `sub` or `bearer`.
+    pub credential: Option<String>,
+    /// The login username hashed with the fleet's secret, on login routes.
+    pub username: Option<String>,
+    pub route_group: Option<String>,
+    pub method: String,
+    /// The path with object ids replaced (`/api/users/{id}`).
+    pub path: String,
+    /// `block`, `shed`, `tag` or `penalty`.
+    pub action: String,
+    /// `block` or `monitor` (monitor: nothing was refused).
+    pub mode: String,
+    pub status: u32,
+    pub risk: f32,
+    /// In the penalty box until (ms since the epoch; 0: not boxed).
+    pub until_ms: u64,
+    /// `penalty` events: refusals aggregated into this event.
+    pub hits: u32,
+    pub reasons: Vec<ReasonFigure>,
+}
+
+/// An operator's lift of a client's block, for every Envoy: release the
+/// client's penalty, forget its risk, and until `quiet_until_ms` let none of
+/// `reasons` (empty: any) box it again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetLift {
+    /// A client label as in [`FleetVerdict::client`].
+    pub client: String,
+    pub reasons: Vec<String>,
+    pub quiet_until_ms: u64,
+}
+
+/// An operator's temporary allow entry, in force until `until_ms`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllowEntry {
+    pub id: String,
+    /// `cidr` (an address or prefix), `api_key` (the key's fleet hash, as in
+    /// [`DecisionEvent::session`] with credential `key`) or `agent` (a
+    /// user-agent tag, 8 hex digits).
+    pub kind: String,
+    pub value: String,
+    pub until_ms: u64,
 }

@@ -133,6 +133,7 @@ fn verdicts(n: usize) -> FleetVerdicts {
                 until_ms: 2_000_000_000_000,
             })
             .collect(),
+        ..FleetVerdicts::default()
     }
 }
 
@@ -144,16 +145,16 @@ fn fleet_polls_apply_up_to_10000_verdicts_and_1_mib() {
     e.create_state(&s).unwrap();
     let at = serde_json::to_vec(&verdicts(MAX_FLEET_VERDICTS)).unwrap();
     assert!(at.len() <= MAX_FLEET_BYTES, "{}", at.len());
-    assert_eq!(e.apply_fleet_verdicts(&s, &at, now), MAX_FLEET_VERDICTS);
+    assert_eq!(e.apply_fleet_verdicts(&s, &at, now).verdicts, MAX_FLEET_VERDICTS);
     let past = serde_json::to_vec(&verdicts(MAX_FLEET_VERDICTS + 1)).unwrap();
-    assert_eq!(e.apply_fleet_verdicts(&s, &past, now), MAX_FLEET_VERDICTS, "the first 10,000 only");
+    assert_eq!(e.apply_fleet_verdicts(&s, &past, now).verdicts, MAX_FLEET_VERDICTS, "the first 10,000 only");
 
     let small = serde_json::to_vec(&verdicts(1)).unwrap();
     let text = String::from_utf8(small).unwrap();
     let s = MemoryStore::new();
     e.create_state(&s).unwrap();
-    assert_eq!(e.apply_fleet_verdicts(&s, &padded(&text, MAX_FLEET_BYTES), now), 1);
-    assert_eq!(e.apply_fleet_verdicts(&s, &padded(&text, MAX_FLEET_BYTES + 1), now), 0, "1 MiB + 1 is refused");
+    assert_eq!(e.apply_fleet_verdicts(&s, &padded(&text, MAX_FLEET_BYTES), now).verdicts, 1);
+    assert_eq!(e.apply_fleet_verdicts(&s, &padded(&text, MAX_FLEET_BYTES + 1), now).verdicts, 0, "1 MiB + 1 is refused");
 }
 
 #[test]

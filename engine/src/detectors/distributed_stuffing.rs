@@ -60,6 +60,7 @@
 use super::Signal;
 use crate::endpoint::{EndpointRecord, FingerprintRecord, SprayRecord};
 use crate::reason::Reason;
+use super::Figure;
 use crate::record::ClientRecord;
 use crate::validate::{check_finite_range, check_range, ConfigError};
 use serde::Deserialize;
@@ -376,7 +377,8 @@ impl DistributedStuffing {
         let mut signal = Signal::default();
         let specific = signals.unknown_account || signals.sprayed_password || signals.tool_fingerprint || signals.inconsistent_headers;
         if signals.under_attack && specific && signals.score() >= self.config.refuse_at {
-            signal.fire(Reason::CredentialStuffing, self.config.weight);
+            let figure = Figure::new("attempt evidence score during an attack on the endpoint", signals.score().into(), self.config.refuse_at.into(), 0);
+            signal.fire_with(Reason::CredentialStuffing, self.config.weight, figure);
         }
         signal
     }

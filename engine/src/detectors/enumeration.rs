@@ -19,6 +19,7 @@
 
 use super::Signal;
 use crate::reason::Reason;
+use super::Figure;
 use crate::record::ClientRecord;
 use crate::validate::{check_finite_range, check_range, err, ConfigError};
 use serde::Deserialize;
@@ -167,8 +168,9 @@ impl Enumeration {
         let mut signal = Signal::default();
         client.object_requests.record(now_ms, self.window_ms);
         let distinct = client.object_ids.insert(id_hash, now_ms, self.window_ms);
-        if distinct > self.max_distinct_ids * sessions.max(1.0) {
-            signal.fire(Reason::Enumeration, self.weight);
+        let allowed = self.max_distinct_ids * sessions.max(1.0);
+        if distinct > allowed {
+            signal.fire_with(Reason::Enumeration, self.weight, Figure::new("distinct object ids", distinct, allowed, self.window_ms));
         }
         let same_session = client.object_session == session;
         client.object_session = session;
@@ -182,7 +184,8 @@ impl Enumeration {
             }
             client.last_object_id = n;
             if client.object_run >= self.max_sequential_run {
-                signal.fire(Reason::Enumeration, self.weight);
+                let figure = Figure::new("consecutive object ids", client.object_run.into(), self.max_sequential_run.into(), 0);
+                signal.fire_with(Reason::Enumeration, self.weight, figure);
             }
         }
         signal
@@ -197,7 +200,8 @@ impl Enumeration {
         let misses = client.object_misses.record(now_ms, self.window_ms);
         let requests = client.object_requests.estimate(now_ms, self.window_ms);
         if requests >= self.min_requests && misses / requests.max(1.0) > self.max_miss_ratio {
-            signal.fire(Reason::Enumeration, self.weight);
+            let figure = Figure::new("share of object requests missed (404/403)", misses / requests.max(1.0), self.max_miss_ratio, self.window_ms);
+            signal.fire_with(Reason::Enumeration, self.weight, figure);
         }
         signal
     }

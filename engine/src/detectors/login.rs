@@ -22,6 +22,7 @@ use crate::account::AccountRecord;
 use super::distributed_stuffing::DistributedStuffingConfig;
 use super::login_profile::LoginProfileConfig;
 use crate::reason::Reason;
+use super::Figure;
 use crate::record::ClientRecord;
 use crate::validate::{check_finite_range, check_range, err, ConfigError};
 use serde::Deserialize;
@@ -288,18 +289,21 @@ impl LoginDetector {
                 // succeeds; a stuffer almost never does.
                 let mostly_failing = f64::from(client.login_successes) * 2.0 < failures;
                 if failures > f64::from(c.max_failures_per_client) && mostly_failing {
-                    signal.fire(Reason::CredentialStuffing, c.weight);
+                    let figure = Figure::new("failed logins", failures, c.max_failures_per_client.into(), self.window_ms);
+                    signal.fire_with(Reason::CredentialStuffing, c.weight, figure);
                 }
                 if let Some(hash) = username_hash {
                     let usernames = client.failed_usernames.insert(hash, now_ms, self.window_ms);
                     if usernames > f64::from(c.max_usernames_per_client) + 0.5 && mostly_failing {
-                        signal.fire(Reason::CredentialStuffing, c.weight);
+                        let figure = Figure::new("failed-login usernames", usernames, c.max_usernames_per_client.into(), self.window_ms);
+                        signal.fire_with(Reason::CredentialStuffing, c.weight, figure);
                     }
                     // Taking part in an attack on one account: half weight,
                     // so a real user's single typo on an attacked account
                     // does not block them; a second failure does.
                     if account_failures > f64::from(c.max_failures_per_account) {
-                        signal.fire(Reason::CredentialStuffing, c.weight / 2.0);
+                        let figure = Figure::new("failed logins on the account", account_failures, c.max_failures_per_account.into(), self.window_ms);
+                        signal.fire_with(Reason::CredentialStuffing, c.weight / 2.0, figure);
                     }
                 }
             }
@@ -308,7 +312,11 @@ impl LoginDetector {
                 if let Some(t) = &self.takeover {
                     let attacked = username_hash.is_some() && account_failures >= f64::from(t.min_account_failures);
                     if attacked || client_suspected {
-                        signal.fire(Reason::AccountTakeover, t.weight);
+                        let figure = match attacked {
+                            true => Figure::new("failed logins on the account before this success", account_failures, t.min_account_failures.into(), self.window_ms),
+                            false => Figure::new("success by a client suspected of stuffing", 1.0, 0.0, 0),
+                        };
+                        signal.fire_with(Reason::AccountTakeover, t.weight, figure);
                     }
                 }
             }

@@ -10,6 +10,7 @@
 
 use super::Signal;
 use crate::reason::Reason;
+use super::Figure;
 use crate::record::ClientRecord;
 use crate::validate::{check_finite_range, check_range, err, ConfigError};
 use serde::Deserialize;
@@ -120,10 +121,10 @@ impl Probing {
         let mut signal = Signal::default();
         let path = path.split(['?', '#']).next().unwrap_or(path);
         if contains_any_lowercase(path, &self.sensitive_paths) {
-            signal.fire(Reason::Probing, self.sensitive_weight);
+            signal.fire_with(Reason::Probing, self.sensitive_weight, Figure::new("sensitive path requested", 1.0, 0.0, 0));
         }
         if user_agent.is_some_and(|ua| contains_any_lowercase(ua, &self.scanner_user_agents)) {
-            signal.fire(Reason::Probing, self.scanner_weight);
+            signal.fire_with(Reason::Probing, self.scanner_weight, Figure::new("scanner user agent", 1.0, 0.0, 0));
         }
         signal
     }
@@ -134,7 +135,8 @@ impl Probing {
         client.not_found.record(now_ms, self.window_ms);
         let distinct = client.not_found_paths.insert(path_hash, now_ms, self.window_ms);
         if distinct > self.max_not_found_paths {
-            signal.fire(Reason::Probing, self.weight);
+            let figure = Figure::new("distinct paths answered 404", distinct, self.max_not_found_paths, self.window_ms);
+            signal.fire_with(Reason::Probing, self.weight, figure);
         }
         signal
     }

@@ -10,6 +10,7 @@ use super::Signal;
 use crate::record::MAX_RATE_LIMITS;
 use crate::routes::RouteGroup;
 use crate::reason::Reason;
+use super::Figure;
 use crate::record::ClientRecord;
 use crate::routes::{RouteMatch, RouteTable};
 use crate::validate::{check_finite_range, check_range, err, ConfigError};
@@ -179,8 +180,10 @@ impl RequestRate {
                 continue;
             }
             let count = window.record(now_ms, limit.window_ms);
-            if count > limit.requests * scale.max(1.0) {
-                signal.fire(Reason::RateLimit, limit.weight);
+            let allowed = limit.requests * scale.max(1.0);
+            if count > allowed {
+                let figure = Figure::new("requests", count, allowed, limit.window_ms);
+                signal.fire_with(Reason::RateLimit, limit.weight, figure);
             }
         }
         signal

@@ -84,6 +84,7 @@
 use super::Signal;
 use crate::validate::ConfigError;
 use crate::reason::Reason;
+use super::Figure;
 use crate::record::ClientRecord;
 use serde::Deserialize;
 
@@ -295,11 +296,13 @@ impl Scraping {
         let previous_ms = record.last_request_ms;
         if let Some(page) = page {
             if self.on_page(record, page, previous_ms, now_ms) {
-                signal.fire(Reason::Scraping, self.weight);
+                let figure = Figure::new("consecutive pages", record.page_run.into(), self.max_page_run.into(), 0);
+                signal.fire_with(Reason::Scraping, self.weight, figure);
             }
         }
         if self.on_rhythm(record, previous_ms, now_ms) {
-            signal.fire(Reason::MachineRhythm, self.rhythm_weight);
+            let figure = Figure::new("regular intervals (mean ms)", record.interval_mean_ms.into(), 0.0, 0);
+            signal.fire_with(Reason::MachineRhythm, self.rhythm_weight, figure);
         }
         signal
     }
@@ -320,7 +323,7 @@ impl Scraping {
             window.estimate(now_ms, self.window_ms)
         };
         if self.tracks_volume() && total > self.max_kib {
-            signal.fire(Reason::Scraping, self.weight);
+            signal.fire_with(Reason::Scraping, self.weight, Figure::new("KiB answered", total, self.max_kib, self.window_ms));
         }
         signal
     }

@@ -22,6 +22,7 @@
 use super::Signal;
 pub use crate::profile::country_code;
 use crate::reason::Reason;
+use super::Figure;
 use crate::record::ClientRecord;
 use crate::session::SessionRecord;
 use crate::validate::{check_finite_range, check_range, ConfigError};
@@ -115,14 +116,20 @@ impl Sessions {
         let addresses = session.clients.insert(client_key, now_ms, self.window_ms);
         let agents = session.user_agents.insert(user_agent_hash, now_ms, self.window_ms);
         if !known && (addresses > f64::from(c.max_addresses) + 0.5 || agents > f64::from(c.max_user_agents) + 0.5) {
-            signal.fire(Reason::SessionSharing, c.weight);
+            let figure = match addresses > f64::from(c.max_addresses) + 0.5 {
+                true => Figure::new("clients on one session", addresses, c.max_addresses.into(), self.window_ms),
+                false => Figure::new("user agents on one session", agents, c.max_user_agents.into(), self.window_ms),
+            };
+            signal.fire_with(Reason::SessionSharing, c.weight, figure);
         }
         if let Some(country) = country {
             if session.home_country == [0, 0] || session.home_country == country {
                 session.home_country = country;
                 session.home_seen_ms = now_ms;
             } else if now_ms.saturating_sub(session.home_seen_ms) < self.min_travel_ms {
-                signal.fire(Reason::ImpossibleTravel, c.travel_weight);
+                let away_s = now_ms.saturating_sub(session.home_seen_ms) as f64 / 1000.0;
+                let figure = Figure::new("s between two countries", away_s, self.min_travel_ms as f64 / 1000.0, 0);
+                signal.fire_with(Reason::ImpossibleTravel, c.travel_weight, figure);
             } else {
                 // Long enough away: the session moved.
                 session.home_country = country;
@@ -137,7 +144,8 @@ impl Sessions {
         let mut signal = Signal::default();
         let sessions = client.sessions.insert(session_hash, now_ms, self.window_ms);
         if sessions > f64::from(self.config.max_sessions_per_client) + 0.5 {
-            signal.fire(Reason::SessionChurn, self.config.churn_weight);
+            let figure = Figure::new("sessions", sessions, self.config.max_sessions_per_client.into(), self.window_ms);
+            signal.fire_with(Reason::SessionChurn, self.config.churn_weight, figure);
         }
         signal
     }

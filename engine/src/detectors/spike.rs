@@ -35,6 +35,7 @@
 use super::Signal;
 use crate::endpoint::EndpointRecord;
 use crate::reason::Reason;
+use super::Figure;
 use crate::record::ClientRecord;
 use crate::validate::{check_finite_range, check_range, ConfigError};
 use serde::Deserialize;
@@ -170,7 +171,8 @@ impl Spikes {
         if let Some(g) = group.filter(|g| g.spiking) {
             let share = f64::from(self.config.client_share) * g.window_requests;
             if own >= f64::from(self.config.min_client_requests) && own >= share {
-                signal.fire(Reason::EndpointSpike, self.config.weight);
+                let figure = Figure::new("requests while the endpoint spikes", own, share.max(self.config.min_client_requests.into()), self.window_ms);
+                signal.fire_with(Reason::EndpointSpike, self.config.weight, figure);
             }
         }
         signal

@@ -68,7 +68,8 @@ impl Engine {
         }
         let mut signal = self.attempt_evidence(store, exchange, login, route, body, account_key, account.as_ref(), now_ms);
         if let (Some(lp), true) = (&self.login_profile, exchange.profile_risk.is_some_and(|r| r.refuse)) {
-            signal.fire(Reason::AccountTakeover, lp.weight());
+            let figure = crate::detectors::Figure::new("login unlike the account's profile (refused)", 1.0, 0.0, 0);
+            signal.fire_with(Reason::AccountTakeover, lp.weight(), figure);
         }
         if signal.reasons.is_empty() {
             return None;

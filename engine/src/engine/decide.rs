@@ -20,6 +20,7 @@ impl Engine {
             reasons: record.penalty_reasons,
             until_ms: record.penalty_until_ms,
             risk: risk::decayed(record.risk, record.last_seen_ms, now_ms, self.half_life_ms),
+            decision: record.decision,
         })
     }
 
@@ -36,6 +37,11 @@ impl Engine {
             && record.recent_reasons.iter().any(|r| self.action_of(r) == DetectorAction::Block);
         let (mut blocking, mut tagging, mut shed) = (0.0f32, 0.0f32, false);
         for reason in signal.reasons.iter() {
+            if record.quiet_for(reason, now_ms) {
+                // An operator lifted the client for this: it may tag, not box.
+                tagging += signal.part(reason);
+                continue;
+            }
             match self.action_of(reason) {
                 DetectorAction::Block => blocking += signal.part(reason),
                 DetectorAction::Tag => tagging += signal.part(reason),
@@ -58,13 +64,24 @@ impl Engine {
         // stable across reloads (the verdict names this request's rules).
         record.recent_reasons = record.recent_reasons.union(signal.reasons.builtins());
         let mut blocked_until_ms = None;
+        let mut decision = 0;
         if risk >= self.config.risk.block_at && blocking > 0.0 {
             let until = now_ms.saturating_add(self.penalty_ms);
             record.penalty_until_ms = until;
             record.penalty_reasons = record.recent_reasons;
+            decision = self.mint_decision();
+            record.decision = decision;
             blocked_until_ms = Some(until);
         }
-        Outcome::Scored { risk, fired: signal.reasons, reasons: record.recent_reasons, blocked_until_ms, shed }
+        Outcome::Scored {
+            risk,
+            fired: signal.reasons,
+            reasons: record.recent_reasons,
+            blocked_until_ms,
+            shed,
+            decision,
+            figures: signal.figures(),
+        }
     }
 
     /// Whether an outcome refuses the request (a box, a block, a shed).
@@ -99,13 +116,16 @@ impl Engine {
         };
         v.store = stats;
         let blocked = match outcome {
-            Outcome::Penalized { reasons, until_ms, risk } => {
+            Outcome::Penalized { reasons, until_ms, risk, decision } => {
                 v.penalized = true;
                 v.reasons = reasons;
                 v.risk = risk;
+                v.decision = decision;
                 Some(until_ms)
             }
-            Outcome::Scored { risk, fired, reasons, blocked_until_ms, shed } => {
+            Outcome::Scored { risk, fired, reasons, blocked_until_ms, shed, decision, figures } => {
+                v.decision = decision;
+                v.figures = figures;
                 v.fired = fired;
                 v.reasons = reasons;
                 v.risk = risk;
@@ -122,6 +142,7 @@ impl Engine {
             }
         };
         if let Some(until_ms) = blocked {
+            v.penalty_until_ms = until_ms;
             v.block(v.reasons.block_status(), until_ms.saturating_sub(now_ms).div_ceil(1000));
         }
         v

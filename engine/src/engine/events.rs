@@ -60,6 +60,18 @@ fn finite(v: f32) -> f32 {
     if v.is_finite() { v.max(0.0) } else { 0.0 }
 }
 
+/// One tick's batch for the scorer, and what it carries (for stats).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TickBatch {
+    pub body: Vec<u8>,
+    /// Known accounts, baselines, profiles and samples (what `batch_failed` counts).
+    pub items: u64,
+    pub samples: u64,
+    pub decisions: u64,
+    /// Decisions dropped before this batch (buffer full, failed batches).
+    pub decisions_dropped: u64,
+}
+
 /// What one worker keeps for its next batch.
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -98,7 +110,12 @@ impl WarmLease {
 }
 
 impl Engine {
-    fn events_on(&self) -> bool {
+    /// Whether decision events (and the rest of the tick batch) go to the scorer.
+    pub fn events_enabled(&self) -> bool {
+        self.events_on()
+    }
+
+    pub(super) fn events_on(&self) -> bool {
         self.callouts.as_ref().is_some_and(|c| c.config.events)
     }
 
@@ -240,17 +257,19 @@ impl Engine {
         out
     }
 
-    /// This worker's batch for this tick, if it has something to say;
-    /// returns the JSON body, how many items it carries and how many of them are samples.
-    pub fn tick_batch(&self, store: &dyn SharedStore, now_ms: u64) -> Option<(Vec<u8>, u64, u64)> {
+    /// This worker's batch for this tick, if it has something to say.
+    pub fn tick_batch(&self, store: &dyn SharedStore, now_ms: u64) -> Option<TickBatch> {
         if !self.events_on() {
             return None;
         }
+        let (decisions, decisions_dropped) = self.take_decisions();
         let (accounts, profiles, dropped, baselines_due, samples) = {
             let mut out = self.outbox.lock().ok()?;
             let samples = out.samples.take_ready(now_ms);
             let due = now_ms.saturating_sub(out.baselines_sent_ms) >= BASELINE_EVERY_MS;
-            if out.accounts.is_empty() && out.profiles.is_empty() && !due && samples.is_empty() && !self.rules_due(now_ms) {
+            let no_decisions = decisions.is_empty() && decisions_dropped == 0;
+            let quiet = out.accounts.is_empty() && out.profiles.is_empty() && !due && samples.is_empty() && no_decisions;
+            if quiet && !self.rules_due(now_ms) {
                 return None;
             }
             if due {
@@ -265,7 +284,15 @@ impl Engine {
         };
         let baselines = if baselines_due { self.baseline_snapshots(store) } else { Vec::new() };
         let (rule_counts, rules_due) = self.take_rule_counts(now_ms);
-        if accounts.is_empty() && profiles.is_empty() && baselines.is_empty() && dropped == 0 && samples.is_empty() && !rules_due {
+        if accounts.is_empty()
+            && profiles.is_empty()
+            && baselines.is_empty()
+            && dropped == 0
+            && samples.is_empty()
+            && decisions.is_empty()
+            && decisions_dropped == 0
+            && !rules_due
+        {
             return None;
         }
         let samples: Vec<_> = samples
@@ -282,15 +309,27 @@ impl Engine {
             dropped,
             samples,
             rule_counts,
+            decisions,
+            decisions_dropped,
         };
         // Within the scorer's byte limit whatever the names: what does not
         // fit is dropped and counted (an account comes back with its next success).
         loop {
             let body = serde_json::to_vec(&batch).ok()?;
             if body.len() <= MAX_BATCH_BYTES {
-                return Some((body, items, batch.samples.len() as u64));
+                return Some(TickBatch {
+                    body,
+                    items,
+                    samples: batch.samples.len() as u64,
+                    decisions: batch.decisions.len() as u64,
+                    decisions_dropped: batch.decisions_dropped,
+                });
             }
-            if batch.baselines.len() > 8 {
+            if batch.decisions.len() > 16 {
+                let keep = batch.decisions.len() / 2;
+                batch.decisions_dropped = batch.decisions_dropped.saturating_add((batch.decisions.len() - keep) as u64);
+                batch.decisions.truncate(keep);
+            } else if batch.baselines.len() > 8 {
                 batch.baselines.truncate(8);
             } else if !batch.profiles.is_empty() {
                 let keep = batch.profiles.len() / 2;
@@ -462,13 +501,13 @@ mod tests {
         for k in 0..(PENDING_CAP as u64 + 10) {
             e.queue_known_account(k);
         }
-        let (body, items, _) = e.tick_batch(&s, T0 + 2).unwrap();
+        let TickBatch { body, items, .. } = e.tick_batch(&s, T0 + 2).unwrap();
         let batch: EventBatch = serde_json::from_slice(&body).unwrap();
         assert_eq!(batch.known_accounts.len(), MAX_BATCH_ACCOUNTS);
         assert_eq!(batch.dropped, 10);
         assert_eq!(items, MAX_BATCH_ACCOUNTS as u64);
         e.batch_failed(items);
-        let batch: EventBatch = serde_json::from_slice(&e.tick_batch(&s, T0 + 3).unwrap().0).unwrap();
+        let batch: EventBatch = serde_json::from_slice(&e.tick_batch(&s, T0 + 3).unwrap().body).unwrap();
         assert_eq!(batch.dropped, MAX_BATCH_ACCOUNTS as u64, "a lost batch is counted, not resent");
     }
 
@@ -539,7 +578,7 @@ mod tests {
             boxed |= v.would_block;
         }
         assert!(boxed, "the prober was blocked");
-        let (body, items, n) = e.tick_batch(&s, t + sample::SAMPLE_WINDOW_MS).unwrap();
+        let TickBatch { body, items, samples: n, .. } = e.tick_batch(&s, t + sample::SAMPLE_WINDOW_MS).unwrap();
         let batch: EventBatch = serde_json::from_slice(&body).unwrap();
         assert_eq!(batch.samples.len(), sample::RESERVOIR_CAP, "a full, bounded sample");
         assert_eq!(items, batch.samples.len() as u64 + batch.baselines.len() as u64);
@@ -558,14 +597,14 @@ mod tests {
         for i in 0..40 {
             e2.on_request(&s2, &facts("10.9.9.8:1", "/.env"), t + 1 + i);
         }
-        let batch: EventBatch = serde_json::from_slice(&e2.tick_batch(&s2, t + sample::SAMPLE_WINDOW_MS).unwrap().0).unwrap();
+        let batch: EventBatch = serde_json::from_slice(&e2.tick_batch(&s2, t + sample::SAMPLE_WINDOW_MS).unwrap().body).unwrap();
         let prober = batch.samples.iter().find(|x| x.client == "10.9.9.8").unwrap();
         let quiet = batch.samples.iter().find(|x| x.client == "10.9.9.9").unwrap();
         assert!(prober.penalized && !quiet.penalized, "{batch:?}");
         // A batch the scorer does not take is counted as dropped, samples included.
         e2.batch_failed(2);
         let later = e2.tick_batch(&s2, t + 2 * sample::SAMPLE_WINDOW_MS + BASELINE_EVERY_MS).unwrap();
-        let later: EventBatch = serde_json::from_slice(&later.0).unwrap();
+        let later: EventBatch = serde_json::from_slice(&later.body).unwrap();
         assert_eq!(later.dropped, 2);
         assert!(later.samples.is_empty(), "nothing new was seen");
     }

@@ -1,11 +1,13 @@
 //! Fleet verdicts: one worker per Envoy process polls the scorer for the
 //! clients the fleet blocked (a lease in shared data), and puts them into
-//! this Envoy's penalty box.
+//! this Envoy's penalty box. The same answer carries the operator's lifts
+//! (out of the box, with a quiet period) and allow entries (see
+//! `operator_allow.rs`), so an undo reaches every Envoy within a poll.
 
 use super::{Engine, FLEET_LEASE_KEY};
 use crate::callout::reasons_from_names;
 use crate::state::store::SharedStore;
-use crate::wire::{FleetVerdicts, WIRE_VERSION};
+use crate::wire::{FleetLift, FleetVerdicts, WIRE_VERSION};
 
 impl Engine {
     /// Claims this process's fleet-verdict poll when due (a lease in shared
@@ -24,16 +26,17 @@ impl Engine {
     }
 
     /// Applies the fleet's verdicts: each blocked client goes into this
-    /// Envoy's penalty box. Returns how many were applied.
-    pub fn apply_fleet_verdicts(&self, store: &dyn SharedStore, body: &[u8], now_ms: u64) -> usize {
+    /// Envoy's penalty box; then the operator's lifts and allow entries.
+    pub fn apply_fleet_verdicts(&self, store: &dyn SharedStore, body: &[u8], now_ms: u64) -> FleetApplied {
+        let mut done = FleetApplied::default();
         if body.len() > crate::wire::MAX_FLEET_BYTES {
-            return 0;
+            return done;
         }
         let Ok(fleet) = serde_json::from_slice::<FleetVerdicts>(body) else {
-            return 0;
+            return done;
         };
         if fleet.version != WIRE_VERSION {
-            return 0;
+            return done;
         }
         let mut applied = 0;
         for v in fleet.verdicts.iter().take(crate::wire::MAX_FLEET_VERDICTS) {
@@ -49,14 +52,23 @@ impl Engine {
                 if r.penalty_until_ms >= until {
                     return ((), false);
                 }
+                if r.quiet_until_ms > now_ms {
+                    // Lifted by an operator lately: the fleet's verdict is
+                    // older evidence (the scorer dropped it with the lift).
+                    return ((), false);
+                }
                 r.penalty_until_ms = until;
                 r.penalty_reasons = if reasons.is_empty() { r.recent_reasons } else { reasons };
+                r.decision = self.mint_decision();
                 ((), true)
             });
             if done.is_ok() {
                 applied += 1;
             }
         }
+        done.verdicts = applied;
+        done.lifts = self.apply_lifts(store, &fleet.lifts, now_ms);
+        self.store_operator_allows(store, &fleet.allows, now_ms);
         // Remember where we are, for whichever worker polls next.
         for _ in 0..8 {
             let Ok((value, cas)) = store.get(FLEET_LEASE_KEY) else { break };
@@ -65,8 +77,37 @@ impl Engine {
                 break;
             }
         }
+        done
+    }
+
+    /// The operator's lifts: each client out of the penalty box, its risk
+    /// and any cached scorer verdict forgotten, and for its quiet period the
+    /// lifted reasons cannot box it again. Returns how many were applied.
+    fn apply_lifts(&self, store: &dyn SharedStore, lifts: &[FleetLift], now_ms: u64) -> usize {
+        let mut applied = 0;
+        for lift in lifts.iter().take(crate::wire::MAX_FLEET_LIFTS) {
+            let Some(key) = self.key_of_label(&lift.client) else {
+                continue;
+            };
+            let quiet_until = lift.quiet_until_ms.min(now_ms.saturating_add(7 * 86_400_000));
+            let reasons = reasons_from_names(&lift.reasons);
+            if self.clients.update(store, key, now_ms, |r| ((), { r.lift(now_ms, quiet_until, reasons); true })).is_ok() {
+                applied += 1;
+            }
+            let _ = self.verdict_table.update(store, key, now_ms, |v| {
+                v.valid_until_ms = 0;
+                ((), true)
+            });
+        }
         applied
     }
+}
+
+/// What one fleet answer changed here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FleetApplied {
+    pub verdicts: usize,
+    pub lifts: usize,
 }
 
 fn decode_lease(value: Option<&[u8]>) -> (u64, u64) {

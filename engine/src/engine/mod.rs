@@ -34,6 +34,8 @@
 mod answer;
 mod body;
 mod decide;
+mod decisions;
+mod operator_allow;
 mod events;
 mod fleet;
 mod groups;
@@ -48,10 +50,17 @@ mod tick;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod decisions_tests;
 
 use groups::RouteCounters;
 pub use tables::StateReport;
 pub use rules::{RuleAnswer, FLEET_RULE_POLL_MS};
+pub use events::TickBatch;
+pub use fleet::FleetApplied;
+pub use operator_allow::ALLOW_KEY;
+pub use decisions::{path_template, DECISIONS_CAP, WORKERS_KEY};
 
 use crate::account::AccountRecord;
 use crate::callout::{Callouts, VerdictRecord};
@@ -187,14 +196,29 @@ pub struct Exchange {
     rules: crate::rules::Pending,
     /// What body-phase rules need of the request's headers.
     rules_input: Option<Box<rules::KeptInput>>,
+    /// The session as the fleet names it (hash with the scorer's secret,
+    /// and which credential: `cookie`, `key`, `sub`, `bearer`), for
+    /// decision events; only when events are on.
+    fleet_session: Option<(u64, &'static str)>,
+    /// The request's first route group, for decision events.
+    group: Option<usize>,
 }
 
 /// Outcome of the read-modify-write on the client's record.
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
-    Penalized { reasons: ReasonSet, until_ms: u64, risk: f32 },
+    Penalized { reasons: ReasonSet, until_ms: u64, risk: f32, decision: u64 },
     /// `shed`: a `shed` reason refuses this request only (no penalty box).
-    Scored { risk: f32, fired: ReasonSet, reasons: ReasonSet, blocked_until_ms: Option<u64>, shed: bool },
+    /// `decision`: the id minted when this outcome boxed the client.
+    Scored {
+        risk: f32,
+        fired: ReasonSet,
+        reasons: ReasonSet,
+        blocked_until_ms: Option<u64>,
+        shed: bool,
+        decision: u64,
+        figures: crate::verdict::Figures,
+    },
 }
 
 #[derive(Debug)]
@@ -227,6 +251,9 @@ pub struct Engine {
     account_hasher: KeyedHasher,
     /// What this worker has for its next batch to the scorer.
     outbox: Mutex<events::Outbox>,
+    decision_ids: decisions::DecisionIds,
+    decision_outbox: Mutex<decisions::DecisionOutbox>,
+    operator_allows: Mutex<operator_allow::OperatorAllows>,
     session_table: ShardedTable<SessionRecord>,
     group_table: ShardedTable<EndpointRecord>,
     verdict_table: ShardedTable<VerdictRecord>,
@@ -342,6 +369,9 @@ impl Engine {
                 None => hasher,
             },
             outbox: Mutex::new(events::Outbox::default()),
+            decision_ids: decisions::DecisionIds::new((hasher.key(0, b"instance") & 0xffff) as u16),
+            decision_outbox: Mutex::new(decisions::DecisionOutbox::default()),
+            operator_allows: Mutex::new(operator_allow::OperatorAllows::default()),
             session_table,
             group_table,
             verdict_table,

@@ -74,7 +74,7 @@ impl Engine {
         let agent = self.agent_of(facts.user_agent);
         let mut exchange = Exchange { client: Some(client), agent, ..Exchange::default() };
         let api_key = facts.identity.api_key.and_then(|k| std::str::from_utf8(k).ok()).map(str::trim);
-        if self.exemptions.allowlisted(client, api_key) {
+        if self.exemptions.allowlisted(client, api_key) || self.operator_allowed(client, api_key, facts.user_agent, now_ms) {
             let mut v = Verdict::allow(client);
             v.exempt = true;
             return (v, exchange);
@@ -161,6 +161,11 @@ impl Engine {
             (Err(failed), _) => (Err(failed), false),
         };
         exchange.agent = agent;
+        exchange.client_key = look.key;
+        exchange.group = look.routes.first();
+        if self.events_on() {
+            exchange.fleet_session = self.fleet_session_of(facts);
+        }
         let key = look.key;
         let mut verdict = self.verdict(client, updated, look.mode, now_ms);
         verdict.agent = agent;
@@ -294,7 +299,8 @@ impl Engine {
             signal.add(d.on_client(record, h, now_ms));
         }
         if facts.anonymous {
-            signal.fire(Reason::AnonymousNetwork, self.config.geo.anonymous_weight);
+            let figure = crate::detectors::Figure::new("request from an anonymous network", 1.0, 0.0, 0);
+            signal.fire_with(Reason::AnonymousNetwork, self.config.geo.anonymous_weight, figure);
         }
         if let Some(spikes) = &self.spikes {
             signal.add(spikes.on_request(record, counted.group_state, now_ms));

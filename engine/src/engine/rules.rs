@@ -208,20 +208,21 @@ impl Engine {
         acted.hits.matched |= 1u32 << i;
         let counts_now = !rule.counts_at_answer();
         let c = &rule.counting;
-        // (fired, penalty end, newly fired, counted)
+        // (fired, penalty end, newly fired, counted, the key's count)
         let done = table.update(store, key, now_ms, |r| {
             if let Some(until) = r.over_at(now_ms) {
                 // Fired earlier (or by the fleet): acts, counts no more.
-                return ((true, Some(until), false, false), false);
+                return ((true, Some(until), false, false, r.estimate(c, now_ms).max(c.threshold)), false);
             }
             if counts_now {
                 let counted = r.add(c, 1, value, now_ms);
-                return ((counted.fired, counted.until_ms, counted.fired, true), true);
+                return ((counted.fired, counted.until_ms, counted.fired, true, counted.estimate), true);
             }
-            let (fired, until) = r.check(c, r.estimate(c, now_ms), now_ms);
-            ((fired, until, fired, false), fired)
+            let estimate = r.estimate(c, now_ms);
+            let (fired, until) = r.check(c, estimate, now_ms);
+            ((fired, until, fired, false, estimate), fired)
         });
-        let Ok(((fired, until, newly, counted), _)) = done else {
+        let Ok(((fired, until, newly, counted, estimate), _)) = done else {
             // Fail open: a lost count is better than a refused user.
             return;
         };
@@ -230,6 +231,7 @@ impl Engine {
         }
         if fired {
             acted.fire(i, rule, until, now_ms, newly);
+            acted.figures.push((i, estimate as f32));
         }
         let refused = fired && rule.refusal_status().is_some() && !rule.shadow;
         if !refused && rule.at_answer() && pending.answer.len() < crate::reason::MAX_RULES {
@@ -320,18 +322,19 @@ impl Engine {
                 match amount {
                     Some(n) if n > 0 => {
                         let counted = r.add(c, n, value, now_ms);
-                        (Some((counted.fired, counted.until_ms, n)), true)
+                        (Some((counted.fired, counted.until_ms, n, counted.estimate)), true)
                     }
                     _ => (None, false),
                 }
             });
             acted.hits.matched |= 1u32 << i;
-            if let Ok((Some((fired, until, n)), _)) = done {
+            if let Ok((Some((fired, until, n, estimate)), _)) = done {
                 if rule.fleet {
                     self.queue_rule_delta(i, key, u64::from(n));
                 }
                 if fired {
                     acted.fire(i, rule, until, now_ms, true);
+                    acted.figures.push((i, estimate as f32));
                 }
             }
         }
@@ -382,6 +385,7 @@ impl Engine {
             return;
         }
         verdict.rule_names = self.rules.names.clone();
+        verdict.rule_figures.extend(acted.figures.iter().copied());
         verdict.reasons = verdict.reasons.union(acted.reasons);
         verdict.fired = verdict.fired.union(acted.reasons);
         if (acted.tag || acted.signal.risk > 0.0) && verdict.action == Action::Allow {
@@ -393,6 +397,32 @@ impl Engine {
             }
             verdict.newly_blocked |= acted.newly;
         }
+    }
+
+    /// Decision-event figures of the verdict's rules: each rule's name, its
+    /// key's count against its threshold ("6 answers in 300 s; limit 5").
+    pub(super) fn rule_reason_figures(&self, verdict: &Verdict) -> Vec<crate::wire::ReasonFigure> {
+        let shown = verdict.reasons.union(verdict.fired);
+        shown
+            .rules()
+            .filter_map(|i| {
+                let rule = self.rules.rules.get(i)?;
+                let value = verdict.rule_figures.iter().find(|(r, _)| *r == i).map(|(_, v)| *v);
+                let limit = rule.counting.threshold as f32;
+                let what = rule.counts_what();
+                Some(match value {
+                    Some(v) => crate::wire::ReasonFigure {
+                        reason: rule.name.clone(),
+                        text: format!("{} {what} in {} s; limit {}", v.round(), rule.window_s, limit.round()),
+                        what,
+                        value: if v.is_finite() { v } else { 0.0 },
+                        limit,
+                        window_s: rule.window_s,
+                    },
+                    None => crate::wire::ReasonFigure { reason: rule.name.clone(), ..Default::default() },
+                })
+            })
+            .collect()
     }
 
     /// One log line per shadow rule that would have acted (`rule_shadow`:

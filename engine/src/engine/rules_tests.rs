@@ -153,9 +153,9 @@ fn distinct_coupon_codes_per_client() {
             break;
         }
     }
-    // A 64-bit sketch: ±10 % around 20.
+    // A 64-bit sketch: the 21st code on average, the 18th to 27th in 98 % of runs.
     let n = refused_at.expect("the enumerator is refused");
-    assert!((14..=26).contains(&n), "refused at code {n}");
+    assert!((17..=32).contains(&n), "refused at code {n}");
     assert_eq!(exchange(&e, &s, &shopper, br#"{"code":"X"}"#, 404, &none, T0 + 50).action, Action::Allow);
 }
 
@@ -244,7 +244,7 @@ fn sends_per_phone_number_are_counted_across_addresses_and_sent_to_the_fleet() {
     let v = exchange(&e, &s, &req("203.0.113.1:1", "POST", "/api/otp/send"), b"{}", 202, &none, T0 + 11);
     assert_eq!(v.rules.matched, 0);
     // The counts ride the tick batch.
-    let (body, _, _) = e.tick_batch(&s, T0 + 20).unwrap();
+    let body = e.tick_batch(&s, T0 + 20).unwrap().body;
     let batch: crate::wire::EventBatch = serde_json::from_slice(&body).unwrap();
     let total: u64 = batch.rule_counts.iter().map(|c| c.count).sum();
     assert_eq!(total, 6, "{:?}", batch.rule_counts);
@@ -264,11 +264,11 @@ fn the_fleet_puts_a_key_over_on_an_envoy_that_counted_little() {
             assert_eq!(v.action, Action::Allow);
         }
     }
-    let (body, _, _) = a.tick_batch(&sa, T0 + 10).unwrap();
+    let body = a.tick_batch(&sa, T0 + 10).unwrap().body;
     let batch: crate::wire::EventBatch = serde_json::from_slice(&body).unwrap();
     let key = batch.rule_counts[0].key.clone();
     // Both Envoys name the key alike (hashed with the fleet secret).
-    let (body_b, _, _) = b.tick_batch(&sb, T0 + 10).unwrap();
+    let body_b = b.tick_batch(&sb, T0 + 10).unwrap().body;
     let batch_b: crate::wire::EventBatch = serde_json::from_slice(&body_b).unwrap();
     assert_eq!(batch_b.rule_counts[0].key, key);
     let answer = serde_json::json!({"accepted": 1, "flags": [],
@@ -389,4 +389,25 @@ fn rule_tables_are_fixed_whatever_the_keys() {
     }
     assert_eq!(s.total_bytes(), before, "no key grows shared data");
     assert!(e.state_bytes() >= 128 * 72);
+}
+
+#[test]
+fn a_rule_refusal_is_a_decision_with_the_rule_and_its_figure() {
+    let e = engine(OTP);
+    let s = ready(&e);
+    let mut a = req("192.0.2.70:1", "POST", "/api/otp/verify");
+    a.cookie = Some(b"session=a");
+    let none = RuleAnswer::default();
+    for i in 0..5 {
+        exchange(&e, &s, &a, b"{}", 401, &none, T0 + i);
+    }
+    let (mut v, x) = send(&e, &s, &a, T0 + 10);
+    assert_eq!(v.action, Action::Block);
+    e.decided(&x, &mut v, "POST", "/api/otp/verify", T0 + 10);
+    assert!(v.decision_id.is_some());
+    let (events, _) = e.take_decisions();
+    let reasons = &events.last().unwrap().reasons;
+    let figure = reasons.iter().find(|r| r.reason == "otp_verify_failures").unwrap();
+    assert_eq!((figure.limit, figure.window_s), (5.0, 300));
+    assert_eq!(figure.text, "5 answers in 300 s; limit 5");
 }

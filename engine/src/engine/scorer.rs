@@ -182,13 +182,17 @@ impl Engine {
                     // Into the penalty box, like any block: later requests
                     // are refused before any other work.
                     let penalty = v.reasons;
+                    let decision = self.mint_decision();
                     let _ = self.clients.update(store, key, now_ms, |r| {
                         r.penalty_until_ms = until_ms;
                         r.penalty_reasons = penalty;
                         r.risk = r.risk.max(answer.score.min(risk::MAX_RISK));
+                        r.decision = decision;
                         ((), true)
                     });
                     v.newly_blocked = true;
+                    v.decision = decision;
+                    v.penalty_until_ms = until_ms;
                 }
             }
             Err(failure) => {

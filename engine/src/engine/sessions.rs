@@ -61,6 +61,20 @@ impl Engine {
     /// (the scorer's secret), so every Envoy names one cookie alike and the
     /// scorer can count its addresses across the fleet. The session table's
     /// own hash uses this process's random key, which no other Envoy shares.
+    /// The request's session as the fleet names it, and its kind (for
+    /// decision events: searchable by the hash an operator computes).
+    pub(super) fn fleet_session_of(&self, facts: &RequestFacts<'_>) -> Option<(u64, &'static str)> {
+        let id = self.identity.identify(&facts.identity);
+        let name = session_name(&id)?;
+        let kind = name.split(':').next().map(|k| match k {
+            "cookie" => "cookie",
+            "key" => "key",
+            "sub" => "sub",
+            _ => "bearer",
+        })?;
+        Some((self.account_hasher.key(DOMAIN_SESSION, name.as_bytes()), kind))
+    }
+
     pub(super) fn fleet_session(&self, id: &ClientIdentity) -> Option<String> {
         session_name(id).map(|s| format!("{:016x}", self.account_hasher.key(DOMAIN_SESSION, s.as_bytes())))
     }

@@ -13,6 +13,9 @@ impl Engine {
     pub fn on_tick(&self, store: &dyn SharedStore, now_ms: u64) {
         // What this worker counted on its own views goes to shared data.
         let _ = self.clients.on_tick(store, now_ms);
+        if self.callouts.as_ref().is_some_and(|c| c.config.fleet_verdicts) {
+            self.refresh_operator_allows(store);
+        }
         let Some(spikes) = &self.spikes else {
             return;
         };

@@ -8,8 +8,9 @@
 //!   key's first window, then the previous window weighted by its overlap);
 //!   a cost adds its amount (saturating at 2^32 − 1 per window).
 //! - `distinct` counts in a 64-bit [`DistinctWindow`] (linear counting,
-//!   restarted every window): within a few percent up to ~40 values, ±10 %
-//!   around 20, and it saturates near 150 (see `sketch`).
+//!   restarted every window): a threshold of 20 fires at the 21st distinct
+//!   value on average, the 18th to 27th in 98 % of runs (simulated), and
+//!   the sketch saturates near 150 (see `sketch`).
 //! - A key fires when its estimate reaches the threshold. A `block` rule's
 //!   count then restarts (CrowdSec's overflow: the penalty is the
 //!   consequence) and the key is refused until `over_until_ms`; a `shed`,
@@ -252,6 +253,6 @@ mod tests {
             }
         }
         let n = fired_at.unwrap();
-        assert!((14..=26).contains(&n), "fired after {n} distinct values");
+        assert!((17..=32).contains(&n), "fired after {n} distinct values");
     }
 }

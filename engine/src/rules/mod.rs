@@ -59,6 +59,26 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// What the rule counts, for a decision event's figure ("distinct json:code").
+    pub fn counts_what(&self) -> String {
+        let field = |f: &FieldSpec| match f {
+            FieldSpec::Header(h) => format!("header:{h}"),
+            FieldSpec::Query(q) => format!("query:{q}"),
+            FieldSpec::Username => "username".to_string(),
+            FieldSpec::Json(j) => format!("json:{j}"),
+            FieldSpec::Form(f) => format!("form:{f}"),
+            FieldSpec::PathId => "path_id".to_string(),
+        };
+        match &self.count {
+            CountSpec::Requests if self.matcher.on_answer() => "answers".to_string(),
+            CountSpec::Requests => "requests".to_string(),
+            CountSpec::Distinct(f) => format!("distinct {}", field(f)),
+            CountSpec::Cost(CostSource::ResponseBytes) => "response bytes".to_string(),
+            CountSpec::Cost(CostSource::UpstreamMs) => "upstream ms".to_string(),
+            CountSpec::Cost(CostSource::Header(h)) => format!("cost ({h})"),
+        }
+    }
+
     fn new(c: &RuleConfig, routes: &RouteTable) -> Option<Rule> {
         let count = CountSpec::parse(&c.count).ok()?;
         let key = c.key.iter().map(|k| KeySpec::parse(k)).collect::<Result<Vec<_>, _>>().ok()?;
@@ -210,7 +230,7 @@ pub struct Pending {
 }
 
 /// What a rule's firing does to the request, as the engine applies it.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Acted {
     pub hits: crate::verdict::RuleHits,
     /// Reasons to show (rules that tag, monitor or refuse).
@@ -223,6 +243,8 @@ pub struct Acted {
     pub newly: bool,
     /// A `tag` rule fired: the request is tagged, whatever its weight.
     pub tag: bool,
+    /// The fired rules' counts (index, the key's count), for decision events.
+    pub figures: Vec<(usize, f32)>,
 }
 
 impl Acted {

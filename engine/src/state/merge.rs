@@ -88,10 +88,26 @@ pub fn merge_client(shared: &mut ClientRecord, base: &ClientRecord, local: &Clie
         (f, 0) => f,
         (f, l) => f.min(l),
     };
-    out.penalty_until_ms = s.penalty_until_ms.max(local.penalty_until_ms);
-    out.penalty_reasons = s.penalty_reasons.union(local.penalty_reasons);
-    out.recent_reasons = s.recent_reasons.union(local.recent_reasons);
-    out.risk = s.risk.max(local.risk);
+    if s.lifted_at_ms > base.lifted_at_ms {
+        // An operator lifted the client after this worker read it: the
+        // worker's penalty, risk and reasons are from before the lift (else
+        // the lift would come straight back with the next merge).
+    } else {
+        if local.penalty_until_ms > s.penalty_until_ms {
+            out.decision = local.decision;
+        }
+        out.penalty_until_ms = s.penalty_until_ms.max(local.penalty_until_ms);
+        out.penalty_reasons = s.penalty_reasons.union(local.penalty_reasons);
+        out.recent_reasons = s.recent_reasons.union(local.recent_reasons);
+        out.risk = s.risk.max(local.risk);
+    }
+    if local.lifted_at_ms > s.lifted_at_ms {
+        // (A lift changes the penalty, so it is written through to shared
+        // data at once; this only keeps the newer lift's terms if not.)
+        out.lifted_at_ms = local.lifted_at_ms;
+        out.quiet_until_ms = local.quiet_until_ms;
+        out.quiet_reasons = local.quiet_reasons;
+    }
     out.requests = add_count(s.requests, base.requests, local.requests);
     out.login_successes = add_count(s.login_successes, base.login_successes, local.login_successes);
     out.login_attempts = add_count(s.login_attempts, base.login_attempts, local.login_attempts);
@@ -167,6 +183,30 @@ mod tests {
             w.record(t, W);
         }
         w
+    }
+
+    #[test]
+    fn a_lift_since_the_worker_read_the_record_drops_its_older_box_and_risk() {
+        let mut base = ClientRecord::new(7);
+        base.penalty_until_ms = 90_000;
+        base.risk = 120.0;
+        base.decision = 5;
+        base.penalty_reasons.insert(Reason::CredentialStuffing);
+        let mut local = base;
+        local.requests = 3;
+        let mut shared = base;
+        shared.lift(10_000, 70_000, crate::reason::ReasonSet::default());
+        merge_client(&mut shared, &base, &local);
+        assert_eq!((shared.penalty_until_ms, shared.risk, shared.decision), (0, 0.0, 0), "the lift stands");
+        assert_eq!(shared.requests, 3, "the worker's counts still add up");
+        assert_eq!(shared.quiet_until_ms, 70_000);
+        // A worker that read the record after the lift merges as ever.
+        let base = shared;
+        let mut local = base;
+        local.penalty_until_ms = 200_000;
+        local.decision = 9;
+        merge_client(&mut shared, &base, &local);
+        assert_eq!((shared.penalty_until_ms, shared.decision), (200_000, 9));
     }
 
     #[test]

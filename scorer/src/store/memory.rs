@@ -284,6 +284,7 @@ impl MemoryStore {
             version: WIRE_VERSION,
             next,
             verdicts,
+            ..FleetVerdicts::default()
         }
     }
 }

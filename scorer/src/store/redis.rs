@@ -308,6 +308,7 @@ impl FleetStore for RedisStore {
             version: WIRE_VERSION,
             next,
             verdicts,
+            ..FleetVerdicts::default()
         })
     }
 
