@@ -521,13 +521,11 @@ impl AbuseFilterHttp {
             engine.rule_answer_headers(&self.exchange).into_iter().filter_map(|n| header(n).map(|v| (n, v))).collect();
         let headers: Vec<(&str, &[u8])> = values.iter().map(|(n, v)| (*n, v.as_slice())).collect();
         let answer = abuse_engine::RuleAnswer { response_bytes, headers: &headers };
-        if let Some(verdict) = engine.on_rule_answer(&EnvoySharedData, &self.exchange, status, &answer, now_ms()) {
+        let now = now_ms();
+        if let Some(mut verdict) = engine.on_rule_answer(&EnvoySharedData, &self.exchange, status, &answer, now) {
             metrics::record_answer(&verdict);
+            self.note_decision(engine, &mut verdict, now);
             log_shadow(engine, &verdict, &self.method, &self.path);
-            if verdict.newly_blocked && engine.config().log_blocks {
-                log::warn!("{}", verdict.log_line(&self.method, &self.path));
-            }
-            self.note_decision(&verdict);
         }
     }
 }

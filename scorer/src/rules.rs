@@ -87,7 +87,7 @@ impl FleetRules {
             .filter(|(_, e)| e.over_until_ms > now_ms)
             .map(|((rule, key), e)| RuleKeyOver { rule: rule.clone(), key: key.clone(), until_ms: e.over_until_ms })
             .collect();
-        out.sort_by(|a, b| b.until_ms.cmp(&a.until_ms));
+        out.sort_by_key(|o| std::cmp::Reverse(o.until_ms));
         out.truncate(MAX_RULE_KEYS_OVER);
         out
     }
@@ -99,6 +99,7 @@ impl FleetRules {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -353,11 +353,14 @@ mod tests {
             profiles: vec![],
             dropped: 0,
             samples: vec![],
+            ..EventBatch::default()
         };
         assert_eq!(check_batch(&ok()), Ok(()));
         assert!(e_samples(EventBatch { samples: vec![FeatureSample::default(); MAX_BATCH_SAMPLES + 1], ..ok() }));
         let e = |b: EventBatch| check_batch(&b).err().unwrap_or_default();
         assert!(e(EventBatch { version: 0, ..ok() }).contains("wire version 0"));
+        let counts = vec![abuse_engine::wire::RuleCount::default(); abuse_engine::wire::MAX_BATCH_RULE_COUNTS + 1];
+        assert!(e(EventBatch { rule_counts: counts, ..ok() }).contains("too many `rule_counts`"));
         assert!(e(EventBatch {
             known_accounts: vec![7; MAX_BATCH_ACCOUNTS + 1],
             ..ok()
