@@ -371,6 +371,10 @@ fn bad_rules_name_their_index_and_key() {
         assert_eq!(e.key, "rules[1].name");
         assert!(e.problem.contains(why), "{name}: {e}");
     }
+    // A fleet rule needs the scorer's tick channel and the fleet's secret.
+    let fleet = r#"{"scorer":{"enabled":true},"rules":[{"name":"f","key":["address"],"window_s":1,"threshold":1,"action":"tag","fleet":true}]}"#;
+    assert_eq!(problem(fleet).key, "rules[0].fleet");
+    assert!(problem(fleet).problem.contains("secret"));
     let many: Vec<String> =
         (0..33).map(|i| format!(r#"{{"name":"r{i}","key":["address"],"window_s":1,"threshold":1,"action":"tag"}}"#)).collect();
     assert_eq!(problem(&format!(r#"{{"rules":[{}]}}"#, many.join(","))).key, "rules");

@@ -73,7 +73,8 @@ pub struct RuleConfig {
     #[serde(default)]
     pub reset_on: Vec<String>,
     /// Count fleet-wide through the scorer's tick channel (needs
-    /// `scorer.events`): every Envoy refuses a key the fleet put over.
+    /// `scorer.events` and the fleet's secret): every Envoy refuses a key
+    /// the fleet put over.
     #[serde(default)]
     pub fleet: bool,
     /// Count and report (stats, log line) what it would have done; never act.
