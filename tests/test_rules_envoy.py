@@ -172,3 +172,29 @@ def test_sms_sends_per_number_are_blocked_fleet_wide(fleet):
     for envoy in fleet:
         assert refused_by(post(envoy, "/api/otp/send", {"phone": number}, "198.51.100.77"), "sms_pumping")
         assert post(envoy, "/api/otp/send", {"phone": other}, "198.51.100.78").status == 202
+
+
+def test_a_shadow_rule_reports_and_never_acts(fleet):
+    """A rule in shadow counts and logs what it would have done; the
+    requests it would have refused go on (a separate Envoy: its own rules)."""
+    config = {
+        "mode": "block",
+        "client": {"trusted_proxies": ["127.0.0.0/8"]},
+        "rules": [{"name": "coupon_shadow", "match": {"methods": ["POST"], "path": "/api/coupons/apply"},
+                   "key": ["client"], "count": "distinct:json:code", "window_s": 600, "threshold": 3,
+                   "action": "block", "shadow": True}],
+    }
+    api = DemoApi()
+    envoy = Envoy.with_filter(config, api.port)
+    try:
+        statuses = [post(envoy, "/api/coupons/apply", {"code": f"TRY{i}"}, "203.0.113.90").status for i in range(12)]
+        assert set(statuses) == {404}, statuses
+        # Each worker flushes its stats on its tick: wait for both.
+        envoy.wait_stat("abuse_filter.rule.coupon_shadow.matched", 12)
+        envoy.wait_stat("abuse_filter.rule.coupon_shadow.shadow", 8)
+        assert envoy.stat("abuse_filter.rule.coupon_shadow.blocked") == 0
+        lines = [l for l in envoy.log().splitlines() if '"event":"rule_shadow"' in l]
+        assert lines and '"would":"block"' in lines[0] and '"rule":"coupon_shadow"' in lines[0], lines[:1]
+    finally:
+        envoy.stop()
+        api.stop()
