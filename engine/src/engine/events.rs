@@ -283,7 +283,8 @@ impl Engine {
             (accounts, profiles, dropped, due, samples)
         };
         let baselines = if baselines_due { self.baseline_snapshots(store) } else { Vec::new() };
-        let (rule_counts, rules_due) = self.take_rule_counts(now_ms);
+        let (rule_counts, rules_due, rules_dropped) = self.take_rule_counts(now_ms);
+        let dropped = dropped.saturating_add(rules_dropped);
         if accounts.is_empty()
             && profiles.is_empty()
             && baselines.is_empty()

@@ -327,7 +327,7 @@ impl Engine {
                     _ => (None, false),
                 }
             });
-            acted.hits.matched |= 1u32 << i;
+            // (`matched` was counted on the request: one per request.)
             if let Ok((Some((fired, until, n, estimate)), _)) = done {
                 if rule.fleet {
                     self.queue_rule_delta(i, key, u64::from(n));
@@ -480,15 +480,17 @@ impl Engine {
     }
 
     /// This worker's fleet counts for its batch (at most
-    /// [`MAX_BATCH_RULE_COUNTS`]), and whether a batch is due for them
-    /// (counts pending, or the poll interval passed).
-    pub(super) fn take_rule_counts(&self, now_ms: u64) -> (Vec<RuleCount>, bool) {
+    /// [`MAX_BATCH_RULE_COUNTS`]), whether a batch is due for them (counts
+    /// pending, or the poll interval passed), and how many were dropped.
+    pub(super) fn take_rule_counts(&self, now_ms: u64) -> (Vec<RuleCount>, bool, u64) {
         if !self.rules.has_fleet() {
-            return (Vec::new(), false);
+            return (Vec::new(), false, 0);
         }
         let Ok(mut out) = self.rule_outbox.lock() else {
-            return (Vec::new(), false);
+            return (Vec::new(), false, 0);
         };
+        // Counts dropped on a full outbox ride the batch's `dropped`.
+        let dropped = std::mem::take(&mut out.dropped);
         let n = out.deltas.len().min(MAX_BATCH_RULE_COUNTS);
         let counts: Vec<RuleCount> = out
             .deltas
@@ -509,7 +511,7 @@ impl Engine {
         if due {
             out.polled_ms = now_ms;
         }
-        (counts, due)
+        (counts, due || dropped > 0, dropped)
     }
 
     /// The keys the fleet put over a `fleet` rule's threshold (from the

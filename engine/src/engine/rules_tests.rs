@@ -2,6 +2,7 @@
 //! of docs/rules.md and its benign look-alike.
 
 use super::super::*;
+use super::RULE_DELTAS_CAP;
 use crate::state::store::MemoryStore;
 use crate::verdict::{Action, Verdict};
 
@@ -414,4 +415,21 @@ fn a_rule_refusal_is_a_decision_with_the_rule_and_its_figure() {
     let figure = reasons.iter().find(|r| r.reason == "otp_verify_failures").unwrap();
     assert_eq!((figure.limit, figure.window_s), (5.0, 300));
     assert_eq!(figure.text, "5 answers in 300 s; limit 5");
+}
+
+#[test]
+fn fleet_counts_are_bounded_per_worker_and_per_batch() {
+    let e = engine(SMS);
+    let s = ready(&e);
+    let none = RuleAnswer::default();
+    for i in 0..1100u64 {
+        let body = format!(r#"{{"phone":"+1555{i:07}"}}"#);
+        exchange(&e, &s, &req("203.0.113.5:1", "POST", "/api/otp/send"), body.as_bytes(), 202, &none, T0 + i);
+    }
+    let batch: crate::wire::EventBatch = serde_json::from_slice(&e.tick_batch(&s, T0 + 2000).unwrap().body).unwrap();
+    assert_eq!(batch.rule_counts.len(), crate::wire::MAX_BATCH_RULE_COUNTS);
+    assert_eq!(batch.dropped, 1100 - RULE_DELTAS_CAP as u64, "what did not fit is counted");
+    // The rest rides the next batches.
+    let next: crate::wire::EventBatch = serde_json::from_slice(&e.tick_batch(&s, T0 + 3000).unwrap().body).unwrap();
+    assert_eq!(next.rule_counts.len(), crate::wire::MAX_BATCH_RULE_COUNTS);
 }
