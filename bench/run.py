@@ -143,6 +143,29 @@ def with_facts(config: dict) -> dict:
     return dict(config, client=dict(config["client"], facts_header=FACTS_HEADER))
 
 
+def shipped_rules() -> list[dict]:
+    """The example rules of envoy/envoy.yaml (docs/rules.md), without
+    `fleet` (the scorer is away here: its price is the events variant's)."""
+    import yaml
+
+    bootstrap = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+    rules = json.loads(wasm[0]["typed_config"]["config"]["configuration"]["value"])["rules"]
+    return [{k: v for k, v in r.items() if k != "fleet"} for r in rules]
+
+
+def with_rules(config: dict, rules: list[dict]) -> dict:
+    client = dict(config["client"], session_cookie="session", api_key_header="x-api-key")
+    return dict(config, client=client, rules=rules)
+
+
+# A rule every benchmark request matches and counts (keyed by client, never
+# reached): the price of one rule that counts, beside rules that do not match.
+EVERY_REQUEST_RULE = {"name": "every_request", "match": {"path": "/direct"}, "key": ["client"],
+                      "window_s": 60, "threshold": 1e9, "action": "tag"}
+
+
 def variants() -> dict[str, list[dict]]:
     monitor = json.dumps(with_facts(dict(FILTER_CONFIG, mode="monitor")))
     block = json.dumps(with_facts(dict(FILTER_CONFIG, mode="block")))
@@ -165,12 +188,20 @@ def variants() -> dict[str, list[dict]]:
     # such cluster: every batch fails and is counted): the request path's
     # share of the operator's view, beside the same filter without it.
     events = json.dumps(with_facts(dict(FILTER_CONFIG, mode="block", scorer=EVENTS_SCORER)))
+    # Rules (issue 22): the shipped examples, which the benchmark's route
+    # does not match (the common request: each rule's match only), and one
+    # more rule that counts every request (a shared-data update each).
+    block_config = dict(FILTER_CONFIG, mode="block")
+    rules = json.dumps(with_facts(with_rules(block_config, shipped_rules())))
+    counting = json.dumps(with_facts(with_rules(block_config, shipped_rules() + [EVERY_REQUEST_RULE])))
     return extra | {
         "bare envoy": [],
         "no-op wasm": [wasm_filter("noop", NOOP_WASM, "")],
         "abuse filter (monitor)": [facts, wasm_filter("abuse_filter", WASM, monitor)],
         "abuse filter (block)": [facts, wasm_filter("abuse_filter", WASM, block)],
         "abuse filter (block, decision events on)": [facts, wasm_filter("abuse_filter", WASM, events)],
+        "abuse filter (block, example rules on)": [facts, wasm_filter("abuse_filter", WASM, rules)],
+        "abuse filter (block, rules + one counting every request)": [facts, wasm_filter("abuse_filter", WASM, counting)],
         "native local_ratelimit": [LOCAL_RATELIMIT],
     }
 

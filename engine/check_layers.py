@@ -10,7 +10,7 @@ LAYERS = [
     ('reason', ['reason', 'identity', 'routes']),
     ('records', ['record', 'profile', 'account', 'endpoint', 'session', 'wire']),
     ('state', ['state', 'known_accounts']),
-    ('detectors', ['detectors', 'verdict', 'login_risk']),
+    ('detectors', ['detectors', 'rules', 'verdict', 'login_risk']),
     ('config', ['config']),
     ('services', ['callout', 'exemptions']),
     ('engine', ['engine', 'lib']),

@@ -273,6 +273,30 @@ async def odd_mix_scraper(ctx: Ctx):
         await c.close()
 
 
+COUPON_ADDRESS = "203.0.113.70"
+
+
+async def coupon_enumeration(ctx: Ctx):
+    """Coupon enumeration: guessed codes on /api/coupons/apply, 4/s, one
+    address (the shipped rule `coupon_enumeration`: 20 distinct codes per
+    client in 10 minutes)."""
+    rng = ctx.rng("coupon_enumeration")
+    c = Client(ctx.port, "coupon_enumeration", "coupons-1", COUPON_ADDRESS,
+               [("user-agent", "python-httpx/0.27"), ("accept", "*/*")])
+    try:
+        start = ctx.attack_start + 5
+        n = 0
+        while True:
+            await ctx.at(start + n * 0.25)
+            if ctx.left() <= 1:
+                break
+            code = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(8))
+            await c.request("POST", "/api/coupons/apply", {"code": code})
+            n += 1
+    finally:
+        await c.close()
+
+
 async def takeovers(ctx: Ctx):
     await gather_bounded(ctx, [takeover(ctx, n) for n in range(min(ctx.profile.takeovers, ctx.profile.account_owners))])
 
@@ -302,6 +326,10 @@ SCENARIOS = [
     Scenario("low_and_slow", "attack", "generator",
              f"brute force on {SLOW_TARGET} from one address, one guess every 2.2 s (under every per-client rate)",
              low_and_slow, single_source=True),
+    Scenario("coupon_enumeration", "attack", "generator",
+             "coupon enumeration: random 8-character codes on /api/coupons/apply, 4/s, one address "
+             "(stopped by a rule, not a built-in detector: the shipped `coupon_enumeration`)",
+             coupon_enumeration),
     Scenario("odd_mix_scraper", "attack", "generator",
              "slow scraper under every rule threshold: ~0.7 req/s over product pages, details and never-linked "
              "paths (a third 404), an okhttp header set; the anomaly model must flag it",

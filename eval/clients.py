@@ -436,6 +436,29 @@ def benign_accounts(ctx: Ctx) -> list[int]:
     return sorted({uid for *_, uid in history_logins(ctx, set(IDENTITIES))})
 
 
+async def coupon_shopper(ctx: Ctx, n: int):
+    """A shopper at checkout: a product page, then one to three coupon codes
+    (a typo, an expired one, the real WELCOME10), seconds apart: the benign
+    look-alike of coupon enumeration."""
+    rng = ctx.rng(f"coupon_shoppers/{n}")
+    c = Client(ctx.port, "coupon_shoppers", f"s{n:03d}", f"100.70.{n // 200}.{n % 200 + 1}", browser_headers(rng))
+    try:
+        await ctx.at(rng.uniform(0, max(1.0, ctx.duration - 15)))
+        await c.request("GET", f"/api/products/{rng.randint(1, 500)}")
+        codes = rng.sample(["WELCOM10", "SPRING24", "FREESHIP", "SUMMER"], rng.randint(0, 2)) + ["WELCOME10"]
+        for code in codes:
+            if ctx.left() < 1:
+                break
+            await asyncio.sleep(rng.uniform(1.0, 4.0))
+            await c.request("POST", "/api/coupons/apply", {"code": code})
+    finally:
+        await c.close()
+
+
+async def coupon_shoppers(ctx: Ctx):
+    await gather_bounded(ctx, [coupon_shopper(ctx, n) for n in range(ctx.profile.coupon_shoppers)])
+
+
 SCENARIOS = [
     Scenario("app_users", "benign", "generator",
              "app users, each its own address and browser: log in (1 in 10 after a typo), then /api/me, "
@@ -473,4 +496,8 @@ SCENARIOS = [
              "120 phones behind ONE carrier-grade NAT address browsing products anonymously, each a request every "
              "3-8 s (~25 requests/s from the address), each its own app user agent",
              cgnat_phones, planned_clients=lambda p: p.cgnat_phones),
+    Scenario("coupon_shoppers", "benign", "generator",
+             "shoppers at checkout, each its own address: a product page, then one to three coupon codes "
+             "(typos, an expired one, WELCOME10) a few seconds apart",
+             coupon_shoppers, planned_clients=lambda p: p.coupon_shoppers),
 ]

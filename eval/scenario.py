@@ -29,6 +29,7 @@ class Profile:
     cgnat_phones: int = 120
     account_owners: int = 30
     takeovers: int = 10
+    coupon_shoppers: int = 40
 
 
 PROFILES = {
@@ -38,7 +39,7 @@ PROFILES = {
     "quick": Profile("quick", 35, app_users=80, office_users=100, mobile_devices=30, roaming_users=6,
                      partner_rps=50, distributed_addresses=300, attack_start=8, flood_s=10,
                      browser_stuffing_addresses=300, returning_users=20, first_time_logins=12, cgnat_phones=120,
-                     account_owners=12, takeovers=6),
+                     account_owners=12, takeovers=6, coupon_shoppers=15),
 }
 
 

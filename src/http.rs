@@ -130,6 +130,12 @@ impl HttpContext for AbuseFilterHttp {
             (None, Some(_)) => request_facts.as_ref().and_then(|f| f.ja4).map(String::from_utf8_lossy),
             _ => None,
         };
+        // The request headers the rules read (only when rules are configured).
+        let rule_headers: Vec<(&str, &[u8])> = engine
+            .rule_header_names()
+            .iter()
+            .filter_map(|name| headers.get(name).map(|v| (name.as_str(), v)))
+            .collect();
         let h = &engine.config().headers;
         self.forged_risk_headers = h.enabled
             && (headers.get(&h.score).is_some() || headers.get(&h.reasons).is_some() || headers.get(&h.login_risk).is_some());
@@ -150,6 +156,7 @@ impl HttpContext for AbuseFilterHttp {
             country: country.as_deref(),
             anonymous,
             ja4: ja4.as_deref(),
+            rule_headers: &rule_headers,
         };
         let (mut verdict, exchange) = engine.on_request(&EnvoySharedData, &facts, now);
         self.body_limit = engine.wants_body(&exchange);
@@ -167,6 +174,7 @@ impl HttpContext for AbuseFilterHttp {
         if verdict.newly_blocked && config.log_blocks {
             log::warn!("{}", verdict.log_line(&method, &path));
         }
+        log_shadow(&engine, &verdict, &method, &path);
         if verdict.action == Action::Block {
             self.flush_decision();
             return reply_blocked(&verdict);
@@ -407,7 +415,27 @@ impl AbuseFilterHttp {
             return WasmAction::Pause;
         }
         let refused = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
-            Ok(Some(body)) => engine.on_request_body(&EnvoySharedData, &mut self.exchange, &body, now_ms()),
+            Ok(Some(body)) => {
+                let now = now_ms();
+                // The login first (it reads the username rules may key by), then the rules.
+                let login = engine.on_request_body(&EnvoySharedData, &mut self.exchange, &body, now);
+                match login {
+                    Some(v) if v.action == Action::Block => Some(v),
+                    login => match engine.on_rule_body(&EnvoySharedData, &mut self.exchange, &body, now) {
+                        Some(rules) => {
+                            log_shadow(engine, &rules, &self.method, &self.path);
+                            if rules.action != Action::Block {
+                                // Counted for the stats; the login's verdict (if any) goes on below.
+                                metrics::record_answer(&rules);
+                                login
+                            } else {
+                                Some(rules)
+                            }
+                        }
+                        None => login,
+                    },
+                }
+            }
             _ => None,
         };
         self.body_limit = None;
@@ -444,6 +472,9 @@ impl AbuseFilterHttp {
                 engine.on_credential_accepted(&EnvoySharedData, &self.exchange, now_ms());
             }
         }
+        if engine.rules_judge_answer(&self.exchange) {
+            self.judge_rules_answer(&engine, status);
+        }
         if !engine.answer_matters(&self.exchange, status) {
             return WasmAction::Continue;
         }
@@ -472,6 +503,40 @@ impl AbuseFilterHttp {
             return reply_blocked(&verdict);
         }
         WasmAction::Continue
+    }
+}
+
+impl AbuseFilterHttp {
+    /// The rules counted at the answer (failures, costs) and their resets:
+    /// only the headers they name are read. A key that fires here is
+    /// refused from its next request on; this answer goes on.
+    fn judge_rules_answer(&mut self, engine: &Rc<Engine>, status: u32) {
+        let header = |name: &str| hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name).ok().flatten();
+        let response_bytes = if engine.rules_read_response_bytes(&self.exchange) {
+            header("content-length").and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse::<u64>().ok()))
+        } else {
+            None
+        };
+        let values: Vec<(&str, Vec<u8>)> =
+            engine.rule_answer_headers(&self.exchange).into_iter().filter_map(|n| header(n).map(|v| (n, v))).collect();
+        let headers: Vec<(&str, &[u8])> = values.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        let answer = abuse_engine::RuleAnswer { response_bytes, headers: &headers };
+        let now = now_ms();
+        if let Some(mut verdict) = engine.on_rule_answer(&EnvoySharedData, &self.exchange, status, &answer, now) {
+            metrics::record_answer(&verdict);
+            self.note_decision(engine, &mut verdict, now);
+            log_shadow(engine, &verdict, &self.method, &self.path);
+        }
+    }
+}
+
+/// A shadow rule that would have acted says so, one log line each; so
+/// does a rule that fired on an answer.
+fn log_shadow(engine: &Engine, verdict: &Verdict, method: &str, path: &str) {
+    if verdict.rules.shadow != 0 || (verdict.on_response && verdict.rules.fired != 0) {
+        for line in engine.shadow_lines(verdict, method, path) {
+            log::info!("{line}");
+        }
     }
 }
 

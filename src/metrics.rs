@@ -40,9 +40,10 @@ pub enum Counter {
     DecisionsSent,
     DecisionsDropped,
     LiftsApplied,
+    RuleKeysApplied,
 }
 
-const FIXED: [(Counter, &str); 28] = [
+const FIXED: [(Counter, &str); 29] = [
     (Counter::Requests, "abuse_filter.requests"),
     (Counter::Allow, "abuse_filter.decisions.allow"),
     (Counter::Tag, "abuse_filter.decisions.tag"),
@@ -71,7 +72,14 @@ const FIXED: [(Counter, &str); 28] = [
     (Counter::DecisionsSent, "abuse_filter.decision_events.sent"),
     (Counter::DecisionsDropped, "abuse_filter.decision_events.dropped"),
     (Counter::LiftsApplied, "abuse_filter.operator.lifts_applied"),
+    (Counter::RuleKeysApplied, "abuse_filter.scorer.rule_keys_applied"),
 ];
+
+/// Per rule (`rules[]`, by index, after every fixed slot): requests it
+/// matched (counted or checked), fired on (its key at the threshold),
+/// refused (or would have, in monitor mode), and, for a shadow rule,
+/// would have acted on.
+const RULE_STATS: [&str; 4] = ["matched", "fired", "blocked", "shadow"];
 
 /// Per reason: requests on which its detector fired, and requests blocked
 /// (or would-blocked) with it among the reasons.
@@ -80,6 +88,10 @@ const PER_REASON: usize = 2;
 struct Registry {
     ids: Vec<Option<u32>>,
     pending: Vec<u64>,
+}
+
+fn rule_slot(rule: usize, which: usize) -> usize {
+    slot_count() + RULE_STATS.len() * rule + which
 }
 
 thread_local! {
@@ -98,7 +110,7 @@ fn slot_count() -> usize {
     login_risk_slot() + LOGIN_LEVELS.len() + PROFILE_REASONS.len()
 }
 
-fn names() -> Vec<String> {
+fn names(rules: &[String]) -> Vec<String> {
     let mut names: Vec<String> = FIXED.iter().map(|(_, n)| (*n).to_string()).collect();
     for r in Reason::ALL {
         names.push(format!("abuse_filter.detector.{}.fired", r.name()));
@@ -110,19 +122,25 @@ fn names() -> Vec<String> {
     for (_, name, _) in PROFILE_REASONS {
         names.push(format!("abuse_filter.login_risk.reason.{name}"));
     }
+    // Rule names are validated to `[a-z0-9_]`: safe in a stat name.
+    for rule in rules {
+        for which in RULE_STATS {
+            names.push(format!("abuse_filter.rule.{rule}.{which}"));
+        }
+    }
     names
 }
 
 /// Defines the counters in this VM (idempotent: Envoy returns the same stat).
-pub fn define() {
-    let ids: Vec<Option<u32>> = names()
+pub fn define(rules: &[String]) {
+    let ids: Vec<Option<u32>> = names(rules)
         .iter()
         .map(|n| hostcalls::define_metric(MetricType::Counter, n).ok())
         .collect();
     REGISTRY.with(|r| {
         if let Ok(mut r) = r.try_borrow_mut() {
             r.ids = ids;
-            r.pending = vec![0; slot_count()];
+            r.pending = vec![0; rule_slot(rules.len(), 0)];
         }
     });
 }
@@ -255,6 +273,14 @@ fn count_store_and_reasons(v: &Verdict) {
     if v.would_block {
         for r in v.reasons.iter() {
             add(reason_slot(r, 1), 1);
+        }
+    }
+    let hits = v.rules;
+    if !hits.is_empty() {
+        for (which, bits) in [hits.matched, hits.fired, hits.blocked, hits.shadow].into_iter().enumerate() {
+            for rule in (0..32).filter(|i| bits & (1u32 << i) != 0) {
+                add(rule_slot(rule, which), 1);
+            }
         }
     }
 }

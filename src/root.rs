@@ -74,6 +74,9 @@ impl Context for AbuseFilterRoot {
                     if let Some(body) = body(64 * 1024) {
                         let flagged = engine.apply_events_answer(&EnvoySharedData, &body, now);
                         metrics::bump(metrics::Counter::AnomalyFlags, flagged as u64);
+                        // The fleet rules' keys the fleet put over.
+                        let over = engine.apply_rule_keys(&EnvoySharedData, &body, now);
+                        metrics::bump(metrics::Counter::RuleKeysApplied, over as u64);
                     }
                 } else {
                     engine.batch_failed(items);
@@ -201,7 +204,7 @@ impl RootContext for AbuseFilterRoot {
         // The Envoy's name in decision events, and this worker's number in ids.
         let node_id = hostcalls::get_property(vec!["node", "id"]).ok().flatten();
         engine.start_decisions(&EnvoySharedData, node_id.as_deref().and_then(|b| std::str::from_utf8(b).ok()));
-        metrics::define();
+        metrics::define(engine.rule_names());
         metrics::shared_data_bytes(engine.state_bytes());
         metrics::baselines_learning(engine.baselines_learning(&EnvoySharedData));
         if hostcalls::set_tick_period(TICK).is_err() {

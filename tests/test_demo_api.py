@@ -384,3 +384,38 @@ def test_sigint_exits_cleanly():
         assert proc.wait(timeout=5) == 0
     finally:
         stop_server(proc)
+
+
+# --- the endpoints the example rules need (docs/rules.md) ---
+
+def test_otp_send_accepts_a_phone(port):
+    status, headers, data = request(port, "POST", "/api/otp/send", {"phone": "+15550100"})
+    assert status == 202 and data == {"sent": True, "phone": "+15550100"}
+
+
+@pytest.mark.parametrize("body", [{}, {"phone": ""}, {"phone": 5}, [1]])
+def test_otp_send_needs_a_phone(port, body):
+    assert request(port, "POST", "/api/otp/send", body)[0] == 400
+
+
+def test_otp_verify_takes_the_demo_code_only(port):
+    ok = request(port, "POST", "/api/otp/verify", {"phone": "+15550100", "code": "424242"})
+    assert ok[0] == 200 and ok[2]["verified"] is True
+    assert request(port, "POST", "/api/otp/verify", {"phone": "+15550100", "code": "000000"})[0] == 401
+    assert request(port, "POST", "/api/otp/verify", {"phone": "+15550100"})[0] == 400
+
+
+def test_coupons_know_welcome10_only(port):
+    ok = request(port, "POST", "/api/coupons/apply", {"code": "WELCOME10"})
+    assert ok[0] == 200 and ok[2] == {"code": "WELCOME10", "percent_off": 10}
+    assert request(port, "POST", "/api/coupons/apply", {"code": "GUESS0001"})[0] == 404
+    assert request(port, "GET", "/api/coupons/apply")[0] == 405
+
+
+def test_search_reports_its_cost(port):
+    status, headers, data = request(port, "GET", "/api/search?q=lamp")
+    assert status == 200 and headers.getheader("x-query-cost") == "1"
+    assert all("lamp" in item["name"].lower() for item in data["items"])
+    status, headers, data = request(port, "GET", "/api/search?q=*")
+    assert status == 200 and headers.getheader("x-query-cost") == "100" and data["items"]
+    assert request(port, "GET", "/api/search")[1].getheader("x-query-cost") == "1"

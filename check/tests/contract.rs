@@ -112,6 +112,17 @@ fn command_line_names_the_key_and_exits_1() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("no abuse filter configuration found"), "{out}");
 
+    // A bad rule names its index and key.
+    let bad_rule = std::fs::read_to_string(root().join("envoy/envoy.yaml"))
+        .unwrap()
+        .replace(r#""window_s": 600, "threshold": 20,"#, r#""window_s": 0, "threshold": 20,"#);
+    let (code, out) = run(&["-"], Some(&bad_rule));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("key `rules[1].window_s`: 0 is out of range [1, 86400]"), "{out}");
+    let (code, out) = run(&["-"], Some(r#"{"rules": [{"name": "r", "key": ["address"], "window_s": 60, "threshold": 5, "action": "tag", "colour": 1}]}"#));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("key `rules[0].colour`: unknown field `colour`"), "{out}");
+
     let (code, out) = run(&["does/not/exist.yaml"], None);
     assert_eq!(code, 1, "{out}");
 }

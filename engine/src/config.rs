@@ -22,6 +22,7 @@ pub use crate::detectors::rate::{RateConfig, RateLimit};
 pub use crate::detectors::scraping::ScrapingConfig;
 pub use crate::detectors::session::SessionConfig;
 pub use crate::detectors::spike::SpikeConfig;
+pub use crate::rules::{RuleConfig, RuleMatch, HeaderCondition};
 
 /// Most route groups an operator may declare (each costs a prefix match per request).
 pub const MAX_ROUTE_GROUPS: usize = 32;
@@ -60,6 +61,9 @@ pub struct Config {
     pub geo: GeoConfig,
     /// Per-reason action (`"anonymous_network": "tag"`); reasons not listed block.
     pub actions: std::collections::BTreeMap<String, DetectorAction>,
+    /// Your own detectors, as data (at most 32): see docs/rules.md.
+    #[cfg_attr(feature = "schema", schemars(length(max = 32)))]
+    pub rules: Vec<RuleConfig>,
 }
 
 impl Default for Config {
@@ -86,6 +90,7 @@ impl Default for Config {
             scorer: ScorerConfig::default(),
             geo: GeoConfig::default(),
             actions: std::collections::BTreeMap::new(),
+            rules: Vec::new(),
         }
     }
 }
@@ -307,6 +312,31 @@ impl Default for GeoConfig {
 }
 
 impl Config {
+    /// The rules' own checks, and what they need of the rest: a rule keyed
+    /// by session, API key or JWT claim needs that identity configured.
+    fn validate_rules(&self) -> Result<(), ConfigError> {
+        use crate::rules::key::KeySpec;
+        let groups: Vec<&str> = self.route_groups.iter().map(|g| g.name.as_str()).collect();
+        crate::rules::config::validate(&self.rules, &groups, self.scorer.enabled && self.scorer.events)?;
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.fleet && self.scorer.secret.is_none() && self.scorer.secret_env.is_none() {
+                // Keys are hashed with the fleet's secret: without one, each
+                // Envoy would name the same key differently.
+                return Err(err(format!("rules[{i}].fleet"), "needs the fleet's secret (scorer.secret or scorer.secret_env)"));
+            }
+            for (j, part) in rule.key.iter().enumerate() {
+                let needs = match KeySpec::parse(part) {
+                    Ok(KeySpec::Session) if self.client.session_cookie.is_none() => "client.session_cookie",
+                    Ok(KeySpec::ApiKey) if self.client.api_key_header.is_none() => "client.api_key_header",
+                    Ok(KeySpec::JwtClaim) if self.client.jwt_claim.is_none() => "client.jwt_claim",
+                    _ => continue,
+                };
+                return Err(err(format!("rules[{i}].key[{j}]"), format!("{part:?} needs {needs}")));
+            }
+        }
+        Ok(())
+    }
+
     /// Parses and validates the plugin configuration. An empty configuration
     /// means all defaults.
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
@@ -397,6 +427,7 @@ impl Config {
         }
 
         self.rate.validate(&self.route_groups)?;
+        self.validate_rules()?;
 
         let r = &self.risk;
         check_finite_range("risk.block_at", r.block_at, 1.0, 10_000.0)?;

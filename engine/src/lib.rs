@@ -19,7 +19,8 @@
 //! 4. **state**: `state::{shard, store, layout, tiers, merge}` (the tiers
 //!    and their merge rules, see [`state`]), `known_accounts`;
 //! 5. **detectors**: one file each, with its configuration section
-//!    ([`detectors`]); `verdict`, `login_risk`;
+//!    ([`detectors`]); `rules` (the operator's detectors as data);
+//!    `verdict`, `login_risk`;
 //! 6. **config**: the top-level [`Config`], shared sections, parsing;
 //! 7. **services** on a config: `callout` (the scorer tier's client),
 //!    `exemptions`;
@@ -44,6 +45,7 @@ pub mod reason;
 pub mod record;
 pub mod risk;
 pub mod routes;
+pub mod rules;
 pub mod session;
 pub mod sketch;
 pub mod state;
@@ -53,7 +55,7 @@ pub mod window;
 pub mod wire;
 
 pub use config::{Config, ConfigError, Mode};
-pub use engine::{Engine, Exchange, RequestFacts, SEED_KEY, STATE_PREFIX};
+pub use engine::{Engine, Exchange, RequestFacts, RuleAnswer, SEED_KEY, STATE_PREFIX};
 pub use hash::SEED_BYTES;
 pub use identity::{ClientAddr, IdentityInput};
 pub use reason::{Reason, ReasonSet};

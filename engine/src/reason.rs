@@ -1,5 +1,6 @@
-//! Why a client is risky: one named reason per detector. Names appear in
-//! block bodies, `x-abuse-reasons`, logs and stats, so they are stable API.
+//! Why a client is risky: one named reason per detector, and one per
+//! configured rule (`rules[]`, named by the operator). Names appear in block
+//! bodies, `x-abuse-reasons`, logs and stats, so they are stable API.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -95,26 +96,65 @@ impl Reason {
         }
     }
 
-    fn bit(self) -> u32 {
-        1u32 << (self as u8)
+    fn bit(self) -> u64 {
+        1u64 << (self as u8)
     }
 }
 
-/// A small set of reasons, stored as a bit set in client records.
+/// Most rules (`rules[]`): each has a reason bit above the built-ins'.
+pub const MAX_RULES: usize = 32;
+/// Bits of the built-in reasons; rule `i` is bit `RULE_SHIFT + i`.
+const BUILTIN_MASK: u64 = 0xffff_ffff;
+const RULE_SHIFT: u32 = 32;
+
+/// A small set of reasons: built-ins in bits 0..32 (the part stored in
+/// client records and cached verdicts: [`ReasonSet::bits`]), rules by index
+/// in bits 32..64. A rule's name comes from the configuration, so naming a
+/// set with rules needs the rule names ([`ReasonSet::names_with`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ReasonSet(u32);
+pub struct ReasonSet(u64);
 
 impl ReasonSet {
+    /// The built-in reasons of a stored bit set.
     pub fn from_bits(bits: u32) -> ReasonSet {
-        ReasonSet(bits)
+        ReasonSet(u64::from(bits))
     }
 
+    /// The built-in reasons only: what records and cached verdicts store
+    /// (a rule's index means nothing after a reload reorders the rules).
     pub fn bits(self) -> u32 {
-        self.0
+        (self.0 & BUILTIN_MASK) as u32
     }
 
     pub fn insert(&mut self, reason: Reason) {
         self.0 |= reason.bit();
+    }
+
+    /// Adds rule `index` (ignored past [`MAX_RULES`]).
+    pub fn insert_rule(&mut self, index: usize) {
+        if index < MAX_RULES {
+            self.0 |= 1u64 << (RULE_SHIFT as usize + index);
+        }
+    }
+
+    pub fn contains_rule(self, index: usize) -> bool {
+        index < MAX_RULES && self.0 & (1u64 << (RULE_SHIFT as usize + index)) != 0
+    }
+
+    /// The rules in the set, as a bit set by index.
+    pub fn rule_bits(self) -> u32 {
+        (self.0 >> RULE_SHIFT) as u32
+    }
+
+    /// The set without its rules.
+    pub fn builtins(self) -> ReasonSet {
+        ReasonSet(self.0 & BUILTIN_MASK)
+    }
+
+    /// Rule indices in the set, ascending.
+    pub fn rules(self) -> impl Iterator<Item = usize> {
+        let bits = self.rule_bits();
+        (0..MAX_RULES).filter(move |i| bits & (1u32 << i) != 0)
     }
 
     pub fn union(self, other: ReasonSet) -> ReasonSet {
@@ -126,7 +166,7 @@ impl ReasonSet {
     }
 
     pub fn is_empty(self) -> bool {
-        self.iter().next().is_none()
+        self.iter().next().is_none() && self.rule_bits() == 0
     }
 
     /// Known reasons in a stable order (unknown bits from a newer build are skipped).
@@ -134,13 +174,22 @@ impl ReasonSet {
         Reason::ALL.into_iter().filter(move |r| self.contains(*r))
     }
 
+    /// Built-in reason names (rules need their names: [`ReasonSet::names_with`]).
     pub fn names(self) -> Vec<&'static str> {
         self.iter().map(Reason::name).collect()
     }
 
-    /// HTTP status for a block with these reasons.
+    /// Every name: built-ins, then rules by `rule_names[index]` (a rule
+    /// without a name, from another configuration, is skipped).
+    pub fn names_with<'a>(self, rule_names: &'a [String]) -> Vec<&'a str> {
+        let mut out: Vec<&'a str> = self.iter().map(Reason::name).collect();
+        out.extend(self.rules().filter_map(|i| rule_names.get(i).map(String::as_str)));
+        out
+    }
+
+    /// HTTP status for a block with these (built-in) reasons.
     pub fn block_status(self) -> u32 {
-        if !self.is_empty() && self.iter().all(Reason::is_volumetric) {
+        if self.iter().next().is_some() && self.iter().all(Reason::is_volumetric) {
             429
         } else {
             403
@@ -163,6 +212,23 @@ mod tests {
         assert!(ReasonSet::from_bits(0x8000_0000).is_empty());
         s.insert(Reason::Probing);
         assert_eq!(s.names(), vec!["rate_limit", "probing"]);
+        assert_eq!(s.block_status(), 403);
+    }
+
+    #[test]
+    fn rules_sit_above_the_builtins_and_are_never_stored() {
+        let mut s = ReasonSet::default();
+        s.insert_rule(0);
+        s.insert_rule(31);
+        s.insert_rule(32);
+        assert!(!s.is_empty());
+        assert_eq!(s.bits(), 0, "records store built-ins only");
+        assert_eq!(s.rules().collect::<Vec<_>>(), vec![0, 31]);
+        s.insert(Reason::Probing);
+        let names: Vec<String> = (0..32).map(|i| format!("r{i}")).collect();
+        assert_eq!(s.names_with(&names), vec!["probing", "r0", "r31"]);
+        assert_eq!(s.names_with(&[]), vec!["probing"]);
+        assert_eq!(s.builtins().rule_bits(), 0);
         assert_eq!(s.block_status(), 403);
     }
 }

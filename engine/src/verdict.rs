@@ -6,6 +6,7 @@ use crate::identity::ClientAddr;
 use crate::reason::ReasonSet;
 use crate::state::store::UpdateStats;
 use serde_json::json;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -83,6 +84,14 @@ pub struct Verdict {
     /// The mode in force for this request (global, or its route group's).
     pub mode: Mode,
     pub callout: CalloutPlan,
+    /// What the rules (`rules[]`) did on this request, for per-rule stats.
+    pub rules: RuleHits,
+    /// The configured rule names, so that a rule's reason bit can be named
+    /// (shared with the engine; empty without rules).
+    pub rule_names: Arc<[String]>,
+    /// The fired rules' counts (rule index, the key's count), for the
+    /// figure a decision event shows against each rule's threshold.
+    pub rule_figures: Vec<(usize, f32)>,
     /// The decision's id (0: none): the box's, or one minted for this decision.
     pub decision: u64,
     /// The id as the refusal shows it (`x-abuse-decision`, `decision_id`).
@@ -91,6 +100,32 @@ pub struct Verdict {
     pub figures: Figures,
     /// In the penalty box until (ms; 0: not boxed).
     pub penalty_until_ms: u64,
+}
+
+/// Per-rule outcome of one request, as bit sets by rule index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RuleHits {
+    /// The request matched the rule and had its key: it was counted (or checked).
+    pub matched: u32,
+    /// The key reached the rule's threshold (shadow rules included).
+    pub fired: u32,
+    /// The rule refused this request (or would have, in monitor mode).
+    pub blocked: u32,
+    /// Shadow rules that would have acted: they report, never act.
+    pub shadow: u32,
+}
+
+impl RuleHits {
+    pub fn is_empty(&self) -> bool {
+        self.matched == 0 && self.fired == 0 && self.blocked == 0
+    }
+
+    pub fn add(&mut self, other: RuleHits) {
+        self.matched |= other.matched;
+        self.fired |= other.fired;
+        self.blocked |= other.blocked;
+        self.shadow |= other.shadow;
+    }
 }
 
 /// A signal's figures, as a verdict carries them.
@@ -119,11 +154,19 @@ impl Verdict {
             on_response: false,
             mode: Mode::Monitor,
             callout: CalloutPlan::NotAsked,
+            rules: RuleHits::default(),
+            rule_names: Arc::from(Vec::new()),
+            rule_figures: Vec::new(),
             decision: 0,
             decision_id: None,
             figures: Figures::default(),
             penalty_until_ms: 0,
         }
+    }
+
+    /// Every reason's name, rules' included.
+    pub fn reason_names(&self) -> Vec<&str> {
+        self.reasons.names_with(&self.rule_names)
     }
 
     /// Blocks (or, in monitor mode, would block and tags) with `status`.
@@ -145,7 +188,7 @@ impl Verdict {
 
     /// `x-abuse-reasons` value: comma-separated reason names.
     pub fn reasons_header(&self) -> String {
-        self.reasons.names().join(",")
+        self.reason_names().join(",")
     }
 
     /// Body of the local reply: `{"error","reasons","retry_after_s","decision_id"}`
@@ -153,7 +196,7 @@ impl Verdict {
     pub fn block_body(&self) -> String {
         json!({
             "error": "request blocked",
-            "reasons": self.reasons.names(),
+            "reasons": self.reason_names(),
             "retry_after_s": self.retry_after_s,
             "decision_id": self.decision_id,
         })
@@ -171,7 +214,7 @@ impl Verdict {
             "mode": match mode { Mode::Block => "block", Mode::Monitor => "monitor" },
             "client": self.client.to_string(),
             "agent": if self.pool { Some(crate::identity::POOL_TAG.to_string()) } else { self.agent.map(|a| format!("{a:08x}")) },
-            "reasons": self.reasons.names(),
+            "reasons": self.reason_names(),
             "risk": (f64::from(self.risk) * 10.0).round() / 10.0,
             "status": self.status,
             "retry_after_s": self.retry_after_s,

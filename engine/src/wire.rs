@@ -256,6 +256,43 @@ pub struct EventBatch {
     pub decisions: Vec<DecisionEvent>,
     /// Decision events this worker dropped since its last delivered batch.
     pub decisions_dropped: u64,
+    /// `fleet` rules' counts since the last batch, per rule key (left out
+    /// when empty, so that a scorer without rules still takes the batch).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rule_counts: Vec<RuleCount>,
+}
+
+/// At most this many rule counts per batch (the rest waits, or is dropped and counted).
+pub const MAX_BATCH_RULE_COUNTS: usize = 256;
+/// At most this many over-threshold rule keys per answer.
+pub const MAX_RULE_KEYS_OVER: usize = 256;
+
+/// One worker's count of one `fleet` rule's key since its last batch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuleCount {
+    /// The rule's name (`rules[].name`).
+    pub rule: String,
+    /// The key, hashed with the fleet secret: 16 hex digits.
+    pub key: String,
+    /// Requests, or the cost, counted.
+    pub count: u64,
+    /// The rule's window and threshold, for the scorer to judge the fleet's sum.
+    pub window_s: u32,
+    pub threshold: f64,
+    /// How long a key over the threshold stays over (the rule's penalty;
+    /// 0: until the next batch finds it under).
+    pub penalty_s: u32,
+}
+
+/// A rule key the fleet put over its rule's threshold: every Envoy acts on
+/// it until `until_ms`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuleKeyOver {
+    pub rule: String,
+    pub key: String,
+    pub until_ms: u64,
 }
 
 /// At most this many feature samples per batch.
@@ -285,6 +322,9 @@ pub struct FeatureSample {
 pub struct EventsAnswer {
     pub accepted: u64,
     pub flags: Vec<FleetVerdict>,
+    /// `fleet` rules' keys over their threshold fleet-wide (left out when empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rule_keys: Vec<RuleKeyOver>,
 }
 
 /// Profiles per tick batch, and per warm-start page.

@@ -9,6 +9,11 @@ Endpoints (every response is JSON):
   GET  /api/users/{id}       ids 1..N are user0001..userNNNN; alice = N+1, bob = N+2
   GET  /api/products?page=N  20 per page, 500 products
   GET  /api/products/{id}
+  POST /api/otp/send         {"phone"} -> 202 (a code is "sent"; the demo's code is always 424242)
+  POST /api/otp/verify       {"phone","code"} -> 200 when the code is 424242, else 401
+  POST /api/coupons/apply    {"code"} -> 200 for WELCOME10, else 404
+  GET  /api/search?q=        -> 200 with x-query-cost: what the query cost the API
+                             (100 for a wildcard query containing "*", else 1)
   GET  /health
   GET  /debug/headers        echoes the request headers (shows what Envoy added)
 
@@ -145,6 +150,10 @@ class Handler(BaseHTTPRequestHandler):
         (re.compile(r"/api/users/([^/]*)"), {"GET": "user"}),
         (re.compile(r"/api/products"), {"GET": "products"}),
         (re.compile(r"/api/products/([^/]*)"), {"GET": "product"}),
+        (re.compile(r"/api/otp/send"), {"POST": "otp_send"}),
+        (re.compile(r"/api/otp/verify"), {"POST": "otp_verify"}),
+        (re.compile(r"/api/coupons/apply"), {"POST": "coupon_apply"}),
+        (re.compile(r"/api/search"), {"GET": "search"}),
     ]
 
     def version_string(self):
@@ -205,8 +214,8 @@ class Handler(BaseHTTPRequestHandler):
             if method not in methods:
                 allow = sorted(methods) + (["HEAD"] if "GET" in methods else [])
                 raise HTTPError(405, "method not allowed", {"Allow": ", ".join(allow)})
-            status, obj = getattr(self, methods[method])(query, body, *match.groups())
-            self.send_json(status, obj)
+            status, obj, *headers = getattr(self, methods[method])(query, body, *match.groups())
+            self.send_json(status, obj, headers[0] if headers else None)
         except HTTPError as err:
             self.close_connection = self.close_connection or err.close
             self.send_json(err.status, {"error": err.message}, err.headers)
@@ -305,6 +314,50 @@ class Handler(BaseHTTPRequestHandler):
         if not (isinstance(username, str) and isinstance(password, str) and username and password):
             raise HTTPError(400, "username and password are required")
         return username, password
+
+    def json_object(self, body):
+        """A JSON object body (the OTP and coupon endpoints), else 400."""
+        try:
+            data = json.loads(body.decode("utf-8")) if body.strip() else {}
+        except (ValueError, RecursionError):
+            raise HTTPError(400, "malformed JSON body") from None
+        if not isinstance(data, dict):
+            raise HTTPError(400, "JSON body must be an object")
+        return data
+
+    def required(self, data, *fields):
+        values = [data.get(f) for f in fields]
+        if not all(isinstance(v, str) and v for v in values):
+            raise HTTPError(400, " and ".join(fields) + " required")
+        return values
+
+    # The demo's one-time code: every phone "receives" it (no SMS is sent).
+    OTP_CODE = "424242"
+    COUPONS = {"WELCOME10": 10}
+
+    def otp_send(self, query, body):
+        (phone,) = self.required(self.json_object(body), "phone")
+        return 202, {"sent": True, "phone": phone}
+
+    def otp_verify(self, query, body):
+        phone, code = self.required(self.json_object(body), "phone", "code")
+        if not hmac.compare_digest(code.encode("utf-8", "surrogatepass"), self.OTP_CODE.encode()):
+            raise HTTPError(401, "wrong code")
+        return 200, {"verified": True, "phone": phone}
+
+    def coupon_apply(self, query, body):
+        (code,) = self.required(self.json_object(body), "code")
+        if code not in self.COUPONS:
+            raise HTTPError(404, "no such coupon")
+        return 200, {"code": code, "percent_off": self.COUPONS[code]}
+
+    def search(self, query, body):
+        q = parse_qs(query, keep_blank_values=True).get("q", [""])[0]
+        # What the query cost the API, for a cost budget (rules count it):
+        # a wildcard scans everything.
+        cost = 100 if "*" in q else 1
+        items = [p for p in (Store.product(pid) for pid in range(1, 21)) if q.strip("*").lower() in p["name"].lower()]
+        return 200, {"q": q, "items": items[:PAGE_SIZE]}, {"x-query-cost": str(cost)}
 
     def me(self, query, body):
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")

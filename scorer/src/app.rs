@@ -97,6 +97,8 @@ pub struct App {
     /// Allow entry ids: a per-process random prefix and a counter.
     id_prefix: u32,
     id_counter: AtomicU64,
+    /// The filters' `fleet` rules, counted fleet-wide (see `rules`).
+    pub fleet_rules: crate::rules::FleetRules,
 }
 
 /// The key usernames are hashed with before they reach any store. Derived
@@ -210,6 +212,7 @@ impl App {
             streams: Arc::new(AtomicUsize::new(0)),
             id_prefix: random_u32(),
             id_counter: AtomicU64::new(0),
+            fleet_rules: crate::rules::FleetRules::default(),
         }
     }
 
@@ -625,11 +628,18 @@ impl App {
         if no_room > 0 {
             tracing::debug!(no_room, "baselines without a free name were dropped");
         }
-        let items = batch.known_accounts.len() + before + batch.profiles.len() + batch.samples.len();
+        // Fleet rules: this batch's counts join the fleet's; every batch
+        // hears every key over its threshold.
+        let bad_rule_counts = self.fleet_rules.add(&batch.rule_counts, now);
+        self.metrics.rejected("rule_count_invalid", bad_rule_counts);
+        let rule_keys = self.fleet_rules.over(now);
+        let refused = refused + bad_rule_counts;
+        let items = batch.known_accounts.len() + before + batch.profiles.len() + batch.samples.len() + batch.rule_counts.len();
         let decisions_taken = self.take_decisions(&batch, now).await;
         Ok(EventsAnswer {
             accepted: (items as u64).saturating_sub(refused) + decisions_taken,
             flags,
+            rule_keys,
         })
     }
 

@@ -219,6 +219,7 @@ mod ops_store;
 mod profiles;
 mod quiet;
 mod quota;
+mod rules;
 mod sample_log;
 mod scoring;
 mod snapshot;

@@ -104,6 +104,13 @@ pub fn check_batch(batch: &EventBatch) -> Result<(), String> {
             batch.decisions.len()
         ));
     }
+    if batch.rule_counts.len() > abuse_engine::wire::MAX_BATCH_RULE_COUNTS {
+        return Err(format!(
+            "too many `rule_counts`: {} (at most {} per batch)",
+            batch.rule_counts.len(),
+            abuse_engine::wire::MAX_BATCH_RULE_COUNTS
+        ));
+    }
     if batch.baselines.len() > MAX_BASELINES {
         return Err(format!(
             "too many `baselines`: {} (at most {MAX_BASELINES} per batch)",
@@ -352,8 +359,7 @@ mod tests {
             profiles: vec![],
             dropped: 0,
             samples: vec![],
-            decisions: vec![],
-            decisions_dropped: 0,
+            ..EventBatch::default()
         };
         assert_eq!(check_batch(&ok()), Ok(()));
         let many = EventBatch { decisions: vec![Default::default(); MAX_BATCH_DECISIONS + 1], ..ok() };
@@ -361,6 +367,8 @@ mod tests {
         assert!(e_samples(EventBatch { samples: vec![FeatureSample::default(); MAX_BATCH_SAMPLES + 1], ..ok() }));
         let e = |b: EventBatch| check_batch(&b).err().unwrap_or_default();
         assert!(e(EventBatch { version: 0, ..ok() }).contains("wire version 0"));
+        let counts = vec![abuse_engine::wire::RuleCount::default(); abuse_engine::wire::MAX_BATCH_RULE_COUNTS + 1];
+        assert!(e(EventBatch { rule_counts: counts, ..ok() }).contains("too many `rule_counts`"));
         assert!(e(EventBatch {
             known_accounts: vec![7; MAX_BATCH_ACCOUNTS + 1],
             ..ok()

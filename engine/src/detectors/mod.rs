@@ -54,6 +54,9 @@ pub struct Signal {
     pub reasons: ReasonSet,
     /// Risk per reason, so that each reason's configured action applies to its share.
     parts: [f32; MAX_REASONS],
+    /// Risk from rules (`rules[].weight`): it tags, never boxes the client
+    /// by itself — a rule refuses its own key (see `rules`).
+    rule_risk: f32,
     /// The first figures behind the reasons (for decision events).
     figures: [Option<(Reason, Figure)>; MAX_FIGURES],
 }
@@ -66,6 +69,19 @@ impl Signal {
             *part += risk;
         }
         self.reasons.insert(reason);
+    }
+
+    /// Rule `index` fired with `weight` (see [`Signal::rule_risk`]).
+    pub fn fire_rule(&mut self, index: usize, weight: f32) {
+        let weight = if weight.is_finite() { weight.max(0.0) } else { 0.0 };
+        self.risk += weight;
+        self.rule_risk += weight;
+        self.reasons.insert_rule(index);
+    }
+
+    /// The share of the risk that rules added.
+    pub fn rule_risk(&self) -> f32 {
+        self.rule_risk
     }
 
     /// Fires with the figure behind it (kept when there is room).
@@ -82,6 +98,7 @@ impl Signal {
 
     pub fn add(&mut self, other: Signal) {
         self.risk += other.risk;
+        self.rule_risk += other.rule_risk;
         self.reasons = self.reasons.union(other.reasons);
         for (mine, theirs) in self.parts.iter_mut().zip(other.parts.iter()) {
             *mine += *theirs;

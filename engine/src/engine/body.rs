@@ -14,11 +14,16 @@ use crate::state::store::SharedStore;
 use crate::verdict::Verdict;
 
 impl Engine {
-    /// How much request body to read for this exchange (login routes only).
+    /// How much request body to read for this exchange (login routes, and
+    /// routes where a rule reads a body field).
     pub fn wants_body(&self, exchange: &Exchange) -> Option<usize> {
-        match (&self.login, exchange.login_route) {
+        let login = match (&self.login, exchange.login_route) {
             (Some(login), Some(_)) if exchange.judged => Some(login.max_body_bytes()),
             _ => None,
+        };
+        match (login, self.rule_body_limit(exchange)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
         }
     }
 

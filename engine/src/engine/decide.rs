@@ -50,6 +50,8 @@ impl Engine {
                 DetectorAction::Monitor => {}
             }
         }
+        // Rules' weight tags (their refusals are on their own keys).
+        tagging += signal.rule_risk();
         let mut risk = risk::add(decayed, blocking + tagging);
         if blocking <= 0.0 {
             // Tag-only signals never lift a client to block_at by themselves.
@@ -58,7 +60,9 @@ impl Engine {
         }
         record.risk = risk;
         record.last_seen_ms = now_ms;
-        record.recent_reasons = record.recent_reasons.union(signal.reasons);
+        // Records keep built-in reasons only: a rule's index is not
+        // stable across reloads (the verdict names this request's rules).
+        record.recent_reasons = record.recent_reasons.union(signal.reasons.builtins());
         let mut blocked_until_ms = None;
         let mut decision = 0;
         if risk >= self.config.risk.block_at && blocking > 0.0 {

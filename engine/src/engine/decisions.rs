@@ -231,13 +231,15 @@ impl Engine {
         now_ms: u64,
     ) -> DecisionEvent {
         let figure_of = |reason: Reason| verdict.figures.iter().flatten().find(|(r, _)| *r == reason).map(|(_, f)| *f);
-        let reasons = verdict
+        let mut reasons: Vec<ReasonFigure> = verdict
             .reasons
             .union(verdict.fired)
             .iter()
-            .take(MAX_DECISION_REASONS)
             .map(|reason| reason_figure(reason, figure_of(reason)))
             .collect();
+        // Rules (issue 22) by their names, with their count against their threshold.
+        reasons.extend(self.rule_reason_figures(verdict));
+        reasons.truncate(MAX_DECISION_REASONS);
         let (session, credential) = match exchange.fleet_session {
             Some((hash, kind)) => (Some(format!("{hash:016x}")), Some(kind.to_string())),
             None => (None, None),

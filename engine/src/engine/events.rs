@@ -268,7 +268,8 @@ impl Engine {
             let samples = out.samples.take_ready(now_ms);
             let due = now_ms.saturating_sub(out.baselines_sent_ms) >= BASELINE_EVERY_MS;
             let no_decisions = decisions.is_empty() && decisions_dropped == 0;
-            if out.accounts.is_empty() && out.profiles.is_empty() && !due && samples.is_empty() && no_decisions {
+            let quiet = out.accounts.is_empty() && out.profiles.is_empty() && !due && samples.is_empty() && no_decisions;
+            if quiet && !self.rules_due(now_ms) {
                 return None;
             }
             if due {
@@ -282,6 +283,8 @@ impl Engine {
             (accounts, profiles, dropped, due, samples)
         };
         let baselines = if baselines_due { self.baseline_snapshots(store) } else { Vec::new() };
+        let (rule_counts, rules_due, rules_dropped) = self.take_rule_counts(now_ms);
+        let dropped = dropped.saturating_add(rules_dropped);
         if accounts.is_empty()
             && profiles.is_empty()
             && baselines.is_empty()
@@ -289,6 +292,7 @@ impl Engine {
             && samples.is_empty()
             && decisions.is_empty()
             && decisions_dropped == 0
+            && !rules_due
         {
             return None;
         }
@@ -297,7 +301,7 @@ impl Engine {
             .take(crate::wire::MAX_BATCH_SAMPLES)
             .map(|e| sample::to_wire(e, &self.config.route_groups))
             .collect();
-        let items = (accounts.len() + baselines.len() + profiles.len() + samples.len()) as u64;
+        let items = (accounts.len() + baselines.len() + profiles.len() + samples.len() + rule_counts.len()) as u64;
         let mut batch = EventBatch {
             version: WIRE_VERSION,
             known_accounts: accounts,
@@ -305,6 +309,7 @@ impl Engine {
             profiles,
             dropped,
             samples,
+            rule_counts,
             decisions,
             decisions_dropped,
         };
@@ -335,6 +340,10 @@ impl Engine {
                 let keep = batch.samples.len() / 2;
                 batch.dropped = batch.dropped.saturating_add((batch.samples.len() - keep) as u64);
                 batch.samples.truncate(keep);
+            } else if batch.rule_counts.len() > 16 {
+                let keep = batch.rule_counts.len() / 2;
+                batch.dropped = batch.dropped.saturating_add((batch.rule_counts.len() - keep) as u64);
+                batch.rule_counts.truncate(keep);
             } else if !batch.known_accounts.is_empty() {
                 let keep = batch.known_accounts.len() / 2;
                 batch.dropped = batch.dropped.saturating_add((batch.known_accounts.len() - keep) as u64);
@@ -614,6 +623,7 @@ mod tests {
                 crate::wire::FleetVerdict { client: "10.2.2.2".into(), reasons: vec!["anomaly".into()], until_ms: T0 + 60_000 },
                 crate::wire::FleetVerdict { client: "10.1.1.1".into(), reasons: vec![], until_ms: T0 - 1 },
             ],
+            ..Default::default()
         };
         assert_eq!(e.apply_events_answer(&s, &serde_json::to_vec(&flags).unwrap(), T0 + 10), 1);
         let (v, _) = e.on_request(&s, &facts("10.1.1.1:5", "/api/items"), T0 + 20);

@@ -41,6 +41,7 @@ mod fleet;
 mod groups;
 mod identify;
 mod request;
+mod rules;
 mod sample;
 mod scorer;
 mod sessions;
@@ -55,6 +56,7 @@ mod decisions_tests;
 
 use groups::RouteCounters;
 pub use tables::StateReport;
+pub use rules::{RuleAnswer, FLEET_RULE_POLL_MS};
 pub use events::TickBatch;
 pub use fleet::FleetApplied;
 pub use operator_allow::ALLOW_KEY;
@@ -146,6 +148,8 @@ pub struct RequestFacts<'a> {
     pub anonymous: bool,
     /// The TLS JA4 fingerprint, when `account_takeover.profile.ja4_header` names it.
     pub ja4: Option<&'a str>,
+    /// The request headers the rules read ([`Engine::rule_header_names`]), as found.
+    pub rule_headers: &'a [(&'a str, &'a [u8])],
 }
 
 /// What the engine remembers between a request and its answer.
@@ -190,6 +194,10 @@ pub struct Exchange {
     /// The filter's own decision while the scorer is asked.
     risk: f32,
     reasons: ReasonSet,
+    /// The rules' work left for the body and the answer.
+    rules: crate::rules::Pending,
+    /// What body-phase rules need of the request's headers.
+    rules_input: Option<Box<rules::KeptInput>>,
     /// The session as the fleet names it (hash with the scorer's secret,
     /// and which credential: `cookie`, `key`, `sub`, `bearer`), for
     /// decision events; only when events are on.
@@ -251,6 +259,11 @@ pub struct Engine {
     session_table: ShardedTable<SessionRecord>,
     group_table: ShardedTable<EndpointRecord>,
     verdict_table: ShardedTable<VerdictRecord>,
+    /// The operator's rules (`rules[]`), their tables (one per rule) and
+    /// this worker's fleet counts for the scorer.
+    rules: crate::rules::Rules,
+    rule_tables: Vec<ShardedTable<crate::rules::count::RuleRecord>>,
+    rule_outbox: Mutex<rules::RuleOutbox>,
     hasher: KeyedHasher,
     half_life_ms: u64,
     penalty_ms: u64,
@@ -319,6 +332,8 @@ impl Engine {
             Some(_) => DistributedStuffing::new(&config.credential_stuffing.distributed),
             None => None,
         };
+        let compiled_rules = crate::rules::Rules::new(&config.rules, &routes);
+        let rule_tables = rules::tables(&compiled_rules, &fingerprint);
         let mut actions = [DetectorAction::Block; 32];
         for reason in Reason::ALL {
             if let Some(slot) = actions.get_mut(reason as usize) {
@@ -362,6 +377,9 @@ impl Engine {
             session_table,
             group_table,
             verdict_table,
+            rules: compiled_rules,
+            rule_tables,
+            rule_outbox: Mutex::new(rules::RuleOutbox::default()),
             hasher,
             half_life_ms: u64::from(config.risk.half_life_s).saturating_mul(1000),
             penalty_ms: u64::from(config.penalty.duration_s).saturating_mul(1000),
@@ -403,7 +421,10 @@ impl Engine {
     /// Whether the host must read the API key header.
     pub fn reads_api_key(&self) -> bool {
         self.identity.api_key_header.is_some()
-            && (self.exemptions.needs_api_key() || self.sessions.is_some() || self.has_anonymous_limits())
+            && (self.exemptions.needs_api_key()
+                || self.sessions.is_some()
+                || self.has_anonymous_limits()
+                || self.rules.uses_key(&crate::rules::key::KeySpec::ApiKey))
     }
 
     /// Whether sessions are tracked (the detector is on and a session identity configured).
@@ -414,12 +435,15 @@ impl Engine {
 
     /// Whether the host must read `Cookie` (session cookie configured).
     pub fn reads_cookie(&self) -> bool {
-        (self.sessions.is_some() || self.has_anonymous_limits()) && self.identity.session_cookie.is_some()
+        (self.sessions.is_some() || self.has_anonymous_limits() || self.rules.uses_key(&crate::rules::key::KeySpec::Session))
+            && self.identity.session_cookie.is_some()
     }
 
     /// Whether the host must read `Authorization` (JWT claim configured).
     pub fn reads_authorization(&self) -> bool {
-        (self.sessions.is_some() && self.identity.jwt_claim.is_some()) || self.has_anonymous_limits()
+        ((self.sessions.is_some() || self.rules.uses_key(&crate::rules::key::KeySpec::JwtClaim))
+            && self.identity.jwt_claim.is_some())
+            || self.has_anonymous_limits()
     }
 
 }

@@ -92,6 +92,8 @@ impl Engine {
             exchange.session_to_accept = seen.hash;
         }
         let group_state = self.count_route_groups(store, look.routes, now_ms);
+        // The operator's rules, on their own keys (their weight joins the record's risk).
+        let rules_acted = self.rules_on_request(store, facts, client, key, look.routes, &mut exchange, now_ms);
         let counted = Counted { session_hash, session_signal, group_state, budget: Budget::OWN };
         let mut snapshot: Option<ClientRecord> = None;
         let mut attempt_seen = look.attempt;
@@ -107,7 +109,8 @@ impl Engine {
             if let Some(penalized) = self.penalized(record, now_ms) {
                 return (penalized, false);
             }
-            let signal = self.detect(record, facts, &look, &Counted { budget, ..counted }, &mut attempt_seen, now_ms);
+            let mut signal = self.detect(record, facts, &look, &Counted { budget, ..counted }, &mut attempt_seen, now_ms);
+            signal.add(rules_acted.signal);
             let outcome = self.apply(record, signal, now_ms);
             if self.callouts.is_some() {
                 snapshot = Some(*record);
@@ -167,6 +170,7 @@ impl Engine {
         let mut verdict = self.verdict(client, updated, look.mode, now_ms);
         verdict.agent = agent;
         verdict.pool = pooled;
+        self.apply_rules(&mut verdict, &rules_acted);
         if let (Some(a), Some(d)) = (&attempt_seen, &self.distributed) {
             if a.level(d.refuse_at()) != "low" {
                 verdict.login_risk = Some(a.header(d.refuse_at()));

@@ -56,6 +56,9 @@ impl Engine {
         if self.callouts.is_some() {
             note(self.verdict_table.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
         }
+        for table in &self.rule_tables {
+            note(table.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
+        }
         Ok(report)
     }
 
@@ -77,5 +80,6 @@ impl Engine {
             .saturating_add(accounts)
             .saturating_add(distributed)
             .saturating_add(sessions)
+            .saturating_add(self.rule_bytes())
     }
 }

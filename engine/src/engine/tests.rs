@@ -593,6 +593,7 @@ proptest::proptest! {
                 asn: Some(ua.as_str()),
                 country: Some(ua.as_str()),
                 anonymous: i == 0,
+                rule_headers: &[],
                 ja4: Some(ua.as_str()),
             };
             let (v, mut ex) = e.on_request(&s, &facts, T0 + i as u64);
