@@ -108,15 +108,19 @@ def test_a_user_who_mistypes_then_succeeds_is_untouched(fleet):
 def test_distinct_coupon_codes_per_client_block_the_enumerator(fleet):
     envoy = fleet[0]
     statuses = []
-    for i in range(40):
+    for i in range(48):
         r = post(envoy, "/api/coupons/apply", {"code": f"GUESS{i:04d}"}, "203.0.113.20")
         statuses.append(r.status)
         if r.status == 403:
             assert refused_by(r, "coupon_enumeration")
             break
-    # Counted in a 64-bit sketch: refused at the 21st code on average, the
-    # 18th to 27th in 98 % of runs (docs/rules.md); 32 is far in the tail.
-    assert statuses[-1] == 403 and 17 <= len(statuses) <= 32, statuses
+    # Counted in a 64-bit sketch (per-process key): refused at the 21st code
+    # on average, the 18th to 27th in 98 % of runs (docs/rules.md). The
+    # bound holds for any key: the rule fires once 18 of the 64 bits are set
+    # (estimate >= 20), which takes at least 18 codes; 40 codes leave fewer
+    # than 18 bits set with probability 2.2e-9 (exact occupancy of 64 bins),
+    # and the refusal comes with the next request.
+    assert statuses[-1] == 403 and 17 <= len(statuses) <= 41, statuses
     assert set(statuses[:-1]) == {404}
 
 
