@@ -307,9 +307,28 @@ pub fn warnings(text: &str) -> Result<Vec<(String, String)>, String> {
     for found in find(text)?.into_iter().flatten() {
         if let Ok(config) = serde_json::from_str::<Value>(&found.json) {
             out.extend(trust::config_warnings(&config).into_iter().map(|w| (found.location.clone(), w)));
+            out.extend(fleet_rule_warnings(&config).into_iter().map(|w| (found.location.clone(), w)));
         }
     }
     Ok(out)
+}
+
+/// `fleet` rules without the scorer's tick channel count per Envoy only.
+fn fleet_rule_warnings(config: &Value) -> Vec<String> {
+    let scorer = config.get("scorer");
+    let on = |key: &str, default: bool| scorer.and_then(|s| s.get(key)).and_then(Value::as_bool).unwrap_or(default);
+    if on("enabled", false) && on("events", true) {
+        return Vec::new();
+    }
+    let rules = config.get("rules").and_then(Value::as_array).cloned().unwrap_or_default();
+    rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.get("fleet").and_then(Value::as_bool) == Some(true))
+        .map(|(i, _)| {
+            format!("rules[{i}].fleet: without the scorer's tick channel (scorer.enabled and scorer.events) this rule counts per Envoy, not fleet-wide")
+        })
+        .collect()
 }
 
 /// Finds and checks every configuration in a file's text.
@@ -324,6 +343,16 @@ pub fn check(text: &str) -> Result<Vec<Located<Checked>>, String> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fleet_rule_without_the_scorer_is_warned_about() {
+        let rule = r#"{"name":"sms","match":{"path":"/api/otp/send"},"key":"json:phone","window_s":600,"threshold":5,"action":"block","fleet":true}"#;
+        let alone = format!(r#"{{"rules":[{rule}]}}"#);
+        let w = warnings(&alone).unwrap();
+        assert!(w.iter().any(|(_, text)| text.contains("rules[0].fleet")), "{w:?}");
+        let with_scorer = format!(r#"{{"rules":[{rule}],"scorer":{{"enabled":true,"secret":"s"}}}}"#);
+        assert!(warnings(&with_scorer).unwrap().iter().all(|(_, text)| !text.contains("fleet")));
+    }
 
     #[test]
     fn every_problem_is_named() {

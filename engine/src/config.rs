@@ -319,7 +319,8 @@ impl Config {
         let groups: Vec<&str> = self.route_groups.iter().map(|g| g.name.as_str()).collect();
         crate::rules::config::validate(&self.rules, &groups, self.scorer.enabled && self.scorer.events)?;
         for (i, rule) in self.rules.iter().enumerate() {
-            if rule.fleet && self.scorer.secret.is_none() && self.scorer.secret_env.is_none() {
+            let fleet_on = rule.fleet && self.scorer.enabled && self.scorer.events;
+            if fleet_on && self.scorer.secret.is_none() && self.scorer.secret_env.is_none() {
                 // Keys are hashed with the fleet's secret: without one, each
                 // Envoy would name the same key differently.
                 return Err(err(format!("rules[{i}].fleet"), "needs the fleet's secret (scorer.secret or scorer.secret_env)"));

@@ -226,7 +226,7 @@ impl Engine {
             // Fail open: a lost count is better than a refused user.
             return;
         };
-        if counted && rule.fleet {
+        if counted && rule.fleet && self.events_on() {
             self.queue_rule_delta(i, key, 1);
         }
         if fired {
@@ -329,7 +329,7 @@ impl Engine {
             });
             // (`matched` was counted on the request: one per request.)
             if let Ok((Some((fired, until, n, estimate)), _)) = done {
-                if rule.fleet {
+                if rule.fleet && self.events_on() {
                     self.queue_rule_delta(i, key, u64::from(n));
                 }
                 if fired {

@@ -359,7 +359,6 @@ fn bad_rules_name_their_index_and_key() {
         (r#","weight":-1"#, "rules[1].weight"),
         (r#","keys":10"#, "rules[1].keys"),
         (r#","max_penalty_s":1,"penalty_s":60"#, "rules[1].max_penalty_s"),
-        (r#","fleet":true"#, "rules[1].fleet"),
         (r#","action":"block","penalty_s":0"#, "rules[1].penalty_s"),
     ];
     for (extra, key) in cases {
@@ -372,7 +371,10 @@ fn bad_rules_name_their_index_and_key() {
         assert_eq!(e.key, "rules[1].name");
         assert!(e.problem.contains(why), "{name}: {e}");
     }
-    // A fleet rule needs the scorer's tick channel and the fleet's secret.
+    // Without the scorer's tick channel a fleet rule counts per Envoy (the
+    // checker warns); with it, it needs the fleet's secret.
+    let alone = r#"{"rules":[{"name":"f","key":["address"],"window_s":1,"threshold":1,"action":"tag","fleet":true}]}"#;
+    assert!(Config::from_json(alone.as_bytes()).is_ok());
     let fleet = r#"{"scorer":{"enabled":true},"rules":[{"name":"f","key":["address"],"window_s":1,"threshold":1,"action":"tag","fleet":true}]}"#;
     assert_eq!(problem(fleet).key, "rules[0].fleet");
     assert!(problem(fleet).problem.contains("secret"));

@@ -237,9 +237,10 @@ pub fn validate(rules: &[RuleConfig], groups: &[&str], events: bool) -> Result<(
         for (j, s) in rule.reset_on.iter().enumerate() {
             StatusSpec::parse(s).map_err(|p| err(key(&format!("reset_on[{j}]")), p))?;
         }
-        if rule.fleet && !events {
-            return Err(err(key("fleet"), "fleet-wide counting needs the scorer's tick channel (scorer.events)"));
-        }
+        // (`fleet` without the scorer's tick channel counts per Envoy, like
+        // any rule: `abuse-filter-check` warns. Refusing the configuration
+        // would take the whole filter down with a scorer section change.)
+        let _ = events;
         check_range(&key("keys"), rule.keys, 64, MAX_RULE_KEYS)?;
     }
     Ok(())
