@@ -2,7 +2,8 @@
 real Envoys: each rule's attack and its benign look-alike.
 
 Two Envoys (two workers each) share one scorer, as a fleet: the fleet rule
-(`sms_pumping`) is counted across both. The filter configuration is the
+(`sms_pumping`) is counted across both; another test gives each Envoy its
+own scorer replica, the replicas sharing one Redis. The filter configuration is the
 shipped one, with its built-in rate limits off and no GeoIP/facts filter,
 so that only the rules decide here. Nothing is paced by the clock: rule
 state is shared data (every worker sees a count at once), and the fleet
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import DemoApi, Envoy, Scorer, request
+from harness import DemoApi, Envoy, Redis, Scorer, request, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "rules-fleet-secret"
@@ -176,6 +177,50 @@ def test_sms_sends_per_number_are_blocked_fleet_wide(fleet):
     for envoy in fleet:
         assert refused_by(post(envoy, "/api/otp/send", {"phone": number}, "198.51.100.77"), "sms_pumping")
         assert post(envoy, "/api/otp/send", {"phone": other}, "198.51.100.78").status == 202
+
+
+def test_fleet_counts_are_summed_across_scorer_replicas_through_redis(monkeypatch):
+    """Two Envoys, each with its own scorer replica, one Redis: a number
+    sent three times through each Envoy (six fleet-wide, three on each
+    Envoy and on each replica, under the threshold of five) is blocked on
+    both, which only the counts in Redis can see. Then Redis goes away:
+    the replicas take every batch on (fail open), counting the fallback."""
+    monkeypatch.setenv("ABUSE_SCORER_SECRET", SECRET)
+    api, redis = DemoApi(), Redis()
+    procs = []
+    try:
+        scorers = [Scorer(secret=SECRET, redis_url=redis.url) for _ in range(2)]
+        procs += scorers
+        envoys = [Envoy.with_filter(rules_config(), api.port, scorer_port=s.port, env_keys=["ABUSE_SCORER_SECRET"])
+                  for s in scorers]
+        procs += envoys
+        number, other = "+15550277", "+15550278"
+        for i in range(3):
+            for n, envoy in enumerate(envoys):
+                assert post(envoy, "/api/otp/send", {"phone": number}, f"192.0.2.{20 + 10 * n + i}").status == 202
+        for i in range(2):
+            for n, envoy in enumerate(envoys):
+                assert post(envoy, "/api/otp/send", {"phone": other}, f"192.0.2.{120 + 10 * n + i}").status == 202
+        for envoy in envoys:
+            envoy.wait_stat("abuse_filter.scorer.rule_keys_applied", 1, timeout=20)
+        for envoy in envoys:
+            assert refused_by(post(envoy, "/api/otp/send", {"phone": number}, "198.51.100.87"), "sms_pumping")
+            assert post(envoy, "/api/otp/send", {"phone": other}, "198.51.100.88").status == 202
+        for scorer in scorers:
+            assert scorer.metric("abuse_scorer_store_fallbacks_total") == 0, "the replicas answered from Redis"
+        # Redis away: batches are still taken, each fallback counted.
+        redis.stop()
+        for scorer in scorers:
+            wait_until(lambda: scorer.metric("abuse_scorer_store_fallbacks_total") > 0, 20, 0.2, "a counted fallback")
+            taken = scorer.metric("abuse_scorer_batches_total")
+            wait_until(lambda: scorer.metric("abuse_scorer_batches_total") > taken, 20, 0.2, "a batch taken without Redis")
+        for envoy in envoys:
+            assert post(envoy, "/api/otp/send", {"phone": "+15550279"}, "198.51.100.89").status == 202
+    finally:
+        for p in procs:
+            p.stop()
+        redis.stop()
+        api.stop()
 
 
 def test_a_shadow_rule_reports_and_never_acts(fleet):

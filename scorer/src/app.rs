@@ -206,13 +206,13 @@ impl App {
             ops: OpsStore::new(fleet_conn.clone()),
             quiet: crate::quiet::Quiet::new(fleet_conn.clone()),
             fleet_view: Mutex::new(FleetView::new()),
-            view_redis: fleet_conn,
+            view_redis: fleet_conn.clone(),
             names: FleetNames::new(secret),
             export: tokio::sync::broadcast::channel(EXPORT_BUFFER).0,
             streams: Arc::new(AtomicUsize::new(0)),
             id_prefix: random_u32(),
             id_counter: AtomicU64::new(0),
-            fleet_rules: crate::rules::FleetRules::default(),
+            fleet_rules: crate::rules::FleetRules::new(fleet_conn),
         }
     }
 
@@ -629,10 +629,12 @@ impl App {
             tracing::debug!(no_room, "baselines without a free name were dropped");
         }
         // Fleet rules: this batch's counts join the fleet's; every batch
-        // hears every key over its threshold.
-        let bad_rule_counts = self.fleet_rules.add(&batch.rule_counts, now);
+        // hears every key over its threshold. In Redis with one (every
+        // replica sums alike); while Redis fails, on this scorer's own
+        // counts (a fallback, counted; never a refusal).
+        let (bad_rule_counts, rule_keys, redis) = self.fleet_rules.judge(&batch.rule_counts, now).await;
+        self.fleet.redis_result("fleet_rules", redis, now);
         self.metrics.rejected("rule_count_invalid", bad_rule_counts);
-        let rule_keys = self.fleet_rules.over(now);
         let refused = refused + bad_rule_counts;
         let items = batch.known_accounts.len() + before + batch.profiles.len() + batch.samples.len() + batch.rule_counts.len();
         let decisions_taken = self.take_decisions(&batch, now).await;

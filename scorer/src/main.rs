@@ -181,7 +181,9 @@
 //! or takes over 250 ms the in-process store answers (it mirrors every
 //! write), a warning is logged at most every 10 s, and
 //! `abuse_scorer_store_fallbacks_total` counts it: never a 500. See
-//! `store/`.
+//! `store/`. The counts of the filters' `fleet` rules follow the same
+//! rule (Redis with a URL, this process's memory as the fallback): see
+//! `rules.rs`.
 //!
 //! ## Warm start
 //!
