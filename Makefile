@@ -147,11 +147,12 @@ bench-scorer: build
 	$(VPY) bench/scorer.py
 
 # Cost next to bare Envoy (not a test: it measures, asserts nothing). Needs wrk;
-# bench/loadgen is our constant-rate generator (CPU per request, p99).
+# bench/loadgen is our constant-rate generator (CPU per request, p99). It
+# trims the no-op filter like the filter and builds entry-counting twins of
+# both (VM entries per request).
 bench: build test-deps eval-deps
 	cargo build --release --target wasm32-wasip1 -p noop-filter
 	cargo build --release -p loadgen
-	$(TRIM) target/wasm32-wasip1/release/noop_filter.wasm target/wasm32-wasip1/release/noop_filter.trimmed.wasm
 	$(VPY) bench/run.py
 
 # Detection quality on labelled traffic through the `make run` stack (see

@@ -7,8 +7,7 @@
 //!
 //! The counting itself is done by `wasm-trim --count-entries` on the built
 //! `.wasm`: it adds one to a global at the start of every exported callback
-//! and replaces the bodies of the two probes below by reads of those
-//! globals. Counting at the wasm level sees every entry, the SDK's own
+//! and replaces the body of the probe below by reads of those globals. Counting at the wasm level sees every entry, the SDK's own
 //! (`proxy_on_log`, `proxy_on_done`, the allocator) included, which the
 //! filter's Rust code never sees.
 
@@ -16,25 +15,22 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use std::cell::Cell;
 
-/// Read by the probes until `wasm-trim --count-entries` replaces them; a
-/// volatile read so that the compiler cannot fold a probe's result into
-/// its callers.
+/// Read by the probe until `wasm-trim --count-entries` replaces its body;
+/// a volatile read so that the compiler cannot fold the probe's result into
+/// its callers. One probe with an argument, not two: the compiler merges
+/// identical functions (and identical statics), and two merged probes would
+/// read one counter.
 static UNCOUNTED: u64 = 0;
 
-/// Entries counted so far (0 without `wasm-trim --count-entries`).
+/// The VM entries counted so far (`allocations` = 0: every callback,
+/// allocations included; 1: `proxy_on_memory_allocate` alone); 0 without
+/// `wasm-trim --count-entries`.
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn bench_vm_entries() -> u64 {
+pub extern "C" fn bench_vm_count(allocations: u32) -> u64 {
     // SAFETY: a read of an immutable static through a valid reference.
-    unsafe { std::ptr::read_volatile(&UNCOUNTED) }
-}
-
-/// Of which `proxy_on_memory_allocate` (0 without `--count-entries`).
-#[no_mangle]
-#[inline(never)]
-pub extern "C" fn bench_vm_allocs() -> u64 {
-    // SAFETY: as above.
-    unsafe { std::ptr::read_volatile(&UNCOUNTED) }
+    let uncounted = unsafe { std::ptr::read_volatile(&UNCOUNTED) };
+    uncounted.saturating_mul(u64::from(allocations))
 }
 
 thread_local! {
@@ -56,7 +52,7 @@ pub fn publish() {
         g.get()
     });
     if let Some((entries, allocs)) = gauges {
-        let _ = hostcalls::record_metric(entries, bench_vm_entries());
-        let _ = hostcalls::record_metric(allocs, bench_vm_allocs());
+        let _ = hostcalls::record_metric(entries, bench_vm_count(0));
+        let _ = hostcalls::record_metric(allocs, bench_vm_count(1));
     }
 }

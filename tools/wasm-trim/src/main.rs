@@ -20,9 +20,10 @@
 //! `--count-entries` (benchmarks only, never shipped) also counts every
 //! entry: each remaining `proxy_on_*` export, `proxy_on_memory_allocate`
 //! included (the host calls it back for every string it hands to the
-//! guest), adds one to a new global at its start, and the bodies of the
-//! exports `bench_vm_entries` / `bench_vm_allocs` (crate `vm-entries`, a
-//! cargo feature of the filters) are replaced by reads of those globals.
+//! guest), adds one to a new global at its start (the allocator to a second
+//! one too), and the body of the export `bench_vm_count` (crate
+//! `vm-entries`, a cargo feature of the filters) is replaced by reads of
+//! those globals.
 //!
 //! Usage: `wasm-trim [--keep-all] [--count-entries] IN.wasm [OUT.wasm]`
 //! (OUT defaults to IN, replaced atomically). `--keep-all` drops nothing
@@ -53,9 +54,8 @@ pub const KEEP: &[(&str, &str)] = &[
 /// `proxy_abi_version_0_2_1`) are always kept.
 const CALLBACK_PREFIX: &str = "proxy_on_";
 const ALLOCATE: &str = "proxy_on_memory_allocate";
-/// Exports of crate `vm-entries` whose bodies become reads of the counters.
-const PROBE_ENTRIES: &str = "bench_vm_entries";
-const PROBE_ALLOCS: &str = "bench_vm_allocs";
+/// The export of crate `vm-entries` whose body becomes a read of the counters.
+const PROBE: &str = "bench_vm_count";
 
 struct Options {
     keep_all: bool,
@@ -156,15 +156,26 @@ pub fn count_entries(module: &mut Module) -> Result<usize, String> {
         }
         local.builder_mut().func_body().instrs_mut().splice(0..0, prologue);
     }
-    for (probe, global) in [(PROBE_ENTRIES, entries), (PROBE_ALLOCS, allocs)] {
-        let f = exported_function(module, probe).ok_or(format!("no export {probe}: build with feature count-entries"))?;
-        let FunctionKind::Local(local) = &mut module.funcs.get_mut(f).kind else {
-            return Err(format!("{probe} is not a local function"));
-        };
-        let mut body = local.builder_mut().func_body();
-        body.instrs_mut().clear();
-        body.global_get(global);
-    }
+    // The probe `bench_vm_count(allocations: u32) -> u64` reads them:
+    // `if allocations { allocs } else { entries }`.
+    let f = exported_function(module, PROBE).ok_or(format!("no export {PROBE}: build with feature count-entries"))?;
+    let FunctionKind::Local(local) = &mut module.funcs.get_mut(f).kind else {
+        return Err(format!("{PROBE} is not a local function"));
+    };
+    let Some(&which) = local.args.first() else {
+        return Err(format!("{PROBE} takes no argument"));
+    };
+    let mut body = local.builder_mut().func_body();
+    body.instrs_mut().clear();
+    body.local_get(which).if_else(
+        ValType::I64,
+        |then| {
+            then.global_get(allocs);
+        },
+        |otherwise| {
+            otherwise.global_get(entries);
+        },
+    );
     Ok(seen.len())
 }
 
