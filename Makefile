@@ -100,12 +100,13 @@ run: build
 lint: deps
 	python3 engine/check_layers.py engine/src
 	cargo clippy --release --target wasm32-wasip1 -p abuse-filter -- -D warnings
-	cargo clippy -p abuse-engine -p abuse-scorer -p abuse-filter-check --all-targets -- -D warnings
+	cargo clippy -p abuse-engine -p abuse-scorer -p abuse-filter-check -p wasm-trim --all-targets -- -D warnings
 
 test-unit: build
 	cargo test -p abuse-engine
 	cargo test --release -p abuse-scorer
 	cargo test --release -p abuse-filter-check
+	cargo test --release -p wasm-trim
 
 test-integration: build test-deps eval-deps
 	$(VPY) -m pytest -q tests
