@@ -373,7 +373,8 @@ def test_compose_topology_natively_with_prometheus(tmp_path, monkeypatch):
             return [r for r in records if r["xff"] == "203.0.113.7" and r["status"] == 403]
 
         stuffer = wait_until(stuffer_lines, 10, 0.2, "the stuffer's access-log lines")  # flushed every second
-        assert all(r["abuse"].startswith("action=block score=") and r["abuse"].endswith("credential_stuffing") for r in stuffer), stuffer
+        assert all(re.fullmatch(r"action=block score=\d+ reasons=credential_stuffing decision=[0-9a-f]{4}-[0-9a-f]+-[0-9a-f]+", r["abuse"])
+                   for r in stuffer), stuffer
     finally:
         for p in (prom, envoy, scorer, api):
             if p is not None:
