@@ -234,7 +234,7 @@ fn main() -> ExitCode {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -249,6 +249,66 @@ mod tests {
             "proxy_on_request_trailers", "proxy_on_response_trailers", "proxy_on_queue_ready"] {
             assert!(!keeps(dropped), "{dropped}");
         }
+    }
+
+    /// A module exporting empty callbacks under these names (two names may
+    /// share one function: `a=b`), plus the probe when asked.
+    fn module(names: &[&str], probe: bool) -> Module {
+        let mut m = Module::default();
+        for name in names {
+            let f = walrus::FunctionBuilder::new(&mut m.types, &[], &[]).finish(vec![], &mut m.funcs);
+            for alias in name.split('=') {
+                m.exports.add(alias, f);
+            }
+        }
+        if probe {
+            let arg = m.locals.add(ValType::I32);
+            let mut b = walrus::FunctionBuilder::new(&mut m.types, &[ValType::I32], &[ValType::I64]);
+            b.func_body().i64_const(0);
+            let f = b.finish(vec![arg], &mut m.funcs);
+            m.exports.add(PROBE, f);
+        }
+        m
+    }
+
+    fn export_names(m: &Module) -> Vec<String> {
+        let mut names: Vec<String> = m.exports.iter().map(|e| e.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn trimming_drops_the_exports_and_their_code() {
+        let mut m = module(&["proxy_on_request_headers", "proxy_on_log", "proxy_on_response_body", "_initialize"], false);
+        let before = m.funcs.iter().count();
+        let mut dropped = trim(&mut m);
+        dropped.sort();
+        assert_eq!(dropped, ["proxy_on_log", "proxy_on_response_body"]);
+        walrus::passes::gc::run(&mut m);
+        assert_eq!(export_names(&m), ["_initialize", "proxy_on_request_headers"]);
+        assert_eq!(m.funcs.iter().count(), before - 2, "the dropped callbacks' code is gone");
+        // The result is a valid module.
+        Module::from_buffer(&m.emit_wasm()).unwrap();
+    }
+
+    #[test]
+    fn counting_instruments_each_callback_once_and_rewrites_the_probe() {
+        let mut m = module(&["proxy_on_request_headers=proxy_on_response_headers", "proxy_on_memory_allocate", "other"], true);
+        assert_eq!(count_entries(&mut m).unwrap(), 2, "one function behind two exports is counted once");
+        let probe = exported_function(&m, PROBE).unwrap();
+        let FunctionKind::Local(local) = &m.funcs.get(probe).kind else { panic!("local") };
+        let body = local.block(local.entry_block());
+        assert!(matches!(body.instrs.last(), Some((Instr::IfElse(_), _))), "{:?}", body.instrs);
+        let counted = |name: &str| {
+            let FunctionKind::Local(f) = &m.funcs.get(exported_function(&m, name).unwrap()).kind else { panic!("local") };
+            f.block(f.entry_block()).instrs.iter().filter(|(i, _)| matches!(i, Instr::GlobalSet(_))).count()
+        };
+        assert_eq!((counted("proxy_on_request_headers"), counted("proxy_on_memory_allocate"), counted("other")), (1, 2, 0));
+        let bytes = m.emit_wasm();
+        Module::from_buffer(&bytes).unwrap();
+        // Without the probe (a filter built without count-entries) it refuses.
+        let mut plain = module(&["proxy_on_request_headers"], false);
+        assert!(count_entries(&mut plain).is_err());
     }
 
     /// A callback the filter implements must stay exported, else Envoy never
