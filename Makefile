@@ -100,6 +100,8 @@ run: build
 lint: deps
 	python3 engine/check_layers.py engine/src
 	cargo clippy --release --target wasm32-wasip1 -p abuse-filter -- -D warnings
+	cargo clippy --release --target wasm32-wasip1 -p abuse-filter -p noop-filter \
+		--features abuse-filter/count-entries,noop-filter/count-entries -- -D warnings
 	cargo clippy -p abuse-engine -p abuse-scorer -p abuse-filter-check -p wasm-trim --all-targets -- -D warnings
 
 test-unit: build
