@@ -738,7 +738,8 @@ class DemoStack:
 @contextlib.contextmanager
 def demo_stack(bootstrap, api_port: int = 8080, scorer_port: int = 8081, port: int = 10000, admin_port: int = 9901,
                log_path: Path = ROOT / "target" / "run" / "envoy.log",
-               scorer_state_dir: Path = ROOT / "target" / "scorer", concurrency: int = 2):
+               scorer_state_dir: Path = ROOT / "target" / "scorer", concurrency: int = 2,
+               operator_token: str | None = None):
     """Starts the `make run` stack and stops it on exit: the demo API, the
     scoring service (Redis when REDIS_URL is set) and Envoy with `bootstrap`,
     run from the repository root (its paths are relative to it).
@@ -753,7 +754,8 @@ def demo_stack(bootstrap, api_port: int = 8080, scorer_port: int = 8081, port: i
     scorer = stack = None
     try:
         scorer = Scorer(port=scorer_port, redis_url=os.environ.get("REDIS_URL"),
-                        secret=os.environ["ABUSE_SCORER_SECRET"], state_dir=scorer_state_dir)
+                        secret=os.environ["ABUSE_SCORER_SECRET"], state_dir=scorer_state_dir,
+                        operator_token=operator_token)
         path = Path(bootstrap(api.port, scorer.port) if callable(bootstrap) else bootstrap)
         stack = DemoStack(api, scorer, port, admin_port, path, log_path, concurrency)
         stack.start_envoy()
@@ -768,15 +770,35 @@ def demo_stack(bootstrap, api_port: int = 8080, scorer_port: int = 8081, port: i
 
 def run_stack(bootstrap: Path, api_port: int = 8080, port: int = 10000, admin_port: int = 9901):
     """`make run`: the demo API and Envoy with the shipped bootstrap
-    (envoy/envoy.yaml), in the foreground until Ctrl-C."""
+    (envoy/envoy.yaml), in the foreground until Ctrl-C. The operator token
+    (dashboard, operator API, `abuse-scorer ctl`) is ABUSE_OPERATOR_TOKEN
+    when set, else a fresh random one, printed below."""
+    token = os.environ.get("ABUSE_OPERATOR_TOKEN") or secrets.token_hex(32)
+    generated = not os.environ.get("ABUSE_OPERATOR_TOKEN")
     try:
-        with demo_stack(bootstrap, api_port=api_port, port=port, admin_port=admin_port) as stack:
+        with demo_stack(bootstrap, api_port=api_port, port=port, admin_port=admin_port,
+                        operator_token=token) as stack:
+            scorer_url = f"http://127.0.0.1:{stack.scorer.port}"
+            # A token the user chose is never echoed; a generated one must be,
+            # or nobody could sign in.
+            if generated:
+                token_line = f"{token}  (generated; export ABUSE_OPERATOR_TOKEN=... to choose one)"
+                signed_in = f"{scorer_url}/?token={token}"
+                cli = f"ABUSE_OPERATOR_TOKEN={token} ABUSE_SCORER_URL={scorer_url} target/release/abuse-scorer ctl decisions list"
+            else:
+                token_line = "from ABUSE_OPERATOR_TOKEN"
+                signed_in = f"{scorer_url}/  (the page asks for the token once per tab)"
+                cli = f"ABUSE_SCORER_URL={scorer_url} target/release/abuse-scorer ctl decisions list"
+
             print(
                 f"""
 abuse filter demo stack is up (Ctrl-C to stop)
   API through Envoy + filter : http://127.0.0.1:{port}  (curl -i http://127.0.0.1:{port}/api/products?page=1)
   demo API, direct           : http://127.0.0.1:{stack.api.port}
-  scorer + dashboard         : http://127.0.0.1:{stack.scorer.port}/  ({'Redis ' + os.environ['REDIS_URL'] if os.environ.get('REDIS_URL') else 'in memory; REDIS_URL=... to use Redis'})
+  scorer + dashboard         : {scorer_url}/  ({'Redis ' + os.environ['REDIS_URL'] if os.environ.get('REDIS_URL') else 'in memory; REDIS_URL=... to use Redis'})
+  operator token             : {token_line}
+  dashboard, signed in       : {signed_in}
+  operator CLI               : {cli}
   Envoy admin                : http://127.0.0.1:{admin_port}  (stats: /stats?filter=abuse_filter, /stats/prometheus)
   Envoy bootstrap            : {bootstrap}
   Envoy log (block lines)    : {stack.log_path}

@@ -25,9 +25,9 @@ CONFIG = {
     "client": {"trusted_proxies": ["127.0.0.0/8"]},
     "credential_stuffing": {"login_routes": [{"path": "/api/login"}], "distributed": {"enabled": False}},
     "penalty": {"duration_s": 120},
-    # ask_at above block_at: no callouts, the filter decides alone (what
-    # the operator's view must show is exactly those decisions).
-    "scorer": {"enabled": True, "ask_at": 1000, "timeout_ms": 1000, "secret_env": "ABUSE_SCORER_SECRET",
+    # ask_at just under block_at: (almost) no callouts, the filter decides
+    # alone (what the operator's view must show is exactly those decisions).
+    "scorer": {"enabled": True, "ask_at": 99, "timeout_ms": 1000, "secret_env": "ABUSE_SCORER_SECRET",
                "fleet_poll_s": 1},
 }
 
@@ -89,7 +89,9 @@ def test_an_attack_is_explained_by_the_id_its_refusal_quotes(fleet):
     record = record.get("decision", record)
     assert record["client"].startswith(client) and record["path"] == "/api/login"
     stuffing = [x for x in record["reasons"] if x["reason"] == "credential_stuffing"]
-    assert stuffing and stuffing[0]["limit"] > 0 and stuffing[0]["value"] > stuffing[0]["limit"], record
+    # The detector's figure against its limit (or, when the scorer was asked
+    # at the border and boxed it, the scorer's score against block_at).
+    assert stuffing and stuffing[0]["limit"] > 0 and stuffing[0]["value"] >= stuffing[0]["limit"], record
     assert "limit" in stuffing[0]["text"], record
     # Later refusals of the box quote the same decision.
     assert all(r.headers.get("x-abuse-decision") == decision for r in refused), [r.headers for r in refused]
@@ -117,6 +119,9 @@ def test_an_unblock_reaches_both_envoys_and_sticks(fleet):
         e.wait_stat("abuse_filter.operator.lifts_applied", 1)
     took = time.monotonic() - lifted_at
     print(f"unblocked on both Envoys {took:.1f} s after the DELETE")
+    # The first answer came from one worker; the other worker's view of the
+    # client is at most state.worker_sync_ms (1 s) older: the stated bound.
+    time.sleep(1.2)
     # It sticks: more requests (and the same failures, within the quiet
     # period) do not bring the box back.
     for e in envoys:

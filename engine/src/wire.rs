@@ -213,8 +213,9 @@ pub const MAX_BATCH_ACCOUNTS: usize = 2048;
 pub const MAX_BASELINES: usize = 64;
 /// Known-accounts shards per warm page.
 pub const WARM_PAGE_SHARDS: usize = 64;
-/// Largest batch body the scorer accepts.
-pub const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// Largest batch body the scorer accepts: room for a full batch of decision
+/// events (~500 bytes each, [`MAX_BATCH_DECISIONS`]) beside the rest.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// A learned baseline the fleet keeps across restarts (Redis), by a name
 /// every Envoy of the fleet derives alike (`login:<path>`, `group:<name>`).

@@ -23,6 +23,10 @@
 //! keyed hash of its client.
 
 use crate::access::{self, same_secret, Denied, Peer};
+use crate::allow::FleetNames;
+use crate::decisions::{self, Decisions};
+use crate::fleetview::FleetView;
+use crate::ops_store::OpsStore;
 use crate::clock::now_ms;
 use crate::dashboard::{self, Dashboard, ModelView, StoreView};
 use crate::known;
@@ -53,6 +57,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -73,6 +78,25 @@ pub struct App {
     /// `warm_changes` of the warm-start state on disk (see `snapshot::save_warm`).
     warm_written: Mutex<u64>,
     sample_log: Mutex<SampleLog>,
+    /// The fleet's decision records (see `decisions`).
+    pub decisions: Decisions,
+    /// Allow entries and the audit log (see `ops_store`).
+    pub ops: OpsStore,
+    /// Operators' quiet periods (see `quiet`).
+    pub quiet: crate::quiet::Quiet,
+    fleet_view: Mutex<FleetView>,
+    /// With Redis the fleet view is kept there too, so that every
+    /// replica's dashboard shows every filter's decisions (`fleetview_redis`).
+    view_redis: Option<redis::aio::ConnectionManager>,
+    /// Hashes what an operator types as the filters do (see `allow`).
+    pub names: FleetNames,
+    /// Every new decision record as a JSON line, for the export streams.
+    pub export: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// Export streams open (at most `operator::MAX_STREAMS`).
+    pub streams: Arc<AtomicUsize>,
+    /// Allow entry ids: a per-process random prefix and a counter.
+    id_prefix: u32,
+    id_counter: AtomicU64,
 }
 
 /// The key usernames are hashed with before they reach any store. Derived
@@ -96,6 +120,15 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    pub(crate) fn not_found(message: &str) -> Self {
+        ApiError { status: StatusCode::NOT_FOUND, kind: "not_found", message: message.into() }
+    }
+    pub(crate) fn conflict(message: String) -> Self {
+        ApiError { status: StatusCode::CONFLICT, kind: "conflict", message }
+    }
+    pub(crate) fn busy(message: String) -> Self {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, kind: "busy", message }
+    }
     fn unauthorized() -> Self {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
@@ -110,7 +143,7 @@ impl ApiError {
             message: format!("body larger than {limit} bytes"),
         }
     }
-    fn bad_request(message: String) -> Self {
+    pub(crate) fn bad_request(message: String) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "bad_request",
@@ -135,7 +168,7 @@ impl ApiError {
     }
 }
 
-fn error_response(status: StatusCode, message: &str) -> Response {
+pub(crate) fn error_response(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
@@ -152,6 +185,7 @@ impl App {
             .model_samples
             .set(i64::try_from(model.trained()).unwrap_or(i64::MAX));
         metrics.model_warm.set(i64::from(model.is_warm()));
+        let fleet_conn = fleet.redis_conn();
         App {
             secret: secret.map(str::to_string),
             operator_token: None,
@@ -166,6 +200,16 @@ impl App {
             usernames: username_hasher(secret),
             state_dir,
             sample_log: Mutex::new(SampleLog::off()),
+            decisions: Decisions::redis(fleet_conn.clone()),
+            ops: OpsStore::new(fleet_conn.clone()),
+            quiet: crate::quiet::Quiet::new(fleet_conn.clone()),
+            fleet_view: Mutex::new(FleetView::new()),
+            view_redis: fleet_conn,
+            names: FleetNames::new(secret),
+            export: tokio::sync::broadcast::channel(EXPORT_BUFFER).0,
+            streams: Arc::new(AtomicUsize::new(0)),
+            id_prefix: random_u32(),
+            id_counter: AtomicU64::new(0),
         }
     }
 
@@ -185,12 +229,12 @@ impl App {
     /// A client's address as logs may show it: a keyed hash (the key comes
     /// from the secret), enough to follow one client through the log, not
     /// to read its address.
-    fn log_key(&self, client: &str) -> String {
+    pub(crate) fn log_key(&self, client: &str) -> String {
         format!("{:08x}", self.usernames.key(3, client.as_bytes()) >> 32)
     }
 
     /// Whether a request may read an operator route; refusals are counted.
-    fn operator_access(&self, headers: &HeaderMap, peer: Peer) -> Result<(), ApiError> {
+    pub(crate) fn operator_access(&self, headers: &HeaderMap, peer: Peer) -> Result<(), ApiError> {
         access::operator(self.operator_token.as_deref(), headers, peer).map_err(ApiError::operator)
     }
 
@@ -212,6 +256,69 @@ impl App {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn fleet_view(&self) -> MutexGuard<'_, FleetView> {
+        self.fleet_view.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new allow entry id: unique in this process, and across scorers
+    /// by its random prefix.
+    pub(crate) fn new_id(&self, now_ms: u64) -> String {
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        format!("al-{:08x}-{:x}{:x}", self.id_prefix, now_ms % 0x10_0000, n)
+    }
+
+    /// A batch's decision events: checked (a bad one skipped and counted),
+    /// stored, counted for the dashboard, and sent to the export streams.
+    /// How many were taken.
+    async fn take_decisions(&self, batch: &EventBatch, now: u64) -> u64 {
+        let mut events = Vec::with_capacity(batch.decisions.len());
+        let mut clamped = 0;
+        for d in &batch.decisions {
+            let mut d = d.clone();
+            decisions::clamp_path(&mut d);
+            match decisions::check(&d) {
+                Ok(()) => {
+                    clamped += u64::from(decisions::clamp_time(&mut d, now));
+                    events.push(d);
+                }
+                Err(e) => tracing::debug!(error = %e, "skipping a decision event of a batch"),
+            }
+        }
+        let invalid = (batch.decisions.len() - events.len()) as u64;
+        self.metrics.rejected("decision_invalid", invalid);
+        self.metrics.rejected("decision_time_clamped", clamped);
+        self.metrics.decisions_dropped.with_label_values(&["scorer"]).inc_by(invalid);
+        self.metrics.decisions_dropped.with_label_values(&["filter"]).inc_by(batch.decisions_dropped);
+        if events.is_empty() {
+            return 0;
+        }
+        let (stored, redis) = self.decisions.store(&events, now).await;
+        if let Err(e) = redis {
+            self.fleet.redis_result::<()>("store_decisions", Err(e), now);
+        }
+        self.metrics.decisions.with_label_values(&["stored"]).inc_by(stored.records);
+        self.metrics.decisions.with_label_values(&["aggregated"]).inc_by(stored.aggregated);
+        {
+            let mut view = self.fleet_view();
+            for d in &events {
+                view.record(now, d);
+            }
+        }
+        if let Some(conn) = &self.view_redis {
+            let result = crate::fleetview_redis::record(conn, &events, now).await;
+            self.fleet.redis_result("record_view", result, now);
+        }
+        if self.export.receiver_count() > 0 {
+            for d in &events {
+                // The shape of a record (as replayed): a SIEM reads one kind of line.
+                let view = decisions::RecordView { decision: d.clone(), penalty_hits: 0, last_hit_ms: 0, received_ms: now };
+                let Ok(line) = serde_json::to_string(&view) else { continue };
+                let _ = self.export.send(Arc::from(line));
+            }
+        }
+        events.len() as u64
+    }
+
     fn dashboard(&self) -> MutexGuard<'_, Dashboard> {
         self.dashboard
             .lock()
@@ -230,7 +337,7 @@ impl App {
 
     /// A JSON object of type `T` from a body of at most `limit` bytes;
     /// `what` names it in error messages.
-    async fn read_json<T: DeserializeOwned>(
+    pub(crate) async fn read_json<T: DeserializeOwned>(
         headers: &HeaderMap,
         body: Body,
         limit: usize,
@@ -315,8 +422,19 @@ impl App {
             .model()
             .score(req.route_group.as_deref(), &req.features.to_vector());
 
-        let decision = scoring::combine(&self.policy, &req, assessment.as_ref(), &fleet, now);
+        let mut decision = scoring::combine(&self.policy, &req, assessment.as_ref(), &fleet, now);
         self.metrics.rejected("risk_capped", u64::from(decision.risk_capped));
+        if let Some(verdict) = &decision.new_verdict {
+            // An operator lifted this client with a quiet period: no new
+            // fleet block on those reasons, at most a tag, until it ends.
+            let labels = [req.client.as_str(), crate::decisions::address_of(&req.client)];
+            let periods = self.quiet.get(&self.fleet, &labels, now).await;
+            if periods.iter().any(|p| p.holds_off(&verdict.reasons, now)) {
+                decision.new_verdict = None;
+                decision.response.action = abuse_engine::wire::ScoreAction::Tag;
+                self.metrics.rejected("quiet_period", 1);
+            }
+        }
         if let Some(verdict) = &decision.new_verdict {
             // Over its quota a caller still gets its block; the fleet does not.
             if self.quotas.take(caller, quota::Kind::Blocks, 1, now) == 1 {
@@ -508,8 +626,9 @@ impl App {
             tracing::debug!(no_room, "baselines without a free name were dropped");
         }
         let items = batch.known_accounts.len() + before + batch.profiles.len() + batch.samples.len();
+        let decisions_taken = self.take_decisions(&batch, now).await;
         Ok(EventsAnswer {
-            accepted: (items as u64).saturating_sub(refused),
+            accepted: (items as u64).saturating_sub(refused) + decisions_taken,
             flags,
         })
     }
@@ -562,10 +681,21 @@ impl App {
         }
     }
 
-    fn refuse(&self, e: ApiError) -> Response {
+    pub(crate) fn refuse(&self, e: ApiError) -> Response {
         self.metrics.error(e.kind);
         error_response(e.status, &e.message)
     }
+}
+
+/// Decision lines an export stream may fall behind by before it skips.
+const EXPORT_BUFFER: usize = 4_096;
+
+/// 32 random bits from the standard library's per-process random hash keys.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(crate::clock::now_ms());
+    (h.finish() >> 32) as u32
 }
 
 /// Whether reading the body failed on the size limit (rather than, say, a
@@ -591,6 +721,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/", get(dashboard_page))
         .route("/v1/dashboard", get(dashboard_data))
+        .merge(crate::operator::routes())
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(app)
 }
@@ -659,6 +790,9 @@ async fn verdicts(
                     capped += u64::from(scoring::cap_verdict(&app.policy, v, now));
                 }
                 app.metrics.rejected("block_ttl_capped", capped);
+                // Every allow entry in force, every answer: an Envoy
+                // replaces its list with this one.
+                answer.allows = app.ops.allows(&app.fleet, now).await.iter().map(|e| e.entry()).collect();
                 Json(answer).into_response()
             }
             Err(e) => app.refuse(e),
@@ -809,8 +943,23 @@ async fn dashboard_data(State(app): State<Arc<App>>, peer: Peer, headers: Header
         kind: app.fleet.kind(),
         redis_ok: app.fleet.redis_ok(),
     };
-    let data = app.dashboard().data(now_ms(), model, store);
-    Json(data).into_response()
+    let now = now_ms();
+    let data = app.dashboard().data(now, model, store);
+    let from_redis = match &app.view_redis {
+        Some(conn) => app.fleet.redis_result("read_view", crate::fleetview_redis::read(conn, now).await, now),
+        None => None,
+    };
+    let fleet = match from_redis {
+        Some((buckets, clients)) => crate::fleetview::data_of(buckets.iter(), clients, now),
+        // Without Redis, or while it fails: this scorer's own view.
+        None => app.fleet_view().data(now),
+    };
+    // The callouts' view and the filters' decisions side by side.
+    let mut value = serde_json::to_value(data).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.insert("fleet".into(), serde_json::to_value(fleet).unwrap_or_default());
+    }
+    Json(value).into_response()
 }
 
 #[cfg(test)]

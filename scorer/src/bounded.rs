@@ -90,6 +90,15 @@ impl<K: Hash + Eq + Clone, V> BoundedMap<K, V> {
         }
     }
 
+    /// Removes `key`. O(entries): for rare operator actions only (the
+    /// queue must lose it too, or a key removed and inserted again would
+    /// sit in it twice and grow it past the cap).
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        let (v, _) = self.entries.remove(key)?;
+        self.order.retain(|k| k != key);
+        Some(v)
+    }
+
     pub fn values(&self) -> impl Iterator<Item = (&K, &V)> {
         self.entries.iter().map(|(k, (v, _))| (k, v))
     }

@@ -95,6 +95,18 @@ pub struct Cli {
     /// past it the caller still gets its block answer, the fleet does not.
     #[arg(long, env = "CALLER_BLOCKS_PER_MIN", default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub caller_blocks_per_min: u32,
+
+    /// Without a command the scorer serves; `ctl` talks to a running one.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// The operator's API from a shell: `ctl decisions list --client ADDR`,
+    /// `ctl explain ID`, `ctl unblock ADDR [--quiet-s N]`, `ctl allow
+    /// add|list|remove`, `ctl audit [--at MS]` (token: ABUSE_OPERATOR_TOKEN).
+    Ctl(crate::ctl::Ctl),
 }
 
 /// Never prints a secret (the derive would).

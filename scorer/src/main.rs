@@ -57,6 +57,16 @@
 //! | `GET /metrics` | operator | Prometheus text (below) |
 //! | `GET /` | operator | the dashboard; without the token a 401 carrying the same page, whose form asks for it (or takes `?token=` once) and keeps it in the tab's sessionStorage |
 //! | `GET /v1/dashboard` | operator | the dashboard's data: client addresses, scores, reasons and counts only |
+//! | `GET /v1/decisions?client=\|id=\|session=\|api_key=\|username=` | operator | decision records, newest first (with `client=`, its state now); raw credentials are hashed here, never kept |
+//! | `GET /v1/decisions/{id}` | operator | one record with its reasons and figures |
+//! | `DELETE /v1/decisions?client=ADDR[&quiet_s=N]` | operator | unblock everywhere: lifts on the verdicts' cursor, fleet blocks forgotten |
+//! | `GET /v1/decisions/stream[?since_ms=N]` | operator | JSON lines of decision records, replayed then live (a SIEM's input) |
+//! | `GET\|POST /v1/allow`, `DELETE /v1/allow/{id}` | operator | allow entries (cidr, api_key, agent), on every `/v1/verdicts` answer |
+//! | `GET /v1/audit[?at=MS]` | operator | every operator change, or the allow list as it stood at `at` |
+//!
+//! `abuse-scorer ctl …` is the same API from a shell (see `ctl.rs`); the
+//! operator's state and its bounds are in `decisions.rs`, `allow.rs`,
+//! `audit.rs`, `ops_store.rs` and `operator.rs`.
 //!
 //! *secret*: `x-abuse-scorer-secret` (401 `unauthorized`). *operator*:
 //! `Authorization: Bearer <ABUSE_OPERATOR_TOKEN>` (401
@@ -189,16 +199,25 @@
 //! every 30 s when it changed and at shutdown. See `known.rs`.
 
 mod access;
+mod allow;
 mod app;
+mod audit;
 mod bounded;
 mod clock;
 mod config;
+mod ctl;
 mod dashboard;
+mod decisions;
+mod fleetview;
+mod fleetview_redis;
 mod known;
 mod metrics;
 mod model;
 mod models;
+mod operator;
+mod ops_store;
 mod profiles;
+mod quiet;
 mod quota;
 mod sample_log;
 mod scoring;
@@ -218,7 +237,14 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = config::Cli::parse();
+    let mut cli = config::Cli::parse();
+    if let Some(config::Command::Ctl(ctl)) = cli.command.take() {
+        // Blocking HTTP calls: off the runtime's worker.
+        let token = cli.operator_token().map(str::to_string);
+        return tokio::task::spawn_blocking(move || ctl::run(&ctl, token.as_deref()))
+            .await
+            .unwrap_or(ExitCode::FAILURE);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

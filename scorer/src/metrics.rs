@@ -16,12 +16,17 @@ use prometheus::{
 /// `operator_unauthorized`: the dashboard or /metrics without the right
 /// operator token (401); `not_local`: those without a token configured,
 /// from a peer that is not this machine (403).
-pub const ERROR_KINDS: [&str; 5] = [
+/// `not_found`, `conflict`, `busy`: the operator API's unknown decision or
+/// allow entry (404), a full allow list (409), too many export streams (503).
+pub const ERROR_KINDS: [&str; 8] = [
     "unauthorized",
     "too_large",
     "bad_request",
     "operator_unauthorized",
     "not_local",
+    "not_found",
+    "conflict",
+    "busy",
 ];
 /// What the scorer refused, capped or clamped of what callers write (see
 /// `validate`, `quota`, `profiles`): baselines skipped (bad name, value or
@@ -30,7 +35,10 @@ pub const ERROR_KINDS: [&str; 5] = [
 /// stored blocks handed out with their end capped, known accounts and
 /// profile updates over a caller's quota, profile times clamped to now,
 /// new profile values past the per-update bound.
-pub const REJECTED_KINDS: [&str; 9] = [
+pub const REJECTED_KINDS: [&str; 12] = [
+    "quiet_period",
+    "decision_invalid",
+    "decision_time_clamped",
     "baseline_invalid",
     "baseline_clamped",
     "risk_capped",
@@ -47,6 +55,11 @@ pub const ROUTES: [&str; 4] = ["score", "verdicts", "events", "warm"];
 pub const DROPPED_BY: [&str; 2] = ["filter", "scorer"];
 /// What became of a batch's feature samples: learned by the model,
 /// excluded (penalized by the filter), gated (already anomalous), invalid.
+/// What became of the batches' decision events: a new record, or penalty
+/// hits added onto the decision they quote.
+pub const DECISION_KINDS: [&str; 2] = ["stored", "aggregated"];
+/// Operator changes (see `operator`).
+pub const CHANGE_KINDS: [&str; 3] = ["unblock", "allow_add", "allow_remove"];
 pub const SAMPLE_KINDS: [&str; 4] = ["learned", "excluded", "gated", "invalid"];
 
 #[derive(Clone)]
@@ -69,6 +82,10 @@ pub struct Metrics {
     pub samples: IntCounterVec,
     pub anomaly_flags: IntCounter,
     pub rejected: IntCounterVec,
+    pub decisions: IntCounterVec,
+    pub decisions_dropped: IntCounterVec,
+    pub operator_changes: IntCounterVec,
+    pub export_lagged: IntCounter,
 }
 
 pub fn action_name(a: ScoreAction) -> &'static str {
@@ -183,8 +200,37 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "abuse_scorer_decisions_total",
+                "Decision events from the batches: stored as records, or aggregated (penalty hits onto their decision)",
+            ),
+            &["kind"],
+        )?;
+        let decisions_dropped = IntCounterVec::new(
+            Opts::new(
+                "abuse_scorer_decisions_dropped_total",
+                "Decision events lost: by=filter as the batches report (buffer full, scorer away), by=scorer invalid ones",
+            ),
+            &["by"],
+        )?;
+        let operator_changes = IntCounterVec::new(
+            Opts::new(
+                "abuse_scorer_operator_changes_total",
+                "Operator changes: unblock, allow_add, allow_remove",
+            ),
+            &["kind"],
+        )?;
+        let export_lagged = IntCounter::new(
+            "abuse_scorer_decisions_export_lagged_total",
+            "Decision records an export stream's reader was too slow to receive",
+        )?;
         for c in [
             Box::new(rejected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(decisions.clone()),
+            Box::new(decisions_dropped.clone()),
+            Box::new(operator_changes.clone()),
+            Box::new(export_lagged.clone()),
             Box::new(samples.clone()),
             Box::new(anomaly_flags.clone()),
             Box::new(score_requests.clone()),
@@ -223,6 +269,13 @@ impl Metrics {
         }
         for by in DROPPED_BY {
             batch_items_dropped.with_label_values(&[by]);
+            decisions_dropped.with_label_values(&[by]);
+        }
+        for k in DECISION_KINDS {
+            decisions.with_label_values(&[k]);
+        }
+        for k in CHANGE_KINDS {
+            operator_changes.with_label_values(&[k]);
         }
         Ok(Metrics {
             registry,
@@ -243,6 +296,10 @@ impl Metrics {
             samples,
             anomaly_flags,
             rejected,
+            decisions,
+            decisions_dropped,
+            operator_changes,
+            export_lagged,
         })
     }
 

@@ -6,7 +6,7 @@
 use abuse_engine::profile::SeenSet;
 use abuse_engine::wire::{
     BaselineSnapshot, EventBatch, FeatureSample, ProfileUpdate, ScoreRequest, FEATURE_NAMES,
-    MAX_BASELINES, MAX_BATCH_ACCOUNTS, MAX_BATCH_PROFILES, MAX_BATCH_SAMPLES, WIRE_VERSION,
+    MAX_BASELINES, MAX_BATCH_ACCOUNTS, MAX_BATCH_PROFILES, MAX_BATCH_SAMPLES, MAX_BATCH_DECISIONS, WIRE_VERSION,
 };
 /// Route group names come from the filter's configuration.
 const MAX_GROUP_LEN: usize = 64;
@@ -96,6 +96,12 @@ pub fn check_batch(batch: &EventBatch) -> Result<(), String> {
         return Err(format!(
             "too many `samples`: {} (at most {MAX_BATCH_SAMPLES} per batch)",
             batch.samples.len()
+        ));
+    }
+    if batch.decisions.len() > MAX_BATCH_DECISIONS {
+        return Err(format!(
+            "too many `decisions`: {} (at most {MAX_BATCH_DECISIONS} per batch)",
+            batch.decisions.len()
         ));
     }
     if batch.baselines.len() > MAX_BASELINES {
@@ -346,8 +352,12 @@ mod tests {
             profiles: vec![],
             dropped: 0,
             samples: vec![],
+            decisions: vec![],
+            decisions_dropped: 0,
         };
         assert_eq!(check_batch(&ok()), Ok(()));
+        let many = EventBatch { decisions: vec![Default::default(); MAX_BATCH_DECISIONS + 1], ..ok() };
+        assert!(check_batch(&many).unwrap_err().contains("decisions"));
         assert!(e_samples(EventBatch { samples: vec![FeatureSample::default(); MAX_BATCH_SAMPLES + 1], ..ok() }));
         let e = |b: EventBatch| check_batch(&b).err().unwrap_or_default();
         assert!(e(EventBatch { version: 0, ..ok() }).contains("wire version 0"));

@@ -94,13 +94,15 @@ pub const SEED_KEY: &str = "abuse_filter/v1/seed";
 
 /// Hash domains: the same bytes hash differently per use.
 const DOMAIN_CLIENT: u8 = 1;
-const DOMAIN_USERNAME: u8 = 2;
+/// (Public: the scorer hashes an operator's search alike.)
+pub const DOMAIN_USERNAME: u8 = 2;
 const DOMAIN_OBJECT: u8 = 3;
 const DOMAIN_PATH: u8 = 4;
 const DOMAIN_ENDPOINT: u8 = 5;
 const DOMAIN_PASSWORD: u8 = 6;
 const DOMAIN_FINGERPRINT: u8 = 10;
-const DOMAIN_SESSION: u8 = 7;
+/// (Public: the scorer hashes an operator's search alike.)
+pub const DOMAIN_SESSION: u8 = 7;
 const DOMAIN_USER_AGENT: u8 = 8;
 const DOMAIN_ROUTE: u8 = 9;
 /// An address's pool of new identities (see `identify`): a key no client

@@ -71,6 +71,15 @@ impl Engine {
     pub(super) fn apply_answer(&self, v: &mut Verdict, action: ScoreAction, score: f32, reasons: ReasonSet, until_ms: u64, now_ms: u64) {
         v.risk = score;
         v.reasons = v.reasons.union(reasons);
+        if action != ScoreAction::Allow {
+            // The decision's figure is the scorer's score against the line
+            // it crossed (its own answer explains the score's parts).
+            let limit = if action == ScoreAction::Block { self.config.risk.block_at } else { self.config.risk.tag_at };
+            let figure = crate::detectors::Figure::new("scorer's score", score.into(), limit.into(), 0);
+            for (slot, reason) in v.figures.iter_mut().filter(|f| f.is_none()).zip(v.reasons.iter()) {
+                *slot = Some((reason, figure));
+            }
+        }
         match action {
             ScoreAction::Block => v.block(403, until_ms.saturating_sub(now_ms).div_ceil(1000)),
             ScoreAction::Tag => v.action = Action::Tag,

@@ -13,7 +13,8 @@ use crate::bounded::BoundedMap;
 use crate::known::{Baselines, KnownFilter, Merged, ShardBits, ShardPage};
 use abuse_engine::known_accounts::SHARDS;
 use crate::profiles::Profiles;
-use abuse_engine::wire::{BaselineSnapshot, FleetVerdict, FleetVerdicts, ProfileUpdate, WIRE_VERSION};
+use super::{lift_live, LogEntry};
+use abuse_engine::wire::{BaselineSnapshot, FleetLift, FleetVerdict, FleetVerdicts, ProfileUpdate, WIRE_VERSION};
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -46,8 +47,9 @@ struct Inner {
     /// Per session: (address, last seen ms), at most `SESSION_ADDRESS_CAP`.
     sessions: BoundedMap<String, Vec<(String, u64)>>,
     blocks: BoundedMap<String, FleetVerdict>,
-    /// (cursor, verdict), cursors increasing.
-    log: VecDeque<(u64, FleetVerdict)>,
+    /// (cursor, verdict or lift), cursors increasing: lifts share the
+    /// verdicts' cursor so that a filter's one `since` pages through both.
+    log: VecDeque<(u64, LogEntry)>,
     seq: u64,
 }
 
@@ -255,11 +257,36 @@ impl MemoryStore {
                 .blocks
                 .entry_or_insert_with(verdict.client.clone(), verdict.until_ms, || verdict.clone());
         *slot = verdict.clone();
-        inner.log.push_back((seq, verdict.clone()));
+        inner.log.push_back((seq, LogEntry::Verdict(verdict.clone())));
         while inner.log.len() > VERDICT_LOG_CAP {
             inner.log.pop_front();
         }
         seq
+    }
+
+    /// Logs an operator's lift after every verdict so far; its cursor.
+    pub fn push_lift(&self, lift: &FleetLift, now_ms: u64) -> u64 {
+        let mut inner = self.lock();
+        inner.seq += 1;
+        let seq = inner.seq;
+        inner.log.push_back((seq, LogEntry::Lift { lift: lift.clone(), logged_ms: now_ms }));
+        while inner.log.len() > VERDICT_LOG_CAP {
+            inner.log.pop_front();
+        }
+        seq
+    }
+
+    /// Forgets the live blocks of `clients` and their verdicts in the log:
+    /// a filter that reads the log from the start (a fresh Envoy) must not
+    /// box a client an operator lifted.
+    pub fn forget_blocks(&self, clients: &[String]) {
+        let mut inner = self.lock();
+        for c in clients {
+            inner.blocks.remove(c);
+        }
+        inner
+            .log
+            .retain(|(_, e)| !matches!(e, LogEntry::Verdict(v) if clients.contains(&v.client)));
     }
 
     pub fn verdicts_after(&self, since: u64, now_ms: u64) -> FleetVerdicts {
@@ -267,23 +294,31 @@ impl MemoryStore {
         let since = if since > inner.seq { 0 } else { since };
         let start = inner.log.partition_point(|(s, _)| *s <= since);
         let mut verdicts = Vec::new();
+        let mut lifts = Vec::new();
         let mut next = inner.seq;
-        for (seq, v) in inner.log.iter().skip(start) {
-            if verdicts.len() >= VERDICTS_PAGE {
+        let mut taken = 0;
+        for (seq, e) in inner.log.iter().skip(start) {
+            if taken >= VERDICTS_PAGE {
                 break;
             }
+            taken += 1;
             next = *seq;
-            if v.until_ms >= now_ms {
-                verdicts.push(v.clone());
+            match e {
+                LogEntry::Verdict(v) if v.until_ms >= now_ms => verdicts.push(v.clone()),
+                LogEntry::Lift { lift, logged_ms } if lift_live(*logged_ms, lift, now_ms) => {
+                    lifts.push(lift.clone());
+                }
+                _ => {}
             }
         }
-        if verdicts.len() < VERDICTS_PAGE {
+        if taken < VERDICTS_PAGE {
             next = inner.seq;
         }
         FleetVerdicts {
             version: WIRE_VERSION,
             next,
             verdicts,
+            lifts,
             ..FleetVerdicts::default()
         }
     }
@@ -317,6 +352,15 @@ impl FleetStore for MemoryStore {
 
     async fn verdicts_since(&self, since: u64, now_ms: u64) -> Result<FleetVerdicts, StoreError> {
         Ok(self.verdicts_after(since, now_ms))
+    }
+
+    async fn record_lift(&self, lift: &FleetLift, now_ms: u64) -> Result<u64, StoreError> {
+        Ok(self.push_lift(lift, now_ms))
+    }
+
+    async fn forget(&self, clients: &[String]) -> Result<(), StoreError> {
+        self.forget_blocks(clients);
+        Ok(())
     }
 
     async fn add_known_accounts(&self, accounts: &[u64]) -> Result<u64, StoreError> {
@@ -442,6 +486,23 @@ pub(crate) mod tests {
             reset.verdicts.len(),
             all.verdicts.len() + first.verdicts.len()
         );
+
+        // Lifts ride the same cursor, after the verdicts; forgetting a
+        // client removes its block and its verdicts from the log.
+        let lift = FleetLift { client: "x".into(), reasons: vec![], quiet_until_ms: t0 + 120_000 };
+        let c3 = store.record_lift(&lift, t0).await.unwrap();
+        assert!(c3 > c2);
+        let polled = store.verdicts_since(c2, t0).await.unwrap();
+        assert_eq!((polled.lifts.clone(), polled.next), (vec![lift.clone()], c3));
+        assert!(polled.verdicts.is_empty());
+        store.forget(&["x".to_string()]).await.unwrap();
+        assert!(store.blocked("x", t0 + 1).await.unwrap().is_none());
+        let from_start = store.verdicts_since(first.next, t0).await.unwrap();
+        assert!(from_start.verdicts.iter().all(|v| v.client != "x"), "{from_start:?}");
+        assert_eq!(from_start.lifts, vec![lift.clone()]);
+        // A lift is handed out for a day, or to its quiet period's end.
+        let day = super::super::LIFT_KEEP_MS;
+        assert!(store.verdicts_since(c2, t0 + day + 1).await.unwrap().lifts.is_empty());
 
         warm_contract(store, t0).await;
         profile_contract(store, t0).await;

@@ -31,7 +31,7 @@ pub mod memory;
 pub mod redis;
 
 use crate::known::{merge_lists, merge_pages, ShardPage};
-use abuse_engine::wire::{BaselineSnapshot, FleetVerdict, FleetVerdicts, ProfileUpdate};
+use abuse_engine::wire::{BaselineSnapshot, FleetLift, FleetVerdict, FleetVerdicts, ProfileUpdate};
 use prometheus::{IntCounter, IntGauge};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +51,24 @@ pub const WARM_TTL_MS: u64 = 30 * 24 * 60 * 60 * 1000;
 pub const VERDICT_LOG_TTL_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 /// Addresses remembered per session: enough to see sharing (5), bounded.
 pub const SESSION_ADDRESS_CAP: usize = 32;
+/// How long a lift is handed out after it was logged (or until its quiet
+/// period ends, if later): longer than a filter stays away from the poll
+/// and still holds the penalty it lifts.
+pub const LIFT_KEEP_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Whether a lift logged at `logged_ms` is still handed out.
+pub fn lift_live(logged_ms: u64, lift: &FleetLift, now_ms: u64) -> bool {
+    logged_ms.saturating_add(LIFT_KEEP_MS) >= now_ms || lift.quiet_until_ms >= now_ms
+}
+
+/// One entry of the verdict log: a block, or an operator's lift (both
+/// under one cursor, so a filter pages through them in order).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogEntry {
+    Verdict(FleetVerdict),
+    Lift { lift: FleetLift, logged_ms: u64 },
+}
+
 /// At most one "Redis failed" warning per this many ms (the rest are counted).
 const WARN_EVERY_MS: u64 = 10_000;
 
@@ -105,6 +123,14 @@ pub trait FleetStore: Send + Sync {
         since: u64,
         now_ms: u64,
     ) -> impl Future<Output = Result<FleetVerdicts, StoreError>> + Send;
+    /// Logs an operator's lift (after every verdict so far); its cursor.
+    fn record_lift(
+        &self,
+        lift: &FleetLift,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Forgets the live blocks of `clients` and their verdicts in the log.
+    fn forget(&self, clients: &[String]) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Sets each account's known-accounts bits (`known_accounts::bit_positions`);
     /// how many accounts were new (some bit of theirs was unset).
     fn add_known_accounts(
@@ -292,6 +318,57 @@ impl Fleet {
                 Err(e) => {
                     r.failed("verdicts_since", &e, now_ms, true);
                     r.local.verdicts_after(since, now_ms)
+                }
+            },
+        }
+    }
+}
+
+impl Fleet {
+    /// Logs a lift for every filter to apply; its cursor.
+    pub async fn record_lift(&self, lift: &FleetLift, now_ms: u64) -> u64 {
+        match self {
+            Fleet::Memory(m) => m.push_lift(lift, now_ms),
+            Fleet::Redis(r) => {
+                let local = r.local.push_lift(lift, now_ms);
+                r.or_local("record_lift", r.redis.record_lift(lift, now_ms).await, local, now_ms)
+            }
+        }
+    }
+
+    /// Forgets the blocks of `clients` (an operator lifted them).
+    pub async fn forget(&self, clients: &[String], now_ms: u64) {
+        match self {
+            Fleet::Memory(m) => m.forget_blocks(clients),
+            Fleet::Redis(r) => {
+                r.local.forget_blocks(clients);
+                r.or_local("forget", r.redis.forget(clients).await, (), now_ms);
+            }
+        }
+    }
+
+    /// Redis's connection, for the operator's state (decisions, allow
+    /// entries, audit) that lives beside the fleet's; None without Redis.
+    pub fn redis_conn(&self) -> Option<::redis::aio::ConnectionManager> {
+        match self {
+            Fleet::Memory(_) => None,
+            Fleet::Redis(r) => Some(r.redis.connection()),
+        }
+    }
+
+    /// A Redis call's result, counted as the fleet's are: Some on success,
+    /// None (a fallback, warned about at most every 10 s) on failure.
+    pub fn redis_result<T>(&self, op: &'static str, result: Result<T, StoreError>, now_ms: u64) -> Option<T> {
+        match self {
+            Fleet::Memory(_) => None,
+            Fleet::Redis(r) => match result {
+                Ok(v) => {
+                    r.succeeded();
+                    Some(v)
+                }
+                Err(e) => {
+                    r.failed(op, &e, now_ms, true);
+                    None
                 }
             },
         }

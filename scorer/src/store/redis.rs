@@ -8,7 +8,7 @@
 //! | `abuse:s:{session}` | sorted set | address → last seen ms; trimmed to the window and 32 members |
 //! | `abuse:b:{client}` | string (JSON verdict) | live block, expires with it |
 //! | `abuse:v:seq` | string (INCR) | the verdict cursor; expires 7 days after the last block (filters ahead of a reset cursor start over) |
-//! | `abuse:v:log` | sorted set | `{cursor}:{verdict JSON}` scored by cursor; last 10,000; expires 7 days after the last block |
+//! | `abuse:v:log` | sorted set | `{cursor}:{verdict JSON}` or, for an operator's lift, `{cursor}:lift:{logged ms}:{lift JSON}`, scored by cursor; last 10,000; expires 7 days after the last block or lift |
 //! | `abuse:v1:known_accounts:{shard}` | string (SETBIT) | shard 0–1023 of the known-accounts Bloom filter: its bytes are the wire layout (bit `b` = bit `b % 8` of byte `b / 8`, LSB first, set at Redis offset `(b / 8)·8 + 7 − b % 8`); up to 1 KiB, shorter until its high bits are set; expires 30 days after its last write |
 //! | `abuse:v1:baselines` | hash | baseline name → `BaselineSnapshot` JSON (bounded: `validate::sanitize_baseline`), the warmest per name; at most 64 names; expires 30 days after the last merge |
 //! | `abuse:v1:baselines:seen` | sorted set | baseline name scored by the last time (ms) a batch mentioned it: decides which name makes room when all 64 are taken |
@@ -31,7 +31,7 @@
 //! the filter's whole call budget.
 
 use super::{
-    sliding_estimate, FleetStore, StoreError, SESSION_ADDRESS_CAP, VERDICTS_PAGE, VERDICT_LOG_CAP,
+    lift_live, LogEntry, sliding_estimate, FleetStore, StoreError, SESSION_ADDRESS_CAP, VERDICTS_PAGE, VERDICT_LOG_CAP,
     VERDICT_LOG_TTL_MS, WARM_TTL_MS, WINDOW_MS,
 };
 use crate::known::{self, is_empty, redis_offset, shard_from, ShardPage};
@@ -39,7 +39,7 @@ use abuse_engine::known_accounts::{bit_positions, BITS_PER_ACCOUNT, SHARDS};
 use crate::profiles::{merge_bounded, PROFILES_CAP, WARM_PROFILES};
 use abuse_engine::profile::AccountProfile;
 use abuse_engine::wire::{
-    BaselineSnapshot, FleetVerdict, FleetVerdicts, ProfileUpdate, MAX_BASELINES, MAX_BATCH_PROFILES,
+    BaselineSnapshot, FleetLift, FleetVerdict, FleetVerdicts, ProfileUpdate, MAX_BASELINES, MAX_BATCH_PROFILES,
     WIRE_VERSION,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -117,7 +117,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
 }
 
-async fn bounded<T>(call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
+pub(crate) async fn bounded<T>(call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(StoreError(e.to_string())),
@@ -149,6 +149,11 @@ impl RedisStore {
         Ok(RedisStore { conn })
     }
 
+    /// A handle on the shared connection (cheap: the manager is a handle).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
@@ -161,10 +166,19 @@ fn user_key(bucket: u64, user: &str) -> String {
     format!("abuse:u:{bucket}:{user}")
 }
 
-/// Log members carry their cursor so that two equal verdicts stay two members.
-fn parse_log_member(member: &str) -> Option<FleetVerdict> {
-    let (_, json) = member.split_once(':')?;
-    serde_json::from_str(json).ok()
+/// Log members carry their cursor so that two equal verdicts stay two
+/// members; a lift's JSON is marked (`lift:{logged ms}:`), which an older
+/// scorer reads as an unparseable verdict and skips.
+fn parse_log_member(member: &str) -> Option<LogEntry> {
+    let (_, rest) = member.split_once(':')?;
+    if let Some(lift) = rest.strip_prefix("lift:") {
+        let (logged, json) = lift.split_once(':')?;
+        return Some(LogEntry::Lift {
+            lift: serde_json::from_str(json).ok()?,
+            logged_ms: logged.parse().ok()?,
+        });
+    }
+    serde_json::from_str(rest).ok().map(LogEntry::Verdict)
 }
 
 impl FleetStore for RedisStore {
@@ -299,17 +313,88 @@ impl FleetStore for RedisStore {
         } else {
             seq
         };
-        let verdicts = page
-            .iter()
-            .filter_map(|(member, _)| parse_log_member(member))
-            .filter(|v| v.until_ms >= now_ms)
-            .collect();
+        let mut verdicts = Vec::new();
+        let mut lifts = Vec::new();
+        for entry in page.iter().filter_map(|(member, _)| parse_log_member(member)) {
+            match entry {
+                LogEntry::Verdict(v) if v.until_ms >= now_ms => verdicts.push(v),
+                LogEntry::Lift { lift, logged_ms } if lift_live(logged_ms, &lift, now_ms) => {
+                    lifts.push(lift);
+                }
+                _ => {}
+            }
+        }
         Ok(FleetVerdicts {
             version: WIRE_VERSION,
             next,
             verdicts,
+            lifts,
             ..FleetVerdicts::default()
         })
+    }
+
+    async fn record_lift(&self, lift: &FleetLift, now_ms: u64) -> Result<u64, StoreError> {
+        let json = serde_json::to_string(lift).map_err(|e| StoreError(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let seq: u64 =
+            bounded(async move { redis::cmd("INCR").arg(SEQ_KEY).query_async(&mut conn).await })
+                .await?;
+        let member = format!("{seq}:lift:{now_ms}:{json}");
+        let mut conn = self.conn.clone();
+        bounded(async move {
+            redis::pipe()
+                .atomic()
+                .cmd("ZADD")
+                .arg(LOG_KEY)
+                .arg(seq)
+                .arg(&member)
+                .ignore()
+                .cmd("ZREMRANGEBYRANK")
+                .arg(LOG_KEY)
+                .arg(0)
+                .arg(-(VERDICT_LOG_CAP as i64) - 1)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(LOG_KEY)
+                .arg(VERDICT_LOG_TTL_MS)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(SEQ_KEY)
+                .arg(VERDICT_LOG_TTL_MS)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await?;
+        Ok(seq)
+    }
+
+    async fn forget(&self, clients: &[String]) -> Result<(), StoreError> {
+        if clients.is_empty() {
+            return Ok(());
+        }
+        // The log holds at most VERDICT_LOG_CAP members: reading it whole
+        // is fine for an operator's action.
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = bounded(async move {
+            redis::cmd("ZRANGE").arg(LOG_KEY).arg(0).arg(-1).query_async(&mut conn).await
+        })
+        .await?;
+        let stale: Vec<&String> = members
+            .iter()
+            .filter(|m| {
+                matches!(parse_log_member(m), Some(LogEntry::Verdict(v)) if clients.contains(&v.client))
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for c in clients {
+            pipe.cmd("DEL").arg(format!("abuse:b:{c}")).ignore();
+        }
+        if !stale.is_empty() {
+            pipe.cmd("ZREM").arg(LOG_KEY).arg(stale).ignore();
+        }
+        let mut conn = self.conn.clone();
+        bounded(async move { pipe.query_async::<()>(&mut conn).await }).await
     }
 
     async fn add_known_accounts(&self, accounts: &[u64]) -> Result<u64, StoreError> {
@@ -539,7 +624,7 @@ impl RedisStore {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::memory::tests::contract;
 
