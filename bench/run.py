@@ -146,7 +146,10 @@ def build_phases() -> dict[str, Path]:
         target_dir = ROOT / "target" / "phases" / feature
         subprocess.run(["cargo", "build", "-q", "--release", "--target", "wasm32-wasip1", "-p", "abuse-filter",
                         "--features", feature, "--target-dir", str(target_dir)], cwd=ROOT, check=True)
-        built[f"monitor, {label}"] = target_dir / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
+        wasm = target_dir / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
+        # Trimmed like the shipped build, so that only the phase differs.
+        subprocess.run([str(TRIM), str(wasm)], check=True, capture_output=True)
+        built[f"monitor, {label}"] = wasm
     return built
 
 
@@ -553,6 +556,8 @@ def main():
     args = parser.parse_args()
     global ABLATION
     ABLATION = args.ablation
+    if not TRIM.exists():
+        sys.exit(f"{TRIM} is missing: make build")
     if args.phases:
         PHASES.update(build_phases())
     for item in args.also:
@@ -565,8 +570,6 @@ def main():
             sys.exit(f"{tool} is needed (Debian: apt-get install wrk util-linux)")
     if not LOADGEN.exists():
         sys.exit(f"{LOADGEN} is missing: cargo build --release -p loadgen")
-    if not TRIM.exists():
-        sys.exit(f"{TRIM} is missing: make build")
     prepare_wasm(count=not args.no_entries)
 
     tmp = Path(tempfile.mkdtemp(prefix="abuse-bench-"))
