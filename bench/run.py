@@ -2,8 +2,10 @@
 """`make bench`: the filter's cost next to bare Envoy.
 
 Starts Envoy (one worker, pinned to CPU 0) in turn with: only the router;
-a no-op Rust proxy-wasm filter; this filter in monitor mode; this filter in
-block mode (nobody over a limit); Envoy's native local_ratelimit. Drives each
+a no-op Rust proxy-wasm filter trimmed to this filter's exports (the
+baseline of "vs no-op"), and the same with every SDK export; this filter in
+monitor mode (and as built, with every SDK export); this filter in block
+mode (nobody over a limit); Envoy's native local_ratelimit. Drives each
 with wrk pinned to CPU 1 against the direct-response route `/direct`, the
 requests spread over 10,000 client addresses (trusted X-Forwarded-For), and
 interleaves the variants over several rounds so drift hits all alike.
@@ -17,7 +19,11 @@ CPU per request) and p50/p99 (printed only when bare Envoy reached the asked
 rate). Then the memory of this filter
 (fixed shared data, Envoy RSS) before and after 1,000,000 distinct client
 addresses, and the share of benign requests that cost a scorer callout (the
-eval's benign mix through the `make run` stack). Writes
+eval's benign mix through the `make run` stack). And the VM entries per
+request of every wasm variant, counted on a twin build with the same
+exports (cargo feature count-entries, `wasm-trim --count-entries`: a
+counter at the start of every exported callback, the allocator's
+included), never on the priced build. Writes
 target/bench/report.json. Asserts nothing: it is a
 measurement, not a test.
 """
@@ -39,7 +45,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from harness import ROOT, WASM, Envoy, envoy_config, facts_filter, free_port  # noqa: E402
 
-NOOP_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "noop_filter.wasm"
+RELEASE = ROOT / "target" / "wasm32-wasip1" / "release"
+# The no-op filter as built: the Rust SDK exports every proxy-wasm callback.
+NOOP_SDK_WASM = RELEASE / "noop_filter.wasm"
+# The no-op filter trimmed to the filter's export set (tools/wasm-trim), as
+# `make build` trims the filter: the baseline of "vs no-op", like for like.
+NOOP_WASM = RELEASE / "noop_filter.trimmed.wasm"
+# The filter before `make build` trimmed it (cargo's own copy): every SDK export.
+FILTER_SDK_WASM = RELEASE / "deps" / "abuse_filter.wasm"
+TRIM = ROOT / "target" / "release" / "wasm-trim"
+# Bench-only builds that count VM entries (cargo feature count-entries +
+# wasm-trim --count-entries): never priced, only counted.
+COUNT_DIR = ROOT / "target" / "bench" / "count"
 LOADGEN = ROOT / "target" / "release" / "loadgen"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -129,7 +146,10 @@ def build_phases() -> dict[str, Path]:
         target_dir = ROOT / "target" / "phases" / feature
         subprocess.run(["cargo", "build", "-q", "--release", "--target", "wasm32-wasip1", "-p", "abuse-filter",
                         "--features", feature, "--target-dir", str(target_dir)], cwd=ROOT, check=True)
-        built[f"monitor, {label}"] = target_dir / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
+        wasm = target_dir / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
+        # Trimmed like the shipped build, so that only the phase differs.
+        subprocess.run([str(TRIM), str(wasm)], check=True, capture_output=True)
+        built[f"monitor, {label}"] = wasm
     return built
 
 
@@ -166,6 +186,37 @@ EVERY_REQUEST_RULE = {"name": "every_request", "match": {"path": "/direct"}, "ke
                       "window_s": 60, "threshold": 1e9, "action": "tag"}
 
 
+def exported_callbacks(wasm: Path) -> set[str]:
+    from test_wasm_exports import exports  # tests/: the same parser the export test uses
+    return {name for name, kind in exports(wasm.read_bytes()).items() if kind == 0 and name.startswith("proxy_on_")}
+
+
+# Priced .wasm -> its entry-counting twin (same exports), filled by prepare_wasm.
+COUNTED: dict[Path, Path] = {}
+# Whether the filter's untrimmed build is there to price (every SDK export).
+FILTER_SDK = False
+
+
+def prepare_wasm(count: bool) -> None:
+    """The no-op filter trimmed like the filter; the entry-counting twins of
+    the no-op filter and of this filter, trimmed and untrimmed."""
+    global FILTER_SDK
+    subprocess.run([str(TRIM), str(NOOP_SDK_WASM), str(NOOP_WASM)], check=True, capture_output=True)
+    FILTER_SDK = FILTER_SDK_WASM.is_file() and "proxy_on_log" in exported_callbacks(FILTER_SDK_WASM)
+    if not count:
+        return
+    subprocess.run(["cargo", "build", "-q", "--release", "--target", "wasm32-wasip1", "-p", "abuse-filter",
+                    "-p", "noop-filter", "--features", "abuse-filter/count-entries,noop-filter/count-entries",
+                    "--target-dir", str(COUNT_DIR)], cwd=ROOT, check=True)
+    built = COUNT_DIR / "wasm32-wasip1" / "release"
+    for priced, source, keep_all in ((WASM, "abuse_filter", False), (FILTER_SDK_WASM, "abuse_filter", True),
+                                     (NOOP_WASM, "noop_filter", False), (NOOP_SDK_WASM, "noop_filter", True)):
+        out = COUNT_DIR / f"{source}{'.sdk' if keep_all else ''}.counting.wasm"
+        subprocess.run([str(TRIM), "--count-entries", *(["--keep-all"] if keep_all else []),
+                        str(built / f"{source}.wasm"), str(out)], check=True, capture_output=True)
+        COUNTED[priced] = out
+
+
 def variants() -> dict[str, list[dict]]:
     monitor = json.dumps(with_facts(dict(FILTER_CONFIG, mode="monitor")))
     block = json.dumps(with_facts(dict(FILTER_CONFIG, mode="block")))
@@ -194,6 +245,10 @@ def variants() -> dict[str, list[dict]]:
     block_config = dict(FILTER_CONFIG, mode="block")
     rules = json.dumps(with_facts(with_rules(block_config, shipped_rules())))
     counting = json.dumps(with_facts(with_rules(block_config, shipped_rules() + [EVERY_REQUEST_RULE])))
+    # What trimming the exports buys: both filters with every SDK export.
+    extra |= {"no-op wasm (every SDK export)": [wasm_filter("noop", NOOP_SDK_WASM, "")]}
+    if FILTER_SDK:
+        extra |= {"abuse filter (monitor, every SDK export)": [facts, wasm_filter("abuse_filter", FILTER_SDK_WASM, monitor)]}
     return extra | {
         "bare envoy": [],
         "no-op wasm": [wasm_filter("noop", NOOP_WASM, "")],
@@ -210,6 +265,9 @@ def bootstrap(filters: list[dict], port: int, admin: int) -> dict:
     config = envoy_config("", port, admin, upstream_port=9, with_filter=False)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = filters + hcm["http_filters"]
+    if facts_filter(FACTS_HEADER) in filters:
+        # As shipped: the route removes the facts header before the upstream.
+        hcm["route_config"]["request_headers_to_remove"] = [FACTS_HEADER]
     return config
 
 
@@ -320,6 +378,59 @@ def fixed_rate(args, rate: float) -> dict[str, list[dict]]:
                       flush=True)
             finally:
                 envoy.stop()
+    return out
+
+
+def counting_twin(filters: list[dict]) -> list[dict] | None:
+    """The variant with each wasm filter replaced by its entry-counting twin
+    (None when one has none: a phase build, an --also build)."""
+    twin = json.loads(json.dumps(filters))
+    for f in twin:
+        code = f.get("typed_config", {}).get("config", {}).get("vm_config", {}).get("code", {}).get("local")
+        if code is not None:
+            counted = COUNTED.get(Path(code["filename"]))
+            if counted is None:
+                return None
+            code["filename"] = str(counted)
+    return twin
+
+
+def envoy_counts(envoy: Envoy) -> tuple[int, int, int]:
+    """(VM entries, of which allocations, requests served) so far."""
+    _, text = envoy.admin("/stats?filter=bench_vm_|downstream_rq_total")
+    values = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    num = lambda k: int(values.get(k, "0").strip() or 0)
+    return num("wasmcustom.bench_vm_entries"), num("wasmcustom.bench_vm_allocs"), num("http.api.downstream_rq_total")
+
+
+def vm_entries(args, rate: float) -> dict[str, dict | None]:
+    """VM entries per request of every variant, counted on its counting twin
+    (same exports, a counter at the start of every callback) under the
+    bench's load at `rate` for a few seconds. Variants without wasm: 0.
+    The gauges are set at each request's context creation, so a reading
+    lags by one request's own entries (both readings alike); the filter's
+    tick adds ~2 entries a second, under 0.01 per request at this rate."""
+    out: dict[str, dict | None] = {}
+    for name, filters in variants().items():
+        twin = counting_twin(filters) if COUNTED else None
+        if not any("wasm" in f["name"] for f in filters):
+            out[name] = {"entries": 0.0, "allocs": 0.0, "requests": None}
+            continue
+        if twin is None:
+            out[name] = None
+            continue
+        envoy = start_pinned(twin)
+        try:
+            run_loadgen(envoy.port, rate, 1.0, 0.5, args.connections)  # warm-up, and the gauges defined
+            e0, a0, r0 = envoy_counts(envoy)
+            run_loadgen(envoy.port, rate, 3.0, 0.0, args.connections)
+            e1, a1, r1 = envoy_counts(envoy)
+        finally:
+            envoy.stop()
+        n = r1 - r0
+        out[name] = {"entries": (e1 - e0) / n if n else None, "allocs": (a1 - a0) / n if n else None, "requests": n}
+        print(f"entries {name:24s} {out[name]['entries'] or 0:6.2f} per request "
+              f"(allocations {out[name]['allocs'] or 0:.2f}; {n} requests)", flush=True)
     return out
 
 
@@ -435,7 +546,7 @@ def print_table(summary: dict[str, dict], rate: float, half: float) -> None:
     valid = summary["bare envoy"]["fixed"]["latency_valid"]
     at = f"@{rate:.0f}/s"
     header = (f"\n{'variant':26s} {'req/s':>9s} {'p50 us':>8s} {'p99 us':>8s} {'vs bare':>8s} {'vs no-op':>9s}"
-              f" {'cpu us/req ' + at:>22s} {'cpu vs no-op':>13s}")
+              f" {'cpu us/req ' + at:>22s} {'cpu vs no-op':>13s} {'VM entries/req':>15s}")
     if valid:
         header += f" {'p99 us ' + at:>18s} {'vs bare':>8s}"
     print(header)
@@ -445,6 +556,8 @@ def print_table(summary: dict[str, dict], rate: float, half: float) -> None:
         line = (f"{name:26s} {s['rps']:9.0f} {s['p50_us']:8.0f} {s['p99_us']:8.0f} "
                 f"{s['vs_bare']:7.0%} {s['vs_noop']:8.0%} {f['cpu_us_per_request'] or 0:22.2f} "
                 f"{'-' if over is None else format(over, '+.1%'):>13s}")
+        entries = (s.get("vm_entries") or {}).get("entries")
+        line += f" {'-' if entries is None else format(entries, '.2f'):>15s}"
         if valid:
             line += f" {f['p99_us'] or 0:18.0f} {f['p99_over_bare_us'] or 0:+8.0f}"
         print(line)
@@ -467,11 +580,15 @@ def main():
                         help="another build of the filter (.wasm) to measure alongside, in monitor mode")
     parser.add_argument("--ablation", action="store_true",
                         help="also this build without the facts header, and without the worker tier")
+    parser.add_argument("--no-entries", action="store_true",
+                        help="skip the VM-entry count (it builds the counting twins)")
     parser.add_argument("--phases", action="store_true",
                         help="also builds that stop after the request's facts, and after the request (no answer)")
     args = parser.parse_args()
     global ABLATION
     ABLATION = args.ablation
+    if not TRIM.exists():
+        sys.exit(f"{TRIM} is missing: make build")
     if args.phases:
         PHASES.update(build_phases())
     for item in args.also:
@@ -484,6 +601,7 @@ def main():
             sys.exit(f"{tool} is needed (Debian: apt-get install wrk util-linux)")
     if not LOADGEN.exists():
         sys.exit(f"{LOADGEN} is missing: cargo build --release -p loadgen")
+    prepare_wasm(count=not args.no_entries)
 
     tmp = Path(tempfile.mkdtemp(prefix="abuse-bench-"))
     script = tmp / "clients.lua"
@@ -495,12 +613,15 @@ def main():
         slowest = min(v["rps"] for v in summary.values())
         rate = min(half, 0.8 * slowest)
         fixed = fixed_rate(args, rate)
+        entries = vm_entries(args, min(rate, 2000.0)) if not args.no_entries else {}
         memory = million_clients(args, tmp) if args.clients else None
         callouts = None if args.no_benign_mix else benign_callout_share(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     summarize_fixed(summary, fixed, rate, half)
+    for name, counted in entries.items():
+        summary[name]["vm_entries"] = counted
     print_table(summary, rate, half)
     out = ROOT / "target" / "bench" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -459,7 +459,9 @@ impl AbuseFilterHttp {
         let Some(engine) = self.engine.clone() else {
             return WasmAction::Continue;
         };
-        if !self.exchange.judged() {
+        // No host call where no answer can count (allowlisted, blocked, or
+        // no detector reads this route's answers).
+        if !engine.answer_can_count(&self.exchange) {
             return WasmAction::Continue;
         }
         let Some(status) = status_of(MapType::HttpResponseHeaders) else {

@@ -241,6 +241,9 @@ impl RootContext for AbuseFilterRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Bench build only: the VM entries so far, as a gauge (make bench).
+        #[cfg(feature = "count-entries")]
+        vm_entries::publish();
         Some(Box::new(AbuseFilterHttp::new(self.engine.clone(), _context_id)))
     }
 

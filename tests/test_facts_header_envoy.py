@@ -12,7 +12,7 @@ import http.client
 
 import pytest
 
-from harness import Envoy, envoy_config, free_port, request
+from harness import DemoApi, Envoy, envoy_config, free_port, request
 
 HEADER = "x-request-facts"
 
@@ -33,9 +33,9 @@ def started():
         e.stop()
 
 
-def start(started, config, facts_value=None, facts=True):
+def start(started, config, facts_value=None, facts=True, upstream_port=9):
     port, admin = free_port(), free_port()
-    bootstrap = envoy_config(config, port, admin, upstream_port=9, facts_header=HEADER if facts else None)
+    bootstrap = envoy_config(config, port, admin, upstream_port=upstream_port, facts_header=HEADER if facts else None)
     if facts_value is not None:
         hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["http_filters"][0]["typed_config"]["mutations"]["request_mutations"][0]["append"]["header"]["value"] = facts_value
@@ -89,3 +89,22 @@ def test_without_the_header_the_host_calls_are_the_fallback(started):
     envoy = start(started, CONFIG, facts=False)
     statuses = [request(envoy.port, "GET", "/direct").status for _ in range(5)]
     assert statuses == [200, 200, 200, 429, 429], statuses
+
+
+def test_the_upstream_never_sees_the_header(started):
+    """The facts (the client's address, the time, its TLS fingerprint) are
+    for the filter only: the route configuration removes the header before
+    the upstream (`request_headers_to_remove`, in the router: no wasm cost),
+    whether Envoy wrote it or a client sent a copy too. The filter still read
+    it: the peer's fourth request within the minute is refused."""
+    api = DemoApi()
+    try:
+        config = dict(CONFIG, route_groups=[{"name": "direct", "path_prefix": "/"}])
+        envoy = start(started, config, upstream_port=api.port)
+        echoed = [request(envoy.port, "GET", "/debug/headers", headers).json()["headers"]
+                  for headers in ({}, {HEADER: "203.0.113.9 1000"}, {})]
+        for headers in echoed:
+            assert HEADER not in {k.lower() for k in headers}, headers
+        assert request(envoy.port, "GET", "/debug/headers").status == 429
+    finally:
+        api.stop()

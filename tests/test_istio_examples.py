@@ -66,8 +66,12 @@ def test_request_facts_envoyfilter():
     result = validate_istio([ef])
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("ok: EnvoyFilter shop/abuse-filter-facts")
-    (patch,) = ef["spec"]["configPatches"]
+    (patch, removal) = ef["spec"]["configPatches"]
     assert patch["match"]["context"] == "SIDECAR_INBOUND" and patch["patch"]["operation"] == "INSERT_FIRST"
+    # The application never receives the facts: the inbound routes remove the header.
+    assert removal["applyTo"] == "ROUTE_CONFIGURATION" and removal["match"]["context"] == "SIDECAR_INBOUND"
+    assert removal["patch"] == {"operation": "MERGE", "value": {"request_headers_to_remove": [
+        plugin()["spec"]["pluginConfig"]["client"]["facts_header"]]}}
     (mutation,) = patch["patch"]["value"]["typed_config"]["mutations"]["request_mutations"]
     assert mutation["append"]["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
     assert mutation["append"]["header"]["key"] == plugin()["spec"]["pluginConfig"]["client"]["facts_header"]

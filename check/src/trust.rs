@@ -145,6 +145,16 @@ fn connection_manager(hcm: &Map<String, Value>, path: &str, is_ours: &dyn Fn(&Va
             "without client.facts_header the filter reads source.address, which this connection manager takes from X-Forwarded-For (no use_remote_address, no xff_trusted_cidrs): a client chooses its address".to_string(),
         ));
     }
+    if let (Some(name), true) = (facts, facts_written) {
+        if reaches_upstream(hcm, &filters, ours_at, name) {
+            out.push((
+                location.clone(),
+                format!(
+                    "the facts header `{name}` reaches the upstream (the client's address and the time): add it to route_config.request_headers_to_remove"
+                ),
+            ));
+        }
+    }
     if facts.is_some() && !facts_written {
         out.push((
             location,
@@ -154,6 +164,34 @@ fn connection_manager(hcm: &Map<String, Value>, path: &str, is_ours: &dyn Fn(&Va
             ),
         ));
     }
+}
+
+/// Whether a header written for the filter would reach the upstream: the
+/// inline route configuration (all of it, or every virtual host) does not
+/// remove it, nor does a header_mutation after the filter. With routes from
+/// RDS nothing can be said from this file: no warning.
+fn reaches_upstream(hcm: &Map<String, Value>, filters: &[Value], ours_at: usize, name: &str) -> bool {
+    let Some(routes) = hcm.get("route_config") else {
+        return false;
+    };
+    let removes = |v: &Value| {
+        v.get("request_headers_to_remove")
+            .and_then(Value::as_array)
+            .is_some_and(|h| h.iter().any(|h| h.as_str().is_some_and(|h| h.eq_ignore_ascii_case(name))))
+    };
+    let hosts = routes.get("virtual_hosts").and_then(Value::as_array).cloned().unwrap_or_default();
+    let removed_after = filters.iter().skip(ours_at.saturating_add(1)).any(|f| {
+        let typed = f.get("typed_config");
+        typed.and_then(|t| t.get("@type")).and_then(Value::as_str) == Some(HEADER_MUTATION_TYPE)
+            && typed
+                .and_then(|t| t.get("mutations"))
+                .and_then(|m| m.get("request_mutations"))
+                .and_then(Value::as_array)
+                .is_some_and(|ms| {
+                    ms.iter().any(|m| m.get("remove").and_then(Value::as_str).is_some_and(|h| h.eq_ignore_ascii_case(name)))
+                })
+    });
+    !(removes(routes) || (!hosts.is_empty() && hosts.iter().all(removes)) || removed_after)
 }
 
 #[cfg(test)]
@@ -206,6 +244,29 @@ mod tests {
         let w = bootstrap_warnings(&doc, &ours);
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].1.contains("GeoIP"));
+    }
+
+    #[test]
+    fn a_facts_header_that_reaches_the_upstream_is_named() {
+        let trusted = json!({"use_remote_address": true});
+        let with_routes = |routes: Value| {
+            let mut doc = hcm(trusted.clone(), "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%", None);
+            doc["static_resources"]["listeners"][0]["hcm"]["route_config"] = routes;
+            bootstrap_warnings(&doc, &ours)
+        };
+        let w = with_routes(json!({"virtual_hosts": [{"name": "a"}, {"name": "b", "request_headers_to_remove": ["x-abuse-facts"]}]}));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].1.contains("reaches the upstream"), "{w:?}");
+        assert_eq!(with_routes(json!({"request_headers_to_remove": ["X-Abuse-Facts"], "virtual_hosts": []})), vec![]);
+        let every_host = json!({"virtual_hosts": [{"request_headers_to_remove": ["x-abuse-facts"]}]});
+        assert_eq!(with_routes(every_host), vec![]);
+        // A header_mutation after the filter removing it will do too.
+        let mut doc = hcm(trusted, "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%", None);
+        let hcm_at = &mut doc["static_resources"]["listeners"][0]["hcm"];
+        hcm_at["route_config"] = json!({"virtual_hosts": [{"name": "a"}]});
+        hcm_at["http_filters"].as_array_mut().unwrap().push(json!({"name": "strip", "typed_config": {
+            "@type": HEADER_MUTATION_TYPE, "mutations": {"request_mutations": [{"remove": "x-abuse-facts"}]}}}));
+        assert_eq!(bootstrap_warnings(&doc, &ours), vec![]);
     }
 
     #[test]

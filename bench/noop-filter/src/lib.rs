@@ -15,6 +15,8 @@ impl Context for NoopRoot {}
 
 impl RootContext for NoopRoot {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        #[cfg(feature = "count-entries")]
+        vm_entries::publish();
         Some(Box::new(NoopHttp))
     }
 

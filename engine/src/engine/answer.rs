@@ -28,6 +28,16 @@ impl Engine {
         login || self.counts_not_found(exchange, status) || self.counts_object_answer(exchange) || volume
     }
 
+    /// Whether any answer to this request can count, asked before the
+    /// status is read: when false the host skips the answer phase without
+    /// a host call. Only the 404 of probing depends on the status, so the
+    /// answer that matters most is a 404; and an accepted credential needs
+    /// the status too. With probing on (the default) a 404 counts on every
+    /// route, so every judged request is read.
+    pub fn answer_can_count(&self, exchange: &Exchange) -> bool {
+        exchange.judged && (self.answer_matters(exchange, 404) || self.credential_header_for(exchange).is_some())
+    }
+
     /// A 404 counts for probing (forced browsing).
     pub(super) fn counts_not_found(&self, exchange: &Exchange, status: u32) -> bool {
         status == 404 && self.probing.is_some() && !exchange.good_bot

@@ -827,3 +827,29 @@ fn a_slash_24_pool_holds_an_address_rotating_within_it() {
         .count();
     assert_eq!(refused, 0, "each address alone stays under its limits");
 }
+
+#[test]
+fn the_answer_is_read_only_where_an_outcome_can_count() {
+    let s = MemoryStore::new();
+    let plain = BLOCK.replace(r#""state""#, r#""probing":{"enabled":false},"state""#);
+    let e = engine(&plain);
+    e.table().create_shards(&s).unwrap();
+    let (_, exchange) = e.on_request(&s, &request("192.0.2.1:5", None, "/api/x"), T0);
+    assert!(exchange.judged());
+    assert!(!e.answer_can_count(&exchange), "no detector reads this answer: no status read");
+    for status in [200, 401, 403, 404, 500] {
+        assert!(!e.answer_matters(&exchange, status));
+    }
+    // Probing on: a 404 counts on any route, so the status must be read.
+    let e = engine(BLOCK);
+    e.table().create_shards(&s).unwrap();
+    let (_, exchange) = e.on_request(&s, &request("192.0.2.2:5", None, "/api/x"), T0);
+    assert!(e.answer_can_count(&exchange));
+    assert!(!e.answer_matters(&exchange, 200) && e.answer_matters(&exchange, 404));
+    // An object route counts every answer, probing or not.
+    let objects = plain.replace(r#""state""#, r#""enumeration":{"object_routes":["/api/users/{id}"]},"state""#);
+    let e = engine(&objects);
+    e.table().create_shards(&s).unwrap();
+    let (_, exchange) = e.on_request(&s, &request("192.0.2.3:5", None, "/api/users/7"), T0);
+    assert!(e.answer_can_count(&exchange) && e.answer_matters(&exchange, 200));
+}
