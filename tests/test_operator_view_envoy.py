@@ -91,7 +91,8 @@ def test_an_attack_is_explained_by_the_id_its_refusal_quotes(fleet):
     stuffing = [x for x in record["reasons"] if x["reason"] == "credential_stuffing"]
     # The detector's figure against its limit (or, when the scorer was asked
     # at the border and boxed it, the scorer's score against block_at).
-    assert stuffing and stuffing[0]["limit"] > 0 and stuffing[0]["value"] >= stuffing[0]["limit"], record
+    assert stuffing and stuffing[0]["limit"] > 0 and stuffing[0]["value"] >= stuffing[0]["limit"], \
+        (record, decisions_of(scorers[1], client), [(r.status, r.headers.get("x-abuse-decision")) for r in answers])
     assert "limit" in stuffing[0]["text"], record
     # Later refusals of the box quote the same decision.
     assert all(r.headers.get("x-abuse-decision") == decision for r in refused), [r.headers for r in refused]

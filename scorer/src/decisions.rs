@@ -377,6 +377,16 @@ impl Decisions {
         ring.expire(now_ms);
         let mut stored = Stored::default();
         for d in events {
+            if d.action != "penalty" {
+                if let Some(r) = ring.position(&d.id).and_then(|i| ring.records.get_mut(i)) {
+                    if r.decision.action == "penalty" {
+                        // The block a penalty placeholder quoted: it takes its place.
+                        r.decision = d.clone();
+                        stored.records += 1;
+                        continue;
+                    }
+                }
+            }
             if d.action == "penalty" {
                 if let Some(i) = ring.position(&d.id) {
                     if let Some(r) = ring.records.get_mut(i) {
@@ -455,16 +465,26 @@ fn add_record(pipe: &mut redis::Pipeline, d: &DecisionEvent, hits: u32, now_ms: 
     let record = Record { decision: d.clone(), penalty_hits: 0, last_hit_ms: 0, received_ms: now_ms };
     let json = serde_json::to_string(&record).map_err(|e| StoreError(e.to_string()))?;
     let key = record_key(&d.id);
-    pipe.cmd("HSET")
-        .arg(&key)
-        .arg("json")
-        .arg(json)
-        .arg("hits")
-        .arg(hits)
-        .arg("last_hit_ms")
-        .arg(if hits > 0 { d.time_ms } else { 0 })
-        .ignore()
-        .cmd("PEXPIRE")
+    if d.action == "penalty" {
+        // A penalty whose block is not here (yet): a placeholder that a
+        // block arriving later (another worker's batch, another replica)
+        // replaces — never the other way round, whatever the order.
+        pipe.cmd("HSETNX").arg(&key).arg("json").arg(json).ignore();
+    } else {
+        // The decision itself: replaces a penalty's placeholder, keeps the
+        // hits counted on it.
+        pipe.cmd("HSET").arg(&key).arg("json").arg(json).ignore();
+    }
+    pipe.cmd("HINCRBY").arg(&key).arg("hits").arg(hits).ignore();
+    if hits > 0 {
+        pipe.cmd("EVAL")
+            .arg("local l = tonumber(redis.call('HGET', KEYS[1], 'last_hit_ms') or '0') or 0 if tonumber(ARGV[1]) > l then redis.call('HSET', KEYS[1], 'last_hit_ms', ARGV[1]) end return 0")
+            .arg(1)
+            .arg(&key)
+            .arg(d.time_ms)
+            .ignore();
+    }
+    pipe        .cmd("PEXPIRE")
         .arg(&key)
         .arg(MAX_AGE_MS)
         .ignore()
@@ -689,6 +709,14 @@ pub(crate) mod tests {
         assert_eq!(find(Key::Recent).await.len(), 4);
         let own = find(Key::Address("192.0.2.1".into())).await;
         assert_eq!((own.len(), own[0].penalty_hits), (1, 7));
+        // Another worker's batch can bring the penalty before the block it
+        // quotes: the block takes the placeholder's place, hits kept.
+        d.store(&[event("late-1", "198.51.100.9", "penalty", t + 7)], t + 7).await.1.unwrap();
+        d.store(&[event("late-1", "198.51.100.9", "block", t + 6)], t + 8).await.1.unwrap();
+        d.store(&[event("late-1", "198.51.100.9", "penalty", t + 9)], t + 9).await.1.unwrap();
+        let late = find(Key::Address("198.51.100.9".into())).await;
+        assert_eq!(late.len(), 1, "one record per decision");
+        assert_eq!((late[0].decision.action.as_str(), late[0].penalty_hits), ("block", 14));
     }
 
     #[tokio::test]
@@ -757,7 +785,7 @@ pub(crate) mod tests {
                 .query_async(&mut c)
                 .await
                 .unwrap();
-            assert_eq!(removed, 2);
+            assert_eq!(removed, 3, "five records (late-1 included), two kept");
             let left: i64 = redis::cmd("ZCARD").arg(ALL_KEY).query_async(&mut c).await.unwrap();
             assert_eq!(left, 2);
             let gone: i64 = redis::cmd("EXISTS").arg(record_key("a-0-1")).query_async(&mut c).await.unwrap();

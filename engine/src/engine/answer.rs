@@ -58,6 +58,7 @@ impl Engine {
         response_kib: Option<u32>,
         now_ms: u64,
     ) -> Option<Verdict> {
+        self.begin_phase();
         if !self.answer_matters(exchange, status) {
             return None;
         }

@@ -45,6 +45,7 @@ impl Engine {
     /// During a recognised attack the account-level evidence is added to the
     /// attempt's; returns the verdict when the attempt is refused.
     pub fn on_request_body(&self, store: &dyn SharedStore, exchange: &mut Exchange, body: &[u8], now_ms: u64) -> Option<Verdict> {
+        self.begin_phase();
         let (Some(login), Some(route)) = (&self.login, exchange.login_route) else {
             return None;
         };

@@ -44,6 +44,11 @@ pub struct DecisionIds {
     instance: std::sync::RwLock<String>,
     worker: AtomicU32,
     next: AtomicU64,
+    /// The phase being judged (see [`Engine::begin_phase`]) and the id
+    /// minted in it: one phase that boxes two records (a new identity and
+    /// its address's pool) names both with one decision.
+    phase: AtomicU64,
+    minted: std::sync::Mutex<(u64, u64)>,
 }
 
 impl DecisionIds {
@@ -53,12 +58,28 @@ impl DecisionIds {
             instance: std::sync::RwLock::new(format!("envoy-{instance_tag:04x}")),
             worker: AtomicU32::new(0),
             next: AtomicU64::new(1),
+            phase: AtomicU64::new(1),
+            minted: std::sync::Mutex::new((0, 0)),
         }
     }
 
-    fn mint(&self) -> u64 {
+    fn fresh(&self) -> u64 {
         let counter = self.next.fetch_add(1, Ordering::Relaxed) & COUNTER_MASK;
         (u64::from(self.worker.load(Ordering::Relaxed) & 0xffff) << COUNTER_BITS) | counter.max(1)
+    }
+
+    /// The phase's decision id (minted on first use in the phase).
+    fn mint(&self) -> u64 {
+        let phase = self.phase.load(Ordering::Relaxed);
+        let Ok(mut minted) = self.minted.lock() else { return self.fresh() };
+        if minted.0 != phase {
+            *minted = (phase, self.fresh());
+        }
+        minted.1
+    }
+
+    fn begin_phase(&self) {
+        self.phase.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `3fa2-1-2c`: what a refused user quotes.
@@ -175,6 +196,12 @@ impl Engine {
 
     pub(super) fn mint_decision(&self) -> u64 {
         self.decision_ids.mint()
+    }
+
+    /// A new phase of judging (a request, its body, its answer, a scorer
+    /// answer, one fleet verdict): the decisions it makes share one id.
+    pub(super) fn begin_phase(&self) {
+        self.decision_ids.begin_phase();
     }
 
     /// The id as refusals and events show it.
@@ -320,6 +347,8 @@ mod tests {
         let ids = DecisionIds::new(0x3fa2);
         ids.worker.store(3, Ordering::Relaxed);
         let a = ids.mint();
+        assert_eq!(ids.mint(), a, "one id per phase");
+        ids.begin_phase();
         let b = ids.mint();
         assert_ne!(a, b);
         assert_eq!(ids.label(a), "3fa2-3-1");

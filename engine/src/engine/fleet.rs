@@ -48,6 +48,7 @@ impl Engine {
             };
             let reasons = reasons_from_names(&v.reasons);
             let until = v.until_ms.min(now_ms.saturating_add(86_400_000));
+            self.begin_phase();
             let done = self.clients.update(store, key, now_ms, |r| {
                 if r.penalty_until_ms >= until {
                     return ((), false);

@@ -67,6 +67,7 @@ impl Engine {
     /// The request phase: identify → (look) → count → penalty → detect →
     /// decide, then the scorer and the sample.
     pub fn on_request(&self, store: &dyn SharedStore, facts: &RequestFacts<'_>, now_ms: u64) -> (Verdict, Exchange) {
+        self.begin_phase();
         // 1. identify
         let client = self
             .identity

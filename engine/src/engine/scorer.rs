@@ -171,6 +171,7 @@ impl Engine {
         answer: Result<ScoreResponse, CalloutFailure>,
         now_ms: u64,
     ) -> Verdict {
+        self.begin_phase();
         let mut v = self.held_verdict(exchange);
         let Some(callouts) = &self.callouts else {
             return v;
