@@ -22,7 +22,7 @@ OUT = Path(__file__).resolve().parent / "abuse-filter.json"
 REASONS = [
     "rate_limit", "credential_stuffing", "account_takeover", "enumeration", "scraping", "machine_rhythm",
     "probing", "session_sharing", "session_churn", "impossible_travel", "anonymous_network", "endpoint_spike",
-    "anomaly",
+    "anomaly", "harvest",
 ]
 # The account profile's reasons (engine/src/detectors/login_profile.rs).
 LOGIN_RISK_REASONS = ["new_country", "impossible_travel", "anonymous_source", "failures_elsewhere", "new_network",

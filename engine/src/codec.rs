@@ -2,7 +2,7 @@
 //! writes are dropped and reads past the end give zeros: the layouts are
 //! constant, so that never happens, and if it did it must not panic.
 
-use crate::sketch::{DistinctWindow, DISTINCT_BYTES};
+use crate::sketch::{DistinctWindow, WideDistinct, DISTINCT_BYTES};
 use crate::window::{SlidingWindow, WINDOW_BYTES};
 
 pub struct Writer<'a> {
@@ -47,6 +47,13 @@ impl<'a> Writer<'a> {
 
     pub fn distinct(&mut self, d: &DistinctWindow) {
         self.bytes(&d.encode());
+    }
+
+    pub fn wide_distinct(&mut self, d: &WideDistinct) {
+        self.u64(d.start_ms);
+        for w in d.current.iter().chain(d.previous.iter()) {
+            self.u64(*w);
+        }
     }
 }
 
@@ -93,5 +100,16 @@ impl<'a> Reader<'a> {
 
     pub fn distinct(&mut self) -> DistinctWindow {
         DistinctWindow::decode(&self.take::<DISTINCT_BYTES>())
+    }
+
+    pub fn wide_distinct(&mut self) -> WideDistinct {
+        let mut d = WideDistinct { start_ms: self.u64(), ..WideDistinct::default() };
+        for w in d.current.iter_mut() {
+            *w = self.u64();
+        }
+        for w in d.previous.iter_mut() {
+            *w = self.u64();
+        }
+        d
     }
 }

@@ -39,6 +39,7 @@ pub mod hash;
 pub mod identity;
 pub mod known_accounts;
 pub mod login_risk;
+pub mod object_route;
 pub mod policy;
 pub mod profile;
 pub mod reason;

@@ -32,10 +32,13 @@ pub enum Reason {
     /// The scorer's model found the client unlike the sampled traffic of
     /// its route group (set from a tick batch's answer; tag only).
     Anomaly = 12,
+    /// Reading private objects during a harvest of their route spread over
+    /// many clients (each reading a few ids).
+    Harvest = 13,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::RateLimit,
         Reason::CredentialStuffing,
         Reason::AccountTakeover,
@@ -49,6 +52,7 @@ impl Reason {
         Reason::EndpointSpike,
         Reason::MachineRhythm,
         Reason::Anomaly,
+        Reason::Harvest,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Reason {
             Reason::EndpointSpike => "endpoint_spike",
             Reason::MachineRhythm => "machine_rhythm",
             Reason::Anomaly => "anomaly",
+            Reason::Harvest => "harvest",
         }
     }
 

@@ -32,18 +32,80 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct EnumerationConfig {
     pub enabled: bool,
-    /// Path templates whose `{...}` segment is an object id, e.g. `/api/users/{id}`.
-    pub object_routes: Vec<String>,
+    /// Object routes: a path template whose `{...}` segment is an object id
+    /// (`"/api/users/{id}"`), or `{"path": ..., "objects": "public" | "private"}`
+    /// saying whose objects they are (see [`Objects`]).
+    pub object_routes: Vec<ObjectRouteSpec>,
     /// Also treat numeric, UUID and long hex path segments as object ids.
     pub auto_normalize: bool,
     pub window_s: u32,
     pub max_distinct_ids: u32,
+    /// Distinct ids of a private route (`objects: "private"`) a client may
+    /// read in the window, whoever it is: reading many of other people's
+    /// objects is BOLA.
+    pub max_distinct_private_ids: u32,
     /// Consecutive ids (n, n+1, n+2, ...) in a row.
     pub max_sequential_run: u32,
     /// Share of 404/403 answers on object routes, once `min_requests` were made.
     pub max_miss_ratio: f32,
     pub min_requests: u32,
     pub weight: f32,
+    /// A harvest of a private route spread over many clients.
+    pub harvest: super::harvest::HarvestConfig,
+}
+
+/// Whose objects a route serves.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Objects {
+    /// Not said (a plain template): every client is held to
+    /// `max_distinct_ids` and `max_sequential_run`.
+    #[default]
+    Unspecified,
+    /// A catalogue anyone may read: a client whose credential the API
+    /// accepted (a partner's key) may read as many as its rate limits allow;
+    /// only its misses (404/403) count. Anonymous clients are held to
+    /// `max_distinct_ids` and `max_sequential_run`.
+    Public,
+    /// Each object is someone's (users, orders, invoices): every client is
+    /// held to `max_distinct_private_ids` and `max_sequential_run`, and the
+    /// route is watched for a harvest spread over many clients (`harvest`).
+    Private,
+}
+
+/// An object route: a template, or a template and whose objects it serves.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(untagged)]
+pub enum ObjectRouteSpec {
+    Template(String),
+    Route {
+        path: String,
+        #[serde(default)]
+        objects: Objects,
+    },
+}
+
+impl ObjectRouteSpec {
+    pub fn path(&self) -> &str {
+        match self {
+            ObjectRouteSpec::Template(p) | ObjectRouteSpec::Route { path: p, .. } => p,
+        }
+    }
+
+    pub fn objects(&self) -> Objects {
+        match self {
+            ObjectRouteSpec::Template(_) => Objects::Unspecified,
+            ObjectRouteSpec::Route { objects, .. } => *objects,
+        }
+    }
+}
+
+impl From<&str> for ObjectRouteSpec {
+    fn from(path: &str) -> Self {
+        ObjectRouteSpec::Template(path.to_string())
+    }
 }
 
 impl Default for EnumerationConfig {
@@ -54,10 +116,12 @@ impl Default for EnumerationConfig {
             auto_normalize: true,
             window_s: 60,
             max_distinct_ids: 100,
+            max_distinct_private_ids: 20,
             max_sequential_run: 15,
             max_miss_ratio: 0.5,
             min_requests: 10,
             weight: 100.0,
+            harvest: super::harvest::HarvestConfig::default(),
         }
     }
 }
@@ -69,18 +133,25 @@ impl EnumerationConfig {
         if en.object_routes.len() > 32 {
             return Err(err("enumeration.object_routes", "at most 32 object routes"));
         }
-        for (i, t) in en.object_routes.iter().enumerate() {
+        for (i, t) in en.object_routes.iter().map(ObjectRouteSpec::path).enumerate() {
             if !t.starts_with('/') || !t.contains('{') {
                 return Err(err(format!("enumeration.object_routes[{i}]"), "must start with '/' and contain an {id} segment"));
             }
         }
         check_range("enumeration.window_s", en.window_s, 1, 86_400)?;
         check_range("enumeration.max_distinct_ids", en.max_distinct_ids, 2, 150)?;
+        check_range("enumeration.max_distinct_private_ids", en.max_distinct_private_ids, 2, 150)?;
         check_range("enumeration.max_sequential_run", en.max_sequential_run, 2, 1_000_000)?;
         check_finite_range("enumeration.max_miss_ratio", en.max_miss_ratio, 0.01, 1.0)?;
         check_range("enumeration.min_requests", en.min_requests, 1, 1_000_000)?;
         check_finite_range("enumeration.weight", en.weight, 0.0, 10_000.0)?;
+        en.harvest.validate()?;
         Ok(())
+    }
+
+    /// Whether some route's objects are private (a harvest can be watched).
+    pub fn has_private_routes(&self) -> bool {
+        self.object_routes.iter().any(|r| r.objects() == Objects::Private)
     }
 }
 
@@ -92,14 +163,19 @@ pub struct ObjectId<'a> {
     pub text: &'a str,
     /// Its value when it is a decimal number.
     pub number: Option<u64>,
+    /// The configured route it matched (None: found by `auto_normalize`).
+    pub route: Option<usize>,
+    /// Whose objects the route serves.
+    pub objects: Objects,
 }
 
 #[derive(Debug, Clone)]
 pub struct Enumeration {
-    templates: Vec<Vec<String>>,
+    templates: Vec<(Vec<String>, Objects)>,
     auto_normalize: bool,
     window_ms: u64,
     max_distinct_ids: f64,
+    max_distinct_private_ids: f64,
     max_sequential_run: u32,
     max_miss_ratio: f64,
     min_requests: f64,
@@ -112,10 +188,15 @@ impl Enumeration {
             return None;
         }
         Some(Enumeration {
-            templates: config.object_routes.iter().map(|t| segments(t).map(str::to_string).collect()).collect(),
+            templates: config
+                .object_routes
+                .iter()
+                .map(|t| (segments(t.path()).map(str::to_string).collect(), t.objects()))
+                .collect(),
             auto_normalize: config.auto_normalize,
             window_ms: u64::from(config.window_s).saturating_mul(1000),
             max_distinct_ids: f64::from(config.max_distinct_ids),
+            max_distinct_private_ids: f64::from(config.max_distinct_private_ids),
             max_sequential_run: config.max_sequential_run,
             max_miss_ratio: f64::from(config.max_miss_ratio),
             min_requests: f64::from(config.min_requests),
@@ -126,7 +207,7 @@ impl Enumeration {
     /// The object id of this path, if it addresses one object.
     pub fn object_id<'a>(&self, path: &'a str) -> Option<ObjectId<'a>> {
         let path = path.split(['?', '#']).next().unwrap_or(path);
-        for template in &self.templates {
+        for (route, (template, objects)) in self.templates.iter().enumerate() {
             let mut parts = segments(path);
             let mut id = None;
             let mut matched = true;
@@ -142,20 +223,22 @@ impl Enumeration {
             }
             if matched && parts.next().is_none() {
                 if let Some(text) = id {
-                    return Some(ObjectId { text, number: text.parse().ok() });
+                    return Some(ObjectId { text, number: text.parse().ok(), route: Some(route), objects: *objects });
                 }
             }
         }
         if self.auto_normalize {
             let text = segments(path).filter(|s| looks_like_id(s)).last()?;
-            return Some(ObjectId { text, number: text.parse().ok() });
+            return Some(ObjectId { text, number: text.parse().ok(), route: None, objects: Objects::Unspecified });
         }
         None
     }
 
     /// A request for an object; `id_hash` is the keyed hash of its text;
     /// `session` the low 32 bits of the request's session hash (0 = none)
-    /// and `sessions` the client's distinct sessions in the window.
+    /// and `sessions` the client's distinct sessions in the window;
+    /// `accepted`: the client's credential is one the API accepted.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_request(
         &self,
         client: &mut ClientRecord,
@@ -163,13 +246,20 @@ impl Enumeration {
         id_hash: u64,
         session: u32,
         sessions: f64,
+        accepted: bool,
         now_ms: u64,
     ) -> Signal {
         let mut signal = Signal::default();
         client.object_requests.record(now_ms, self.window_ms);
         let distinct = client.object_ids.insert(id_hash, now_ms, self.window_ms);
-        let allowed = self.max_distinct_ids * sessions.max(1.0);
-        if distinct > allowed {
+        // An accepted client reading a public catalogue is held to its rate
+        // limits, not to a count of ids: that is what a partner does.
+        let counted = !(accepted && id.objects == Objects::Public);
+        let allowed = match id.objects {
+            Objects::Private => self.max_distinct_private_ids,
+            _ => self.max_distinct_ids * sessions.max(1.0),
+        };
+        if counted && distinct > allowed {
             signal.fire_with(Reason::Enumeration, self.weight, Figure::new("distinct object ids", distinct, allowed, self.window_ms));
         }
         let same_session = client.object_session == session;
@@ -183,7 +273,7 @@ impl Enumeration {
                 client.object_run = 0;
             }
             client.last_object_id = n;
-            if client.object_run >= self.max_sequential_run {
+            if counted && client.object_run >= self.max_sequential_run {
                 let figure = Figure::new("consecutive object ids", client.object_run.into(), self.max_sequential_run.into(), 0);
                 signal.fire_with(Reason::Enumeration, self.weight, figure);
             }
@@ -249,7 +339,10 @@ mod tests {
     #[test]
     fn ids_from_templates_and_shapes() {
         let d = detector(true);
-        assert_eq!(d.object_id("/api/users/42?x=1"), Some(ObjectId { text: "42", number: Some(42) }));
+        assert_eq!(
+            d.object_id("/api/users/42?x=1"),
+            Some(ObjectId { text: "42", number: Some(42), route: Some(0), objects: Objects::Unspecified })
+        );
         assert_eq!(d.object_id("/shop/ab-1/reviews").unwrap().text, "ab-1");
         assert_eq!(d.object_id("/shop/ab-1/reviews/x").map(|i| i.text), None);
         assert_eq!(d.object_id("/orders/550e8400-e29b-41d4-a716-446655440000").unwrap().number, None);
@@ -268,8 +361,8 @@ mod tests {
         let mut fired_at = None;
         for n in 100..130u64 {
             let text = n.to_string();
-            let id = ObjectId { text: &text, number: Some(n) };
-            let s = d.on_request(&mut c, &id, n * 7919, 0, 1.0, 1000);
+            let id = ObjectId { text: &text, number: Some(n), route: Some(0), objects: Objects::Unspecified };
+            let s = d.on_request(&mut c, &id, n * 7919, 0, 1.0, false, 1000);
             if !s.reasons.is_empty() && fired_at.is_none() {
                 fired_at = Some(n - 100);
             }
@@ -284,7 +377,7 @@ mod tests {
         for n in 1..=100u64 {
             let text = n.to_string();
             // Each id asked by another person (session) behind the same address.
-            let s = d.on_request(&mut c, &ObjectId { text: &text, number: Some(n) }, n * 7919, n as u32, n as f64, 1000);
+            let s = d.on_request(&mut c, &ObjectId { text: &text, number: Some(n), route: Some(0), objects: Objects::Unspecified }, n * 7919, n as u32, n as f64, false, 1000);
             assert!(s.reasons.is_empty(), "{n}");
         }
     }
@@ -296,7 +389,7 @@ mod tests {
         for round in 0..20u64 {
             for n in [5u64, 9, 13] {
                 let text = n.to_string();
-                let s = d.on_request(&mut c, &ObjectId { text: &text, number: Some(n) }, n * 31, 0, 1.0, 1000 + round);
+                let s = d.on_request(&mut c, &ObjectId { text: &text, number: Some(n), route: Some(0), objects: Objects::Unspecified }, n * 31, 0, 1.0, false, 1000 + round);
                 assert!(s.reasons.is_empty());
             }
         }
@@ -309,9 +402,60 @@ mod tests {
         let mut fired = false;
         for n in 0..20u64 {
             let text = (n * 1000).to_string();
-            d.on_request(&mut c, &ObjectId { text: &text, number: Some(n * 1000) }, n, 0, 1.0, 1000);
+            d.on_request(&mut c, &ObjectId { text: &text, number: Some(n * 1000), route: Some(0), objects: Objects::Unspecified }, n, 0, 1.0, false, 1000);
             fired |= !d.on_answer(&mut c, 404, 1000).reasons.is_empty();
         }
         assert!(fired);
+    }
+
+    fn visible() -> Enumeration {
+        Enumeration::new(&EnumerationConfig {
+            object_routes: vec![
+                ObjectRouteSpec::Route { path: "/api/products/{id}".into(), objects: Objects::Public },
+                ObjectRouteSpec::Route { path: "/api/users/{id}".into(), objects: Objects::Private },
+            ],
+            ..EnumerationConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn walk(d: &Enumeration, path: &str, ids: impl Iterator<Item = u64>, accepted: bool) -> Option<u64> {
+        let mut c = ClientRecord::default();
+        for (i, n) in ids.enumerate() {
+            let p = format!("{path}/{n}");
+            let id = d.object_id(&p).unwrap();
+            let s = d.on_request(&mut c, &id, n.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0, 1.0, accepted, 1000 + i as u64 * 25);
+            if !s.reasons.is_empty() {
+                return Some(i as u64 + 1);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_partner_reads_the_catalogue_and_a_walker_of_private_objects_is_stopped() {
+        let d = visible();
+        assert_eq!(d.object_id("/api/products/3").unwrap().objects, Objects::Public);
+        // A keyed partner syncing the whole catalogue, in order: its rate limits govern.
+        assert_eq!(walk(&d, "/api/products", 1..=500, true), None);
+        // An anonymous client doing the same is held to the limits.
+        assert_eq!(walk(&d, "/api/products", 1..=500, false), Some(15));
+        // A keyed client walking other people's profiles, in order or not.
+        assert!(walk(&d, "/api/users", 1..=100, true).is_some_and(|n| n <= 30));
+        let scattered = (1..=100u64).map(|i| (i * 37) % 1000);
+        assert!(walk(&d, "/api/users", scattered, true).is_some_and(|n| n <= 30));
+    }
+
+    #[test]
+    fn object_routes_read_as_templates_or_with_whose_objects() {
+        let c: EnumerationConfig = serde_json::from_str(
+            r#"{"object_routes":["/a/{id}",{"path":"/b/{id}","objects":"private"},{"path":"/c/{id}"}]}"#,
+        )
+        .unwrap();
+        let objects: Vec<Objects> = c.object_routes.iter().map(ObjectRouteSpec::objects).collect();
+        assert_eq!(objects, [Objects::Unspecified, Objects::Private, Objects::Unspecified]);
+        assert!(c.has_private_routes());
+        let bad: Result<EnumerationConfig, _> = serde_json::from_str(r#"{"object_routes":[{"path":"/b/{id}","objects":"secret"}]}"#);
+        assert!(bad.is_err());
     }
 }

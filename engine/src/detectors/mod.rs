@@ -4,6 +4,7 @@
 pub mod browser;
 pub mod distributed_stuffing;
 pub mod enumeration;
+pub mod harvest;
 pub mod login;
 pub mod login_profile;
 pub mod probing;
@@ -57,6 +58,8 @@ pub struct Signal {
     /// Risk from rules (`rules[].weight`): it tags, never boxes the client
     /// by itself — a rule refuses its own key (see `rules`).
     rule_risk: f32,
+    /// Risk demoted to a tag whatever the reason's action ([`Signal::only_tag`]).
+    tag_risk: f32,
     /// The first figures behind the reasons (for decision events).
     figures: [Option<(Reason, Figure)>; MAX_FIGURES],
 }
@@ -84,6 +87,20 @@ impl Signal {
         self.rule_risk
     }
 
+    /// Makes `reason`'s share of this signal tag only, whatever its action
+    /// (an endpoint spike driven by a partner under its own limit).
+    pub fn only_tag(&mut self, reason: Reason) {
+        if let Some(part) = self.parts.get_mut(reason as usize) {
+            self.tag_risk += *part;
+            *part = 0.0;
+        }
+    }
+
+    /// The share of the risk that only tags (rules' and demoted reasons').
+    pub fn tag_risk(&self) -> f32 {
+        self.rule_risk + self.tag_risk
+    }
+
     /// Fires with the figure behind it (kept when there is room).
     pub fn fire_with(&mut self, reason: Reason, risk: f32, figure: Figure) {
         self.fire(reason, risk);
@@ -99,6 +116,7 @@ impl Signal {
     pub fn add(&mut self, other: Signal) {
         self.risk += other.risk;
         self.rule_risk += other.rule_risk;
+        self.tag_risk += other.tag_risk;
         self.reasons = self.reasons.union(other.reasons);
         for (mine, theirs) in self.parts.iter_mut().zip(other.parts.iter()) {
             *mine += *theirs;

@@ -168,7 +168,12 @@ impl Engine {
                 signal.add(e.on_answer(record, status, now_ms));
             }
             if let (Some(kib), Some(sc)) = (volume, &self.scraping) {
-                signal.add(sc.on_response(record, kib, now_ms));
+                let mut answered = sc.on_response(record, kib, now_ms);
+                if exchange.accepted {
+                    // An accepted client's volume is its limits' business (see `detect`).
+                    answered.only_tag(Reason::Scraping);
+                }
+                signal.add(answered);
             }
             (self.apply(record, signal, now_ms), true)
         };

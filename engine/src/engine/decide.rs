@@ -50,8 +50,9 @@ impl Engine {
                 DetectorAction::Monitor => {}
             }
         }
-        // Rules' weight tags (their refusals are on their own keys).
-        tagging += signal.rule_risk();
+        // Rules' weight tags (their refusals are on their own keys), and so
+        // do reasons demoted to a tag.
+        tagging += signal.tag_risk();
         let mut risk = risk::add(decayed, blocking + tagging);
         if blocking <= 0.0 {
             // Tag-only signals never lift a client to block_at by themselves.

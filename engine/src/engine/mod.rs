@@ -51,6 +51,9 @@ mod tick;
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests;
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::too_many_arguments)]
+mod harvest_tests;
+#[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod decisions_tests;
 
@@ -67,6 +70,8 @@ use crate::callout::{Callouts, VerdictRecord};
 use crate::config::{Config, ConfigError, DetectorAction, Mode};
 use crate::detectors::distributed_stuffing::{AttemptSignals, DistributedStuffing};
 use crate::detectors::enumeration::Enumeration;
+use crate::detectors::harvest::Harvest;
+use crate::object_route::ObjectRouteRecord;
 use crate::detectors::login::LoginDetector;
 use crate::detectors::login_profile::{LoginProfile, ProfileRisk};
 use crate::detectors::probing::Probing;
@@ -110,6 +115,8 @@ const DOMAIN_ROUTE: u8 = 9;
 /// An address's pool of new identities (see `identify`): a key no client
 /// (with or without a user agent) can have.
 const DOMAIN_POOL: u8 = 11;
+/// A private object route, by its template (the harvest's route records).
+const DOMAIN_OBJECT_ROUTE: u8 = 12;
 
 /// Accounts tracked: 256 shards x 64 slots of 56 bytes = 0.9 MiB.
 const ACCOUNT_SHARDS: usize = 256;
@@ -170,6 +177,8 @@ pub struct Exchange {
     good_bot: bool,
     login_route: Option<usize>,
     object: bool,
+    /// The request's credential is one the API verified or accepted.
+    accepted: bool,
     path_hash: u64,
     username: Option<String>,
     /// The login's device, country and network, for the account's profile.
@@ -234,6 +243,12 @@ pub struct Engine {
     login_profile: Option<LoginProfile>,
     probing: Option<Probing>,
     enumeration: Option<Enumeration>,
+    /// Harvests of private object routes (on when one is configured).
+    harvest: Option<Harvest>,
+    /// The private object routes' records, by [`Engine::object_route_key`].
+    object_routes: ShardedTable<ObjectRouteRecord>,
+    /// Each configured object route's key (by template: a reload keeps its state).
+    object_route_keys: Vec<u64>,
     distributed: Option<DistributedStuffing>,
     sessions: Option<Sessions>,
     scraping: Option<Scraping>,
@@ -353,6 +368,17 @@ impl Engine {
             login,
             probing: Probing::new(&config.probing),
             enumeration: Enumeration::new(&config.enumeration),
+            harvest: match Enumeration::new(&config.enumeration) {
+                Some(_) if config.enumeration.has_private_routes() => Harvest::new(&config.enumeration.harvest),
+                _ => None,
+            },
+            object_routes: ShardedTable::new(STATE_PREFIX, "object_routes", 1, 32, fingerprint("object_routes;1")),
+            object_route_keys: config
+                .enumeration
+                .object_routes
+                .iter()
+                .map(|r| hasher.key(DOMAIN_OBJECT_ROUTE, r.path().as_bytes()))
+                .collect(),
             distributed,
             sessions: Sessions::new(&config.sessions),
             scraping: Scraping::new(&config.scraping),

@@ -5,7 +5,9 @@
 use super::identify::{CROWD_MARK_MS, CROWD_WINDOW_MS, NEWCOMER_REQUESTS};
 use super::{Engine, Exchange, RequestFacts, DOMAIN_OBJECT, DOMAIN_PATH, DOMAIN_FINGERPRINT};
 use crate::config::Mode;
-use crate::detectors::enumeration::ObjectId;
+use crate::detectors::enumeration::{ObjectId, Objects};
+use crate::detectors::harvest::{Harvest, HarvestEvidence, ADJACENT};
+use crate::object_route::ObjectRouteRecord;
 use crate::detectors::spike::GroupState;
 use crate::detectors::Signal;
 use crate::endpoint::EndpointRecord;
@@ -39,6 +41,10 @@ struct Look<'a> {
     /// The request carries a credential the API has not verified or
     /// accepted yet (it stays anonymous unless its client logged in).
     unaccepted_credential: bool,
+    /// The request's credential is one the API verified or accepted.
+    accepted: bool,
+    /// The private object route's record as the request found it (harvest on).
+    object_route: Option<(usize, ObjectRouteRecord)>,
 }
 
 /// Which record a request is judged on: the identity's own (limits × 1), or
@@ -89,6 +95,7 @@ impl Engine {
         // from the anonymous limits: anyone can send an invented one.
         look.anonymous = self.has_anonymous_limits() && !seen.accepted;
         look.unaccepted_credential = look.anonymous && seen.hash.is_some();
+        look.accepted = seen.accepted;
         if !seen.accepted && self.identity.accepted_credential_header.is_some() {
             exchange.session_to_accept = seen.hash;
         }
@@ -118,7 +125,12 @@ impl Engine {
             }
             (outcome, true)
         };
+        let mut fresh = false;
         let own = self.clients.update_local(store, key, now_ms, stays_local, |record| {
+            if let (Some(h), Some(_)) = (&self.harvest, &look.object_route) {
+                // Refused or not, the request counts for its route.
+                fresh = !h.has_history(record.first_seen_ms, record.requests, record.login_successes > 0, look.accepted, now_ms);
+            }
             let young = !self.returning(record, now_ms);
             let newcomer = young && record.requests < NEWCOMER_REQUESTS;
             let mark = record.last_seen_ms / CROWD_MARK_MS != now_ms / CROWD_MARK_MS;
@@ -161,6 +173,7 @@ impl Engine {
             (Ok(((outcome, ..), stats)), None) => (Ok((outcome, stats)), false),
             (Err(failed), _) => (Err(failed), false),
         };
+        self.count_object_route(store, &look, fresh, now_ms);
         exchange.agent = agent;
         exchange.client_key = look.key;
         exchange.group = look.routes.first();
@@ -205,6 +218,13 @@ impl Engine {
             _ => None,
         };
         let object_hash = object.as_ref().map(|o| self.hasher.key(DOMAIN_OBJECT, o.text.as_bytes()));
+        let object_route = match (&self.harvest, &object) {
+            (Some(_), Some(ObjectId { route: Some(route), objects: Objects::Private, .. })) => {
+                let key = self.object_route_keys.get(*route).copied().unwrap_or_default();
+                Some((*route, self.object_routes.peek(store, key).ok().flatten().unwrap_or_default()))
+            }
+            _ => None,
+        };
         let login_route = self.login.as_ref().and_then(|l| l.route(facts.method, facts.path));
         let header_shape = login_route.map(|_| self.client_header_shape(facts.header_names.unwrap_or("")));
         let fingerprint_text = header_shape
@@ -275,6 +295,8 @@ impl Engine {
             mode,
             anonymous,
             unaccepted_credential: false,
+            accepted: false,
+            object_route,
         }
     }
 
@@ -303,12 +325,14 @@ impl Engine {
             let figure = crate::detectors::Figure::new("request from an anonymous network", 1.0, 0.0, 0);
             signal.fire_with(Reason::AnonymousNetwork, self.config.geo.anonymous_weight, figure);
         }
-        if let Some(spikes) = &self.spikes {
-            signal.add(spikes.on_request(record, counted.group_state, now_ms));
-        }
-        if let (Some(sc), false) = (&self.scraping, look.good_bot) {
-            signal.add(sc.on_request(record, look.page, now_ms));
-        }
+        let spike = match &self.spikes {
+            Some(spikes) => spikes.on_request(record, counted.group_state, now_ms),
+            None => Signal::default(),
+        };
+        let mut scraping = match (&self.scraping, look.good_bot) {
+            (Some(sc), false) => sc.on_request(record, look.page, now_ms),
+            _ => Signal::default(),
+        };
         if let (Some(a), Some(d)) = (attempt.as_mut(), &self.distributed) {
             (a.new_client, a.never_browsed) = d.client_signals(record);
             signal.add(d.refusal(a));
@@ -316,21 +340,82 @@ impl Engine {
         if look.login_route.is_some() {
             record.login_attempts = record.login_attempts.saturating_add(1);
         }
+        let mut under_limit = true;
         if let Some(rate) = &self.rate {
             // A client that logged in carries the credential it was just
             // given: keyed at once, not only after the API accepted it (its
             // first requests with it would else count as anonymous). Never
             // on a pool: a newcomer's login is not another's.
             let logged_in = look.unaccepted_credential && record.login_successes > 0 && !budget.pool;
-            signal.add(rate.observe(look.routes, look.anonymous && !logged_in, record, now_ms, budget.scale));
+            let over = rate.observe(look.routes, look.anonymous && !logged_in, record, now_ms, budget.scale);
+            under_limit = over.reasons.is_empty();
+            signal.add(over);
         }
+        // A client the API accepted (a partner's key) is accountable: under
+        // its own limits, driving a spike or walking the catalogue's pages
+        // marks it, never refuses it — its limits say what it may do, and
+        // its key can be revoked.
+        let mut spike = spike;
+        if look.accepted && under_limit {
+            spike.only_tag(Reason::EndpointSpike);
+            scraping.only_tag(Reason::Scraping);
+        }
+        signal.add(spike);
+        signal.add(scraping);
         if let (Some(e), Some(o), Some(h)) = (&self.enumeration, &look.object, look.object_hash) {
+            if let (Some(harvest), Some((_, route))) = (&self.harvest, &look.object_route) {
+                signal.add(self.harvest_evidence(harvest, record, o, h, route, look.accepted, counted.session_hash.is_none(), now_ms));
+            }
             let session = counted.session_hash.map(|h| (h & 0xffff_ffff) as u32).unwrap_or(0);
             let sessions = record.sessions.estimate();
-            signal.add(e.on_request(record, o, h, session, sessions, now_ms));
+            signal.add(e.on_request(record, o, h, session, sessions, look.accepted, now_ms));
         }
         record.requests = record.requests.saturating_add(1);
         signal
+    }
+
+    /// During a harvest of the request's private route, its evidence (see
+    /// `detectors::harvest`), from the client's record before this request.
+    #[allow(clippy::too_many_arguments)]
+    fn harvest_evidence(
+        &self,
+        harvest: &Harvest,
+        record: &ClientRecord,
+        id: &ObjectId<'_>,
+        id_hash: u64,
+        route: &ObjectRouteRecord,
+        accepted: bool,
+        no_credential: bool,
+        now_ms: u64,
+    ) -> Signal {
+        let harvested = route.harvested(now_ms);
+        if !harvested {
+            return Signal::default();
+        }
+        let window_ms = u64::from(self.config.enumeration.window_s).saturating_mul(1000);
+        let objects_read = record.object_ids.estimate_at(now_ms, window_ms);
+        let evidence = HarvestEvidence {
+            no_history: !harvest.has_history(record.first_seen_ms, record.requests, record.login_successes > 0, accepted, now_ms),
+            no_credential,
+            next_to_recent: id.number.is_some_and(|n| route.next_to_recent(n, ADJACENT)),
+            only_objects: f64::from(record.requests) <= record.object_requests.estimate(now_ms, window_ms) + 0.5,
+            several_objects: objects_read >= 0.5 && !record.object_ids.contains(id_hash),
+        };
+        harvest.refusal(harvested, &evidence, route, now_ms)
+    }
+
+    /// Counts the request on its private object route (harvest on), refused
+    /// or not: a harvest's refused requests are still the harvest's.
+    fn count_object_route(&self, store: &dyn SharedStore, look: &Look<'_>, fresh: bool, now_ms: u64) {
+        let (Some(harvest), Some((route, _)), Some(id), Some(id_hash)) = (&self.harvest, &look.object_route, &look.object, look.object_hash) else {
+            return;
+        };
+        let key = self.object_route_keys.get(*route).copied().unwrap_or_default();
+        // Best effort: a lost update only delays recognition.
+        let _ = self.object_routes.update(store, key, now_ms, |r| {
+            harvest.on_request(r, id_hash, id.number, fresh, now_ms);
+            ((), true)
+        });
     }
 
     /// A returning identity counts in its address's crowd (see `identify`).
@@ -354,6 +439,7 @@ impl Engine {
         exchange.anonymous = facts.anonymous;
         exchange.mode = Some(look.mode);
         exchange.object = look.object.is_some();
+        exchange.accepted = look.accepted;
         if self.probing.is_some() {
             // Only probing reads it (distinct paths answered 404).
             exchange.path_hash = self.hasher.key(DOMAIN_PATH, facts.path.split('?').next().unwrap_or("").as_bytes());

@@ -47,6 +47,9 @@ impl Engine {
             note(self.fingerprints.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
             note((self.known_accounts.create_shards(store)?, None));
         }
+        if self.harvest.is_some() {
+            note(self.object_routes.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
+        }
         if self.tracks_sessions() {
             note(self.session_table.adopt_layout(store, &ShardedTable::same_fingerprint, now_ms)?);
         }
@@ -75,11 +78,13 @@ impl Engine {
             0
         };
         let sessions = if self.tracks_sessions() { self.session_table.total_bytes() } else { 0 };
+        let harvest = if self.harvest.is_some() { self.object_routes.total_bytes() } else { 0 };
         self.clients
             .total_bytes()
             .saturating_add(accounts)
             .saturating_add(distributed)
             .saturating_add(sessions)
+            .saturating_add(harvest)
             .saturating_add(self.rule_bytes())
     }
 }
