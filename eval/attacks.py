@@ -168,6 +168,37 @@ async def scraping(ctx: Ctx):
         await c.close()
 
 
+HARVEST_IDS = 1000  # the demo API's generated users (ids 1..1000)
+
+
+async def distributed_harvest(ctx: Ctx):
+    """A distributed harvest of /api/users/{id} (private profiles): 250
+    scattered addresses with the app users' browser headers, each reading 4
+    consecutive ids, together the whole id space in ~40 s (25 a second), all
+    on the clock. The shape of the 533-million-record scrape."""
+    rng = ctx.rng("distributed_harvest")
+    per_address, n_addr = 4, HARVEST_IDS // 4
+    start = ctx.attack_start + 2
+    span = min(40.0, max(5.0, ctx.duration - 3 - start))
+    gap = span / HARVEST_IDS
+    plan = [(scattered_address(rng), browser_headers(rng)) for _ in range(n_addr)]
+
+    async def one(k, address, headers):
+        await ctx.at(start + k * per_address * gap)
+        c = Client(ctx.port, "distributed_harvest", address, address, headers)
+        try:
+            for j in range(per_address):
+                t = start + (k * per_address + j) * gap
+                if t > ctx.duration - 1:
+                    return
+                await ctx.at(t)
+                await c.request("GET", f"/api/users/{k * per_address + j + 1}")
+        finally:
+            await c.close()
+
+    await gather_bounded(ctx, [one(k, *p) for k, p in enumerate(plan)])
+
+
 async def stolen_token(ctx: Ctx):
     """A real user's JWT (obtained by logging in as them from GB, see
     token_owner) used from CN, US, SE and PH."""
@@ -330,6 +361,10 @@ SCENARIOS = [
              "coupon enumeration: random 8-character codes on /api/coupons/apply, 4/s, one address "
              "(stopped by a rule, not a built-in detector: the shipped `coupon_enumeration`)",
              coupon_enumeration),
+    Scenario("distributed_harvest", "attack", "generator",
+             "distributed harvest of /api/users/{id} (private profiles): 250 scattered addresses with the app users' "
+             "browser headers, 4 consecutive ids each, the whole id space in ~40 s",
+             distributed_harvest, planned_clients=lambda p: HARVEST_IDS // 4),
     Scenario("odd_mix_scraper", "attack", "generator",
              "slow scraper under every rule threshold: ~0.7 req/s over product pages, details and never-linked "
              "paths (a third 404), an okhttp header set; the anomaly model must flag it",

@@ -184,7 +184,8 @@ async def partner(ctx: Ctx):
                 if t > ctx.duration - 1:
                     break
                 await ctx.at(t)
-                path = f"/api/products?page={1 + i % 5}" if i % 2 else f"/api/products/{1 + i % 40}"
+                # The whole public catalogue, in order, and its pages.
+                path = f"/api/products?page={1 + i % 25}" if i % 10 == 9 else f"/api/products/{1 + i % 500}"
                 await c.request("GET", path)
                 i += len(conns)
         finally:
@@ -459,6 +460,32 @@ async def coupon_shoppers(ctx: Ctx):
     await gather_bounded(ctx, [coupon_shopper(ctx, n) for n in range(ctx.profile.coupon_shoppers)])
 
 
+FLASH_SALE_SHOPPERS = 80
+
+
+async def flash_shopper(ctx: Ctx, n: int):
+    """A shopper arriving for a flash sale: straight to one of three sale
+    products, then a look at it again and a page of the catalogue — the
+    benign look-alike of a harvest (many new clients, all at once)."""
+    rng = ctx.rng(f"flash_sale/{n}")
+    c = Client(ctx.port, "flash_sale", f"f{n:03d}", f"100.71.{n // 200}.{n % 200 + 1}", browser_headers(rng))
+    try:
+        # Everyone within the same ten seconds, during the attacks.
+        await ctx.at(ctx.attack_start + 4 + rng.uniform(0, 10))
+        product = rng.choice([7, 8, 9])
+        for path in (f"/api/products/{product}", f"/api/products/{product}", "/api/products?page=1"):
+            if ctx.left() < 1:
+                break
+            await c.request("GET", path)
+            await asyncio.sleep(rng.uniform(0.5, 2.0))
+    finally:
+        await c.close()
+
+
+async def flash_sale(ctx: Ctx):
+    await gather_bounded(ctx, [flash_shopper(ctx, n) for n in range(FLASH_SALE_SHOPPERS)])
+
+
 SCENARIOS = [
     Scenario("app_users", "benign", "generator",
              "app users, each its own address and browser: log in (1 in 10 after a typo), then /api/me, "
@@ -471,7 +498,8 @@ SCENARIOS = [
              "mobile app devices, each its own address: log in, then poll /api/me and products every 30 s with a Bearer token",
              mobile, planned_clients=lambda p: p.mobile_devices),
     Scenario("partner_api", "benign", "generator",
-             "a partner integration: 50 well-formed requests/s with x-api-key from one address, all run long",
+             "a partner integration: 50 well-formed requests/s with x-api-key from one address, all run long, "
+             "reading the whole public catalogue (/api/products/{id} 1..500 in order, and its pages)",
              partner),
     Scenario("gb_roaming", "benign", "generator",
              "users whose phones move between GB networks: one session token, two GB addresses",
@@ -500,4 +528,8 @@ SCENARIOS = [
              "shoppers at checkout, each its own address: a product page, then one to three coupon codes "
              "(typos, an expired one, WELCOME10) a few seconds apart",
              coupon_shoppers, planned_clients=lambda p: p.coupon_shoppers),
+    Scenario("flash_sale", "benign", "generator",
+             f"a flash sale: {FLASH_SALE_SHOPPERS} new shoppers, each its own address, on three products within ten "
+             "seconds during the attacks (the benign look-alike of a harvest)",
+             flash_sale, planned_clients=lambda p: FLASH_SALE_SHOPPERS),
 ]

@@ -14,6 +14,10 @@ SINGLE_SOURCE_MAX_REQUESTS = 20
 DISTRIBUTED_MAX_ATTEMPTS = 200
 DISTRIBUTED_MIN_LATER_SHARE = 0.95
 MIN_RECALL_AFTER = 0.95
+# Distributed harvest of a private object route (issue 23).
+HARVEST = "distributed_harvest"
+HARVEST_MAX_REQUESTS = 300
+HARVEST_MIN_LATER_SHARE = 0.80
 # Distributed stuffing targets, per scenario.
 DISTRIBUTED = ("distributed_stuffing", "browser_stuffing")
 # Label prefix of the history phase (eval/history.py): never scored.
@@ -456,6 +460,19 @@ def check_targets(rows: dict, overall: dict) -> list[dict]:
             "detail": ("n/a" if share is None else f"{d['blocked_after_first_block']} blocked + {d['stepped_up_after_first']} "
                        f"stepped up of {d['after_first_block']} = {share:.1%}")
                       + (f"; attempts that reached the upstream by login-risk score: {missed}" if missed else ""),
+        })
+    h = rows.get(HARVEST)
+    if h and h["requests"]:
+        fb, share = h["first_block_request"], h["share_handled_after_first"]
+        targets.append({
+            "target": f"{HARVEST}: recognised within {HARVEST_MAX_REQUESTS} harvest requests",
+            "pass": fb is not None and fb <= HARVEST_MAX_REQUESTS,
+            "detail": f"first refusal at request {fb} of {h['requests']}" if fb else f"never refused in {h['requests']} requests",
+        })
+        targets.append({
+            "target": f"{HARVEST}: >= {HARVEST_MIN_LATER_SHARE:.0%} of later harvest requests refused",
+            "pass": share is not None and share >= HARVEST_MIN_LATER_SHARE,
+            "detail": "n/a" if share is None else f"{h['blocked_after_first_block']} of {h['after_first_block']} = {share:.1%}",
         })
     for name, what in (("returning_users", "real users logging into their own accounts during the attack"),
                        ("first_time_logins", "first-time logins during the attack")):

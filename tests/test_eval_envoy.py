@@ -57,6 +57,16 @@ def test_distributed_stuffing_is_recognised_and_then_blocked(report):
     assert d["share_blocked_after_first"] >= 0.95, d
 
 
+def test_a_distributed_harvest_is_recognised_and_then_refused(report):
+    """Issue 23, part 1: within 300 harvest requests, then >= 80 % of the
+    rest; its look-alikes (the flash sale, the partner reading the whole
+    catalogue, app users reading their own profiles) are in
+    test_no_benign_client_is_blocked."""
+    h = report["scenarios"]["distributed_harvest"]
+    assert h["first_block_request"] is not None and h["first_block_request"] <= 300, describe(report["scenarios"], ["distributed_harvest"])
+    assert h["share_blocked_after_first"] >= 0.80, describe(report["scenarios"], ["distributed_harvest"])
+
+
 def test_every_attack_is_recognised(report):
     assert not report["overall"]["attack_scenarios_never_blocked"], report["overall"]["attack_scenarios_never_blocked"]
 

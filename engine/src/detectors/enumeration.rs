@@ -255,10 +255,13 @@ impl Enumeration {
         // An accepted client reading a public catalogue is held to its rate
         // limits, not to a count of ids: that is what a partner does.
         let counted = !(accepted && id.objects == Objects::Public);
-        let allowed = match id.objects {
+        // Many people behind one address each read their own: the limit
+        // grows with the sessions the address holds.
+        let per_session = match id.objects {
             Objects::Private => self.max_distinct_private_ids,
-            _ => self.max_distinct_ids * sessions.max(1.0),
+            _ => self.max_distinct_ids,
         };
+        let allowed = per_session * sessions.max(1.0);
         if counted && distinct > allowed {
             signal.fire_with(Reason::Enumeration, self.weight, Figure::new("distinct object ids", distinct, allowed, self.window_ms));
         }
