@@ -26,6 +26,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
+# The dynamic-module build (libabuse_filter.so) and the directory Envoy
+# searches for it (ENVOY_DYNAMIC_MODULES_SEARCH_PATH, set below for every
+# Envoy the tests start).
+MODULE_DIR = ROOT / "target" / "module"
+MODULE = MODULE_DIR / "libabuse_filter.so"
+# Which build the Envoys of this run load: "wasm" (the default) or
+# "module" (`pytest --filter-build=module`, or ABUSE_FILTER_BUILD=module).
+BUILDS = ("wasm", "module")
+BUILD = os.environ.get("ABUSE_FILTER_BUILD", "wasm")
+os.environ.setdefault("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", str(MODULE_DIR))
 SCORER = ROOT / "target" / "release" / "abuse-scorer"
 DEMO_API = ROOT / "examples" / "demo_api" / "server.py"
 GEOIP_DIR = ROOT / "tests" / "data" / "geoip"
@@ -216,6 +226,94 @@ def remote_address(plugin_config: dict | str) -> dict:
     return {"use_remote_address": True}
 
 
+def wasm_http_filter(plugin_config: dict | str, wasm: Path = WASM, env_keys: list[str] | None = None,
+                     stop_iteration: bool = True) -> dict:
+    """The abuse filter as Envoy's Wasm HTTP filter."""
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "abuse_filter",
+                "root_id": "abuse_filter",
+                "failure_policy": "FAIL_RELOAD",
+                # Needed by credential_stuffing.hold_login_headers (Envoy >= 1.35).
+                "allow_on_headers_stop_iteration": stop_iteration,
+                "vm_config": {
+                    "vm_id": "abuse_filter",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": str(wasm)}},
+                    **({"environment_variables": {"host_env_keys": env_keys}} if env_keys else {}),
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": plugin_config_value(plugin_config),
+                },
+            },
+        },
+    }
+
+
+def module_http_filter(plugin_config: dict | str, module: str = "abuse_filter") -> dict:
+    """The abuse filter as an Envoy dynamic module (libabuse_filter.so in
+    ENVOY_DYNAMIC_MODULES_SEARCH_PATH): the same JSON configuration, as a
+    StringValue. A native module reads the process environment itself (no
+    host_env_keys), and keeps request headers while it reads the body (no
+    allow_on_headers_stop_iteration)."""
+    return {
+        "name": "envoy.filters.http.dynamic_modules",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"name": module},
+            "filter_name": "abuse_filter",
+            "filter_config": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": plugin_config_value(plugin_config),
+            },
+        },
+    }
+
+
+def abuse_http_filter(plugin_config: dict | str, build: str | None = None, **wasm_options) -> dict:
+    """The abuse filter of this run's build (BUILD) or of `build`."""
+    if (build or BUILD) == "module":
+        return module_http_filter(plugin_config)
+    return wasm_http_filter(plugin_config, **wasm_options)
+
+
+def plugin_config_of(http_filter: dict) -> str | None:
+    """The abuse filter's JSON configuration in an HTTP filter of either
+    build (None for any other filter)."""
+    tc = http_filter.get("typed_config", {})
+    if http_filter.get("name") == "envoy.filters.http.wasm" and tc.get("config", {}).get("root_id") == "abuse_filter":
+        return tc["config"]["configuration"]["value"]
+    if http_filter.get("name") == "envoy.filters.http.dynamic_modules" and tc.get("filter_name") == "abuse_filter":
+        return tc["filter_config"]["value"]
+    return None
+
+
+def as_build(bootstrap: dict, build: str | None = None) -> dict:
+    """A bootstrap with every abuse filter swapped for the given build's
+    (default: this run's), its configuration untouched: the shipped
+    bootstrap (envoy/envoy.yaml, the wasm filter) as the module build."""
+    import copy
+    out = copy.deepcopy(bootstrap)
+    for listener in out.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for net in chain.get("filters", []):
+                hcm = net.get("typed_config", {})
+                filters = hcm.get("http_filters", [])
+                for i, f in enumerate(filters):
+                    value = plugin_config_of(f)
+                    if value is None:
+                        continue
+                    if (build or BUILD) == "module":
+                        filters[i] = module_http_filter(value)
+                    elif f["name"] != "envoy.filters.http.wasm":
+                        filters[i] = wasm_http_filter(value)
+    return out
+
+
 def envoy_config(
     plugin_config: dict | str,
     port: int,
@@ -243,31 +341,7 @@ def envoy_config(
     filters += [facts_filter(facts_header)] if facts_header else []
     filters += geoip_filters() if geoip else []
     if with_filter:
-        filters.append(
-            {
-                "name": "envoy.filters.http.wasm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                    "config": {
-                        "name": "abuse_filter",
-                        "root_id": "abuse_filter",
-                        "failure_policy": "FAIL_RELOAD",
-                        # Needed by credential_stuffing.hold_login_headers (Envoy >= 1.35).
-                        "allow_on_headers_stop_iteration": stop_iteration,
-                        "vm_config": {
-                            "vm_id": "abuse_filter",
-                            "runtime": "envoy.wasm.runtime.v8",
-                            "code": {"local": {"filename": str(wasm)}},
-                            **({"environment_variables": {"host_env_keys": env_keys}} if env_keys else {}),
-                        },
-                        "configuration": {
-                            "@type": "type.googleapis.com/google.protobuf.StringValue",
-                            "value": plugin_config_value(plugin_config),
-                        },
-                    },
-                },
-            }
-        )
+        filters.append(abuse_http_filter(plugin_config, wasm=wasm, env_keys=env_keys, stop_iteration=stop_iteration))
     filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -566,7 +640,7 @@ class Envoy:
             conn.close()
 
     def stats(self) -> dict[str, int]:
-        """Counters of this filter, without the `wasmcustom.` prefix."""
+        """Counters of this filter, without the host's prefix."""
         return filter_stats(self.admin_port)
 
     def stat(self, name: str) -> int:
@@ -611,14 +685,15 @@ class Envoy:
 
 
 def filter_stats(admin_port: int) -> dict[str, int]:
-    """The abuse filter's counters from an Envoy admin, without the
-    `wasmcustom.` prefix."""
+    """The abuse filter's counters from an Envoy admin, without the host's
+    prefix (the same names for both builds)."""
     text = request(admin_port, "GET", "/stats?filter=abuse_filter").body.decode(errors="replace")
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(": ")
         if value.strip().isdigit():
-            out[name.removeprefix("wasmcustom.")] = int(value)
+            # wasm: `wasmcustom.`; dynamic module: `dynamicmodulescustom.`.
+            out[name.removeprefix("wasmcustom.").removeprefix("dynamicmodulescustom.")] = int(value)
     return out
 
 
