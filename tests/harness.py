@@ -292,6 +292,19 @@ def plugin_config_of(http_filter: dict) -> str | None:
     return None
 
 
+def set_plugin_config(http_filter: dict, value: str) -> bool:
+    """Replaces the abuse filter's JSON configuration in an HTTP filter of
+    either build; False for any other filter."""
+    if plugin_config_of(http_filter) is None:
+        return False
+    tc = http_filter["typed_config"]
+    if http_filter["name"] == "envoy.filters.http.wasm":
+        tc["config"]["configuration"]["value"] = value
+    else:
+        tc["filter_config"]["value"] = value
+    return True
+
+
 def as_build(bootstrap: dict, build: str | None = None) -> dict:
     """A bootstrap with every abuse filter swapped for the given build's
     (default: this run's), its configuration untouched: the shipped
@@ -679,9 +692,9 @@ class Envoy:
         log = self.log()
         self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-        trap = re.search(r"panicked at .*|Function: proxy_\w+ failed.*", log)
+        trap = re.search(r"panicked at .*|Function: proxy_\w+ failed.*|abuse_filter: a hook panicked.*", log)
         if trap:
-            raise AssertionError(f"the wasm filter trapped: {trap.group(0)}")
+            raise AssertionError(f"the filter trapped (or, as a module, panicked): {trap.group(0)}")
 
 
 def filter_stats(admin_port: int) -> dict[str, int]:
@@ -896,5 +909,15 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run")
     run.add_argument("--bootstrap", type=Path, default=ROOT / "envoy" / "envoy.yaml")
+    run.add_argument("--build", choices=BUILDS, default=BUILD,
+                     help="the filter build: the .wasm (default) or the dynamic module (make run FILTER=module)")
     args = parser.parse_args()
-    run_stack(args.bootstrap)
+    bootstrap = args.bootstrap
+    if args.build != "wasm":
+        # The same bootstrap with the abuse filter as the dynamic module.
+        import yaml
+        out = ROOT / "target" / "run" / f"{bootstrap.stem}.{args.build}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(as_build(yaml.safe_load(bootstrap.read_text()), args.build), indent=1))
+        bootstrap = out
+    run_stack(bootstrap)

@@ -1,0 +1,52 @@
+"""Which filter build the real-Envoy tests load: `--filter-build=wasm` (the
+default) or `--filter-build=module` (the same tests against the dynamic
+module; `make test-integration` runs both). Tests of things only one build
+has — the .wasm's exports, its OCI image, the shipped wasm bootstrap and
+deployment files, the README stack — are checked once, with the wasm build,
+and skipped in the module run (BUILD_INDEPENDENT)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Files whose tests do not load the filter through tests/harness.py's
+# build switch: they check artefacts and files (the .wasm, its image, the
+# compose/Istio/bootstrap files, the demo API, the docs stack), so a second
+# run would check the same things again.
+BUILD_INDEPENDENT = {
+    "test_wasm_exports.py",
+    "test_oci.py",
+    "test_compose_stack.py",
+    "test_istio_examples.py",
+    "test_config_contract.py",
+    "test_demo_api.py",
+    "test_docs.py",
+    "test_dashboard_chromium.py",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--filter-build", choices=("wasm", "module"), default=os.environ.get("ABUSE_FILTER_BUILD", "wasm"),
+                     help="the abuse filter build Envoy loads in these tests")
+
+
+def pytest_configure(config):
+    build = config.getoption("--filter-build")
+    os.environ["ABUSE_FILTER_BUILD"] = build
+    import harness  # tests/ is on sys.path (rootdir conftest)
+    harness.BUILD = build
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--filter-build") != "module":
+        return
+    skip = pytest.mark.skip(reason="build-independent: checked in the wasm run")
+    for item in items:
+        if item.path.name in BUILD_INDEPENDENT:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    return f"abuse filter build: {config.getoption('--filter-build')}"
