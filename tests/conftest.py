@@ -24,6 +24,7 @@ BUILD_INDEPENDENT = {
     "test_demo_api.py",
     "test_docs.py",
     "test_dashboard_chromium.py",
+    "test_module_envoy.py",
 }
 
 

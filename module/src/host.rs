@@ -83,25 +83,16 @@ pub fn header(filter: FilterEnvoyPtr, header_type: u32, name: &str) -> Option<Ve
     }
 }
 
-/// Sets (or, with None, removes) a header. An empty value is set as one
-/// (`x-abuse-reasons: ` on a clean request, as the wasm filter sends it):
-/// Envoy's set treats an empty value as "remove", so it is removed, then added.
+/// Sets (or, with None, removes) a header. At this ABI an empty value
+/// cannot be written (Envoy's set removes the header, its add refuses):
+/// where the wasm filter sends `x-abuse-reasons: ` (a clean request that
+/// forged the header), the module removes it — the client's copy never
+/// reaches the upstream either way.
 pub fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&[u8]>) {
-    let key = ModuleBuffer::of(name.as_bytes());
+    let value = value.filter(|v| !v.is_empty()).map(ModuleBuffer::of).unwrap_or(ModuleBuffer::NULL);
     // SAFETY: valid buffers for the call.
     unsafe {
-        match value {
-            Some(v) if !v.is_empty() => {
-                abi::envoy_dynamic_module_callback_http_set_header(filter, header_type, key, ModuleBuffer::of(v));
-            }
-            Some(_) => {
-                abi::envoy_dynamic_module_callback_http_set_header(filter, header_type, key, ModuleBuffer::NULL);
-                abi::envoy_dynamic_module_callback_http_add_header(filter, header_type, key, ModuleBuffer::of(b""));
-            }
-            None => {
-                abi::envoy_dynamic_module_callback_http_set_header(filter, header_type, key, ModuleBuffer::NULL);
-            }
-        }
+        abi::envoy_dynamic_module_callback_http_set_header(filter, header_type, ModuleBuffer::of(name.as_bytes()), value);
     }
 }
 
