@@ -34,6 +34,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "wasm_only: tests a behaviour of the wasm host (skipped for the module)")
     build = config.getoption("--filter-build")
     os.environ["ABUSE_FILTER_BUILD"] = build
     import harness  # tests/ is on sys.path (rootdir conftest)
@@ -44,9 +45,14 @@ def pytest_collection_modifyitems(config, items):
     if config.getoption("--filter-build") != "module":
         return
     skip = pytest.mark.skip(reason="build-independent: checked in the wasm run")
+    # `@pytest.mark.wasm_only`: a behaviour of the wasm host itself (say,
+    # Envoy's allow_on_headers_stop_iteration, a Wasm-filter setting).
+    wasm_only = pytest.mark.skip(reason="tests the wasm host itself")
     for item in items:
         if item.path.name in BUILD_INDEPENDENT:
             item.add_marker(skip)
+        elif item.get_closest_marker("wasm_only"):
+            item.add_marker(wasm_only)
 
 
 def pytest_report_header(config):

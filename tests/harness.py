@@ -590,7 +590,7 @@ class Envoy:
                 "-c", str(self.config_path),
                 "--concurrency", str(self.concurrency),
                 "--base-id", str(self.port),  # lets several Envoys run side by side
-                "--log-level", "info",
+                "--log-level", os.environ.get("ABUSE_ENVOY_LOG_LEVEL", "info"),
                 *restart,
             ],
             stdout=self._log,
@@ -691,6 +691,10 @@ class Envoy:
             return
         log = self.log()
         self._log.close()
+        if os.environ.get("ABUSE_KEEP_ENVOY_LOGS"):
+            keep = Path(os.environ["ABUSE_KEEP_ENVOY_LOGS"])
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.log_path, keep / f"{self.dir.name}.log")
         shutil.rmtree(self.dir, ignore_errors=True)
         trap = re.search(r"panicked at .*|Function: proxy_\w+ failed.*|abuse_filter: a hook panicked.*", log)
         if trap:

@@ -13,7 +13,7 @@ use std::ffi::c_void;
 /// The ABI version this module is written against: Envoy 1.40's (`v0.2.0`).
 /// Envoy accepts a module of its own ABI version and of the one before
 /// (1.39's `v0.1.0`, with a deprecation warning); see docs/deploying.md.
-pub const ABI_VERSION: &[u8] = b"v0.2.0\0";
+pub const ABI_VERSION: &std::ffi::CStr = c"v0.2.0";
 
 /// A byte range Envoy owns (valid until the end of the current hook).
 #[repr(C)]
@@ -112,6 +112,7 @@ pub const CALLOUT_SUCCESS: u32 = 0;
 pub const METRICS_SUCCESS: u32 = 0;
 
 // envoy_dynamic_module_type_log_level
+pub const LOG_DEBUG: u32 = 1;
 pub const LOG_INFO: u32 = 2;
 pub const LOG_WARN: u32 = 3;
 pub const LOG_ERROR: u32 = 4;

@@ -383,6 +383,9 @@ impl FilterConfig {
         };
         let (status, body) = crate::host::callout_answer(result, headers, headers_len, chunks, chunks_len, limit);
         let ok = matches!(status, Some(200..=299));
+        if !ok {
+            log(abi::LOG_DEBUG, &format!("abuse_filter: scorer callout {call:?} failed: result {result}, status {status:?}, {} bytes", body.len()));
+        }
         let engine = &self.engine;
         let store = self.store.as_ref();
         let now = now_ms();

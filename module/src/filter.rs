@@ -516,6 +516,9 @@ impl AbuseFilter {
     }
 
     fn reply_blocked(&mut self, verdict: &Verdict) -> Step {
+        // The decision first: Envoy may finish the stream (and write its
+        // access log) inside the local reply.
+        self.flush_decision();
         let body = verdict.block_body();
         let retry_after = verdict.retry_after_s.to_string();
         let mut headers: Vec<(&str, &[u8])> = vec![("content-type", b"application/json"), ("retry-after", retry_after.as_bytes())];

@@ -66,6 +66,9 @@ impl HeaderMap {
     }
 }
 
+/// The response-code details of the filter's local replies.
+pub const REPLY_DETAILS: &str = "abuse_filter";
+
 /// One header value, copied (for the answer phase's few reads).
 pub fn header(filter: FilterEnvoyPtr, header_type: u32, name: &str) -> Option<Vec<u8>> {
     let mut out = EnvoyBuffer::EMPTY;
@@ -124,7 +127,10 @@ pub fn set_filter_state(filter: FilterEnvoyPtr, key: &str, value: &str) {
     }
 }
 
-/// A local reply; the stream stops here.
+/// A local reply; the stream stops here. Its response-code details
+/// (`%RESPONSE_CODE_DETAILS%`) are `abuse_filter`: Envoy gives every module
+/// reply details (`dynamic_module` when none is passed), where a proxy-wasm
+/// local reply has none (eval/report.py reads both).
 pub fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &[u8])], body: &[u8]) {
     let mut raw: Vec<ModuleHeader> = headers.iter().map(|(k, v)| ModuleHeader::of(k, v)).collect();
     // SAFETY: the headers and body live for the call; Envoy copies them.
@@ -135,7 +141,7 @@ pub fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &[u8
             raw.as_mut_ptr(),
             raw.len(),
             ModuleBuffer::of(body),
-            ModuleBuffer::of(b"abuse_filter"),
+            ModuleBuffer::of(REPLY_DETAILS.as_bytes()),
         );
     }
 }

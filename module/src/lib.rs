@@ -14,6 +14,11 @@
 //! `panic = "unwind"` (`cargo build --profile module`), or the guard could
 //! not catch anything.
 
+// Every hook is `unsafe extern "C"`: its contract is the ABI's (Envoy
+// passes back only the pointers it handed out, on the thread the ABI
+// names), which a Rust caller could not uphold by accident.
+#![allow(clippy::missing_safety_doc)]
+
 mod abi;
 mod config;
 mod filter;
@@ -44,7 +49,7 @@ fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
 /// Envoy loads the module: the ABI version it was built for. Envoy 1.40
 /// accepts its own (`v0.2.0`) and warns on the previous minor's.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const std::ffi::c_char {
     abi::ABI_VERSION.as_ptr()
 }
 
@@ -52,7 +57,7 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
 /// plugin configuration, byte for byte. Null refuses it (Envoy then
 /// rejects the listener), with the reason logged.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     envoy: ConfigEnvoyPtr,
     name: EnvoyBuffer,
     config: EnvoyBuffer,
@@ -78,7 +83,7 @@ unsafe fn config_ref<'a>(ptr: *const c_void) -> Option<&'a Arc<FilterConfig>> {
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(ptr: *const c_void) {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(ptr: *const c_void) {
     guard((), || {
         if ptr.is_null() {
             return;
@@ -90,7 +95,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(ptr: *const
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(_envoy: ConfigEnvoyPtr, ptr: *const c_void, _event: u64) {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(_envoy: ConfigEnvoyPtr, ptr: *const c_void, _event: u64) {
     guard((), || {
         // SAFETY: see config_ref.
         if let Some(cfg) = unsafe { config_ref(ptr) } {
@@ -100,7 +105,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(_envoy: C
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
     _envoy: ConfigEnvoyPtr,
     ptr: *const c_void,
     id: u64,
@@ -119,16 +124,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(_name: EnvoyBuffer, _config: EnvoyBuffer) -> *const c_void {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(_name: EnvoyBuffer, _config: EnvoyBuffer) -> *const c_void {
     // No per-route configuration: the filter's own route groups decide.
     std::ptr::null()
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_ptr: *const c_void) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_ptr: *const c_void) {}
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: *const c_void, envoy: FilterEnvoyPtr) -> *const c_void {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(config: *const c_void, envoy: FilterEnvoyPtr) -> *const c_void {
     guard(std::ptr::null(), || {
         // SAFETY: see config_ref.
         match unsafe { config_ref(config) } {
@@ -153,7 +158,7 @@ fn headers_status(step: Step) -> u32 {
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(_envoy: FilterEnvoyPtr, ptr: *const c_void, end_of_stream: bool) -> u32 {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(_envoy: FilterEnvoyPtr, ptr: *const c_void, end_of_stream: bool) -> u32 {
     guard(abi::HEADERS_CONTINUE, || {
         // SAFETY: see filter_mut.
         match unsafe { filter_mut(ptr) } {
@@ -164,7 +169,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(_envoy: Fi
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(_envoy: FilterEnvoyPtr, ptr: *const c_void, end_of_stream: bool) -> u32 {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(_envoy: FilterEnvoyPtr, ptr: *const c_void, end_of_stream: bool) -> u32 {
     guard(abi::BODY_CONTINUE, || {
         // SAFETY: see filter_mut.
         match unsafe { filter_mut(ptr) }.map(|f| f.on_request_body(end_of_stream)) {
@@ -175,12 +180,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(_envoy: Filte
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(_envoy: FilterEnvoyPtr, _ptr: *const c_void) -> u32 {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(_envoy: FilterEnvoyPtr, _ptr: *const c_void) -> u32 {
     abi::TRAILERS_CONTINUE
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: FilterEnvoyPtr, ptr: *const c_void, _end_of_stream: bool) -> u32 {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: FilterEnvoyPtr, ptr: *const c_void, _end_of_stream: bool) -> u32 {
     guard(abi::HEADERS_CONTINUE, || {
         // SAFETY: see filter_mut.
         match unsafe { filter_mut(ptr) } {
@@ -191,20 +196,20 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: F
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_envoy: FilterEnvoyPtr, _ptr: *const c_void, _end_of_stream: bool) -> u32 {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_envoy: FilterEnvoyPtr, _ptr: *const c_void, _end_of_stream: bool) -> u32 {
     abi::BODY_CONTINUE
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(_envoy: FilterEnvoyPtr, _ptr: *const c_void) -> u32 {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(_envoy: FilterEnvoyPtr, _ptr: *const c_void) -> u32 {
     abi::TRAILERS_CONTINUE
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_envoy: FilterEnvoyPtr, _ptr: *const c_void) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_envoy: FilterEnvoyPtr, _ptr: *const c_void) {}
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(ptr: *const c_void) {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(ptr: *const c_void) {
     guard((), || {
         if ptr.is_null() {
             return;
@@ -216,7 +221,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(ptr: *const c_void
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     _envoy: FilterEnvoyPtr,
     ptr: *const c_void,
     id: u64,
@@ -238,7 +243,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(_envoy: FilterEnvoyPtr, ptr: *const c_void, _event: u64) {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(_envoy: FilterEnvoyPtr, ptr: *const c_void, _event: u64) {
     guard((), || {
         // SAFETY: see filter_mut.
         if let Some(f) = unsafe { filter_mut(ptr) } {
@@ -251,44 +256,44 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(_envoy: FilterEn
 // callouts (it makes only whole callouts), write-buffer watermarks (it is
 // not a terminal filter) and local replies (left as they are).
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
     _e: *mut c_void, _f: *const c_void, _id: u64, _h: *const EnvoyHeader, _n: usize, _end: bool,
 ) {
 }
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
     _e: *mut c_void, _f: *const c_void, _id: u64, _d: *const EnvoyBuffer, _n: usize, _end: bool,
 ) {
 }
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(_e: *mut c_void, _f: *const c_void, _id: u64, _t: *const EnvoyHeader, _n: usize) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(_e: *mut c_void, _f: *const c_void, _id: u64, _t: *const EnvoyHeader, _n: usize) {}
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(_e: *mut c_void, _f: *const c_void, _id: u64) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(_e: *mut c_void, _f: *const c_void, _id: u64) {}
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(_e: *mut c_void, _f: *const c_void, _id: u64, _reason: u32) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(_e: *mut c_void, _f: *const c_void, _id: u64, _reason: u32) {}
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers(
     _e: *mut c_void, _c: *const c_void, _id: u64, _h: *const EnvoyHeader, _n: usize, _end: bool,
 ) {
 }
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
     _e: *mut c_void, _c: *const c_void, _id: u64, _d: *const EnvoyBuffer, _n: usize, _end: bool,
 ) {
 }
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(_e: *mut c_void, _c: *const c_void, _id: u64, _t: *const EnvoyHeader, _n: usize) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(_e: *mut c_void, _c: *const c_void, _id: u64, _t: *const EnvoyHeader, _n: usize) {}
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_complete(_e: *mut c_void, _c: *const c_void, _id: u64) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_complete(_e: *mut c_void, _c: *const c_void, _id: u64) {}
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(_e: *mut c_void, _c: *const c_void, _id: u64, _reason: u32) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(_e: *mut c_void, _c: *const c_void, _id: u64, _reason: u32) {}
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(_e: *mut c_void, _f: *const c_void) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(_e: *mut c_void, _f: *const c_void) {}
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(_e: *mut c_void, _f: *const c_void) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(_e: *mut c_void, _f: *const c_void) {}
 /// The local reply goes out as it is (0: continue).
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
     _e: *mut c_void, _f: *const c_void, _status: u32, _details: EnvoyBuffer, _reset: bool,
 ) -> u32 {
     0

@@ -14,8 +14,8 @@ pub struct Buf {
 
 /// Envoy 1.40's dynamic-module ABI version (see module/src/abi.rs).
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
-    b"v0.2.0\0".as_ptr()
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const std::ffi::c_char {
+    c"v0.2.0".as_ptr()
 }
 
 /// Any non-null pointer will do: the filter keeps no state.
