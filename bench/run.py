@@ -281,6 +281,11 @@ def variants() -> dict[str, list[dict]]:
         "no-op dynamic module": [NOOP_MODULE],
         "abuse filter dynamic module (monitor)": [facts, module_http_filter(monitor)],
         "abuse filter dynamic module (block)": [facts, module_http_filter(block)],
+        # A native module reads the peer and the clock for a plain call:
+        # the facts header (and Envoy's header_mutation writing it) buys
+        # nothing there; this prices the module without them.
+        "abuse filter dynamic module (block, no facts header)":
+            [module_http_filter(json.dumps(dict(FILTER_CONFIG, mode="block")))],
         "native local_ratelimit": [LOCAL_RATELIMIT],
     }
     if ONLY:
