@@ -10,6 +10,13 @@ WASM         := target/wasm32-wasip1/release/abuse_filter.wasm
 # Drops the proxy-wasm callbacks the filter does not use from a built .wasm
 # (tools/wasm-trim): Envoy then never enters the VM for them.
 TRIM         := target/release/wasm-trim
+# The same filter as an Envoy dynamic module (module/): a native library
+# Envoy finds through ENVOY_DYNAMIC_MODULES_SEARCH_PATH (tests/harness.py sets it).
+MODULE       := target/module/libabuse_filter.so
+# Which build `make run` and `make eval` load: wasm (default) or module.
+FILTER       ?= wasm
+# Which builds `make test-integration` runs the real-Envoy suite against.
+FILTER_BUILDS ?= wasm module
 ENVOY_MIN    := 1.35
 
 # An envoy on PATH is used when recent enough, else the project-local one.
@@ -92,10 +99,11 @@ build: deps
 	cargo build --release --target wasm32-wasip1 -p abuse-filter
 	cargo build --release -p abuse-scorer -p abuse-filter-check -p wasm-trim
 	$(TRIM) $(WASM)
-	@ls -l $(WASM) target/release/abuse-scorer target/release/abuse-filter-check
+	cargo build --profile module -p abuse-filter-module
+	@ls -l $(WASM) $(MODULE) target/release/abuse-scorer target/release/abuse-filter-check
 
 run: build
-	$(VPY) tests/harness.py run
+	$(VPY) tests/harness.py run --build $(FILTER)
 
 lint: deps
 	python3 engine/check_layers.py engine/src
@@ -103,15 +111,21 @@ lint: deps
 	cargo clippy --release --target wasm32-wasip1 -p abuse-filter -p noop-filter \
 		--features abuse-filter/count-entries,noop-filter/count-entries -- -D warnings
 	cargo clippy -p abuse-engine -p abuse-scorer -p abuse-filter-check -p wasm-trim --all-targets -- -D warnings
+	cargo clippy --profile module -p abuse-filter-module -p noop-module --all-targets -- -D warnings
 
 test-unit: build
 	cargo test -p abuse-engine
 	cargo test --release -p abuse-scorer
 	cargo test --release -p abuse-filter-check
 	cargo test --release -p wasm-trim
+	cargo test --profile module -p abuse-filter-module
 
+# The real-Envoy suite once per build (FILTER_BUILDS): the same tests against
+# the .wasm and against the dynamic module; files that check build-independent
+# artefacts run in the wasm pass only (tests/conftest.py).
 test-integration: build test-deps eval-deps
-	$(VPY) -m pytest -q tests
+	@for b in $(FILTER_BUILDS); do echo "== integration tests, $$b build"; \
+		$(VPY) -m pytest -q tests --filter-build=$$b || exit 1; done
 
 test: lint test-unit test-integration fuzz-smoke
 
@@ -155,6 +169,7 @@ bench-scorer: build
 # both (VM entries per request).
 bench: build test-deps eval-deps
 	cargo build --release --target wasm32-wasip1 -p noop-filter
+	cargo build --profile module -p noop-module
 	cargo build --release -p loadgen
 	$(VPY) bench/run.py
 
@@ -162,7 +177,7 @@ bench: build test-deps eval-deps
 # eval/README.md): a table per scenario, target/eval/report.json and
 # blocks.svg; fails when a target is missed. EVAL_FLAGS="--quick --no-fail" etc.
 eval: build test-deps eval-deps
-	$(VPY) eval/run.py $(EVAL_FLAGS)
+	$(VPY) eval/run.py --build $(FILTER) $(EVAL_FLAGS)
 
 # Optional peer for make eval: CrowdSec from Debian, installed offline (no
 # Central API registration; the package's offline hub has the nginx parser

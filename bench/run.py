@@ -5,7 +5,10 @@ Starts Envoy (one worker, pinned to CPU 0) in turn with: only the router;
 a no-op Rust proxy-wasm filter trimmed to this filter's exports (the
 baseline of "vs no-op"), and the same with every SDK export; this filter in
 monitor mode (and as built, with every SDK export); this filter in block
-mode (nobody over a limit); Envoy's native local_ratelimit. Drives each
+mode (nobody over a limit); a no-op dynamic module (bench/noop-module, the
+baseline of "vs no-op" for the module rows); this filter as a dynamic module
+(module/, monitor and block: rows named "... dynamic module ..."); Envoy's
+native local_ratelimit. Drives each
 with wrk pinned to CPU 1 against the direct-response route `/direct`, the
 requests spread over 10,000 client addresses (trusted X-Forwarded-For), and
 interleaves the variants over several rounds so drift hits all alike.
@@ -43,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import ROOT, WASM, Envoy, envoy_config, facts_filter, free_port  # noqa: E402
+from harness import ROOT, WASM, Envoy, envoy_config, facts_filter, free_port, module_http_filter  # noqa: E402
 
 RELEASE = ROOT / "target" / "wasm32-wasip1" / "release"
 # The no-op filter as built: the Rust SDK exports every proxy-wasm callback.
@@ -111,6 +114,22 @@ def wasm_filter(name: str, wasm: Path, configuration: str) -> dict:
         },
     }
 
+
+# The no-op dynamic module (bench/noop-module: libnoop_module.so beside
+# libabuse_filter.so in target/module, the harness's search path).
+NOOP_MODULE = {
+    "name": "envoy.filters.http.dynamic_modules",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        "dynamic_module_config": {"name": "noop_module"},
+        "filter_name": "noop",
+    },
+}
+# Rows of the module build: "vs no-op" against the no-op module.
+MODULE_ROWS = "dynamic module"
+# --only: the variants to measure (a substring each; the baselines always).
+ONLY: list[str] = []
+BASELINES = ("bare envoy", "no-op wasm", "no-op dynamic module")
 
 LOCAL_RATELIMIT = {
     "name": "envoy.filters.http.local_ratelimit",
@@ -249,7 +268,7 @@ def variants() -> dict[str, list[dict]]:
     extra |= {"no-op wasm (every SDK export)": [wasm_filter("noop", NOOP_SDK_WASM, "")]}
     if FILTER_SDK:
         extra |= {"abuse filter (monitor, every SDK export)": [facts, wasm_filter("abuse_filter", FILTER_SDK_WASM, monitor)]}
-    return extra | {
+    every = extra | {
         "bare envoy": [],
         "no-op wasm": [wasm_filter("noop", NOOP_WASM, "")],
         "abuse filter (monitor)": [facts, wasm_filter("abuse_filter", WASM, monitor)],
@@ -257,8 +276,21 @@ def variants() -> dict[str, list[dict]]:
         "abuse filter (block, decision events on)": [facts, wasm_filter("abuse_filter", WASM, events)],
         "abuse filter (block, example rules on)": [facts, wasm_filter("abuse_filter", WASM, rules)],
         "abuse filter (block, rules + one counting every request)": [facts, wasm_filter("abuse_filter", WASM, counting)],
+        # The same engine as an Envoy dynamic module (issue 24): the same
+        # configurations, the same facts header.
+        "no-op dynamic module": [NOOP_MODULE],
+        "abuse filter dynamic module (monitor)": [facts, module_http_filter(monitor)],
+        "abuse filter dynamic module (block)": [facts, module_http_filter(block)],
+        # A native module reads the peer and the clock for a plain call:
+        # the facts header (and Envoy's header_mutation writing it) buys
+        # nothing there; this prices the module without them.
+        "abuse filter dynamic module (block, no facts header)":
+            [module_http_filter(json.dumps(dict(FILTER_CONFIG, mode="block")))],
         "native local_ratelimit": [LOCAL_RATELIMIT],
     }
+    if ONLY:
+        every = {k: v for k, v in every.items() if k in BASELINES or any(o in k for o in ONLY)}
+    return every
 
 
 def bootstrap(filters: list[dict], port: int, admin: int) -> dict:
@@ -413,7 +445,8 @@ def vm_entries(args, rate: float) -> dict[str, dict | None]:
     out: dict[str, dict | None] = {}
     for name, filters in variants().items():
         twin = counting_twin(filters) if COUNTED else None
-        if not any("wasm" in f["name"] for f in filters):
+        if not any(f["name"] == "envoy.filters.http.wasm" for f in filters):
+            # No VM: bare Envoy, native filters, the dynamic modules.
             out[name] = {"entries": 0.0, "allocs": 0.0, "requests": None}
             continue
         if twin is None:
@@ -434,11 +467,12 @@ def vm_entries(args, rate: float) -> dict[str, dict | None]:
     return out
 
 
-def million_clients(args, tmp: Path) -> dict:
+def million_clients(args, tmp: Path, build: str = "wasm") -> dict:
     """Memory of this filter (block mode, default state size) before and
     after `args.clients` distinct client addresses, two workers."""
     config = json.dumps(dict(FILTER_CONFIG, mode="block"))
-    envoy = start_pinned([wasm_filter("abuse_filter", WASM, config)], concurrency=2, pin=False)
+    the_filter = module_http_filter(config) if build == "module" else wasm_filter("abuse_filter", WASM, config)
+    envoy = start_pinned([the_filter], concurrency=2, pin=False)
     try:
         script = tmp / "million.lua"
         script.write_text(MILLION_SCRIPT.replace("LIMIT", str(args.clients)))
@@ -465,7 +499,7 @@ def million_clients(args, tmp: Path) -> dict:
             "rss_before_kib": before,
             "rss_after_kib": after,
         }
-        print(f"\n{args.clients:,} distinct clients: shared data {result['shared_data_bytes'] / 2**20:.1f} MiB (fixed), "
+        print(f"\n{build}: {args.clients:,} distinct clients: shared data {result['shared_data_bytes'] / 2**20:.1f} MiB (fixed), "
               f"Envoy RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB, "
               f"{result['evictions']:,} idle clients evicted", flush=True)
         return result
@@ -508,9 +542,11 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
         }
     bare = summary["bare envoy"]["rps"] or 1
     noop = summary["no-op wasm"]["rps"] or 1
-    for s in summary.values():
+    noop_module = summary["no-op dynamic module"]["rps"] or 1
+    for name, s in summary.items():
         s["vs_bare"] = s["rps"] / bare
-        s["vs_noop"] = s["rps"] / noop
+        # A module row against the no-op module; the rest against the no-op wasm filter.
+        s["vs_noop"] = s["rps"] / (noop_module if MODULE_ROWS in name else noop)
     return summary
 
 
@@ -532,12 +568,15 @@ def summarize_fixed(summary: dict[str, dict], fixed: dict[str, list[dict]], rate
             "p99_us": med(runs, "p99_us"),
         }
     bare = summary["bare envoy"]["fixed"]
-    noop_cpu = summary["no-op wasm"]["fixed"]["cpu_us_per_request"]
+    bare_cpu = bare["cpu_us_per_request"]
     reached = rate >= half * 0.999 and (bare["achieved_rps"] or 0) >= 0.97 * rate
-    for s in summary.values():
+    for name, s in summary.items():
         f = s["fixed"]
         cpu = f["cpu_us_per_request"]
+        noop_cpu = summary["no-op dynamic module" if MODULE_ROWS in name else "no-op wasm"]["fixed"]["cpu_us_per_request"]
         f["cpu_over_noop"] = (cpu - noop_cpu) / noop_cpu if cpu is not None and noop_cpu else None
+        # The module's target: CPU per request within 10 % of bare Envoy's.
+        f["cpu_over_bare"] = (cpu - bare_cpu) / bare_cpu if cpu is not None and bare_cpu else None
         f["latency_valid"] = reached
         f["p99_over_bare_us"] = (f["p99_us"] - bare["p99_us"]) if reached and f["p99_us"] is not None else None
 
@@ -546,16 +585,17 @@ def print_table(summary: dict[str, dict], rate: float, half: float) -> None:
     valid = summary["bare envoy"]["fixed"]["latency_valid"]
     at = f"@{rate:.0f}/s"
     header = (f"\n{'variant':26s} {'req/s':>9s} {'p50 us':>8s} {'p99 us':>8s} {'vs bare':>8s} {'vs no-op':>9s}"
-              f" {'cpu us/req ' + at:>22s} {'cpu vs no-op':>13s} {'VM entries/req':>15s}")
+              f" {'cpu us/req ' + at:>22s} {'cpu vs no-op':>13s} {'cpu vs bare':>12s} {'VM entries/req':>15s}")
     if valid:
         header += f" {'p99 us ' + at:>18s} {'vs bare':>8s}"
     print(header)
     for name, s in summary.items():
         f = s["fixed"]
-        over = f["cpu_over_noop"]
+        over, over_bare = f["cpu_over_noop"], f["cpu_over_bare"]
         line = (f"{name:26s} {s['rps']:9.0f} {s['p50_us']:8.0f} {s['p99_us']:8.0f} "
                 f"{s['vs_bare']:7.0%} {s['vs_noop']:8.0%} {f['cpu_us_per_request'] or 0:22.2f} "
-                f"{'-' if over is None else format(over, '+.1%'):>13s}")
+                f"{'-' if over is None else format(over, '+.1%'):>13s} "
+                f"{'-' if over_bare is None else format(over_bare, '+.1%'):>12s}")
         entries = (s.get("vm_entries") or {}).get("entries")
         line += f" {'-' if entries is None else format(entries, '.2f'):>15s}"
         if valid:
@@ -582,11 +622,14 @@ def main():
                         help="also this build without the facts header, and without the worker tier")
     parser.add_argument("--no-entries", action="store_true",
                         help="skip the VM-entry count (it builds the counting twins)")
+    parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                        help="measure only the variants naming it (repeatable); the baselines always")
     parser.add_argument("--phases", action="store_true",
                         help="also builds that stop after the request's facts, and after the request (no answer)")
     args = parser.parse_args()
     global ABLATION
     ABLATION = args.ablation
+    ONLY.extend(args.only)
     if not TRIM.exists():
         sys.exit(f"{TRIM} is missing: make build")
     if args.phases:
@@ -615,6 +658,7 @@ def main():
         fixed = fixed_rate(args, rate)
         entries = vm_entries(args, min(rate, 2000.0)) if not args.no_entries else {}
         memory = million_clients(args, tmp) if args.clients else None
+        memory_module = million_clients(args, tmp, "module") if args.clients else None
         callouts = None if args.no_benign_mix else benign_callout_share(args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -632,6 +676,7 @@ def main():
                    "fixed_rate": rate, "half_bare_peak": half, "fixed_rate_tool": "bench/loadgen"},
         "summary": summary,
         "memory": memory,
+        "memory_dynamic_module": memory_module,
         "benign_callouts": callouts,
         "runs": results,
         "fixed_rate_runs": fixed,

@@ -13,7 +13,7 @@ LAYERS = [
     ('detectors', ['detectors', 'rules', 'verdict', 'login_risk']),
     ('config', ['config']),
     ('services', ['callout', 'exemptions']),
-    ('engine', ['engine', 'lib']),
+    ('engine', ['engine', 'lib', 'stats']),
 ]
 rank = {m: i for i, (_, ms) in enumerate(LAYERS) for m in ms}
 root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else 'engine/src')

@@ -63,18 +63,23 @@ def _hcm(listener: dict) -> dict:
 
 
 def _filter_config(cfg: dict) -> str:
+    from harness import plugin_config_of
     for listener in cfg["static_resources"]["listeners"]:
         for f in _hcm(listener).get("http_filters", []):
-            if f["name"] == "envoy.filters.http.wasm":
-                return f["typed_config"]["config"]["configuration"]["value"]
-    raise ValueError("no wasm filter in the bootstrap")
+            value = plugin_config_of(f)
+            if value is not None:
+                return value
+    raise ValueError("no abuse filter in the bootstrap")
 
 
-def eval_bootstrap(src: Path, out_dir: Path, *, port: int, admin_port: int, api_port: int, scorer_port: int) -> Path:
+def eval_bootstrap(src: Path, out_dir: Path, *, port: int, admin_port: int, api_port: int, scorer_port: int,
+                   build: str = "wasm") -> Path:
     """Writes out_dir/envoy.json: `src` with the ports substituted and the
-    access logs out_dir/access.combined.log and out_dir/access.json added."""
+    access logs out_dir/access.combined.log and out_dir/access.json added,
+    the abuse filter as `build` ("wasm" or "module")."""
+    from harness import as_build
     original = yaml.safe_load(Path(src).read_text())
-    cfg = copy.deepcopy(original)
+    cfg = as_build(copy.deepcopy(original), build)
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listeners = cfg["static_resources"]["listeners"]
     if len(listeners) != 1:

@@ -69,9 +69,12 @@ def filter_blocked(rec: dict) -> bool:
     `retry-after` and are 403 or 429; this holds both for requests refused
     before the upstream and for upstream answers the filter replaced (a
     takeover's 200, a stuffer's 401 - the upstream was reached, details are
-    empty, the upstream never sends retry-after)."""
+    empty, the upstream never sends retry-after). The dynamic-module build's
+    replies name themselves: details `abuse_filter`."""
     status = int(rec.get("status") or 0)
-    return status in (403, 429) and _missing(rec.get("details")) and not _missing(rec.get("retry_after"))
+    details = rec.get("details")
+    return (status in (403, 429) and (_missing(details) or details == "abuse_filter")
+            and not _missing(rec.get("retry_after")))
 
 
 def load_requests(path: Path, history: bool = False) -> list[Req]:

@@ -73,6 +73,12 @@ def wasm_sha256() -> str:
     return hashlib.sha256(WASM.read_bytes()).hexdigest() if WASM.exists() else "missing"
 
 
+def module_sha256() -> str:
+    import hashlib
+    from harness import MODULE
+    return hashlib.sha256(MODULE.read_bytes()).hexdigest() if MODULE.exists() else "missing"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the short profile (~35 s, fewer clients) used by the tests")
@@ -81,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "target" / "eval", help="output directory (default target/eval)")
     p.add_argument("--bootstrap", type=Path, default=ROOT / "envoy" / "envoy.yaml")
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--build", choices=["wasm", "module"], default=os.environ.get("ABUSE_FILTER_BUILD", "wasm"),
+                   help="the filter build Envoy loads: the .wasm (default) or the dynamic module (same targets)")
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when a target fails")
     p.add_argument("--no-crowdsec", action="store_true", help="skip the CrowdSec replay")
     p.add_argument("--cold-start", action="store_true",
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
     os.environ["SAMPLE_LOG"] = str(out / "scorer" / "samples.jsonl")
     port, admin = free_port(), free_port()
     make_bootstrap = lambda api_port, scorer_port: eval_bootstrap(
-        args.bootstrap, out, port=port, admin_port=admin, api_port=api_port, scorer_port=scorer_port)
+        args.bootstrap, out, port=port, admin_port=admin, api_port=api_port, scorer_port=scorer_port, build=args.build)
     print(f"eval: profile {profile.name}, {duration:.0f} s, {len(scenarios)} scenarios, Envoy on 127.0.0.1:{port} "
           f"(admin {admin}), output {out}", flush=True)
     with demo_stack(make_bootstrap, api_port=0, scorer_port=0, port=port, admin_port=admin,
@@ -141,7 +149,8 @@ def main(argv=None) -> int:
     result = report.analyse(out / "access.json", out / "envoy.log", meta, stats, t_start,
                             samples_log=out / "scorer" / "samples.jsonl")
     result["run"] = {"profile": profile.name, "duration_s": duration, "seed": args.seed, "bootstrap": str(args.bootstrap),
-                     "started_at": t_start, "history": hist, "cold_start": args.cold_start, "envoy_port": port, "admin_port": admin, "wasm_sha256": wasm_sha256(),
+                     "started_at": t_start, "history": hist, "cold_start": args.cold_start, "envoy_port": port, "admin_port": admin, "build": args.build,
+                     **({"module_sha256": module_sha256()} if args.build == "module" else {"wasm_sha256": wasm_sha256()}),
                      "skipped": skipped, "errors": errors, "notes": ctx.notes,
                      "trap": any("panicked at" in (out / f).read_text(errors="replace")
                                  for f in ("envoy.log", "history.envoy.log") if (out / f).exists())}

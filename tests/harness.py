@@ -26,6 +26,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "abuse_filter.wasm"
+# The dynamic-module build (libabuse_filter.so) and the directory Envoy
+# searches for it (ENVOY_DYNAMIC_MODULES_SEARCH_PATH, set below for every
+# Envoy the tests start).
+MODULE_DIR = ROOT / "target" / "module"
+MODULE = MODULE_DIR / "libabuse_filter.so"
+# Which build the Envoys of this run load: "wasm" (the default) or
+# "module" (`pytest --filter-build=module`, or ABUSE_FILTER_BUILD=module).
+BUILDS = ("wasm", "module")
+BUILD = os.environ.get("ABUSE_FILTER_BUILD", "wasm")
+os.environ.setdefault("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", str(MODULE_DIR))
 SCORER = ROOT / "target" / "release" / "abuse-scorer"
 DEMO_API = ROOT / "examples" / "demo_api" / "server.py"
 GEOIP_DIR = ROOT / "tests" / "data" / "geoip"
@@ -216,6 +226,107 @@ def remote_address(plugin_config: dict | str) -> dict:
     return {"use_remote_address": True}
 
 
+def wasm_http_filter(plugin_config: dict | str, wasm: Path = WASM, env_keys: list[str] | None = None,
+                     stop_iteration: bool = True) -> dict:
+    """The abuse filter as Envoy's Wasm HTTP filter."""
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "abuse_filter",
+                "root_id": "abuse_filter",
+                "failure_policy": "FAIL_RELOAD",
+                # Needed by credential_stuffing.hold_login_headers (Envoy >= 1.35).
+                "allow_on_headers_stop_iteration": stop_iteration,
+                "vm_config": {
+                    "vm_id": "abuse_filter",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": str(wasm)}},
+                    **({"environment_variables": {"host_env_keys": env_keys}} if env_keys else {}),
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": plugin_config_value(plugin_config),
+                },
+            },
+        },
+    }
+
+
+def module_http_filter(plugin_config: dict | str, module: str = "abuse_filter") -> dict:
+    """The abuse filter as an Envoy dynamic module (libabuse_filter.so in
+    ENVOY_DYNAMIC_MODULES_SEARCH_PATH): the same JSON configuration, as a
+    StringValue. A native module reads the process environment itself (no
+    host_env_keys), and keeps request headers while it reads the body (no
+    allow_on_headers_stop_iteration)."""
+    return {
+        "name": "envoy.filters.http.dynamic_modules",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"name": module},
+            "filter_name": "abuse_filter",
+            "filter_config": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": plugin_config_value(plugin_config),
+            },
+        },
+    }
+
+
+def abuse_http_filter(plugin_config: dict | str, build: str | None = None, **wasm_options) -> dict:
+    """The abuse filter of this run's build (BUILD) or of `build`."""
+    if (build or BUILD) == "module":
+        return module_http_filter(plugin_config)
+    return wasm_http_filter(plugin_config, **wasm_options)
+
+
+def plugin_config_of(http_filter: dict) -> str | None:
+    """The abuse filter's JSON configuration in an HTTP filter of either
+    build (None for any other filter)."""
+    tc = http_filter.get("typed_config", {})
+    if http_filter.get("name") == "envoy.filters.http.wasm" and tc.get("config", {}).get("root_id") == "abuse_filter":
+        return tc["config"]["configuration"]["value"]
+    if http_filter.get("name") == "envoy.filters.http.dynamic_modules" and tc.get("filter_name") == "abuse_filter":
+        return tc["filter_config"]["value"]
+    return None
+
+
+def set_plugin_config(http_filter: dict, value: str) -> bool:
+    """Replaces the abuse filter's JSON configuration in an HTTP filter of
+    either build; False for any other filter."""
+    if plugin_config_of(http_filter) is None:
+        return False
+    tc = http_filter["typed_config"]
+    if http_filter["name"] == "envoy.filters.http.wasm":
+        tc["config"]["configuration"]["value"] = value
+    else:
+        tc["filter_config"]["value"] = value
+    return True
+
+
+def as_build(bootstrap: dict, build: str | None = None) -> dict:
+    """A bootstrap with every abuse filter swapped for the given build's
+    (default: this run's), its configuration untouched: the shipped
+    bootstrap (envoy/envoy.yaml, the wasm filter) as the module build."""
+    import copy
+    out = copy.deepcopy(bootstrap)
+    for listener in out.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for net in chain.get("filters", []):
+                hcm = net.get("typed_config", {})
+                filters = hcm.get("http_filters", [])
+                for i, f in enumerate(filters):
+                    value = plugin_config_of(f)
+                    if value is None:
+                        continue
+                    if (build or BUILD) == "module":
+                        filters[i] = module_http_filter(value)
+                    elif f["name"] != "envoy.filters.http.wasm":
+                        filters[i] = wasm_http_filter(value)
+    return out
+
+
 def envoy_config(
     plugin_config: dict | str,
     port: int,
@@ -243,31 +354,7 @@ def envoy_config(
     filters += [facts_filter(facts_header)] if facts_header else []
     filters += geoip_filters() if geoip else []
     if with_filter:
-        filters.append(
-            {
-                "name": "envoy.filters.http.wasm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                    "config": {
-                        "name": "abuse_filter",
-                        "root_id": "abuse_filter",
-                        "failure_policy": "FAIL_RELOAD",
-                        # Needed by credential_stuffing.hold_login_headers (Envoy >= 1.35).
-                        "allow_on_headers_stop_iteration": stop_iteration,
-                        "vm_config": {
-                            "vm_id": "abuse_filter",
-                            "runtime": "envoy.wasm.runtime.v8",
-                            "code": {"local": {"filename": str(wasm)}},
-                            **({"environment_variables": {"host_env_keys": env_keys}} if env_keys else {}),
-                        },
-                        "configuration": {
-                            "@type": "type.googleapis.com/google.protobuf.StringValue",
-                            "value": plugin_config_value(plugin_config),
-                        },
-                    },
-                },
-            }
-        )
+        filters.append(abuse_http_filter(plugin_config, wasm=wasm, env_keys=env_keys, stop_iteration=stop_iteration))
     filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -503,7 +590,7 @@ class Envoy:
                 "-c", str(self.config_path),
                 "--concurrency", str(self.concurrency),
                 "--base-id", str(self.port),  # lets several Envoys run side by side
-                "--log-level", "info",
+                "--log-level", os.environ.get("ABUSE_ENVOY_LOG_LEVEL", "info"),
                 *restart,
             ],
             stdout=self._log,
@@ -566,7 +653,7 @@ class Envoy:
             conn.close()
 
     def stats(self) -> dict[str, int]:
-        """Counters of this filter, without the `wasmcustom.` prefix."""
+        """Counters of this filter, without the host's prefix."""
         return filter_stats(self.admin_port)
 
     def stat(self, name: str) -> int:
@@ -604,21 +691,26 @@ class Envoy:
             return
         log = self.log()
         self._log.close()
+        if os.environ.get("ABUSE_KEEP_ENVOY_LOGS"):
+            keep = Path(os.environ["ABUSE_KEEP_ENVOY_LOGS"])
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.log_path, keep / f"{self.dir.name}.log")
         shutil.rmtree(self.dir, ignore_errors=True)
-        trap = re.search(r"panicked at .*|Function: proxy_\w+ failed.*", log)
+        trap = re.search(r"panicked at .*|Function: proxy_\w+ failed.*|abuse_filter: a hook panicked.*", log)
         if trap:
-            raise AssertionError(f"the wasm filter trapped: {trap.group(0)}")
+            raise AssertionError(f"the filter trapped (or, as a module, panicked): {trap.group(0)}")
 
 
 def filter_stats(admin_port: int) -> dict[str, int]:
-    """The abuse filter's counters from an Envoy admin, without the
-    `wasmcustom.` prefix."""
+    """The abuse filter's counters from an Envoy admin, without the host's
+    prefix (the same names for both builds)."""
     text = request(admin_port, "GET", "/stats?filter=abuse_filter").body.decode(errors="replace")
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(": ")
         if value.strip().isdigit():
-            out[name.removeprefix("wasmcustom.")] = int(value)
+            # wasm: `wasmcustom.`; dynamic module: `dynamicmodulescustom.`.
+            out[name.removeprefix("wasmcustom.").removeprefix("dynamicmodulescustom.")] = int(value)
     return out
 
 
@@ -821,5 +913,15 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run")
     run.add_argument("--bootstrap", type=Path, default=ROOT / "envoy" / "envoy.yaml")
+    run.add_argument("--build", choices=BUILDS, default=BUILD,
+                     help="the filter build: the .wasm (default) or the dynamic module (make run FILTER=module)")
     args = parser.parse_args()
-    run_stack(args.bootstrap)
+    bootstrap = args.bootstrap
+    if args.build != "wasm":
+        # The same bootstrap with the abuse filter as the dynamic module.
+        import yaml
+        out = ROOT / "target" / "run" / f"{bootstrap.stem}.{args.build}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(as_build(yaml.safe_load(bootstrap.read_text()), args.build), indent=1))
+        bootstrap = out
+    run_stack(bootstrap)

@@ -33,6 +33,8 @@ from harness import (GEOIP_DIR, ROOT, WASM, DemoApi, Envoy, Redis, Scorer, free_
 COMPOSE_DIR = ROOT / "deploy" / "compose"
 COMPOSE = COMPOSE_DIR / "docker-compose.yml"
 HOST_WASM = COMPOSE_DIR / "docker-compose.host-wasm.yml"
+# The filter as an Envoy dynamic module (docs/deploying.md#dynamic-module).
+MODULE_OVERRIDE = COMPOSE_DIR / "docker-compose.module.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "abuse-filter.json"
 VENV_BIN = Path(sys.executable).parent
 
@@ -80,7 +82,7 @@ def filter_json(bootstrap: dict) -> dict:
 
 def test_compose_files_follow_the_compose_spec(tmp_path):
     dc = compose_binary()
-    for files in ([COMPOSE], [COMPOSE, HOST_WASM]):
+    for files in ([COMPOSE], [COMPOSE, HOST_WASM], [COMPOSE, MODULE_OVERRIDE]):
         args = [a for f in files for a in ("-f", str(f))]
         result = run([dc, *args, "config", "-q"], cwd=COMPOSE_DIR, env=compose_env())
         assert result.returncode == 0, result.stderr
@@ -152,12 +154,22 @@ def test_compose_stack_has_every_part():
         assert source == "." or (ROOT / source).exists(), source
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "target/" in ignored and ".venv/" in ignored
+    # The module override: its stage exists, builds the module and sets the
+    # search path; the bootstrap it mounts is the generated twin.
+    module = yaml.safe_load(MODULE_OVERRIDE.read_text())["services"]["envoy"]
+    assert module["build"]["target"] in stages
+    assert "cargo build --profile module --locked -p abuse-filter-module" in dockerfile
+    assert "ENV ENVOY_DYNAMIC_MODULES_SEARCH_PATH=/etc/envoy/modules" in dockerfile
+    assert module["environment"]["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] == "/etc/envoy/modules"
+    assert "./envoy.module.yaml:/etc/envoy/envoy.module.yaml:ro" in module["volumes"]
+    assert module["command"][:3] == ["envoy", "-c", "/etc/envoy/envoy.module.yaml"]
 
 
 def test_envoy_configs_parse_against_envoys_api():
     # The compose Envoy has a third cluster: its own admin, behind the
     # read-only stats listener.
-    for path, clusters in ((ROOT / "envoy" / "envoy.yaml", 2), (COMPOSE_DIR / "envoy.yaml", 3)):
+    for path, clusters in ((ROOT / "envoy" / "envoy.yaml", 2), (COMPOSE_DIR / "envoy.yaml", 3),
+                           (COMPOSE_DIR / "envoy.module.yaml", 3), (ROOT / "deploy" / "module" / "envoy.yaml", 2)):
         parsed = parse_bootstrap(yaml.safe_load(path.read_text()))
         assert len(parsed.static_resources.clusters) == clusters, path
     from google.protobuf import json_format

@@ -352,6 +352,7 @@ def test_login_risk_reaches_the_application_with_the_account_evidence(api):
         envoy.stop()
 
 
+@pytest.mark.wasm_only
 def test_held_login_headers_are_released_when_envoy_does_not_hold_them(api):
     """hold_login_headers without Envoy's allow_on_headers_stop_iteration:
     a paused header phase would hold the body too; the filter's tick

@@ -115,7 +115,9 @@ def test_upstream_sees_risk_headers_that_clients_cannot_forge(envoy_factory):
     envoy = envoy_factory(RATE_CONFIG)
     echoed = get(envoy, "/debug/headers", "198.51.100.1", {"x-abuse-score": "0", "x-abuse-reasons": "none"}).json()
     assert echoed["headers"]["x-abuse-score"] == "0"
-    assert echoed["headers"]["x-abuse-reasons"] == ""
+    # Emptied (wasm), or removed (the dynamic module cannot write an empty
+    # value at Envoy 1.40's ABI): never the client's "none".
+    assert echoed["headers"].get("x-abuse-reasons", "") == ""
     # A clean client that sent none gets none (no header means score 0):
     # the common request costs no header write.
     clean = get(envoy, "/debug/headers", "198.51.100.2").json()

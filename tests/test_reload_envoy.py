@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import DemoApi, Envoy, envoy_config, free_port, request, wait_until
+from harness import DemoApi, Envoy, envoy_config, free_port, request, set_plugin_config, wait_until
 from test_disguise_envoy import BROWSERS, blocked, browser, login, shipped_config
 
 PENALIZED = "198.18.0.7"
@@ -70,8 +70,7 @@ class LdsEnvoy:
         self.version += 1
         listener = copy.deepcopy(self.listener)
         for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
-            if f["name"] == "envoy.filters.http.wasm":
-                f["typed_config"]["config"]["configuration"]["value"] = json.dumps(config)
+            set_plugin_config(f, json.dumps(config))
         body = {
             "version_info": str(self.version),
             "resources": [{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **listener}],

@@ -50,6 +50,7 @@ pub mod rules;
 pub mod session;
 pub mod sketch;
 pub mod state;
+pub mod stats;
 pub mod validate;
 pub mod verdict;
 pub mod window;
