@@ -8,7 +8,7 @@ import pathlib, re, sys
 LAYERS = [
     ('primitives', ['codec', 'window', 'sketch', 'hash', 'risk', 'facts', 'validate', 'policy']),
     ('reason', ['reason', 'identity', 'routes']),
-    ('records', ['record', 'profile', 'account', 'endpoint', 'session', 'wire']),
+    ('records', ['record', 'profile', 'account', 'endpoint', 'object_route', 'session', 'wire']),
     ('state', ['state', 'known_accounts']),
     ('detectors', ['detectors', 'rules', 'verdict', 'login_risk']),
     ('config', ['config']),
