@@ -123,9 +123,16 @@ test-unit: build
 # The real-Envoy suite once per build (FILTER_BUILDS): the same tests against
 # the .wasm and against the dynamic module; files that check build-independent
 # artefacts run in the wasm pass only (tests/conftest.py).
+# The passes run side by side (most tests wait on a clock, not the CPU; every
+# test has its own Envoy, upstream and ports), each into its own log, shown
+# whole once both are done.
 test-integration: build test-deps eval-deps
-	@for b in $(FILTER_BUILDS); do echo "== integration tests, $$b build"; \
-		$(VPY) -m pytest -q tests --filter-build=$$b || exit 1; done
+	@mkdir -p target/tests; pids=""; for b in $(FILTER_BUILDS); do \
+		$(VPY) -m pytest -q -p no:cacheprovider tests --filter-build=$$b > target/tests/integration-$$b.log 2>&1 & \
+		pids="$$pids $$!"; done; \
+	fail=0; for p in $$pids; do wait $$p || fail=1; done; \
+	for b in $(FILTER_BUILDS); do echo "== integration tests, $$b build"; cat target/tests/integration-$$b.log; done; \
+	exit $$fail
 
 test: lint test-unit test-integration fuzz-smoke
 
