@@ -115,9 +115,8 @@ lint: deps
 
 test-unit: build
 	cargo test -p abuse-engine
-	cargo test --release -p abuse-scorer
-	cargo test --release -p abuse-filter-check
-	cargo test --release -p wasm-trim
+	# One invocation: the three share their dependencies' builds.
+	cargo test --release -p abuse-scorer -p abuse-filter-check -p wasm-trim
 	cargo test --profile module -p abuse-filter-module
 
 # The real-Envoy suite once per build (FILTER_BUILDS): the same tests against
