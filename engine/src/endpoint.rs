@@ -8,13 +8,15 @@
 //! learned while the baseline is still the prior (f32) 4 · successful
 //! logins seen (known accounts learned) 4 · attempts on accounts not known
 //! to exist (sliding window) 16 · the share of such attempts it normally
-//! has (f32) 4.
+//! has (f32) 4 · failed attempts on accounts not known to exist (sliding
+//! window) 16 · the shapes of the usernames that logged in here (a 64-bit
+//! set, see [`name_shape`]) 8 · successful logins that taught the shapes 4.
 
 use crate::codec::{Reader, Writer};
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
-pub const ENDPOINT_BYTES: usize = 92;
+pub const ENDPOINT_BYTES: usize = 120;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EndpointRecord {
@@ -29,6 +31,9 @@ pub struct EndpointRecord {
     pub successes_seen: u32,
     pub unknown: SlidingWindow,
     pub unknown_baseline: f32,
+    pub unknown_failures: SlidingWindow,
+    pub name_shapes: u64,
+    pub names_learned: u32,
 }
 
 impl EndpointRecord {
@@ -69,6 +74,9 @@ impl EndpointRecord {
         w.u32(self.successes_seen);
         w.window(&self.unknown);
         w.f32(self.unknown_baseline);
+        w.window(&self.unknown_failures);
+        w.u64(self.name_shapes);
+        w.u32(self.names_learned);
     }
 
     fn decode_fields(r: &mut Reader<'_>) -> EndpointRecord {
@@ -90,11 +98,55 @@ impl EndpointRecord {
             successes_seen: r.u32(),
             unknown: r.window(),
             unknown_baseline: unit(r.f32()),
+            unknown_failures: r.window(),
+            name_shapes: r.u64(),
+            names_learned: r.u32(),
         }
     }
 }
 
 crate::record::impl_record!(EndpointRecord, ENDPOINT_BYTES);
+
+/// A username's shape, one of 64: each run of letters is `a`, each run of
+/// digits `9`, every other character itself (`user0042` → `a9`,
+/// `anna.li77@mail.example` → `a.a9@a.a`), hashed. A site's usernames
+/// share a format its sign-up imposes; a list leaked from elsewhere mostly
+/// has another (e-mail addresses where this site names its users, say).
+/// Case, lengths and the letters themselves are left out, so that real
+/// people's names are all of a few shapes.
+pub fn name_shape(username: &str) -> u8 {
+    let mut h = 0x811c_9dc5u32;
+    let mut last = '\0';
+    for c in username.trim().chars() {
+        let class = if c.is_alphabetic() {
+            'a'
+        } else if c.is_numeric() {
+            '9'
+        } else {
+            c
+        };
+        if class == last && (class == 'a' || class == '9') {
+            continue;
+        }
+        last = class;
+        let mut buf = [0u8; 4];
+        h = class.encode_utf8(&mut buf).bytes().fold(h, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    }
+    (h % 64) as u8
+}
+
+impl EndpointRecord {
+    /// Whether usernames of this shape ever logged in here.
+    pub fn knows_name_shape(&self, shape: u8) -> bool {
+        self.name_shapes & (1u64 << (shape % 64)) != 0
+    }
+
+    /// A successful login's username shape.
+    pub fn learn_name_shape(&mut self, shape: u8) {
+        self.name_shapes |= 1u64 << (shape % 64);
+        self.names_learned = self.names_learned.saturating_add(1);
+    }
+}
 
 /// One password (a keyed hash, the key rotating every window so that no
 /// hash outlives it) and the accounts it was tried on: a spray tries one
@@ -177,6 +229,9 @@ mod tests {
             successes_seen: 11,
             unknown: SlidingWindow { start_ms: 12, current: 13, previous: 14 },
             unknown_baseline: 0.25,
+            unknown_failures: SlidingWindow { start_ms: 15, current: 16, previous: 17 },
+            name_shapes: 1 << 40 | 3,
+            names_learned: 18,
         };
         let mut buf = [0u8; ENDPOINT_BYTES];
         e.encode(&mut buf);
@@ -185,5 +240,18 @@ mod tests {
         let mut buf = [0u8; SPRAY_BYTES];
         f.encode(&mut buf);
         assert_eq!(SprayRecord::decode(&buf), f);
+    }
+
+    #[test]
+    fn a_sites_names_share_a_shape_and_a_leaked_lists_mostly_do_not() {
+        assert_eq!(name_shape("user0042"), name_shape("user1"));
+        assert_eq!(name_shape("User0042"), name_shape("bob77"));
+        assert_eq!(name_shape("anna.li77@mail.example"), name_shape("omar.kate5@mail.example"));
+        assert_ne!(name_shape("user0042"), name_shape("anna.li77@mail.example"));
+        assert_ne!(name_shape("user0042"), name_shape("kate77@mail.example"));
+        let mut e = EndpointRecord::default();
+        assert!(!e.knows_name_shape(name_shape("user7")));
+        e.learn_name_shape(name_shape("user0042"));
+        assert!(e.knows_name_shape(name_shape("user7")) && e.names_learned == 1);
     }
 }

@@ -163,6 +163,31 @@ pub const UNKNOWN_RARE: f32 = 0.25;
 /// with at most one success per 20 failures.
 pub const TOOL_MIN_FAILURES: f64 = 10.0;
 
+/// Failed attempts on unknown accounts in the window before they can
+/// recognise an attack by themselves.
+pub const UNKNOWN_FAILURES_MIN: f64 = 10.0;
+/// ... when at least this share of the attempts on unknown accounts fail ...
+pub const UNKNOWN_FAILING_RATIO: f64 = 0.8;
+/// ... and they are more than this share of the window's attempts (and
+/// `attack_factor` times the usual share).
+pub const UNKNOWN_FAILING_SHARE: f32 = 0.15;
+/// Successful logins whose usernames' shapes are learned before a name
+/// unlike them is evidence.
+pub const NAMES_MIN: u32 = 20;
+
+/// One attempt as the endpoint counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttemptOutcome {
+    pub failed: bool,
+    /// Whether the account is not known to exist (None: no username read).
+    pub unknown: Option<bool>,
+    /// The attempt's password failed on many accounts in the window
+    /// ([`DistributedStuffing::is_sprayed_widely`]).
+    pub sprayed: bool,
+    /// The username's shape (a success teaches it).
+    pub name_shape: Option<u8>,
+}
+
 #[derive(Debug, Clone)]
 pub struct DistributedStuffing {
     config: DistributedStuffingConfig,
@@ -182,18 +207,29 @@ pub struct AttemptSignals {
     pub unlike_owner: bool,
     pub sprayed_password: bool,
     pub tool_fingerprint: bool,
+    /// The username's shape is none of those that ever logged in here
+    /// (told only for accounts not known to exist).
+    pub unlike_site_names: bool,
+    /// The attempt comes from the device *and* the network of the
+    /// account's recent successful logins: its owner, whatever client
+    /// library it shares with an attack.
+    pub owners_place: bool,
 }
 
 impl AttemptSignals {
     pub fn score(&self) -> u32 {
+        // At the owner's own place, what the client is (a tool, new to
+        // this Envoy, a script that only logs in) says nothing against it.
+        let client = !self.owners_place;
         let points = [
             (self.unknown_account, 2),
             (self.unlike_owner, 2),
             (self.sprayed_password, 2),
             (self.inconsistent_headers, 2),
-            (self.tool_fingerprint, 2),
-            (self.new_client, 1),
-            (self.never_browsed, 1),
+            (self.tool_fingerprint && client, 2),
+            (self.unlike_site_names, 1),
+            (self.new_client && client, 1),
+            (self.never_browsed && client, 1),
         ];
         points.iter().filter(|(on, _)| *on).map(|(_, p)| p).sum()
     }
@@ -207,8 +243,10 @@ impl AttemptSignals {
             (self.sprayed_password, "sprayed_password"),
             (self.inconsistent_headers, "inconsistent_headers"),
             (self.tool_fingerprint, "tool_fingerprint"),
+            (self.unlike_site_names, "unlike_site_names"),
             (self.new_client, "new_client"),
             (self.never_browsed, "never_browsed"),
+            (self.owners_place, "owners_place"),
         ];
         all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
     }
@@ -287,10 +325,22 @@ impl DistributedStuffing {
     /// `unknown`: whether the attempt's account is not known to exist (None
     /// when the username could not be read).
     pub fn on_outcome(&self, endpoint: &mut EndpointRecord, failed: bool, unknown: Option<bool>, now_ms: u64) {
+        self.on_attempt(endpoint, &AttemptOutcome { failed, unknown, ..AttemptOutcome::default() }, now_ms);
+    }
+
+    /// Records one attempt's outcome on the endpoint — the application's
+    /// answer, or the filter's own refusal of an attack-attributed attempt
+    /// (a failure: see [`DistributedStuffing::counts_refusal`]) — and
+    /// updates its state.
+    pub fn on_attempt(&self, endpoint: &mut EndpointRecord, outcome: &AttemptOutcome, now_ms: u64) {
+        let AttemptOutcome { failed, unknown, sprayed, name_shape } = *outcome;
         let since_ms = now_ms.saturating_sub(endpoint.last_seen_ms) as f64;
         endpoint.last_seen_ms = now_ms;
         if !failed {
             endpoint.successes_seen = endpoint.successes_seen.saturating_add(1);
+            if let Some(shape) = name_shape {
+                endpoint.learn_name_shape(shape);
+            }
         }
         if endpoint.baseline_samples == 0 && endpoint.baseline == 0.0 {
             endpoint.baseline = self.config.baseline_prior;
@@ -306,6 +356,11 @@ impl DistributedStuffing {
         } else {
             endpoint.unknown.estimate(now_ms, self.window_ms)
         };
+        let unknown_failures = if unknown == Some(true) && failed {
+            endpoint.unknown_failures.record(now_ms, self.window_ms)
+        } else {
+            endpoint.unknown_failures.estimate(now_ms, self.window_ms)
+        };
         if attempts < f64::from(self.config.min_attempts) {
             return;
         }
@@ -317,15 +372,43 @@ impl DistributedStuffing {
         // A burst of real first logins (a launch, a migration) is also
         // "unknown", but it mostly succeeds: a leaked list mostly fails.
         let failing = ratio > (endpoint.baseline * 2.0).max(self.config.attack_min_ratio);
-        let leaked_list = !self.learning(endpoint)
-            && self.knows_accounts(endpoint)
-            && unknown_share > unknown_threshold
-            && failing;
-        if ratio > threshold || leaked_list {
+        let knows = !self.learning(endpoint) && self.knows_accounts(endpoint);
+        let leaked_list = knows && unknown_share > unknown_threshold && failing;
+        // However many real logins dilute the endpoint's ratio: attempts on
+        // accounts that never logged in, far more of them than the
+        // endpoint's usual share, and nearly all failing (real first
+        // logins mostly succeed).
+        let failing_unknowns = knows
+            && unknown_failures >= UNKNOWN_FAILURES_MIN
+            && unknown_failures >= UNKNOWN_FAILING_RATIO * unknown_attempts
+            && unknown_share > (endpoint.unknown_baseline * self.config.attack_factor).max(UNKNOWN_FAILING_SHARE);
+        // One password failing on many accounts, while the endpoint fails
+        // more than it normally does: a spray, whatever its pace.
+        let spraying = sprayed && failed && ratio > endpoint.baseline;
+        if ratio > threshold || leaked_list || failing_unknowns || spraying {
             endpoint.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !endpoint.under_attack(now_ms) {
             self.learn(endpoint, ratio, unknown_share, since_ms);
         }
+    }
+
+    /// Whether a refused attempt counts for the endpoint (as a failure of
+    /// its fingerprint, password and account too): refused on the attack's
+    /// own evidence, by a client new here. Counting the filter's refusals
+    /// keeps an attack that is mostly refused recognised at any pace (else
+    /// the window empties of failures and a few attempts pass to renew
+    /// it); counting only a new client's keeps one person retrying after a
+    /// refusal from holding the endpoint under attack by themselves. A
+    /// refusal never counts for the person's own record (no login failure
+    /// on the client or the account).
+    pub fn counts_refusal(&self, signals: &AttemptSignals) -> bool {
+        signals.new_client && !self.refusal(signals).reasons.is_empty()
+    }
+
+    /// Whether usernames of this shape are unlike the endpoint's: it
+    /// learned enough successful logins' shapes, and none was this one.
+    pub fn unlike_site_names(&self, endpoint: &EndpointRecord, shape: u8) -> bool {
+        endpoint.names_learned >= self.config.known_accounts_min.max(NAMES_MIN) && !endpoint.knows_name_shape(shape)
     }
 
     /// Learns one normal window: aside while warming up (the prior stays the
@@ -359,6 +442,12 @@ impl DistributedStuffing {
         spray.accounts.estimate_at(now_ms, self.window_ms) >= f64::from(self.config.spray_min_accounts) - 0.5
     }
 
+    /// Whether a password failed on twice `spray_min_accounts` accounts in
+    /// the window: enough to recognise the endpoint as attacked.
+    pub fn is_sprayed_widely(&self, spray: &SprayRecord, now_ms: u64) -> bool {
+        spray.accounts.estimate_at(now_ms, self.window_ms) >= f64::from(self.config.spray_min_accounts) * 2.0 - 0.5
+    }
+
     /// The client-level evidence, from its record before this request.
     pub fn client_signals(&self, client: &ClientRecord) -> (bool, bool) {
         let new_client = client.login_successes == 0 && client.requests <= self.config.new_client_max_requests;
@@ -376,7 +465,7 @@ impl DistributedStuffing {
     pub fn refusal(&self, signals: &AttemptSignals) -> Signal {
         let mut signal = Signal::default();
         let specific = signals.unknown_account || signals.sprayed_password || signals.tool_fingerprint || signals.inconsistent_headers;
-        if signals.under_attack && specific && signals.score() >= self.config.refuse_at {
+        if signals.under_attack && specific && !signals.owners_place && signals.score() >= self.config.refuse_at {
             let figure = Figure::new("attempt evidence score during an attack on the endpoint", signals.score().into(), self.config.refuse_at.into(), 0);
             signal.fire_with(Reason::CredentialStuffing, self.config.weight, figure);
         }

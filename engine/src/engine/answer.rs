@@ -126,24 +126,7 @@ impl Engine {
             _ => 0.0,
         };
         if let (Some(d), Some(route), true) = (&self.distributed, exchange.login_route, outcome != LoginOutcome::Other) {
-            let failed = outcome == LoginOutcome::Failure;
-            // Best effort, all three: a lost update only delays recognition.
-            if let (true, Some(pw), Some(user)) = (failed, exchange.password_key, username_hash) {
-                let _ = self.sprays.update(store, pw, now_ms, |p| {
-                    d.on_failed_password(p, user, now_ms);
-                    ((), true)
-                });
-            }
-            if let Some(fp) = exchange.tool_key {
-                let _ = self.fingerprints.update(store, fp, now_ms, |f| {
-                    d.on_fingerprint_outcome(f, failed, now_ms);
-                    ((), true)
-                });
-            }
-            let _ = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
-                d.on_outcome(e, failed, exchange.account_unknown, now_ms);
-                ((), true)
-            });
+            self.count_attempt(store, d, route, exchange, outcome == LoginOutcome::Failure, username_hash, now_ms);
         }
         let judge = |record: &mut ClientRecord| {
             if let Some(penalized) = self.penalized(record, now_ms) {

@@ -6,6 +6,7 @@
 use super::{Engine, Exchange, DOMAIN_USERNAME, DOMAIN_ENDPOINT, DOMAIN_PASSWORD};
 use crate::account::AccountRecord;
 use crate::detectors::Signal;
+use crate::detectors::distributed_stuffing::{AttemptOutcome, DistributedStuffing};
 use crate::detectors::login::LoginDetector;
 use crate::detectors::login_profile::LoginProfile;
 use crate::identity::ClientAddr;
@@ -125,14 +126,20 @@ impl Engine {
             return Signal::default();
         };
         let endpoint = exchange.endpoint.unwrap_or_default();
+        let shape = crate::endpoint::name_shape(exchange.username.as_deref().unwrap_or(""));
+        exchange.name_shape = Some(shape);
         if known {
-            attempt.unlike_owner =
-                account.is_some_and(|a| a.profile.is_known() && !a.profile.looks_like_owner(&exchange.login_place));
+            let profile = account.map(|a| a.profile).filter(|p| p.is_known());
+            attempt.unlike_owner = profile.is_some_and(|p| !p.looks_like_owner(&exchange.login_place));
+            attempt.owners_place = profile.is_some_and(|p| p.is_owners_place(&exchange.login_place));
         } else {
             attempt.unknown_account = d.unknown_is_evidence(&endpoint);
+            attempt.unlike_site_names = d.unlike_site_names(&endpoint, shape);
         }
-        if let Some(password) = login.password(route, body).filter(|_| attempt.under_attack) {
+        if let Some(password) = login.password(route, body) {
             // Keyed and rotating: the hash means nothing after its window.
+            // Every attempt's (not only during an attack): a spray is also
+            // how an attack is recognised.
             let epoch = now_ms / d.window_ms().max(1);
             let mut text = epoch.to_le_bytes().to_vec();
             text.extend_from_slice(password.as_bytes());
@@ -148,7 +155,58 @@ impl Engine {
                 .is_some_and(|p| d.is_sprayed(&p, now_ms));
         }
         exchange.attempt = Some(attempt);
-        d.refusal(&attempt)
+        let signal = d.refusal(&attempt);
+        if d.counts_refusal(&attempt) {
+            self.count_refused_attempt(store, exchange, account_key, now_ms);
+        }
+        signal
+    }
+
+    /// The filter's refusal of an attack-attributed attempt counts as a
+    /// failed attempt for the endpoint, the tool's fingerprint and the
+    /// password (see `DistributedStuffing::counts_refusal`) — never for the
+    /// client's or the account's own record.
+    fn count_refused_attempt(&self, store: &dyn SharedStore, exchange: &Exchange, account_key: u64, now_ms: u64) {
+        let (Some(d), Some(route)) = (&self.distributed, exchange.login_route) else {
+            return;
+        };
+        self.count_attempt(store, d, route, exchange, true, Some(account_key), now_ms);
+    }
+
+    /// One attempt's outcome for distributed stuffing's shared records
+    /// (best effort, all three: a lost update only delays recognition).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn count_attempt(
+        &self,
+        store: &dyn SharedStore,
+        d: &DistributedStuffing,
+        route: usize,
+        exchange: &Exchange,
+        failed: bool,
+        account: Option<u64>,
+        now_ms: u64,
+    ) {
+        let mut sprayed = false;
+        if let (true, Some(pw), Some(user)) = (failed, exchange.password_key, account) {
+            sprayed = self
+                .sprays
+                .update(store, pw, now_ms, |p| {
+                    d.on_failed_password(p, user, now_ms);
+                    (d.is_sprayed_widely(p, now_ms), true)
+                })
+                .is_ok_and(|(s, _)| s);
+        }
+        if let Some(fp) = exchange.tool_key {
+            let _ = self.fingerprints.update(store, fp, now_ms, |f| {
+                d.on_fingerprint_outcome(f, failed, now_ms);
+                ((), true)
+            });
+        }
+        let outcome = AttemptOutcome { failed, unknown: exchange.account_unknown, sprayed, name_shape: exchange.name_shape };
+        let _ = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
+            d.on_attempt(e, &outcome, now_ms);
+            ((), true)
+        });
     }
 
     /// The `x-abuse-login-risk` value once the body was read (for headers
