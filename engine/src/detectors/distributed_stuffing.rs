@@ -167,10 +167,10 @@ pub const TOOL_MIN_FAILURES: f64 = 10.0;
 /// recognise an attack by themselves.
 pub const UNKNOWN_FAILURES_MIN: f64 = 10.0;
 /// ... when at least this share of the attempts on unknown accounts fail ...
-pub const UNKNOWN_FAILING_RATIO: f64 = 0.8;
+pub const UNKNOWN_FAILING_RATIO: f64 = 0.6;
 /// ... and they are more than this share of the window's attempts (and
 /// `attack_factor` times the usual share).
-pub const UNKNOWN_FAILING_SHARE: f32 = 0.15;
+pub const UNKNOWN_FAILING_SHARE: f32 = 0.1;
 /// Successful logins whose usernames' shapes are learned before a name
 /// unlike them is evidence.
 pub const NAMES_MIN: u32 = 20;
@@ -437,9 +437,12 @@ impl DistributedStuffing {
         spray.accounts.insert(account, now_ms, self.window_ms);
     }
 
-    /// Whether a password failed on `spray_min_accounts` accounts in the window.
+    /// Whether a password failed on `spray_min_accounts` accounts in the
+    /// window. Its key rotates with the window, and the record's window
+    /// starts at its first failure: this window's record or the last one's
+    /// (which started less than two windows ago) is judged.
     pub fn is_sprayed(&self, spray: &SprayRecord, now_ms: u64) -> bool {
-        spray.accounts.estimate_at(now_ms, self.window_ms) >= f64::from(self.config.spray_min_accounts) - 0.5
+        spray.accounts.estimate_at(now_ms, self.window_ms.saturating_mul(2)) >= f64::from(self.config.spray_min_accounts) - 0.5
     }
 
     /// Whether a password failed on twice `spray_min_accounts` accounts in

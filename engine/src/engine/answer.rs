@@ -136,11 +136,15 @@ impl Engine {
             if let Some(login) = &self.login {
                 // Suspected of stuffing, not merely risky: an office address
                 // tagged for session churn still logs its people in.
-                let suspected = record.recent_reasons.contains(Reason::CredentialStuffing);
                 // The account's failing-clients sketch is a 64-bit map that
                 // collides: a takeover also needs this record's own recent
                 // failures, so that an owner who never failed is never one.
                 let own_failed = record.login_failures.estimate(now_ms, login.window_ms()) >= 1.0;
+                // Suspected on its own failed logins: a refusal by
+                // distributed stuffing is no failure, so a person whose
+                // first login was refused during an attack and who gets in
+                // once it is over is not taken for a stuffer who got lucky.
+                let suspected = record.recent_reasons.contains(Reason::CredentialStuffing) && own_failed;
                 let account_failures = if own_failed || outcome != LoginOutcome::Success { account_failures } else { 0.0 };
                 signal.add(login.observe(record, outcome, username_hash, account_failures, suspected, now_ms));
             }

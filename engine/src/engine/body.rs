@@ -139,20 +139,22 @@ impl Engine {
         if let Some(password) = login.password(route, body) {
             // Keyed and rotating: the hash means nothing after its window.
             // Every attempt's (not only during an attack): a spray is also
-            // how an attack is recognised.
+            // how an attack is recognised. Failures count under this
+            // window's key; a spray is judged on this window's and the
+            // last one's (else each new window would let a spray's first
+            // attempts through until it counted again).
             let epoch = now_ms / d.window_ms().max(1);
-            let mut text = epoch.to_le_bytes().to_vec();
-            text.extend_from_slice(password.as_bytes());
-            let key = self.hasher.key(DOMAIN_PASSWORD, &text);
+            let key_of = |epoch: u64| {
+                let mut text = epoch.to_le_bytes().to_vec();
+                text.extend_from_slice(password.as_bytes());
+                self.hasher.key(DOMAIN_PASSWORD, &text)
+            };
+            let key = key_of(epoch);
             // Only failures count (the answer records them): real users who
             // share a common password log in, and are never a "spray".
             exchange.password_key = Some(key);
-            attempt.sprayed_password = self
-                .sprays
-                .peek(store, key)
-                .ok()
-                .flatten()
-                .is_some_and(|p| d.is_sprayed(&p, now_ms));
+            let sprayed = |key: u64| self.sprays.peek(store, key).ok().flatten().is_some_and(|p| d.is_sprayed(&p, now_ms));
+            attempt.sprayed_password = sprayed(key) || (epoch > 0 && sprayed(key_of(epoch.saturating_sub(1))));
         }
         exchange.attempt = Some(attempt);
         let signal = d.refusal(&attempt);
