@@ -181,9 +181,6 @@ pub struct AttemptOutcome {
     pub failed: bool,
     /// Whether the account is not known to exist (None: no username read).
     pub unknown: Option<bool>,
-    /// The attempt's password failed on many accounts in the window
-    /// ([`DistributedStuffing::is_sprayed_widely`]).
-    pub sprayed: bool,
     /// The username's shape (a success teaches it).
     pub name_shape: Option<u8>,
 }
@@ -333,7 +330,7 @@ impl DistributedStuffing {
     /// (a failure: see [`DistributedStuffing::counts_refusal`]) — and
     /// updates its state.
     pub fn on_attempt(&self, endpoint: &mut EndpointRecord, outcome: &AttemptOutcome, now_ms: u64) {
-        let AttemptOutcome { failed, unknown, sprayed, name_shape } = *outcome;
+        let AttemptOutcome { failed, unknown, name_shape } = *outcome;
         let since_ms = now_ms.saturating_sub(endpoint.last_seen_ms) as f64;
         endpoint.last_seen_ms = now_ms;
         if !failed {
@@ -382,10 +379,10 @@ impl DistributedStuffing {
             && unknown_failures >= UNKNOWN_FAILURES_MIN
             && unknown_failures >= UNKNOWN_FAILING_RATIO * unknown_attempts
             && unknown_share > (endpoint.unknown_baseline * self.config.attack_factor).max(UNKNOWN_FAILING_SHARE);
-        // One password failing on many accounts, while the endpoint fails
-        // more than it normally does: a spray, whatever its pace.
-        let spraying = sprayed && failed && ratio > endpoint.baseline;
-        if ratio > threshold || leaked_list || failing_unknowns || spraying {
+        // (A spray is evidence about the attempt, not the endpoint: real
+        // users' common wrong passwords would make it a false alarm, and
+        // a false alarm makes every first login "unknown" evidence.)
+        if ratio > threshold || leaked_list || failing_unknowns {
             endpoint.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !endpoint.under_attack(now_ms) {
             self.learn(endpoint, ratio, unknown_share, since_ms);
@@ -445,11 +442,6 @@ impl DistributedStuffing {
         spray.accounts.estimate_at(now_ms, self.window_ms.saturating_mul(2)) >= f64::from(self.config.spray_min_accounts) - 0.5
     }
 
-    /// Whether a password failed on twice `spray_min_accounts` accounts in
-    /// the window: enough to recognise the endpoint as attacked.
-    pub fn is_sprayed_widely(&self, spray: &SprayRecord, now_ms: u64) -> bool {
-        spray.accounts.estimate_at(now_ms, self.window_ms) >= f64::from(self.config.spray_min_accounts) * 2.0 - 0.5
-    }
 
     /// The client-level evidence, from its record before this request.
     pub fn client_signals(&self, client: &ClientRecord) -> (bool, bool) {

@@ -138,8 +138,8 @@ impl Engine {
         }
         if let Some(password) = login.password(route, body) {
             // Keyed and rotating: the hash means nothing after its window.
-            // Every attempt's (not only during an attack): a spray is also
-            // how an attack is recognised. Failures count under this
+            // Every attempt's (not only during an attack), so that a spray
+            // is known when the attack is recognised. Failures count under this
             // window's key; a spray is judged on this window's and the
             // last one's (else each new window would let a spray's first
             // attempts through until it counted again).
@@ -188,15 +188,11 @@ impl Engine {
         account: Option<u64>,
         now_ms: u64,
     ) {
-        let mut sprayed = false;
         if let (true, Some(pw), Some(user)) = (failed, exchange.password_key, account) {
-            sprayed = self
-                .sprays
-                .update(store, pw, now_ms, |p| {
-                    d.on_failed_password(p, user, now_ms);
-                    (d.is_sprayed_widely(p, now_ms), true)
-                })
-                .is_ok_and(|(s, _)| s);
+            let _ = self.sprays.update(store, pw, now_ms, |p| {
+                d.on_failed_password(p, user, now_ms);
+                ((), true)
+            });
         }
         if let Some(fp) = exchange.tool_key {
             let _ = self.fingerprints.update(store, fp, now_ms, |f| {
@@ -204,7 +200,7 @@ impl Engine {
                 ((), true)
             });
         }
-        let outcome = AttemptOutcome { failed, unknown: exchange.account_unknown, sprayed, name_shape: exchange.name_shape };
+        let outcome = AttemptOutcome { failed, unknown: exchange.account_unknown, name_shape: exchange.name_shape };
         let _ = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
             d.on_attempt(e, &outcome, now_ms);
             ((), true)
