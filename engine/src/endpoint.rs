@@ -10,13 +10,15 @@
 //! to exist (sliding window) 16 · the share of such attempts it normally
 //! has (f32) 4 · failed attempts on accounts not known to exist (sliding
 //! window) 16 · the shapes of the usernames that logged in here (a 64-bit
-//! set, see [`name_shape`]) 8 · successful logins that taught the shapes 4.
+//! set, see [`name_shape`]) 8 · successful logins that taught the shapes 4 ·
+//! attempts on unknown accounts whose names are unlike the site's (sliding
+//! window) 16 · those of them that failed (sliding window) 16.
 
 use crate::codec::{Reader, Writer};
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
-pub const ENDPOINT_BYTES: usize = 120;
+pub const ENDPOINT_BYTES: usize = 152;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EndpointRecord {
@@ -34,6 +36,8 @@ pub struct EndpointRecord {
     pub unknown_failures: SlidingWindow,
     pub name_shapes: u64,
     pub names_learned: u32,
+    pub foreign: SlidingWindow,
+    pub foreign_failures: SlidingWindow,
 }
 
 impl EndpointRecord {
@@ -77,6 +81,8 @@ impl EndpointRecord {
         w.window(&self.unknown_failures);
         w.u64(self.name_shapes);
         w.u32(self.names_learned);
+        w.window(&self.foreign);
+        w.window(&self.foreign_failures);
     }
 
     fn decode_fields(r: &mut Reader<'_>) -> EndpointRecord {
@@ -101,6 +107,8 @@ impl EndpointRecord {
             unknown_failures: r.window(),
             name_shapes: r.u64(),
             names_learned: r.u32(),
+            foreign: r.window(),
+            foreign_failures: r.window(),
         }
     }
 }
@@ -232,6 +240,8 @@ mod tests {
             unknown_failures: SlidingWindow { start_ms: 15, current: 16, previous: 17 },
             name_shapes: 1 << 40 | 3,
             names_learned: 18,
+            foreign: SlidingWindow { start_ms: 19, current: 20, previous: 21 },
+            foreign_failures: SlidingWindow { start_ms: 22, current: 23, previous: 24 },
         };
         let mut buf = [0u8; ENDPOINT_BYTES];
         e.encode(&mut buf);

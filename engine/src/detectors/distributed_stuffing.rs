@@ -168,9 +168,16 @@ pub const TOOL_MIN_FAILURES: f64 = 10.0;
 pub const UNKNOWN_FAILURES_MIN: f64 = 10.0;
 /// ... when at least this share of the attempts on unknown accounts fail ...
 pub const UNKNOWN_FAILING_RATIO: f64 = 0.6;
+/// ... (before unknown accounts are evidence: at least this share of them fail) ...
+pub const COLD_UNKNOWN_FAILING_RATIO: f64 = 0.8;
 /// ... and they are more than this share of the window's attempts (and
 /// `attack_factor` times the usual share).
 pub const UNKNOWN_FAILING_SHARE: f32 = 0.1;
+/// Attempts on unknown accounts with names unlike the site's recognise an
+/// attack when this share of them fails...
+pub const FOREIGN_FAILING_RATIO: f64 = 0.9;
+/// ... and they are this share of the window's attempts.
+pub const FOREIGN_SHARE: f64 = 0.1;
 /// Successful logins whose usernames' shapes are learned before a name
 /// unlike them is evidence.
 pub const NAMES_MIN: u32 = 20;
@@ -183,6 +190,15 @@ pub struct AttemptOutcome {
     pub unknown: Option<bool>,
     /// The username's shape (a success teaches it).
     pub name_shape: Option<u8>,
+    /// An unknown account whose name is unlike the site's (see
+    /// [`AttemptSignals::unlike_site_names`]).
+    pub foreign: bool,
+    /// ... with a password that failed on many accounts in the window: a
+    /// list from elsewhere, sprayed.
+    pub foreign_spray: bool,
+    /// The attempt's password has now failed on twice `spray_min_accounts`
+    /// accounts in the window ([`DistributedStuffing::is_sprayed_widely`]).
+    pub sprayed_widely: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +223,11 @@ pub struct AttemptSignals {
     /// The username's shape is none of those that ever logged in here
     /// (told only for accounts not known to exist).
     pub unlike_site_names: bool,
+    /// During an attack, the account is not known to exist, but the filter
+    /// cannot tell what that is worth (after a cold start every returning
+    /// user's first login is to an "unknown" account): points toward
+    /// `high` (a second factor), never a refusal by itself.
+    pub unknown_unsure: bool,
     /// The attempt comes from the device *and* the network of the
     /// account's recent successful logins: its owner, whatever client
     /// library it shares with an attack.
@@ -220,6 +241,7 @@ impl AttemptSignals {
         let client = !self.owners_place;
         let points = [
             (self.unknown_account, 2),
+            (self.unknown_unsure, 2),
             (self.unlike_owner, 2),
             (self.sprayed_password, 2),
             (self.inconsistent_headers, 2),
@@ -236,6 +258,7 @@ impl AttemptSignals {
         let all = [
             (self.under_attack, "endpoint_under_attack"),
             (self.unknown_account, "unknown_account"),
+            (self.unknown_unsure, "unknown_account_unsure"),
             (self.unlike_owner, "unlike_owner"),
             (self.sprayed_password, "sprayed_password"),
             (self.inconsistent_headers, "inconsistent_headers"),
@@ -330,7 +353,7 @@ impl DistributedStuffing {
     /// (a failure: see [`DistributedStuffing::counts_refusal`]) — and
     /// updates its state.
     pub fn on_attempt(&self, endpoint: &mut EndpointRecord, outcome: &AttemptOutcome, now_ms: u64) {
-        let AttemptOutcome { failed, unknown, name_shape } = *outcome;
+        let AttemptOutcome { failed, unknown, name_shape, foreign, foreign_spray, sprayed_widely } = *outcome;
         let since_ms = now_ms.saturating_sub(endpoint.last_seen_ms) as f64;
         endpoint.last_seen_ms = now_ms;
         if !failed {
@@ -358,6 +381,20 @@ impl DistributedStuffing {
         } else {
             endpoint.unknown_failures.estimate(now_ms, self.window_ms)
         };
+        let (foreign_attempts, foreign_failures) = match foreign {
+            true => (
+                endpoint.foreign.record(now_ms, self.window_ms),
+                if failed {
+                    endpoint.foreign_failures.record(now_ms, self.window_ms)
+                } else {
+                    endpoint.foreign_failures.estimate(now_ms, self.window_ms)
+                },
+            ),
+            false => (
+                endpoint.foreign.estimate(now_ms, self.window_ms),
+                endpoint.foreign_failures.estimate(now_ms, self.window_ms),
+            ),
+        };
         if attempts < f64::from(self.config.min_attempts) {
             return;
         }
@@ -375,14 +412,37 @@ impl DistributedStuffing {
         // accounts that never logged in, far more of them than the
         // endpoint's usual share, and nearly all failing (real first
         // logins mostly succeed).
-        let failing_unknowns = knows
-            && unknown_failures >= UNKNOWN_FAILURES_MIN
+        // Once unknown accounts are evidence, their share must also be far
+        // above its usual (a busy site's mistyped usernames fail too);
+        // before (a cold start, where every returning user's first login is
+        // to an "unknown" account, and mostly succeeds), twice as many,
+        // failing four in five: no false alarm here can refuse anyone on an
+        // unknown account alone (see `unknown_unsure`).
+        let failing_unknowns = unknown_failures >= UNKNOWN_FAILURES_MIN
             && unknown_failures >= UNKNOWN_FAILING_RATIO * unknown_attempts
-            && unknown_share > (endpoint.unknown_baseline * self.config.attack_factor).max(UNKNOWN_FAILING_SHARE);
-        // (A spray is evidence about the attempt, not the endpoint: real
-        // users' common wrong passwords would make it a false alarm, and
-        // a false alarm makes every first login "unknown" evidence.)
-        if ratio > threshold || leaked_list || failing_unknowns {
+            && if self.unknown_is_evidence(endpoint) {
+                unknown_share > (endpoint.unknown_baseline * self.config.attack_factor).max(UNKNOWN_FAILING_SHARE)
+            } else {
+                unknown_failures >= 2.0 * UNKNOWN_FAILURES_MIN && unknown_failures >= COLD_UNKNOWN_FAILING_RATIO * unknown_attempts
+            };
+        // A spray alone is evidence about the attempt, not the endpoint
+        // (real users' common wrong passwords would make it a false alarm,
+        // and a false alarm makes every first login "unknown" evidence);
+        // a spray over names unlike any that logged in here is a list from
+        // elsewhere, however many real logins dilute the ratio.
+        let spraying_foreign = foreign_spray && failed;
+        // Names unlike any that logged in here, on accounts never seen, a
+        // tenth of the window's attempts and nearly all failing: a list from
+        // elsewhere (a person who types an e-mail where the site wants a
+        // username fails too, but not a tenth of the endpoint's logins).
+        let foreign_list = foreign_failures >= 2.0 * UNKNOWN_FAILURES_MIN
+            && foreign_failures >= FOREIGN_FAILING_RATIO * foreign_attempts
+            && foreign_attempts >= FOREIGN_SHARE * attempts;
+        // Before unknown accounts are evidence (a cold start: no false alarm
+        // then refuses anyone on an unknown account alone), a password
+        // failing on many accounts never seen is one too.
+        let cold_spray = sprayed_widely && failed && unknown == Some(true) && !self.unknown_is_evidence(endpoint);
+        if ratio > threshold || leaked_list || failing_unknowns || spraying_foreign || foreign_list || cold_spray {
             endpoint.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !endpoint.under_attack(now_ms) {
             self.learn(endpoint, ratio, unknown_share, since_ms);
@@ -443,6 +503,12 @@ impl DistributedStuffing {
     }
 
 
+    /// Whether a password failed on twice `spray_min_accounts` accounts in
+    /// the window (its own key's: see [`DistributedStuffing::is_sprayed`]).
+    pub fn is_sprayed_widely(&self, spray: &SprayRecord, now_ms: u64) -> bool {
+        spray.accounts.estimate_at(now_ms, self.window_ms) >= f64::from(self.config.spray_min_accounts) * 2.0 - 0.5
+    }
+
     /// The client-level evidence, from its record before this request.
     pub fn client_signals(&self, client: &ClientRecord) -> (bool, bool) {
         let new_client = client.login_successes == 0 && client.requests <= self.config.new_client_max_requests;
@@ -459,7 +525,15 @@ impl DistributedStuffing {
     /// for a second factor, it never refuses by itself.
     pub fn refusal(&self, signals: &AttemptSignals) -> Signal {
         let mut signal = Signal::default();
-        let specific = signals.unknown_account || signals.sprayed_password || signals.tool_fingerprint || signals.inconsistent_headers;
+        // A name unlike every name that logged in here, on an account never
+        // seen: a list from elsewhere, even before the filter can say what
+        // unknown accounts are worth.
+        let foreign = signals.unlike_site_names && (signals.unknown_account || signals.unknown_unsure);
+        let specific = signals.unknown_account
+            || signals.sprayed_password
+            || signals.tool_fingerprint
+            || signals.inconsistent_headers
+            || foreign;
         if signals.under_attack && specific && !signals.owners_place && signals.score() >= self.config.refuse_at {
             let figure = Figure::new("attempt evidence score during an attack on the endpoint", signals.score().into(), self.config.refuse_at.into(), 0);
             signal.fire_with(Reason::CredentialStuffing, self.config.weight, figure);

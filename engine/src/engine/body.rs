@@ -134,6 +134,7 @@ impl Engine {
             attempt.owners_place = profile.is_some_and(|p| p.is_owners_place(&exchange.login_place));
         } else {
             attempt.unknown_account = d.unknown_is_evidence(&endpoint);
+            attempt.unknown_unsure = !attempt.unknown_account && attempt.under_attack;
             attempt.unlike_site_names = d.unlike_site_names(&endpoint, shape);
         }
         if let Some(password) = login.password(route, body) {
@@ -188,11 +189,15 @@ impl Engine {
         account: Option<u64>,
         now_ms: u64,
     ) {
+        let mut sprayed_widely = false;
         if let (true, Some(pw), Some(user)) = (failed, exchange.password_key, account) {
-            let _ = self.sprays.update(store, pw, now_ms, |p| {
-                d.on_failed_password(p, user, now_ms);
-                ((), true)
-            });
+            sprayed_widely = self
+                .sprays
+                .update(store, pw, now_ms, |p| {
+                    d.on_failed_password(p, user, now_ms);
+                    (d.is_sprayed_widely(p, now_ms), true)
+                })
+                .is_ok_and(|(wide, _)| wide);
         }
         if let Some(fp) = exchange.tool_key {
             let _ = self.fingerprints.update(store, fp, now_ms, |f| {
@@ -200,7 +205,16 @@ impl Engine {
                 ((), true)
             });
         }
-        let outcome = AttemptOutcome { failed, unknown: exchange.account_unknown, name_shape: exchange.name_shape };
+        let foreign = exchange.attempt.is_some_and(|a| a.unlike_site_names);
+        let foreign_spray = foreign && exchange.attempt.is_some_and(|a| a.sprayed_password);
+        let outcome = AttemptOutcome {
+            failed,
+            unknown: exchange.account_unknown,
+            name_shape: exchange.name_shape,
+            foreign,
+            foreign_spray,
+            sprayed_widely,
+        };
         let _ = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
             d.on_attempt(e, &outcome, now_ms);
             ((), true)
