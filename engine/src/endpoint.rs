@@ -158,18 +158,21 @@ impl EndpointRecord {
 
 /// One password (a keyed hash, the key rotating every window so that no
 /// hash outlives it) and the accounts it was tried on: a spray tries one
-/// password on many accounts.
+/// password on many accounts. A password that let someone in lately is
+/// somebody's real one (many people's, if it is `123456`): never a spray's
+/// mark, whatever else failed with it.
 ///
 /// Layout, [`SPRAY_BYTES`] bytes: key 8 · last_seen_ms 8 · distinct accounts
-/// (distinct window) 16.
+/// (distinct window) 16 · the last successful login with it (ms, 0 none) 8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SprayRecord {
     pub key: u64,
     pub last_seen_ms: u64,
     pub accounts: DistinctWindow,
+    pub succeeded_ms: u64,
 }
 
-pub const SPRAY_BYTES: usize = 32;
+pub const SPRAY_BYTES: usize = 40;
 
 impl SprayRecord {
     /// Every field, in the order of the layout above.
@@ -177,10 +180,11 @@ impl SprayRecord {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.distinct(&self.accounts);
+        w.u64(self.succeeded_ms);
     }
 
     fn decode_fields(r: &mut Reader<'_>) -> SprayRecord {
-        SprayRecord { key: r.u64(), last_seen_ms: r.u64(), accounts: r.distinct() }
+        SprayRecord { key: r.u64(), last_seen_ms: r.u64(), accounts: r.distinct(), succeeded_ms: r.u64() }
     }
 }
 
@@ -246,7 +250,7 @@ mod tests {
         let mut buf = [0u8; ENDPOINT_BYTES];
         e.encode(&mut buf);
         assert_eq!(EndpointRecord::decode(&buf), e);
-        let f = SprayRecord { key: 1, last_seen_ms: 2, accounts: DistinctWindow { start_ms: 3, bits: 4 } };
+        let f = SprayRecord { key: 1, last_seen_ms: 2, accounts: DistinctWindow { start_ms: 3, bits: 4 }, succeeded_ms: 5 };
         let mut buf = [0u8; SPRAY_BYTES];
         f.encode(&mut buf);
         assert_eq!(SprayRecord::decode(&buf), f);

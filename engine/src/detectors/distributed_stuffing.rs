@@ -499,7 +499,20 @@ impl DistributedStuffing {
     /// starts at its first failure: this window's record or the last one's
     /// (which started less than two windows ago) is judged.
     pub fn is_sprayed(&self, spray: &SprayRecord, now_ms: u64) -> bool {
-        spray.accounts.estimate_at(now_ms, self.window_ms.saturating_mul(2)) >= f64::from(self.config.spray_min_accounts) - 0.5
+        !self.let_someone_in(spray, now_ms)
+            && spray.accounts.estimate_at(now_ms, self.window_ms.saturating_mul(2)) >= f64::from(self.config.spray_min_accounts) - 0.5
+    }
+
+    /// Whether the password let someone in lately (two windows): then it
+    /// is a real one, never a spray's mark.
+    pub fn let_someone_in(&self, spray: &SprayRecord, now_ms: u64) -> bool {
+        spray.succeeded_ms != 0 && now_ms.saturating_sub(spray.succeeded_ms) < self.window_ms.saturating_mul(2)
+    }
+
+    /// A successful login with the password.
+    pub fn on_password_success(&self, spray: &mut SprayRecord, now_ms: u64) {
+        spray.last_seen_ms = now_ms;
+        spray.succeeded_ms = spray.succeeded_ms.max(now_ms);
     }
 
 
@@ -697,6 +710,10 @@ mod tests {
             .collect();
         assert_eq!(sprayed, [false, false, false, false, true, true]);
         assert!(!d.is_sprayed(&p, 1000 + 200_000), "forgotten after the window");
+        // Somebody's real password (123456 is many people's): never a spray's mark.
+        let mut real = p;
+        d.on_password_success(&mut real, 1010);
+        assert!(!d.is_sprayed(&real, 1011) && d.is_sprayed(&p, 1011));
         let mut mine = SprayRecord::default();
         for t in 0..10 {
             d.on_failed_password(&mut mine, 7, 1000 + t);

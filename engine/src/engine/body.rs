@@ -6,7 +6,7 @@
 use super::{Engine, Exchange, DOMAIN_USERNAME, DOMAIN_ENDPOINT, DOMAIN_PASSWORD};
 use crate::account::AccountRecord;
 use crate::detectors::Signal;
-use crate::detectors::distributed_stuffing::{AttemptOutcome, DistributedStuffing};
+use crate::detectors::distributed_stuffing::{AttemptOutcome, AttemptSignals, DistributedStuffing};
 use crate::detectors::login::LoginDetector;
 use crate::detectors::login_profile::LoginProfile;
 use crate::identity::ClientAddr;
@@ -154,13 +154,21 @@ impl Engine {
             // Only failures count (the answer records them): real users who
             // share a common password log in, and are never a "spray".
             exchange.password_key = Some(key);
-            let sprayed = |key: u64| self.sprays.peek(store, key).ok().flatten().is_some_and(|p| d.is_sprayed(&p, now_ms));
-            attempt.sprayed_password = sprayed(key) || (epoch > 0 && sprayed(key_of(epoch.saturating_sub(1))));
+            let spray = |key: u64| self.sprays.peek(store, key).ok().flatten();
+            let (now, last) = (spray(key), spray(key_of(epoch.saturating_sub(1))).filter(|_| epoch > 0));
+            let sprayed = [now, last].iter().flatten().any(|p| d.is_sprayed(p, now_ms));
+            let real = [now, last].iter().flatten().any(|p| d.let_someone_in(p, now_ms));
+            attempt.sprayed_password = sprayed && !real;
         }
         exchange.attempt = Some(attempt);
         let signal = d.refusal(&attempt);
         if d.counts_refusal(&attempt) {
-            self.count_refused_attempt(store, exchange, account_key, now_ms);
+            // Its password counts among the spray's accounts only when the
+            // attempt is refused without it: else one spray would feed on
+            // its own refusals of every person whose password it is.
+            let without_spray = AttemptSignals { sprayed_password: false, ..attempt };
+            let spray = !d.refusal(&without_spray).reasons.is_empty();
+            self.count_refused_attempt(store, exchange, spray.then_some(account_key), now_ms);
         }
         signal
     }
@@ -169,11 +177,12 @@ impl Engine {
     /// failed attempt for the endpoint, the tool's fingerprint and the
     /// password (see `DistributedStuffing::counts_refusal`) — never for the
     /// client's or the account's own record.
-    fn count_refused_attempt(&self, store: &dyn SharedStore, exchange: &Exchange, account_key: u64, now_ms: u64) {
+    /// `account`: the attempt's account, when its password counts too.
+    fn count_refused_attempt(&self, store: &dyn SharedStore, exchange: &Exchange, account: Option<u64>, now_ms: u64) {
         let (Some(d), Some(route)) = (&self.distributed, exchange.login_route) else {
             return;
         };
-        self.count_attempt(store, d, route, exchange, true, Some(account_key), now_ms);
+        self.count_attempt(store, d, route, exchange, true, account, now_ms);
     }
 
     /// One attempt's outcome for distributed stuffing's shared records
@@ -190,14 +199,26 @@ impl Engine {
         now_ms: u64,
     ) {
         let mut sprayed_widely = false;
-        if let (true, Some(pw), Some(user)) = (failed, exchange.password_key, account) {
-            sprayed_widely = self
-                .sprays
-                .update(store, pw, now_ms, |p| {
-                    d.on_failed_password(p, user, now_ms);
-                    (d.is_sprayed_widely(p, now_ms), true)
-                })
-                .is_ok_and(|(wide, _)| wide);
+        match (failed, exchange.password_key, account) {
+            (true, Some(pw), Some(user)) => {
+                sprayed_widely = self
+                    .sprays
+                    .update(store, pw, now_ms, |p| {
+                        d.on_failed_password(p, user, now_ms);
+                        (d.is_sprayed_widely(p, now_ms), true)
+                    })
+                    .is_ok_and(|(wide, _)| wide);
+            }
+            (false, Some(pw), _) => {
+                // Somebody's real password: the filter's refusals of
+                // attempts with it must not make it a "spray" (and refuse
+                // the next person whose password it is).
+                let _ = self.sprays.update(store, pw, now_ms, |p| {
+                    d.on_password_success(p, now_ms);
+                    ((), true)
+                });
+            }
+            _ => {}
         }
         if let Some(fp) = exchange.tool_key {
             let _ = self.fingerprints.update(store, fp, now_ms, |f| {

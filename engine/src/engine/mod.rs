@@ -319,7 +319,7 @@ impl Engine {
         );
         let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;3"));
         let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;3"));
-        let sprays = ShardedTable::new(STATE_PREFIX, "sprays", SPRAY_SHARDS, SPRAY_SLOTS, fingerprint("sprays;1"));
+        let sprays = ShardedTable::new(STATE_PREFIX, "sprays", SPRAY_SHARDS, SPRAY_SLOTS, fingerprint("sprays;2"));
         let fingerprints =
             ShardedTable::new(STATE_PREFIX, "fingerprints", FINGERPRINT_SHARDS, FINGERPRINT_SLOTS, fingerprint("fingerprints;2"));
         let group_table = ShardedTable::new(STATE_PREFIX, "route_groups", 1, 64, fingerprint("route_groups;1"));
