@@ -25,7 +25,25 @@
 //! stays shut until the known accounts catch up), while the window also
 //! fails more than 2 × `b` (real first logins mostly succeed). A leaked list's mark,
 //! which real users' logins and a busy endpoint's many successes cannot
-//! dilute the way they dilute `r`.
+//! dilute the way they dilute `r`. Channels that no dilution removes
+//! ([`DistributedStuffing::on_attempt`]): failed attempts on unknown
+//! accounts (≥ [`UNKNOWN_FAILURES_MIN`], ≥ [`UNKNOWN_FAILING_RATIO`] of
+//! the attempts on such accounts failing, their share above
+//! `attack_factor · b_u` and [`UNKNOWN_FAILING_SHARE`]; before unknown
+//! accounts are evidence, twice as many and [`COLD_UNKNOWN_FAILING_RATIO`]
+//! failing), names unlike every name that logged in here failing
+//! ([`FOREIGN_FAILING_RATIO`], a [`FOREIGN_SHARE`] of the attempts), such a
+//! name with a sprayed password, and before unknown accounts are evidence a
+//! password failing widely on unknown accounts. A spray alone never
+//! recognises (real users' common wrong passwords would be a false alarm).
+//!
+//! **The filter's own refusals count** ([`DistributedStuffing::counts_refusal`]):
+//! an attempt refused on the attack's evidence, by a new client, is a
+//! failed attempt for the endpoint, the tool fingerprint and (when the
+//! refusal stands without it) the password — never for the client's or the
+//! account's own record. Without it a mostly refused attack emptied the
+//! window: the hold ran out ~`hold_s` after recognition and a few attempts a
+//! minute passed to renew the tool's failures.
 //!
 //! **Attribution** (the attempt), only while the endpoint is under attack.
 //! Each attempt adds up its evidence ([`AttemptSignals::score`]):
@@ -33,12 +51,20 @@
 //! | evidence | points |
 //! |---|---|
 //! | the account is not known to exist (no successful login ever, see `known_accounts`) — only where real logins to unknown accounts are rare (the endpoint's learned unknown share ≤ [`UNKNOWN_RARE`]; after a cold start every first login is one) | 2 |
+//! | the same before that (`unknown_unsure`): never refuses by itself | 2 |
 //! | the account is known, but the attempt does not look like its owner (fingerprint and country of its recent successful logins) | 2 |
-//! | the password was tried on `spray_min_accounts` accounts in the window | 2 |
+//! | the password was tried on `spray_min_accounts` accounts in the window (and let nobody in lately) | 2 |
 //! | the headers do not match the browser the user agent claims | 2 |
 //! | a tool's fingerprint (a user agent that claims no browser, with the same header order) failed at least 10 times in the window with almost no successes | 2 |
+//! | an unknown account whose name's shape never logged in here (`unlike_site_names`) | 1 |
 //! | the client is new (no successful login, at most `new_client_max_requests` requests) | 1 |
 //! | the client never made a request that was not a login attempt | 1 |
+//!
+//! At the owner's own place (a device *and* a network of the account's
+//! recent successful logins: `owners_place`) the client's evidence (tool,
+//! new, never browsed) counts nothing and the attempt is never refused: an
+//! API user's script shares its client library with attacks, not its
+//! server's address.
 //!
 //! At `refuse_at` (4) the attempt is refused before the upstream and the
 //! client charged `weight`; below it, the attempt goes on with the
