@@ -54,7 +54,7 @@ mod tests;
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod decisions_tests;
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod stuffing_tests;
 
 use groups::RouteCounters;

@@ -282,7 +282,7 @@ fn a_person_retrying_after_a_refusal_does_not_lock_themselves_out() {
     assert!(account.is_none_or(|a| a.failures.estimate(t, 600_000) == 0.0), "refusals are no failures on the account");
     // Out once the attack's hold (300 s after its last attempt) is over:
     // their own refusals did not hold it.
-    let got_in = got_in_at.expect("the person never got in");
+    let Some(got_in) = got_in_at else { panic!("the person never got in") };
     assert!(got_in <= attack_end + 300_000 + 60_000 + 10_000, "in {} s after the attack ended", (got_in - attack_end) / 1000);
 }
 
@@ -345,11 +345,10 @@ fn disguised_run(d: Disguise) -> Figures {
     let (mut refused, mut real_accounts, mut returning_refused, mut first_timers) = (Vec::new(), (0, 0), Vec::new(), (0, 0));
     let mut only = Vec::new();
     let step = 1000 / d.per_s.max(1);
-    let (mut a, mut next_real, mut next_first) = (0u64, t, t + 2_500);
+    let (mut next_real, mut next_first) = (t, t + 2_500);
     let end = t + 1500 * step;
     while t < end {
         // One address: a product page, then its tries.
-        a += 1;
         let xff = format!("{}.{}.{}.{}", 11 + rng.below(200), rng.below(256), rng.below(256), rng.below(250) + 1);
         let ua = uas[rng.below(3) as usize];
         browse(&e, &s, &xff, ua, BROWSER_GET, &format!("/api/products/{}", rng.below(500)), t);
@@ -392,7 +391,7 @@ fn disguised_run(d: Disguise) -> Figures {
                 }
                 let out = real_login(&e, &s, u, next_real + 20);
                 if out.refused {
-                    returning_refused.push(format!("user{u:04} at {} s: {out:?}", (next_real - T0) / 1000));
+                    returning_refused.push(format!("user{u:04} at {} s: {} {:?}", (next_real - T0) / 1000, out.why, out.told));
                 }
                 next_real += 250;
             }
