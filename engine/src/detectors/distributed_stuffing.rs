@@ -464,11 +464,10 @@ impl DistributedStuffing {
         let foreign_list = foreign_failures >= 2.0 * UNKNOWN_FAILURES_MIN
             && foreign_failures >= FOREIGN_FAILING_RATIO * foreign_attempts
             && foreign_attempts >= FOREIGN_SHARE * attempts;
-        // Before unknown accounts are evidence (a cold start: no false alarm
-        // then refuses anyone on an unknown account alone), a password
-        // failing on many accounts never seen is one too.
-        let cold_spray = sprayed_widely && failed && unknown == Some(true) && !self.unknown_is_evidence(endpoint);
-        if ratio > threshold || leaked_list || failing_unknowns || spraying_foreign || foreign_list || cold_spray {
+        // (A wide spray over unknown accounts at a cold start is no channel:
+        // an office whose people share one wrong password is one.)
+        let _ = sprayed_widely;
+        if ratio > threshold || leaked_list || failing_unknowns || spraying_foreign || foreign_list {
             endpoint.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !endpoint.under_attack(now_ms) {
             self.learn(endpoint, ratio, unknown_share, since_ms);
