@@ -135,6 +135,92 @@ async def browser_stuffing(ctx: Ctx):
     await gather_bounded(ctx, [one(*s) for s in schedule])
 
 
+SEASONAL = ["Summer2024!", "Winter2024!", "Spring2025!", "Autumn2024!", "Summer2025!"]
+LEAK_FIRST = ["anna", "li", "omar", "kate", "james", "mary", "wei", "olga", "ahmed", "sofia", "raj", "yuki"]
+
+
+def disguised_names(kind: str, rng, real_accounts: list[int]) -> str:
+    """emails: a leak list's e-mail addresses; mixed: a combo list from
+    another site (~10 % name accounts real users use here); site_names: this
+    site's own format (`userNNNN`), accounts that exist but nobody logged
+    into here (~10 % real users' accounts)."""
+    if kind != "emails" and real_accounts and rng.random() < 0.1:
+        return f"user{rng.choice(real_accounts):04d}"
+    if kind == "site_names":
+        taken = set(real_accounts)
+        while True:
+            n = rng.randrange(1, 1001)
+            if n not in taken:
+                return f"user{n:04d}"
+    return f"{rng.choice(LEAK_FIRST)}.{rng.choice(LEAK_FIRST)}{rng.randrange(10**5)}@mail.example"
+
+
+def disguised_password(kind: str, rng) -> str:
+    if kind == "seasonal":
+        return rng.choice(SEASONAL)
+    if kind == "spray":
+        return rng.choice(["Summer2025!", "Welcome1!"])
+    return f"{rng.choice(LEAK_FIRST).capitalize()}{rng.randrange(10**4)}!"
+
+
+async def disguised(ctx: Ctx, name: str, names: str, passwords: str, tries: tuple[int, int], pages: int):
+    """Distributed stuffing the way careful tools disguise it (issue 23):
+    each new address (scattered over many /8s) first opens `pages` catalogue
+    pages (a product, then the list) 1-2.5 s apart, then logs in 1-2.5 s
+    later with the exact header set and order of the real users' browsers
+    (browser_headers(), the app users' own builder), `tries` (lo, hi)
+    attempts 0.4-1.2 s apart; address k starts at attack_start + k * gap,
+    on the clock."""
+    rng = ctx.rng(name)
+    n_addr = ctx.profile.disguised_addresses
+    real = benign_accounts(ctx)
+    start, end = ctx.attack_start, ctx.duration - 2
+    gap = (end - start) / n_addr
+    schedule = []
+    for k in range(n_addr):
+        headers = browser_headers(rng)
+        t = start + k * gap
+        views = []
+        for p in range(pages):
+            views.append(f"/api/products/{rng.randint(1, 500)}" if p == 0 else f"/api/products?page={rng.randint(1, 5)}")
+        attempts = []
+        for _ in range(rng.randint(*tries)):
+            attempts.append((t, disguised_names(names, rng, real), disguised_password(passwords, rng)))
+            t += rng.uniform(0.4, 1.2)
+        view_gaps = [rng.uniform(1.0, 2.5) for _ in views]
+        schedule.append((scattered_address(rng), headers, views, view_gaps, attempts))
+
+    async def one(address, headers, views, view_gaps, attempts):
+        t = attempts[0][0] - sum(view_gaps)
+        c = Client(ctx.port, name, address, address, headers)
+        try:
+            for path, g in zip(views, view_gaps):
+                await ctx.at(max(0.0, t))
+                await c.request("GET", path)
+                t += g
+            for t, user, password in attempts:
+                if t > ctx.duration - 1:
+                    return
+                await ctx.at(t)
+                await c.request("POST", "/api/login", {"username": user, "password": password})
+        finally:
+            await c.close()
+
+    await gather_bounded(ctx, [one(*s) for s in schedule])
+
+
+async def disguised_stuffing(ctx: Ctx):
+    await disguised(ctx, "disguised_stuffing", "emails", "seasonal", (1, 2), 1)
+
+
+async def disguised_combo_list(ctx: Ctx):
+    await disguised(ctx, "disguised_combo_list", "mixed", "combos", (1, 2), 2)
+
+
+async def disguised_site_names(ctx: Ctx):
+    await disguised(ctx, "disguised_site_names", "site_names", "spray", (1, 1), 2)
+
+
 async def bola_random(ctx: Ctx):
     """BOLA: random user ids (most do not exist) from one address, 5/s."""
     rng = ctx.rng("bola_random")
@@ -341,6 +427,19 @@ SCENARIOS = [
              "distributed credential stuffing copying the app users' browsers exactly (same user agents and header "
              "sets), scattered addresses over many /8s, 1-3 tries each, a leaked list ~10 % real accounts",
              browser_stuffing, planned_clients=lambda p: p.browser_stuffing_addresses),
+    Scenario("disguised_stuffing", "attack", "generator",
+             "disguised stuffing, the issue 23 shape: each new scattered address opens a product page, then logs in "
+             "with the real users' exact header set and order; e-mail names from a leak list, five seasonal "
+             "passwords, 1-2 tries each",
+             disguised_stuffing, planned_clients=lambda p: p.disguised_addresses, logins_only=True),
+    Scenario("disguised_combo_list", "attack", "generator",
+             "disguised stuffing with a combo list from another site (each credential its own password, ~10 % "
+             "names of real users here): a product and a product list first, exact browser headers, 1-2 tries",
+             disguised_combo_list, planned_clients=lambda p: p.disguised_addresses, logins_only=True),
+    Scenario("disguised_site_names", "attack", "generator",
+             "disguised password spraying in this site's own naming (userNNNN accounts nobody logged into here, "
+             "~10 % real users'), two passwords, one try per address after two catalogue pages",
+             disguised_site_names, planned_clients=lambda p: p.disguised_addresses, logins_only=True),
     Scenario("bola_random_ids", "attack", "generator",
              "BOLA enumeration of random ids 1..5000 on /api/users/{id}, 5/s, one address",
              bola_random, single_source=True),

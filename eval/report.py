@@ -19,7 +19,8 @@ HARVEST = "distributed_harvest"
 HARVEST_MAX_REQUESTS = 300
 HARVEST_MIN_LATER_SHARE = 0.80
 # Distributed stuffing targets, per scenario.
-DISTRIBUTED = ("distributed_stuffing", "browser_stuffing")
+DISTRIBUTED = ("distributed_stuffing", "browser_stuffing", "disguised_stuffing", "disguised_combo_list",
+               "disguised_site_names")
 # Label prefix of the history phase (eval/history.py): never scored.
 HISTORY = "history"
 
@@ -367,8 +368,16 @@ def analyse(access_json: Path, envoy_log: Path, scenarios: dict[str, dict], stat
     reasons_by_addr = block_reasons(envoy_log)
     rows = {}
     for name, meta in scenarios.items():
-        m = scenario_metrics(by[name], meta["kind"], t_start, reasons_by_addr)
+        picked = by[name]
+        if meta.get("logins_only"):
+            # The disguise's page views are not attempts: scored apart.
+            pages = [r for r in picked if not r.login]
+            picked = [r for r in picked if r.login]
+        m = scenario_metrics(picked, meta["kind"], t_start, reasons_by_addr)
         rows[name] = {**meta, **m}
+        if meta.get("logins_only"):
+            rows[name]["page_views"] = len(pages)
+            rows[name]["page_views_blocked"] = sum(r.blocked for r in pages)
 
     attack = [n for n, r in rows.items() if r["kind"] == "attack"]
     benign = [n for n, r in rows.items() if r["kind"] == "benign"]

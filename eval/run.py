@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     meta = {s.name: {"kind": s.kind, "tool": s.tool, "what": s.what, "single_source": s.single_source,
                      "per_client": s.per_client, "told_not_blocked": s.told_not_blocked,
                      "planned_clients": s.planned_clients(profile),
-                     "model_target": s.model_target} for s in scenarios}
+                     "model_target": s.model_target, "logins_only": s.logins_only} for s in scenarios}
     result = report.analyse(out / "access.json", out / "envoy.log", meta, stats, t_start,
                             samples_log=out / "scorer" / "samples.jsonl")
     result["run"] = {"profile": profile.name, "duration_s": duration, "seed": args.seed, "bootstrap": str(args.bootstrap),

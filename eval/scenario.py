@@ -24,6 +24,7 @@ class Profile:
     attack_start: float  # seconds after the start: benign logins first set the login baseline
     flood_s: int
     browser_stuffing_addresses: int = 600
+    disguised_addresses: int = 300
     returning_users: int = 60
     first_time_logins: int = 40
     cgnat_phones: int = 120
@@ -35,10 +36,10 @@ class Profile:
 PROFILES = {
     "default": Profile("default", 120, app_users=500, office_users=100, mobile_devices=150, roaming_users=20,
                        partner_rps=50, distributed_addresses=600, attack_start=20, flood_s=10,
-                       browser_stuffing_addresses=600, returning_users=60, first_time_logins=40, cgnat_phones=120),
+                       browser_stuffing_addresses=600, disguised_addresses=300, returning_users=60, first_time_logins=40, cgnat_phones=120),
     "quick": Profile("quick", 35, app_users=80, office_users=100, mobile_devices=30, roaming_users=6,
                      partner_rps=50, distributed_addresses=300, attack_start=8, flood_s=10,
-                     browser_stuffing_addresses=300, returning_users=20, first_time_logins=12, cgnat_phones=120,
+                     browser_stuffing_addresses=300, disguised_addresses=150, returning_users=20, first_time_logins=12, cgnat_phones=120,
                      account_owners=12, takeovers=6, coupon_shoppers=15),
 }
 
@@ -91,6 +92,9 @@ class Scenario:
     # Stays under every rule on purpose: its target is to be flagged by the
     # anomaly model (tagged or blocked through the scorer), not blocked.
     model_target: bool = False
+    # Only its login attempts are scored (its page views are the disguise:
+    # counted apart, never "attempts").
+    logins_only: bool = False
 
 
 async def gather_bounded(ctx: Ctx, coros: list[Awaitable], slack: float = 20.0):

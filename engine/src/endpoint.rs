@@ -8,13 +8,17 @@
 //! learned while the baseline is still the prior (f32) 4 · successful
 //! logins seen (known accounts learned) 4 · attempts on accounts not known
 //! to exist (sliding window) 16 · the share of such attempts it normally
-//! has (f32) 4.
+//! has (f32) 4 · failed attempts on accounts not known to exist (sliding
+//! window) 16 · the shapes of the usernames that logged in here (a 64-bit
+//! set, see [`name_shape`]) 8 · successful logins that taught the shapes 4 ·
+//! attempts on unknown accounts whose names are unlike the site's (sliding
+//! window) 16 · those of them that failed (sliding window) 16.
 
 use crate::codec::{Reader, Writer};
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
-pub const ENDPOINT_BYTES: usize = 92;
+pub const ENDPOINT_BYTES: usize = 152;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EndpointRecord {
@@ -29,6 +33,11 @@ pub struct EndpointRecord {
     pub successes_seen: u32,
     pub unknown: SlidingWindow,
     pub unknown_baseline: f32,
+    pub unknown_failures: SlidingWindow,
+    pub name_shapes: u64,
+    pub names_learned: u32,
+    pub foreign: SlidingWindow,
+    pub foreign_failures: SlidingWindow,
 }
 
 impl EndpointRecord {
@@ -69,6 +78,11 @@ impl EndpointRecord {
         w.u32(self.successes_seen);
         w.window(&self.unknown);
         w.f32(self.unknown_baseline);
+        w.window(&self.unknown_failures);
+        w.u64(self.name_shapes);
+        w.u32(self.names_learned);
+        w.window(&self.foreign);
+        w.window(&self.foreign_failures);
     }
 
     fn decode_fields(r: &mut Reader<'_>) -> EndpointRecord {
@@ -90,26 +104,75 @@ impl EndpointRecord {
             successes_seen: r.u32(),
             unknown: r.window(),
             unknown_baseline: unit(r.f32()),
+            unknown_failures: r.window(),
+            name_shapes: r.u64(),
+            names_learned: r.u32(),
+            foreign: r.window(),
+            foreign_failures: r.window(),
         }
     }
 }
 
 crate::record::impl_record!(EndpointRecord, ENDPOINT_BYTES);
 
+/// A username's shape, one of 64: each run of letters is `a`, each run of
+/// digits `9`, every other character itself (`user0042` → `a9`,
+/// `anna.li77@mail.example` → `a.a9@a.a`), hashed. A site's usernames
+/// share a format its sign-up imposes; a list leaked from elsewhere mostly
+/// has another (e-mail addresses where this site names its users, say).
+/// Case, lengths and the letters themselves are left out, so that real
+/// people's names are all of a few shapes.
+pub fn name_shape(username: &str) -> u8 {
+    let mut h = 0x811c_9dc5u32;
+    let mut last = '\0';
+    for c in username.trim().chars() {
+        let class = if c.is_alphabetic() {
+            'a'
+        } else if c.is_numeric() {
+            '9'
+        } else {
+            c
+        };
+        if class == last && (class == 'a' || class == '9') {
+            continue;
+        }
+        last = class;
+        let mut buf = [0u8; 4];
+        h = class.encode_utf8(&mut buf).bytes().fold(h, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    }
+    (h % 64) as u8
+}
+
+impl EndpointRecord {
+    /// Whether usernames of this shape ever logged in here.
+    pub fn knows_name_shape(&self, shape: u8) -> bool {
+        self.name_shapes & (1u64 << (shape % 64)) != 0
+    }
+
+    /// A successful login's username shape.
+    pub fn learn_name_shape(&mut self, shape: u8) {
+        self.name_shapes |= 1u64 << (shape % 64);
+        self.names_learned = self.names_learned.saturating_add(1);
+    }
+}
+
 /// One password (a keyed hash, the key rotating every window so that no
 /// hash outlives it) and the accounts it was tried on: a spray tries one
-/// password on many accounts.
+/// password on many accounts. A password that let someone in lately is
+/// somebody's real one (many people's, if it is `123456`): never a spray's
+/// mark, whatever else failed with it.
 ///
 /// Layout, [`SPRAY_BYTES`] bytes: key 8 · last_seen_ms 8 · distinct accounts
-/// (distinct window) 16.
+/// (distinct window) 16 · the last successful login with it (ms, 0 none) 8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SprayRecord {
     pub key: u64,
     pub last_seen_ms: u64,
     pub accounts: DistinctWindow,
+    pub succeeded_ms: u64,
 }
 
-pub const SPRAY_BYTES: usize = 32;
+pub const SPRAY_BYTES: usize = 40;
 
 impl SprayRecord {
     /// Every field, in the order of the layout above.
@@ -117,10 +180,11 @@ impl SprayRecord {
         w.u64(self.key);
         w.u64(self.last_seen_ms);
         w.distinct(&self.accounts);
+        w.u64(self.succeeded_ms);
     }
 
     fn decode_fields(r: &mut Reader<'_>) -> SprayRecord {
-        SprayRecord { key: r.u64(), last_seen_ms: r.u64(), accounts: r.distinct() }
+        SprayRecord { key: r.u64(), last_seen_ms: r.u64(), accounts: r.distinct(), succeeded_ms: r.u64() }
     }
 }
 
@@ -177,13 +241,31 @@ mod tests {
             successes_seen: 11,
             unknown: SlidingWindow { start_ms: 12, current: 13, previous: 14 },
             unknown_baseline: 0.25,
+            unknown_failures: SlidingWindow { start_ms: 15, current: 16, previous: 17 },
+            name_shapes: 1 << 40 | 3,
+            names_learned: 18,
+            foreign: SlidingWindow { start_ms: 19, current: 20, previous: 21 },
+            foreign_failures: SlidingWindow { start_ms: 22, current: 23, previous: 24 },
         };
         let mut buf = [0u8; ENDPOINT_BYTES];
         e.encode(&mut buf);
         assert_eq!(EndpointRecord::decode(&buf), e);
-        let f = SprayRecord { key: 1, last_seen_ms: 2, accounts: DistinctWindow { start_ms: 3, bits: 4 } };
+        let f = SprayRecord { key: 1, last_seen_ms: 2, accounts: DistinctWindow { start_ms: 3, bits: 4 }, succeeded_ms: 5 };
         let mut buf = [0u8; SPRAY_BYTES];
         f.encode(&mut buf);
         assert_eq!(SprayRecord::decode(&buf), f);
+    }
+
+    #[test]
+    fn a_sites_names_share_a_shape_and_a_leaked_lists_mostly_do_not() {
+        assert_eq!(name_shape("user0042"), name_shape("user1"));
+        assert_eq!(name_shape("User0042"), name_shape("bob77"));
+        assert_eq!(name_shape("anna.li77@mail.example"), name_shape("omar.kate5@mail.example"));
+        assert_ne!(name_shape("user0042"), name_shape("anna.li77@mail.example"));
+        assert_ne!(name_shape("user0042"), name_shape("kate77@mail.example"));
+        let mut e = EndpointRecord::default();
+        assert!(!e.knows_name_shape(name_shape("user7")));
+        e.learn_name_shape(name_shape("user0042"));
+        assert!(e.knows_name_shape(name_shape("user7")) && e.names_learned == 1);
     }
 }

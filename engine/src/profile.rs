@@ -131,6 +131,17 @@ impl AccountProfile {
             && (place.country == 0 || self.countries.is_empty() || self.countries.contains(place.country))
     }
 
+    /// Whether an attempt comes from the owner's own place: one of its
+    /// devices *and* one of its networks (the address and fingerprint of
+    /// its recent successful logins), from one of its countries when both
+    /// are known. An API user's script shares its client library with
+    /// attacks; its server's network it does not.
+    pub fn is_owners_place(&self, place: &LoginPlace) -> bool {
+        self.devices.contains(place.device)
+            && self.networks.contains(place.network)
+            && (place.country == 0 || self.countries.is_empty() || self.countries.contains(place.country))
+    }
+
     /// Learns a successful login.
     pub fn learn(&mut self, place: &LoginPlace, now_ms: u64) {
         let at_s = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);

@@ -25,7 +25,25 @@
 //! stays shut until the known accounts catch up), while the window also
 //! fails more than 2 × `b` (real first logins mostly succeed). A leaked list's mark,
 //! which real users' logins and a busy endpoint's many successes cannot
-//! dilute the way they dilute `r`.
+//! dilute the way they dilute `r`. Channels that no dilution removes
+//! ([`DistributedStuffing::on_attempt`]): failed attempts on unknown
+//! accounts (≥ [`UNKNOWN_FAILURES_MIN`], ≥ [`UNKNOWN_FAILING_RATIO`] of
+//! the attempts on such accounts failing, their share above
+//! `attack_factor · b_u` and [`UNKNOWN_FAILING_SHARE`]; before unknown
+//! accounts are evidence, twice as many and [`COLD_UNKNOWN_FAILING_RATIO`]
+//! failing), names unlike every name that logged in here failing
+//! ([`FOREIGN_FAILING_RATIO`], a [`FOREIGN_SHARE`] of the attempts), such a
+//! name with a sprayed password, and before unknown accounts are evidence a
+//! password failing widely on unknown accounts. A spray alone never
+//! recognises (real users' common wrong passwords would be a false alarm).
+//!
+//! **The filter's own refusals count** ([`DistributedStuffing::counts_refusal`]):
+//! an attempt refused on the attack's evidence, by a new client, is a
+//! failed attempt for the endpoint, the tool fingerprint and (when the
+//! refusal stands without it) the password — never for the client's or the
+//! account's own record. Without it a mostly refused attack emptied the
+//! window: the hold ran out ~`hold_s` after recognition and a few attempts a
+//! minute passed to renew the tool's failures.
 //!
 //! **Attribution** (the attempt), only while the endpoint is under attack.
 //! Each attempt adds up its evidence ([`AttemptSignals::score`]):
@@ -33,12 +51,20 @@
 //! | evidence | points |
 //! |---|---|
 //! | the account is not known to exist (no successful login ever, see `known_accounts`) — only where real logins to unknown accounts are rare (the endpoint's learned unknown share ≤ [`UNKNOWN_RARE`]; after a cold start every first login is one) | 2 |
+//! | the same before that (`unknown_unsure`): never refuses by itself | 2 |
 //! | the account is known, but the attempt does not look like its owner (fingerprint and country of its recent successful logins) | 2 |
-//! | the password was tried on `spray_min_accounts` accounts in the window | 2 |
+//! | the password was tried on `spray_min_accounts` accounts in the window (and let nobody in lately) | 2 |
 //! | the headers do not match the browser the user agent claims | 2 |
 //! | a tool's fingerprint (a user agent that claims no browser, with the same header order) failed at least 10 times in the window with almost no successes | 2 |
+//! | an unknown account whose name's shape never logged in here (`unlike_site_names`) | 1 |
 //! | the client is new (no successful login, at most `new_client_max_requests` requests) | 1 |
 //! | the client never made a request that was not a login attempt | 1 |
+//!
+//! At the owner's own place (a device *and* a network of the account's
+//! recent successful logins: `owners_place`) the client's evidence (tool,
+//! new, never browsed) counts nothing and the attempt is never refused: an
+//! API user's script shares its client library with attacks, not its
+//! server's address.
 //!
 //! At `refuse_at` (4) the attempt is refused before the upstream and the
 //! client charged `weight`; below it, the attempt goes on with the
@@ -163,6 +189,44 @@ pub const UNKNOWN_RARE: f32 = 0.25;
 /// with at most one success per 20 failures.
 pub const TOOL_MIN_FAILURES: f64 = 10.0;
 
+/// Failed attempts on unknown accounts in the window before they can
+/// recognise an attack by themselves.
+pub const UNKNOWN_FAILURES_MIN: f64 = 10.0;
+/// ... when at least this share of the attempts on unknown accounts fail ...
+pub const UNKNOWN_FAILING_RATIO: f64 = 0.6;
+/// ... (before unknown accounts are evidence: at least this share of them fail) ...
+pub const COLD_UNKNOWN_FAILING_RATIO: f64 = 0.8;
+/// ... and they are more than this share of the window's attempts (and
+/// `attack_factor` times the usual share).
+pub const UNKNOWN_FAILING_SHARE: f32 = 0.1;
+/// Attempts on unknown accounts with names unlike the site's recognise an
+/// attack when this share of them fails...
+pub const FOREIGN_FAILING_RATIO: f64 = 0.9;
+/// ... and they are this share of the window's attempts.
+pub const FOREIGN_SHARE: f64 = 0.1;
+/// Successful logins whose usernames' shapes are learned before a name
+/// unlike them is evidence.
+pub const NAMES_MIN: u32 = 20;
+
+/// One attempt as the endpoint counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttemptOutcome {
+    pub failed: bool,
+    /// Whether the account is not known to exist (None: no username read).
+    pub unknown: Option<bool>,
+    /// The username's shape (a success teaches it).
+    pub name_shape: Option<u8>,
+    /// An unknown account whose name is unlike the site's (see
+    /// [`AttemptSignals::unlike_site_names`]).
+    pub foreign: bool,
+    /// ... with a password that failed on many accounts in the window: a
+    /// list from elsewhere, sprayed.
+    pub foreign_spray: bool,
+    /// The attempt's password has now failed on twice `spray_min_accounts`
+    /// accounts in the window ([`DistributedStuffing::is_sprayed_widely`]).
+    pub sprayed_widely: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct DistributedStuffing {
     config: DistributedStuffingConfig,
@@ -182,18 +246,35 @@ pub struct AttemptSignals {
     pub unlike_owner: bool,
     pub sprayed_password: bool,
     pub tool_fingerprint: bool,
+    /// The username's shape is none of those that ever logged in here
+    /// (told only for accounts not known to exist).
+    pub unlike_site_names: bool,
+    /// During an attack, the account is not known to exist, but the filter
+    /// cannot tell what that is worth (after a cold start every returning
+    /// user's first login is to an "unknown" account): points toward
+    /// `high` (a second factor), never a refusal by itself.
+    pub unknown_unsure: bool,
+    /// The attempt comes from the device *and* the network of the
+    /// account's recent successful logins: its owner, whatever client
+    /// library it shares with an attack.
+    pub owners_place: bool,
 }
 
 impl AttemptSignals {
     pub fn score(&self) -> u32 {
+        // At the owner's own place, what the client is (a tool, new to
+        // this Envoy, a script that only logs in) says nothing against it.
+        let client = !self.owners_place;
         let points = [
             (self.unknown_account, 2),
+            (self.unknown_unsure, 2),
             (self.unlike_owner, 2),
             (self.sprayed_password, 2),
             (self.inconsistent_headers, 2),
-            (self.tool_fingerprint, 2),
-            (self.new_client, 1),
-            (self.never_browsed, 1),
+            (self.tool_fingerprint && client, 2),
+            (self.unlike_site_names, 1),
+            (self.new_client && client, 1),
+            (self.never_browsed && client, 1),
         ];
         points.iter().filter(|(on, _)| *on).map(|(_, p)| p).sum()
     }
@@ -203,12 +284,15 @@ impl AttemptSignals {
         let all = [
             (self.under_attack, "endpoint_under_attack"),
             (self.unknown_account, "unknown_account"),
+            (self.unknown_unsure, "unknown_account_unsure"),
             (self.unlike_owner, "unlike_owner"),
             (self.sprayed_password, "sprayed_password"),
             (self.inconsistent_headers, "inconsistent_headers"),
             (self.tool_fingerprint, "tool_fingerprint"),
+            (self.unlike_site_names, "unlike_site_names"),
             (self.new_client, "new_client"),
             (self.never_browsed, "never_browsed"),
+            (self.owners_place, "owners_place"),
         ];
         all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
     }
@@ -287,10 +371,22 @@ impl DistributedStuffing {
     /// `unknown`: whether the attempt's account is not known to exist (None
     /// when the username could not be read).
     pub fn on_outcome(&self, endpoint: &mut EndpointRecord, failed: bool, unknown: Option<bool>, now_ms: u64) {
+        self.on_attempt(endpoint, &AttemptOutcome { failed, unknown, ..AttemptOutcome::default() }, now_ms);
+    }
+
+    /// Records one attempt's outcome on the endpoint — the application's
+    /// answer, or the filter's own refusal of an attack-attributed attempt
+    /// (a failure: see [`DistributedStuffing::counts_refusal`]) — and
+    /// updates its state.
+    pub fn on_attempt(&self, endpoint: &mut EndpointRecord, outcome: &AttemptOutcome, now_ms: u64) {
+        let AttemptOutcome { failed, unknown, name_shape, foreign, foreign_spray, sprayed_widely } = *outcome;
         let since_ms = now_ms.saturating_sub(endpoint.last_seen_ms) as f64;
         endpoint.last_seen_ms = now_ms;
         if !failed {
             endpoint.successes_seen = endpoint.successes_seen.saturating_add(1);
+            if let Some(shape) = name_shape {
+                endpoint.learn_name_shape(shape);
+            }
         }
         if endpoint.baseline_samples == 0 && endpoint.baseline == 0.0 {
             endpoint.baseline = self.config.baseline_prior;
@@ -306,6 +402,25 @@ impl DistributedStuffing {
         } else {
             endpoint.unknown.estimate(now_ms, self.window_ms)
         };
+        let unknown_failures = if unknown == Some(true) && failed {
+            endpoint.unknown_failures.record(now_ms, self.window_ms)
+        } else {
+            endpoint.unknown_failures.estimate(now_ms, self.window_ms)
+        };
+        let (foreign_attempts, foreign_failures) = match foreign {
+            true => (
+                endpoint.foreign.record(now_ms, self.window_ms),
+                if failed {
+                    endpoint.foreign_failures.record(now_ms, self.window_ms)
+                } else {
+                    endpoint.foreign_failures.estimate(now_ms, self.window_ms)
+                },
+            ),
+            false => (
+                endpoint.foreign.estimate(now_ms, self.window_ms),
+                endpoint.foreign_failures.estimate(now_ms, self.window_ms),
+            ),
+        };
         if attempts < f64::from(self.config.min_attempts) {
             return;
         }
@@ -317,15 +432,65 @@ impl DistributedStuffing {
         // A burst of real first logins (a launch, a migration) is also
         // "unknown", but it mostly succeeds: a leaked list mostly fails.
         let failing = ratio > (endpoint.baseline * 2.0).max(self.config.attack_min_ratio);
-        let leaked_list = !self.learning(endpoint)
-            && self.knows_accounts(endpoint)
-            && unknown_share > unknown_threshold
-            && failing;
-        if ratio > threshold || leaked_list {
+        let knows = !self.learning(endpoint) && self.knows_accounts(endpoint);
+        let leaked_list = knows && unknown_share > unknown_threshold && failing;
+        // However many real logins dilute the endpoint's ratio: attempts on
+        // accounts that never logged in, far more of them than the
+        // endpoint's usual share, and nearly all failing (real first
+        // logins mostly succeed).
+        // Once unknown accounts are evidence, their share must also be far
+        // above its usual (a busy site's mistyped usernames fail too);
+        // before (a cold start, where every returning user's first login is
+        // to an "unknown" account, and mostly succeeds), twice as many,
+        // failing four in five: no false alarm here can refuse anyone on an
+        // unknown account alone (see `unknown_unsure`).
+        let failing_unknowns = unknown_failures >= UNKNOWN_FAILURES_MIN
+            && unknown_failures >= UNKNOWN_FAILING_RATIO * unknown_attempts
+            && if self.unknown_is_evidence(endpoint) {
+                unknown_share > (endpoint.unknown_baseline * self.config.attack_factor).max(UNKNOWN_FAILING_SHARE)
+            } else {
+                unknown_failures >= 2.0 * UNKNOWN_FAILURES_MIN && unknown_failures >= COLD_UNKNOWN_FAILING_RATIO * unknown_attempts
+            };
+        // A spray alone is evidence about the attempt, not the endpoint
+        // (real users' common wrong passwords would make it a false alarm,
+        // and a false alarm makes every first login "unknown" evidence);
+        // a spray over names unlike any that logged in here is a list from
+        // elsewhere, however many real logins dilute the ratio.
+        let spraying_foreign = foreign_spray && failed;
+        // Names unlike any that logged in here, on accounts never seen, a
+        // tenth of the window's attempts and nearly all failing: a list from
+        // elsewhere (a person who types an e-mail where the site wants a
+        // username fails too, but not a tenth of the endpoint's logins).
+        let foreign_list = foreign_failures >= 2.0 * UNKNOWN_FAILURES_MIN
+            && foreign_failures >= FOREIGN_FAILING_RATIO * foreign_attempts
+            && foreign_attempts >= FOREIGN_SHARE * attempts;
+        // (A wide spray over unknown accounts at a cold start is no channel:
+        // an office whose people share one wrong password is one.)
+        let _ = sprayed_widely;
+        if ratio > threshold || leaked_list || failing_unknowns || spraying_foreign || foreign_list {
             endpoint.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !endpoint.under_attack(now_ms) {
             self.learn(endpoint, ratio, unknown_share, since_ms);
         }
+    }
+
+    /// Whether a refused attempt counts for the endpoint (as a failure of
+    /// its fingerprint, password and account too): refused on the attack's
+    /// own evidence, by a client new here. Counting the filter's refusals
+    /// keeps an attack that is mostly refused recognised at any pace (else
+    /// the window empties of failures and a few attempts pass to renew
+    /// it); counting only a new client's keeps one person retrying after a
+    /// refusal from holding the endpoint under attack by themselves. A
+    /// refusal never counts for the person's own record (no login failure
+    /// on the client or the account).
+    pub fn counts_refusal(&self, signals: &AttemptSignals) -> bool {
+        signals.new_client && !self.refusal(signals).reasons.is_empty()
+    }
+
+    /// Whether usernames of this shape are unlike the endpoint's: it
+    /// learned enough successful logins' shapes, and none was this one.
+    pub fn unlike_site_names(&self, endpoint: &EndpointRecord, shape: u8) -> bool {
+        endpoint.names_learned >= self.config.known_accounts_min.max(NAMES_MIN) && !endpoint.knows_name_shape(shape)
     }
 
     /// Learns one normal window: aside while warming up (the prior stays the
@@ -354,9 +519,32 @@ impl DistributedStuffing {
         spray.accounts.insert(account, now_ms, self.window_ms);
     }
 
-    /// Whether a password failed on `spray_min_accounts` accounts in the window.
+    /// Whether a password failed on `spray_min_accounts` accounts in the
+    /// window. Its key rotates with the window, and the record's window
+    /// starts at its first failure: this window's record or the last one's
+    /// (which started less than two windows ago) is judged.
     pub fn is_sprayed(&self, spray: &SprayRecord, now_ms: u64) -> bool {
-        spray.accounts.estimate_at(now_ms, self.window_ms) >= f64::from(self.config.spray_min_accounts) - 0.5
+        !self.let_someone_in(spray, now_ms)
+            && spray.accounts.estimate_at(now_ms, self.window_ms.saturating_mul(2)) >= f64::from(self.config.spray_min_accounts) - 0.5
+    }
+
+    /// Whether the password let someone in lately (two windows): then it
+    /// is a real one, never a spray's mark.
+    pub fn let_someone_in(&self, spray: &SprayRecord, now_ms: u64) -> bool {
+        spray.succeeded_ms != 0 && now_ms.saturating_sub(spray.succeeded_ms) < self.window_ms.saturating_mul(2)
+    }
+
+    /// A successful login with the password.
+    pub fn on_password_success(&self, spray: &mut SprayRecord, now_ms: u64) {
+        spray.last_seen_ms = now_ms;
+        spray.succeeded_ms = spray.succeeded_ms.max(now_ms);
+    }
+
+
+    /// Whether a password failed on twice `spray_min_accounts` accounts in
+    /// the window (its own key's: see [`DistributedStuffing::is_sprayed`]).
+    pub fn is_sprayed_widely(&self, spray: &SprayRecord, now_ms: u64) -> bool {
+        spray.accounts.estimate_at(now_ms, self.window_ms) >= f64::from(self.config.spray_min_accounts) * 2.0 - 0.5
     }
 
     /// The client-level evidence, from its record before this request.
@@ -375,8 +563,16 @@ impl DistributedStuffing {
     /// for a second factor, it never refuses by itself.
     pub fn refusal(&self, signals: &AttemptSignals) -> Signal {
         let mut signal = Signal::default();
-        let specific = signals.unknown_account || signals.sprayed_password || signals.tool_fingerprint || signals.inconsistent_headers;
-        if signals.under_attack && specific && signals.score() >= self.config.refuse_at {
+        // A name unlike every name that logged in here, on an account never
+        // seen: a list from elsewhere, even before the filter can say what
+        // unknown accounts are worth.
+        let foreign = signals.unlike_site_names && (signals.unknown_account || signals.unknown_unsure);
+        let specific = signals.unknown_account
+            || signals.sprayed_password
+            || signals.tool_fingerprint
+            || signals.inconsistent_headers
+            || foreign;
+        if signals.under_attack && specific && !signals.owners_place && signals.score() >= self.config.refuse_at {
             let figure = Figure::new("attempt evidence score during an attack on the endpoint", signals.score().into(), self.config.refuse_at.into(), 0);
             signal.fire_with(Reason::CredentialStuffing, self.config.weight, figure);
         }
@@ -539,6 +735,10 @@ mod tests {
             .collect();
         assert_eq!(sprayed, [false, false, false, false, true, true]);
         assert!(!d.is_sprayed(&p, 1000 + 200_000), "forgotten after the window");
+        // Somebody's real password (123456 is many people's): never a spray's mark.
+        let mut real = p;
+        d.on_password_success(&mut real, 1010);
+        assert!(!d.is_sprayed(&real, 1011) && d.is_sprayed(&p, 1011));
         let mut mine = SprayRecord::default();
         for t in 0..10 {
             d.on_failed_password(&mut mine, 7, 1000 + t);

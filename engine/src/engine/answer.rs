@@ -126,24 +126,7 @@ impl Engine {
             _ => 0.0,
         };
         if let (Some(d), Some(route), true) = (&self.distributed, exchange.login_route, outcome != LoginOutcome::Other) {
-            let failed = outcome == LoginOutcome::Failure;
-            // Best effort, all three: a lost update only delays recognition.
-            if let (true, Some(pw), Some(user)) = (failed, exchange.password_key, username_hash) {
-                let _ = self.sprays.update(store, pw, now_ms, |p| {
-                    d.on_failed_password(p, user, now_ms);
-                    ((), true)
-                });
-            }
-            if let Some(fp) = exchange.tool_key {
-                let _ = self.fingerprints.update(store, fp, now_ms, |f| {
-                    d.on_fingerprint_outcome(f, failed, now_ms);
-                    ((), true)
-                });
-            }
-            let _ = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
-                d.on_outcome(e, failed, exchange.account_unknown, now_ms);
-                ((), true)
-            });
+            self.count_attempt(store, d, route, exchange, outcome == LoginOutcome::Failure, username_hash, now_ms);
         }
         let judge = |record: &mut ClientRecord| {
             if let Some(penalized) = self.penalized(record, now_ms) {
@@ -153,11 +136,15 @@ impl Engine {
             if let Some(login) = &self.login {
                 // Suspected of stuffing, not merely risky: an office address
                 // tagged for session churn still logs its people in.
-                let suspected = record.recent_reasons.contains(Reason::CredentialStuffing);
                 // The account's failing-clients sketch is a 64-bit map that
                 // collides: a takeover also needs this record's own recent
                 // failures, so that an owner who never failed is never one.
                 let own_failed = record.login_failures.estimate(now_ms, login.window_ms()) >= 1.0;
+                // Suspected on its own failed logins: a refusal by
+                // distributed stuffing is no failure, so a person whose
+                // first login was refused during an attack and who gets in
+                // once it is over is not taken for a stuffer who got lucky.
+                let suspected = record.recent_reasons.contains(Reason::CredentialStuffing) && own_failed;
                 let account_failures = if own_failed || outcome != LoginOutcome::Success { account_failures } else { 0.0 };
                 signal.add(login.observe(record, outcome, username_hash, account_failures, suspected, now_ms));
             }

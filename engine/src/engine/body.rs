@@ -6,6 +6,7 @@
 use super::{Engine, Exchange, DOMAIN_USERNAME, DOMAIN_ENDPOINT, DOMAIN_PASSWORD};
 use crate::account::AccountRecord;
 use crate::detectors::Signal;
+use crate::detectors::distributed_stuffing::{AttemptOutcome, AttemptSignals, DistributedStuffing};
 use crate::detectors::login::LoginDetector;
 use crate::detectors::login_profile::LoginProfile;
 use crate::identity::ClientAddr;
@@ -125,30 +126,120 @@ impl Engine {
             return Signal::default();
         };
         let endpoint = exchange.endpoint.unwrap_or_default();
+        let shape = crate::endpoint::name_shape(exchange.username.as_deref().unwrap_or(""));
+        exchange.name_shape = Some(shape);
         if known {
-            attempt.unlike_owner =
-                account.is_some_and(|a| a.profile.is_known() && !a.profile.looks_like_owner(&exchange.login_place));
+            let profile = account.map(|a| a.profile).filter(|p| p.is_known());
+            attempt.unlike_owner = profile.is_some_and(|p| !p.looks_like_owner(&exchange.login_place));
+            attempt.owners_place = profile.is_some_and(|p| p.is_owners_place(&exchange.login_place));
         } else {
             attempt.unknown_account = d.unknown_is_evidence(&endpoint);
+            attempt.unknown_unsure = !attempt.unknown_account && attempt.under_attack;
+            attempt.unlike_site_names = d.unlike_site_names(&endpoint, shape);
         }
-        if let Some(password) = login.password(route, body).filter(|_| attempt.under_attack) {
+        if let Some(password) = login.password(route, body) {
             // Keyed and rotating: the hash means nothing after its window.
+            // Every attempt's (not only during an attack), so that a spray
+            // is known when the attack is recognised. Failures count under this
+            // window's key; a spray is judged on this window's and the
+            // last one's (else each new window would let a spray's first
+            // attempts through until it counted again).
             let epoch = now_ms / d.window_ms().max(1);
-            let mut text = epoch.to_le_bytes().to_vec();
-            text.extend_from_slice(password.as_bytes());
-            let key = self.hasher.key(DOMAIN_PASSWORD, &text);
+            let key_of = |epoch: u64| {
+                let mut text = epoch.to_le_bytes().to_vec();
+                text.extend_from_slice(password.as_bytes());
+                self.hasher.key(DOMAIN_PASSWORD, &text)
+            };
+            let key = key_of(epoch);
             // Only failures count (the answer records them): real users who
             // share a common password log in, and are never a "spray".
             exchange.password_key = Some(key);
-            attempt.sprayed_password = self
-                .sprays
-                .peek(store, key)
-                .ok()
-                .flatten()
-                .is_some_and(|p| d.is_sprayed(&p, now_ms));
+            let spray = |key: u64| self.sprays.peek(store, key).ok().flatten();
+            let (now, last) = (spray(key), spray(key_of(epoch.saturating_sub(1))).filter(|_| epoch > 0));
+            let sprayed = [now, last].iter().flatten().any(|p| d.is_sprayed(p, now_ms));
+            let real = [now, last].iter().flatten().any(|p| d.let_someone_in(p, now_ms));
+            attempt.sprayed_password = sprayed && !real;
         }
         exchange.attempt = Some(attempt);
-        d.refusal(&attempt)
+        let signal = d.refusal(&attempt);
+        if d.counts_refusal(&attempt) {
+            // Its password counts among the spray's accounts only when the
+            // attempt is refused without it: else one spray would feed on
+            // its own refusals of every person whose password it is.
+            let without_spray = AttemptSignals { sprayed_password: false, ..attempt };
+            let spray = !d.refusal(&without_spray).reasons.is_empty();
+            self.count_refused_attempt(store, exchange, spray.then_some(account_key), now_ms);
+        }
+        signal
+    }
+
+    /// The filter's refusal of an attack-attributed attempt counts as a
+    /// failed attempt for the endpoint, the tool's fingerprint and the
+    /// password (see `DistributedStuffing::counts_refusal`) — never for the
+    /// client's or the account's own record.
+    /// `account`: the attempt's account, when its password counts too.
+    fn count_refused_attempt(&self, store: &dyn SharedStore, exchange: &Exchange, account: Option<u64>, now_ms: u64) {
+        let (Some(d), Some(route)) = (&self.distributed, exchange.login_route) else {
+            return;
+        };
+        self.count_attempt(store, d, route, exchange, true, account, now_ms);
+    }
+
+    /// One attempt's outcome for distributed stuffing's shared records
+    /// (best effort, all three: a lost update only delays recognition).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn count_attempt(
+        &self,
+        store: &dyn SharedStore,
+        d: &DistributedStuffing,
+        route: usize,
+        exchange: &Exchange,
+        failed: bool,
+        account: Option<u64>,
+        now_ms: u64,
+    ) {
+        let mut sprayed_widely = false;
+        match (failed, exchange.password_key, account) {
+            (true, Some(pw), Some(user)) => {
+                sprayed_widely = self
+                    .sprays
+                    .update(store, pw, now_ms, |p| {
+                        d.on_failed_password(p, user, now_ms);
+                        (d.is_sprayed_widely(p, now_ms), true)
+                    })
+                    .is_ok_and(|(wide, _)| wide);
+            }
+            (false, Some(pw), _) => {
+                // Somebody's real password: the filter's refusals of
+                // attempts with it must not make it a "spray" (and refuse
+                // the next person whose password it is).
+                let _ = self.sprays.update(store, pw, now_ms, |p| {
+                    d.on_password_success(p, now_ms);
+                    ((), true)
+                });
+            }
+            _ => {}
+        }
+        if let Some(fp) = exchange.tool_key {
+            let _ = self.fingerprints.update(store, fp, now_ms, |f| {
+                d.on_fingerprint_outcome(f, failed, now_ms);
+                ((), true)
+            });
+        }
+        let foreign = exchange.attempt.is_some_and(|a| a.unlike_site_names);
+        let foreign_spray = foreign && exchange.attempt.is_some_and(|a| a.sprayed_password);
+        let outcome = AttemptOutcome {
+            failed,
+            unknown: exchange.account_unknown,
+            name_shape: exchange.name_shape,
+            foreign,
+            foreign_spray,
+            sprayed_widely,
+        };
+        let _ = self.endpoints.update(store, self.endpoint_key(route), now_ms, |e| {
+            d.on_attempt(e, &outcome, now_ms);
+            ((), true)
+        });
     }
 
     /// The `x-abuse-login-risk` value once the body was read (for headers

@@ -56,6 +56,9 @@ mod harvest_tests;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod decisions_tests;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod stuffing_tests;
 
 use groups::RouteCounters;
 pub use tables::StateReport;
@@ -193,10 +196,12 @@ pub struct Exchange {
     endpoint: Option<EndpointRecord>,
     /// The tool fingerprint's key, when the user agent claims no browser.
     tool_key: Option<u64>,
-    /// Keyed, rotating hash of the submitted password (during an attack).
+    /// Keyed, rotating hash of the submitted password (its window only).
     password_key: Option<u64>,
     /// The account is not known to exist (None: no username read).
     account_unknown: Option<bool>,
+    /// The username's shape (`endpoint::name_shape`), once the body gave it.
+    name_shape: Option<u8>,
     mode: Option<Mode>,
     /// The question for the scorer, when this request must ask it.
     score_request: Option<ScoreRequest>,
@@ -328,8 +333,8 @@ impl Engine {
             u64::from(config.state.worker_sync_ms),
         );
         let accounts = ShardedTable::new(STATE_PREFIX, "accounts", ACCOUNT_SHARDS, ACCOUNT_SLOTS, fingerprint("accounts;3"));
-        let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;2"));
-        let sprays = ShardedTable::new(STATE_PREFIX, "sprays", SPRAY_SHARDS, SPRAY_SLOTS, fingerprint("sprays;1"));
+        let endpoints = ShardedTable::new(STATE_PREFIX, "endpoints", 1, 16, fingerprint("endpoints;3"));
+        let sprays = ShardedTable::new(STATE_PREFIX, "sprays", SPRAY_SHARDS, SPRAY_SLOTS, fingerprint("sprays;2"));
         let fingerprints =
             ShardedTable::new(STATE_PREFIX, "fingerprints", FINGERPRINT_SHARDS, FINGERPRINT_SLOTS, fingerprint("fingerprints;2"));
         let group_table = ShardedTable::new(STATE_PREFIX, "route_groups", 1, 64, fingerprint("route_groups;1"));
