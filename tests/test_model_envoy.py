@@ -2,7 +2,9 @@
 Envoy (two workers), the built filter and the real scorer: ordinary
 traffic paced by the clock warms it without a single callout, and the model
 then scores — a slow client whose 404s stay under every rule is tagged
-`anomaly` through the scorer, while the ordinary clients are not.
+`anomaly` through the scorer, beyond the tag line calibrated on the ordinary
+clients (scorer/src/model.rs, **Tag line**), while the ordinary clients are
+not.
 """
 
 import json
@@ -82,6 +84,16 @@ def test_ordinary_traffic_warms_the_model_without_callouts_and_the_model_then_ta
     # (stats reach Envoy on the next tick)
     envoy.wait_stat("abuse_filter.scorer.samples_sent", WARM_UP, timeout=5)
     print(f"model warm after {warmed_after:.1f} s of ordinary traffic ({model['trained']} samples)")
+    # The tag line, calibrated on the warm-up's ordinary clients (leave-one-out):
+    # the 2nd smallest of n log-masses, 2.5 bits under it; a normal client is
+    # beyond it with probability at most k/(n+1) per sample, whatever the traffic.
+    view = json.loads(request(scorer.port, "GET", "/v1/dashboard").body)["model"]
+    cal = view["calibration"]
+    assert cal["rank"] == 2 and cal["points"] >= WARM_UP, cal
+    assert abs(cal["tag_line"] - (cal["kth_log_mass"] - 2.5)) < 0.01, cal
+    assert cal["false_tag_bound"] <= 2 / (WARM_UP + 1) + 1e-5 and cal["median_log_mass"] > cal["kth_log_mass"], cal
+    for g in view["groups"]:
+        assert ("calibration" in g) == g["warm"], g
 
     # Phase 2: one client, 16 distinct unknown paths (404) over ~5 s — under
     # probing's 20 paths per minute, not object ids (no enumeration): no rule
@@ -107,9 +119,9 @@ def test_ordinary_traffic_warms_the_model_without_callouts_and_the_model_then_ta
     dash = json.loads(request(scorer.port, "GET", "/v1/dashboard").body)
     assert dash["anomaly_distribution"]["samples"] > 0
     row = next(c for c in dash["top_clients"] if c["client"] == odd)
-    # What a flag implies, whatever the model's draws: the model added points
-    # (anomaly > 0.5, the sparsest tenth of recent traffic) and they made it a
-    # tag (score >= block_at / 2 = 50). The row keeps the anomaly it was
+    # What a flag implies, whatever the model's draws: the client was beyond
+    # its group's tag line (anomaly > 0.5), where the model's points alone
+    # (at least block_at / 2 = 50) make a tag. The row keeps the anomaly it was
     # flagged at: a later ordinary sample of the same client (its
     # /debug/headers look) must not rewrite the figure behind the reason.
     assert row["action"] == "tag" and "anomaly" in row["reasons"], row

@@ -127,11 +127,14 @@
 //! learns from the filters' samples of all their clients (tick batches),
 //! never from callouts, one model over all samples and one per route group
 //! (see `models.rs`).
-//! Anomaly = `1 / (1 + 2^(L − L10))`, where `L` is the mean over trees of
+//! Anomaly = `1 / (1 + 2^(L − τ))`, where `L` is the mean over trees of
 //! `log2(1 + mass · 2^depth)` at the node where the walk stops (reference
-//! mass below a tenth of the window) and `L10` the 10th percentile of `L`
-//! over the last window of traffic: 0.5 = as sparse as the sparsest tenth of
-//! recent traffic, → 1 for a point alone in its region. **Explanation**:
+//! mass below a tenth of the window) and `τ` the model's **tag line**, per
+//! route group: 2.5 bits under the 2nd smallest `L` of the group's previous
+//! window of normal clients (out of sample): 0.5 = on the line, above =
+//! tagged `anomaly`; a normal client is beyond it with probability at most
+//! 2/251 per sample, whatever the traffic (see `model.rs`, **Tag line**).
+//! Counts are per person (divided by the key's sessions). **Explanation**:
 //! every split on the way down is charged the bits of mass it removed
 //! beyond the one bit an ordinary point loses, to the split's feature;
 //! summed over trees and normalised, the top three features are returned
@@ -160,7 +163,9 @@
 //!  "callouts": {"window_s": 60.0, "per_s": {"allow": 0.5, "tag": 0.02, "block": 0.05},
 //!               "total": {"allow": 120, "tag": 4, "block": 9}},
 //!  "model": {"trained": 1234, "warm": true, "warm_up": 200, "excluded": 12, "gated": 3,
-//!            "groups": [{"group": "api", "trained": 1100, "warm": true}]},
+//!            "calibration": {"tag_line": 13.1, "rank": 2, "points": 250, "kth_log_mass": 15.6,
+//!                            "median_log_mass": 17.4, "false_tag_bound": 0.00797},
+//!            "groups": [{"group": "api", "trained": 1100, "warm": true, "calibration": {"…": "as above"}}]},
 //!  "store": {"kind": "redis", "redis_ok": true},
 //!  "anomaly_distribution": {"bins": 20, "counts": [0, 3, "… 20 counts …", 1],
 //!                           "above_half": 0.08, "samples": 812}}

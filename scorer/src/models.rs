@@ -14,22 +14,29 @@
 //! the same seeded trees, so their scores read alike.
 //!
 //! **What they do not learn from.** (1) Clients the filter penalized or
-//! blocked in the window (the sample says so). (2) Once warm, a sample the
-//! model already finds anomalous (≥ [`LEARN_GATE`]): an attack the rules
-//! miss must not teach the model that it is normal, one sample at a time.
-//! The gate gives way when more than half of a group's recent samples would
-//! be gated — that is not an attack hiding in the traffic but the traffic
-//! changing (a new release), and the model must follow it. (3) Within a
-//! window a sample is a distinct client, so an attacker's volume counts
-//! once. What is left is an attack the rules miss *from many distinct
-//! clients at once*: Half-Space Trees stop a walk at a node holding under a
-//! tenth of the reference window (`sizeLimit`), so a tight cluster holding
-//! under ~10 % of the sample is still scored as a sparse region. Measured in
-//! `robust_to_a_five_percent_attack_share_and_the_limit_is_stated`
-//! (stuffers mixed into warm-up and training): AUC of attack vs benign
-//! 1.000 clean, 0.997 at a 5 % share (mean attack anomaly 0.92 → 0.77), and
-//! 0.03 at 20 % — there the cluster *is* normal to the model, the limit we
-//! state.
+//! blocked in the window (the sample says so). (2) Once warm, a sample
+//! beyond the model's tag line (anomaly ≥ [`LEARN_GATE`] = 0.5, what the
+//! scorer tags): an attack the rules miss must not teach the model that it
+//! is normal, one sample at a time — nor move the tag line, which is
+//! calibrated on the learned samples (see `model`, **Tag line**). The gate
+//! gives way when more than half of a group's recent samples would be gated
+//! — that is not an attack hiding in the traffic but the traffic changing
+//! (a new release), and the model must follow it. (3) Within a window a
+//! sample is a distinct client, so an attacker's volume counts once.
+//! Measured in `robust_to_a_five_percent_attack_share_and_the_limit_is_stated`
+//! (noisy stuffers among the samples): AUC of attack vs benign 1.000
+//! clean, at a 5 % and at a 20 % share arriving once the model is warm, and
+//! all 50 attack clients still tagged in each (gated, never learned). The
+//! stated limits: an attack already present during warm-up with `k` (2) or
+//! more sampled clients is among the clients that set the first tag line,
+//! and sits inside it (0 of 50 tagged at a 1 % share from the start), while
+//! still ranked above every benign client (AUC); and the other side of the
+//! gate: a *benign* population new since warm-up, under half of the
+//! samples, is tagged until the line is recalibrated on it — which the
+//! gate prevents (`make eval`: 71 of 120 phones behind a carrier NAT, see
+//! docs/anomaly-model.md). A drift rule at a tenth of a window instead of
+//! half was tried: the phones stayed tagged (61) and the model learned the
+//! rule-evading scraper while following them.
 
 use crate::model::{Assessment, Model, Params, DIMS};
 use serde::{Deserialize, Serialize};
@@ -38,10 +45,12 @@ use std::path::Path;
 
 /// Route groups with their own model, at most (the rest learn into `all` only).
 pub const MAX_GROUP_MODELS: usize = 8;
-/// Once warm, a sample at or above this anomaly is not learned (see module doc).
-pub const LEARN_GATE: f32 = 0.8;
-/// Bumped when the snapshot layout changes (format 1 was one `Model`).
-const FORMAT: u32 = 2;
+/// Once warm, a sample at or above this anomaly (on or beyond the tag line) is not learned (see module doc).
+pub const LEARN_GATE: f32 = 0.5;
+/// Bumped when the snapshot layout changes (format 1 was one `Model`, 2
+/// the models before their tag lines): an older file is refused and the
+/// models start cold.
+const FORMAT: u32 = 3;
 
 /// A model and its learning gate's recent counts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,7 +110,10 @@ pub struct ModelsView {
     pub warm_up: u32,
     pub excluded: u64,
     pub gated: u64,
-    /// Per route group: samples learned, and warm or not.
+    /// Once warm, the `all` model's tag line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationView>,
+    /// Per route group: samples learned, warm or not, and the tag line.
     pub groups: Vec<GroupView>,
 }
 
@@ -110,6 +122,35 @@ pub struct GroupView {
     pub group: String,
     pub trained: u64,
     pub warm: bool,
+    /// Once warm, the group's tag line and what it rests on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationView>,
+}
+
+/// A model's tag line (see `model`, **Tag line**).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CalibrationView {
+    /// The log-mass under which a client is tagged (anomaly 0.5).
+    pub tag_line: f64,
+    /// `k`-th smallest of `n` calibration log-masses, and their median.
+    pub rank: u32,
+    pub points: u32,
+    pub kth_log_mass: f64,
+    pub median_log_mass: f64,
+    /// `k / (n + 1)`: the most a normal client's sample is tagged, on average.
+    pub false_tag_bound: f64,
+}
+
+fn calibration_view(model: &Model) -> Option<CalibrationView> {
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
+    model.calibration().map(|(tag_line, c)| CalibrationView {
+        tag_line: round(tag_line),
+        rank: c.rank,
+        points: c.points,
+        kth_log_mass: round(c.kth_log_mass),
+        median_log_mass: round(c.median_log_mass),
+        false_tag_bound: (c.false_tag_bound() * 1e5).round() / 1e5,
+    })
 }
 
 impl Models {
@@ -149,10 +190,16 @@ impl Models {
             warm_up: self.warm_up(),
             excluded: self.excluded,
             gated: self.view_gated(),
+            calibration: calibration_view(&self.all.model),
             groups: self
                 .groups
                 .iter()
-                .map(|(g, l)| GroupView { group: g.clone(), trained: l.model.trained(), warm: l.model.is_warm() })
+                .map(|(g, l)| GroupView {
+                    group: g.clone(),
+                    trained: l.model.trained(),
+                    warm: l.model.is_warm(),
+                    calibration: calibration_view(&l.model),
+                })
                 .collect(),
         }
     }
@@ -190,16 +237,17 @@ impl Models {
         serde_json::to_string(self)
     }
 
-    /// A snapshot of this format, or of format 1 (one model: it becomes `all`).
+    /// A snapshot of this format. Older ones are refused (logged; the
+    /// models start cold): format 1 (one model) and 2 have no tag lines.
     pub fn from_json(json: &str) -> Result<Models, crate::model::LoadError> {
         use crate::model::LoadError;
         let value: serde_json::Value = serde_json::from_str(json).map_err(|e| LoadError::Corrupt(e.to_string()))?;
-        if value.get("format").and_then(serde_json::Value::as_u64) == Some(1) {
-            let model = Model::from_json(json)?;
-            let params = model.params();
-            let mut models = Models::new(params);
-            models.all.model = model;
-            return Ok(models);
+        let format = value.get("format").and_then(serde_json::Value::as_u64);
+        if format != Some(u64::from(FORMAT)) {
+            return Err(LoadError::Corrupt(format!(
+                "format {} (expected {FORMAT}): written by an older scorer, before the tag lines",
+                format.map_or_else(|| "none".to_string(), |f| f.to_string())
+            )));
         }
         let models: Models = serde_json::from_value(value).map_err(|e| LoadError::Corrupt(e.to_string()))?;
         if models.format != FORMAT {
@@ -259,16 +307,21 @@ mod tests {
         vs.iter().map(|v| models.score(None, v).unwrap().anomaly).collect()
     }
 
-    /// Warm-up and two windows of samples with `share` of stuffers among them.
-    fn trained_with_attack_share(share: f64) -> Models {
+    /// Warm-up and four windows of samples with `share` of stuffers among
+    /// them, from sample `from` on (0: in the warm-up too).
+    fn trained_with_attack_share_from(share: f64, from: usize) -> Models {
         let mut m = Models::new(params(200));
         let (mut n, mut k) = (Noise::new(11), Noise::new(12));
         for i in 0..1200 {
-            let attack = (i as f64 * share).floor() != ((i + 1) as f64 * share).floor();
+            let attack = i >= from && (i as f64 * share).floor() != ((i + 1) as f64 * share).floor();
             let v = if attack { noisy_stuffer(&mut k) } else { normal(&mut n).to_vector() };
             m.observe(None, &v, false);
         }
         m
+    }
+
+    fn trained_with_attack_share(share: f64) -> Models {
+        trained_with_attack_share_from(share, 0)
     }
 
     #[test]
@@ -283,7 +336,7 @@ mod tests {
         let benign: Vec<[f32; DIMS]> = (0..200).map(|_| normal(&mut n).to_vector()).collect();
         let b = scores(&m, &benign);
         let s = m.score(None, &stuffer().to_vector()).unwrap().anomaly;
-        assert!(s > 0.9, "stuffer {s}");
+        assert!(s > 0.5, "stuffer tagged: {s}");
         assert!(b.iter().filter(|&&x| x >= LEARN_GATE).count() <= 4, "benign rarely gated: {b:?}");
         // Scoring a callout learns nothing.
         let before = m.trained();
@@ -305,7 +358,7 @@ mod tests {
         }
         assert_eq!(m.trained(), before, "not one learned");
         assert_eq!(m.view().excluded, 500);
-        assert!(last.unwrap().anomaly > 0.9, "and still anomalous: the model did not get used to it");
+        assert!(last.unwrap().anomaly > 0.5, "and still tagged: the model did not get used to it");
         // Without the flag (and without the gate) 500 stuffers would be "normal":
         // the gate alone keeps them out too, until they are most of the traffic.
         let mut gated = Models::new(params(50));
@@ -327,26 +380,39 @@ mod tests {
         let mut k = Noise::new(98);
         let attack: Vec<[f32; DIMS]> = (0..50).map(|_| noisy_stuffer(&mut k)).collect();
         let clean = trained_with_attack_share(0.0);
-        let five = trained_with_attack_share(0.05);
-        let twenty = trained_with_attack_share(0.20);
+        let five = trained_with_attack_share_from(0.05, 200);
+        let twenty = trained_with_attack_share_from(0.20, 200);
+        let five_from_start = trained_with_attack_share(0.05);
+        let one_from_start = trained_with_attack_share(0.01);
         let (a0, a5, a20) = (
             auc(&scores(&clean, &benign), &scores(&clean, &attack)),
             auc(&scores(&five, &benign), &scores(&five, &attack)),
             auc(&scores(&twenty, &benign), &scores(&twenty, &attack)),
         );
         let mean = |m: &Models| scores(m, &attack).iter().sum::<f32>() / attack.len() as f32;
+        let tagged = |m: &Models| scores(m, &attack).iter().filter(|&&a| a > 0.5).count();
         eprintln!(
-            "AUC clean {a0:.3}, 5 % {a5:.3}, 20 % {a20:.3}; attack mean {:.3} / {:.3} / {:.3}; gated {} / {}",
+            "AUC clean {a0:.3}, 5 % {a5:.3}, 20 % {a20:.3}; attack mean {:.3} / {:.3} / {:.3}; gated {} / {}; \
+             tagged of 50: clean {}, 5 % {}, 20 % {}, 5 % from the start {}, 1 % from the start {}",
             mean(&clean),
             mean(&five),
             mean(&twenty),
             five.view().gated,
-            twenty.view().gated
+            twenty.view().gated,
+            tagged(&clean),
+            tagged(&five),
+            tagged(&twenty),
+            tagged(&five_from_start),
+            tagged(&one_from_start),
         );
-        assert!(a0 > 0.99 && a5 > 0.98, "{a0} {a5}");
-        assert!(mean(&five) > 0.7, "a 5 % share stays anomalous");
-        // The stated limit: at 20 % the attack is a region of normal.
-        assert!(mean(&twenty) < mean(&five));
+        assert!(a0 > 0.99 && a5 > 0.98 && a20 > 0.98, "{a0} {a5} {a20}");
+        assert_eq!(tagged(&clean), 50);
+        // Arriving once the model is warm, the attack is beyond the tag line,
+        // so never learned (gated): it stays tagged at 5 % and at 20 %.
+        assert!(tagged(&five) >= 45 && tagged(&twenty) >= 45, "{} {}", tagged(&five), tagged(&twenty));
+        // The stated limit: an attack already in the warm-up with k or more
+        // clients is among the points that set the line, and sits inside it.
+        assert!(tagged(&five_from_start) < 5 && tagged(&one_from_start) < 5);
     }
 
     #[test]
@@ -364,7 +430,14 @@ mod tests {
         let on_login = m.score(Some("login"), &v).unwrap().anomaly;
         let on_products = m.score(Some("products"), &v).unwrap().anomaly;
         eprintln!("same client: login {on_login:.3}, products {on_products:.3}");
-        assert!(on_products > 0.8 && on_login < 0.6, "{on_login} {on_products}");
+        assert!(on_products > 0.5 && on_login < 0.5, "tagged on products only: {on_login} {on_products}");
+        // Each group's line is its own: set from its own normal clients.
+        let view = m.view();
+        let lines: Vec<f64> = view.groups.iter().map(|g| g.calibration.as_ref().unwrap().tag_line).collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0] != lines[1], "{lines:?}");
+        // (2 of the 100 warm-up samples, out of sample after the first window: 2/101)
+        assert!(view.groups.iter().all(|g| g.calibration.as_ref().unwrap().false_tag_bound <= 0.02));
         assert_eq!(m.view().groups.len(), 2);
         // Bounded: groups past the cap learn into `all` only.
         for g in 0..20 {
@@ -374,17 +447,57 @@ mod tests {
         assert!(m.score(Some("never-seen"), &v).is_some(), "falls back to all");
     }
 
+    /// Replays a scorer's `--sample-log` (`SAMPLE_LOG_REPLAY`) through a
+    /// fresh model, writing each sample's anomaly and whether it would be
+    /// flagged (risk + model points >= 50) to `REPLAY_OUT`: for comparing
+    /// calibrations offline on `make eval`'s stream. Not run by default.
     #[test]
-    fn snapshots_round_trip_and_read_the_old_single_model() {
+    #[ignore]
+    fn replay_sample_log() {
+        use std::io::Write;
+        let (Ok(input), Ok(output)) = (std::env::var("SAMPLE_LOG_REPLAY"), std::env::var("REPLAY_OUT")) else {
+            return;
+        };
+        let policy = crate::scoring::Policy::new(100.0, 30);
+        let mut m = Models::new(params(200));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(output).unwrap());
+        for line in std::fs::read_to_string(input).unwrap().lines() {
+            let s: serde_json::Value = serde_json::from_str(line).unwrap();
+            let f: Vec<f32> = s["features"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let v: [f32; DIMS] = f.try_into().unwrap();
+            let penalized = s["penalized"].as_bool().unwrap();
+            let g = s["group"].as_str();
+            let scoring = g.and_then(|g| m.groups.get(g)).filter(|l| l.model.is_warm()).unwrap_or(&m.all);
+            let cal = scoring.model.calibration();
+            let a = m.observe(g, &v, penalized);
+            let Some(a) = a else { continue };
+            let req = abuse_engine::wire::ScoreRequest {
+                features: Features { risk: v[0], ..Features::default() },
+                ..abuse_engine::wire::ScoreRequest::default()
+            };
+            let d = crate::scoring::combine(&policy, &req, Some(&a), &crate::scoring::FleetSignals::default(), 0);
+            let flagged = !penalized && d.model_points > 0.0 && d.response.action != abuse_engine::wire::ScoreAction::Allow;
+            let o = serde_json::json!({"t_ms": s["t_ms"], "client": s["client"], "group": s["group"],
+                "anomaly": a.anomaly, "penalized": penalized, "flagged": flagged, "was_flagged": s["flagged"], "was": s["anomaly"],
+                "tag_line": cal.map(|c| c.0), "kth": cal.map(|c| c.1.kth_log_mass), "median": cal.map(|c| c.1.median_log_mass),
+                "log_mass": cal.map(|c| c.0 + (1.0 / f64::from(a.anomaly).max(1e-12) - 1.0).max(1e-12).log2())});
+            writeln!(out, "{o}").unwrap();
+        }
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_older_formats_are_refused() {
         let m = trained_with_attack_share(0.0);
         let back = Models::from_json(&m.to_json().unwrap()).unwrap();
         let v = stuffer().to_vector();
         assert_eq!(m.score(None, &v), back.score(None, &v));
+        assert_eq!(m.view(), back.view(), "tag lines included");
+        // One model (format 1) or models without tag lines (2): start cold.
         let old = crate::model::tests::trained(300, 100);
-        let from_old = Models::from_json(&old.to_json().unwrap()).unwrap();
-        assert_eq!(from_old.trained(), 300);
-        assert_eq!(from_old.score(None, &v), old.score(&v));
-        assert!(Models::from_json("{\"format\":2}").is_err());
+        assert!(Models::from_json(&old.to_json().unwrap()).is_err());
+        let older = m.to_json().unwrap().replacen("\"format\":3", "\"format\":2", 1);
+        let err = Models::from_json(&older).unwrap_err().to_string();
+        assert!(err.contains("format 2 (expected 3)"), "{err}");
         assert!(Models::from_json("nope").is_err());
     }
 }
