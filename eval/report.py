@@ -321,6 +321,8 @@ def model_metrics(samples_log: Path | None, by: dict[str, list[Req]], kinds: dic
                 continue
             if s.get("t_ms", 0) < t_start * 1000:
                 continue  # the history phase
+            if s.get("anomaly") is None:
+                continue  # its model was warming: learned, not scored
             lines += 1
             addr, _, tag = s["client"].partition("#")
             names = owners.get((addr, tag or None), set())

@@ -37,7 +37,7 @@
 //! | `--warm-up` | `WARM_UP` | 200 | vectors learned before the model scores |
 //! | `--block-at` | `BLOCK_AT` | 100 | score that blocks (match the filter's `risk.block_at`) |
 //! | `--ttl-s` | `TTL_S` | 30 | how long the filter may reuse an answer; blocks go to the fleet for 4× (≥ 60 s) |
-//! | `--sample-log` | `SAMPLE_LOG` | none | append every scored feature sample to this file as a JSON line (offline evaluation; `make eval` sets it) |
+//! | `--sample-log` | `SAMPLE_LOG` | none | append every feature sample to this file as a JSON line (anomaly null while its model warms) (offline evaluation; `make eval` sets it) |
 //!
 //! Logs go to stderr (`RUST_LOG`, default `info`); they carry no secret,
 //! token, query string, username, session or client address (a fleet
@@ -130,10 +130,11 @@
 //! Anomaly = `1 / (1 + 2^(L − τ))`, where `L` is the mean over trees of
 //! `log2(1 + mass · 2^depth)` at the node where the walk stops (reference
 //! mass below a tenth of the window) and `τ` the model's **tag line**, per
-//! route group: 2.5 bits under the 2nd smallest `L` of the group's previous
-//! window of normal clients (out of sample): 0.5 = on the line, above =
-//! tagged `anomaly`; a normal client is beyond it with probability at most
-//! 2/251 per sample, whatever the traffic (see `model.rs`, **Tag line**).
+//! route group: 1.5 bits under the 8th smallest `L` of the last ~1,000
+//! distinct sampled clients of the group (out of sample, gated ones
+//! included): 0.5 = on the line, above = tagged `anomaly`; a client of the
+//! stream is beyond it with probability at most 8/1,001 per sample,
+//! whatever the traffic (see `model.rs`, **Tag line**).
 //! Counts are per person (divided by the key's sessions). **Explanation**:
 //! every split on the way down is charged the bits of mass it removed
 //! beyond the one bit an ordinary point loses, to the split's feature;

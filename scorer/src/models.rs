@@ -13,30 +13,33 @@
 //! its group's model once that one is warm, else by `all`. Every model has
 //! the same seeded trees, so their scores read alike.
 //!
+//! A group with a model of its own is judged by it alone: while it warms,
+//! its clients are not scored (no tag), as during any warm-up. Falling back
+//! to `all` (as before) judged them against traffic that may not be theirs:
+//! in `make eval` `all` warmed on the history phase's logins only, and the
+//! `api` group's first ~200 samples scored against it tagged 71 carrier-NAT
+//! phones.
+//!
 //! **What they do not learn from.** (1) Clients the filter penalized or
-//! blocked in the window (the sample says so). (2) Once warm, a sample
-//! beyond the model's tag line (anomaly ≥ [`LEARN_GATE`] = 0.5, what the
-//! scorer tags): an attack the rules miss must not teach the model that it
-//! is normal, one sample at a time — nor move the tag line, which is
-//! calibrated on the learned samples (see `model`, **Tag line**). The gate
-//! gives way when more than half of a group's recent samples would be gated
-//! — that is not an attack hiding in the traffic but the traffic changing
-//! (a new release), and the model must follow it. (3) Within a window a
-//! sample is a distinct client, so an attacker's volume counts once.
-//! Measured in `robust_to_a_five_percent_attack_share_and_the_limit_is_stated`
-//! (noisy stuffers among the samples): AUC of attack vs benign 1.000
-//! clean, at a 5 % and at a 20 % share arriving once the model is warm, and
-//! all 50 attack clients still tagged in each (gated, never learned). The
-//! stated limits: an attack already present during warm-up with `k` (2) or
-//! more sampled clients is among the clients that set the first tag line,
-//! and sits inside it (0 of 50 tagged at a 1 % share from the start), while
-//! still ranked above every benign client (AUC); and the other side of the
-//! gate: a *benign* population new since warm-up, under half of the
-//! samples, is tagged until the line is recalibrated on it — which the
-//! gate prevents (`make eval`: 71 of 120 phones behind a carrier NAT, see
-//! docs/anomaly-model.md). A drift rule at a tenth of a window instead of
-//! half was tried: the phones stayed tagged (61) and the model learned the
-//! rule-evading scraper while following them.
+//! blocked in the window (the sample says so): neither learned nor
+//! calibration candidates. (2) Once warm, a sample beyond the model's tag
+//! line (anomaly ≥ [`LEARN_GATE`] = 0.5, what the scorer tags): an odd
+//! client must not teach the trees that its region is normal, one sample at
+//! a time. It is still a calibration candidate (see `model`, **Tag line**):
+//! the line is a quantile of the whole stream. The gate gives way when more
+//! than half of a group's recent samples would be gated — the traffic
+//! changing (a new release), and the model must follow it. (3) Within a
+//! window a sample is a distinct client, so an attacker's volume counts
+//! once; the calibration keeps one sample per client.
+//! The trade, measured in
+//! `a_lone_odd_client_is_tagged_a_common_population_is_not_and_the_limit_is_stated`:
+//! every lone stuffer among normal traffic is tagged (AUC 1.000); a
+//! population of look-alikes over `k` per `n` of the sampled clients sets
+//! the line within a window and is not tagged — a benign one (phones
+//! arriving after warm-up: 0 of 500 tagged once a tenth of the clients,
+//! from 88 % on arrival) and an attack campaign alike (stuffers at 5 % or
+//! 20 % of the clients: 0 of 50; at 20 % they are learned, AUC 0.000).
+//! Campaigns are the other detectors' job.
 
 use crate::model::{Assessment, Model, Params, DIMS};
 use serde::{Deserialize, Serialize};
@@ -48,9 +51,15 @@ pub const MAX_GROUP_MODELS: usize = 8;
 /// Once warm, a sample at or above this anomaly (on or beyond the tag line) is not learned (see module doc).
 pub const LEARN_GATE: f32 = 0.5;
 /// Bumped when the snapshot layout changes (format 1 was one `Model`, 2
-/// the models before their tag lines): an older file is refused and the
-/// models start cold.
-const FORMAT: u32 = 3;
+/// the models before their tag lines, 3 the lines calibrated on learned
+/// samples only): an older file is refused and the models start cold.
+const FORMAT: u32 = 4;
+
+/// A client label's hash (FNV-1a, 64 bits): the models keep one
+/// calibration candidate per client and window by it.
+fn client_hash(label: &str) -> u64 {
+    label.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
 
 /// A model and its learning gate's recent counts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,8 +75,9 @@ impl Learner {
         Learner { model: Model::new(params), recent_seen: 0, recent_gated: 0, gated: 0 }
     }
 
-    /// Scores `v`, then learns it unless excluded or gated.
-    fn observe(&mut self, v: &[f32; DIMS], penalized: bool, window: u32) -> Option<Assessment> {
+    /// Scores `v`, then learns it unless excluded or gated; a gated sample
+    /// is still a calibration candidate (see `model`, **Tag line**).
+    fn observe(&mut self, v: &[f32; DIMS], client: Option<u64>, penalized: bool, window: u32) -> Option<Assessment> {
         let a = self.model.score(v);
         if penalized {
             return a;
@@ -84,10 +94,11 @@ impl Learner {
             self.recent_gated += 1;
             if !drifting {
                 self.gated = self.gated.saturating_add(1);
+                self.model.offer(v, client, false);
                 return a;
             }
         }
-        self.model.learn(v);
+        self.model.offer(v, client, true);
         a
     }
 }
@@ -207,21 +218,24 @@ impl Models {
     /// Scores a client (a callout): its group's model once warm, else `all`.
     /// Never learns: callouts are the borderline clients, not normal traffic.
     pub fn score(&self, group: Option<&str>, v: &[f32; DIMS]) -> Option<Assessment> {
-        group
-            .and_then(|g| self.groups.get(g))
-            .and_then(|l| l.model.score(v))
-            .or_else(|| self.all.model.score(v))
+        match group.and_then(|g| self.groups.get(g)) {
+            // A group with a model of its own is judged by it alone: silent
+            // while it warms (see module doc, **Per route group**).
+            Some(l) => l.model.score(v),
+            None => self.all.model.score(v),
+        }
     }
 
     /// One sample from a batch: scored as [`Models::score`] would (before
     /// learning it), and learned by `all` and its group's model unless
     /// penalized or gated.
-    pub fn observe(&mut self, group: Option<&str>, v: &[f32; DIMS], penalized: bool) -> Option<Assessment> {
+    pub fn observe(&mut self, group: Option<&str>, client: &str, v: &[f32; DIMS], penalized: bool) -> Option<Assessment> {
         let window = self.params.window;
         if penalized {
             self.excluded = self.excluded.saturating_add(1);
         }
-        let from_all = self.all.observe(v, penalized, window);
+        let client = Some(client_hash(client));
+        let from_all = self.all.observe(v, client, penalized, window);
         let Some(group) = group else {
             return from_all;
         };
@@ -230,7 +244,8 @@ impl Models {
         }
         let params = self.params;
         let learner = self.groups.entry(group.to_string()).or_insert_with(|| Learner::new(params));
-        learner.observe(v, penalized, window).or(from_all)
+        // Its group's model alone, silent while it warms (as `score`).
+        learner.observe(v, client, penalized, window)
     }
 
     pub fn to_json(&self) -> Result<String, serde_json::Error> {
@@ -238,14 +253,15 @@ impl Models {
     }
 
     /// A snapshot of this format. Older ones are refused (logged; the
-    /// models start cold): format 1 (one model) and 2 have no tag lines.
+    /// models start cold): format 1 (one model) and 2 have no tag lines, 3
+    /// lines calibrated on learned samples only.
     pub fn from_json(json: &str) -> Result<Models, crate::model::LoadError> {
         use crate::model::LoadError;
         let value: serde_json::Value = serde_json::from_str(json).map_err(|e| LoadError::Corrupt(e.to_string()))?;
         let format = value.get("format").and_then(serde_json::Value::as_u64);
         if format != Some(u64::from(FORMAT)) {
             return Err(LoadError::Corrupt(format!(
-                "format {} (expected {FORMAT}): written by an older scorer, before the tag lines",
+                "format {} (expected {FORMAT}): written by an older scorer (other tag lines)",
                 format.map_or_else(|| "none".to_string(), |f| f.to_string())
             )));
         }
@@ -277,6 +293,12 @@ mod tests {
     use super::*;
     use crate::model::tests::{normal, stuffer, Noise};
     use abuse_engine::wire::Features;
+
+    /// A client label of its own (test traffic: every sample another client).
+    fn fresh() -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        format!("c{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
 
     fn params(warm_up: u32) -> Params {
         Params { warm_up, ..Params::default() }
@@ -315,7 +337,7 @@ mod tests {
         for i in 0..1200 {
             let attack = i >= from && (i as f64 * share).floor() != ((i + 1) as f64 * share).floor();
             let v = if attack { noisy_stuffer(&mut k) } else { normal(&mut n).to_vector() };
-            m.observe(None, &v, false);
+            m.observe(None, &fresh(), &v, false);
         }
         m
     }
@@ -330,7 +352,7 @@ mod tests {
         let mut n = Noise::new(3);
         assert!(m.score(None, &normal(&mut n).to_vector()).is_none(), "cold");
         for _ in 0..200 {
-            m.observe(None, &normal(&mut n).to_vector(), false);
+            m.observe(None, &fresh(), &normal(&mut n).to_vector(), false);
         }
         assert!(m.is_warm() && m.trained() == 200);
         let benign: Vec<[f32; DIMS]> = (0..200).map(|_| normal(&mut n).to_vector()).collect();
@@ -349,12 +371,12 @@ mod tests {
         let mut m = Models::new(params(50));
         let mut n = Noise::new(4);
         for _ in 0..50 {
-            m.observe(None, &normal(&mut n).to_vector(), false);
+            m.observe(None, &fresh(), &normal(&mut n).to_vector(), false);
         }
         let before = m.trained();
         let mut last = None;
         for _ in 0..500 {
-            last = m.observe(None, &stuffer().to_vector(), true);
+            last = m.observe(None, &fresh(), &stuffer().to_vector(), true);
         }
         assert_eq!(m.trained(), before, "not one learned");
         assert_eq!(m.view().excluded, 500);
@@ -364,17 +386,17 @@ mod tests {
         let mut gated = Models::new(params(50));
         let mut n = Noise::new(4);
         for _ in 0..50 {
-            gated.observe(None, &normal(&mut n).to_vector(), false);
+            gated.observe(None, &fresh(), &normal(&mut n).to_vector(), false);
         }
         for _ in 0..100 {
-            gated.observe(None, &normal(&mut n).to_vector(), false);
-            gated.observe(None, &noisy_stuffer(&mut n), false);
+            gated.observe(None, &fresh(), &normal(&mut n).to_vector(), false);
+            gated.observe(None, &fresh(), &noisy_stuffer(&mut n), false);
         }
         assert!(gated.view().gated > 0);
     }
 
     #[test]
-    fn robust_to_a_five_percent_attack_share_and_the_limit_is_stated() {
+    fn a_lone_odd_client_is_tagged_a_common_population_is_not_and_the_limit_is_stated() {
         let mut n = Noise::new(99);
         let benign: Vec<[f32; DIMS]> = (0..300).map(|_| normal(&mut n).to_vector()).collect();
         let mut k = Noise::new(98);
@@ -382,37 +404,92 @@ mod tests {
         let clean = trained_with_attack_share(0.0);
         let five = trained_with_attack_share_from(0.05, 200);
         let twenty = trained_with_attack_share_from(0.20, 200);
-        let five_from_start = trained_with_attack_share(0.05);
-        let one_from_start = trained_with_attack_share(0.01);
         let (a0, a5, a20) = (
             auc(&scores(&clean, &benign), &scores(&clean, &attack)),
             auc(&scores(&five, &benign), &scores(&five, &attack)),
             auc(&scores(&twenty, &benign), &scores(&twenty, &attack)),
         );
-        let mean = |m: &Models| scores(m, &attack).iter().sum::<f32>() / attack.len() as f32;
         let tagged = |m: &Models| scores(m, &attack).iter().filter(|&&a| a > 0.5).count();
+        let lone = |m: &Models| m.score(None, &stuffer().to_vector()).unwrap().anomaly;
         eprintln!(
-            "AUC clean {a0:.3}, 5 % {a5:.3}, 20 % {a20:.3}; attack mean {:.3} / {:.3} / {:.3}; gated {} / {}; \
-             tagged of 50: clean {}, 5 % {}, 20 % {}, 5 % from the start {}, 1 % from the start {}",
-            mean(&clean),
-            mean(&five),
-            mean(&twenty),
+            "AUC clean {a0:.3}, 5 % {a5:.3}, 20 % {a20:.3}; gated {} / {}; tagged of 50: clean {}, 5 % {}, 20 % {}",
             five.view().gated,
             twenty.view().gated,
             tagged(&clean),
             tagged(&five),
             tagged(&twenty),
-            tagged(&five_from_start),
-            tagged(&one_from_start),
         );
-        assert!(a0 > 0.99 && a5 > 0.98 && a20 > 0.98, "{a0} {a5} {a20}");
+        // A lone odd client: every one of 50 stuffers, each alone among
+        // normal traffic, is tagged and ranked above every benign client.
+        assert!(a0 > 0.99, "{a0}");
         assert_eq!(tagged(&clean), 50);
-        // Arriving once the model is warm, the attack is beyond the tag line,
-        // so never learned (gated): it stays tagged at 5 % and at 20 %.
-        assert!(tagged(&five) >= 45 && tagged(&twenty) >= 45, "{} {}", tagged(&five), tagged(&twenty));
-        // The stated limit: an attack already in the warm-up with k or more
-        // clients is among the points that set the line, and sits inside it.
-        assert!(tagged(&five_from_start) < 5 && tagged(&one_from_start) < 5);
+        // The stated limit: a population of look-alikes that is common (5 %
+        // or 20 % of the sampled clients, well over k per n) is among the
+        // clients that set the line — the line means "rarer than the k-th
+        // rarest of the last n clients" — so it is not tagged once it has
+        // been seen for a window; others detectors cover campaigns.
+        assert!(tagged(&five) <= 5 && tagged(&twenty) <= 5, "{} {}", tagged(&five), tagged(&twenty));
+        // Arriving once warm, it was tagged (and gated) at first.
+        assert!(five.view().gated >= 20, "{}", five.view().gated);
+        // And the lone stuffer that is not one of them is tagged by the clean model.
+        assert!(lone(&clean) > 0.5);
+    }
+
+    /// A phone app behind a carrier NAT: bursts of requests 40-100 ms
+    /// apart, nothing like the browsing clients of `normal`.
+    fn phone(n: &mut Noise) -> [f32; DIMS] {
+        Features {
+            risk: 0.0,
+            requests: 20.0 + n.below(30),
+            recent_requests: 10.0 + n.below(10),
+            login_failures: 0.0,
+            failed_usernames: 0.0,
+            login_successes: 0.0,
+            not_found: 0.0,
+            not_found_paths: 0.0,
+            object_requests: 15.0 + n.below(20),
+            object_miss_ratio: 0.0,
+            distinct_object_ids: 10.0 + n.below(10),
+            sequential_object_run: 0.0,
+            page_run: 0.0,
+            interval_mean_ms: 40.0 + n.unit() * 60.0,
+            interval_cv: 0.2 + n.unit() * 0.2,
+            sessions: 1.0,
+            response_kib: 300.0 + n.unit() * 300.0,
+            anonymous_network: 0.0,
+        }
+        .to_vector()
+    }
+
+    #[test]
+    fn a_benign_population_arriving_after_warm_up_is_not_tagged_once_common() {
+        let mut m = Models::new(params(200));
+        let (mut n, mut p) = (Noise::new(21), Noise::new(22));
+        for _ in 0..450 {
+            m.observe(Some("api"), &fresh(), &normal(&mut n).to_vector(), false);
+        }
+        // On arrival the phones are sparse: most would be tagged.
+        let share = |m: &Models, p: &mut Noise| {
+            (0..500).filter(|_| m.score(Some("api"), &phone(p)).unwrap().anomaly > 0.5).count() as f64 / 500.0
+        };
+        let on_arrival = share(&m, &mut Noise::new(23));
+        // Then a tenth of the sampled clients, for four windows.
+        for i in 0..1000 {
+            let v = if i % 10 == 0 { phone(&mut p) } else { normal(&mut n).to_vector() };
+            m.observe(Some("api"), &fresh(), &v, false);
+        }
+        let later = share(&m, &mut Noise::new(23));
+        let normal_share = (0..2000)
+            .filter(|_| m.score(Some("api"), &normal(&mut n).to_vector()).unwrap().anomaly > 0.5)
+            .count() as f64
+            / 2000.0;
+        let lone = m.score(Some("api"), &stuffer().to_vector()).unwrap().anomaly;
+        eprintln!("phones tagged: on arrival {on_arrival:.3}, common {later:.3}; normal {normal_share:.4}; lone stuffer {lone:.3}");
+        assert!(on_arrival > 0.5, "the test means something: {on_arrival}");
+        assert!(later <= 0.01, "{later}");
+        assert!(normal_share <= 0.01, "{normal_share}");
+        // The lone odd client is still tagged.
+        assert!(lone > 0.5, "{lone}");
     }
 
     #[test]
@@ -423,8 +500,8 @@ mod tests {
         let login_user = |n: &mut Noise| Features { login_failures: 2.0 + n.below(4), failed_usernames: 1.0, ..normal(n) };
         let browser = |n: &mut Noise| Features { login_failures: 0.0, failed_usernames: 0.0, login_successes: 0.0, ..normal(n) };
         for _ in 0..400 {
-            m.observe(Some("login"), &login_user(&mut n).to_vector(), false);
-            m.observe(Some("products"), &browser(&mut n).to_vector(), false);
+            m.observe(Some("login"), &fresh(), &login_user(&mut n).to_vector(), false);
+            m.observe(Some("products"), &fresh(), &browser(&mut n).to_vector(), false);
         }
         let v = Features { login_failures: 5.0, failed_usernames: 1.0, requests: 30.0, ..browser(&mut n) }.to_vector();
         let on_login = m.score(Some("login"), &v).unwrap().anomaly;
@@ -441,7 +518,7 @@ mod tests {
         assert_eq!(m.view().groups.len(), 2);
         // Bounded: groups past the cap learn into `all` only.
         for g in 0..20 {
-            m.observe(Some(&format!("g{g}")), &browser(&mut n).to_vector(), false);
+            m.observe(Some(&format!("g{g}")), &fresh(), &browser(&mut n).to_vector(), false);
         }
         assert_eq!(m.view().groups.len(), MAX_GROUP_MODELS);
         assert!(m.score(Some("never-seen"), &v).is_some(), "falls back to all");
@@ -467,9 +544,9 @@ mod tests {
             let v: [f32; DIMS] = f.try_into().unwrap();
             let penalized = s["penalized"].as_bool().unwrap();
             let g = s["group"].as_str();
-            let scoring = g.and_then(|g| m.groups.get(g)).filter(|l| l.model.is_warm()).unwrap_or(&m.all);
+            let scoring = g.and_then(|g| m.groups.get(g)).unwrap_or(&m.all);
             let cal = scoring.model.calibration();
-            let a = m.observe(g, &v, penalized);
+            let a = m.observe(g, s["client"].as_str().unwrap_or(""), &v, penalized);
             let Some(a) = a else { continue };
             let req = abuse_engine::wire::ScoreRequest {
                 features: Features { risk: v[0], ..Features::default() },
@@ -492,12 +569,15 @@ mod tests {
         let v = stuffer().to_vector();
         assert_eq!(m.score(None, &v), back.score(None, &v));
         assert_eq!(m.view(), back.view(), "tag lines included");
-        // One model (format 1) or models without tag lines (2): start cold.
+        // One model (format 1), models without tag lines (2) or with lines
+        // calibrated on learned samples only (3): start cold.
         let old = crate::model::tests::trained(300, 100);
         assert!(Models::from_json(&old.to_json().unwrap()).is_err());
-        let older = m.to_json().unwrap().replacen("\"format\":3", "\"format\":2", 1);
+        let json = m.to_json().unwrap();
+        assert!(json.starts_with("{\"format\":4,"), "{}", &json[..20]);
+        let older = json.replacen("\"format\":4", "\"format\":3", 1);
         let err = Models::from_json(&older).unwrap_err().to_string();
-        assert!(err.contains("format 2 (expected 3)"), "{err}");
+        assert!(err.contains("format 3 (expected 4)"), "{err}");
         assert!(Models::from_json("nope").is_err());
     }
 }

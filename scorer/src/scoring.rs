@@ -14,7 +14,7 @@
 //!
 //! Why these weights: the model adds only beyond its route group's tag
 //! line (anomaly > 0.5: a calibrated line a normal client crosses with
-//! probability ≤ 2/251, see `model`), and there it is a tag by itself
+//! probability ≤ 8/1,001, see `model`), and there it is a tag by itself
 //! (half a block), at most 60. **The model can make a tag, never a block**: the block needs the rules' and the fleet's
 //! points alone. It used to lift a borderline client (risk 40–99) over the
 //! line, while it never left warm-up; once it learned from all traffic
