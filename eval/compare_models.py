@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         iso = forest.score(x)
         if not s["penalized"]:
             forest.learn(x)
-        if s["t_ms"] < t_start * 1000 or iso is None:
+        if s["t_ms"] < t_start * 1000 or iso is None or s.get("anomaly") is None:
             continue
         addr, _, tag = s["client"].partition("#")
         names = owners.get((addr, tag or None), set())

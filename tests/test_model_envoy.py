@@ -2,7 +2,9 @@
 Envoy (two workers), the built filter and the real scorer: ordinary
 traffic paced by the clock warms it without a single callout, and the model
 then scores — a slow client whose 404s stay under every rule is tagged
-`anomaly` through the scorer, while the ordinary clients are not.
+`anomaly` through the scorer, beyond the tag line calibrated on the ordinary
+clients (scorer/src/model.rs, **Tag line**), while the ordinary clients are
+not.
 """
 
 import json
@@ -72,7 +74,10 @@ def test_ordinary_traffic_warms_the_model_without_callouts_and_the_model_then_ta
         assert request(envoy.port, "GET", path, {"x-forwarded-for": client}).status == 200
         if time.monotonic() - checked > 1:
             checked = time.monotonic()
-            if healthz(scorer)["warm"]:
+            m = json.loads(request(scorer.port, "GET", "/v1/dashboard").body)["model"]
+            # A client is judged by its route group's model alone (silent
+            # while that one warms): the products group's must be warm too.
+            if m["warm"] and any(g["group"] == "products" and g["warm"] for g in m["groups"]):
                 break
     warmed_after = time.monotonic() - start
     model = healthz(scorer)
@@ -82,6 +87,18 @@ def test_ordinary_traffic_warms_the_model_without_callouts_and_the_model_then_ta
     # (stats reach Envoy on the next tick)
     envoy.wait_stat("abuse_filter.scorer.samples_sent", WARM_UP, timeout=5)
     print(f"model warm after {warmed_after:.1f} s of ordinary traffic ({model['trained']} samples)")
+    # The tag line, calibrated on the warm-up's ordinary clients (leave-one-out)
+    # or, a window later, on the candidates of the windows before the reference:
+    # the k-th smallest of n log-masses (k = 2 per 250, rounded down), 1.5 bits
+    # under it; a normal client is beyond it with probability at most k/(n+1)
+    # per sample (< 2/250), whatever the traffic.
+    view = json.loads(request(scorer.port, "GET", "/v1/dashboard").body)["model"]
+    cal = view["calibration"]
+    assert cal["rank"] == max(1, 2 * cal["points"] // 250) and cal["points"] >= WARM_UP, cal
+    assert abs(cal["tag_line"] - (cal["kth_log_mass"] - 1.5)) < 0.01, cal
+    assert cal["false_tag_bound"] < 2 / 250 and cal["median_log_mass"] > cal["kth_log_mass"], cal
+    for g in view["groups"]:
+        assert ("calibration" in g) == g["warm"], g
 
     # Phase 2: one client, 16 distinct unknown paths (404) over ~5 s — under
     # probing's 20 paths per minute, not object ids (no enumeration): no rule
@@ -107,9 +124,9 @@ def test_ordinary_traffic_warms_the_model_without_callouts_and_the_model_then_ta
     dash = json.loads(request(scorer.port, "GET", "/v1/dashboard").body)
     assert dash["anomaly_distribution"]["samples"] > 0
     row = next(c for c in dash["top_clients"] if c["client"] == odd)
-    # What a flag implies, whatever the model's draws: the model added points
-    # (anomaly > 0.5, the sparsest tenth of recent traffic) and they made it a
-    # tag (score >= block_at / 2 = 50). The row keeps the anomaly it was
+    # What a flag implies, whatever the model's draws: the client was beyond
+    # its group's tag line (anomaly > 0.5), where the model's points alone
+    # (at least block_at / 2 = 50) make a tag. The row keeps the anomaly it was
     # flagged at: a later ordinary sample of the same client (its
     # /debug/headers look) must not rewrite the figure behind the reason.
     assert row["action"] == "tag" and "anomaly" in row["reasons"], row

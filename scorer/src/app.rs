@@ -484,7 +484,7 @@ impl App {
                 }
             };
             let gated_before = model.view_gated();
-            let assessment = model.observe(sample.route_group.as_deref(), &v, sample.penalized);
+            let assessment = model.observe(sample.route_group.as_deref(), &sample.client, &v, sample.penalized);
             let kind = if sample.penalized {
                 "excluded"
             } else if model.view_gated() > gated_before {
@@ -493,7 +493,22 @@ impl App {
                 "learned"
             };
             self.metrics.samples.with_label_values(&[kind]).inc();
-            let Some(a) = assessment else { continue };
+            let Some(a) = assessment else {
+                // Logged all the same (no anomaly): a replay of the log must
+                // see what the models learned while warming.
+                if log.is_on() {
+                    lines.push(sample_log::Line {
+                        t_ms: now,
+                        client: &sample.client,
+                        group: sample.route_group.as_deref(),
+                        anomaly: None,
+                        penalized: sample.penalized,
+                        flagged: false,
+                        features: &sample.features,
+                    });
+                }
+                continue;
+            };
             let req = ScoreRequest {
                 version: WIRE_VERSION,
                 client: sample.client.clone(),
@@ -515,7 +530,7 @@ impl App {
                     t_ms: now,
                     client: &sample.client,
                     group: sample.route_group.as_deref(),
-                    anomaly: a.anomaly,
+                    anomaly: Some(a.anomaly),
                     penalized: sample.penalized,
                     flagged,
                     features: &sample.features,

@@ -116,7 +116,7 @@ pub struct StoreView {
 pub struct AnomalyDistribution {
     pub bins: usize,
     pub counts: Vec<u64>,
-    /// Share at or above 0.5 (sparser than the sparsest tenth of normal).
+    /// Share at or above 0.5 (on or beyond their group's tag line).
     pub above_half: f64,
     pub samples: u64,
 }
@@ -370,6 +370,7 @@ mod tests {
                 warm_up: 200,
                 excluded: 0,
                 gated: 0,
+                calibration: None,
                 groups: Vec::new(),
             },
             StoreView {

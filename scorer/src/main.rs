@@ -37,7 +37,7 @@
 //! | `--warm-up` | `WARM_UP` | 200 | vectors learned before the model scores |
 //! | `--block-at` | `BLOCK_AT` | 100 | score that blocks (match the filter's `risk.block_at`) |
 //! | `--ttl-s` | `TTL_S` | 30 | how long the filter may reuse an answer; blocks go to the fleet for 4× (≥ 60 s) |
-//! | `--sample-log` | `SAMPLE_LOG` | none | append every scored feature sample to this file as a JSON line (offline evaluation; `make eval` sets it) |
+//! | `--sample-log` | `SAMPLE_LOG` | none | append every feature sample to this file as a JSON line (anomaly null while its model warms) (offline evaluation; `make eval` sets it) |
 //!
 //! Logs go to stderr (`RUST_LOG`, default `info`); they carry no secret,
 //! token, query string, username, session or client address (a fleet
@@ -127,11 +127,15 @@
 //! learns from the filters' samples of all their clients (tick batches),
 //! never from callouts, one model over all samples and one per route group
 //! (see `models.rs`).
-//! Anomaly = `1 / (1 + 2^(L − L10))`, where `L` is the mean over trees of
+//! Anomaly = `1 / (1 + 2^(L − τ))`, where `L` is the mean over trees of
 //! `log2(1 + mass · 2^depth)` at the node where the walk stops (reference
-//! mass below a tenth of the window) and `L10` the 10th percentile of `L`
-//! over the last window of traffic: 0.5 = as sparse as the sparsest tenth of
-//! recent traffic, → 1 for a point alone in its region. **Explanation**:
+//! mass below a tenth of the window) and `τ` the model's **tag line**, per
+//! route group: 1.5 bits under the 8th smallest `L` of the last ~1,000
+//! distinct sampled clients of the group (out of sample, gated ones
+//! included): 0.5 = on the line, above = tagged `anomaly`; a client of the
+//! stream is beyond it with probability at most 8/1,001 per sample,
+//! whatever the traffic (see `model.rs`, **Tag line**).
+//! Counts are per person (divided by the key's sessions). **Explanation**:
 //! every split on the way down is charged the bits of mass it removed
 //! beyond the one bit an ordinary point loses, to the split's feature;
 //! summed over trees and normalised, the top three features are returned
@@ -160,7 +164,9 @@
 //!  "callouts": {"window_s": 60.0, "per_s": {"allow": 0.5, "tag": 0.02, "block": 0.05},
 //!               "total": {"allow": 120, "tag": 4, "block": 9}},
 //!  "model": {"trained": 1234, "warm": true, "warm_up": 200, "excluded": 12, "gated": 3,
-//!            "groups": [{"group": "api", "trained": 1100, "warm": true}]},
+//!            "calibration": {"tag_line": 13.1, "rank": 2, "points": 250, "kth_log_mass": 15.6,
+//!                            "median_log_mass": 17.4, "false_tag_bound": 0.00797},
+//!            "groups": [{"group": "api", "trained": 1100, "warm": true, "calibration": {"…": "as above"}}]},
 //!  "store": {"kind": "redis", "redis_ok": true},
 //!  "anomaly_distribution": {"bins": 20, "counts": [0, 3, "… 20 counts …", 1],
 //!                           "above_half": 0.08, "samples": 812}}

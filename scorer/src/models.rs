@@ -13,23 +13,33 @@
 //! its group's model once that one is warm, else by `all`. Every model has
 //! the same seeded trees, so their scores read alike.
 //!
+//! A group with a model of its own is judged by it alone: while it warms,
+//! its clients are not scored (no tag), as during any warm-up. Falling back
+//! to `all` (as before) judged them against traffic that may not be theirs:
+//! in `make eval` `all` warmed on the history phase's logins only, and the
+//! `api` group's first ~200 samples scored against it tagged 71 carrier-NAT
+//! phones.
+//!
 //! **What they do not learn from.** (1) Clients the filter penalized or
-//! blocked in the window (the sample says so). (2) Once warm, a sample the
-//! model already finds anomalous (≥ [`LEARN_GATE`]): an attack the rules
-//! miss must not teach the model that it is normal, one sample at a time.
-//! The gate gives way when more than half of a group's recent samples would
-//! be gated — that is not an attack hiding in the traffic but the traffic
+//! blocked in the window (the sample says so): neither learned nor
+//! calibration candidates. (2) Once warm, a sample beyond the model's tag
+//! line (anomaly ≥ [`LEARN_GATE`] = 0.5, what the scorer tags): an odd
+//! client must not teach the trees that its region is normal, one sample at
+//! a time. It is still a calibration candidate (see `model`, **Tag line**):
+//! the line is a quantile of the whole stream. The gate gives way when more
+//! than half of a group's recent samples would be gated — the traffic
 //! changing (a new release), and the model must follow it. (3) Within a
 //! window a sample is a distinct client, so an attacker's volume counts
-//! once. What is left is an attack the rules miss *from many distinct
-//! clients at once*: Half-Space Trees stop a walk at a node holding under a
-//! tenth of the reference window (`sizeLimit`), so a tight cluster holding
-//! under ~10 % of the sample is still scored as a sparse region. Measured in
-//! `robust_to_a_five_percent_attack_share_and_the_limit_is_stated`
-//! (stuffers mixed into warm-up and training): AUC of attack vs benign
-//! 1.000 clean, 0.997 at a 5 % share (mean attack anomaly 0.92 → 0.77), and
-//! 0.03 at 20 % — there the cluster *is* normal to the model, the limit we
-//! state.
+//! once; the calibration keeps one sample per client.
+//! The trade, measured in
+//! `a_lone_odd_client_is_tagged_a_common_population_is_not_and_the_limit_is_stated`:
+//! every lone stuffer among normal traffic is tagged (AUC 1.000); a
+//! population of look-alikes over `k` per `n` of the sampled clients sets
+//! the line within a window and is not tagged — a benign one (phones
+//! arriving after warm-up: 0 of 500 tagged once a tenth of the clients,
+//! from 88 % on arrival) and an attack campaign alike (stuffers at 5 % or
+//! 20 % of the clients: 0 of 50; at 20 % they are learned, AUC 0.000).
+//! Campaigns are the other detectors' job.
 
 use crate::model::{Assessment, Model, Params, DIMS};
 use serde::{Deserialize, Serialize};
@@ -38,10 +48,18 @@ use std::path::Path;
 
 /// Route groups with their own model, at most (the rest learn into `all` only).
 pub const MAX_GROUP_MODELS: usize = 8;
-/// Once warm, a sample at or above this anomaly is not learned (see module doc).
-pub const LEARN_GATE: f32 = 0.8;
-/// Bumped when the snapshot layout changes (format 1 was one `Model`).
-const FORMAT: u32 = 2;
+/// Once warm, a sample at or above this anomaly (on or beyond the tag line) is not learned (see module doc).
+pub const LEARN_GATE: f32 = 0.5;
+/// Bumped when the snapshot layout changes (format 1 was one `Model`, 2
+/// the models before their tag lines, 3 the lines calibrated on learned
+/// samples only): an older file is refused and the models start cold.
+const FORMAT: u32 = 4;
+
+/// A client label's hash (FNV-1a, 64 bits): the models keep one
+/// calibration candidate per client and window by it.
+fn client_hash(label: &str) -> u64 {
+    label.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
 
 /// A model and its learning gate's recent counts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,8 +75,9 @@ impl Learner {
         Learner { model: Model::new(params), recent_seen: 0, recent_gated: 0, gated: 0 }
     }
 
-    /// Scores `v`, then learns it unless excluded or gated.
-    fn observe(&mut self, v: &[f32; DIMS], penalized: bool, window: u32) -> Option<Assessment> {
+    /// Scores `v`, then learns it unless excluded or gated; a gated sample
+    /// is still a calibration candidate (see `model`, **Tag line**).
+    fn observe(&mut self, v: &[f32; DIMS], client: Option<u64>, penalized: bool, window: u32) -> Option<Assessment> {
         let a = self.model.score(v);
         if penalized {
             return a;
@@ -75,10 +94,11 @@ impl Learner {
             self.recent_gated += 1;
             if !drifting {
                 self.gated = self.gated.saturating_add(1);
+                self.model.offer(v, client, false);
                 return a;
             }
         }
-        self.model.learn(v);
+        self.model.offer(v, client, true);
         a
     }
 }
@@ -101,7 +121,10 @@ pub struct ModelsView {
     pub warm_up: u32,
     pub excluded: u64,
     pub gated: u64,
-    /// Per route group: samples learned, and warm or not.
+    /// Once warm, the `all` model's tag line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationView>,
+    /// Per route group: samples learned, warm or not, and the tag line.
     pub groups: Vec<GroupView>,
 }
 
@@ -110,6 +133,35 @@ pub struct GroupView {
     pub group: String,
     pub trained: u64,
     pub warm: bool,
+    /// Once warm, the group's tag line and what it rests on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationView>,
+}
+
+/// A model's tag line (see `model`, **Tag line**).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CalibrationView {
+    /// The log-mass under which a client is tagged (anomaly 0.5).
+    pub tag_line: f64,
+    /// `k`-th smallest of `n` calibration log-masses, and their median.
+    pub rank: u32,
+    pub points: u32,
+    pub kth_log_mass: f64,
+    pub median_log_mass: f64,
+    /// `k / (n + 1)`: the most a normal client's sample is tagged, on average.
+    pub false_tag_bound: f64,
+}
+
+fn calibration_view(model: &Model) -> Option<CalibrationView> {
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
+    model.calibration().map(|(tag_line, c)| CalibrationView {
+        tag_line: round(tag_line),
+        rank: c.rank,
+        points: c.points,
+        kth_log_mass: round(c.kth_log_mass),
+        median_log_mass: round(c.median_log_mass),
+        false_tag_bound: (c.false_tag_bound() * 1e5).round() / 1e5,
+    })
 }
 
 impl Models {
@@ -149,10 +201,16 @@ impl Models {
             warm_up: self.warm_up(),
             excluded: self.excluded,
             gated: self.view_gated(),
+            calibration: calibration_view(&self.all.model),
             groups: self
                 .groups
                 .iter()
-                .map(|(g, l)| GroupView { group: g.clone(), trained: l.model.trained(), warm: l.model.is_warm() })
+                .map(|(g, l)| GroupView {
+                    group: g.clone(),
+                    trained: l.model.trained(),
+                    warm: l.model.is_warm(),
+                    calibration: calibration_view(&l.model),
+                })
                 .collect(),
         }
     }
@@ -160,21 +218,24 @@ impl Models {
     /// Scores a client (a callout): its group's model once warm, else `all`.
     /// Never learns: callouts are the borderline clients, not normal traffic.
     pub fn score(&self, group: Option<&str>, v: &[f32; DIMS]) -> Option<Assessment> {
-        group
-            .and_then(|g| self.groups.get(g))
-            .and_then(|l| l.model.score(v))
-            .or_else(|| self.all.model.score(v))
+        match group.and_then(|g| self.groups.get(g)) {
+            // A group with a model of its own is judged by it alone: silent
+            // while it warms (see module doc, **Per route group**).
+            Some(l) => l.model.score(v),
+            None => self.all.model.score(v),
+        }
     }
 
     /// One sample from a batch: scored as [`Models::score`] would (before
     /// learning it), and learned by `all` and its group's model unless
     /// penalized or gated.
-    pub fn observe(&mut self, group: Option<&str>, v: &[f32; DIMS], penalized: bool) -> Option<Assessment> {
+    pub fn observe(&mut self, group: Option<&str>, client: &str, v: &[f32; DIMS], penalized: bool) -> Option<Assessment> {
         let window = self.params.window;
         if penalized {
             self.excluded = self.excluded.saturating_add(1);
         }
-        let from_all = self.all.observe(v, penalized, window);
+        let client = Some(client_hash(client));
+        let from_all = self.all.observe(v, client, penalized, window);
         let Some(group) = group else {
             return from_all;
         };
@@ -183,23 +244,26 @@ impl Models {
         }
         let params = self.params;
         let learner = self.groups.entry(group.to_string()).or_insert_with(|| Learner::new(params));
-        learner.observe(v, penalized, window).or(from_all)
+        // Its group's model alone, silent while it warms (as `score`).
+        learner.observe(v, client, penalized, window)
     }
 
     pub fn to_json(&self) -> Result<String, serde_json::Error> {
         serde_json::to_string(self)
     }
 
-    /// A snapshot of this format, or of format 1 (one model: it becomes `all`).
+    /// A snapshot of this format. Older ones are refused (logged; the
+    /// models start cold): format 1 (one model) and 2 have no tag lines, 3
+    /// lines calibrated on learned samples only.
     pub fn from_json(json: &str) -> Result<Models, crate::model::LoadError> {
         use crate::model::LoadError;
         let value: serde_json::Value = serde_json::from_str(json).map_err(|e| LoadError::Corrupt(e.to_string()))?;
-        if value.get("format").and_then(serde_json::Value::as_u64) == Some(1) {
-            let model = Model::from_json(json)?;
-            let params = model.params();
-            let mut models = Models::new(params);
-            models.all.model = model;
-            return Ok(models);
+        let format = value.get("format").and_then(serde_json::Value::as_u64);
+        if format != Some(u64::from(FORMAT)) {
+            return Err(LoadError::Corrupt(format!(
+                "format {} (expected {FORMAT}): written by an older scorer (other tag lines)",
+                format.map_or_else(|| "none".to_string(), |f| f.to_string())
+            )));
         }
         let models: Models = serde_json::from_value(value).map_err(|e| LoadError::Corrupt(e.to_string()))?;
         if models.format != FORMAT {
@@ -230,6 +294,12 @@ mod tests {
     use crate::model::tests::{normal, stuffer, Noise};
     use abuse_engine::wire::Features;
 
+    /// A client label of its own (test traffic: every sample another client).
+    fn fresh() -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        format!("c{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn params(warm_up: u32) -> Params {
         Params { warm_up, ..Params::default() }
     }
@@ -259,16 +329,21 @@ mod tests {
         vs.iter().map(|v| models.score(None, v).unwrap().anomaly).collect()
     }
 
-    /// Warm-up and two windows of samples with `share` of stuffers among them.
-    fn trained_with_attack_share(share: f64) -> Models {
+    /// Warm-up and four windows of samples with `share` of stuffers among
+    /// them, from sample `from` on (0: in the warm-up too).
+    fn trained_with_attack_share_from(share: f64, from: usize) -> Models {
         let mut m = Models::new(params(200));
         let (mut n, mut k) = (Noise::new(11), Noise::new(12));
         for i in 0..1200 {
-            let attack = (i as f64 * share).floor() != ((i + 1) as f64 * share).floor();
+            let attack = i >= from && (i as f64 * share).floor() != ((i + 1) as f64 * share).floor();
             let v = if attack { noisy_stuffer(&mut k) } else { normal(&mut n).to_vector() };
-            m.observe(None, &v, false);
+            m.observe(None, &fresh(), &v, false);
         }
         m
+    }
+
+    fn trained_with_attack_share(share: f64) -> Models {
+        trained_with_attack_share_from(share, 0)
     }
 
     #[test]
@@ -277,13 +352,13 @@ mod tests {
         let mut n = Noise::new(3);
         assert!(m.score(None, &normal(&mut n).to_vector()).is_none(), "cold");
         for _ in 0..200 {
-            m.observe(None, &normal(&mut n).to_vector(), false);
+            m.observe(None, &fresh(), &normal(&mut n).to_vector(), false);
         }
         assert!(m.is_warm() && m.trained() == 200);
         let benign: Vec<[f32; DIMS]> = (0..200).map(|_| normal(&mut n).to_vector()).collect();
         let b = scores(&m, &benign);
         let s = m.score(None, &stuffer().to_vector()).unwrap().anomaly;
-        assert!(s > 0.9, "stuffer {s}");
+        assert!(s > 0.5, "stuffer tagged: {s}");
         assert!(b.iter().filter(|&&x| x >= LEARN_GATE).count() <= 4, "benign rarely gated: {b:?}");
         // Scoring a callout learns nothing.
         let before = m.trained();
@@ -296,57 +371,125 @@ mod tests {
         let mut m = Models::new(params(50));
         let mut n = Noise::new(4);
         for _ in 0..50 {
-            m.observe(None, &normal(&mut n).to_vector(), false);
+            m.observe(None, &fresh(), &normal(&mut n).to_vector(), false);
         }
         let before = m.trained();
         let mut last = None;
         for _ in 0..500 {
-            last = m.observe(None, &stuffer().to_vector(), true);
+            last = m.observe(None, &fresh(), &stuffer().to_vector(), true);
         }
         assert_eq!(m.trained(), before, "not one learned");
         assert_eq!(m.view().excluded, 500);
-        assert!(last.unwrap().anomaly > 0.9, "and still anomalous: the model did not get used to it");
+        assert!(last.unwrap().anomaly > 0.5, "and still tagged: the model did not get used to it");
         // Without the flag (and without the gate) 500 stuffers would be "normal":
         // the gate alone keeps them out too, until they are most of the traffic.
         let mut gated = Models::new(params(50));
         let mut n = Noise::new(4);
         for _ in 0..50 {
-            gated.observe(None, &normal(&mut n).to_vector(), false);
+            gated.observe(None, &fresh(), &normal(&mut n).to_vector(), false);
         }
         for _ in 0..100 {
-            gated.observe(None, &normal(&mut n).to_vector(), false);
-            gated.observe(None, &noisy_stuffer(&mut n), false);
+            gated.observe(None, &fresh(), &normal(&mut n).to_vector(), false);
+            gated.observe(None, &fresh(), &noisy_stuffer(&mut n), false);
         }
         assert!(gated.view().gated > 0);
     }
 
     #[test]
-    fn robust_to_a_five_percent_attack_share_and_the_limit_is_stated() {
+    fn a_lone_odd_client_is_tagged_a_common_population_is_not_and_the_limit_is_stated() {
         let mut n = Noise::new(99);
         let benign: Vec<[f32; DIMS]> = (0..300).map(|_| normal(&mut n).to_vector()).collect();
         let mut k = Noise::new(98);
         let attack: Vec<[f32; DIMS]> = (0..50).map(|_| noisy_stuffer(&mut k)).collect();
         let clean = trained_with_attack_share(0.0);
-        let five = trained_with_attack_share(0.05);
-        let twenty = trained_with_attack_share(0.20);
+        let five = trained_with_attack_share_from(0.05, 200);
+        let twenty = trained_with_attack_share_from(0.20, 200);
         let (a0, a5, a20) = (
             auc(&scores(&clean, &benign), &scores(&clean, &attack)),
             auc(&scores(&five, &benign), &scores(&five, &attack)),
             auc(&scores(&twenty, &benign), &scores(&twenty, &attack)),
         );
-        let mean = |m: &Models| scores(m, &attack).iter().sum::<f32>() / attack.len() as f32;
+        let tagged = |m: &Models| scores(m, &attack).iter().filter(|&&a| a > 0.5).count();
+        let lone = |m: &Models| m.score(None, &stuffer().to_vector()).unwrap().anomaly;
         eprintln!(
-            "AUC clean {a0:.3}, 5 % {a5:.3}, 20 % {a20:.3}; attack mean {:.3} / {:.3} / {:.3}; gated {} / {}",
-            mean(&clean),
-            mean(&five),
-            mean(&twenty),
+            "AUC clean {a0:.3}, 5 % {a5:.3}, 20 % {a20:.3}; gated {} / {}; tagged of 50: clean {}, 5 % {}, 20 % {}",
             five.view().gated,
-            twenty.view().gated
+            twenty.view().gated,
+            tagged(&clean),
+            tagged(&five),
+            tagged(&twenty),
         );
-        assert!(a0 > 0.99 && a5 > 0.98, "{a0} {a5}");
-        assert!(mean(&five) > 0.7, "a 5 % share stays anomalous");
-        // The stated limit: at 20 % the attack is a region of normal.
-        assert!(mean(&twenty) < mean(&five));
+        // A lone odd client: every one of 50 stuffers, each alone among
+        // normal traffic, is tagged and ranked above every benign client.
+        assert!(a0 > 0.99, "{a0}");
+        assert_eq!(tagged(&clean), 50);
+        // The stated limit: a population of look-alikes that is common (5 %
+        // or 20 % of the sampled clients, well over k per n) is among the
+        // clients that set the line — the line means "rarer than the k-th
+        // rarest of the last n clients" — so it is not tagged once it has
+        // been seen for a window; others detectors cover campaigns.
+        assert!(tagged(&five) <= 5 && tagged(&twenty) <= 5, "{} {}", tagged(&five), tagged(&twenty));
+        // Arriving once warm, it was tagged (and gated) at first.
+        assert!(five.view().gated >= 20, "{}", five.view().gated);
+        // And the lone stuffer that is not one of them is tagged by the clean model.
+        assert!(lone(&clean) > 0.5);
+    }
+
+    /// A phone app behind a carrier NAT: bursts of requests 40-100 ms
+    /// apart, nothing like the browsing clients of `normal`.
+    fn phone(n: &mut Noise) -> [f32; DIMS] {
+        Features {
+            risk: 0.0,
+            requests: 20.0 + n.below(30),
+            recent_requests: 10.0 + n.below(10),
+            login_failures: 0.0,
+            failed_usernames: 0.0,
+            login_successes: 0.0,
+            not_found: 0.0,
+            not_found_paths: 0.0,
+            object_requests: 15.0 + n.below(20),
+            object_miss_ratio: 0.0,
+            distinct_object_ids: 10.0 + n.below(10),
+            sequential_object_run: 0.0,
+            page_run: 0.0,
+            interval_mean_ms: 40.0 + n.unit() * 60.0,
+            interval_cv: 0.2 + n.unit() * 0.2,
+            sessions: 1.0,
+            response_kib: 300.0 + n.unit() * 300.0,
+            anonymous_network: 0.0,
+        }
+        .to_vector()
+    }
+
+    #[test]
+    fn a_benign_population_arriving_after_warm_up_is_not_tagged_once_common() {
+        let mut m = Models::new(params(200));
+        let (mut n, mut p) = (Noise::new(21), Noise::new(22));
+        for _ in 0..450 {
+            m.observe(Some("api"), &fresh(), &normal(&mut n).to_vector(), false);
+        }
+        // On arrival the phones are sparse: most would be tagged.
+        let share = |m: &Models, p: &mut Noise| {
+            (0..500).filter(|_| m.score(Some("api"), &phone(p)).unwrap().anomaly > 0.5).count() as f64 / 500.0
+        };
+        let on_arrival = share(&m, &mut Noise::new(23));
+        // Then a tenth of the sampled clients, for four windows.
+        for i in 0..1000 {
+            let v = if i % 10 == 0 { phone(&mut p) } else { normal(&mut n).to_vector() };
+            m.observe(Some("api"), &fresh(), &v, false);
+        }
+        let later = share(&m, &mut Noise::new(23));
+        let normal_share = (0..2000)
+            .filter(|_| m.score(Some("api"), &normal(&mut n).to_vector()).unwrap().anomaly > 0.5)
+            .count() as f64
+            / 2000.0;
+        let lone = m.score(Some("api"), &stuffer().to_vector()).unwrap().anomaly;
+        eprintln!("phones tagged: on arrival {on_arrival:.3}, common {later:.3}; normal {normal_share:.4}; lone stuffer {lone:.3}");
+        assert!(on_arrival > 0.5, "the test means something: {on_arrival}");
+        assert!(later <= 0.01, "{later}");
+        assert!(normal_share <= 0.01, "{normal_share}");
+        // The lone odd client is still tagged.
+        assert!(lone > 0.5, "{lone}");
     }
 
     #[test]
@@ -357,34 +500,84 @@ mod tests {
         let login_user = |n: &mut Noise| Features { login_failures: 2.0 + n.below(4), failed_usernames: 1.0, ..normal(n) };
         let browser = |n: &mut Noise| Features { login_failures: 0.0, failed_usernames: 0.0, login_successes: 0.0, ..normal(n) };
         for _ in 0..400 {
-            m.observe(Some("login"), &login_user(&mut n).to_vector(), false);
-            m.observe(Some("products"), &browser(&mut n).to_vector(), false);
+            m.observe(Some("login"), &fresh(), &login_user(&mut n).to_vector(), false);
+            m.observe(Some("products"), &fresh(), &browser(&mut n).to_vector(), false);
         }
         let v = Features { login_failures: 5.0, failed_usernames: 1.0, requests: 30.0, ..browser(&mut n) }.to_vector();
         let on_login = m.score(Some("login"), &v).unwrap().anomaly;
         let on_products = m.score(Some("products"), &v).unwrap().anomaly;
         eprintln!("same client: login {on_login:.3}, products {on_products:.3}");
-        assert!(on_products > 0.8 && on_login < 0.6, "{on_login} {on_products}");
+        assert!(on_products > 0.5 && on_login < 0.5, "tagged on products only: {on_login} {on_products}");
+        // Each group's line is its own: set from its own normal clients.
+        let view = m.view();
+        let lines: Vec<f64> = view.groups.iter().map(|g| g.calibration.as_ref().unwrap().tag_line).collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0] != lines[1], "{lines:?}");
+        // (2 of the 100 warm-up samples, out of sample after the first window: 2/101)
+        assert!(view.groups.iter().all(|g| g.calibration.as_ref().unwrap().false_tag_bound <= 0.02));
         assert_eq!(m.view().groups.len(), 2);
         // Bounded: groups past the cap learn into `all` only.
         for g in 0..20 {
-            m.observe(Some(&format!("g{g}")), &browser(&mut n).to_vector(), false);
+            m.observe(Some(&format!("g{g}")), &fresh(), &browser(&mut n).to_vector(), false);
         }
         assert_eq!(m.view().groups.len(), MAX_GROUP_MODELS);
         assert!(m.score(Some("never-seen"), &v).is_some(), "falls back to all");
     }
 
+    /// Replays a scorer's `--sample-log` (`SAMPLE_LOG_REPLAY`) through a
+    /// fresh model, writing each sample's anomaly and whether it would be
+    /// flagged (risk + model points >= 50) to `REPLAY_OUT`: for comparing
+    /// calibrations offline on `make eval`'s stream. Not run by default.
     #[test]
-    fn snapshots_round_trip_and_read_the_old_single_model() {
+    #[ignore]
+    fn replay_sample_log() {
+        use std::io::Write;
+        let (Ok(input), Ok(output)) = (std::env::var("SAMPLE_LOG_REPLAY"), std::env::var("REPLAY_OUT")) else {
+            return;
+        };
+        let policy = crate::scoring::Policy::new(100.0, 30);
+        let mut m = Models::new(params(200));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(output).unwrap());
+        for line in std::fs::read_to_string(input).unwrap().lines() {
+            let s: serde_json::Value = serde_json::from_str(line).unwrap();
+            let f: Vec<f32> = s["features"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let v: [f32; DIMS] = f.try_into().unwrap();
+            let penalized = s["penalized"].as_bool().unwrap();
+            let g = s["group"].as_str();
+            let scoring = g.and_then(|g| m.groups.get(g)).unwrap_or(&m.all);
+            let cal = scoring.model.calibration();
+            let a = m.observe(g, s["client"].as_str().unwrap_or(""), &v, penalized);
+            let Some(a) = a else { continue };
+            let req = abuse_engine::wire::ScoreRequest {
+                features: Features { risk: v[0], ..Features::default() },
+                ..abuse_engine::wire::ScoreRequest::default()
+            };
+            let d = crate::scoring::combine(&policy, &req, Some(&a), &crate::scoring::FleetSignals::default(), 0);
+            let flagged = !penalized && d.model_points > 0.0 && d.response.action != abuse_engine::wire::ScoreAction::Allow;
+            let o = serde_json::json!({"t_ms": s["t_ms"], "client": s["client"], "group": s["group"],
+                "anomaly": a.anomaly, "penalized": penalized, "flagged": flagged, "was_flagged": s["flagged"], "was": s["anomaly"],
+                "tag_line": cal.map(|c| c.0), "kth": cal.map(|c| c.1.kth_log_mass), "median": cal.map(|c| c.1.median_log_mass),
+                "log_mass": cal.map(|c| c.0 + (1.0 / f64::from(a.anomaly).max(1e-12) - 1.0).max(1e-12).log2())});
+            writeln!(out, "{o}").unwrap();
+        }
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_older_formats_are_refused() {
         let m = trained_with_attack_share(0.0);
         let back = Models::from_json(&m.to_json().unwrap()).unwrap();
         let v = stuffer().to_vector();
         assert_eq!(m.score(None, &v), back.score(None, &v));
+        assert_eq!(m.view(), back.view(), "tag lines included");
+        // One model (format 1), models without tag lines (2) or with lines
+        // calibrated on learned samples only (3): start cold.
         let old = crate::model::tests::trained(300, 100);
-        let from_old = Models::from_json(&old.to_json().unwrap()).unwrap();
-        assert_eq!(from_old.trained(), 300);
-        assert_eq!(from_old.score(None, &v), old.score(&v));
-        assert!(Models::from_json("{\"format\":2}").is_err());
+        assert!(Models::from_json(&old.to_json().unwrap()).is_err());
+        let json = m.to_json().unwrap();
+        assert!(json.starts_with("{\"format\":4,"), "{}", &json[..20]);
+        let older = json.replacen("\"format\":4", "\"format\":3", 1);
+        let err = Models::from_json(&older).unwrap_err().to_string();
+        assert!(err.contains("format 3 (expected 4)"), "{err}");
         assert!(Models::from_json("nope").is_err());
     }
 }

@@ -1,5 +1,7 @@
-//! `--sample-log FILE`: every scored sample as one JSON line, for offline
-//! evaluation (`make eval` computes the model's AUC per scenario from it).
+//! `--sample-log FILE`: every sample as one JSON line (`anomaly` null while
+//! its model warms), for offline evaluation (`make eval` computes the
+//! model's AUC per scenario from it; `models::tests::replay_sample_log`
+//! replays it exactly through a fresh model).
 //! Off by default. Bounded: after [`MAX_LINES`] lines it stops writing and
 //! says so once; a write error turns it off (the service never fails on it).
 
@@ -15,7 +17,9 @@ pub struct Line<'a> {
     pub t_ms: u64,
     pub client: &'a str,
     pub group: Option<&'a str>,
-    pub anomaly: f32,
+    /// None (`null`) while the sample's model warms: scored by nothing,
+    /// learned all the same.
+    pub anomaly: Option<f32>,
     pub penalized: bool,
     pub flagged: bool,
     /// The feature vector (`FEATURE_NAMES` order), for comparing models offline.

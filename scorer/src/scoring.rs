@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! score = min(risk, block_at)                    the filter's own score
-//!       + 60 · max(0, anomaly - 0.5) · 2         model, once warm
+//!       + max(block_at / 2, 60 · anomaly)        model, once warm, if anomaly > 0.5
 //!       + 50 if the username had ≥ 20 attempts fleet-wide in 10 min   (credential_stuffing)
 //!       + 50 if the session was used from ≥ 5 addresses in 10 min     (session_sharing)
 //! action = block  if score − model ≥ block_at, or the client is blocked fleet-wide
@@ -12,9 +12,10 @@
 //!          allow  otherwise
 //! ```
 //!
-//! Why these weights: the model only adds above anomaly 0.5 (sparser than
-//! the sparsest tenth of recent traffic), and at most 60. **The model can
-//! make a tag, never a block**: the block needs the rules' and the fleet's
+//! Why these weights: the model adds only beyond its route group's tag
+//! line (anomaly > 0.5: a calibrated line a normal client crosses with
+//! probability ≤ 8/1,001, see `model`), and there it is a tag by itself
+//! (half a block), at most 60. **The model can make a tag, never a block**: the block needs the rules' and the fleet's
 //! points alone. It used to lift a borderline client (risk 40–99) over the
 //! line, while it never left warm-up; once it learned from all traffic
 //! (`models`), the first `make eval --quick` blocked the benign partner
@@ -145,7 +146,13 @@ pub fn combine(
         } else {
             0.0
         };
-        model_points = policy.model_weight * (anomaly - 0.5).max(0.0) * 2.0;
+        // Beyond its group's tag line (anomaly > 0.5) the model is a tag by
+        // itself (half a block), up to `model_weight` at anomaly 1.
+        model_points = if anomaly > 0.5 {
+            (policy.block_at / 2.0).max(policy.model_weight * anomaly)
+        } else {
+            0.0
+        };
         if model_points > 0.0 {
             score += model_points;
             push_reason(&mut reasons, REASON_ANOMALY);
@@ -259,7 +266,7 @@ mod tests {
     }
 
     #[test]
-    fn model_adds_only_above_one_half_and_at_most_its_weight() {
+    fn model_adds_only_beyond_the_tag_line_a_tag_and_at_most_its_weight() {
         let quiet = FleetSignals::default();
         let ordinary = combine(&policy(), &req(40.0, &[]), Some(&anomaly(0.4)), &quiet, NOW);
         assert_eq!(ordinary.response.score, 40.0);
@@ -272,7 +279,8 @@ mod tests {
             &quiet,
             NOW,
         );
-        assert_eq!(odd.response.score, 70.0);
+        assert_eq!(odd.response.score, 90.0, "beyond the line: half a block at least");
+        assert_eq!(odd.response.action, ScoreAction::Tag);
         assert_eq!(odd.response.reasons, ["scraping", "anomaly"]);
         assert_eq!(odd.response.explanation.len(), 1);
         let max = combine(&policy(), &req(40.0, &[]), Some(&anomaly(1.0)), &quiet, NOW);
@@ -287,6 +295,14 @@ mod tests {
         let stuffing = FleetSignals { username_attempts: 30.0, ..FleetSignals::default() };
         let with_evidence = combine(&policy(), &req(50.0, &[]), Some(&anomaly(1.0)), &stuffing, NOW);
         assert_eq!(with_evidence.response.action, ScoreAction::Block, "rules + fleet evidence still block");
+        let just = combine(&policy(), &req(0.0, &[]), Some(&anomaly(0.51)), &quiet, NOW);
+        assert_eq!(
+            (just.response.score, just.response.action),
+            (50.0, ScoreAction::Tag),
+            "just beyond its group's tag line the model alone is a tag"
+        );
+        let under = combine(&policy(), &req(49.0, &[]), Some(&anomaly(0.5)), &quiet, NOW);
+        assert_eq!((under.response.action, under.model_points), (ScoreAction::Allow, 0.0), "on the line: nothing");
         let alone = combine(&policy(), &req(0.0, &[]), Some(&anomaly(1.0)), &quiet, NOW);
         assert_eq!(
             alone.response.action,
