@@ -557,33 +557,6 @@ pub const CALLOUT_PROPERTY: &str = "abuse_filter_callout";
 /// Response header of a refusal naming its decision (`3fa2-1-2c`).
 pub const DECISION_HEADER: &str = "x-abuse-decision";
 
-/// The access-log text of a decision worth logging — anything but a clean
-/// allow (a risk, a reason, a tag or a block) — else None:
-/// `action=block score=100 reasons=credential_stuffing` (`action` is
-/// `allow`, `tag`, `block` or `would_block`; `score` the risk rounded down,
-/// `reasons` comma-separated); a successful login that differed from its
-/// account's profile adds `login_risk="high; score=4; reasons=new_country,new_device"`.
-pub fn decision_text(verdict: &Verdict) -> Option<String> {
-    let clean = verdict.action == Action::Allow
-        && !verdict.would_block
-        && verdict.risk < 1.0
-        && verdict.reasons.is_empty()
-        && verdict.profile_risk.is_none();
-    if clean {
-        return None;
-    }
-    let action = if verdict.would_block && verdict.action != Action::Block { "would_block" } else { verdict.action.name() };
-    let mut text = format!("action={action} score={} reasons={}", verdict.score_header(), verdict.reasons_header());
-    if let Some(id) = &verdict.decision_id {
-        text.push_str(" decision=");
-        text.push_str(id);
-    }
-    // A successful login's risk, as the application was told it.
-    Some(match &verdict.login_risk {
-        Some(risk) if verdict.profile_risk.is_some() => format!("{text} login_risk=\"{risk}\""),
-        _ => text,
-    })
-}
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -616,7 +589,7 @@ impl AbuseFilterHttp {
     fn note_decision(&mut self, engine: &Engine, verdict: &mut Verdict, now: u64) {
         // The decision's id and event (a clean allow costs a comparison).
         engine.decided(&self.exchange, verdict, &self.method, &self.path, now);
-        if let Some(text) = decision_text(verdict) {
+        if let Some(text) = verdict.decision_text() {
             self.pending_decision = Some(text);
         }
     }

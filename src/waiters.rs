@@ -68,7 +68,7 @@ pub fn resume_ready(engine: &Engine, now_ms: u64, client_key: Option<u64>) {
         metrics::record_callout(&verdict);
         // The shared answer, written now (the waiter kept no decision of its
         // own; a decision on its answer would overwrite this one, later).
-        if let Some(text) = crate::http::decision_text(&verdict) {
+        if let Some(text) = verdict.decision_text() {
             crate::http::write_decision(&text);
         }
         if verdict.action == Action::Block {

@@ -28,17 +28,6 @@ BUILD_INDEPENDENT = {
 }
 
 
-# Known differences of the module build, not yet explained: run, reported
-# as xfail (not strict: they pass when the timing allows) — see the issue 24
-# closing note. Test id -> what is seen.
-MODULE_KNOWN_ISSUES = {
-    "test_disguise_envoy.py::test_stuffing_that_copies_real_browsers_is_refused_before_and_after_a_restart":
-        "after a restart the module's warm start completes (warm_shards > 0, 'warmed from the scorer' logged) "
-        "but abuse_filter.baselines.learning stays at 2 for 10-20 s before reaching 0; the wasm build reaches 0 "
-        "within the test's 10 s",
-}
-
-
 def pytest_addoption(parser):
     parser.addoption("--filter-build", choices=("wasm", "module"), default=os.environ.get("ABUSE_FILTER_BUILD", "wasm"),
                      help="the abuse filter build Envoy loads in these tests")
@@ -64,8 +53,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
         elif item.get_closest_marker("wasm_only"):
             item.add_marker(wasm_only)
-        elif f"{item.path.name}::{item.name}" in MODULE_KNOWN_ISSUES:
-            item.add_marker(pytest.mark.xfail(reason=MODULE_KNOWN_ISSUES[f"{item.path.name}::{item.name}"], strict=False))
 
 
 def pytest_report_header(config):

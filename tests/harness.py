@@ -305,25 +305,72 @@ def set_plugin_config(http_filter: dict, value: str) -> bool:
     return True
 
 
+def without_facts_header(value: str) -> tuple[str, str | None]:
+    """The filter's JSON configuration without `client.facts_header`, and the
+    header it named (deploy/module/make_bootstrap.py's rule, shared)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_bootstrap", ROOT / "deploy" / "module" / "make_bootstrap.py")
+    mb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mb)
+    return mb.without_facts_header(value)
+
+
+def _drop_facts_writer(hcm: dict, header: str) -> None:
+    """The connection manager without what exists for the facts header: the
+    header_mutation entry writing it (the filter too, when that was all it
+    did) and the route's removal of it."""
+    filters = hcm.get("http_filters", [])
+    for f in list(filters):
+        if f.get("name") != "envoy.filters.http.header_mutation":
+            continue
+        mutations = f["typed_config"].get("mutations", {})
+        request_mutations = mutations.get("request_mutations", [])
+        kept = [m for m in request_mutations if m.get("append", {}).get("header", {}).get("key", "").lower() != header.lower()]
+        if len(kept) == len(request_mutations):
+            continue
+        if kept:
+            mutations["request_mutations"] = kept
+        elif len(mutations) == 1 and len(f["typed_config"]) == 2:
+            filters.remove(f)
+        else:
+            mutations.pop("request_mutations")
+    route_config = hcm.get("route_config", {})
+    remove = route_config.get("request_headers_to_remove")
+    if remove is not None:
+        remove = [h for h in remove if h.lower() != header.lower()]
+        if remove:
+            route_config["request_headers_to_remove"] = remove
+        else:
+            route_config.pop("request_headers_to_remove")
+
+
 def as_build(bootstrap: dict, build: str | None = None) -> dict:
     """A bootstrap with every abuse filter swapped for the given build's
-    (default: this run's), its configuration untouched: the shipped
-    bootstrap (envoy/envoy.yaml, the wasm filter) as the module build."""
+    (default: this run's): the shipped bootstrap (envoy/envoy.yaml, the wasm
+    filter) as the module build. The module goes without the facts header
+    (`client.facts_header` and the header_mutation entry writing it): it
+    reads the peer and the clock for a plain call (docs/deploying.md)."""
     import copy
     out = copy.deepcopy(bootstrap)
+    module = (build or BUILD) == "module"
     for listener in out.get("static_resources", {}).get("listeners", []):
         for chain in listener.get("filter_chains", []):
             for net in chain.get("filters", []):
                 hcm = net.get("typed_config", {})
                 filters = hcm.get("http_filters", [])
+                facts = []
                 for i, f in enumerate(filters):
                     value = plugin_config_of(f)
                     if value is None:
                         continue
-                    if (build or BUILD) == "module":
+                    if module:
+                        value, header = without_facts_header(value)
+                        facts += [header] if header else []
                         filters[i] = module_http_filter(value)
                     elif f["name"] != "envoy.filters.http.wasm":
                         filters[i] = wasm_http_filter(value)
+                for header in facts:
+                    _drop_facts_writer(hcm, header)
     return out
 
 

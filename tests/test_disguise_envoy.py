@@ -148,7 +148,9 @@ def test_stuffing_that_copies_real_browsers_is_refused_before_and_after_a_restar
     The scorer keeps what the fleet learned: the known accounts (sent by the
     Envoys on their ticks) and the login endpoint's baselines. The history a
     live site has after hours — failure ratio ~0.2, 5 % of logins to unknown
-    accounts — is posted to the scorer first, as the fleet would have sent it."""
+    accounts, its route groups' request rates — is posted to the scorer first,
+    as the fleet would have sent it (a route group's own warm-up takes 40
+    ticks, 20 s, in either build: not what this test is about)."""
     monkeypatch.setenv("ABUSE_SCORER_SECRET", SECRET)
     from harness import Scorer, wait_until
 
@@ -165,7 +167,11 @@ def test_stuffing_that_copies_real_browsers_is_refused_before_and_after_a_restar
         # scorer; a new Envoy warms from it, and the site's users log in
         # (their accounts become known, their devices their profiles).
         history = {"version": 1, "baselines": [{"name": "login:/api/login", "baseline": 0.2, "unknown_baseline": 0.05,
-                                                "samples": 5000, "successes_seen": 5000}]}
+                                                "samples": 5000, "successes_seen": 5000},
+                                               {"name": "group:login", "baseline": 8.0, "unknown_baseline": 0.0,
+                                                "samples": 5000, "successes_seen": 0},
+                                               {"name": "group:api", "baseline": 120.0, "unknown_baseline": 0.0,
+                                                "samples": 5000, "successes_seen": 0}]}
         posted = request(scorer.port, "POST", "/v1/events", {"x-abuse-scorer-secret": SECRET}, history)
         assert posted.status in (200, 204), posted.body
         live = start()

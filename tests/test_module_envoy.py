@@ -2,7 +2,7 @@
 suite runs against it with --filter-build=module): it loads on this Envoy
 with a matching ABI version, exports every hook Envoy resolves, the
 deployment bootstraps for it are the shipped ones with only the filter
-swapped (and parse against Envoy's API), and a real Envoy started from that
+swapped and the facts header left out (and parse against Envoy's API), and a real Envoy started from that
 bootstrap judges like the wasm filter does."""
 
 from __future__ import annotations
@@ -83,9 +83,14 @@ def test_module_bootstraps_are_the_shipped_ones_with_the_filter_swapped():
         assert as_build(wasm, "module") == module
         hcm = module["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         configs = [plugin_config_of(f) for f in hcm["http_filters"] if plugin_config_of(f) is not None]
-        assert configs and json.loads(configs[0]) == json.loads(plugin_config_of(
+        shipped = json.loads(plugin_config_of(
             next(f for f in yaml.safe_load(src.read_text())["static_resources"]["listeners"][0]["filter_chains"][0]
                  ["filters"][0]["typed_config"]["http_filters"] if plugin_config_of(f) is not None)))
+        # The same configuration less the facts header, which nothing writes
+        # or removes here (the module reads the peer and the clock itself).
+        assert shipped["client"].pop("facts_header") == "x-abuse-facts"
+        assert configs and json.loads(configs[0]) == shipped
+        assert "x-abuse-facts" not in json.dumps(hcm)
         parse_bootstrap(module)  # Envoy's API: a misspelt field fails here
 
 

@@ -191,6 +191,36 @@ impl Verdict {
         self.reason_names().join(",")
     }
 
+    /// The access-log text of a decision worth logging — anything but a clean
+    /// allow (a risk, a reason, a tag or a block) — else None:
+    /// `action=block score=100 reasons=credential_stuffing` (`action` is
+    /// `allow`, `tag`, `block` or `would_block`; `score` the risk rounded down,
+    /// `reasons` comma-separated, then `decision=<id>` when it has one); a
+    /// successful login that differed from its account's profile adds
+    /// `login_risk="high; score=4; reasons=new_country,new_device"`. Both
+    /// host adapters write it, so both builds log the same text.
+    pub fn decision_text(&self) -> Option<String> {
+        let clean = self.action == Action::Allow
+            && !self.would_block
+            && self.risk < 1.0
+            && self.reasons.is_empty()
+            && self.profile_risk.is_none();
+        if clean {
+            return None;
+        }
+        let action = if self.would_block && self.action != Action::Block { "would_block" } else { self.action.name() };
+        let mut text = format!("action={action} score={} reasons={}", self.score_header(), self.reasons_header());
+        if let Some(id) = &self.decision_id {
+            text.push_str(" decision=");
+            text.push_str(id);
+        }
+        // A successful login's risk, as the application was told it.
+        Some(match &self.login_risk {
+            Some(risk) if self.profile_risk.is_some() => format!("{text} login_risk=\"{risk}\""),
+            _ => text,
+        })
+    }
+
     /// Body of the local reply: `{"error","reasons","retry_after_s","decision_id"}`
     /// (the id is what a refused user quotes to support).
     pub fn block_body(&self) -> String {

@@ -155,6 +155,9 @@ impl FilterConfig {
             ticker: Mutex::new(None),
         });
         cfg.stats.gauge(envoy, "abuse_filter.shared_data.bytes", u64::try_from(cfg.engine.state_bytes()).unwrap_or(u64::MAX));
+        // At once, as the wasm filter does in on_configure: until the first
+        // tick the gauge would read 0 ("nothing learning") on a cold start.
+        cfg.stats.gauge(envoy, "abuse_filter.baselines.learning", u64::from(cfg.engine.baselines_learning(cfg.store.as_ref())));
         cfg.start_ticker();
         Ok(cfg)
     }

@@ -274,7 +274,7 @@ impl AbuseFilter {
         let engine = &config.engine;
         engine.decided(&self.exchange, &mut verdict, "", "", now_ms());
         stats::record_callout(&config.stats, &verdict);
-        if let Some(text) = decision_text(&verdict) {
+        if let Some(text) = verdict.decision_text() {
             host::set_filter_state(self.envoy, DECISION_KEY, &text);
         }
         if verdict.action == Action::Block {
@@ -504,7 +504,7 @@ impl AbuseFilter {
 
     fn note_decision(&mut self, verdict: &mut Verdict, now: u64) {
         self.config.engine.decided(&self.exchange, verdict, &self.method, &self.path, now);
-        if let Some(text) = decision_text(verdict) {
+        if let Some(text) = verdict.decision_text() {
             self.pending_decision = Some(text);
         }
     }
@@ -539,24 +539,3 @@ fn log_shadow(engine: &Engine, verdict: &Verdict, method: &str, path: &str) {
     }
 }
 
-/// The access-log text of a decision worth logging (the wasm filter's format).
-pub fn decision_text(verdict: &Verdict) -> Option<String> {
-    let clean = verdict.action == Action::Allow
-        && !verdict.would_block
-        && verdict.risk < 1.0
-        && verdict.reasons.is_empty()
-        && verdict.profile_risk.is_none();
-    if clean {
-        return None;
-    }
-    let action = if verdict.would_block && verdict.action != Action::Block { "would_block" } else { verdict.action.name() };
-    let mut text = format!("action={action} score={} reasons={}", verdict.score_header(), verdict.reasons_header());
-    if let Some(id) = &verdict.decision_id {
-        text.push_str(" decision=");
-        text.push_str(id);
-    }
-    Some(match &verdict.login_risk {
-        Some(risk) if verdict.profile_risk.is_some() => format!("{text} login_risk=\"{risk}\""),
-        _ => text,
-    })
-}

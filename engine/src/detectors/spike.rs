@@ -93,6 +93,9 @@ impl SpikeConfig {
 
 pub const BASELINE_TAU_MS: f64 = 600_000.0;
 pub const WARM_UP: u32 = 20;
+/// A warm-up sample is taken at most once per tick (500 ms; less a
+/// margin for the jitter of tick timers), whichever worker merges.
+pub const WARM_UP_SAMPLE_GAP_MS: u64 = 400;
 /// A worker never merges early for fewer requests than this.
 pub const EARLY_MERGE_MIN: u32 = 16;
 
@@ -131,17 +134,29 @@ impl Spikes {
     /// Adds a VM's counts to the group record and judges the rate.
     pub fn on_tick(&self, group: &mut EndpointRecord, added: u32, now_ms: u64) -> GroupState {
         let since_ms = now_ms.saturating_sub(group.last_seen_ms) as f64;
-        group.last_seen_ms = now_ms;
         let in_window = group.attempts.record_n(added, now_ms, self.window_ms);
         let rate = (in_window / (self.window_ms.max(1) as f64 / 1000.0)) as f32;
-        let spike = group.baseline_samples >= 2 * WARM_UP
-            && rate > group.baseline * self.config.factor
-            && rate > self.config.min_rps;
+        let warm = group.baseline_samples >= 2 * WARM_UP;
+        // Warm-up is counted in ticks of time, not in merges: every worker
+        // merges on its own tick (one per proxy-wasm VM, one per process for
+        // the dynamic module), so a merge within a tick of the group's last
+        // warm-up sample adds its counts and takes no sample (else the
+        // warm-up would last WARM_UP ticks divided by the number of merging
+        // workers, and differ between builds).
+        if !warm && group.last_seen_ms != 0 && since_ms < WARM_UP_SAMPLE_GAP_MS as f64 {
+            return self.state_of(group, in_window, now_ms);
+        }
+        group.last_seen_ms = now_ms;
+        let spike = warm && rate > group.baseline * self.config.factor && rate > self.config.min_rps;
         if spike {
             group.attack_until_ms = now_ms.saturating_add(self.hold_ms);
         } else if !group.under_attack(now_ms) {
             group.learn(rate, since_ms, BASELINE_TAU_MS, WARM_UP, WARM_UP);
         }
+        self.state_of(group, in_window, now_ms)
+    }
+
+    fn state_of(&self, group: &EndpointRecord, in_window: f64, now_ms: u64) -> GroupState {
         GroupState {
             spiking: group.under_attack(now_ms),
             window_requests: in_window,
@@ -209,6 +224,28 @@ mod tests {
         }
         assert!(spiking_at.unwrap() < 10);
         assert!(g.baseline < 40.0, "the surge must not become normal: {}", g.baseline);
+    }
+
+    #[test]
+    fn warm_up_lasts_the_same_ticks_however_many_workers_merge() {
+        // Ticks every 500 ms; one merger (the dynamic module) or three (the
+        // proxy-wasm VMs of two workers and the main thread, out of phase).
+        let ticks_to_warm = |mergers: u64| {
+            let s = spikes();
+            let mut g = EndpointRecord::default();
+            let mut t = 1_000_000u64;
+            for tick in 1..=200 {
+                t += 500;
+                for m in 0..mergers {
+                    if s.on_tick(&mut g, 5, t + m * 120).warm {
+                        return tick;
+                    }
+                }
+            }
+            u32::MAX
+        };
+        assert_eq!(ticks_to_warm(1), 2 * WARM_UP);
+        assert_eq!(ticks_to_warm(3), 2 * WARM_UP);
     }
 
     #[test]
