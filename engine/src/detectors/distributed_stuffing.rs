@@ -51,12 +51,12 @@
 //! | evidence | points |
 //! |---|---|
 //! | the account is not known to exist (no successful login ever, see `known_accounts`) — only where real logins to unknown accounts are rare (the endpoint's learned unknown share ≤ [`UNKNOWN_RARE`]; after a cold start every first login is one) | 2 |
-//! | the same before that (`unknown_unsure`): never refuses by itself | 2 |
+//! | the same before that (`unknown_unsure`): never refuses by itself | 1 |
 //! | the account is known, but the attempt does not look like its owner (fingerprint and country of its recent successful logins) | 2 |
 //! | the password was tried on `spray_min_accounts` accounts in the window (and let nobody in lately) | 2 |
 //! | the headers do not match the browser the user agent claims | 2 |
 //! | a tool's fingerprint (a user agent that claims no browser, with the same header order) failed at least 10 times in the window with almost no successes | 2 |
-//! | an unknown account whose name's shape never logged in here (`unlike_site_names`) | 1 |
+//! | an unknown account whose name's shape never logged in here (`unlike_site_names`) | 2 |
 //! | the client is new (no successful login, at most `new_client_max_requests` requests) | 1 |
 //! | the client never made a request that was not a login attempt | 1 |
 //!
@@ -267,12 +267,12 @@ impl AttemptSignals {
         let client = !self.owners_place;
         let points = [
             (self.unknown_account, 2),
-            (self.unknown_unsure, 2),
+            (self.unknown_unsure, 1),
             (self.unlike_owner, 2),
             (self.sprayed_password, 2),
             (self.inconsistent_headers, 2),
             (self.tool_fingerprint && client, 2),
-            (self.unlike_site_names, 1),
+            (self.unlike_site_names, 2),
             (self.new_client && client, 1),
             (self.never_browsed && client, 1),
         ];
