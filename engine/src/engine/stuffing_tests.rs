@@ -445,8 +445,8 @@ fn stuffing_that_copies_real_browsers_exactly_is_refused_in_every_variant() {
             "{d:?}: first refused {:?}, {:.1} % of {} later refused or (real accounts) told high, {:.1} % refused (real accounts {}/{} refused or told high); returning users refused {}; first-time logins refused {}/{}",
             f.first, f.share * 100.0, f.later, f.refused_only * 100.0, f.real_accounts.0, f.real_accounts.1, f.returning_refused.len(), f.first_timers.0, f.first_timers.1
         );
-        let met = f.first.is_some_and(|x| x < 200) && f.share >= 0.95;
-        if !f.returning_refused.is_empty() || !(open || met) {
+        let stopped = f.first.is_some_and(|x| x < 200) && f.share >= 0.95;
+        if !f.returning_refused.is_empty() || !(open || stopped) {
             failed.push(format!("{d:?}: {:?} {:.3} {:?}", f.first, f.share, f.returning_refused.first()));
         }
     }
