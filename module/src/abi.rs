@@ -123,6 +123,8 @@ pub const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
 extern "C" {
     pub fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
     pub fn envoy_dynamic_module_callback_log_enabled(level: u32) -> bool;
+    /// Envoy's worker count (`--concurrency`); main thread only.
+    pub fn envoy_dynamic_module_callback_get_concurrency() -> u32;
 
     pub fn envoy_dynamic_module_callback_http_get_headers_size(filter: FilterEnvoyPtr, header_type: u32) -> usize;
     pub fn envoy_dynamic_module_callback_http_get_headers(

@@ -133,6 +133,9 @@ impl FilterConfig {
             Err(e) => log(abi::LOG_WARN, &format!("abuse_filter: creating state shards failed: {e:?}")),
         }
         engine.start_decisions(store.as_ref(), None);
+        // One engine serves every worker: sample the model's clients as the
+        // wasm build's engine-per-worker does (called on the main thread).
+        engine.sample_for_workers(unsafe { abi::envoy_dynamic_module_callback_get_concurrency() });
         let stats = Stats::define(envoy, engine.rule_names());
         log(
             abi::LOG_INFO,

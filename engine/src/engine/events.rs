@@ -257,6 +257,15 @@ impl Engine {
         out
     }
 
+    /// Samples the model's clients for `workers` workers: for an adapter
+    /// whose workers share one engine (the dynamic module), so that an Envoy
+    /// samples as many clients as the wasm build's engine-per-worker does.
+    pub fn sample_for_workers(&self, workers: u32) {
+        if let Ok(mut out) = self.outbox.lock() {
+            out.samples.set_workers(workers);
+        }
+    }
+
     /// This worker's batch for this tick, if it has something to say.
     pub fn tick_batch(&self, store: &dyn SharedStore, now_ms: u64) -> Option<TickBatch> {
         if !self.events_on() {

@@ -19,10 +19,17 @@
 //! of [`RESERVOIR_CAP`] entries and the feature summary. Nothing here does
 //! a host call: the sample leaves with the worker's tick batch.
 //!
-//! **Bounds.** At most [`RESERVOIR_CAP`] entries per window, and one
-//! finished window waiting for the tick: a window that ends before the
+//! **Bounds.** At most [`RESERVOIR_CAP`] entries per window and worker, and
+//! one finished window waiting for the tick: a window that ends before the
 //! previous one was sent replaces it, and the replaced samples are counted
 //! as dropped (as are the samples of a batch the scorer did not take).
+//!
+//! **One engine for many workers.** The wasm build has an engine per worker,
+//! so an Envoy samples `RESERVOIR_CAP` × workers clients a window. The
+//! dynamic module shares one engine among its workers: it asks for the same
+//! per-Envoy sample ([`Reservoir::set_workers`], at most [`MAX_WORKERS`]
+//! workers' worth), and the finished window leaves over several ticks, at
+//! most `MAX_BATCH_SAMPLES` a batch.
 
 use crate::wire::FeatureSample;
 
@@ -34,6 +41,10 @@ pub const SAMPLE_WINDOW_MS: u64 = 5_000;
 pub const RESERVOIR_CAP: usize = 64;
 
 const _: () = assert!(RESERVOIR_CAP <= crate::wire::MAX_BATCH_SAMPLES);
+
+/// Workers one shared reservoir samples for, at most: a window's sample
+/// must leave within the window (~10 ticks), `MAX_BATCH_SAMPLES` per batch.
+pub const MAX_WORKERS: u32 = 8;
 
 /// SplitMix64's finaliser: the rank of `key` in window `window`.
 fn rank(key: u64, window: u64) -> u64 {
@@ -63,6 +74,8 @@ pub struct Observation {
 
 #[derive(Debug, Default)]
 pub struct Reservoir {
+    /// Workers this reservoir samples for (0 = 1).
+    workers: u32,
     window: u64,
     entries: Vec<Entry>,
     /// Largest rank in `entries` once full (requests above it skip at once).
@@ -74,6 +87,15 @@ pub struct Reservoir {
 }
 
 impl Reservoir {
+    /// Samples for `workers` workers (clamped to 1..=[`MAX_WORKERS`]).
+    pub fn set_workers(&mut self, workers: u32) {
+        self.workers = workers.clamp(1, MAX_WORKERS);
+    }
+
+    fn cap(&self) -> usize {
+        RESERVOIR_CAP * self.workers.max(1) as usize
+    }
+
     /// Closes the window when `now_ms` is past it.
     fn roll(&mut self, now_ms: u64) {
         let window = now_ms / SAMPLE_WINDOW_MS;
@@ -95,7 +117,8 @@ impl Reservoir {
     pub fn offer(&mut self, key: u64, penalized: bool, now_ms: u64, observe: impl FnOnce() -> Option<Observation>) {
         self.roll(now_ms);
         let r = rank(key, self.window);
-        let full = self.entries.len() >= RESERVOIR_CAP;
+        let cap = self.cap();
+        let full = self.entries.len() >= cap;
         if full && r > self.threshold {
             return;
         }
@@ -119,16 +142,18 @@ impl Reservoir {
         } else {
             self.entries.push(entry);
         }
-        if self.entries.len() >= RESERVOIR_CAP {
+        if self.entries.len() >= cap {
             self.threshold = self.entries.iter().map(|e| e.rank).max().unwrap_or(u64::MAX);
         }
     }
 
-    /// The finished window's sample, once (rolls the window first, so a
-    /// quiet worker still delivers what it saw).
+    /// The finished window's sample, once, at most `MAX_BATCH_SAMPLES` at a
+    /// time (the rest waits for the next tick). Rolls the window first, so a
+    /// quiet worker still delivers what it saw.
     pub fn take_ready(&mut self, now_ms: u64) -> Vec<Entry> {
         self.roll(now_ms);
-        std::mem::take(&mut self.ready)
+        let n = self.ready.len().min(crate::wire::MAX_BATCH_SAMPLES);
+        self.ready.drain(..n).collect()
     }
 
     /// Samples of the window being filled.
@@ -237,5 +262,29 @@ mod tests {
         let a: Vec<u64> = (0..64).map(|k| rank(k, 1)).collect();
         let b: Vec<u64> = (0..64).map(|k| rank(k, 2)).collect();
         assert!(a.iter().zip(&b).all(|(x, y)| x != y));
+    }
+
+    #[test]
+    fn a_reservoir_shared_by_workers_samples_for_each_and_leaves_over_several_ticks() {
+        let mut r = Reservoir::default();
+        r.set_workers(3);
+        for key in 1..=1_000u64 {
+            r.offer(key, false, T0 + key % 1000, || obs(key));
+        }
+        assert_eq!(r.filling(), 3 * RESERVOIR_CAP);
+        let mut sent = Vec::new();
+        for tick in 0..3 {
+            let batch = r.take_ready(T0 + SAMPLE_WINDOW_MS + tick);
+            assert_eq!(batch.len(), crate::wire::MAX_BATCH_SAMPLES, "one batch's worth per tick");
+            sent.extend(batch.into_iter().map(|e| e.key));
+        }
+        assert!(r.take_ready(T0 + SAMPLE_WINDOW_MS + 3).is_empty());
+        sent.sort_unstable();
+        sent.dedup();
+        assert_eq!(sent.len(), 3 * RESERVOIR_CAP, "distinct clients, none lost");
+        r.set_workers(1_000);
+        assert_eq!(r.cap(), MAX_WORKERS as usize * RESERVOIR_CAP, "bounded");
+        r.set_workers(0);
+        assert_eq!(r.cap(), RESERVOIR_CAP);
     }
 }
