@@ -16,15 +16,13 @@ counts (floods go as fast as the client can; people are paced by a clock).
 
 from __future__ import annotations
 
-import json
 import random
-import re
 import threading
 import time
 
 import pytest
 
-from harness import ROOT, DemoApi, Envoy, sleep_until
+from harness import sleep_until
 from redteam_traffic import (
     REFUSED,
     Cut,
@@ -47,64 +45,11 @@ from redteam_traffic import (
     rotating_firefox_builds,
     safari_ua,
 )
+from redteam_fixtures import ANSWERED, api, check_answered, start_envoy  # noqa: F401 (api: a fixture)
 
 TRUSTED = "127.0.0.1"  # the load balancer
 ATTACKER = "127.0.0.2"  # an untrusted peer
 FLOOD_N = 400
-ANSWERED = {200, 202, 400, 401, 403, 404, 429}  # anything else (503, ...) is a harness problem
-
-
-def shipped_filter_config() -> dict:
-    """The filter configuration of envoy/envoy.yaml (the JSON under the Wasm
-    filter's `configuration: value: |`)."""
-    lines = (ROOT / "envoy" / "envoy.yaml").read_text().splitlines()
-    for i, line in enumerate(lines):
-        if re.match(r"\s*value:\s*\|\s*$", line):
-            indent = len(line) - len(line.lstrip())
-            block = []
-            for nxt in lines[i + 1:]:
-                if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
-                    break
-                block.append(nxt)
-            return json.loads("\n".join(block))
-    raise RuntimeError("no filter configuration block in envoy/envoy.yaml")
-
-
-def redteam_config(**changes) -> dict:
-    config = shipped_filter_config()
-    config["client"]["trusted_proxies"] = [f"{TRUSTED}/32"]
-    config.pop("scorer", None)  # no scorer in these tests
-    config.update(changes)
-    return config
-
-
-@pytest.fixture(scope="module")
-def api():
-    a = DemoApi()
-    yield a
-    a.stop()
-
-
-@pytest.fixture
-def start_envoy(api):
-    """start_envoy(**config changes) -> an Envoy with the red-team config,
-    Envoy's GeoIP filter and the facts header, stopped at the end."""
-    started = []
-
-    def start(**changes):
-        config = redteam_config(**changes)
-        e = Envoy.with_filter(config, api.port, geoip=True, facts_header=config["client"].get("facts_header"))
-        started.append(e)
-        return e
-
-    yield start
-    for e in started:
-        e.stop()
-
-
-def check_answered(statuses, what):
-    odd = sorted({s for s in statuses if s not in ANSWERED})
-    assert not odd, f"{what}: unexpected statuses {odd} (a harness problem, not a verdict)"
 
 
 FIREFOX = firefox_ua(133, "windows")

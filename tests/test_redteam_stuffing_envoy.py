@@ -37,7 +37,6 @@ import random
 
 import pytest
 
-from harness import DemoApi, Envoy
 from redteam_traffic import (
     REFUSED,
     SEASONAL_PASSWORDS,
@@ -57,40 +56,13 @@ from redteam_traffic import (
     redteam_config,
     requests_headers,
 )
+from redteam_fixtures import ANSWERED, api, check_answered, start_envoy  # noqa: F401 (api: a fixture)
 
-ANSWERED = {200, 202, 400, 401, 403, 404, 429}  # anything else (503, ...) is a harness problem
 N_USERS = 1000
 
 
 def recognise_within(attempts: int) -> int:
     return min(200, attempts // 2)
-
-
-@pytest.fixture(scope="module")
-def api():
-    a = DemoApi()
-    yield a
-    a.stop()
-
-
-@pytest.fixture
-def start_envoy(api):
-    started = []
-
-    def start(**changes):
-        config = redteam_config(**changes)
-        e = Envoy.with_filter(config, api.port, geoip=True, facts_header=config["client"].get("facts_header"))
-        started.append(e)
-        return e
-
-    yield start
-    for e in started:
-        e.stop()
-
-
-def check_answered(statuses, what):
-    odd = sorted({s for s in statuses if s not in ANSWERED})
-    assert not odd, f"{what}: unexpected statuses {odd} (a harness problem, not a verdict)"
 
 
 # --- the attack -----------------------------------------------------------------------------
