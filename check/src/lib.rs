@@ -1,5 +1,6 @@
 //! Finds the abuse filter's configuration wherever operators keep it — an
 //! Envoy bootstrap (the `configuration` StringValue of the Wasm HTTP
+//! filter, or the `filter_config` StringValue of the dynamic-module HTTP
 //! filter), an Istio `WasmPlugin` (`spec.pluginConfig`), or a plain JSON
 //! file — and checks it with the engine's own `Config::from_json`, the very
 //! code the filter runs in `on_configure`. Also the JSON Schema of that
@@ -13,6 +14,9 @@ use serde_json::{Map, Value};
 
 /// Type URL of Envoy's Wasm HTTP filter configuration.
 pub const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+/// Type URL of Envoy's dynamic-module HTTP filter configuration (the native build).
+pub const MODULE_FILTER_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 
 /// One filter configuration found in a file.
@@ -84,36 +88,49 @@ fn is_abuse_filter(config: &Map<String, Value>) -> bool {
     named(config.get("root_id")) || named(config.get("name")) || named(source)
 }
 
-/// The filter configuration of a Wasm filter's `config` (an absent one means defaults).
-fn plugin_configuration(config: &Map<String, Value>) -> Result<String, String> {
-    let Some(configuration) = config.get("configuration") else {
+/// A dynamic-module filter is ours when its module or filter is named so.
+fn is_abuse_module(config: &Map<String, Value>) -> bool {
+    let named = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| s.contains("abuse"));
+    named(config.get("dynamic_module_config").and_then(|m| m.get("name"))) || named(config.get("filter_name"))
+}
+
+/// The filter configuration held in `key` of a filter's config: a
+/// StringValue holding the JSON (an absent one means defaults).
+fn string_value(config: &Map<String, Value>, key: &str) -> Result<String, String> {
+    let Some(configuration) = config.get(key) else {
         return Ok(String::new());
     };
     let type_url = configuration.get("@type").and_then(Value::as_str).unwrap_or_default();
     if type_url != STRING_VALUE_TYPE {
-        return Err(format!("`configuration` must be a {STRING_VALUE_TYPE} holding the JSON, not {type_url:?}"));
+        return Err(format!("`{key}` must be a {STRING_VALUE_TYPE} holding the JSON, not {type_url:?}"));
     }
     match configuration.get("value") {
         None => Ok(String::new()),
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err("`configuration.value` must be a string holding the JSON".to_string()),
+        Some(_) => Err(format!("`{key}.value` must be a string holding the JSON")),
+    }
+}
+
+/// Where a filter keeps our configuration: the Wasm filter's `config`
+/// (key `configuration`) or the dynamic-module filter itself (key
+/// `filter_config`), when the filter is ours.
+fn our_filter(map: &Map<String, Value>) -> Option<(&Map<String, Value>, &'static str)> {
+    match map.get("@type").and_then(Value::as_str) {
+        Some(WASM_FILTER_TYPE) => match map.get("config") {
+            Some(Value::Object(config)) if is_abuse_filter(config) => Some((config, "configuration")),
+            _ => None,
+        },
+        Some(MODULE_FILTER_TYPE) if is_abuse_module(map) => Some((map, "filter_config")),
+        _ => None,
     }
 }
 
 fn walk(value: &Value, path: &str, out: &mut Vec<Located<Found>>) {
     match value {
         Value::Object(map) => {
-            if map.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE) {
-                if let Some(Value::Object(config)) = map.get("config") {
-                    if is_abuse_filter(config) {
-                        let location = path.trim_end_matches(".typed_config").to_string();
-                        out.push(
-                            plugin_configuration(config)
-                                .map(|json| Found { location: location.clone(), json })
-                                .map_err(|e| (location, e)),
-                        );
-                    }
-                }
+            if let Some((config, key)) = our_filter(map) {
+                let location = path.trim_end_matches(".typed_config").to_string();
+                out.push(string_value(config, key).map(|json| Found { location: location.clone(), json }).map_err(|e| (location, e)));
             }
             for (key, child) in map {
                 let sep = if path.is_empty() { "" } else { "." };
@@ -284,15 +301,8 @@ pub fn all_problems(json: &str) -> Vec<abuse_engine::config::ConfigError> {
 
 /// The plugin configuration of an `http_filters` entry, when it is the abuse filter.
 fn ours_in_filter(filter: &Value) -> Option<Value> {
-    let typed = filter.get("typed_config")?;
-    if typed.get("@type").and_then(Value::as_str) != Some(WASM_FILTER_TYPE) {
-        return None;
-    }
-    let config = typed.get("config")?.as_object()?;
-    if !is_abuse_filter(config) {
-        return None;
-    }
-    let json = plugin_configuration(config).ok()?;
+    let (config, key) = our_filter(filter.get("typed_config")?.as_object()?)?;
+    let json = string_value(config, key).ok()?;
     Some(serde_json::from_str(&json).unwrap_or(Value::Null))
 }
 
@@ -416,5 +426,36 @@ static_resources:
         let c = checked[0].as_ref().unwrap();
         assert_eq!(c.found.location, "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[1]");
         assert_eq!(c.result.as_ref().unwrap_err().key, "penalty.duration_s");
+    }
+
+    #[test]
+    fn the_dynamic_module_filter_is_found_and_checked() {
+        let yaml = r#"
+http_filters:
+- typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+    dynamic_module_config: {name: other_module}
+    filter_name: other
+    filter_config: {"@type": type.googleapis.com/google.protobuf.StringValue, value: "not ours"}
+- typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+    dynamic_module_config: {name: abuse_filter}
+    filter_name: abuse_filter
+    filter_config:
+      "@type": type.googleapis.com/google.protobuf.StringValue
+      value: '{"penalty": {"duration_s": 0}}'
+- typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+    dynamic_module_config: {name: abuse_filter}
+    filter_config: {"@type": type.googleapis.com/google.protobuf.Struct, value: {mode: block}}
+"#;
+        let checked = check(yaml).unwrap();
+        assert_eq!(checked.len(), 2, "the other module is not ours");
+        let c = checked[0].as_ref().unwrap();
+        assert_eq!(c.found.location, "http_filters[1]");
+        assert_eq!(c.result.as_ref().unwrap_err().key, "penalty.duration_s");
+        let (location, problem) = checked[1].as_ref().unwrap_err();
+        assert_eq!(location, "http_filters[2]");
+        assert!(problem.contains("`filter_config` must be a type.googleapis.com/google.protobuf.StringValue"), "{problem}");
     }
 }

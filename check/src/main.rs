@@ -50,7 +50,7 @@ fn main() -> ExitCode {
                 failed = true;
             }
             Ok(found) if found.is_empty() => {
-                println!("error: {file}: no abuse filter configuration found (an envoy.filters.http.wasm filter whose name, root_id or code names abuse_filter, a WasmPlugin, or a JSON object)");
+                println!("error: {file}: no abuse filter configuration found (an envoy.filters.http.wasm filter whose name, root_id or code names abuse_filter, a dynamic_modules filter whose module or filter_name does, a WasmPlugin, or a JSON object)");
                 failed = true;
             }
             Ok(found) => {

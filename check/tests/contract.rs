@@ -12,7 +12,13 @@ fn root() -> PathBuf {
 }
 
 /// Every file the project ships with a filter configuration in it.
-const SHIPPED: [&str; 3] = ["envoy/envoy.yaml", "deploy/compose/envoy.yaml", "examples/istio/wasmplugin.yaml"];
+const SHIPPED: [&str; 5] = [
+    "envoy/envoy.yaml",
+    "deploy/compose/envoy.yaml",
+    "examples/istio/wasmplugin.yaml",
+    "deploy/module/envoy.yaml",
+    "deploy/compose/envoy.module.yaml",
+];
 
 #[test]
 fn committed_schema_matches_the_types() {
@@ -60,7 +66,7 @@ fn run(args: &[&str], stdin: Option<&str>) -> (i32, String) {
 fn command_line_passes_the_shipped_files() {
     let (code, out) = run(&SHIPPED, None);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("ok: ")).count(), 3, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok: ")).count(), SHIPPED.len(), "{out}");
 }
 
 #[test]
