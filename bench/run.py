@@ -30,6 +30,10 @@ counter at the start of every exported callback, the allocator's
 included), never on the priced build. Writes
 target/bench/report.json. Asserts nothing: it is a
 measurement, not a test.
+
+`--profile VARIANT [--rate R --seconds S]` instead profiles one variant:
+`perf record -g` on its Envoy at a fixed offered rate, and where the CPU
+went (self time by library and function) in target/bench/profile-*.txt.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -609,6 +614,40 @@ def print_table(summary: dict[str, dict], rate: float, half: float) -> None:
         print(f"(no latency column at half of bare Envoy's peak: {why})")
 
 
+def profile(args, name: str, rate: float) -> None:
+    """`perf record -g` on one variant's Envoy at a fixed offered rate, and
+    the functions its CPU went to (`perf report`, self time), written to
+    target/bench/profile-<variant>.txt. A native module is profiled with its
+    symbols; the wasm filter shows as V8's generated code."""
+    every = variants()
+    if name not in every:
+        sys.exit(f"--profile {name!r}: no such variant; one of: {', '.join(every)}")
+    if not shutil.which("perf"):
+        sys.exit("perf is needed (Debian: apt-get install linux-perf)")
+    out_dir = ROOT / "target" / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    data = out_dir / f"profile-{slug}.data"
+    envoy = start_pinned(every[name])
+    try:
+        perf = subprocess.Popen(["perf", "record", "-g", "-F", "999", "-o", str(data), "-p", str(envoy.proc.pid)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            r = run_loadgen(envoy.port, rate, args.seconds, 1.0, args.connections)
+        finally:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(timeout=60)
+    finally:
+        envoy.stop()
+    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "-g", "none",
+                             "--percent-limit", "0.7", "--sort", "dso,symbol"],
+                            capture_output=True, text=True, timeout=300).stdout
+    lines = [l for l in report.splitlines() if l.strip() and not l.startswith("#")]
+    text = f"{name} at {rate:.0f} req/s offered ({r.get('achieved_rps', 0):.0f} achieved), {args.seconds} s:\n" + "\n".join(lines)
+    (out_dir / f"profile-{slug}.txt").write_text(text + "\n")
+    print(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -626,6 +665,9 @@ def main():
                         help="measure only the variants naming it (repeatable); the baselines always")
     parser.add_argument("--phases", action="store_true",
                         help="also builds that stop after the request's facts, and after the request (no answer)")
+    parser.add_argument("--profile", metavar="VARIANT",
+                        help="instead of the bench: perf profile of one variant at --rate req/s for --seconds")
+    parser.add_argument("--rate", type=float, default=10_000.0, help="offered rate of --profile")
     args = parser.parse_args()
     global ABLATION
     ABLATION = args.ablation
@@ -644,6 +686,10 @@ def main():
             sys.exit(f"{tool} is needed (Debian: apt-get install wrk util-linux)")
     if not LOADGEN.exists():
         sys.exit(f"{LOADGEN} is missing: cargo build --release -p loadgen")
+    if args.profile:
+        prepare_wasm(count=False)
+        profile(args, args.profile, args.rate)
+        return
     prepare_wasm(count=not args.no_entries)
 
     tmp = Path(tempfile.mkdtemp(prefix="abuse-bench-"))

@@ -41,7 +41,23 @@ def pytest_configure(config):
     harness.BUILD = build
 
 
+# Files whose tests `make test-integration` spreads one by one over its
+# pytest-xdist workers: long, clock-paced tests (tens of seconds each,
+# waiting on a schedule, not on the CPU) whose only shared fixture is the
+# demo API, cheap to start once per worker. Every other file stays on one
+# worker as a whole (an `xdist_group`), so its module fixtures (the eval's
+# run, a scorer) are made once, as without xdist.
+SPREAD = {
+    "test_redteam_stuffing_envoy.py",
+    "test_redteam_harvest_envoy.py",
+    "test_redteam_identity_envoy.py",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     if config.getoption("--filter-build") != "module":
         return
     skip = pytest.mark.skip(reason="build-independent: checked in the wasm run")
