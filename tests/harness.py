@@ -97,6 +97,15 @@ def envoy_binary() -> str:
     return found
 
 
+def envoy_command(*args: str) -> list[str]:
+    """Envoy's command line; under ABUSE_TEST_ENVOY_CPUS (a CPU list such as
+    `0`) every Envoy the tests start runs pinned there (`taskset`, which
+    execs Envoy: the pid stays Envoy's) — the contention run of
+    docs/development.md shares that CPU with a busy loop."""
+    cpus = os.environ.get("ABUSE_TEST_ENVOY_CPUS")
+    return [*(["taskset", "-c", cpus] if cpus else []), envoy_binary(), *args]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -632,14 +641,13 @@ class Envoy:
         the same open file, so their lines interleave, never overwrite)."""
         restart = ["--disable-hot-restart"] if self.epoch is None else ["--restart-epoch", str(self.epoch), *self.restart_flags]
         return subprocess.Popen(
-            [
-                envoy_binary(),
+            envoy_command(
                 "-c", str(self.config_path),
                 "--concurrency", str(self.concurrency),
                 "--base-id", str(self.port),  # lets several Envoys run side by side
                 "--log-level", os.environ.get("ABUSE_ENVOY_LOG_LEVEL", "info"),
                 *restart,
-            ],
+            ),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -832,8 +840,8 @@ class DemoStack:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a" if append else "w") as log:
             self.envoy = subprocess.Popen(
-                [envoy_binary(), "-c", str(self.bootstrap), "--concurrency", str(self.concurrency), "--log-level", "info",
-                 "--base-id", str(self.admin_port), "--disable-hot-restart"],
+                envoy_command("-c", str(self.bootstrap), "--concurrency", str(self.concurrency), "--log-level", "info",
+                              "--base-id", str(self.admin_port), "--disable-hot-restart"),
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             )
 
