@@ -106,8 +106,55 @@ def envoy_command(*args: str) -> list[str]:
     return [*(["taskset", "-c", cpus] if cpus else []), envoy_binary(), *args]
 
 
+# Ports for the servers the tests start come from below the kernel's
+# ephemeral range, one block per test process: an ephemeral port the OS
+# handed us (bind to 0, close) may be handed next to any other socket —
+# another test's server, or the local end of any outgoing connection — in
+# the moment before our server binds it, and with the suite's passes and
+# workers side by side that happened (a listener refused). Blocks are keyed
+# by the build and the pytest-xdist worker, so no two concurrent test
+# processes draw from the same one; within a block a port is handed out only
+# if it binds now (nothing listening, nothing in TIME_WAIT).
+PORT_BASE = 20000
+PORT_SLOTS = 16  # two builds x eight workers
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _port_block() -> range:
+    low = max(_ephemeral_low(), PORT_BASE + PORT_SLOTS * 64)
+    size = (low - PORT_BASE) // PORT_SLOTS
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    slot = (1 if BUILD == "module" else 0) * 8 + (int(worker) if worker.isdigit() else 0) % 8
+    start = PORT_BASE + slot * size
+    return range(start, start + size)
+
+
+_next_port: list[int] = []
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port for a server a test starts (see PORT_BASE)."""
+    block = _port_block()
+    if not _next_port:
+        # Another process of the same slot (the eval's subprocess) starts
+        # elsewhere in the block.
+        _next_port.append(os.getpid() * 7919 % len(block))
+    for _ in range(len(block)):
+        port = block[_next_port[0] % len(block)]
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as s:  # the whole block busy: the OS's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
