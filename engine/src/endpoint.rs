@@ -12,13 +12,14 @@
 //! window) 16 · the shapes of the usernames that logged in here (a 64-bit
 //! set, see [`name_shape`]) 8 · successful logins that taught the shapes 4 ·
 //! attempts on unknown accounts whose names are unlike the site's (sliding
-//! window) 16 · those of them that failed (sliding window) 16.
+//! window) 16 · those of them that failed (sliding window) 16 · the formats
+//! of the usernames that logged in here (a 64-bit set, see [`NameShape`]) 8.
 
 use crate::codec::{Reader, Writer};
 use crate::sketch::DistinctWindow;
 use crate::window::SlidingWindow;
 
-pub const ENDPOINT_BYTES: usize = 152;
+pub const ENDPOINT_BYTES: usize = 160;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EndpointRecord {
@@ -38,6 +39,7 @@ pub struct EndpointRecord {
     pub names_learned: u32,
     pub foreign: SlidingWindow,
     pub foreign_failures: SlidingWindow,
+    pub name_formats: u64,
 }
 
 impl EndpointRecord {
@@ -83,6 +85,7 @@ impl EndpointRecord {
         w.u32(self.names_learned);
         w.window(&self.foreign);
         w.window(&self.foreign_failures);
+        w.u64(self.name_formats);
     }
 
     fn decode_fields(r: &mut Reader<'_>) -> EndpointRecord {
@@ -109,49 +112,78 @@ impl EndpointRecord {
             names_learned: r.u32(),
             foreign: r.window(),
             foreign_failures: r.window(),
+            name_formats: r.u64(),
         }
     }
 }
 
 crate::record::impl_record!(EndpointRecord, ENDPOINT_BYTES);
 
-/// A username's shape, one of 64: each run of letters is `a`, each run of
-/// digits `9`, every other character itself (`user0042` → `a9`,
-/// `anna.li77@mail.example` → `a.a9@a.a`), hashed. A site's usernames
-/// share a format its sign-up imposes; a list leaked from elsewhere mostly
-/// has another (e-mail addresses where this site names its users, say).
-/// Case, lengths and the letters themselves are left out, so that real
-/// people's names are all of a few shapes.
-pub fn name_shape(username: &str) -> u8 {
-    let mut h = 0x811c_9dc5u32;
-    let mut last = '\0';
-    for c in username.trim().chars() {
-        let class = if c.is_alphabetic() {
-            'a'
-        } else if c.is_numeric() {
-            '9'
-        } else {
-            c
-        };
-        if class == last && (class == 'a' || class == '9') {
-            continue;
-        }
-        last = class;
-        let mut buf = [0u8; 4];
-        h = class.encode_utf8(&mut buf).bytes().fold(h, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+/// A username's shape and format, each one of 64 (hashed).
+///
+/// The shape: each run of letters is `a`, each run of digits `9`, every
+/// other character itself (`user0042` → `a9`, `anna.li77@mail.example` →
+/// `a.a9@a.a`). A site's usernames share a shape its sign-up imposes; a list
+/// leaked from elsewhere mostly has another (e-mail addresses where this
+/// site names its users, say). Case, lengths and the letters themselves are
+/// left out, so that real people's names are all of a few shapes.
+///
+/// The format: the shape with each run's length (`user0042` → `a4 9×4`,
+/// `john7858` → `a4 9×4`, `karendavi523` → `a9 9×3`). Free-form names
+/// have many formats, and then it says nothing; a site that issues its
+/// names (`user0042`, a customer number) has one or two, and a handle of
+/// the same shape but another length is none of its accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NameShape {
+    pub shape: u8,
+    pub format: u8,
+}
+
+/// Runs longer than this are one length in a name's format.
+const MAX_RUN: u8 = 16;
+
+pub fn name_shape(username: &str) -> NameShape {
+    fn fnv(h: u32, bytes: &[u8]) -> u32 {
+        bytes.iter().fold(h, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
     }
-    (h % 64) as u8
+    let class_of = |c: char| if c.is_alphabetic() { 'a' } else if c.is_numeric() { '9' } else { c };
+    let (mut shape, mut format) = (0x811c_9dc5u32, 0x811c_9dc5u32);
+    let mut classes = username.trim().chars().map(class_of).peekable();
+    while let Some(class) = classes.next() {
+        let mut len = 1u8;
+        if class == 'a' || class == '9' {
+            while classes.next_if_eq(&class).is_some() {
+                len = len.saturating_add(1);
+            }
+        }
+        let mut buf = [0u8; 4];
+        let bytes = class.encode_utf8(&mut buf).as_bytes();
+        shape = fnv(shape, bytes);
+        format = fnv(fnv(format, bytes), &[len.min(MAX_RUN)]);
+    }
+    NameShape { shape: (shape % 64) as u8, format: (format % 64) as u8 }
 }
 
 impl EndpointRecord {
     /// Whether usernames of this shape ever logged in here.
-    pub fn knows_name_shape(&self, shape: u8) -> bool {
-        self.name_shapes & (1u64 << (shape % 64)) != 0
+    pub fn knows_name_shape(&self, name: NameShape) -> bool {
+        self.name_shapes & (1u64 << (name.shape % 64)) != 0
     }
 
-    /// A successful login's username shape.
-    pub fn learn_name_shape(&mut self, shape: u8) {
-        self.name_shapes |= 1u64 << (shape % 64);
+    /// Whether usernames of this format ever logged in here.
+    pub fn knows_name_format(&self, name: NameShape) -> bool {
+        self.name_formats & (1u64 << (name.format % 64)) != 0
+    }
+
+    /// How many formats the names that logged in here have (of 64).
+    pub fn name_format_count(&self) -> u32 {
+        self.name_formats.count_ones()
+    }
+
+    /// A successful login's username shape and format.
+    pub fn learn_name_shape(&mut self, name: NameShape) {
+        self.name_shapes |= 1u64 << (name.shape % 64);
+        self.name_formats |= 1u64 << (name.format % 64);
         self.names_learned = self.names_learned.saturating_add(1);
     }
 }
@@ -246,6 +278,7 @@ mod tests {
             names_learned: 18,
             foreign: SlidingWindow { start_ms: 19, current: 20, previous: 21 },
             foreign_failures: SlidingWindow { start_ms: 22, current: 23, previous: 24 },
+            name_formats: 1 << 63 | 5,
         };
         let mut buf = [0u8; ENDPOINT_BYTES];
         e.encode(&mut buf);
@@ -258,14 +291,36 @@ mod tests {
 
     #[test]
     fn a_sites_names_share_a_shape_and_a_leaked_lists_mostly_do_not() {
-        assert_eq!(name_shape("user0042"), name_shape("user1"));
-        assert_eq!(name_shape("User0042"), name_shape("bob77"));
-        assert_eq!(name_shape("anna.li77@mail.example"), name_shape("omar.kate5@mail.example"));
-        assert_ne!(name_shape("user0042"), name_shape("anna.li77@mail.example"));
-        assert_ne!(name_shape("user0042"), name_shape("kate77@mail.example"));
+        assert_eq!(name_shape("user0042").shape, name_shape("user1").shape);
+        assert_eq!(name_shape("User0042").shape, name_shape("bob77").shape);
+        assert_eq!(name_shape("anna.li77@mail.example").shape, name_shape("omar.kate5@mail.example").shape);
+        assert_ne!(name_shape("user0042").shape, name_shape("anna.li77@mail.example").shape);
+        assert_ne!(name_shape("user0042").shape, name_shape("kate77@mail.example").shape);
         let mut e = EndpointRecord::default();
         assert!(!e.knows_name_shape(name_shape("user7")));
         e.learn_name_shape(name_shape("user0042"));
         assert!(e.knows_name_shape(name_shape("user7")) && e.names_learned == 1);
+    }
+
+    #[test]
+    fn a_format_is_the_shape_with_its_run_lengths() {
+        let shape = |n: &str| name_shape(n).shape;
+        let format = |n: &str| name_shape(n).format;
+        // Same shape, same format: issued names of one pattern.
+        assert_eq!(name_shape("user0042"), name_shape("User9999"));
+        assert_eq!(name_shape("user0042"), name_shape("john7858"));
+        // Same shape, other lengths: another format.
+        for handle in ["karendavi523", "johnwhi7858", "ashleybro3633", "user42", "user00042"] {
+            assert_eq!(shape(handle), shape("user0042"), "{handle}");
+            assert_ne!(format(handle), format("user0042"), "{handle}");
+        }
+        // Runs past MAX_RUN are one length; other characters count one each.
+        assert_eq!(format(&format!("{}1", "a".repeat(20))), format(&format!("{}1", "b".repeat(30))));
+        assert_ne!(format("a..b"), format("a.b"));
+        let mut e = EndpointRecord::default();
+        e.learn_name_shape(name_shape("user0042"));
+        e.learn_name_shape(name_shape("user0777"));
+        assert!(e.knows_name_format(name_shape("user1234")) && !e.knows_name_format(name_shape("karendavi523")));
+        assert_eq!(e.name_format_count(), 1);
     }
 }

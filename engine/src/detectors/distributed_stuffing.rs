@@ -84,7 +84,7 @@
 //! - over the threshold: during an attack an attempt with evidence `>= refuse_at` is refused, `credential_stuffing` (`weight`) to its client.
 
 use super::Signal;
-use crate::endpoint::{EndpointRecord, FingerprintRecord, SprayRecord};
+use crate::endpoint::{EndpointRecord, FingerprintRecord, NameShape, SprayRecord};
 use crate::reason::Reason;
 use super::Figure;
 use crate::record::ClientRecord;
@@ -204,9 +204,20 @@ pub const UNKNOWN_FAILING_SHARE: f32 = 0.1;
 pub const FOREIGN_FAILING_RATIO: f64 = 0.9;
 /// ... and they are this share of the window's attempts.
 pub const FOREIGN_SHARE: f64 = 0.1;
+/// During an attack, an attempt on an account not known to exist is told
+/// `high` (a second factor) while at least this share of the window's
+/// attempts on such accounts fail: then one more is at least as likely the
+/// attack's as a person's.
+pub const UNKNOWN_STEP_UP_RATIO: f64 = 0.5;
 /// Successful logins whose usernames' shapes are learned before a name
 /// unlike them is evidence.
 pub const NAMES_MIN: u32 = 20;
+/// A site whose names that logged in are all of this many formats issues
+/// its names (see [`NameShape`]: `user0042`, a customer number): a name of
+/// another format is unlike its names even when its shape is theirs. One:
+/// a single name of another format that ever logged in (a legacy account,
+/// an `admin`) turns the check off for good.
+pub const STRICT_FORMATS: u32 = 1;
 
 /// One attempt as the endpoint counts it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -214,8 +225,8 @@ pub struct AttemptOutcome {
     pub failed: bool,
     /// Whether the account is not known to exist (None: no username read).
     pub unknown: Option<bool>,
-    /// The username's shape (a success teaches it).
-    pub name_shape: Option<u8>,
+    /// The username's shape and format (a success teaches them).
+    pub name_shape: Option<NameShape>,
     /// An unknown account whose name is unlike the site's (see
     /// [`AttemptSignals::unlike_site_names`]).
     pub foreign: bool,
@@ -254,6 +265,10 @@ pub struct AttemptSignals {
     /// user's first login is to an "unknown" account): points toward
     /// `high` (a second factor), never a refusal by itself.
     pub unknown_unsure: bool,
+    /// ... while most of the window's attempts on unknown accounts fail
+    /// ([`DistributedStuffing::unknowns_failing`]): `high` (the application
+    /// asks for a second factor), still never a refusal by itself.
+    pub unknowns_failing: bool,
     /// The attempt comes from the device *and* the network of the
     /// account's recent successful logins: its owner, whatever client
     /// library it shares with an attack.
@@ -285,6 +300,7 @@ impl AttemptSignals {
             (self.under_attack, "endpoint_under_attack"),
             (self.unknown_account, "unknown_account"),
             (self.unknown_unsure, "unknown_account_unsure"),
+            (self.unknowns_failing, "unknowns_failing"),
             (self.unlike_owner, "unlike_owner"),
             (self.sprayed_password, "sprayed_password"),
             (self.inconsistent_headers, "inconsistent_headers"),
@@ -298,12 +314,13 @@ impl AttemptSignals {
     }
 
     /// `high` during an attack when the attempt is refused or would need
-    /// little more to be, `medium` on any evidence or during an attack, else
+    /// little more to be, or is on an unknown account while most such
+    /// attempts fail; `medium` on any evidence or during an attack, else
     /// `low`. Outside an attack nothing here is more than `medium`: a new
     /// user's first login from a new device is not a reason for a second factor.
     pub fn level(&self, refuse_at: u32) -> &'static str {
         let score = self.score();
-        if self.under_attack && score >= refuse_at.saturating_sub(1).max(1) {
+        if self.under_attack && (score >= refuse_at.saturating_sub(1).max(1) || self.unknowns_failing) {
             "high"
         } else if score > 0 || self.under_attack {
             "medium"
@@ -487,10 +504,27 @@ impl DistributedStuffing {
         signals.new_client && !self.refusal(signals).reasons.is_empty()
     }
 
-    /// Whether usernames of this shape are unlike the endpoint's: it
-    /// learned enough successful logins' shapes, and none was this one.
-    pub fn unlike_site_names(&self, endpoint: &EndpointRecord, shape: u8) -> bool {
-        endpoint.names_learned >= self.config.known_accounts_min.max(NAMES_MIN) && !endpoint.knows_name_shape(shape)
+    /// Whether a username is unlike the endpoint's: it learned enough
+    /// successful logins' names, and none had this shape — or the site's
+    /// names are of at most [`STRICT_FORMATS`] formats (it issues them) and
+    /// none had this one.
+    pub fn unlike_site_names(&self, endpoint: &EndpointRecord, name: NameShape) -> bool {
+        let strict = endpoint.name_format_count() <= STRICT_FORMATS;
+        endpoint.names_learned >= self.config.known_accounts_min.max(NAMES_MIN)
+            && (!endpoint.knows_name_shape(name) || strict && !endpoint.knows_name_format(name))
+    }
+
+    /// Whether the window's attempts on accounts not known to exist mostly
+    /// fail (at least twice [`UNKNOWN_FAILURES_MIN`] of them, and
+    /// [`UNKNOWN_STEP_UP_RATIO`]): after a cold start, where "unknown"
+    /// cannot yet be weighed by its usual share, real people's logins to
+    /// accounts the filter has not seen mostly succeed (a typo in five);
+    /// when half fail, one more is at least as likely the attack's as
+    /// theirs — worth a second factor (`high`), not a refusal.
+    pub fn unknowns_failing(&self, endpoint: &EndpointRecord, now_ms: u64) -> bool {
+        let attempts = endpoint.unknown.estimate(now_ms, self.window_ms);
+        let failures = endpoint.unknown_failures.estimate(now_ms, self.window_ms);
+        failures >= 2.0 * UNKNOWN_FAILURES_MIN && failures >= UNKNOWN_STEP_UP_RATIO * attempts
     }
 
     /// Learns one normal window: aside while warming up (the prior stays the
@@ -584,6 +618,7 @@ impl DistributedStuffing {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::endpoint::name_shape;
 
     fn detector() -> DistributedStuffing {
         DistributedStuffing::new(&DistributedStuffingConfig::default()).unwrap()
@@ -744,6 +779,69 @@ mod tests {
             d.on_failed_password(&mut mine, 7, 1000 + t);
         }
         assert!(!d.is_sprayed(&mine, 1010), "one user retrying");
+    }
+
+    #[test]
+    fn a_name_of_another_format_is_unlike_a_site_that_issues_its_names() {
+        let d = detector();
+        let learn = |names: &[String]| {
+            let mut e = EndpointRecord::default();
+            for n in names {
+                d.on_attempt(&mut e, &AttemptOutcome { name_shape: Some(name_shape(n)), ..AttemptOutcome::default() }, 1000);
+            }
+            e
+        };
+        // A site that issues userNNNN: a handle of the same shape and
+        // another length names none of its accounts; a new number does.
+        let issued = learn(&(0..25).map(|i| format!("user{:04}", i * 37)).collect::<Vec<_>>());
+        for handle in ["karendavi523", "johnwhi7858", "ashleybro3633", "anna.li77@mail.example"] {
+            assert!(d.unlike_site_names(&issued, name_shape(handle)), "{handle}");
+        }
+        assert!(!d.unlike_site_names(&issued, name_shape("user8123")));
+        // Free-form handles: many formats, so only the shape counts — a
+        // newcomer's handle of a length never seen is like the site's.
+        let free: Vec<String> = ["anna", "li", "omar", "kate", "james", "wei", "olga", "raj", "tom", "mia"]
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| [format!("{f}{}", i * 7), format!("{f}{}", 1000 + i)])
+            .collect();
+        let free = learn(&free);
+        assert!(free.name_format_count() > STRICT_FORMATS);
+        assert!(!d.unlike_site_names(&free, name_shape("karendavi523")));
+        assert!(d.unlike_site_names(&free, name_shape("anna.li77@mail.example")), "another shape still is");
+        // Not before NAMES_MIN names were learned.
+        assert!(!d.unlike_site_names(&learn(&["user0001".to_string()]), name_shape("karendavi523")));
+    }
+
+    #[test]
+    fn unknowns_that_mostly_fail_ask_for_a_second_factor_and_never_refuse_alone() {
+        let d = detector();
+        let mut e = EndpointRecord::default();
+        let t = 1_000_000u64;
+        // A cold start: returning users' logins to "unknown" accounts
+        // mostly succeed (one in three failing).
+        for i in 0..60u64 {
+            d.on_outcome(&mut e, i % 3 == 0, Some(true), t + i * 100);
+        }
+        assert!(!d.unknowns_failing(&e, t + 6_000));
+        // Then a list: two in three of the window's unknowns fail.
+        let mut e = EndpointRecord::default();
+        for i in 0..60u64 {
+            d.on_outcome(&mut e, i % 3 != 0, Some(true), t + i * 100);
+        }
+        assert!(d.unknowns_failing(&e, t + 6_000));
+        assert!(!d.unknowns_failing(&e, t + 6_000 + 2 * d.window_ms()), "forgotten with the window");
+        let returning = AttemptSignals {
+            under_attack: true,
+            new_client: true,
+            unknown_unsure: true,
+            unknowns_failing: true,
+            ..AttemptSignals::default()
+        };
+        assert_eq!((returning.score(), returning.level(4)), (2, "high"));
+        assert!(d.refusal(&returning).reasons.is_empty());
+        let straight_to_login = AttemptSignals { never_browsed: true, ..returning };
+        assert!(d.refusal(&straight_to_login).reasons.is_empty(), "an API client after a cold start");
     }
 
     #[test]

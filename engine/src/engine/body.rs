@@ -135,6 +135,7 @@ impl Engine {
         } else {
             attempt.unknown_account = d.unknown_is_evidence(&endpoint);
             attempt.unknown_unsure = !attempt.unknown_account && attempt.under_attack;
+            attempt.unknowns_failing = attempt.unknown_unsure && d.unknowns_failing(&endpoint, now_ms);
             attempt.unlike_site_names = d.unlike_site_names(&endpoint, shape);
         }
         if let Some(password) = login.password(route, body) {

@@ -200,8 +200,8 @@ pub struct Exchange {
     password_key: Option<u64>,
     /// The account is not known to exist (None: no username read).
     account_unknown: Option<bool>,
-    /// The username's shape (`endpoint::name_shape`), once the body gave it.
-    name_shape: Option<u8>,
+    /// The username's shape and format (`endpoint::name_shape`), once the body gave it.
+    name_shape: Option<crate::endpoint::NameShape>,
     mode: Option<Mode>,
     /// The question for the scorer, when this request must ask it.
     score_request: Option<ScoreRequest>,

@@ -507,12 +507,13 @@ fn stuffing_disguised_as_browsers_is_refused_and_real_users_are_not() {
             real_refused += usize::from(refused);
         }
         if a % 50 == 25 {
-            // A person logging in for the first time, after browsing.
+            // A person logging in for the first time, after browsing (an
+            // account of the site's own format, issued on sign-up).
             let xff = format!("198.51.101.{}", a / 50 + 1);
             let mut browse = request("127.0.0.1:1", Some(&xff), "/products");
             browse.user_agent = Some(CHROME);
             e.on_request(&s, &browse, t);
-            let (refused, risk) = login(&e, &s, &xff, CHROME, &format!("newbie{a}"), true, t + 1);
+            let (refused, risk) = login(&e, &s, &xff, CHROME, &format!("user{:04}", 5000 + a), true, t + 1);
             first_timers_refused += usize::from(refused);
             // The request header knows what the request tells (the
             // account comes with the body): the app can step up.
