@@ -52,11 +52,12 @@
 //! |---|---|
 //! | the account is not known to exist (no successful login ever, see `known_accounts`) — only where real logins to unknown accounts are rare (the endpoint's learned unknown share ≤ [`UNKNOWN_RARE`]; after a cold start every first login is one) | 2 |
 //! | the same before that (`unknown_unsure`): never refuses by itself | 1 |
+//! | ... while half the window's attempts on unknown accounts fail, and this account is not failing by others' hands (`unknowns_failing`): the level is `high` (a second factor), never a refusal | 0 |
 //! | the account is known, but the attempt does not look like its owner (fingerprint and country of its recent successful logins) | 2 |
 //! | the password was tried on `spray_min_accounts` accounts in the window (and let nobody in lately) | 2 |
 //! | the headers do not match the browser the user agent claims | 2 |
 //! | a tool's fingerprint (a user agent that claims no browser, with the same header order) failed at least 10 times in the window with almost no successes | 2 |
-//! | an unknown account whose name's shape never logged in here (`unlike_site_names`) | 2 |
+//! | an unknown account whose name's shape never logged in here, or whose format is not the one format of a site that issues its names (`unlike_site_names`) | 2 |
 //! | the client is new (no successful login, at most `new_client_max_requests` requests) | 1 |
 //! | the client never made a request that was not a login attempt | 1 |
 //!

@@ -8,7 +8,7 @@ use crate::account::AccountRecord;
 use crate::detectors::Signal;
 use crate::detectors::distributed_stuffing::{AttemptOutcome, AttemptSignals, DistributedStuffing};
 use crate::detectors::login::LoginDetector;
-use crate::detectors::login_profile::LoginProfile;
+use crate::detectors::login_profile::{LoginProfile, ProfileReason};
 use crate::identity::ClientAddr;
 use crate::reason::Reason;
 use crate::state::store::SharedStore;
@@ -135,7 +135,10 @@ impl Engine {
         } else {
             attempt.unknown_account = d.unknown_is_evidence(&endpoint);
             attempt.unknown_unsure = !attempt.unknown_account && attempt.under_attack;
-            attempt.unknowns_failing = attempt.unknown_unsure && d.unknowns_failing(&endpoint, now_ms);
+            // Not when the failures are others' on this very account: the
+            // owner is not asked for more because strangers tried it.
+            let hammered = exchange.profile_risk.is_some_and(|r| r.has(ProfileReason::FailuresElsewhere));
+            attempt.unknowns_failing = attempt.unknown_unsure && !hammered && d.unknowns_failing(&endpoint, now_ms);
             attempt.unlike_site_names = d.unlike_site_names(&endpoint, shape);
         }
         if let Some(password) = login.password(route, body) {
