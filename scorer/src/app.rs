@@ -34,7 +34,7 @@ use crate::metrics::{action_name, reason_label, Metrics};
 use crate::models::Models;
 use crate::quota::{self, Quotas};
 use crate::sample_log::{self, SampleLog};
-use crate::scoring::{self, FleetSignals, Policy};
+use crate::scoring::{self, feature, FleetSignals, Policy};
 use crate::store::Fleet;
 use crate::validate;
 use abuse_engine::hash::KeyedHasher;
@@ -513,8 +513,11 @@ impl App {
                 version: WIRE_VERSION,
                 client: sample.client.clone(),
                 route_group: sample.route_group.clone(),
+                // What the decision reads besides the model: the filter's
+                // risk, and whether the key is several people's.
                 features: Features {
-                    risk: v.first().copied().unwrap_or(0.0),
+                    risk: feature(&v, "risk"),
+                    sessions: feature(&v, "sessions"),
                     ..Features::default()
                 },
                 ..ScoreRequest::default()

@@ -549,7 +549,11 @@ mod tests {
             let a = m.observe(g, s["client"].as_str().unwrap_or(""), &v, penalized);
             let Some(a) = a else { continue };
             let req = abuse_engine::wire::ScoreRequest {
-                features: Features { risk: v[0], ..Features::default() },
+                features: Features {
+                    risk: crate::scoring::feature(&v, "risk"),
+                    sessions: crate::scoring::feature(&v, "sessions"),
+                    ..Features::default()
+                },
                 ..abuse_engine::wire::ScoreRequest::default()
             };
             let d = crate::scoring::combine(&policy, &req, Some(&a), &crate::scoring::FleetSignals::default(), 0);

@@ -41,7 +41,7 @@
 //! again never ends later than `verdict_ms` from now ([`cap_verdict`]).
 
 use crate::model::Assessment;
-use abuse_engine::wire::{FleetVerdict, ScoreAction, ScoreRequest, ScoreResponse, WIRE_VERSION};
+use abuse_engine::wire::{FleetVerdict, ScoreAction, ScoreRequest, ScoreResponse, FEATURE_NAMES, WIRE_VERSION};
 
 pub const REASON_ANOMALY: &str = "anomaly";
 pub const REASON_STUFFING: &str = "credential_stuffing";
@@ -49,6 +49,11 @@ pub const REASON_SHARING: &str = "session_sharing";
 /// A key with this many sessions (the filter's estimate) is several
 /// people's: the model does not tag it (module doc).
 pub const SHARED_KEY_SESSIONS: f32 = 4.0;
+/// One named feature of a sample's vector (0 when the name is unknown).
+pub fn feature(v: &[f32], name: &str) -> f32 {
+    FEATURE_NAMES.iter().position(|n| *n == name).and_then(|i| v.get(i)).copied().unwrap_or(0.0)
+}
+
 /// Most reasons in one answer (requests are validated to fewer; fleet
 /// verdicts may add theirs).
 const MAX_REASONS: usize = 24;
@@ -291,6 +296,11 @@ mod tests {
         assert_eq!((office.response.action, office.model_points), (ScoreAction::Allow, 0.0));
         assert!(office.response.reasons.is_empty());
         assert_eq!(office.response.anomaly, Some(0.98), "still reported");
+        // A sample's vector carries the sessions the decision reads.
+        let mut v = [0.0f32; 18];
+        v[15] = 12.0;
+        v[0] = 38.0;
+        assert_eq!((feature(&v, "sessions"), feature(&v, "risk"), feature(&v, "nope")), (12.0, 38.0, 0.0));
         // One person with a session or three: the model tags as before.
         for sessions in [0.0, 1.0, 3.0] {
             let one = combine(&policy(), &with_sessions(sessions), Some(&anomaly(0.98)), &quiet, NOW);
