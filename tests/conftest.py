@@ -49,6 +49,7 @@ def pytest_configure(config):
 # run, a scorer) are made once, as without xdist.
 SPREAD = {
     "test_redteam_stuffing_envoy.py",
+    "test_redteam_stuffing_more_envoy.py",
     "test_redteam_harvest_envoy.py",
     "test_redteam_identity_envoy.py",
 }

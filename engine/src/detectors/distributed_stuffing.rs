@@ -608,10 +608,21 @@ impl DistributedStuffing {
             || signals.inconsistent_headers
             || foreign;
         if signals.under_attack && specific && !signals.owners_place && signals.score() >= self.config.refuse_at {
+            // A refusal that stands only on the name refuses the attempt
+            // but charges the client nothing: a person who mistyped their
+            // own name (`user555`, their e-mail) in another format must not
+            // box themselves by trying twice.
+            let without_name = AttemptSignals { unlike_site_names: false, ..*signals };
+            let weight = if self.refuses_without_name(&without_name) { self.config.weight } else { 0.0 };
             let figure = Figure::new("attempt evidence score during an attack on the endpoint", signals.score().into(), self.config.refuse_at.into(), 0);
-            signal.fire_with(Reason::CredentialStuffing, self.config.weight, figure);
+            signal.fire_with(Reason::CredentialStuffing, weight, figure);
         }
         signal
+    }
+
+    fn refuses_without_name(&self, s: &AttemptSignals) -> bool {
+        let specific = s.unknown_account || s.sprayed_password || s.tool_fingerprint || s.inconsistent_headers;
+        specific && s.score() >= self.config.refuse_at
     }
 }
 
@@ -752,6 +763,13 @@ mod tests {
         let first_timer = AttemptSignals { under_attack: true, new_client: true, unknown_account: true, ..AttemptSignals::default() };
         assert_eq!((first_timer.score(), first_timer.level(4)), (3, "high"));
         assert!(d.refusal(&first_timer).reasons.is_empty());
+        // Refused on the name alone (a mistyped name of another format, a
+        // first login at a cold start): the attempt, not the client.
+        let typo = AttemptSignals { under_attack: true, new_client: true, unknown_unsure: true, unlike_site_names: true, ..AttemptSignals::default() };
+        let r = d.refusal(&typo);
+        assert!(r.reasons.contains(Reason::CredentialStuffing) && r.risk == 0.0, "{r:?}");
+        let r = d.refusal(&AttemptSignals { unknown_account: true, unknown_unsure: false, never_browsed: true, ..typo });
+        assert_eq!(r.risk, d.config.weight, "with evidence beyond the name, the client is charged");
         // Outside an attack nothing is refused, whatever the evidence.
         let calm = AttemptSignals { under_attack: false, ..attacker };
         assert!(d.refusal(&calm).reasons.is_empty());
